@@ -1,0 +1,46 @@
+# One command each: `make serve` serves the default model, `make test` runs the test suite.
+# Both create .venv and install what they need on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TF_ENABLE_ONEDNN_OPTS := 0
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install install-dev serve test train-default evaluate-default bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+serve: $(VENV)/.runtime
+	$(BIN)/python -m app
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest
+
+# Reproduces the committed default model, evaluates it on the test split and records the metrics.
+train-default: $(VENV)/.dev
+	$(BIN)/python -m training train --preset default --output model_artifacts/default --fresh \
+		--evaluate-split test
+
+evaluate-default: $(VENV)/.dev
+	$(BIN)/python -m training evaluate --artifacts model_artifacts/default --dataset shapes --split test \
+		--output model_artifacts/default-test-metrics.json --gallery model_artifacts/default-gallery.html
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.load_test
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

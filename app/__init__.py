@@ -1,0 +1,1 @@
+"""The FastAPI inference service: `python -m app` serves the model in ARTIFACTS_DIR."""

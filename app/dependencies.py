@@ -1,0 +1,69 @@
+"""FastAPI dependencies: settings, the loaded model and engine from app.state, and API-key auth."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from app.errors import NotReady, Unauthorized
+from app.inference import InferenceEngine
+from app.settings import Settings
+
+# Seconds a client should wait before asking a service that is starting or stopping again.
+NOT_READY_RETRY_AFTER_S = 5
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def service_ready(request: Request) -> bool:
+    """Artifacts loaded, engine warmed up and running, and not shutting down."""
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    return bool(engine is not None and engine.ready and not state.stopping)
+
+
+def get_captioner(request: Request):
+    captioner = getattr(request.app.state, "captioner", None)
+    if captioner is None:
+        raise NotReady("the model is not loaded yet", NOT_READY_RETRY_AFTER_S)
+    return captioner
+
+
+def get_engine(request: Request) -> InferenceEngine:
+    if not service_ready(request):
+        reason = "the service is shutting down" if request.app.state.stopping else "the model is warming up"
+        raise NotReady(reason, NOT_READY_RETRY_AFTER_S)
+    return request.app.state.engine
+
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API_KEY>`")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API_KEY>`")
+
+
+def require_api_key(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_api_key_header)],
+) -> None:
+    """Installed on /caption and /model only when API_KEY is set (see create_app).
+
+    At least one credential must be offered and every credential offered must be right: a wrong
+    Authorization header is refused even beside a right X-API-Key, so a client (or proxy) sending
+    stale credentials finds out instead of passing by accident."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    offered: list[str] = []
+    if "authorization" in request.headers:  # even empty: a non-Bearer or blank value is a wrong one
+        offered.append(bearer.credentials if bearer else "")
+    if header_key:
+        offered.append(header_key)
+    # compare_digest: the time taken must not reveal how much of the key matched.
+    if not offered or not all(hmac.compare_digest(key.encode(), expected) for key in offered):
+        raise Unauthorized()

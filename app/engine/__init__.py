@@ -1,0 +1,57 @@
+"""The service's inference engine: decode-step (continuous) batching of concurrent requests.
+
+    engine = create_engine(captioner, settings)
+    await engine.start()                       # warms up every batch shape; then engine.ready
+    result = await engine.submit(image, options)  # Result(captions, queue_ms, inference_ms)
+    await engine.stop(grace_s)                 # admission stops; in-flight requests finish
+
+Policy (app.engine.scheduler), model runner (app.engine.runner) and the thread that drives them
+(app.engine.engine) are separate, so the batching policy is testable without a model.
+"""
+
+from __future__ import annotations
+
+from app.engine.engine import (
+    DeadlineExceeded,
+    Engine,
+    EngineError,
+    EngineStopped,
+    InferenceError,
+    Overloaded,
+    Result,
+)
+from app.engine.scheduler import make_policy
+
+__all__ = [
+    "create_engine",
+    "DeadlineExceeded",
+    "Engine",
+    "EngineError",
+    "EngineStopped",
+    "InferenceError",
+    "Overloaded",
+    "Result",
+]
+
+
+def create_engine(captioner, settings) -> Engine:
+    """An engine for `settings.batching_mode` ("continuous", "static" or "none").
+
+    Reads the settings below with getattr, so any object with some of them (a SimpleNamespace in a
+    test) works; the continuous-batching knobs are optional tuning, not service configuration.
+    """
+    policy = make_policy(
+        getattr(settings, "batching_mode", "continuous"),
+        max_slots=getattr(settings, "max_batch_size", 64),
+        max_queue_delay_s=getattr(settings, "max_queue_delay_ms", 5.0) / 1000,
+        max_encode_batch=getattr(settings, "max_encode_batch", 16),
+        min_encode_batch=getattr(settings, "min_encode_batch", 4),
+        max_admission_delay_s=getattr(settings, "max_admission_delay_ms", 10.0) / 1000,
+    )
+    return Engine(
+        captioner,
+        policy,
+        max_queue_size=getattr(settings, "max_queue_size", 256),
+        request_timeout_s=getattr(settings, "request_timeout_s", 30.0),
+        shutdown_grace_s=getattr(settings, "shutdown_grace_s", 10.0),
+    )

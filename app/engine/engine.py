@@ -1,0 +1,375 @@
+"""The inference engine: one thread owns the model and runs the batching loop; asyncio code submits.
+
+    event loop                               inference thread
+    ----------                               ----------------
+    submit() -> bounded AdmissionQueue  ->   each iteration:
+      (full: Overloaded, at once)              drop abandoned requests (cancelled, past deadline)
+    await future                               admit what the policy allows; encode them in one batch
+      <- call_soon_threadsafe(deliver)  <-     one decoder step over every active row
+                                               retire finished searches; deliver their results
+
+Deadlines run on the event loop (a timer per request), so a caller gets its 504 on time even while
+the thread is inside a long encode; the timer, like a cancellation, marks the request abandoned and
+the thread frees its rows at its next iteration. Results are only ever set on the event loop, after
+checking that the future is not already done, so a cancelled future never receives one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from app import metrics
+from app.engine.runner import ModelRunner
+from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, QueueFull, SlotTable
+from captioning.decoding import new_search
+
+logger = logging.getLogger("app.engine")
+
+IDLE_POLL_S = 0.5  # an idle thread re-checks for shutdown at least this often (wake-ups are not lost)
+
+
+class EngineError(Exception):
+    pass
+
+
+class Overloaded(EngineError):
+    """The admission queue is full; retry after `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"the inference queue is full; retry in {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(EngineError):
+    pass
+
+
+class EngineStopped(EngineError):
+    """The engine is not running: not started yet, or shutting down."""
+
+
+class InferenceError(EngineError):
+    """The model failed on the batch that held this request (other batches are unaffected)."""
+
+
+@dataclass
+class Result:
+    captions: list  # list[captioning.decoding.Caption], best first
+    queue_ms: float  # submitted -> admitted into decode slots
+    inference_ms: float  # admitted -> captions ready
+
+
+class _Request:
+    __slots__ = ("image", "options", "width", "loop", "future", "submitted", "admitted", "search",
+                 "abandoned", "deadline_timer")
+
+    def __init__(self, image, options, loop, future):
+        self.image = image
+        self.options = options
+        self.width = options.width
+        self.loop = loop
+        self.future = future
+        self.submitted = time.monotonic()
+        self.admitted = 0.0
+        self.search = None
+        self.abandoned = False  # set on the event loop; the thread frees the request's rows
+        self.deadline_timer = None
+
+
+class Engine:
+    def __init__(self, captioner, policy: BatchingPolicy, *, max_queue_size: int = 256,
+                 request_timeout_s: float = 30.0, shutdown_grace_s: float = 10.0, runner: ModelRunner | None = None):
+        self.captioner = captioner
+        self.policy = policy
+        self.request_timeout_s = request_timeout_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self.runner = runner or ModelRunner(captioner, MAX_ROWS)
+        self._image_shape = (captioner.config.image_size, captioner.config.image_size, 3)
+        self._queue: AdmissionQueue[_Request] = AdmissionQueue(max_queue_size)
+        self._slots: SlotTable[_Request] = SlotTable(MAX_ROWS)
+        self._finished: list[tuple[_Request, object]] = []  # (request, captions or exception)
+        self._held: list[tuple[_Request, object]] = []  # static batching: released when the batch ends
+        self._abandoned_count = 0  # bumped on the loop; the thread scans for abandoned requests when it changes
+        self._abandoned_seen = 0
+        self._seconds_per_request = 0.05  # moving average, for Retry-After
+        self._thread: threading.Thread | None = None
+        self._ready = False
+        self._stopping = False
+        self._stop_deadline = math.inf
+
+    # --- event-loop side ---------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self.policy.name
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active_slots(self) -> int:
+        return self._slots.used
+
+    async def start(self) -> None:
+        """Starts the inference thread and returns once it has warmed up every batch shape."""
+        if self._thread is not None:
+            raise RuntimeError("the engine was already started")
+        loop = asyncio.get_running_loop()
+        warmed_up = loop.create_future()
+        self._thread = threading.Thread(target=self._thread_main, args=(loop, warmed_up),
+                                        name=f"inference-{self.mode}", daemon=True)
+        self._thread.start()
+        await warmed_up
+        self._ready = not self._stopping
+
+    def check_admission(self) -> None:
+        """Raises what submit() would raise right now for a full queue or a stopped engine, so a
+        route can refuse before it spends time reading and decoding the upload."""
+        if self._stopping or self._thread is None:
+            metrics.REJECTIONS.labels(reason="stopped").inc()
+            raise EngineStopped("the inference engine is not running")
+        if len(self._queue) >= self._queue.maxsize:
+            metrics.REJECTIONS.labels(reason="overloaded").inc()
+            raise Overloaded(self._retry_after_s())
+
+    async def submit(self, image: np.ndarray, options, deadline_s: float | None = None) -> Result:
+        """Captions one prepared image (uint8 [S, S, 3]).
+
+        deadline_s: seconds from now the request may take, queueing included (default:
+        request_timeout_s). Raises Overloaded at once when the queue is full, DeadlineExceeded,
+        EngineStopped, InferenceError, or ValueError for an invalid image or options.
+        """
+        if self._stopping or self._thread is None:
+            metrics.REJECTIONS.labels(reason="stopped").inc()
+            raise EngineStopped("the inference engine is not running")
+        options.validate()
+        if image.shape != self._image_shape or image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 image of shape {self._image_shape}, got {image.dtype} {image.shape}")
+        loop = asyncio.get_running_loop()
+        request = _Request(image, options, loop, loop.create_future())
+        try:
+            self._queue.put_nowait(request)
+        except QueueFull:
+            metrics.REJECTIONS.labels(reason="overloaded").inc()
+            raise Overloaded(self._retry_after_s()) from None
+        timeout = self.request_timeout_s if deadline_s is None else deadline_s
+        request.deadline_timer = loop.call_later(max(timeout, 0.0), self._expire, request)
+        request.future.add_done_callback(lambda future: self._on_done(request))
+        return await request.future
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops admission at once; in-flight requests get `grace_s` to finish, then EngineStopped."""
+        self._ready = False
+        if not self._stopping:
+            self._stopping = True
+            grace = self.shutdown_grace_s if grace_s is None else grace_s
+            self._stop_deadline = time.monotonic() + grace
+        self._queue.wake()
+        if self._thread is not None and self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+
+    def _retry_after_s(self) -> float:
+        backlog = len(self._queue) + self._slots.used
+        return max(1.0, backlog / max(self.policy.max_slots, 1) * self._seconds_per_request)
+
+    def _expire(self, request: _Request) -> None:
+        if not request.future.done():
+            metrics.REJECTIONS.labels(reason="deadline").inc()
+            request.future.set_exception(DeadlineExceeded("the request's deadline passed"))
+
+    def _on_done(self, request: _Request) -> None:
+        request.deadline_timer.cancel()
+        cancelled = request.future.cancelled()
+        if cancelled:
+            metrics.REJECTIONS.labels(reason="cancelled").inc()
+        if cancelled or isinstance(request.future.exception(), DeadlineExceeded):
+            # Nobody awaits the captions any more: let the thread free the rows.
+            request.abandoned = True
+            self._abandoned_count += 1
+            self._queue.wake()
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[_Request, object]]) -> None:
+        for request, outcome in outcomes:
+            if request.future.done():  # cancelled, or failed by its deadline
+                continue
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+
+    # --- inference thread --------------------------------------------------------------------
+
+    def _thread_main(self, loop: asyncio.AbstractEventLoop, warmed_up: asyncio.Future) -> None:
+        def report(error: BaseException | None) -> None:
+            if warmed_up.done():
+                return
+            if error is None:
+                warmed_up.set_result(None)
+            else:
+                warmed_up.set_exception(error)
+
+        try:
+            self.runner.warmup()
+        except Exception as exc:
+            logger.exception("engine warm-up failed")
+            loop.call_soon_threadsafe(report, exc)
+            return
+        loop.call_soon_threadsafe(report, None)
+        logger.info("inference engine ready (batching mode: %s)", self.mode)
+        while True:
+            try:
+                if not self._iterate():
+                    break
+            except Exception:
+                # A bug here must not kill the service: fail what is in flight and carry on.
+                logger.exception("inference loop iteration failed")
+                self._fail_active(InferenceError("the inference engine failed"))
+            self._flush()
+        self._flush()
+        metrics.QUEUE_DEPTH.set(0)
+        metrics.ACTIVE_SLOTS.set(0)
+        logger.info("inference engine stopped")
+
+    def _iterate(self) -> bool:
+        """One scheduling round; False when the engine has shut down."""
+        now = time.monotonic()
+        if self._abandoned_count != self._abandoned_seen:
+            self._drop_abandoned()
+        if self._stopping:
+            if now >= self._stop_deadline:
+                self._stop_everything()
+                return False
+            if not len(self._queue) and not self._slots.used:
+                return False
+        admitted, wait_s = self._admit(now)
+        if self._slots.used:
+            self._step()
+        elif not admitted:
+            self._queue.wait(IDLE_POLL_S if wait_s is None else min(wait_s, IDLE_POLL_S))
+        metrics.QUEUE_DEPTH.set(len(self._queue))
+        metrics.ACTIVE_SLOTS.set(self._slots.used)
+        return True
+
+    def _drop_abandoned(self) -> None:
+        self._abandoned_seen = self._abandoned_count
+        self._queue.remove_if(lambda request: request.abandoned)
+        gone = [request for request in self._slots.owners() if request.abandoned]
+        if gone:
+            self.runner.apply(self._slots.release(gone))
+
+    def _admit(self, now: float) -> tuple[int, float | None]:
+        head = self._queue.head(MAX_ROWS)
+        if not head:
+            return 0, None
+        admission = self.policy.admit([r.width for r in head], now - head[0].submitted, self._slots.used)
+        if not admission.count:
+            return 0, admission.wait_s
+        requests = [r for r in self._queue.take(admission.count) if not r.abandoned]
+        if not requests:
+            return 0, None
+        blocks = []
+        for request in requests:
+            request.admitted = now
+            request.search = new_search(request.options, self.captioner.max_steps(request.options))
+            start = self._slots.allocate(request, request.width)
+            blocks.append((start, request.width, request.search.start_tokens()))
+            metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
+        images = np.stack([request.image for request in requests])
+        started = time.perf_counter()
+        try:
+            self.runner.encode(images, blocks)
+        except Exception as exc:
+            logger.exception("encoding a batch of %d images failed", len(requests))
+            for request in requests:
+                self._finish(request, InferenceError(f"encoding the image failed: {exc}"))
+            self.runner.apply(self._slots.release(requests))
+            return 0, None
+        metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
+        return len(requests), None
+
+    def _step(self) -> None:
+        used = self._slots.used
+        started = time.perf_counter()
+        try:
+            log_probs, attention = self.runner.step(used)
+        except Exception as exc:
+            logger.exception("a decoder step over %d rows failed", used)
+            self._fail_active(InferenceError(f"the decoder step failed: {exc}"))
+            return
+        metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(used)
+        retired = []
+        for block in self._slots.blocks():
+            request, rows = block.owner, slice(block.start, block.start + block.width)
+            if request.abandoned:
+                continue  # dropped, with its rows, at the next iteration
+            try:
+                tokens, parents = request.search.advance(log_probs[rows], attention[rows])
+                if request.search.finished:
+                    self._finish(request, request.search.results(self.captioner.tokenizer))
+                    retired.append(request)
+                else:
+                    self.runner.set_next(block.start, tokens, parents)
+            except Exception as exc:
+                logger.exception("decoding failed for one request")
+                self._finish(request, InferenceError(f"decoding failed: {exc}"))
+                retired.append(request)
+        if retired:
+            self.runner.apply(self._slots.release(retired))
+
+    def _finish(self, request: _Request, outcome: object) -> None:
+        if self.policy.holds_results_until_batch_ends and not isinstance(outcome, BaseException):
+            self._held.append((request, outcome))
+        else:
+            self._finished.append((request, outcome))
+
+    def _fail_active(self, error: EngineError) -> None:
+        for request in self._slots.owners():
+            self._finished.append((request, type(error)(str(error))))
+        self._slots = SlotTable(MAX_ROWS)
+
+    def _stop_everything(self) -> None:
+        """Grace period over: whatever is still queued or decoding gets EngineStopped."""
+        leftovers = self._queue.drain() + self._slots.owners()
+        self._slots = SlotTable(MAX_ROWS)
+        for request in leftovers:
+            if not request.abandoned:
+                metrics.REJECTIONS.labels(reason="stopped").inc()
+            self._finished.append((request, EngineStopped("the service is shutting down")))
+
+    def _flush(self) -> None:
+        """Hands finished requests to their event loops: one call per loop and iteration."""
+        if self._held and not self._slots.used:
+            self._finished.extend(self._held)
+            self._held = []
+        if not self._finished:
+            return
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for request, outcome in self._finished:
+            if not isinstance(outcome, BaseException):
+                inference_s = now - request.admitted
+                metrics.INFERENCE_SECONDS.observe(inference_s)
+                self._seconds_per_request += 0.05 * (inference_s - self._seconds_per_request)
+                outcome = Result(outcome, (request.admitted - request.submitted) * 1e3, inference_s * 1e3)
+            by_loop[request.loop].append((request, outcome))
+        self._finished = []
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, outcomes)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass

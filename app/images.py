@@ -1,0 +1,176 @@
+"""Turning uploaded bytes into an RGB Pillow image, or a clear client error.
+
+Order matters for safety: the format is identified and the dimensions are read from the header
+(`Image.open` is lazy) before a single pixel is decoded, so decompression bombs and undersized
+images are refused without spending memory on them. All of this is blocking CPU work: callers run
+it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
+
+# Pillow format name -> the name reported to clients. MPO is how Pillow names JPEGs from cameras
+# that embed a second picture; it is a JPEG for every purpose here.
+ALLOWED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF",
+                   "BMP": "BMP", "TIFF": "TIFF"}
+_PILLOW_OPENERS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # the JPEG opener also yields MPO
+ALLOWED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+
+# Signatures of image formats we recognise but do not accept, so that a HEIC photo or an SVG gets
+# "unsupported format" (415) rather than "not an image" (400). Checked only after Pillow, limited
+# to the allow-list, has failed to identify the bytes.
+_OTHER_IMAGE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\x00\x00\x02\x00", "CUR"),
+    (0, b"8BPS", "PSD"),
+    (0, b"%PDF-", "PDF"),
+    (0, b"%!PS", "PostScript"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (0, b"qoif", "QOI"),
+    (0, b"DDS ", "DDS"),
+    (0, b"icns", "ICNS"),
+    (0, b"v/1\x01", "OpenEXR"),
+    (0, b"#?RADIANCE", "Radiance HDR"),
+    (0, b"\x01\xda", "SGI"),
+    (0, b"SIMPLE  =", "FITS"),
+)
+_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+                b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+_HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+# Decoding untrusted bytes can fail inside Pillow's plugins in many ways; each of them means
+# "this is not a valid image", never a server error.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError,
+                  ZeroDivisionError, AttributeError, OverflowError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # mode RGB, EXIF orientation applied
+    width: int  # as displayed: after EXIF orientation, before any draft downscaling
+    height: int
+    format: str
+
+
+def decode_upload(data: bytes, *, max_pixels: int, min_side: int, draft_size: int | None = None) -> DecodedImage:
+    """Validates and decodes an uploaded image; raises an ApiError subclass on bad input.
+
+    draft_size: lets JPEG decode at a reduced scale (1/2 .. 1/8) that still covers
+    draft_size x draft_size, which is all the model needs and far cheaper for large photos.
+    """
+    if not data:
+        raise InvalidImage("the uploaded file is empty")
+    image = _open(data)
+    # Pixel count and shortest side do not change under rotation, so the header size decides.
+    _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
+    format_name = ALLOWED_FORMATS[image.format]
+    width, height = image.size
+    try:
+        if draft_size and format_name == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()  # the first frame of an animation
+        if _orientation(image) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+        ImageOps.exif_transpose(image, in_place=True)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(f"the {format_name} image could not be decoded: {_reason(exc)}") from None
+    return DecodedImage(to_rgb(image), width, height, format_name)
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=_PILLOW_OPENERS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except UnidentifiedImageError:
+        other = sniff_other_image_format(data)
+        if other:
+            raise UnsupportedImageFormat(
+                f"{other} images are not supported; send one of {ALLOWED_FORMAT_NAMES}"
+            ) from None
+        raise InvalidImage(f"the upload is not a recognisable image ({ALLOWED_FORMAT_NAMES})") from None
+    except _DECODE_ERRORS as exc:  # a known signature with a broken header
+        raise InvalidImage(f"the image header could not be read: {_reason(exc)}") from None
+
+
+def sniff_other_image_format(data: bytes) -> str | None:
+    """Names a non-allowed image format from its leading bytes, or None."""
+    for offset, signature, name in _OTHER_IMAGE_SIGNATURES:
+        if data[offset : offset + len(signature)] == signature:
+            return name
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return _HEIF_BRANDS[data[8:12]]
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!--", b"<!doctype svg")) and b"<svg" in head):
+        return "SVG"
+    return None
+
+
+def _orientation(image: Image.Image) -> int:
+    # Only after load(): for PNG, reading EXIF means reading past the pixel data.
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (*_DECODE_ERRORS,):  # unreadable EXIF: the picture itself is still fine
+        return 1
+
+
+def _check_dimensions(width: int, height: int, *, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
+        )
+    if min(width, height) < min_side:
+        raise ImageTooSmall(f"the image is {width}x{height}; both sides must be at least {min_side} pixels")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB. Transparency is composited on white (a transparent PNG's hidden
+    pixels are often black, which would change the picture); 16-bit and float data are rescaled
+    to 8 bits rather than clipped."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in _HIGH_BIT_DEPTH_MODES:
+        return _to_8_bit_grey(image).convert("RGB")
+    try:
+        if mode in _ALPHA_MODES or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as exc:  # e.g. LAB has no RGB conversion in Pillow
+        raise UnsupportedImageFormat(f"images with pixel mode {mode} are not supported: {exc}") from None
+
+
+def _to_8_bit_grey(image: Image.Image) -> Image.Image:
+    values = np.asarray(image).astype(np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    if image.mode == "F":
+        peak = float(values.max()) if values.size else 0.0
+        scale = 255.0 if peak <= 1.0 else (1.0 if peak <= 255.0 else 255.0 / peak)
+    elif image.mode == "I":
+        peak = float(values.max()) if values.size else 0.0
+        scale = 1.0 if peak <= 255 else (255.0 / 65535.0 if peak <= 65535 else 255.0 / peak)
+    else:  # I;16 variants: full 16-bit range
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text if text else type(exc).__name__

@@ -1,0 +1,127 @@
+"""What happens between an accepted upload and its captions, kept out of the route function:
+decoding in a worker thread, the engine call under the request's deadline, and giving up when the
+client goes away (cancelling the engine call frees its slot)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+import anyio
+import numpy as np
+
+from app.engine import DeadlineExceeded as EngineDeadlineExceeded
+from app.engine import EngineStopped, InferenceError
+from app.engine import Overloaded as EngineOverloaded
+from app.errors import ApiError, DeadlineExceeded, InferenceFailed, InvalidParameters, NotReady, Overloaded
+from app.images import DecodedImage, decode_upload
+from app.schemas import CaptionQuery
+from app.settings import Settings
+from captioning.decoding import Caption, DecodeOptions
+
+logger = logging.getLogger("app.inference")
+
+# Extra time the engine gets past the deadline to report DeadlineExceeded itself before the
+# route stops waiting; only matters if the engine misses a deadline.
+ENGINE_GRACE_S = 1.0
+SHUTDOWN_RETRY_AFTER_S = 5
+
+
+class EngineResult(Protocol):
+    captions: list[Caption]
+    queue_ms: float
+    inference_ms: float
+
+
+class InferenceEngine(Protocol):
+    """The contract app.engine implements (see app/engine/)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def submit(self, image: np.ndarray, options: DecodeOptions, deadline_s: float) -> EngineResult: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+class ClientDisconnected(ApiError):
+    # Nobody reads this response; the status only appears in the access log and metrics.
+    status_code, code = 499, "client_closed_request"
+
+
+def decode_options(query: CaptionQuery) -> DecodeOptions:
+    """Query parameters -> DecodeOptions. Combinations the schema cannot rule out are resolved as
+    documented (greedy always gives one caption; a beam is at least num_captions wide) instead of
+    being refused."""
+    num_captions = 1 if query.strategy == "greedy" else query.num_captions
+    try:
+        return DecodeOptions(
+            strategy=query.strategy,
+            beam_size=max(query.beam_size, num_captions),
+            num_captions=num_captions,
+            max_length=query.max_length,
+        ).validate()
+    except ValueError as exc:
+        raise InvalidParameters(str(exc)) from None
+
+
+async def decode_in_worker(data: bytes, captioner, settings: Settings,
+                           limiter: anyio.CapacityLimiter) -> tuple[DecodedImage, np.ndarray]:
+    """Decode, validate and resize in a worker thread: the event loop never waits on Pillow."""
+
+    def work() -> tuple[DecodedImage, np.ndarray]:
+        decoded = decode_upload(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
+                                draft_size=captioner.config.image_size)
+        return decoded, captioner.prepare(decoded.image)
+
+    return await anyio.to_thread.run_sync(work, limiter=limiter)
+
+
+async def caption_or_give_up(engine: InferenceEngine, pixels: np.ndarray, options: DecodeOptions, *,
+                             deadline_s: float, receive) -> EngineResult:
+    """Runs engine.submit, mapping engine errors to API errors; cancels it if the client disconnects."""
+    if deadline_s <= 0:
+        raise DeadlineExceeded("the request deadline passed before inference could start")
+    inference = asyncio.ensure_future(engine.submit(pixels, options, deadline_s=deadline_s))
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({inference, disconnect}, timeout=deadline_s + ENGINE_GRACE_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel(inference, disconnect)
+    if inference in done:
+        try:
+            return inference.result()
+        except EngineOverloaded as exc:
+            raise Overloaded("the inference queue is full; retry shortly",
+                             getattr(exc, "retry_after_s", 1.0)) from None
+        except EngineDeadlineExceeded:
+            raise DeadlineExceeded("the request deadline passed while waiting for inference") from None
+        except EngineStopped:
+            raise NotReady("the service is shutting down", SHUTDOWN_RETRY_AFTER_S) from None
+        except InferenceError as exc:
+            logger.error("inference failed: %s", exc)
+            raise InferenceFailed("the model failed on this request's batch; retrying may succeed") from None
+    if disconnect in done:
+        disconnect.exception()  # retrieved, so a failed receive() is not reported as unhandled
+        raise ClientDisconnected("the client disconnected before the caption was ready")
+    raise DeadlineExceeded("the request deadline passed while waiting for inference")
+
+
+async def _wait_for_disconnect(receive) -> None:
+    # The body has been read already, so the next message the server sends is the disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel(*tasks: asyncio.Future) -> None:
+    """Cancels what is still running and waits for it to unwind (the engine frees the slot)."""
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        # asyncio.wait, unlike awaiting each task, lets a cancellation of *this* task through.
+        await asyncio.wait(pending)

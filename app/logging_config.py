@@ -1,0 +1,58 @@
+"""Structured logging: one JSON object per line on stderr, for the app and for uvicorn.
+
+`python -m app` hands `logging_config(level)` to uvicorn, which applies it before anything logs.
+Fields passed with `extra=` become top-level keys, so the access log line is e.g.
+
+    {"time": "...", "level": "INFO", "logger": "app.access", "message": "request",
+     "method": "POST", "route": "/caption", "path": "/caption", "status": 200,
+     "latency_ms": 41.7, "request_id": "4f1c..."}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# uvicorn adds a colourised duplicate of its message; it means nothing in JSON.
+_DROPPED_EXTRAS = {"color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in _DROPPED_EXTRAS and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def logging_config(level: str = "INFO") -> dict[str, Any]:
+    """A logging.config.dictConfig dictionary."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            # uvicorn's own handlers would print a second, plain-text copy.
+            "uvicorn": {"handlers": [], "propagate": True, "level": level},
+            "uvicorn.error": {"handlers": [], "propagate": True, "level": level},
+            # app.access replaces uvicorn's access log (one line per request, with request id).
+            "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
+            # TensorFlow's Python logger is chatty at INFO.
+            "tensorflow": {"level": "WARNING"},
+            "absl": {"level": "WARNING"},
+        },
+    }

@@ -1,0 +1,90 @@
+"""The application factory and its lifespan.
+
+    create_app(settings) -> FastAPI      (uvicorn --factory app.main:create_app also works)
+
+Start-up loads and verifies the model bundle (a broken or tampered bundle raises, and uvicorn
+exits non-zero), then starts the inference engine, which warms up every batch shape. Shut-down
+marks the service not ready, then lets the engine finish in-flight work within SHUTDOWN_GRACE_S.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import anyio
+from fastapi import Depends, FastAPI
+
+from app.dependencies import require_api_key
+from app.engine import create_engine
+from app.errors import error_responses, install_exception_handlers
+from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
+from app.routes import caption, health, metrics, model
+from app.settings import Settings
+from captioning.artifacts import ArtifactError
+from captioning.captioner import Captioner
+
+logger = logging.getLogger("app.main")
+
+DESCRIPTION = """Captions images with an attention captioner.
+
+Every error has the shape `{"error": {"code", "message"}, "request_id"}`. Send `X-Request-ID` to
+choose the request ID; it is echoed in the response header and body.
+"""
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says why."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
+    logger.info("loading model", extra={"artifacts_dir": str(settings.artifacts_dir)})
+    try:
+        captioner = await anyio.to_thread.run_sync(Captioner.load, settings.artifacts_dir)
+    except ArtifactError as exc:
+        logger.critical("cannot start: %s", exc, extra={"artifacts_dir": str(settings.artifacts_dir)})
+        raise StartupError(f"cannot load the model bundle: {exc}") from None
+    engine = create_engine(captioner, settings)
+    await engine.start()
+    app.state.captioner, app.state.engine = captioner, engine
+    logger.info(
+        "ready",
+        extra={"model": captioner.manifest.get("name"), "version": captioner.manifest.get("version"),
+               "batching_mode": settings.batching_mode, "max_batch_size": settings.max_batch_size},
+    )
+    try:
+        yield
+    finally:
+        app.state.stopping = True  # readiness fails from here on
+        logger.info("stopping", extra={"grace_s": settings.shutdown_grace_s})
+        await engine.stop(settings.shutdown_grace_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="Image captioning service", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.captioner = None
+    app.state.engine = None
+    app.state.stopping = False
+
+    install_exception_handlers(app)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    # With API_KEY set, /caption and /model require it (and the schema says so); without it, the
+    # schema shows no security requirement at all.
+    protected = {}
+    if settings.api_key:
+        protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
+    app.include_router(caption.router, **protected)
+    app.include_router(model.router, **protected)
+
+    # Added last = outermost: the request ID exists before anything else runs.
+    app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,131 @@
+"""Every Prometheus metric the service exports, in one place.
+
+All metrics live in ``REGISTRY``, a dedicated ``CollectorRegistry`` created once
+per process, rather than in prometheus_client's global default registry. That
+keeps /metrics free of the default process/platform collectors' surprises and
+makes the set of exported series exactly what is declared here. Metric objects
+are module-level singletons: the HTTP layer and the batching engine
+(``app.engine``) import them by name, and several apps built in one process (as
+the tests do) simply share them — counters keep counting across apps, which is
+what a per-process registry means.
+
+Names the engine imports: QUEUE_DEPTH, ACTIVE_SLOTS, BATCH_SIZE, ENCODE_SECONDS,
+STEP_SECONDS, QUEUE_WAIT_SECONDS, REJECTIONS (label ``reason``),
+INFERENCE_SECONDS.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_NAMESPACE = "captioning"
+
+# Latency buckets spanning a fast cached request up to the request deadline.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Per-step / per-encode timings are much shorter than a whole request.
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# --- HTTP layer -------------------------------------------------------------
+
+HTTP_REQUESTS = Counter(
+    "http_requests",
+    "HTTP requests handled, by route template, method and status code.",
+    labelnames=("route", "method", "status"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+HTTP_REQUEST_SECONDS = Histogram(
+    "http_request_duration_seconds",
+    "Wall time from request start to response end, by route template, method and status.",
+    labelnames=("route", "method", "status"),
+    buckets=_LATENCY_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+HTTP_IN_FLIGHT = Gauge(
+    "http_requests_in_flight",
+    "HTTP requests currently being handled.",
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+# --- Inference engine -------------------------------------------------------
+
+QUEUE_DEPTH = Gauge(
+    "engine_queue_depth",
+    "Requests admitted and waiting for a decode slot or a batch.",
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+ACTIVE_SLOTS = Gauge(
+    "engine_active_slots",
+    "Decode slots currently occupied by an in-progress caption.",
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+BATCH_SIZE = Histogram(
+    "engine_batch_size",
+    "Number of images per encoder batch / sequences per decode step.",
+    buckets=_BATCH_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+ENCODE_SECONDS = Histogram(
+    "engine_encode_seconds",
+    "Time spent running the image encoder on one batch.",
+    buckets=_FAST_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+STEP_SECONDS = Histogram(
+    "engine_step_seconds",
+    "Time spent on one decoder step for the active batch.",
+    buckets=_FAST_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+QUEUE_WAIT_SECONDS = Histogram(
+    "engine_queue_wait_seconds",
+    "Time a request waited in the admission queue before inference started.",
+    buckets=_LATENCY_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+REJECTIONS = Counter(
+    "engine_rejections",
+    "Requests the engine refused or dropped, by reason (e.g. overloaded, deadline, stopped, cancelled).",
+    labelnames=("reason",),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+INFERENCE_SECONDS = Histogram(
+    "engine_inference_seconds",
+    "Time from the start of inference on a request to its captions being ready.",
+    buckets=_LATENCY_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+
+def render_latest() -> tuple[bytes, str]:
+    """Return the exposition-format payload and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

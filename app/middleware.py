@@ -1,0 +1,134 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, so request bodies stream through untouched).
+
+RequestContextMiddleware: request ID, the access log line and the HTTP metrics.
+UploadLimitMiddleware: refuses oversized bodies from Content-Length or while streaming.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import UploadTooLarge, error_response
+from app.metrics import HTTP_IN_FLIGHT, HTTP_REQUEST_SECONDS, HTTP_REQUESTS
+
+access_logger = logging.getLogger("app.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# Client-chosen IDs are echoed into logs and headers, so only a safe, bounded alphabet is taken.
+_ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Label for requests that matched no route, so scanners cannot create unbounded label values.
+UNMATCHED_ROUTE = "unmatched"
+# Status logged when the client went away before the answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+def request_state(scope: Scope) -> dict:
+    """The per-request state dict that Starlette exposes as request.state."""
+    return scope.setdefault("state", {})
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _ACCEPTABLE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        state = request_state(scope)
+        state["request_id"] = request_id
+        state["started_at"] = started
+        status = 500  # what the client gets if the app raises before responding
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            HTTP_IN_FLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            labels = {"route": route, "method": scope["method"], "status": str(status)}
+            HTTP_REQUESTS.labels(**labels).inc()
+            HTTP_REQUEST_SECONDS.labels(**labels).observe(elapsed)
+            access_logger.info(
+                "request",
+                extra={"method": scope["method"], "route": route, "path": scope["path"], "status": status,
+                       "latency_ms": round(elapsed * 1000, 2), "request_id": request_id},
+            )
+
+
+class UploadLimitMiddleware:
+    """Caps the request body at `max_upload_bytes` plus `framing_allowance` bytes of multipart
+    boundaries and part headers (the route checks the file itself against the exact limit).
+
+    The check sits in `receive`, so it runs before the multipart parser sees (or spools to disk)
+    a single byte: a Content-Length over the limit is refused at the first read, and a body that
+    streams past the limit (chunked, or lying about its length) is refused at the chunk that
+    crosses it. The rest of the body is never read. Routes that never read a body are unaffected.
+    """
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, framing_allowance: int = 16 * 1024) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.max_body_bytes = max_upload_bytes + framing_allowance
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared is not None and declared > limit:
+                raise UploadTooLarge(self.max_upload_bytes)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise UploadTooLarge(self.max_upload_bytes)
+            return message
+
+        # Normally the app's exception handlers turn UploadTooLarge into the JSON 413; the
+        # exception only arrives here if something read the body outside a route.
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except UploadTooLarge as exc:
+            if response_started:
+                raise
+            response = error_response(Request(scope), 413, "upload_too_large", str(exc.detail))
+            await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = Headers(scope=scope).get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per concern; app.main includes their routers."""

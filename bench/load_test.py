@@ -1,0 +1,746 @@
+"""Load benchmark: the real server, in each batching mode, under closed- and open-loop load.
+
+    python -m bench.load_test            # full run, ~8 minutes; writes bench/RESULTS.md
+    python -m bench.load_test --quick    # ~3 minutes, shorter phases
+
+For each mode (continuous, static, none) it starts `python -m app` on a free loopback port with
+BATCHING_MODE set, waits for /health/ready, then drives POST /caption with PNGs of the embedded
+shapes test split:
+
+  closed loop   N clients, each sending its next request when the last one is answered
+  open loop     Poisson arrivals at fixed rates, below and past capacity (latency is measured
+                from each request's scheduled arrival, so a slow server cannot slow the load)
+
+and, in this process before any server starts, two references: the offline limit (in-process
+Captioner.caption at its best batch size, no HTTP) and the reference design's naive loop (one
+image, an eager Keras decoder call per token). The client shares the CPU with the server, so it
+is a plain asyncio HTTP/1.1 client over keep-alive connections with every request pre-encoded;
+its own CPU time per request is reported with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import io
+import math
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+BOUNDARY = "benchboundary7d3f"
+MODES = ("continuous", "static", "none")
+CLOSED_LOOP_CLIENTS = (1, 8, 32, 64)
+OPEN_LOOP_LOAD = (0.5, 0.9, 1.3, 2.0)  # arrival rates as fractions of the continuous mode's capacity
+MAX_OPEN_CONNECTIONS = 1024
+SERVER_START_TIMEOUT_S = 300
+
+
+# ------------------------------------------------------------------------------- HTTP client
+
+
+def caption_request(png: bytes) -> bytes:
+    """A complete keep-alive POST /caption with the image as multipart field `image`."""
+    body = (
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+    head = (
+        f"POST /caption HTTP/1.1\r\nHost: {HOST}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; enough protocol for this server's responses."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+        try:
+            self.writer.write(raw)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            body = await self.reader.readexactly(int(length.group(1))) if length else b""
+            if re.search(rb"(?i)\r\nconnection: *close", head):
+                self.close()
+            return status, body
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+@dataclass
+class Outcome:
+    latencies_s: list[float] = field(default_factory=list)  # successful requests
+    rejected_s: list[float] = field(default_factory=list)  # 503 answers
+    statuses: dict[int, int] = field(default_factory=dict)
+    client_errors: int = 0  # connection failures, timeouts
+    elapsed_s: float = 0.0  # the measured window: the phase's duration
+    wall_s: float = 0.0  # the whole phase: warm-up, and draining the requests still in flight
+
+    @property
+    def served_per_s(self) -> float:
+        return len(self.latencies_s) / self.elapsed_s
+
+    def record(self, status: int, latency_s: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 200:
+            self.latencies_s.append(latency_s)
+        elif status == 503:
+            self.rejected_s.append(latency_s)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values()) + self.client_errors
+
+    @property
+    def errors(self) -> int:
+        """Anything but 200 and 503 (the overload answer), including client-side failures."""
+        return self.total - len(self.latencies_s) - len(self.rejected_s)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+async def closed_loop(port: int, requests: list[bytes], clients: int, duration_s: float,
+                      warmup_s: float) -> Outcome:
+    """`clients` workers send back to back; only requests started after the warm-up are counted."""
+    outcome = Outcome()
+    started = time.perf_counter()
+    measure_from, stop_at = started + warmup_s, started + warmup_s + duration_s
+
+    async def worker(index: int) -> None:
+        connection = Connection(port)
+        rng = random.Random(index)
+        try:
+            for _ in range(1_000_000):  # bounded; the time limit ends it first
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    break
+                try:
+                    status, _ = await asyncio.wait_for(connection.request(rng.choice(requests)), 60)
+                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                    connection.close()
+                    status = None
+                if sent >= measure_from:
+                    if status is None:
+                        outcome.client_errors += 1
+                    else:
+                        outcome.record(status, time.perf_counter() - sent)
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    outcome.elapsed_s = duration_s
+    return outcome
+
+
+async def open_loop(port: int, requests: list[bytes], rate: float, duration_s: float, seed: int) -> Outcome:
+    """Poisson arrivals at `rate`/s for `duration_s`; each on an idle pooled connection or a new one."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            break
+        arrivals.append(t)
+    outcome = Outcome()
+    idle: list[Connection] = []
+    open_connections = 0
+
+    async def one(scheduled: float) -> None:
+        nonlocal open_connections
+        if idle:
+            connection = idle.pop()
+        elif open_connections < MAX_OPEN_CONNECTIONS:
+            connection = Connection(port)
+            open_connections += 1
+        else:
+            outcome.client_errors += 1
+            return
+        try:
+            status, _ = await asyncio.wait_for(connection.request(rng.choice(requests)), 60)
+            outcome.record(status, time.perf_counter() - scheduled)
+            idle.append(connection)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+            connection.close()
+            open_connections -= 1
+            outcome.client_errors += 1
+
+    tasks = []
+    started = time.perf_counter()
+    for offset in arrivals:
+        delay = started + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(started + offset)))
+    await asyncio.gather(*tasks)
+    for connection in idle:
+        connection.close()
+    # Throughput over the time it took to serve the arrivals, backlog included.
+    outcome.elapsed_s = max(duration_s, time.perf_counter() - started)
+    return outcome
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    connection = Connection(port)
+    try:
+        return await asyncio.wait_for(
+            connection.request(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()), 10)
+    finally:
+        connection.close()
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else math.nan
+
+
+ENGINE_SERIES = ("encode_seconds_sum", "encode_seconds_count", "step_seconds_sum", "step_seconds_count",
+                 "batch_size_sum", "batch_size_count", "queue_wait_seconds_sum", "queue_wait_seconds_count")
+
+
+async def engine_counters(port: int) -> dict[str, float]:
+    """The engine's cumulative timings from /metrics, to profile each phase from the inside."""
+    _, body = await http_get(port, "/metrics")
+    counters = {}
+    for name in ENGINE_SERIES:
+        match = re.search(rf"^captioning_engine_{name} ([0-9.e+-]+)$", body.decode(), re.MULTILINE)
+        counters[name] = float(match.group(1)) if match else 0.0
+    return counters
+
+
+class Server:
+    """`python -m app` in one batching mode, on a free loopback port."""
+
+    def __init__(self, mode: str, artifacts: Path, extra_env: dict[str, str], log_path: Path,
+                 module: str = "app", extra_args: list[str] | None = None):
+        self.mode = mode
+        self.port = free_port()
+        env = {**os.environ, "BATCHING_MODE": mode, "PORT": str(self.port), "HOST": HOST,
+               "ARTIFACTS_DIR": str(artifacts), "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO),
+               **extra_env}
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", module, *(extra_args or [])], cwd=REPO, env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self) -> float:
+        started = time.perf_counter()
+        while time.perf_counter() - started < SERVER_START_TIMEOUT_S:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the {self.mode} server exited with code {self.process.returncode}; "
+                                   f"see {self.log.name}")
+            try:
+                if (await http_get(self.port, "/health/ready"))[0] == 200:
+                    return time.perf_counter() - started
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                pass
+            await asyncio.sleep(0.25)
+        raise RuntimeError(f"the {self.mode} server was not ready within {SERVER_START_TIMEOUT_S} s")
+
+    def stop(self, timeout_s: float = 60) -> tuple[int | None, float]:
+        """SIGTERM, as an orchestrator would; returns (exit code, seconds to exit)."""
+        started = time.perf_counter()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log.close()
+        return self.process.returncode, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------- references
+
+
+@dataclass
+class References:
+    one_image_ms: float  # p50 in-process latency of Captioner.caption on one image
+    offline_per_s: float  # best in-process batched throughput
+    offline_batch: int
+    offline_by_batch: dict[int, float]
+    offline_cpu_ms: float  # process CPU time per caption at that batch size
+    naive_ms: float  # p50 per image of the eager, token-by-token reference loop
+    naive_matches: float  # share of images where the naive loop's caption equals the engine path's
+    mean_words: float
+    engine_per_s: float  # the continuous engine in-process: 32 concurrent submitters, no HTTP
+    engine_p50_ms: float
+
+
+def naive_caption(encoder, decoder, image: np.ndarray, max_steps: int) -> list[int]:
+    """The reference design's loop: one image, Keras models and layers called eagerly, one call per
+    token carrying the GRU state (as the reference lab's decoder_pred_model did), greedy choice."""
+    import tensorflow as tf
+
+    from captioning.model import DecoderStep
+    from captioning.tokenizer import END_ID, START_ID
+
+    step = DecoderStep(decoder)
+    features = encoder(tf.constant(image[None], tf.float32), training=False)
+    state = tf.zeros((1, features.shape[-1]))
+    tokens = [START_ID]
+    for _ in range(max_steps):
+        log_probs, state, _ = step(tf.constant([tokens[-1]], tf.int32), state, features)
+        token = int(np.argmax(log_probs[0]))
+        tokens.append(token)
+        if token == END_ID:
+            break
+    return tokens[1:]
+
+
+def measure_references(artifacts: Path, pixels: list[np.ndarray], quick: bool) -> References:
+    from captioning.captioner import Captioner
+    from captioning.decoding import DecodeOptions
+
+    captioner = Captioner.load(artifacts)
+    captioner.warmup()
+    options = DecodeOptions()
+    single = []
+    for image in pixels[: 20 if quick else 50]:
+        started = time.perf_counter()
+        captioner.caption([image], options)
+        single.append(time.perf_counter() - started)
+    images = pixels[: 128 if quick else 256]
+    by_batch, cpu_ms = {}, {}
+    for batch in (8, 16, 32, 64):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        captions = captioner.caption(images, options, batch_size=batch)
+        by_batch[batch] = len(images) / (time.perf_counter() - started)
+        cpu_ms[batch] = (time.process_time() - cpu_started) / len(images) * 1e3
+    best = max(by_batch, key=by_batch.get)
+    engine_per_s, engine_p50_ms = asyncio.run(engine_in_process(captioner, pixels, 32, 2.0 if quick else 4.0))
+    naive, matches = [], 0
+    sample = pixels[: 10 if quick else 25]
+    naive_caption(captioner.encoder, captioner.decoder, sample[0], 2)  # first eager calls build the layers
+    for image, expected in zip(sample, captions, strict=False):
+        started = time.perf_counter()
+        tokens = naive_caption(captioner.encoder, captioner.decoder, image, captioner.max_steps(options))
+        naive.append(time.perf_counter() - started)
+        matches += captioner.tokenizer.decode(tokens) == expected[0].tokens
+    return References(
+        one_image_ms=statistics.median(single) * 1e3, offline_per_s=by_batch[best], offline_batch=best,
+        offline_by_batch=by_batch, offline_cpu_ms=cpu_ms[best], naive_ms=statistics.median(naive) * 1e3,
+        naive_matches=matches / len(sample), mean_words=statistics.mean(len(c[0].tokens) for c in captions),
+        engine_per_s=engine_per_s, engine_p50_ms=engine_p50_ms,
+    )
+
+
+async def engine_in_process(captioner, pixels: list[np.ndarray], clients: int,
+                            duration_s: float) -> tuple[float, float]:
+    """The service's engine (continuous, default settings) driven directly, without HTTP: what the
+    batching itself reaches on this machine. Returns (captions/s, p50 latency ms)."""
+    from types import SimpleNamespace
+
+    from app.engine import create_engine
+    from captioning.decoding import DecodeOptions
+
+    engine = create_engine(captioner, SimpleNamespace(batching_mode="continuous", max_batch_size=32))
+    await engine.start()
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + duration_s
+
+    async def client(index: int) -> None:
+        for n in range(1_000_000):
+            if time.perf_counter() >= stop_at:
+                break
+            started = time.perf_counter()
+            await engine.submit(pixels[(index + 7 * n) % len(pixels)], DecodeOptions())
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    await engine.stop()
+    return len(latencies) / elapsed, statistics.median(latencies) * 1e3
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class Phase:
+    mode: str
+    kind: str  # "closed" or "open"
+    load: float  # clients, or arrivals per second
+    outcome: Outcome
+    server_cpu_s: float
+    client_cpu_s: float
+    engine: dict[str, float]
+    rss_mib: float
+
+
+async def run_phase(server: Server, kind: str, load: float, requests: list[bytes], duration_s: float,
+                    warmup_s: float, seed: int) -> Phase:
+    before = await engine_counters(server.port)
+    server_cpu, client_cpu = cpu_seconds(server.process.pid), time.process_time()
+    started = time.perf_counter()
+    if kind == "closed":
+        outcome = await closed_loop(server.port, requests, int(load), duration_s, warmup_s)
+    else:
+        outcome = await open_loop(server.port, requests, load, duration_s, seed)
+    outcome.wall_s = time.perf_counter() - started
+    server_cpu, client_cpu = cpu_seconds(server.process.pid) - server_cpu, time.process_time() - client_cpu
+    after = await engine_counters(server.port)
+    engine = {name: after[name] - before[name] for name in ENGINE_SERIES}
+    phase = Phase(server.mode, kind, load, outcome, server_cpu, client_cpu, engine, rss_mib(server.process.pid))
+    print(describe(phase), flush=True)
+    return phase
+
+
+def describe(phase: Phase) -> str:
+    o = phase.outcome
+    load = f"{int(phase.load)} clients" if phase.kind == "closed" else f"{phase.load:.0f}/s"
+    return (f"  {phase.mode:10s} {phase.kind:6s} {load:>11s}: {o.served_per_s:7.1f} captions/s  "
+            f"p50 {percentile(o.latencies_s, 50) * 1e3:7.1f} ms  p95 {percentile(o.latencies_s, 95) * 1e3:7.1f} ms  "
+            f"503 {len(o.rejected_s)}  errors {describe_errors(o)}  rss {phase.rss_mib:.0f} MiB")
+
+
+def describe_errors(outcome: Outcome) -> str:
+    """The error count, with its kinds: HTTP statuses, and failures on the client side (refused or
+    reset connections, no free connection under the open-loop cap, 60 s timeouts)."""
+    kinds = [f"{status}: {n}" for status, n in sorted(outcome.statuses.items()) if status not in (200, 503)]
+    if outcome.client_errors:
+        kinds.append(f"client: {outcome.client_errors}")
+    return f"{outcome.errors} ({', '.join(kinds)})" if kinds else "0"
+
+
+async def benchmark_mode(mode: str, args, requests: list[bytes], open_rates: list[float] | None,
+                         log_dir: Path) -> tuple[list[Phase], dict]:
+    server = Server(mode, args.artifacts, dict(args.env), log_dir / f"server-{mode}.log")
+    phases: list[Phase] = []
+    try:
+        ready_s = await server.wait_ready()
+        print(f"{mode}: ready in {ready_s:.1f} s (port {server.port})", flush=True)
+        rss_ready = rss_mib(server.process.pid)
+        for seed, clients in enumerate(args.clients):
+            phases.append(await run_phase(server, "closed", clients, requests, args.duration, args.warmup, seed))
+        capacity = max(p.outcome.served_per_s for p in phases)
+        rss_loaded = rss_mib(server.process.pid)
+        rates = open_rates or [round(capacity * f) for f in OPEN_LOOP_LOAD]
+        for seed, rate in enumerate(rates):
+            phases.append(await run_phase(server, "open", rate, requests, args.duration, 0.0, 100 + seed))
+            await asyncio.sleep(1.0)  # let the backlog of the last phase clear
+        rss_end = rss_mib(server.process.pid)
+        alive = server.process.poll() is None
+    finally:
+        exit_code, stop_s = server.stop()
+    return phases, {"ready_s": ready_s, "rss_ready": rss_ready, "rss_loaded": rss_loaded, "rss_end": rss_end,
+                    "alive": alive,
+                    "exit_code": exit_code, "stop_s": stop_s, "capacity": capacity, "rates": rates}
+
+
+def load_images(count: int) -> tuple[list[np.ndarray], list[bytes]]:
+    from PIL import Image
+
+    from training.datasets.shapes import load_split
+
+    pixels = [example.pixels for example in load_split("test", size=count)]
+    pngs = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    return pixels, pngs
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+async def main_async(args) -> int:
+    log_dir = REPO / "bench" / "out"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"images: {args.images} from the shapes test split; model: {args.artifacts}", flush=True)
+    pixels, pngs = load_images(args.images)
+    references = None
+    if not args.skip_references:
+        print("references (in-process, no server running) ...", flush=True)
+        references = await asyncio.to_thread(measure_references, args.artifacts, pixels, args.quick)
+        print(f"  one image {references.one_image_ms:.1f} ms; offline {references.offline_per_s:.0f} captions/s "
+              f"at batch {references.offline_batch}; naive loop {references.naive_ms:.1f} ms/image; engine "
+              f"without HTTP {references.engine_per_s:.0f} captions/s", flush=True)
+    requests = [caption_request(png) for png in pngs]
+    all_phases, servers = [], {}
+    open_rates = args.rates
+    for mode in args.modes:
+        phases, info = await benchmark_mode(mode, args, requests, open_rates, log_dir)
+        all_phases += phases
+        servers[mode] = info
+        if open_rates is None and mode == "continuous":
+            open_rates = info["rates"]  # every mode gets the same arrival rates
+    cpu_profile = None
+    if not args.skip_profile and "continuous" in args.modes:
+        from bench.cpu_profile import profile
+
+        print("CPU profile of the continuous server, 32 clients ...", flush=True)
+        cpu_profile = await profile("continuous", 32, args.duration, args.artifacts, requests, log_dir, dict(args.env))
+    report = render_report(args, references, all_phases, servers, cpu_profile)
+    args.output.write_text(report)
+    print(f"\nwrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}")
+    print(report)
+    return 0
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def render_report(args, refs: References | None, phases: list[Phase], servers: dict,
+                  cpu_profile: tuple[dict[str, float], float] | None = None) -> str:
+    def ms(seconds: float) -> str:
+        return "–" if math.isnan(seconds) else f"{seconds * 1e3:.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.1f}"
+
+    lines = [
+        "# Load benchmark",
+        "",
+        f"- Command: `{args.command}`",
+        f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores (shared by server and client); "
+        f"load average before the run {args.load_before}",
+        f"- Model: `{args.artifacts.relative_to(REPO) if args.artifacts.is_relative_to(REPO) else args.artifacts}`; "
+        f"images: {args.images} PNGs of the shapes test split (64x64); greedy decoding",
+        f"- Phases: {args.duration:g} s each (closed loop after {args.warmup:g} s of warm-up); server settings "
+        f"are the service defaults{' plus ' + ', '.join(f'{k}={v}' for k, v in args.env) if args.env else ''}",
+        "",
+    ]
+    if refs:
+        lines += [
+            "## References (in-process, same run)",
+            "",
+            "| reference | result |",
+            "|---|---|",
+            f"| one image, `Captioner.caption` (p50) | {refs.one_image_ms:.1f} ms |",
+            f"| offline limit, `Captioner.caption` at the best batch size ({refs.offline_batch}) "
+            f"| {refs.offline_per_s:.0f} captions/s ({refs.offline_cpu_ms:.1f} ms CPU per caption) |",
+            "| offline by batch size | " + ", ".join(f"{b}: {v:.0f}/s" for b, v in refs.offline_by_batch.items())
+            + " |",
+            f"| naive loop: one image, eager Keras call per token (p50) | {refs.naive_ms:.1f} ms/image = "
+            f"{1e3 / refs.naive_ms:.1f} captions/s (same caption as the engine path for "
+            f"{refs.naive_matches:.0%} of images) |",
+            f"| the continuous engine in-process, 32 concurrent submitters, no HTTP "
+            f"| {refs.engine_per_s:.0f} captions/s, p50 {refs.engine_p50_ms:.0f} ms |",
+            f"| mean caption length | {refs.mean_words:.1f} words |",
+            "",
+        ]
+    lines += [
+        "## Closed loop",
+        "",
+        "| mode | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | 503 | mean step batch | engine busy | "
+        "server CPU ms/caption | client CPU ms/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in (p for p in phases if p.kind == "closed"):
+        lines.append(row(p, ms, closed=True))
+    lines += [
+        "",
+        "## Open loop (Poisson arrivals)",
+        "",
+        "| mode | offered /s | captions/s | p50 ms | p95 ms | rejected (503) | 503 p99 ms | errors | "
+        "mean step batch | engine busy | server RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in (p for p in phases if p.kind == "open"):
+        lines.append(row(p, ms, closed=False))
+    if cpu_profile:
+        groups, throughput = cpu_profile
+        lines += [
+            "",
+            f"## Server CPU per caption, continuous, 32 clients ({throughput:.0f} captions/s; "
+            "`python -m bench.cpu_profile`)",
+            "",
+            "| thread | CPU ms per caption |",
+            "|---|---:|",
+            *(f"| {group} | {ms:.2f} |" for group, ms in groups.items() if ms >= 0.005),
+            f"| total | {sum(groups.values()):.2f} |",
+        ]
+        if refs:
+            lines.append(f"| (offline, whole process, for comparison) | {refs.offline_cpu_ms:.2f} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**' if ok is not None else 'n/a'} |"
+              for t, m, ok in check_targets(refs, phases, servers)]
+    lines += [
+        "",
+        "## Server lifecycle",
+        "",
+        "| mode | ready after s | RSS after warm-up MiB | RSS after closed loops MiB | RSS at the end MiB | "
+        "up at the end | SIGTERM -> exit s | exit code |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for mode, s in servers.items():
+        lines.append(f"| {mode} | {s['ready_s']:.1f} | {s['rss_ready']:.0f} | {s['rss_loaded']:.0f} | "
+                     f"{s['rss_end']:.0f} | {'yes' if s['alive'] else 'NO'} | {s['stop_s']:.1f} | {s['exit_code']} |")
+    lines += [
+        "",
+        "Exit code -15: uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop reports the signal.",
+        "",
+        "Columns: *engine busy* is the share of wall time the inference thread spent in encode and decoder "
+        "steps (from /metrics); *mean step batch* is the mean number of rows per decoder step; CPU columns "
+        "are process CPU time divided by completed requests. Latencies of successful requests only; open-loop "
+        "latency counts from each request's scheduled arrival.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def check_targets(refs: References | None, phases: list[Phase], servers: dict) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets, each with what this run measured."""
+    closed = {(p.mode, int(p.load)): p.outcome for p in phases if p.kind == "closed"}
+    opened = [p for p in phases if p.kind == "open"]
+    checks: list[tuple[str, str, bool | None]] = []
+    c32, n32 = closed.get(("continuous", 32)), closed.get(("none", 32))
+    if c32 and n32:
+        ratio = c32.served_per_s / max(n32.served_per_s, 1e-9)
+        checks.append(("32 clients: continuous throughput >= 4x none", f"{ratio:.1f}x", ratio >= 4))
+    if c32 and refs:
+        share = c32.served_per_s / refs.offline_per_s
+        checks.append(("32 clients: continuous throughput >= 80% of the offline limit",
+                       f"{c32.served_per_s:.0f} / {refs.offline_per_s:.0f} = {share:.0%}", share >= 0.8))
+    c1 = closed.get(("continuous", 1))
+    if c1 and refs:
+        ratio = percentile(c1.latencies_s, 50) * 1e3 / refs.one_image_ms
+        checks.append(("1 client: continuous p50 <= 1.2x in-process latency of one image",
+                       f"{percentile(c1.latencies_s, 50) * 1e3:.1f} ms / {refs.one_image_ms:.1f} ms = {ratio:.2f}x",
+                       ratio <= 1.2))
+    loads = sorted({int(p.load) for p in phases if p.kind == "closed"})
+    for load in loads:
+        c, st = closed.get(("continuous", load)), closed.get(("static", load))
+        if c and st:
+            cp, sp = percentile(c.latencies_s, 95), percentile(st.latencies_s, 95)
+            checks.append((f"{load} clients: continuous p95 <= static p95", f"{cp * 1e3:.0f} vs {sp * 1e3:.0f} ms",
+                           cp <= sp))
+    for rate in sorted({p.load for p in opened}):
+        c = next((p.outcome for p in opened if p.mode == "continuous" and p.load == rate), None)
+        st = next((p.outcome for p in opened if p.mode == "static" and p.load == rate), None)
+        if c and st and c.latencies_s and st.latencies_s:
+            cp, sp = percentile(c.latencies_s, 95), percentile(st.latencies_s, 95)
+            checks.append((f"open loop {rate:.0f}/s: continuous p95 <= static p95",
+                           f"{cp * 1e3:.0f} vs {sp * 1e3:.0f} ms", cp <= sp))
+    errors = sum(p.outcome.errors for p in phases if p.mode == "continuous")
+    checks.append(("continuous: no errors (any status but 200 and 503, or a failed connection)", str(errors),
+                   errors == 0))
+    below = [p for p in phases if p.mode == "continuous" and (p.kind == "closed" or p.load
+             < servers.get("continuous", {}).get("capacity", math.inf))]
+    rejected_below = sum(len(p.outcome.rejected_s) for p in below)
+    checks.append(("continuous: no 503 below capacity (closed loops, open loop under capacity)", str(rejected_below),
+                   rejected_below == 0))
+    rejections = [s for p in opened for s in p.outcome.rejected_s]
+    if rejections:
+        worst = percentile(rejections, 99)
+        checks.append(("past capacity: 503 answered within 50 ms (p99 over all modes)", f"{worst * 1e3:.1f} ms",
+                       worst <= 0.05))
+    for mode, info in servers.items():
+        growth = info["rss_end"] - info["rss_loaded"]
+        checks.append((f"{mode}: server up after the overload phases, memory steady through them",
+                       f"up: {'yes' if info['alive'] else 'no'}; RSS {info['rss_loaded']:.0f} MiB before the open "
+                       f"loop, {info['rss_end']:.0f} MiB after", info["alive"] and growth < 0.1 * info["rss_loaded"]))
+    return checks
+
+
+def row(p: Phase, ms, closed: bool) -> str:
+    o, e = p.outcome, p.engine
+    done = len(o.latencies_s)
+    throughput = o.served_per_s
+    step_batch = e["batch_size_sum"] / e["batch_size_count"] if e["batch_size_count"] else math.nan
+    busy = (e["encode_seconds_sum"] + e["step_seconds_sum"]) / o.wall_s
+    if closed:
+        return (f"| {p.mode} | {int(p.load)} | {throughput:.1f} | {ms(percentile(o.latencies_s, 50))} | "
+                f"{ms(percentile(o.latencies_s, 95))} | {ms(percentile(o.latencies_s, 99))} | {describe_errors(o)} | "
+                f"{len(o.rejected_s)} | {step_batch:.1f} | {busy:.0%} | "
+                f"{p.server_cpu_s / max(done, 1) * 1e3:.1f} | {p.client_cpu_s / max(o.total, 1) * 1e3:.2f} |")
+    rejected = len(o.rejected_s) / max(o.total, 1)
+    return (f"| {p.mode} | {p.load:.0f} | {throughput:.1f} | {ms(percentile(o.latencies_s, 50))} | "
+            f"{ms(percentile(o.latencies_s, 95))} | {rejected:.1%} | {ms(percentile(o.rejected_s, 99))} | "
+            f"{describe_errors(o)} | {step_batch:.1f} | {busy:.0%} | {p.rss_mib:.0f} |")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter phases and references (~3 minutes)")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from continuous,static,none")
+    parser.add_argument("--clients", default=",".join(map(str, CLOSED_LOOP_CLIENTS)))
+    parser.add_argument("--rates", default=None, help="open-loop arrivals/s, comma-separated "
+                        "(default: fractions of the continuous mode's measured capacity)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per phase")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra server setting, e.g. --env MAX_BATCH_SIZE=64 (repeatable)")
+    parser.add_argument("--skip-references", action="store_true")
+    parser.add_argument("--skip-profile", action="store_true", help="skip the per-thread CPU profile phase")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    args.command = "python -m bench.load_test" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    args.modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(args.modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}")
+    args.clients = [int(c) for c in args.clients.split(",") if c]
+    args.rates = [float(r) for r in args.rates.split(",")] if args.rates else None
+    args.duration = args.duration or (4.0 if args.quick else 8.0)
+    args.warmup = 1.0
+    args.env = [tuple(item.split("=", 1)) for item in args.env]
+    args.artifacts = args.artifacts.resolve()
+    args.load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Artifact bundles: encoder, decoder, vocabulary and config, with a manifest verified before loading.
+
+    bundle/
+      encoder.keras  decoder.keras  vocab.json  config.json
+      manifest.json   format version, sha256 of every file, creation time, training command,
+                      dataset, library versions, evaluation metrics
+
+The manifest is checked before any file is parsed, so a truncated or tampered bundle fails with a
+clear message instead of a stack trace from deep inside Keras. Models load with safe_mode=True
+(no Lambda layers, no arbitrary code).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUNDLE_FILES = ("encoder.keras", "decoder.keras", "vocab.json", "config.json")
+
+
+class ArtifactError(RuntimeError):
+    """The bundle is missing, incomplete, tampered with, or from an incompatible version."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import keras
+    import numpy
+    import tensorflow
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tensorflow.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def write_manifest(bundle: str | Path, *, name: str, version: str, training: dict, metrics: dict | None = None) -> dict:
+    """Checksums every bundle file and writes manifest.json; returns the manifest."""
+    bundle = Path(bundle)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": {f: {"sha256": sha256_of(bundle / f), "bytes": (bundle / f).stat().st_size} for f in BUNDLE_FILES},
+        "training": training,
+        "libraries": library_versions(),
+        "metrics": metrics or {},
+    }
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def update_metrics(bundle: str | Path, metrics: dict) -> dict:
+    """Records evaluation results; the manifest is not among the checksummed files, so this is safe."""
+    manifest = verify_bundle(bundle)
+    manifest["metrics"] = metrics
+    (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_bundle(bundle: str | Path) -> dict:
+    """Returns the manifest if every file is present and matches its checksum; else ArtifactError."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise ArtifactError(f"artifacts directory not found: {bundle}")
+    manifest_path = bundle / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{manifest_path} is missing: not an artifact bundle")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: bundle format version {version!r} is not supported (this code reads version "
+            f"{FORMAT_VERSION}); re-export the model with this version of the training module"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(BUNDLE_FILES):
+        raise ArtifactError(f"{manifest_path}: file list must name exactly {list(BUNDLE_FILES)}")
+    for name, entry in files.items():
+        path = bundle / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing from the bundle")
+        if sha256_of(path) != entry.get("sha256"):
+            raise ArtifactError(f"{path} does not match its sha256 in the manifest: the file was changed or corrupted")
+    return manifest
+
+
+def save_bundle(bundle: str | Path, encoder, decoder, tokenizer, config, *, name: str, version: str,
+                training: dict, metrics: dict | None = None) -> dict:
+    """Writes the four bundle files and their manifest; returns the manifest."""
+    bundle = Path(bundle)
+    bundle.mkdir(parents=True, exist_ok=True)
+    encoder.save(bundle / "encoder.keras")
+    decoder.save(bundle / "decoder.keras")
+    tokenizer.save(bundle / "vocab.json")
+    config.save(bundle / "config.json")
+    return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics)

@@ -1,0 +1,219 @@
+"""Decoding strategies as small state machines over rows of next-token log-probabilities.
+
+A `Search` owns `width` decode slots (1 for greedy, beam_size for beam search, num_captions for
+sampling). Whoever runs the model (the offline `Captioner` or the service's batching engine) feeds
+it the log-probabilities of its slots each step; the search answers with the tokens to feed next
+and, for each slot, the slot whose GRU state it continues (beam search reorders its beams).
+Strategies know nothing about batching; the engines know nothing about strategies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from captioning.tokenizer import END_ID, START_ID
+
+STRATEGIES = ("greedy", "beam", "sample")
+MAX_BEAM_SIZE = 10
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    strategy: str = "greedy"
+    beam_size: int = 3
+    num_captions: int = 1
+    max_length: int | None = None  # most words in a caption; None: what the model was trained for
+    temperature: float = 1.0
+    top_k: int = 10
+    seed: int | None = None
+    length_penalty: float = 1.0  # beam scores are log_prob / num_tokens ** length_penalty
+    return_attention: bool = False
+
+    def validate(self) -> "DecodeOptions":
+        """Raises ValueError naming the first invalid value or combination."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError("max_length must be at least 1")
+        if self.num_captions < 1:
+            raise ValueError("num_captions must be at least 1")
+        if self.strategy == "greedy" and self.num_captions != 1:
+            raise ValueError("greedy decoding gives one caption; use strategy=beam or sample for more")
+        if self.strategy == "beam":
+            if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
+                raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
+            if self.num_captions > self.beam_size:
+                raise ValueError("num_captions cannot exceed beam_size")
+        if self.strategy == "sample":
+            if self.num_captions > MAX_BEAM_SIZE:
+                raise ValueError(f"num_captions must be at most {MAX_BEAM_SIZE}")
+            if not self.temperature > 0:
+                raise ValueError("temperature must be positive")
+            if self.top_k < 1:
+                raise ValueError("top_k must be at least 1")
+        return self
+
+    @property
+    def width(self) -> int:
+        """Decode slots one image occupies."""
+        return {"greedy": 1, "beam": self.beam_size, "sample": self.num_captions}[self.strategy]
+
+
+@dataclass
+class Caption:
+    text: str
+    tokens: list[str]
+    log_prob: float  # summed over the generated tokens, <end> included when produced
+    confidence: float  # geometric-mean token probability, in [0, 1]
+    attention: list[list[float]] | None = None  # per word: weights over the feature grid
+
+
+@dataclass
+class _Hypothesis:
+    token_ids: list[int] = field(default_factory=list)
+    log_prob: float = 0.0
+    attention: list[np.ndarray] = field(default_factory=list)
+    ended: bool = False
+
+    def extend(self, token: int, log_prob: float, attention: np.ndarray | None) -> "_Hypothesis":
+        return _Hypothesis(
+            self.token_ids + [token],
+            self.log_prob + log_prob,
+            self.attention + [attention] if attention is not None else self.attention,
+            token == END_ID,
+        )
+
+    def score(self, length_penalty: float) -> float:
+        return self.log_prob / max(len(self.token_ids), 1) ** length_penalty
+
+
+class Search:
+    """Base class: subclasses set `width` and implement `advance`."""
+
+    width: int
+
+    def __init__(self, options: DecodeOptions, max_steps: int):
+        self.options = options
+        self.max_steps = max_steps  # tokens generated at most, <end> included
+        self.steps = 0
+        self.finished = False
+
+    def start_tokens(self) -> np.ndarray:
+        return np.full(self.width, START_ID, dtype=np.int32)
+
+    def advance(self, log_probs: np.ndarray, attention: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log_probs [width, V], attention [width, N] -> (next tokens [width], parent slots [width])."""
+        raise NotImplementedError
+
+    def hypotheses(self) -> list[_Hypothesis]:
+        raise NotImplementedError
+
+    def results(self, tokenizer) -> list[Caption]:
+        captions = []
+        for hyp in self.hypotheses()[: self.options.num_captions]:
+            words = tokenizer.decode(hyp.token_ids)
+            attention = None
+            if self.options.return_attention:
+                attention = [np.round(a, 5).tolist() for a in hyp.attention[: len(words)]]
+            confidence = math.exp(hyp.log_prob / max(len(hyp.token_ids), 1))
+            captions.append(Caption(" ".join(words), words, float(hyp.log_prob), float(confidence), attention))
+        return captions
+
+    def _attention(self, attention: np.ndarray, row: int) -> np.ndarray | None:
+        return attention[row].astype(np.float32) if self.options.return_attention else None
+
+
+class GreedySearch(Search):
+    width = 1
+
+    def __init__(self, options: DecodeOptions, max_steps: int):
+        super().__init__(options, max_steps)
+        self.hypothesis = _Hypothesis()
+
+    def advance(self, log_probs, attention):
+        token = int(np.argmax(log_probs[0]))
+        self.hypothesis = self.hypothesis.extend(token, float(log_probs[0, token]), self._attention(attention, 0))
+        self.steps += 1
+        self.finished = self.hypothesis.ended or self.steps >= self.max_steps
+        return np.array([token], dtype=np.int32), np.zeros(1, dtype=np.int64)
+
+    def hypotheses(self):
+        return [self.hypothesis]
+
+
+class SampleSearch(Search):
+    """Independent top-k samples with temperature, as the reference lab decoded; seeded, so repeatable."""
+
+    def __init__(self, options: DecodeOptions, max_steps: int):
+        super().__init__(options, max_steps)
+        self.width = options.num_captions
+        self.rng = np.random.default_rng(options.seed)
+        self.samples = [_Hypothesis() for _ in range(self.width)]
+
+    def advance(self, log_probs, attention):
+        tokens = np.full(self.width, END_ID, dtype=np.int32)
+        k = min(self.options.top_k, log_probs.shape[1])
+        for row, hyp in enumerate(self.samples):
+            if hyp.ended:
+                continue
+            candidates = np.argpartition(-log_probs[row], k - 1)[:k]
+            logits = log_probs[row, candidates] / self.options.temperature
+            weights = np.exp(logits - logits.max())
+            token = int(self.rng.choice(candidates, p=weights / weights.sum()))
+            self.samples[row] = hyp.extend(token, float(log_probs[row, token]), self._attention(attention, row))
+            tokens[row] = token
+        self.steps += 1
+        self.finished = all(h.ended for h in self.samples) or self.steps >= self.max_steps
+        return tokens, np.arange(self.width)
+
+    def hypotheses(self):
+        return sorted(self.samples, key=lambda h: h.log_prob, reverse=True)
+
+
+class BeamSearch(Search):
+    """Beam search with length normalisation; returns the n best finished hypotheses."""
+
+    def __init__(self, options: DecodeOptions, max_steps: int):
+        super().__init__(options, max_steps)
+        self.width = options.beam_size
+        # Only beam 0 is live at the start, so the first expansion has no duplicates.
+        self.beams = [_Hypothesis()] + [_Hypothesis(log_prob=-math.inf) for _ in range(self.width - 1)]
+        self.done: list[_Hypothesis] = []
+
+    def advance(self, log_probs, attention):
+        k = self.width
+        totals = np.array([b.log_prob for b in self.beams])[:, None] + log_probs  # [k, V]
+        flat = totals.ravel()
+        best = np.argpartition(-flat, 2 * k - 1)[: 2 * k] if flat.size > 2 * k else np.arange(flat.size)
+        best = best[np.argsort(-flat[best], kind="stable")]
+        live: list[tuple[_Hypothesis, int]] = []
+        for index in best:
+            parent, token = divmod(int(index), log_probs.shape[1])
+            if not np.isfinite(flat[index]):
+                continue
+            hyp = self.beams[parent].extend(token, float(log_probs[parent, token]), self._attention(attention, parent))
+            if hyp.ended:
+                self.done.append(hyp)
+            elif len(live) < k:
+                live.append((hyp, parent))
+        self.steps += 1
+        if self.steps >= self.max_steps:
+            self.done.extend(h for h, _ in live)  # cut at the length limit
+        self.finished = len(self.done) >= k or self.steps >= self.max_steps or not live
+        while len(live) < k:  # keep the slot count fixed; padding beams are never expanded
+            live.append((_Hypothesis(log_prob=-math.inf), 0))
+        self.beams = [h for h, _ in live]
+        tokens = np.array([h.token_ids[-1] if h.token_ids else END_ID for h in self.beams], dtype=np.int32)
+        return tokens, np.array([p for _, p in live], dtype=np.int64)
+
+    def hypotheses(self):
+        penalty = self.options.length_penalty
+        return sorted(self.done, key=lambda h: h.score(penalty), reverse=True)
+
+
+def new_search(options: DecodeOptions, max_steps: int) -> Search:
+    kind = {"greedy": GreedySearch, "beam": BeamSearch, "sample": SampleSearch}[options.strategy]
+    return kind(options, max_steps)

@@ -1,0 +1,132 @@
+"""The attention captioner: encoder, teacher-forced decoder, and a one-token inference step.
+
+    encoder: image -> backbone -> Reshape((H*W, C)) -> Dense(attention_dim, relu)     [B, N, D]
+    decoder: tokens -> Embedding -> GRU -> Attention(query=GRU out, value=features)
+             -> Add(GRU out, context) -> LayerNormalization -> Dense(vocab)             [B, T, V]
+
+The step function reuses the decoder's layers, so it computes exactly what the decoder does at one
+position; the GRU runs as its cell, which is the same arithmetic without the time loop.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+from captioning.backbones import AddCoordinates, ImagePreprocess, get_backbone
+from captioning.config import ModelConfig
+from captioning.tokenizer import PAD_ID
+
+
+def build_encoder_head(config: ModelConfig, grid_shape: tuple[int, int, int]) -> keras.Model:
+    """Backbone grid [B, h, w, C] -> features [B, h*w, D]. Kept as its own model so training from
+    cached backbone features (training.features) trains exactly these weights."""
+    height, width, channels = grid_shape
+    grid = keras.Input(grid_shape, name="grid")
+    # Coordinates appended to every cell, so an attended feature says where it is: spatial
+    # relations ("left of", "above") need it, and attention alone is blind to position.
+    x = AddCoordinates(name="grid_coordinates")(grid)
+    x = layers.Reshape((height * width, channels + 2), name="flatten_grid")(x)
+    features = layers.Dense(config.attention_dim, activation="relu", name="project")(x)
+    return keras.Model(grid, features, name="encoder_head")
+
+
+def build_encoder(config: ModelConfig) -> keras.Model:
+    """uint8-range image [B, S, S, 3] -> features [B, N, D]: preprocess, backbone, head."""
+    backbone_spec = get_backbone(config.backbone)
+    backbone = backbone_spec.build(config.image_size, config.weights)
+    backbone.trainable = config.trainable_backbone
+    images = keras.Input((config.image_size, config.image_size, 3), name="image")
+    x = ImagePreprocess(backbone_spec.preprocessing, name="preprocess")(images)
+    # A frozen backbone also runs in inference mode, so its BatchNorm statistics stay as loaded.
+    grid = backbone(x, training=False) if not config.trainable_backbone else backbone(x)
+    head = build_encoder_head(config, tuple(grid.shape[1:]))
+    return keras.Model(images, head(grid), name="encoder")
+
+
+def _attention_layer(kind: str) -> layers.Layer:
+    if kind == "luong":
+        return layers.Attention(name="attention")
+    if kind == "bahdanau":
+        return layers.AdditiveAttention(name="attention")
+    raise ValueError(f"unknown attention {kind!r}; expected 'luong' or 'bahdanau'")
+
+
+def build_decoder(config: ModelConfig, num_positions: int) -> keras.Model:
+    """(tokens [B, T], features [B, N, D]) -> logits [B, T, V], teacher forcing."""
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    features = keras.Input((num_positions, config.attention_dim), name="features")
+    x = layers.Embedding(config.vocab_size, config.embedding_dim, name="embedding")(tokens)
+    gru_out, _ = layers.GRU(
+        config.attention_dim, return_sequences=True, return_state=True, name="gru"
+    )(x)
+    context = _attention_layer(config.attention)([gru_out, features])
+    x = layers.Add(name="skip")([gru_out, context])
+    x = layers.LayerNormalization(name="layer_norm")(x)
+    if config.dropout:
+        x = layers.Dropout(config.dropout, name="dropout")(x)
+    logits = layers.Dense(config.vocab_size, name="logits")(x)
+    return keras.Model([tokens, features], logits, name="decoder")
+
+
+class DecoderStep:
+    """One decoding step over a batch, sharing the decoder's weights.
+
+    (previous tokens [B] int32, GRU state [B, D], features [B, N, D])
+      -> (next-token log-probabilities [B, V], new state [B, D], attention weights [B, N])
+    """
+
+    def __init__(self, decoder: keras.Model):
+        self.embedding = decoder.get_layer("embedding")
+        self.gru_cell = decoder.get_layer("gru").cell
+        self.attention = decoder.get_layer("attention")
+        self.layer_norm = decoder.get_layer("layer_norm")
+        self.logits = decoder.get_layer("logits")
+
+    def __call__(self, tokens, state, features):
+        x = self.embedding(tokens)  # [B, E]
+        output, new_state = self.gru_cell(x, state)
+        new_state = new_state[0] if isinstance(new_state, (list, tuple)) else new_state
+        query = ops.expand_dims(output, 1)  # [B, 1, D]
+        context, scores = self.attention([query, features], return_attention_scores=True)
+        x = self.layer_norm(query + context)
+        logits = self.logits(x)[:, 0, :]
+        return tf.nn.log_softmax(logits), new_state, scores[:, 0, :]
+
+
+class CaptionTrainingModel(keras.Model):
+    """Encodes each image once and teacher-forces all its K captions against those features.
+
+    inputs: images [B, S, S, 3], tokens [B, K, T] (the caption inputs: <start> w1 ... wn)
+    output: logits [B, K, T, V]
+    """
+
+    def __init__(self, encoder: keras.Model, decoder: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def call(self, inputs, training=False):
+        images, tokens = inputs
+        features = self.encoder(images, training=training)  # [B, N, D]
+        captions_per_image = ops.shape(tokens)[1]
+        steps = ops.shape(tokens)[2]
+        features = ops.repeat(features, captions_per_image, axis=0)  # [B*K, N, D]
+        flat_tokens = ops.reshape(tokens, (-1, steps))
+        logits = self.decoder([flat_tokens, features], training=training)
+        return ops.reshape(logits, (-1, captions_per_image, steps, ops.shape(logits)[-1]))
+
+
+def masked_loss(labels, logits):
+    """Cross-entropy averaged over real tokens only: sum(loss * mask) / sum(mask)."""
+    loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    mask = ops.cast(ops.not_equal(labels, PAD_ID), loss.dtype)
+    return ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+def masked_accuracy(labels, logits):
+    predictions = ops.cast(ops.argmax(logits, axis=-1), labels.dtype)
+    mask = ops.cast(ops.not_equal(labels, PAD_ID), "float32")
+    hits = ops.cast(ops.equal(predictions, labels), "float32") * mask
+    return ops.sum(hits) / ops.maximum(ops.sum(mask), 1.0)

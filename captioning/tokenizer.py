@@ -1,0 +1,81 @@
+"""Word tokenizer with a JSON vocabulary (never pickle).
+
+Standardisation follows the reference design: lower-case, punctuation stripped, whitespace
+collapsed. Ids 0-3 are reserved: <pad>=0, <unk>=1, <start>=2, <end>=3.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
+SPECIAL_TOKENS = (PAD, UNK, START, END)
+PAD_ID, UNK_ID, START_ID, END_ID = range(4)
+
+_PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]")
+
+
+def standardize(text: str) -> str:
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(text.split())
+
+
+class Tokenizer:
+    def __init__(self, words: list[str]):
+        if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
+        if len(set(words)) != len(words):
+            raise ValueError("vocabulary has duplicate words")
+        self.words = list(words)
+        self.ids = {word: i for i, word in enumerate(self.words)}
+
+    @classmethod
+    def build(cls, captions: Iterable[str], max_size: int = 20000, min_count: int = 1) -> "Tokenizer":
+        """Most frequent words first (ties alphabetical, so the result is deterministic)."""
+        counts = Counter(word for caption in captions for word in standardize(caption).split())
+        ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIAL_TOKENS) + ranked[: max(0, max_size - len(SPECIAL_TOKENS))])
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, caption: str, max_length: int) -> list[int]:
+        """<start> words <end>, cut to max_length (the cut keeps <end> last)."""
+        ids = [self.ids.get(word, UNK_ID) for word in standardize(caption).split()]
+        return [START_ID] + ids[: max_length - 2] + [END_ID]
+
+    def encode_batch(self, captions: list[str], max_length: int) -> np.ndarray:
+        out = np.full((len(captions), max_length), PAD_ID, dtype=np.int32)
+        for row, caption in enumerate(captions):
+            ids = self.encode(caption, max_length)
+            out[row, : len(ids)] = ids
+        return out
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Words up to the first <end>, without special tokens other than <unk>."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == END_ID:
+                break
+            if i in (PAD_ID, START_ID):
+                continue
+            words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
+        return words
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"format": "word-vocab-v1", "words": self.words}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "word-vocab-v1" or not isinstance(data.get("words"), list):
+            raise ValueError(f"{path}: not a word-vocab-v1 vocabulary file")
+        return cls([str(w) for w in data["words"]])

@@ -1,0 +1,47 @@
+"""Shared fixtures: a small randomly initialised bundle, so tests need no trained model."""
+
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+TINY_CONFIG = dict(image_size=32, attention_dim=32, embedding_dim=16, max_length=12)
+TINY_CAPTIONS = [
+    "a red circle",
+    "there is a small blue square",
+    "two green crosses and a yellow triangle",
+    "a purple diamond is above an orange circle",
+]
+
+
+def make_tiny_bundle(path, **overrides):
+    """Writes a random-weight bundle to `path`; returns the path."""
+    import keras
+
+    from captioning.artifacts import save_bundle
+    from captioning.config import ModelConfig
+    from captioning.model import build_decoder, build_encoder
+    from captioning.tokenizer import Tokenizer
+
+    keras.utils.set_random_seed(7)
+    tokenizer = Tokenizer.build(TINY_CAPTIONS)
+    config = ModelConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, **overrides})
+    encoder = build_encoder(config)
+    decoder = build_decoder(config, encoder.output.shape[1])
+    save_bundle(path, encoder, decoder, tokenizer, config, name="tiny-random", version="test",
+                training={"command": "tests/conftest.py", "dataset": {"name": "none", "size": 0}})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_bundle):
+    from captioning.captioner import Captioner
+
+    return Captioner.load(tiny_bundle)

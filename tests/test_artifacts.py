@@ -1,0 +1,67 @@
+"""Bundles: round trip, and a clear ArtifactError for anything missing or tampered with."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from captioning.artifacts import ArtifactError, update_metrics, verify_bundle
+from captioning.captioner import Captioner
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    return shutil.copytree(tiny_bundle, tmp_path / "copy")
+
+
+def test_round_trip_gives_same_captions(tiny_bundle, tiny_captioner):
+    images = list(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    again = Captioner.load(tiny_bundle)
+    first = [c[0] for c in tiny_captioner.caption(images)]
+    second = [c[0] for c in again.caption(images)]
+    assert [c.tokens for c in first] == [c.tokens for c in second]
+    np.testing.assert_allclose([c.log_prob for c in first], [c.log_prob for c in second], rtol=1e-5)
+
+
+def test_manifest_records_checksums_versions_and_training(tiny_bundle):
+    manifest = verify_bundle(tiny_bundle)
+    assert manifest["format_version"] == 1
+    assert set(manifest["files"]) == {"encoder.keras", "decoder.keras", "vocab.json", "config.json"}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    assert {"tensorflow", "keras", "numpy", "python"} <= set(manifest["libraries"])
+    assert manifest["training"]["command"] and manifest["created"]
+
+
+def test_tampered_file_is_refused(bundle_copy):
+    vocab = bundle_copy / "vocab.json"
+    vocab.write_text(vocab.read_text().replace("circle", "circlE"))
+    with pytest.raises(ArtifactError, match="vocab.json does not match its sha256"):
+        Captioner.load(bundle_copy)
+
+
+def test_missing_file_is_refused(bundle_copy):
+    (bundle_copy / "decoder.keras").unlink()
+    with pytest.raises(ArtifactError, match="decoder.keras is missing"):
+        Captioner.load(bundle_copy)
+
+
+def test_missing_manifest_and_directory_are_refused(bundle_copy, tmp_path):
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="not an artifact bundle"):
+        Captioner.load(bundle_copy)
+    with pytest.raises(ArtifactError, match="not found"):
+        Captioner.load(tmp_path / "nowhere")
+
+
+def test_incompatible_version_is_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+        Captioner.load(bundle_copy)
+
+
+def test_metrics_update_keeps_bundle_valid(bundle_copy):
+    update_metrics(bundle_copy, {"bleu_4": 0.5})
+    assert verify_bundle(bundle_copy)["metrics"] == {"bleu_4": 0.5}

@@ -1,0 +1,432 @@
+"""The batching engine: policies and slot bookkeeping alone, then the engine on a tiny random model.
+
+A random model's captions run to varied lengths, often to the limit, which makes it a good stress
+test: sequences join and leave the decode batch at every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from app.engine import DeadlineExceeded, EngineStopped, InferenceError, Overloaded, create_engine
+from app.engine.scheduler import (
+    MAX_ROWS,
+    AdmissionQueue,
+    ContinuousPolicy,
+    QueueFull,
+    SequentialPolicy,
+    SlotTable,
+    StaticPolicy,
+    make_policy,
+)
+from captioning.decoding import DecodeOptions
+
+MODES = ("continuous", "static", "none")
+
+
+# ------------------------------------------------------------------------------- pure policy
+
+
+def test_slot_table_keeps_rows_dense_and_moves_rows_with_their_owner():
+    rng = random.Random(0)
+    table = SlotTable(MAX_ROWS)
+    rows = np.full(MAX_ROWS, -1)  # which owner's data each row holds, as a runner's arrays would
+    next_owner = 0
+    for _ in range(2000):
+        if table.owners() and rng.random() < 0.45:
+            gone = rng.sample(table.owners(), rng.randint(1, min(4, len(table))))
+            for move in table.release(gone):
+                rows[move.destination : move.destination + move.width] = rows[move.source : move.source + move.width]
+        else:
+            width = rng.choice([1, 1, 1, 2, 3, 5])
+            if table.used + width <= MAX_ROWS:
+                start = table.allocate(next_owner, width)
+                rows[start : start + width] = next_owner
+                next_owner += 1
+        blocks = sorted(table.blocks(), key=lambda b: b.start)
+        assert sum(b.width for b in blocks) == table.used
+        row = 0
+        for block in blocks:  # dense, non-overlapping, and each owner's data followed it
+            assert block.start == row
+            assert (rows[block.start : block.start + block.width] == block.owner).all()
+            row += block.width
+
+
+def test_slot_table_refuses_overflow():
+    table = SlotTable(4)
+    table.allocate("a", 3)
+    with pytest.raises(ValueError):
+        table.allocate("b", 2)
+
+
+def test_continuous_policy_admits_at_once_when_idle_and_in_efficient_batches_when_busy():
+    policy = ContinuousPolicy(max_slots=8, max_encode_batch=4, min_encode_batch=3, max_admission_delay_s=0.01)
+    assert policy.admit([1] * 20, 0.0, used_slots=0).count == 8  # idle: fill every slot, no stall to bound
+    assert policy.admit([1], 0.0, used_slots=0).count == 1
+    assert policy.admit([1] * 20, 0.0, used_slots=2).count == 4  # busy: bounded encode batch
+    assert policy.admit([1, 1], 0.0, used_slots=2).count == 0  # busy, too few to encode efficiently yet
+    assert policy.admit([1, 1], 0.02, used_slots=2).count == 2  # ... unless the oldest waited long enough
+    assert policy.admit([3, 3], 0.02, used_slots=4).count == 1  # only what fits in the free slots
+    assert policy.admit([1], 0.02, used_slots=8).count == 0
+
+
+def test_a_request_wider_than_the_slot_budget_runs_alone_when_idle():
+    assert ContinuousPolicy(max_slots=2).admit([5, 1], 0.0, used_slots=0).count == 1
+    assert ContinuousPolicy(max_slots=2).admit([5], 1.0, used_slots=1).count == 0
+    assert StaticPolicy(max_slots=2, max_queue_delay_s=0.0).admit([5, 1], 0.0, used_slots=0).count == 1
+
+
+def test_static_policy_gathers_a_batch_then_decodes_it_to_completion():
+    policy = StaticPolicy(max_slots=4, max_queue_delay_s=0.005)
+    waiting = policy.admit([1, 1], 0.001, used_slots=0)
+    assert waiting.count == 0 and waiting.wait_s == pytest.approx(0.004)
+    assert policy.admit([1, 1], 0.006, used_slots=0).count == 2  # the delay is up
+    assert policy.admit([1] * 6, 0.0, used_slots=0).count == 4  # the batch is full
+    assert policy.admit([1] * 6, 1.0, used_slots=1).count == 0  # a batch is running
+    assert policy.holds_results_until_batch_ends
+
+
+def test_sequential_policy_takes_one_request_at_a_time():
+    policy = SequentialPolicy()
+    assert policy.admit([3, 1, 1], 0.0, used_slots=0).count == 1
+    assert policy.admit([1, 1], 1.0, used_slots=3).count == 0
+
+
+def test_make_policy_rejects_unknown_modes_and_sizes():
+    args = dict(max_slots=8, max_queue_delay_s=0.005, max_encode_batch=16, min_encode_batch=4,
+                max_admission_delay_s=0.01)
+    assert make_policy("continuous", **args).max_encode_batch == 8
+    with pytest.raises(ValueError):
+        make_policy("dynamic", **args)
+    with pytest.raises(ValueError):
+        make_policy("static", **{**args, "max_slots": MAX_ROWS + 1})
+
+
+def test_admission_queue_is_bounded_and_lets_the_consumer_peek():
+    queue = AdmissionQueue(2)
+    queue.put_nowait("a")
+    queue.put_nowait("b")
+    with pytest.raises(QueueFull):
+        queue.put_nowait("c")
+    assert queue.head(5) == ["a", "b"] and len(queue) == 2
+    assert queue.remove_if(lambda item: item == "a") == ["a"]
+    assert queue.take(5) == ["b"] and len(queue) == 0
+    queue.wake()
+    started = time.monotonic()
+    queue.wait(5.0)  # a wake-up that came first is not lost
+    assert time.monotonic() - started < 1.0
+
+
+# ------------------------------------------------------------------------------ the engine
+
+
+class ControlledCaptioner:
+    """A Captioner whose encode calls can be held at a gate or made to fail, for the failure tests.
+    Warm-up goes to the real captioner, so it is never held."""
+
+    def __init__(self, captioner):
+        self._captioner = captioner
+        self.gate = threading.Event()
+        self.gate.set()
+        self.encode_entered = threading.Event()
+        self.encode_batches: list[int] = []
+        self.step_batches: list[int] = []
+        self.poisoned_pixel: int | None = None  # encode fails for a batch holding an image filled with it
+        self.failing_steps = 0
+
+    def __getattr__(self, name):
+        return getattr(self._captioner, name)
+
+    def encode(self, images):
+        self.encode_entered.set()
+        assert self.gate.wait(20), "test gate never opened"
+        self.encode_batches.append(len(images))
+        if self.poisoned_pixel is not None and any((image == self.poisoned_pixel).all() for image in images):
+            raise RuntimeError("poisoned batch")
+        return self._captioner.encode(images)
+
+    def step(self, tokens, state, features):
+        self.step_batches.append(len(tokens))
+        if self.failing_steps:
+            self.failing_steps -= 1
+            raise RuntimeError("step failed")
+        return self._captioner.step(tokens, state, features)
+
+
+def settings(mode="continuous", **overrides):
+    values = dict(batching_mode=mode, max_batch_size=16, max_queue_delay_ms=5.0, max_queue_size=64,
+                  request_timeout_s=20.0, shutdown_grace_s=5.0)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def run(coroutine):
+    """Runs a test coroutine; any exception raised in a loop callback (such as setting a result on a
+    cancelled future) fails the test."""
+
+    async def main():
+        callback_errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: callback_errors.append(context))
+        result = await coroutine
+        await asyncio.sleep(0.05)  # let late deliveries run
+        assert not callback_errors, callback_errors
+        return result
+
+    return asyncio.run(main())
+
+
+def images(count, size=32, seed=0):
+    return list(np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8))
+
+
+MIXED_OPTIONS = [
+    DecodeOptions(),
+    DecodeOptions(max_length=3),
+    DecodeOptions(strategy="beam", beam_size=3, num_captions=2),
+    DecodeOptions(strategy="sample", num_captions=2, seed=5),
+    DecodeOptions(max_length=1),
+    DecodeOptions(strategy="beam", beam_size=2, max_length=4),
+    DecodeOptions(max_length=7),
+]
+
+
+def assert_same_captions(got, expected):
+    assert [c.tokens for c in got] == [c.tokens for c in expected]
+    np.testing.assert_allclose([c.log_prob for c in got], [c.log_prob for c in expected], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_captions_equal_offline_captions_under_concurrency(tiny_captioner, mode):
+    pictures = images(28)
+    options = [MIXED_OPTIONS[i % len(MIXED_OPTIONS)] for i in range(len(pictures))]
+    expected = [tiny_captioner.caption([p], o)[0] for p, o in zip(pictures, options, strict=True)]
+    rng = random.Random(1)
+    arrival_s = [rng.choice([0.0, 0.0, rng.uniform(0, 0.05)]) for _ in pictures]
+
+    async def scenario():
+        engine = create_engine(tiny_captioner, settings(mode, max_batch_size=12))
+        await engine.start()
+        assert engine.ready
+
+        async def client(picture, option, delay):
+            await asyncio.sleep(delay)
+            return await engine.submit(picture, option)
+
+        results = await asyncio.gather(*(client(p, o, d) for p, o, d in zip(pictures, options, arrival_s, strict=True)))
+        await engine.stop()
+        assert engine.active_slots == 0 and engine.queue_depth == 0
+        return results
+
+    results = run(scenario())
+    for result, captions in zip(results, expected, strict=True):
+        assert_same_captions(result.captions, captions)
+        assert result.queue_ms >= 0 and result.inference_ms > 0
+
+
+def test_continuous_batching_shares_decode_steps_between_requests(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings("continuous"))
+        await engine.start()
+        first = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
+        await asyncio.sleep(0.02)
+        await asyncio.gather(first, *(engine.submit(p, DecodeOptions()) for p in images(6, seed=1)))
+        await engine.stop()
+
+    run(scenario())
+    assert max(controlled.step_batches) > 1  # later arrivals joined the running batch
+
+
+@pytest.mark.parametrize(("mode", "expected_batches"), [("static", [4]), ("none", [1, 1, 1, 1])])
+def test_static_mode_batches_requests_and_none_mode_takes_one_at_a_time(tiny_captioner, mode, expected_batches):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings(mode, max_queue_delay_ms=200))
+        await engine.start()
+        await asyncio.gather(*(engine.submit(p, DecodeOptions()) for p in images(4)))
+        await engine.stop()
+
+    run(scenario())
+    assert controlled.encode_batches == expected_batches
+
+
+def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings(max_queue_size=3))
+        await engine.start()
+        controlled.gate.clear()
+        held = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
+        await asyncio.to_thread(controlled.encode_entered.wait, 5)  # the engine thread is busy encoding
+        queued = [asyncio.create_task(engine.submit(p, DecodeOptions())) for p in images(3, seed=2)]
+        await asyncio.sleep(0.01)
+        assert engine.queue_depth == 3
+        with pytest.raises(Overloaded):
+            engine.check_admission()  # what a route calls before reading the upload
+        started = time.perf_counter()
+        with pytest.raises(Overloaded) as rejected:
+            await engine.submit(images(1, seed=3)[0], DecodeOptions())
+        assert time.perf_counter() - started < 0.05
+        assert rejected.value.retry_after_s >= 1
+        controlled.gate.set()
+        results = await asyncio.gather(held, *queued)  # the queued requests are still served
+        engine.check_admission()
+        await engine.stop()
+        return results
+
+    assert len(run(scenario())) == 4
+
+
+def test_deadline_fails_waiting_and_active_requests_and_frees_their_slots(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings())
+        await engine.start()
+        controlled.gate.clear()
+        active = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(), deadline_s=0.2))
+        await asyncio.to_thread(controlled.encode_entered.wait, 5)
+        waiting = asyncio.create_task(engine.submit(images(1, seed=1)[0], DecodeOptions(), deadline_s=0.2))
+        started = time.perf_counter()
+        for task in (active, waiting):
+            with pytest.raises(DeadlineExceeded):
+                await task
+        assert time.perf_counter() - started < 0.5  # on time, although the engine thread is stuck
+        controlled.gate.set()
+        result = await engine.submit(images(1, seed=2)[0], DecodeOptions())  # the engine goes on
+        for _ in range(100):
+            if engine.active_slots == 0 and engine.queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.active_slots == 0 and engine.queue_depth == 0
+        await engine.stop()
+        return result
+
+    assert run(scenario()).captions
+
+
+def test_a_cancelled_request_frees_its_slots_and_never_gets_a_result(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings())
+        await engine.start()
+        # Long beam searches; cancel most of them at different points of their decoding.
+        tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(strategy="beam", beam_size=4)))
+                 for p in images(8)]
+        survivor = asyncio.create_task(engine.submit(images(1, seed=9)[0], DecodeOptions()))
+        for task in tasks:
+            await asyncio.sleep(0.002)
+            task.cancel()
+        assert (await survivor).captions
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(100):
+            if engine.active_slots == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.active_slots == 0 and engine.queue_depth == 0
+        await engine.stop()
+        return tasks
+
+    tasks = run(scenario())
+    assert any(task.cancelled() for task in tasks)
+
+
+def test_a_result_that_arrives_after_cancellation_is_dropped(tiny_captioner):
+    async def scenario():
+        engine = create_engine(tiny_captioner, settings())
+        await engine.start()
+        task = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(max_length=1)))
+        await asyncio.sleep(0)  # submitted
+        time.sleep(0.5)  # hold the event loop while the engine finishes and posts the result
+        task.cancel()  # ... so the result arrives for a future that is already cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await engine.stop()
+
+    run(scenario())  # fails if the delivery raised InvalidStateError in a loop callback
+
+
+def test_a_failing_batch_fails_only_its_own_requests(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+    poisoned = np.full((32, 32, 3), 7, np.uint8)
+
+    async def scenario():
+        engine = create_engine(controlled, settings())
+        await engine.start()
+        controlled.poisoned_pixel = 7
+        with pytest.raises(InferenceError):
+            await engine.submit(poisoned, DecodeOptions())
+        assert (await engine.submit(images(1)[0], DecodeOptions())).captions
+        controlled.failing_steps = 1
+        with pytest.raises(InferenceError):
+            await engine.submit(images(1)[0], DecodeOptions())
+        results = await asyncio.gather(*(engine.submit(p, DecodeOptions()) for p in images(5, seed=4)))
+        assert engine.active_slots == 0
+        await engine.stop()
+        return results
+
+    assert all(result.captions for result in run(scenario()))
+
+
+def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(tiny_captioner):
+    async def scenario():
+        engine = create_engine(tiny_captioner, settings())
+        await engine.start()
+        in_flight = [asyncio.create_task(engine.submit(p, DecodeOptions(max_length=8))) for p in images(6)]
+        await asyncio.sleep(0)  # submitted
+        stopping = asyncio.create_task(engine.stop(grace_s=10))
+        await asyncio.sleep(0)
+        assert not engine.ready
+        with pytest.raises(EngineStopped):
+            await engine.submit(images(1)[0], DecodeOptions())
+        results = await asyncio.gather(*in_flight)
+        await stopping
+        return results
+
+    assert all(result.captions for result in run(scenario()))
+
+
+def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings())
+        await engine.start()
+        controlled.gate.clear()
+        stuck = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
+        await asyncio.to_thread(controlled.encode_entered.wait, 5)
+        queued = asyncio.create_task(engine.submit(images(1, seed=1)[0], DecodeOptions()))
+        await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(engine.stop(grace_s=0.1))
+        await asyncio.sleep(0.3)
+        controlled.gate.set()  # the stuck encode returns after the grace period
+        await asyncio.wait_for(stopping, 10)
+        outcomes = await asyncio.gather(stuck, queued, return_exceptions=True)
+        assert all(isinstance(outcome, EngineStopped) for outcome in outcomes), outcomes
+
+    run(scenario())
+
+
+def test_submit_checks_the_image_and_options(tiny_captioner):
+    async def scenario():
+        engine = create_engine(tiny_captioner, settings())
+        with pytest.raises(EngineStopped):  # not started
+            await engine.submit(images(1)[0], DecodeOptions())
+        await engine.start()
+        with pytest.raises(ValueError):
+            await engine.submit(np.zeros((8, 8, 3), np.uint8), DecodeOptions())
+        with pytest.raises(ValueError):
+            await engine.submit(images(1)[0], DecodeOptions(strategy="greedy", num_captions=2))
+        await engine.stop()
+
+    run(scenario())

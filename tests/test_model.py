@@ -1,0 +1,87 @@
+"""The model core: shapes, step-vs-sequence equivalence, and the decoding strategies."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from captioning.backbones import BACKBONES, ImagePreprocess
+from captioning.config import ModelConfig
+from captioning.decoding import DecodeOptions
+from captioning.model import DecoderStep, build_decoder, build_encoder
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_shapes_and_step_equals_teacher_forced_decoder(attention):
+    config = ModelConfig(image_size=32, attention_dim=24, embedding_dim=8, vocab_size=30, attention=attention)
+    encoder = build_encoder(config)
+    decoder = build_decoder(config, encoder.output.shape[1])
+    images = tf.constant(np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3)), tf.float32)
+    features = encoder(images)
+    assert features.shape == (3, 16, 24)  # 32 / 8 = 4x4 grid, projected to attention_dim
+    tokens = tf.constant(np.random.default_rng(1).integers(1, 30, (3, 7)), tf.int32)
+    logits = decoder([tokens, features])
+    assert logits.shape == (3, 7, 30)
+
+    step = DecoderStep(decoder)
+    state = tf.zeros((3, 24))
+    for t in range(7):
+        log_probs, state, attention_weights = step(tokens[:, t], state, features)
+        assert log_probs.shape == (3, 30) and attention_weights.shape == (3, 16)
+        np.testing.assert_allclose(attention_weights.numpy().sum(axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(log_probs.numpy(), tf.nn.log_softmax(logits[:, t]).numpy(), atol=1e-5)
+
+
+def test_preprocessing_modes():
+    pixels = tf.constant([[[[0.0, 127.5, 255.0]]]])
+    np.testing.assert_allclose(ImagePreprocess("unit")(pixels).numpy().ravel(), [0, 0.5, 1])
+    np.testing.assert_allclose(ImagePreprocess("tf")(pixels).numpy().ravel(), [-1, 0, 1])
+    np.testing.assert_allclose(ImagePreprocess("caffe")(pixels).numpy().ravel(),
+                               [255 - 103.939, 127.5 - 116.779, 0 - 123.68], rtol=1e-5)
+    with pytest.raises(ValueError):
+        ImagePreprocess("bogus")
+
+
+def test_every_backbone_has_its_own_preprocessing():
+    modes = {name: spec.preprocessing for name, spec in BACKBONES.items()}
+    assert modes == {"small_cnn": "unit", "inception_resnet_v2": "tf", "efficientnet_b0": "raw",
+                     "mobilenet_v3_small": "raw", "resnet50": "caffe"}
+
+
+def test_greedy_batches_equal_single_image_decoding(tiny_captioner):
+    images = np.random.default_rng(3).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    together = tiny_captioner.caption(list(images))
+    alone = [tiny_captioner.caption([image])[0] for image in images]
+    assert [c[0].tokens for c in together] == [c[0].tokens for c in alone]
+    for captions in together:
+        (caption,) = captions
+        assert 0.0 <= caption.confidence <= 1.0 and caption.log_prob <= 0.0
+        assert len(caption.tokens) <= tiny_captioner.config.max_length - 2
+
+
+def test_greedy_caption_matches_manual_argmax_loop(tiny_captioner):
+    from captioning.tokenizer import END_ID, START_ID
+
+    image = np.random.default_rng(4).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    features = tiny_captioner.encode(image)
+    state, token, ids = tiny_captioner.zero_state(1), np.array([START_ID], np.int32), []
+    for _ in range(tiny_captioner.max_steps(DecodeOptions())):
+        log_probs, state, _ = tiny_captioner.step(token, state, features)
+        token = np.argmax(log_probs, axis=1).astype(np.int32)
+        if token[0] == END_ID:
+            break
+        ids.append(int(token[0]))
+    assert tiny_captioner.caption(list(image))[0][0].tokens == tiny_captioner.tokenizer.decode(ids)
+
+
+def test_max_length_limits_words(tiny_captioner):
+    images = list(np.random.default_rng(5).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))
+    for captions in tiny_captioner.caption(images, DecodeOptions(max_length=2)):
+        assert len(captions[0].tokens) <= 2
+
+
+def test_invalid_decode_options_are_rejected():
+    for bad in [DecodeOptions(strategy="nope"), DecodeOptions(num_captions=2),
+                DecodeOptions(strategy="beam", beam_size=11), DecodeOptions(strategy="beam", beam_size=2, num_captions=3),
+                DecodeOptions(strategy="sample", temperature=0), DecodeOptions(max_length=0)]:
+        with pytest.raises(ValueError):
+            bad.validate()

@@ -1,0 +1,419 @@
+"""In-process tests of every endpoint and every error, against one app (with its lifespan) on a
+tiny random-weights bundle. The engine is the real one; a few tests swap in a stand-in to make it
+report overload, a missed deadline or a shutdown on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+
+import pytest
+import test_service_helpers as uploads
+from fastapi.testclient import TestClient
+
+from app.engine import DeadlineExceeded as EngineDeadlineExceeded
+from app.engine import EngineStopped, InferenceError
+from app.engine import Overloaded as EngineOverloaded
+from app.errors import DeadlineExceeded
+from app.inference import ClientDisconnected, caption_or_give_up
+from app.logging_config import JsonFormatter
+from app.main import StartupError, create_app
+from app.settings import Settings
+from captioning.decoding import DecodeOptions
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+]
+
+API_KEY = "in-process-test-key"
+MAX_UPLOAD_BYTES = 200_000
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return uploads.build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def settings(bundle) -> Settings:
+    return Settings(artifacts_dir=bundle, api_key=API_KEY, max_upload_bytes=MAX_UPLOAD_BYTES,
+                    max_image_pixels=4_000_000, request_timeout_s=20, max_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def swapped_state(app, **values):
+    """Temporarily replaces app.state attributes (monkeypatch would delete them on undo, as
+    Starlette's State keeps them outside __dict__)."""
+    saved = {name: getattr(app.state, name) for name in values}
+    for name, value in values.items():
+        setattr(app.state, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(app.state, name, value)
+
+
+def post_image(client, data: bytes, params=None, **kwargs):
+    return client.post("/caption", files={"image": ("upload.bin", data, "application/octet-stream")},
+                       params=params, **kwargs)
+
+
+def assert_error(response, status: int, code: str):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "request_id"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+def test_health_live_and_ready(client):
+    assert client.get("/health/live").json() == {"status": "alive"}
+    assert client.get("/health/ready").json() == {"status": "ready"}
+
+
+def test_ready_is_503_before_start_up_but_live_is_200(settings):
+    not_started = TestClient(create_app(settings))  # no `with`: the lifespan never runs
+    assert not_started.get("/health/live").status_code == 200
+    response = not_started.get("/health/ready")
+    assert_error(response, 503, "not_ready")
+    assert int(response.headers["retry-after"]) > 0
+    assert_error(post_image(not_started, uploads.png(), headers={"X-API-Key": API_KEY}), 503, "not_ready")
+
+
+def test_ready_is_503_while_shutting_down(client):
+    with swapped_state(client.app, stopping=True):
+        assert "shutting down" in assert_error(client.get("/health/ready"), 503, "not_ready")["error"]["message"]
+        assert_error(post_image(client, uploads.png()), 503, "not_ready")
+
+
+# --- captioning -----------------------------------------------------------------------------------
+
+
+def test_caption_png(client):
+    response = post_image(client, uploads.png(size=(32, 24)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["caption"] == body["captions"][0]["text"] and body["caption"]
+    (best,) = body["captions"]  # greedy: one entry
+    assert 0.0 <= best["confidence"] <= 1.0 and best["log_prob"] <= 0.0
+    assert body["model"] == {"name": "tiny-test-captioner", "version": "0.0.1"}
+    assert body["image"] == {"width": 32, "height": 24, "format": "PNG"}
+    assert set(body["timing_ms"]) == {"decode", "queue", "inference", "total"}
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] > 0
+    assert body["request_id"] == response.headers["x-request-id"] and len(body["request_id"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("data", "expected_image"),
+    [
+        (uploads.jpeg(size=(40, 30)), {"width": 40, "height": 30, "format": "JPEG"}),
+        (uploads.rgba_png_with_hidden_black(), {"width": 16, "height": 16, "format": "PNG"}),
+        (uploads.cmyk_jpeg(), {"width": 24, "height": 24, "format": "JPEG"}),
+        (uploads.animated_gif(), {"width": 16, "height": 16, "format": "GIF"}),
+        (uploads.exif_rotated_jpeg(orientation=6), {"width": 20, "height": 40, "format": "JPEG"}),
+        (uploads.webp(), {"width": 16, "height": 16, "format": "WEBP"}),
+        (uploads.sixteen_bit_png(), {"width": 16, "height": 16, "format": "PNG"}),
+        (uploads.one_bit_bmp(), {"width": 16, "height": 16, "format": "BMP"}),
+        (uploads.grey_tiff(), {"width": 16, "height": 16, "format": "TIFF"}),
+    ],
+    ids=["jpeg", "rgba", "cmyk", "animated-gif", "exif-rotated", "webp", "16-bit", "1-bit", "tiff"],
+)
+def test_caption_accepts_every_allowed_format_and_mode(client, data, expected_image):
+    response = post_image(client, data)
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == expected_image
+
+
+def test_client_content_type_is_ignored(client):
+    response = client.post("/caption", files={"image": ("photo.jpg", uploads.png(), "image/jpeg")})
+    assert response.json()["image"]["format"] == "PNG"
+
+
+def test_max_length_caps_the_caption(client):
+    response = post_image(client, uploads.png(), params={"max_length": 2})
+    assert response.status_code == 200
+    assert len(response.json()["caption"].split()) == 2  # the tiny model never ends early
+
+
+def test_beam_search_returns_n_best_captions(client):
+    body = post_image(client, uploads.png(), params={"strategy": "beam", "beam_size": 4, "num_captions": 3}).json()
+    assert len(body["captions"]) == 3
+    assert body["caption"] == body["captions"][0]["text"]
+
+
+def test_schema_valid_combinations_are_resolved_not_refused(client):
+    # greedy always gives one caption; a beam narrower than num_captions is widened.
+    assert len(post_image(client, uploads.png(), params={"num_captions": 3}).json()["captions"]) == 1
+    body = post_image(client, uploads.png(), params={"strategy": "beam", "beam_size": 1, "num_captions": 2}).json()
+    assert len(body["captions"]) == 2
+    sampled = post_image(client, uploads.png(), params={"strategy": "sample", "num_captions": 2}).json()
+    assert len(sampled["captions"]) == 2
+
+
+def test_request_id_is_taken_from_the_header_when_sane(client):
+    response = client.get("/health/live", headers={"X-Request-ID": "trace-123.abc"})
+    assert response.headers["x-request-id"] == "trace-123.abc"
+    body = post_image(client, uploads.png(), headers={"X-Request-ID": "caption-req-1"}).json()
+    assert body["request_id"] == "caption-req-1"
+    unsafe = client.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces" + "x" * 200})
+    assert unsafe.headers["x-request-id"] != "bad id\twith spaces" and len(unsafe.headers["x-request-id"]) == 32
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", uploads.TEXT, uploads.corrupt_png(), uploads.truncated_jpeg()],
+    ids=["zero-bytes", "text", "corrupt", "truncated"],
+)
+def test_undecodable_upload_is_400(client, data):
+    assert_error(post_image(client, data), 400, "invalid_image")
+
+
+@pytest.mark.parametrize("data", [uploads.ico(), uploads.SVG], ids=["ico", "svg"])
+def test_format_outside_the_allow_list_is_415(client, data):
+    body = assert_error(post_image(client, data), 415, "unsupported_image_format")
+    assert "JPEG, PNG, WebP, GIF, BMP, TIFF" in body["error"]["message"]
+
+
+def test_missing_field_is_422(client):
+    assert_error(client.post("/caption", files={"other": ("a.png", uploads.png(), "image/png")}), 422,
+                 "validation_error")
+    assert_error(client.post("/caption"), 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"max_length": 0}, {"max_length": "long"}, {"strategy": "best"}, {"num_captions": 11}, {"beam_size": -1}],
+)
+def test_bad_parameters_are_422(client, params):
+    body = assert_error(post_image(client, uploads.png(), params=params), 422, "validation_error")
+    assert next(iter(params)) in body["error"]["message"]
+
+
+def test_decompression_bomb_is_422_from_the_header(client):
+    body = assert_error(post_image(client, uploads.png_header_only(5000, 5000)), 422, "image_too_large")
+    assert "4000000" in body["error"]["message"]
+    assert_error(post_image(client, uploads.bomb_png()), 422, "image_too_large")
+
+
+def test_tiny_image_is_422(client):
+    assert_error(post_image(client, uploads.png(size=(7, 7))), 422, "image_too_small")
+
+
+def test_upload_over_the_limit_is_413_from_content_length(client):
+    body = assert_error(post_image(client, b"\0" * (MAX_UPLOAD_BYTES + 20_000)), 413, "upload_too_large")
+    assert str(MAX_UPLOAD_BYTES) in body["error"]["message"]
+
+
+def test_upload_over_the_limit_is_413_while_streaming(client):
+    boundary = "test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    sent = []
+
+    def body():  # no Content-Length: the server only learns the size by counting
+        yield head
+        for _ in range(100):
+            sent.append(1)
+            yield b"\0" * 16_384
+
+    response = client.post("/caption", content=body(),
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert_error(response, 413, "upload_too_large")
+
+
+def test_file_just_over_the_limit_is_413_even_within_the_framing_allowance(client):
+    assert_error(post_image(client, uploads.png() + b"\0" * MAX_UPLOAD_BYTES), 413, "upload_too_large")
+
+
+def test_unknown_route_and_method_use_the_error_shape(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    response = client.get("/caption")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+
+
+class StandInEngine:
+    """Raises whatever a test needs from submit(); ready like a running engine."""
+
+    ready = True
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    async def submit(self, image, options, deadline_s):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (EngineOverloaded(2.2), 503, "overloaded"),
+        (EngineDeadlineExceeded("late"), 504, "deadline_exceeded"),
+        (EngineStopped("stopping"), 503, "not_ready"),
+        (InferenceError("boom"), 500, "inference_failed"),
+    ],
+)
+def test_engine_errors_map_to_statuses(client, error, status, code):
+    with swapped_state(client.app, engine=StandInEngine(error)):
+        response = post_image(client, uploads.png())
+    assert_error(response, status, code)
+    if isinstance(error, EngineOverloaded):
+        assert response.headers["retry-after"] == "3"  # rounded up
+
+
+def test_deadline_already_spent_is_504(client):
+    impatient = client.app.state.settings.model_copy(update={"request_timeout_s": 1e-9})
+    with swapped_state(client.app, settings=impatient):
+        assert_error(post_image(client, uploads.png()), 504, "deadline_exceeded")
+
+
+def test_client_disconnect_cancels_the_engine_call():
+    cancelled = asyncio.Event()
+
+    class SlowEngine:
+        ready = True
+
+        async def submit(self, image, options, deadline_s):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def scenario():
+        with pytest.raises(ClientDisconnected):
+            await caption_or_give_up(SlowEngine(), None, DecodeOptions(), deadline_s=10, receive=receive)
+        assert cancelled.is_set()
+
+    asyncio.run(scenario())
+
+
+def test_engine_that_misses_its_deadline_is_abandoned():
+    class StuckEngine:
+        async def submit(self, image, options, deadline_s):
+            await asyncio.sleep(30)
+
+    async def never_disconnects():
+        await asyncio.sleep(60)
+
+    async def scenario():
+        with pytest.raises(DeadlineExceeded):
+            await caption_or_give_up(StuckEngine(), None, DecodeOptions(), deadline_s=0.01,
+                                     receive=never_disconnects)
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+# --- auth ------------------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_for_caption_and_model(client):
+    for response in (client.post("/caption", files={"image": ("a.png", uploads.png())}, headers={"X-API-Key": ""}),
+                     client.get("/model", headers={"X-API-Key": "wrong"})):
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"] == "Bearer"
+    bearer = {"X-API-Key": "", "Authorization": f"Bearer {API_KEY}"}
+    assert client.get("/model", headers=bearer).status_code == 200
+    # Every credential offered must be right: a wrong one is refused even beside a right one.
+    assert_error(client.get("/model", headers={"Authorization": "Bearer stale"}), 401, "unauthorized")
+    assert_error(client.get("/model", headers={"Authorization": f"Basic {API_KEY}"}), 401, "unauthorized")
+
+
+def test_health_and_metrics_need_no_key(settings, client):
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert client.get(path, headers={"X-API-Key": ""}).status_code == 200
+
+
+# --- model, metrics, docs, logs -------------------------------------------------------------------
+
+
+def test_model_metadata_comes_from_the_manifest(client):
+    info = client.get("/model").json()
+    assert info["name"] == "tiny-test-captioner" and info["version"] == "0.0.1"
+    assert info["backbone"] == "small_cnn" and info["image_size"] == 32
+    assert info["vocabulary_size"] > 4 and info["max_caption_words"] == 10
+    assert info["dataset"]["name"] == "shapes"
+    assert info["metrics"] == {"test": {"exact_match": 0.0}}
+    assert "build_tiny_bundle" in info["training_command"]
+    assert info["feature_grid"] == [4, 4]
+    assert "tensorflow" in info["libraries"]
+
+
+def test_metrics_exposes_http_and_engine_series(client):
+    post_image(client, uploads.png())
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'captioning_http_requests_total{method="POST",route="/caption",status="200"}' in text
+    assert 'captioning_http_request_duration_seconds_bucket{' in text
+    for name in ("engine_queue_depth", "engine_active_slots", "engine_batch_size", "engine_encode_seconds",
+                 "engine_step_seconds", "engine_queue_wait_seconds", "engine_inference_seconds",
+                 "engine_rejections_total"):
+        assert f"captioning_{name}" in text
+
+
+def test_openapi_documents_every_error_and_hides_metrics(client):
+    schema = client.get("/openapi.json").json()
+    assert "/metrics" not in schema["paths"]
+    caption = schema["paths"]["/caption"]["post"]
+    for status in ("400", "401", "413", "415", "422", "500", "503", "504"):
+        content = caption["responses"][status]["content"]["application/json"]["schema"]
+        assert content == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "Retry-After" in caption["responses"]["503"]["headers"]
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    assert client.get("/docs").status_code == 200
+
+
+def test_without_api_key_the_schema_has_no_security(settings):
+    schema = create_app(settings.model_copy(update={"api_key": None})).openapi()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert "401" not in schema["paths"]["/caption"]["post"]["responses"]
+
+
+def test_each_request_logs_one_structured_line(client, caplog):
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        response = post_image(client, uploads.png(), headers={"X-Request-ID": "log-check-1"})
+    (record,) = [r for r in caplog.records if r.name == "app.access"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["route"] == "/caption" and line["status"] == 200 and line["method"] == "POST"
+    assert line["request_id"] == "log-check-1" == response.headers["x-request-id"]
+    assert line["latency_ms"] > 0 and line["level"] == "INFO"
+
+
+# --- start-up ----------------------------------------------------------------------------------------
+
+
+def test_tampered_bundle_stops_start_up_with_a_clear_message(bundle, tmp_path, settings):
+    tampered = shutil.copytree(bundle, tmp_path / "tampered")
+    (tampered / "vocab.json").write_text((tampered / "vocab.json").read_text().replace("circle", "square"))
+    with pytest.raises(StartupError, match="vocab.json does not match its sha256"):
+        with TestClient(create_app(settings.model_copy(update={"artifacts_dir": tampered}))):
+            pass
+    with pytest.raises(StartupError, match="not found"):
+        with TestClient(create_app(settings.model_copy(update={"artifacts_dir": tmp_path / "missing"}))):
+            pass

@@ -1,0 +1,266 @@
+"""End to end: the real server (`python -m app`) in a subprocess on a free loopback port, real
+multipart uploads over TCP, schemathesis against the live /openapi.json, and a SIGTERM shutdown.
+One server for the whole module: starting TensorFlow and warming up costs seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import test_service_helpers as uploads
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "e2e-test-key"
+MAX_UPLOAD_BYTES = 300_000
+START_TIMEOUT_S = 120
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            if raw.startswith("{"):
+                lines.append(json.loads(raw))
+        return lines
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_env(bundle: Path, port: int, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ARTIFACTS_DIR": str(bundle),
+        "API_KEY": API_KEY,
+        "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "MAX_IMAGE_PIXELS": "4000000",
+        "MAX_BATCH_SIZE": "16",
+        "SHUTDOWN_GRACE_S": "5",
+        "LOG_LEVEL": "INFO",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return uploads.build_tiny_bundle(tmp_path_factory.mktemp("e2e-artifacts") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("e2e-logs") / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=server_env(bundle, port),
+                                   stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", port, process, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.25)
+    yield server
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+        yield client
+
+
+def upload(client, data: bytes, filename="upload.bin", **params):
+    return client.post("/caption", files={"image": (filename, data, "application/octet-stream")}, params=params)
+
+
+@pytest.mark.parametrize(
+    ("data", "image"),
+    [
+        (uploads.png(size=(32, 24)), {"width": 32, "height": 24, "format": "PNG"}),
+        (uploads.jpeg(size=(48, 32)), {"width": 48, "height": 32, "format": "JPEG"}),
+        (uploads.rgba_png_with_hidden_black(), {"width": 16, "height": 16, "format": "PNG"}),
+        (uploads.cmyk_jpeg(), {"width": 24, "height": 24, "format": "JPEG"}),
+        (uploads.animated_gif(), {"width": 16, "height": 16, "format": "GIF"}),
+        (uploads.exif_rotated_jpeg(orientation=6), {"width": 20, "height": 40, "format": "JPEG"}),
+    ],
+    ids=["png", "jpeg", "rgba", "cmyk", "animated-gif", "exif-rotated"],
+)
+def test_real_uploads_are_captioned(client, data, image):
+    response = upload(client, data)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["image"] == image and body["caption"] and len(body["captions"]) == 1
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (uploads.corrupt_png(), 400, "invalid_image"),
+        (uploads.truncated_jpeg(), 400, "invalid_image"),
+        (b"", 400, "invalid_image"),
+        (uploads.SVG, 415, "unsupported_image_format"),
+        (uploads.bomb_png(), 422, "image_too_large"),
+        (uploads.png_header_only(60_000, 60_000), 422, "image_too_large"),
+        (uploads.png() + b"\0" * MAX_UPLOAD_BYTES, 413, "upload_too_large"),
+    ],
+    ids=["corrupt", "truncated", "empty", "svg", "bomb", "bomb-header", "oversized"],
+)
+def test_bad_uploads_get_clear_errors(client, data, status, code):
+    response = upload(client, data)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def raw_request(port: int, head: bytes, body_chunks, read_timeout=10.0) -> tuple[bytes, int]:
+    """Sends a request by hand; returns (response bytes, body bytes sent before the answer)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as connection:
+        connection.sendall(head)
+        connection.setblocking(False)
+        response = b""
+        for chunk in body_chunks:
+            try:
+                response += connection.recv(65536)
+            except BlockingIOError:
+                pass
+            if response:
+                break
+            try:
+                connection.sendall(chunk)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        connection.setblocking(True)
+        deadline = time.monotonic() + read_timeout
+        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+            try:
+                more = connection.recv(65536)
+            except ConnectionResetError:
+                break
+            if not more or time.monotonic() > deadline:
+                break
+            response += more
+    return response, sent
+
+
+def multipart_head(port: int, extra_headers: str) -> bytes:
+    return (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {API_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary=xyz\r\n{extra_headers}\r\n").encode()
+
+
+def test_oversized_content_length_is_refused_without_reading_the_body(server):
+    declared = 50 * 1024 * 1024
+    head = multipart_head(server.port, f"Content-Length: {declared}\r\n")
+    chunks = (b"\0" * 65536 for _ in range(declared // 65536))
+    response, sent = raw_request(server.port, head, chunks)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b'"upload_too_large"' in response
+    assert sent < 16 * 1024 * 1024  # answered long before the 50 MB were sent
+
+
+def test_oversized_chunked_upload_is_refused_while_streaming(server):
+    head = multipart_head(server.port, "Transfer-Encoding: chunked\r\n")
+    piece = b"\0" * 32768
+    chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    first = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    chunks = [b"%x\r\n" % len(first) + first + b"\r\n"] + [chunk] * 1000  # ~32 MB offered
+    response, sent = raw_request(server.port, head, chunks)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert sent < 16 * 1024 * 1024
+
+
+def test_auth_metrics_and_model_over_http(server, client):
+    assert httpx.get(f"{server.url}/model").status_code == 401
+    assert httpx.get(f"{server.url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).json()["name"] \
+        == "tiny-test-captioner"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'route="/caption"' in metrics and "captioning_engine_inference_seconds_count" in metrics
+
+
+def test_each_request_logs_one_json_line(server, client):
+    response = client.get("/health/live", headers={"X-Request-ID": "e2e-log-line"})
+    assert response.headers["x-request-id"] == "e2e-log-line"
+    time.sleep(0.2)
+    lines = [line for line in server.log_lines() if line.get("request_id") == "e2e-log-line"]
+    assert len(lines) == 1
+    assert lines[0]["route"] == "/health/live" and lines[0]["status"] == 200 and lines[0]["latency_ms"] >= 0
+
+
+SCHEMATHESIS_CONFIG = """
+[checks.positive_data_acceptance]
+# The schema can say "a binary file" but not "a decodable image": generated files are random
+# bytes, which the API rightly refuses as not an image (400) or, when the bytes happen to start
+# with another format's signature, as unsupported (415).
+expected-statuses = ["2xx", "400", "401", "403", "404", "409", "415", "429", "5xx"]
+"""
+
+
+def test_schemathesis_finds_no_failures(server, tmp_path):
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
+    command = [
+        str(Path(sys.executable).parent / "st"), "--config-file", str(config), "run", f"{server.url}/openapi.json",
+        "--checks", "all", "--max-examples", "30", "--seed", "20240601", "--workers", "2",
+        # Both schemes, so the ignored_auth check probes each one with a wrong value.
+        "--header", f"X-API-Key: {API_KEY}", "--header", f"Authorization: Bearer {API_KEY}",
+        "--request-timeout", "30", "--suppress-health-check", "too_slow", "--no-shrink",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def test_broken_bundle_exits_non_zero_with_a_clear_message(bundle, tmp_path):
+    tampered = shutil.copytree(bundle, tmp_path / "tampered")
+    with open(tampered / "decoder.keras", "ab") as decoder:
+        decoder.write(b"tampered")
+    result = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=server_env(tampered, free_port()),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    (line,) = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
+    assert line["level"] == "CRITICAL"
+    assert "decoder.keras does not match its sha256" in line["message"]
+
+
+def test_sigterm_shuts_down_gracefully(server, client):
+    """Last in the module: it stops the shared server."""
+    assert upload(client, uploads.png()).status_code == 200
+    server.process.send_signal(signal.SIGTERM)
+    # uvicorn drains, the lifespan stops the engine, then uvicorn re-raises SIGTERM to exit.
+    assert server.process.wait(30) in (0, -signal.SIGTERM)
+    messages = [line["message"] for line in server.log_lines()]
+    assert "stopping" in messages

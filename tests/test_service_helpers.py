@@ -1,0 +1,184 @@
+"""Shared helpers for the service tests: upload builders and a tiny random-weights model bundle.
+
+No tests live here; the other tests/test_service_*.py modules import it as a sibling module
+(pytest puts this rootless tests/ directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RED, BLUE, WHITE = (220, 30, 30), (30, 60, 230), (255, 255, 255)
+
+
+def encode(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def solid(colour=RED, size=(32, 24), mode="RGB") -> Image.Image:
+    return Image.new("RGB", size, colour).convert(mode)
+
+
+def png(colour=RED, size=(32, 24)) -> bytes:
+    return encode(solid(colour, size), "PNG")
+
+
+def jpeg(colour=RED, size=(32, 24), **options) -> bytes:
+    return encode(solid(colour, size), "JPEG", quality=95, **options)
+
+
+def half_and_half(size=(40, 20)) -> Image.Image:
+    """Left half red, right half blue: shows which way an image was rotated."""
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:, : size[0] // 2] = RED
+    pixels[:, size[0] // 2 :] = BLUE
+    return Image.fromarray(pixels)
+
+
+def exif_rotated_jpeg(orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(half_and_half(), "JPEG", quality=95, exif=exif)
+
+
+def rgba_png_with_hidden_black() -> bytes:
+    """Fully transparent pixels whose colour is black: must come out white, not black."""
+    pixels = np.zeros((16, 16, 4), np.uint8)
+    pixels[:8, :, :] = (*RED, 255)  # top half opaque red, bottom half transparent black
+    return encode(Image.fromarray(pixels, "RGBA"), "PNG")
+
+
+def la_png() -> bytes:
+    pixels = np.zeros((16, 16, 2), np.uint8)
+    pixels[..., 0] = 100
+    pixels[..., 1] = 0
+    return encode(Image.fromarray(pixels, "LA"), "PNG")
+
+
+def cmyk_jpeg() -> bytes:
+    return encode(solid(RED, (24, 24), "CMYK"), "JPEG", quality=95)
+
+
+def sixteen_bit_png(level: int = 40000) -> bytes:
+    return encode(Image.fromarray(np.full((16, 16), level, np.uint16)), "PNG")
+
+
+def one_bit_bmp() -> bytes:
+    image = Image.new("1", (16, 16), 0)
+    image.paste(1, (0, 0, 8, 16))
+    return encode(image, "BMP")
+
+
+def grey_tiff() -> bytes:
+    return encode(Image.new("L", (16, 16), 128), "TIFF")
+
+
+def webp() -> bytes:
+    return encode(solid(BLUE, (16, 16)), "WEBP", lossless=True)
+
+
+def palette_gif_with_transparency() -> bytes:
+    image = Image.new("P", (16, 16), 0)
+    image.putpalette([0, 0, 0, *RED] + [0] * (256 * 3 - 6))
+    image.paste(1, (0, 0, 16, 8))
+    return encode(image, "GIF", transparency=0)
+
+
+def animated_gif() -> bytes:
+    """Red first frame, then blue: only the first frame counts."""
+    frames = [solid(RED, (16, 16)), solid(BLUE, (16, 16))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def ico() -> bytes:
+    return encode(solid(RED, (16, 16)), "ICO")
+
+
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+TEXT = b"this is a plain text file, not an image\n"
+
+
+def noise(size=(64, 64), seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8))
+
+
+def corrupt_png() -> bytes:
+    """A valid PNG signature and header, with the compressed pixel data scrambled."""
+    data = bytearray(encode(noise(), "PNG"))
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(range(64))
+    return bytes(data)
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(noise(), "JPEG")
+    return data[: len(data) // 2]
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose pixel data is a few bytes: what a
+    decompression bomb looks like to a header check (the pixels are never read)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _png_chunk(b"IEND", b""))
+
+
+def bomb_png() -> bytes:
+    """Really compressible: a 10000 x 10000 all-black PNG (100 M pixels) is under 100 kB."""
+    return encode(Image.new("1", (10000, 10000), 0), "PNG", optimize=True)
+
+
+def mean_colour(pixels: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(round(v)) for v in pixels.reshape(-1, 3).mean(axis=0))
+
+
+# --- a tiny model bundle --------------------------------------------------------------------
+
+_CAPTIONS = [
+    "a red circle", "a blue square", "two green triangles", "a large yellow diamond",
+    "a small purple cross is to the left of an orange circle", "there are three red squares",
+    "a blue circle is above a red square and there is a green triangle",
+]
+
+
+def build_tiny_bundle(directory: Path) -> Path:
+    """Random weights, real format: enough to exercise the service without the trained model.
+
+    Seeded, and with <end> (and the never-printed <pad> and <start>) made very unlikely, so every
+    caption has the full max_length words."""
+    import keras
+
+    from captioning.artifacts import save_bundle
+    from captioning.config import ModelConfig
+    from captioning.model import build_decoder, build_encoder
+    from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer
+
+    keras.utils.set_random_seed(1234)
+    tokenizer = Tokenizer.build(_CAPTIONS)
+    config = ModelConfig(backbone="small_cnn", image_size=32, attention_dim=32, embedding_dim=16,
+                         vocab_size=len(tokenizer), max_length=12)
+    encoder = build_encoder(config)
+    decoder = build_decoder(config, encoder.output.shape[1])
+    logits = decoder.get_layer("logits")
+    kernel, bias = logits.get_weights()
+    bias[[END_ID, PAD_ID, START_ID]] = -30.0
+    logits.set_weights([kernel, bias])
+    save_bundle(
+        directory, encoder, decoder, tokenizer, config, name="tiny-test-captioner", version="0.0.1",
+        training={"command": "tests/test_service_helpers.py build_tiny_bundle",
+                  "dataset": {"name": "shapes", "train_images": 0}},
+        metrics={"test": {"exact_match": 0.0}},
+    )
+    return directory

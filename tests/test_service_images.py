@@ -1,0 +1,151 @@
+"""Upload decoding: formats judged by bytes, every pixel mode to RGB, limits before decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import test_service_helpers as uploads
+from PIL import Image
+
+from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
+from app.images import decode_upload, sniff_other_image_format, to_rgb
+
+LIMITS = {"max_pixels": 40_000_000, "min_side": 8}
+
+
+def decode(data: bytes, **overrides):
+    return decode_upload(data, **{**LIMITS, **overrides})
+
+
+def pixels_of(decoded) -> np.ndarray:
+    assert decoded.image.mode == "RGB"
+    return np.asarray(decoded.image)
+
+
+@pytest.mark.parametrize(
+    ("data", "format", "size"),
+    [
+        (uploads.png(size=(32, 24)), "PNG", (32, 24)),
+        (uploads.jpeg(size=(32, 24)), "JPEG", (32, 24)),
+        (uploads.webp(), "WEBP", (16, 16)),
+        (uploads.animated_gif(), "GIF", (16, 16)),
+        (uploads.one_bit_bmp(), "BMP", (16, 16)),
+        (uploads.grey_tiff(), "TIFF", (16, 16)),
+    ],
+)
+def test_allowed_formats_decode_to_rgb(data, format, size):
+    decoded = decode(data)
+    assert (decoded.format, (decoded.width, decoded.height)) == (format, size)
+    assert pixels_of(decoded).shape == (size[1], size[0], 3)
+
+
+def test_format_is_judged_by_bytes_whatever_the_name_says():
+    # The decoder never sees a filename or content type; a PNG is a PNG.
+    assert decode(uploads.png()).format == "PNG"
+
+
+def test_exif_orientation_is_applied():
+    decoded = decode(uploads.exif_rotated_jpeg(orientation=6))  # 40x20 stored, rotated 90 degrees
+    assert (decoded.width, decoded.height) == (20, 40)
+    pixels = pixels_of(decoded)
+    assert pixels.shape == (40, 20, 3)
+    # Orientation 6 means "rotate 90 degrees clockwise to view": the left (red) half goes on top.
+    assert uploads.mean_colour(pixels[:15])[0] > 150 and uploads.mean_colour(pixels[-15:])[2] > 150
+
+
+def test_transparent_pixels_are_composited_on_white():
+    pixels = pixels_of(decode(uploads.rgba_png_with_hidden_black()))
+    assert uploads.mean_colour(pixels[:8]) == uploads.RED
+    assert uploads.mean_colour(pixels[8:]) == uploads.WHITE
+
+
+def test_palette_transparency_and_la_are_composited_on_white():
+    gif = pixels_of(decode(uploads.palette_gif_with_transparency()))
+    assert uploads.mean_colour(gif[:8]) == uploads.RED and uploads.mean_colour(gif[8:]) == uploads.WHITE
+    assert uploads.mean_colour(pixels_of(decode(uploads.la_png()))) == uploads.WHITE
+
+
+def test_animated_gif_uses_the_first_frame():
+    assert uploads.mean_colour(pixels_of(decode(uploads.animated_gif()))) == uploads.RED
+
+
+def test_cmyk_becomes_rgb():
+    red, green, blue = uploads.mean_colour(pixels_of(decode(uploads.cmyk_jpeg())))
+    assert red > 180 and green < 80 and blue < 80
+
+
+def test_sixteen_bit_grey_is_rescaled_not_clipped():
+    value = uploads.mean_colour(pixels_of(decode(uploads.sixteen_bit_png(level=40000))))
+    assert value == (156, 156, 156)  # round(40000 / 65535 * 255)
+
+
+def test_one_bit_image_keeps_black_and_white():
+    pixels = pixels_of(decode(uploads.one_bit_bmp()))
+    assert uploads.mean_colour(pixels[:, :8]) == uploads.WHITE and uploads.mean_colour(pixels[:, 8:]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I", "F", "YCbCr", "HSV", "RGBA", "1"])
+def test_to_rgb_handles_every_mode(mode):
+    source = Image.new("RGB", (9, 9), (128, 128, 128))
+    image = source.convert(mode) if mode not in ("I", "F") else source.convert("L").convert(mode)
+    assert to_rgb(image).mode == "RGB"
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale_but_reports_true_size():
+    decoded = decode(uploads.jpeg(size=(800, 600)), draft_size=64)
+    assert (decoded.width, decoded.height) == (800, 600)
+    assert decoded.image.size == (100, 75)  # 1/8 scale still covers 64x64
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (uploads.TEXT, "not a recognisable image"),
+        (uploads.corrupt_png(), "could not be decoded"),
+        (uploads.truncated_jpeg(), "could not be decoded"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, "image"),
+    ],
+    ids=["empty", "text", "corrupt", "truncated", "broken-header"],
+)
+def test_undecodable_bytes_are_invalid_images(data, message):
+    with pytest.raises(InvalidImage, match=message):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [(uploads.ico(), "ICO"), (uploads.SVG, "SVG"), (b"%PDF-1.7\n...", "PDF"),
+     (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC")],
+)
+def test_other_image_formats_are_unsupported_not_invalid(data, name):
+    assert sniff_other_image_format(data) == name
+    with pytest.raises(UnsupportedImageFormat, match=name):
+        decode(data)
+
+
+def test_text_is_not_mistaken_for_an_image_format():
+    assert sniff_other_image_format(uploads.TEXT) is None
+
+
+def test_decompression_bomb_is_refused_from_the_header(monkeypatch):
+    # Image.load must never run for a bomb: the header alone decides.
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels were decoded"))
+    with pytest.raises(ImageTooLarge, match="limit"):
+        decode(uploads.png_header_only(7000, 7000))
+    with pytest.raises(ImageTooLarge):  # past Pillow's own hard limit as well
+        decode(uploads.png_header_only(100_000, 100_000))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_real_compressed_bomb_is_refused():
+    with pytest.raises(ImageTooLarge):
+        decode(uploads.bomb_png())
+
+
+def test_limits_are_configurable():
+    with pytest.raises(ImageTooLarge):
+        decode(uploads.png(size=(32, 24)), max_pixels=32 * 24 - 1)
+    with pytest.raises(ImageTooSmall, match="at least 8"):
+        decode(uploads.png(size=(7, 100)))
+    assert decode(uploads.png(size=(8, 8))).width == 8

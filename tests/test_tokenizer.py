@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from captioning.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID, Tokenizer, standardize
+
+
+def test_standardize_lowercases_and_strips_punctuation():
+    assert standardize("  There is a Red circle, and a blue-square!  ") == "there is a red circle and a blue square"
+
+
+def test_build_caps_size_and_min_count_deterministically():
+    captions = ["a red circle", "a red square", "a blue circle", "a green cross"]
+    tok = Tokenizer.build(captions, max_size=7, min_count=1)
+    assert tok.words[:4] == ["<pad>", "<unk>", "<start>", "<end>"]
+    assert tok.words[4:] == ["a", "circle", "red"]  # by count, ties alphabetical
+    assert Tokenizer.build(captions, min_count=2).words[4:] == ["a", "circle", "red"]
+
+
+def test_encode_decode_round_trip_with_unknown_words_and_padding():
+    tok = Tokenizer.build(["a red circle"])
+    ids = tok.encode_batch(["A red circle!", "a purple circle"], max_length=6)
+    assert ids.shape == (2, 6)
+    assert list(ids[0]) == [START_ID, tok.ids["a"], tok.ids["red"], tok.ids["circle"], END_ID, PAD_ID]
+    assert ids[1][2] == UNK_ID
+    assert tok.decode(ids[0]) == ["a", "red", "circle"]
+    assert tok.decode(ids[1]) == ["a", "<unk>", "circle"]
+
+
+def test_encode_cuts_long_captions_but_keeps_end():
+    tok = Tokenizer.build(["one two three four five"])
+    ids = tok.encode("one two three four five", max_length=4)
+    assert ids == [START_ID, tok.ids["one"], tok.ids["two"], END_ID]
+
+
+def test_save_load_is_json_and_identical(tmp_path):
+    tok = Tokenizer.build(["a red circle", "two blue squares"])
+    tok.save(tmp_path / "vocab.json")
+    assert json.loads((tmp_path / "vocab.json").read_text())["words"] == tok.words
+    assert Tokenizer.load(tmp_path / "vocab.json").words == tok.words
+
+
+def test_load_rejects_other_files(tmp_path):
+    (tmp_path / "vocab.json").write_text(json.dumps({"words": ["a"]}))
+    with pytest.raises(ValueError, match="word-vocab-v1"):
+        Tokenizer.load(tmp_path / "vocab.json")

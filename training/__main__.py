@@ -1,0 +1,24 @@
+"""python -m training {train,extract-features,evaluate} --help"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv=None) -> int:
+    from training import evaluate, features, train
+
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    subparsers = parser.add_subparsers(required=True, dest="command")
+    for command in (train, features, evaluate):
+        command.add_parser(subparsers)
+    args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""tf.data input pipelines: images with K of their captions, teacher-forcing pairs, prefetched.
+
+Each element is one image with K captions: ((image [S, S, 3] uint8, caption inputs [K, T-1]),
+caption targets [K, T-1]). The model encodes the image once and trains on all K captions, so every
+reference caption is used without paying for the image K times.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from captioning.tokenizer import Tokenizer
+from training.datasets.base import CaptionedImage
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def caption_matrix(records: list[CaptionedImage], tokenizer: Tokenizer, max_length: int):
+    """All captions as token ids [N, C, T] (C: most captions of any image) and counts [N]."""
+    most = max(len(r.captions) for r in records)
+    tokens = np.zeros((len(records), most, max_length), dtype=np.int32)
+    counts = np.zeros(len(records), dtype=np.int32)
+    for i, record in enumerate(records):
+        tokens[i, : len(record.captions)] = tokenizer.encode_batch(record.captions, max_length)
+        counts[i] = len(record.captions)
+    return tokens, counts
+
+
+def _choose_captions(tokens, count, captions_per_image: int):
+    """K distinct captions when the image has at least K, else all of them and random repeats."""
+    distinct = tf.random.shuffle(tf.range(count))
+    repeats = tf.random.uniform([captions_per_image], 0, count, dtype=tf.int32)
+    chosen = tf.gather(tokens, tf.concat([distinct, repeats], 0)[:captions_per_image])
+    return chosen[:, :-1], chosen[:, 1:]
+
+
+def _load_image_file(path, image_size: int):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def image_source(records: list[CaptionedImage], image_size: int) -> tf.data.Dataset:
+    """Pixels for every record, in order: held in memory, or decoded from files in parallel."""
+    if all(r.pixels is not None for r in records):
+        return tf.data.Dataset.from_tensor_slices(np.stack([r.pixels for r in records]))
+    paths = tf.data.Dataset.from_tensor_slices([str(r.path) for r in records])
+    return paths.map(lambda p: _load_image_file(p, image_size), num_parallel_calls=AUTOTUNE)
+
+
+IMAGE_CACHE_BYTES = 2 << 30  # decoded training images are kept in memory up to this size
+
+
+def make_dataset(
+    records: list[CaptionedImage],
+    tokenizer: Tokenizer,
+    *,
+    image_size: int,
+    max_length: int,
+    batch_size: int,
+    captions_per_image: int = 5,
+    shuffle: bool = True,
+    seed: int = 0,
+    features=None,
+    options: tf.data.Options | None = None,
+) -> tf.data.Dataset:
+    """Batches of ((images or cached features, caption inputs), caption targets).
+
+    `features` (a training.features.CachedFeatures for these records) replaces the images with
+    cached backbone features: the pipeline then carries each record's cache location, shuffles
+    those, and reads the features only when a batch is assembled, so the shuffle buffer stays small.
+    """
+    tokens, counts = caption_matrix(records, tokenizer, max_length)
+    captions = tf.data.Dataset.from_tensor_slices((tokens, counts))
+    if features is None:
+        source, load = image_source(records, image_size), None
+    else:
+        source, load = tf.data.Dataset.from_tensor_slices(features.locations), features.load
+    ds = tf.data.Dataset.zip(source, captions)
+    if shuffle:
+        # Decoded image files are cached before shuffling (when they fit), so files are read once.
+        decoded_bytes = len(records) * image_size * image_size * 3
+        if features is None and records[0].path is not None and decoded_bytes <= IMAGE_CACHE_BYTES:
+            ds = ds.cache()
+        ds = ds.shuffle(min(len(records), 10000), seed=seed, reshuffle_each_iteration=True)
+
+    def to_example(source_item, caption_data):
+        inputs = source_item if load is None else load(source_item)
+        caption_tokens, count = caption_data
+        caption_in, caption_out = _choose_captions(caption_tokens, count, captions_per_image)
+        return (inputs, caption_in), caption_out
+
+    ds = ds.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(AUTOTUNE)
+    return ds.with_options(options) if options is not None else ds

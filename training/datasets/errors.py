@@ -1,0 +1,144 @@
+"""Bad data in dataset files, handled the same way by every loader.
+
+Malformed input (a line that does not parse, a field that is missing or of the wrong type) means
+the file must be fixed, so it raises `DatasetFormatError`, whose message names the file and the
+line number (text files) or the record's key path (JSON files), e.g.
+
+    data/Flickr8k.token.txt:17: expected "<image>#<n><TAB><caption>"
+    data/dataset_coco.json: images[4].sentences[0].raw: missing
+
+Well-formed records that cannot be used are normal in real datasets (a partial image download,
+captions that are all blank), so `usable_records` skips them and logs one warning line per kind of
+problem, with the count and a few examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.datasets.base import SPLITS, CaptionedImage
+
+logger = logging.getLogger("training.datasets")
+
+EXAMPLES_PER_WARNING = 3
+
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file is malformed; the message names the file and the line or key path."""
+
+
+def check_split(split: str) -> None:
+    """Reject a split the project does not know (a caller error, not a data error)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}")
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file, turning decode errors into `DatasetFormatError` with the line number."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise DatasetFormatError(
+            f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DatasetFormatError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def json_field(
+    record: Any,
+    key: str,
+    expected: type | tuple[type, ...],
+    file: Path,
+    where: str = "",
+    *,
+    required: bool = True,
+) -> Any:
+    """`record[key]`, checked to be present (unless not `required`) and of the `expected` type.
+
+    `where` is the record's key path inside `file` (e.g. "annotations[12]"), used in errors.
+    Returns None for an absent optional field.
+    """
+    if not isinstance(record, dict):
+        raise DatasetFormatError(f"{file}: {where or 'top level'}: expected an object")
+    key_path = f"{where}.{key}" if where else key
+    if key not in record:
+        if required:
+            raise DatasetFormatError(f"{file}: {key_path}: missing")
+        return None
+    value = record[key]
+    expected_types = expected if isinstance(expected, tuple) else (expected,)
+    is_bool_posing_as_int = isinstance(value, bool) and bool not in expected_types
+    if not isinstance(value, expected_types) or is_bool_posing_as_int:
+        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in expected_types)
+        raise DatasetFormatError(f"{file}: {key_path}: expected {wanted}, got {value!r:.60}")
+    return value
+
+
+@dataclass
+class ImageCandidate:
+    """An image a dataset file lists, before the checks that decide whether it becomes a record."""
+
+    image_id: str
+    path: Path
+    captions: list[str]
+
+
+def usable_records(
+    candidates: Iterable[ImageCandidate], split: str, *, limit: int | None, source: str
+) -> list[CaptionedImage]:
+    """Turn candidates into records, in order, stopping once `limit` records are collected.
+
+    Captions are stripped and blank ones dropped; a candidate left with no caption, or whose image
+    file does not exist, is skipped. Each kind of skip is logged as one warning naming `source`.
+    With a limit, only the candidates looked at before reaching it are checked and counted.
+    """
+    records: list[CaptionedImage] = []
+    without_captions: list[str] = []
+    missing_images: list[str] = []
+    examined = 0
+    for candidate in candidates:
+        if limit is not None and len(records) >= limit:
+            break
+        examined += 1
+        captions = [caption.strip() for caption in candidate.captions if caption.strip()]
+        if not captions:
+            without_captions.append(candidate.image_id)
+        elif not candidate.path.is_file():
+            missing_images.append(str(candidate.path))
+        else:
+            records.append(
+                CaptionedImage(
+                    image_id=candidate.image_id,
+                    captions=captions,
+                    split=split,
+                    path=str(candidate.path),
+                )
+            )
+    _warn_skipped(source, split, examined, "with no captions", without_captions)
+    _warn_skipped(source, split, examined, "whose image file is missing", missing_images)
+    return records
+
+
+def _warn_skipped(source: str, split: str, examined: int, reason: str, skipped: list[str]) -> None:
+    if not skipped:
+        return
+    examples = ", ".join(skipped[:EXAMPLES_PER_WARNING])
+    more = ", ..." if len(skipped) > EXAMPLES_PER_WARNING else ""
+    logger.warning(
+        "%s (%s): skipped %d of %d images %s, e.g. %s%s",
+        source, split, len(skipped), examined, reason, examples, more,
+    )

@@ -1,0 +1,73 @@
+"""Load any dataset by name, as a list of `CaptionedImage`.
+
+    load_dataset("coco", "val", annotations_file="annotations/captions_val2014.json",
+                 images_dir="val2014")
+    load_dataset("karpathy", "test", split_file="dataset_coco.json", images_root="coco")
+    load_dataset("flickr8k", "val", text_dir="Flickr8k_text", images_dir="Flicker8k_Dataset")
+    load_dataset("list", "train", list_file="my_captions.jsonl", limit=100)
+
+Names and the options each loader takes (besides `split` and `limit`):
+
+    "coco"      annotations_file  a captions_<split>2014.json style file (COCO files are per split,
+                                  so the file is taken to be `split`)
+                images_dir        the folder holding its images
+    "karpathy"  split_file        dataset_coco.json / dataset_flickr8k.json / dataset_flickr30k.json
+                images_root       the folder "filepath"/"filename" are relative to
+                restval_as_train  True (default): "restval" images count as "train";
+                                  False: they are in no split
+    "flickr8k"  text_dir          the folder with Flickr8k.token.txt and Flickr_8k.*Images.txt
+                                  ("dev" is the "val" split)
+                images_dir        the folder holding the .jpg files
+    "shapes"    image_size, max_objects   the embedded generated dataset (no files needed)
+    "list"      list_file         a .jsonl/.ndjson or .csv caption list; without a split column
+                                  the whole file is `split`
+
+`split` is one of "train", "val", "test"; `limit` keeps the first `limit` usable records. Each
+module's docstring shows its file format. Malformed files raise `DatasetFormatError` naming the file
+and line (or JSON key path); images with no captions or a missing file are skipped with a warning.
+
+To add a dataset, add an entry to LOADERS: a function taking `split` and `limit` as keyword
+arguments, plus its own options, and returning list[CaptionedImage].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from training.datasets.base import CaptionedImage
+from training.datasets.caption_list import load_caption_list
+from training.datasets.coco import load_coco
+from training.datasets.errors import DatasetFormatError
+from training.datasets.flickr8k import load_flickr8k
+from training.datasets.karpathy import load_karpathy
+from training.datasets.shapes import load_split as _load_shapes_split
+
+__all__ = ["LOADERS", "DatasetFormatError", "load_dataset"]
+
+DatasetLoader = Callable[..., list[CaptionedImage]]
+
+
+def load_shapes(split: str, *, limit: int | None = None, image_size: int | str = 64,
+                max_objects: int | str = 3) -> list[CaptionedImage]:
+    """The embedded shapes dataset (options may arrive as strings from the command line)."""
+    return _load_shapes_split(split, size=limit, image_size=int(image_size), max_objects=int(max_objects))
+
+
+LOADERS: dict[str, DatasetLoader] = {
+    "shapes": load_shapes,
+    "coco": load_coco,
+    "karpathy": load_karpathy,
+    "flickr8k": load_flickr8k,
+    "list": load_caption_list,
+}
+
+
+def load_dataset(
+    name: str, split: str, *, limit: int | None = None, **options: Any
+) -> list[CaptionedImage]:
+    """Load `split` of the dataset called `name`; `options` go to its loader (see above)."""
+    loader = LOADERS.get(name)
+    if loader is None:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(LOADERS))}")
+    return loader(split=split, limit=limit, **options)

@@ -37,7 +37,7 @@ train-default: $(VENV)/.dev
 
 evaluate-default: $(VENV)/.dev
 	$(BIN)/python -m training evaluate --artifacts model_artifacts/default --dataset shapes --split test \
-		--output model_artifacts/default-test-metrics.json --gallery model_artifacts/default-gallery.html
+		--output docs/default-model-metrics.json --gallery docs/default-model-gallery.html --update-manifest
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.load_test

@@ -56,6 +56,10 @@ class InvalidParameters(ApiError):
     status_code, code = 422, "invalid_parameters"
 
 
+class TooManyImages(ApiError):
+    status_code, code = 422, "too_many_images"
+
+
 class _RetryLater(ApiError):
     status_code = 503
 
@@ -171,7 +175,7 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF.",
-    422: "Missing field, invalid parameter, or image dimensions out of range.",
+    422: "Missing field, invalid parameter or combination, too many images, or image dimensions out of range.",
     500: "Unexpected server error.",
     503: "Not ready yet, shutting down, or overloaded; retry after Retry-After seconds.",
     504: "The request's deadline (REQUEST_TIMEOUT_S) passed.",

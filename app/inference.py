@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
 
 import anyio
 import numpy as np
@@ -16,7 +17,7 @@ from app.engine import EngineStopped, InferenceError
 from app.engine import Overloaded as EngineOverloaded
 from app.errors import ApiError, DeadlineExceeded, InferenceFailed, InvalidParameters, NotReady, Overloaded
 from app.images import DecodedImage, decode_upload
-from app.schemas import CaptionQuery
+from app.schemas import STRATEGY_ONLY_PARAMETERS, CaptionQuery
 from app.settings import Settings
 from captioning.decoding import Caption, DecodeOptions
 
@@ -26,6 +27,8 @@ logger = logging.getLogger("app.inference")
 # route stops waiting; only matters if the engine misses a deadline.
 ENGINE_GRACE_S = 1.0
 SHUTDOWN_RETRY_AFTER_S = 5
+
+T = TypeVar("T")
 
 
 class EngineResult(Protocol):
@@ -53,16 +56,22 @@ class ClientDisconnected(ApiError):
 
 
 def decode_options(query: CaptionQuery) -> DecodeOptions:
-    """Query parameters -> DecodeOptions. Combinations the schema cannot rule out are resolved as
-    documented (greedy always gives one caption; a beam is at least num_captions wide) instead of
-    being refused."""
-    num_captions = 1 if query.strategy == "greedy" else query.num_captions
+    """Query parameters -> DecodeOptions; contradictory or impossible combinations raise
+    InvalidParameters (422). Only parameters the client actually sent count as given."""
+    for name in sorted(query.model_fields_set & STRATEGY_ONLY_PARAMETERS.keys()):
+        if STRATEGY_ONLY_PARAMETERS[name] != query.strategy:
+            raise InvalidParameters(f"{name} applies to strategy={STRATEGY_ONLY_PARAMETERS[name]} only, "
+                                    f"not strategy={query.strategy}")
     try:
         return DecodeOptions(
             strategy=query.strategy,
-            beam_size=max(query.beam_size, num_captions),
-            num_captions=num_captions,
+            beam_size=query.beam_size,
+            num_captions=query.num_captions,
             max_length=query.max_length,
+            temperature=query.temperature,
+            top_k=query.top_k,
+            seed=query.seed,
+            return_attention=query.attention,
         ).validate()
     except ValueError as exc:
         raise InvalidParameters(str(exc)) from None
@@ -85,26 +94,37 @@ async def caption_or_give_up(engine: InferenceEngine, pixels: np.ndarray, option
     """Runs engine.submit, mapping engine errors to API errors; cancels it if the client disconnects."""
     if deadline_s <= 0:
         raise DeadlineExceeded("the request deadline passed before inference could start")
-    inference = asyncio.ensure_future(engine.submit(pixels, options, deadline_s=deadline_s))
+    return await run_or_give_up(submit(engine, pixels, options, deadline_s), deadline_s=deadline_s, receive=receive)
+
+
+async def submit(engine: InferenceEngine, pixels: np.ndarray, options: DecodeOptions,
+                 deadline_s: float) -> EngineResult:
+    """engine.submit with the engine's errors turned into API errors."""
+    try:
+        return await engine.submit(pixels, options, deadline_s=deadline_s)
+    except EngineOverloaded as exc:
+        raise Overloaded("the inference queue is full; retry shortly", getattr(exc, "retry_after_s", 1.0)) from None
+    except EngineDeadlineExceeded:
+        raise DeadlineExceeded("the request deadline passed while waiting for inference") from None
+    except EngineStopped:
+        raise NotReady("the service is shutting down", SHUTDOWN_RETRY_AFTER_S) from None
+    except InferenceError as exc:
+        logger.error("inference failed: %s", exc)
+        raise InferenceFailed("the model failed on this request's batch; retrying may succeed") from None
+
+
+async def run_or_give_up(work: Awaitable[T], *, deadline_s: float, receive) -> T:
+    """Awaits `work`, giving up (and cancelling it, which frees its engine slots) when the client
+    disconnects or the deadline, plus the engine's grace, passes."""
+    task = asyncio.ensure_future(work)
     disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
-        done, _ = await asyncio.wait({inference, disconnect}, timeout=deadline_s + ENGINE_GRACE_S,
+        done, _ = await asyncio.wait({task, disconnect}, timeout=deadline_s + ENGINE_GRACE_S,
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _cancel(inference, disconnect)
-    if inference in done:
-        try:
-            return inference.result()
-        except EngineOverloaded as exc:
-            raise Overloaded("the inference queue is full; retry shortly",
-                             getattr(exc, "retry_after_s", 1.0)) from None
-        except EngineDeadlineExceeded:
-            raise DeadlineExceeded("the request deadline passed while waiting for inference") from None
-        except EngineStopped:
-            raise NotReady("the service is shutting down", SHUTDOWN_RETRY_AFTER_S) from None
-        except InferenceError as exc:
-            logger.error("inference failed: %s", exc)
-            raise InferenceFailed("the model failed on this request's batch; retrying may succeed") from None
+        await _cancel(task, disconnect)
+    if task in done:
+        return task.result()
     if disconnect in done:
         disconnect.exception()  # retrieved, so a failed receive() is not reported as unhandled
         raise ClientDisconnected("the client disconnected before the caption was ready")

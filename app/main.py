@@ -20,7 +20,7 @@ from app.dependencies import require_api_key
 from app.engine import create_engine
 from app.errors import error_responses, install_exception_handlers
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
-from app.routes import caption, health, metrics, model
+from app.routes import caption, demo, health, metrics, model
 from app.settings import Settings
 from captioning.artifacts import ArtifactError
 from captioning.captioner import Captioner
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(demo.router)  # the page is public; the API calls it makes need the key
     # With API_KEY set, /caption and /model require it (and the schema says so); without it, the
     # schema shows no security requirement at all.
     protected = {}

@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 # Generous static bound for the schema; the model's own trained maximum caps it further.
 MAX_CAPTION_WORDS = 100
 MAX_CAPTIONS = 10
+# Beyond these, sampling is just greedy or uniform (and a tiny temperature overflows).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 10.0
+MAX_TOP_K = 1000
+MAX_SEED = 2**32 - 1
 
 
 class ErrorDetail(BaseModel):
@@ -30,21 +34,51 @@ class ErrorResponse(BaseModel):
 
 
 class CaptionQuery(BaseModel):
-    """Decoding options for POST /caption (query parameters)."""
+    """Decoding options for POST /caption and POST /captions (query parameters).
 
-    max_length: int | None = Field(
-        None, ge=1, le=MAX_CAPTION_WORDS,
-        description="Most words in the caption; capped at what the model was trained for.",
-    )
+    Combinations are refused with 422 `invalid_parameters` when they ask for something impossible
+    or contradictory (see STRATEGY_ONLY_PARAMETERS and captioning.decoding.DecodeOptions.validate):
+    num_captions > 1 with greedy, num_captions > beam_size, or a parameter of another strategy
+    given explicitly (beam_size without strategy=beam; temperature, top_k or seed without
+    strategy=sample).
+    """
+
     strategy: Literal["greedy", "beam", "sample"] = Field(
-        "greedy", description="greedy: one caption; beam: beam search; sample: top-k sampling."
+        "greedy", description="greedy: the most likely word at each step, one caption; beam: beam search "
+        "with length normalisation, n-best; sample: top-k sampling with temperature, n independent samples.",
     )
-    beam_size: int = Field(
-        3, ge=1, le=MAX_CAPTIONS, description="Beams kept (strategy=beam); raised to num_captions if smaller."
-    )
+    beam_size: int = Field(3, ge=1, le=MAX_CAPTIONS, description="Beams kept (strategy=beam only).")
     num_captions: int = Field(
         1, ge=1, le=MAX_CAPTIONS,
-        description="Captions returned, best first (beam and sample; greedy always returns one).",
+        description="Captions returned, best first: at most beam_size (beam) or any (sample); greedy gives one.",
+    )
+    max_length: int | None = Field(
+        None, ge=1, le=MAX_CAPTION_WORDS,
+        description="Most words in a caption; capped at what the model was trained for.",
+    )
+    temperature: float = Field(
+        1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+        description="Sharpens (<1) or flattens (>1) the sampling distribution (strategy=sample only).",
+    )
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Sample from the k likeliest words (strategy=sample only).")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Makes sampling repeatable (strategy=sample only); random when absent.",
+    )
+    attention: bool = Field(
+        False, description="Add each word's attention weights over the feature grid, and the grid's size.",
+    )
+
+
+# Parameters that only mean something for one strategy: giving one explicitly with another
+# strategy is a contradiction, refused rather than silently ignored.
+STRATEGY_ONLY_PARAMETERS = {"beam_size": "beam", "temperature": "sample", "top_k": "sample", "seed": "sample"}
+
+
+class WordAttention(BaseModel):
+    word: str
+    attention: list[float] = Field(
+        description="Weights over the feature grid, row-major (attention_grid.height x attention_grid.width), "
+        "summing to about 1."
     )
 
 
@@ -52,6 +86,14 @@ class CaptionCandidate(BaseModel):
     text: str
     confidence: float = Field(ge=0.0, le=1.0, description="Geometric-mean token probability.")
     log_prob: float = Field(description="Summed log-probability of the generated tokens (<= 0).")
+    words: list[WordAttention] | None = Field(
+        None, description="Only with attention=true: each word of `text` with its attention weights."
+    )
+
+
+class AttentionGrid(BaseModel):
+    height: int = Field(description="Rows of the feature grid the attention weights cover.")
+    width: int = Field(description="Columns of the feature grid.")
 
 
 class ModelRef(BaseModel):
@@ -72,12 +114,36 @@ class Timing(BaseModel):
     total: float = Field(description="From the request's arrival to the response, ms.")
 
 
-class CaptionResponse(BaseModel):
+class CaptionFields(BaseModel):
+    """What one captioned image gets, in POST /caption's response and in each POST /captions result."""
+
     caption: str = Field(description="The best caption (same as captions[0].text).")
     captions: list[CaptionCandidate] = Field(description="Best first; one entry for greedy decoding.")
+    attention_grid: AttentionGrid | None = Field(None, description="Only with attention=true.")
     model: ModelRef
     image: ImageInfo
     timing_ms: Timing
+
+
+class CaptionResponse(CaptionFields):
+    request_id: str
+
+
+class ImageCaptioned(CaptionFields):
+    index: int = Field(description="Position of the image in the request, from 0.")
+    filename: str | None = Field(description="The file name the client sent, if any.")
+    ok: Literal[True] = True
+
+
+class ImageFailed(BaseModel):
+    index: int = Field(description="Position of the image in the request, from 0.")
+    filename: str | None = Field(description="The file name the client sent, if any.")
+    ok: Literal[False] = False
+    error: ErrorDetail = Field(description="Why this image got no caption; the codes of the single-image errors.")
+
+
+class BatchCaptionResponse(BaseModel):
+    results: list[ImageCaptioned | ImageFailed] = Field(description="One per uploaded image, in upload order.")
     request_id: str
 
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     min_image_side: int = Field(8, ge=1, description="Smallest accepted width and height.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per /caption request, queueing included.")
     decode_concurrency: int = Field(4, ge=1, description="Uploads decoded at once (bounds decode memory).")
+    max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")
 
     # --- inference engine (app.engine) -------------------------------------------------------
     batching_mode: BatchingMode = "continuous"

@@ -493,6 +493,11 @@ def load_images(count: int) -> tuple[list[np.ndarray], list[bytes]]:
     return pixels, pngs
 
 
+def load_average() -> str:
+    """Other work on the machine shows here; the run itself keeps about two runnable threads busy."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -551,7 +556,7 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
         f"- Command: `{args.command}`",
         f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores (shared by server and client); "
-        f"load average before the run {args.load_before}",
+        f"load average (1/5/15 min) before the run {args.load_before}, after it {load_average()}",
         f"- Model: `{args.artifacts.relative_to(REPO) if args.artifacts.is_relative_to(REPO) else args.artifacts}`; "
         f"images: {args.images} PNGs of the shapes test split (64x64); greedy decoding",
         f"- Phases: {args.duration:g} s each (closed loop after {args.warmup:g} s of warm-up); server settings "
@@ -734,7 +739,7 @@ def parse_args(argv: list[str] | None = None):
     args.warmup = 1.0
     args.env = [tuple(item.split("=", 1)) for item in args.env]
     args.artifacts = args.artifacts.resolve()
-    args.load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    args.load_before = load_average()
     return args
 
 

@@ -117,7 +117,10 @@ class Search:
             words = tokenizer.decode(hyp.token_ids)
             attention = None
             if self.options.return_attention:
-                attention = [np.round(a, 5).tolist() for a in hyp.attention[: len(words)]]
+                # Paired token by token: decode() drops <end> and any special token (<pad>, <start>)
+                # an untrained model may emit mid-caption, and each word must keep its own row.
+                attention = [np.round(a, 5).tolist() for token, a in zip(hyp.token_ids, hyp.attention)
+                             if tokenizer.decode([token])]
             confidence = math.exp(hyp.log_prob / max(len(hyp.token_ids), 1))
             captions.append(Caption(" ".join(words), words, float(hyp.log_prob), float(confidence), attention))
         return captions
@@ -190,24 +193,39 @@ class BeamSearch(Search):
         best = np.argpartition(-flat, 2 * k - 1)[: 2 * k] if flat.size > 2 * k else np.arange(flat.size)
         best = best[np.argsort(-flat[best], kind="stable")]
         live: list[tuple[_Hypothesis, int]] = []
-        for index in best:
+        for rank, index in enumerate(best):
             parent, token = divmod(int(index), log_probs.shape[1])
             if not np.isfinite(flat[index]):
                 continue
             hyp = self.beams[parent].extend(token, float(log_probs[parent, token]), self._attention(attention, parent))
             if hyp.ended:
-                self.done.append(hyp)
+                # An ending counts only if it ranks among the k best continuations: a weaker one
+                # would fill the finished list and stop the search before better live beams end
+                # (and a beam of 1 would no longer be greedy).
+                if rank < k:
+                    self.done.append(hyp)
             elif len(live) < k:
                 live.append((hyp, parent))
         self.steps += 1
         if self.steps >= self.max_steps:
             self.done.extend(h for h, _ in live)  # cut at the length limit
-        self.finished = len(self.done) >= k or self.steps >= self.max_steps or not live
+        self.finished = self.steps >= self.max_steps or not live or self._live_beams_cannot_win(live)
         while len(live) < k:  # keep the slot count fixed; padding beams are never expanded
             live.append((_Hypothesis(log_prob=-math.inf), 0))
         self.beams = [h for h, _ in live]
         tokens = np.array([h.token_ids[-1] if h.token_ids else END_ID for h in self.beams], dtype=np.int32)
         return tokens, np.array([p for _, p in live], dtype=np.int64)
+
+    def _live_beams_cannot_win(self, live: list[tuple[_Hypothesis, int]]) -> bool:
+        """True once k hypotheses have ended and no live beam scores better, now, than the k-th
+        best of them. Stopping at the first k endings instead would cut off a longer caption
+        whose per-token score is still ahead. (Exact for length_penalty=0, since log-probabilities
+        only fall; a heuristic otherwise, as in common toolkits.)"""
+        if len(self.done) < self.width:
+            return False
+        penalty = self.options.length_penalty
+        kth_best = sorted((h.score(penalty) for h in self.done), reverse=True)[self.width - 1]
+        return max(h.score(penalty) for h, _ in live) <= kth_best
 
     def hypotheses(self):
         penalty = self.options.length_penalty

@@ -109,7 +109,7 @@ def test_captions_have_variety(samples):
                     *(rf" is {rel} " for rel in ("to the left of", "to the right of", "above", "below"))]:
         assert re.search(pattern, text, re.MULTILINE), pattern
     relational = sum(" is to the " in c or " is above " in c or " is below " in c for c in text.splitlines())
-    assert 0.1 < relational / len(text.splitlines()) < 0.5
+    assert 0.03 < relational / len(text.splitlines()) < 0.5  # some, not most (RELATION_PROBABILITY)
 
 
 def test_single_object_scene_still_gets_five_captions():

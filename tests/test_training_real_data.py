@@ -18,6 +18,7 @@ from PIL import Image
 
 from captioning.artifacts import verify_bundle
 from captioning.captioner import Captioner
+from training import features
 from training.__main__ import main
 from training.datasets.shapes import make_example
 from training.features import backbone_of
@@ -84,12 +85,14 @@ def cached_run(tmp_path_factory, coco_flags):
              "--weights", str(weights_file)]
     cache, bundle = root / "cache", root / "bundle"
     outputs = []
-    for command in (["extract-features", "--cache", str(cache)], ["extract-features", "--cache", str(cache)],
-                    ["train", "--features-cache", str(cache), "--max-steps", "2", "--output", str(bundle),
-                     "--run-dir", str(root / "run")]):
-        with redirect_stdout(io.StringIO()) as printed:
-            assert main([command[0], "--preset", "tiny", *flags, *command[1:]]) == 0
-        outputs.append(printed.getvalue())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "MAX_SHARD_ROWS", 5)  # 12 images: shards of 5, 5 and 2 rows
+        for command in (["extract-features", "--cache", str(cache)], ["extract-features", "--cache", str(cache)],
+                        ["train", "--features-cache", str(cache), "--max-steps", "2", "--output", str(bundle),
+                         "--run-dir", str(root / "run")]):
+            with redirect_stdout(io.StringIO()) as printed:
+                assert main([command[0], "--preset", "tiny", *flags, *command[1:]]) == 0
+            outputs.append(printed.getvalue())
     return dict(source=source, weights_file=weights_file, cache=cache, bundle=bundle, outputs=outputs)
 
 
@@ -112,13 +115,14 @@ def test_features_cache_extracts_once_and_trains(cached_run, coco_root):
     from training.features import CachedFeatures, FeatureCache, build_feature_encoder, cache_key, key_folder_name
 
     first, second, training = cached_run["outputs"]
-    assert "features of 8 train images" in first and "features of 4 val images" in first
+    assert "features of 12 train/val images" in first
     assert "extracting" not in second and "extracting" not in training  # everything was already there
     (key_dir,) = [p for p in cached_run["cache"].iterdir() if p.is_dir()]
     index = json.loads((key_dir / "index.json").read_text())
     assert len(index["rows"]) == 12
-    shard = np.load(key_dir / index["shards"][0], allow_pickle=False)
-    assert shard.dtype == np.float16 and shard.shape[1:] == (2, 2, 576)  # MobileNetV3-Small's grid at 64x64
+    shards = [np.load(key_dir / name, allow_pickle=False) for name in index["shards"]]
+    assert [len(shard) for shard in shards] == [5, 5, 2]
+    assert shards[0].dtype == np.float16 and shards[0].shape[1:] == (2, 2, 576)  # MobileNetV3-Small at 64x64
     bundle = cached_run["bundle"]
     assert verify_bundle(bundle)["training"]["features_cache"] is True
 
@@ -127,9 +131,9 @@ def test_features_cache_extracts_once_and_trains(cached_run, coco_root):
     image_files = [coco_root / "images" / f"train_{n:03d}.png" for n in range(2)]
     pixels = np.stack([np.asarray(Image.open(f)) for f in image_files]).astype(np.float32)
     key = json.loads((key_dir / "key.json").read_text())
-    features = CachedFeatures(FeatureCache(cached_run["cache"], key),
-                              [hashlib.sha256(f.read_bytes()).hexdigest() for f in image_files])
-    cached_grid = np.stack([features.read(location) for location in features.locations]).astype(np.float32)
+    cached = CachedFeatures(FeatureCache(cached_run["cache"], key),
+                            [hashlib.sha256(f.read_bytes()).hexdigest() for f in image_files])
+    cached_grid = np.stack([cached.read(location) for location in cached.locations]).astype(np.float32)
     from_cache = build_feature_encoder(captioner.encoder)(cached_grid).numpy()
     np.testing.assert_allclose(from_cache, captioner.encoder(pixels).numpy(), atol=2e-2, rtol=2e-2)
 
@@ -151,11 +155,11 @@ def test_features_cache_refuses_a_trainable_backbone(tmp_path, coco_flags):
         main(["extract-features", "--preset", "tiny", "--cache", str(tmp_path / "c"), *coco_flags, *SMALL_MODEL])
 
 
-def run_python(code: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter (its devices and strategies cannot leak into other tests)."""
+def run_python(code: str, *args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Runs `code` with `args` in a fresh interpreter (its devices and strategies cannot leak into other tests)."""
     environment = {name: value for name, value in os.environ.items() if name != "TF_CONFIG"}
     environment.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", **(env or {}))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=environment, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -174,11 +178,9 @@ sys.exit(main(sys.argv[1:]))
 def test_coco_files_train_on_two_logical_cpus_to_an_evaluated_bundle(tmp_path, coco_flags):
     """The COCO loader, MirroredStrategy over two logical CPU devices, the bundle, the evaluation."""
     bundle, run_dir = tmp_path / "bundle", tmp_path / "run"
-    code = MIRRORED_RUN.replace("sys.argv[1:]", repr([
-        "train", "--preset", "tiny", *coco_flags, *SMALL_MODEL, "--max-steps", "2",
-        "--strategy", "mirrored", "--devices", "/cpu:0,/cpu:1",
-        "--output", str(bundle), "--run-dir", str(run_dir), "--evaluate-split", "val", "--no-meteor"]))
-    result = run_python(code)
+    result = run_python(MIRRORED_RUN, "train", "--preset", "tiny", *coco_flags, *SMALL_MODEL, "--max-steps", "2",
+                        "--strategy", "mirrored", "--devices", "/cpu:0,/cpu:1", "--output", str(bundle),
+                        "--run-dir", str(run_dir), "--evaluate-split", "val", "--no-meteor")
     assert "2 replicas (MirroredStrategy), global batch 4 = 2 per replica" in result.stdout
 
     manifest = verify_bundle(bundle)

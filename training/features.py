@@ -284,14 +284,18 @@ def prepare_cached_features(cache_root: str | Path, config: ModelConfig, encoder
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(cache_root, cache_key(config, encoder))
-    hashes_by_split = {split: image_hashes(records, cache_root, verbose) for split, records in records_by_split.items()}
+    all_records = [record for records in records_by_split.values() for record in records]
+    all_hashes = image_hashes(all_records, cache_root, verbose)
+    hashes_by_split, start = {}, 0
     for split, records in records_by_split.items():
-        missing = sum(h not in cache for h in set(hashes_by_split[split]))
-        if missing and not extract:
-            raise ValueError(f"{missing} {split} images are not in the features cache {cache.directory}; "
-                             "run `python -m training extract-features` with the same flags first")
-        extract_missing(cache, records, hashes_by_split[split], encoder, config.image_size, batch_size,
-                        verbose, label=f"{split} ")
+        hashes_by_split[split] = all_hashes[start : start + len(records)]
+        start += len(records)
+    missing = len({h for h in all_hashes if h not in cache})
+    if missing and not extract:
+        raise ValueError(f"{missing} images are not in the features cache {cache.directory}; "
+                         "run `python -m training extract-features` with the same flags first")
+    extract_missing(cache, all_records, all_hashes, encoder, config.image_size, batch_size, verbose,
+                    label="/".join(records_by_split) + " ")
     print(f"features cache {cache.directory}: {len(cache)} images")
     return {split: CachedFeatures(cache, hashes) for split, hashes in hashes_by_split.items()}
 

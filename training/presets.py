@@ -5,7 +5,7 @@ PRESETS: dict[str, dict] = {
     "default": dict(
         dataset="shapes", backbone="small_cnn", weights=None, image_size=64, attention_dim=256,
         embedding_dim=128, attention="luong", vocab_size=1000, min_count=1, max_length=24,
-        batch_size=32, epochs=10, learning_rate=2e-3, patience=3, train_limit=12000, val_limit=500,
+        batch_size=32, epochs=12, learning_rate=2e-3, patience=3, train_limit=12000, val_limit=500,
         name="shapes-small-cnn",
     ),
     # The reference design: frozen InceptionResNetV2 at 299x299, five captions per image. Names no

@@ -48,21 +48,26 @@ def _count_fitting(widths: Sequence[int], free_slots: int, max_requests: int, id
 class ContinuousPolicy:
     """Admits waiting requests into free slots between decode steps.
 
-    Encoding images stalls every active sequence, and one image costs ~3x more to encode alone than
-    in a batch of eight, so while sequences are decoding, admission waits until `min_encode_batch`
-    requests fit or the oldest has waited `max_admission_delay_s`. An idle engine admits at once.
-    `max_encode_batch` bounds the stall one admission causes.
+    Encoding stalls every active sequence, and an image costs two to three times more to encode
+    alone than in a batch of eight, so a busy engine admits in batches of `min_encode_batch`:
+      - a backlog (more requests wait than fit): wait until that many slots are free; slots free up
+        at every step, and efficient batches are what shortens a backlog;
+      - a short queue: admit once the oldest request has waited `max_admission_delay_s`.
+    An idle engine admits at once. `max_encode_batch` bounds the stall one admission causes, and a
+    batch of at least `min_encode_batch` is cut to one of `batch_sizes` (the runner's padded shapes),
+    so that no encode computes padding rows while requests wait.
     """
 
     name = "continuous"
     holds_results_until_batch_ends = False
 
-    def __init__(self, max_slots: int, max_encode_batch: int = 16, min_encode_batch: int = 4,
-                 max_admission_delay_s: float = 0.01):
+    def __init__(self, max_slots: int, max_encode_batch: int = 16, min_encode_batch: int = 8,
+                 max_admission_delay_s: float = 0.04, batch_sizes: Sequence[int] = ()):
         self.max_slots = max_slots
         self.max_encode_batch = max_encode_batch
         self.min_encode_batch = max(1, min(min_encode_batch, max_encode_batch))
         self.max_admission_delay_s = max_admission_delay_s
+        self.batch_sizes = sorted(batch_sizes)
 
     def admit(self, waiting: Sequence[int], oldest_wait_s: float, used_slots: int) -> Admission:
         idle = used_slots == 0
@@ -70,11 +75,14 @@ class ContinuousPolicy:
         count = _count_fitting(waiting, self.max_slots - used_slots, limit, idle)
         if count == 0 or idle:
             return Admission(count)
-        # Fewer than min_encode_batch fit only because slots are short, or the queue is short:
-        # either way, waiting a few steps gathers a more efficient encode batch.
-        if count >= self.min_encode_batch or oldest_wait_s >= self.max_admission_delay_s:
-            return Admission(count)
-        return Admission(0)
+        if count >= self.min_encode_batch:
+            return Admission(max((size for size in self.batch_sizes if self.min_encode_batch <= size <= count),
+                                 default=count))
+        if len(waiting) > count:  # a backlog, short of slots
+            return Admission(0)
+        # A short queue: the busier the engine, the longer waiting for company is worth it.
+        delay_s = self.max_admission_delay_s * used_slots / self.max_slots
+        return Admission(count if oldest_wait_s >= delay_s else 0)
 
 
 class StaticPolicy:
@@ -114,12 +122,12 @@ BatchingPolicy = ContinuousPolicy | StaticPolicy | SequentialPolicy
 
 
 def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int,
-                min_encode_batch: int, max_admission_delay_s: float) -> BatchingPolicy:
+                min_encode_batch: int, max_admission_delay_s: float, batch_sizes: Sequence[int] = ()) -> BatchingPolicy:
     if not 1 <= max_slots <= MAX_ROWS:
         raise ValueError(f"max_batch_size must be between 1 and {MAX_ROWS}")
     if mode == "continuous":
         return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots), min_encode_batch,
-                                max_admission_delay_s)
+                                max_admission_delay_s, batch_sizes)
     if mode == "static":
         return StaticPolicy(max_slots, max_queue_delay_s)
     if mode == "none":

@@ -1,0 +1,157 @@
+"""Decoding strategies: scripted next-word tables where the right answer is known by hand, then the
+same properties on the offline Captioner with the tiny random bundle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from captioning.decoding import DecodeOptions, new_search
+from captioning.tokenizer import END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
+
+TOKENIZER = Tokenizer(list(SPECIAL_TOKENS) + ["a", "b", "c"])
+A, B, C = 4, 5, 6
+VOCAB = len(TOKENIZER)
+
+
+def row(**probabilities: float) -> np.ndarray:
+    """Log-probabilities over the vocabulary: the named tokens get their share, the rest split 1e-6."""
+    ids = {"a": A, "b": B, "c": C, "end": END_ID, "pad": PAD_ID}
+    probs = np.full(VOCAB, 1e-6)
+    for name, p in probabilities.items():
+        probs[ids[name]] = p
+    return np.log(probs / probs.sum())
+
+
+# First word a (0.6) or b (0.4). After a, nothing is likely; after b, <end> is almost certain.
+# Greedy takes "a" and ends with 0.6 * 0.35; the best caption is "b" with 0.4 * 0.9.
+GREEDY_TRAP = {
+    (): row(a=0.6, b=0.4),
+    (A,): row(end=0.35, a=0.33, c=0.32),
+    (B,): row(end=0.9, c=0.1),
+}
+
+
+def run_scripted(options: DecodeOptions, table: dict, max_steps: int = 4):
+    """Drives a search the way the engines do, reading each slot's next-word row from `table`
+    (keyed by the slot's words so far; unknown prefixes end at once)."""
+    search = new_search(options.validate(), max_steps)
+    prefixes = [()] * search.width
+    search.start_tokens()
+    while not search.finished:
+        log_probs = np.stack([table.get(prefix, row(end=1.0)) for prefix in prefixes])
+        attention = np.stack([np.full(4, float(len(prefix))) for prefix in prefixes])  # row = step number
+        tokens, parents = search.advance(log_probs, attention)
+        prefixes = [prefixes[parent] + (int(token),) for token, parent in zip(tokens, parents)]
+    return search.results(TOKENIZER)
+
+
+def test_beam_search_escapes_the_greedy_trap_and_sorts_by_score():
+    (greedy,) = run_scripted(DecodeOptions(), GREEDY_TRAP)
+    assert greedy.text == "a" and greedy.log_prob == pytest.approx(math.log(0.6 * 0.35), abs=1e-4)
+    beam = run_scripted(DecodeOptions(strategy="beam", beam_size=2, num_captions=2), GREEDY_TRAP)
+    assert [c.text for c in beam] == ["b", "a"]
+    assert beam[0].log_prob == pytest.approx(math.log(0.4 * 0.9), abs=1e-4)
+    assert beam[0].confidence == pytest.approx(math.sqrt(0.4 * 0.9), abs=1e-4)  # per token, <end> included
+
+
+def test_length_normalisation_decides_between_short_and_long_captions():
+    # "a" then <end>: p = 0.6 * 0.4 = 0.24 over 2 tokens (0.49 per token). "b c c" then <end>:
+    # p = 0.4 * 0.8 * 0.8 * 0.8 = 0.205, less in total but 0.67 per token. The search must not stop
+    # when the first two captions end ("a", "a c"): "b c c" is still ahead per token.
+    table = {(): row(a=0.6, b=0.4), (A,): row(end=0.4, c=0.3, a=0.3), (B,): row(c=0.8, end=0.2),
+             (B, C): row(c=0.8, end=0.2), (B, C, C): row(end=0.8, c=0.2)}
+    per_token = run_scripted(DecodeOptions(strategy="beam", beam_size=2), table, max_steps=6)
+    assert per_token[0].text == "b c c"
+    assert per_token[0].confidence == pytest.approx(0.2048 ** 0.25, abs=1e-4)
+    in_total = run_scripted(DecodeOptions(strategy="beam", beam_size=2, length_penalty=0.0), table, max_steps=6)
+    assert in_total[0].text == "a"
+
+
+def test_attention_rows_stay_with_their_words_when_special_tokens_are_skipped():
+    # An untrained model may emit <pad> mid-caption: decode() drops it, and its attention row too.
+    table = {(): row(a=1.0), (A,): row(pad=1.0), (A, PAD_ID): row(b=1.0)}
+    (caption,) = run_scripted(DecodeOptions(return_attention=True), table)
+    assert caption.tokens == ["a", "b"]
+    assert [weights[0] for weights in caption.attention] == [0.0, 2.0]  # steps 0 and 2, not 0 and 1
+
+
+def test_sampling_with_top_k_one_is_greedy_and_seeds_repeat():
+    picky = run_scripted(DecodeOptions(strategy="sample", num_captions=3, top_k=1, seed=1), GREEDY_TRAP)
+    assert [c.text for c in picky] == ["a", "a", "a"]
+    first = run_scripted(DecodeOptions(strategy="sample", num_captions=5, seed=42), GREEDY_TRAP)
+    again = run_scripted(DecodeOptions(strategy="sample", num_captions=5, seed=42), GREEDY_TRAP)
+    assert [(c.text, c.log_prob) for c in first] == [(c.text, c.log_prob) for c in again]
+    assert [c.log_prob for c in first] == sorted((c.log_prob for c in first), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (DecodeOptions(num_captions=2), "greedy"),
+        (DecodeOptions(strategy="beam", beam_size=2, num_captions=3), "beam_size"),
+        (DecodeOptions(strategy="beam", beam_size=0), "beam_size"),
+        (DecodeOptions(strategy="beam", beam_size=11), "beam_size"),
+        (DecodeOptions(strategy="sample", num_captions=11), "num_captions"),
+        (DecodeOptions(strategy="sample", temperature=0.0), "temperature"),
+        (DecodeOptions(strategy="sample", top_k=0), "top_k"),
+    ],
+)
+def test_impossible_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        options.validate()
+
+
+# --- the offline Captioner, tiny random bundle ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return list(np.random.default_rng(11).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+
+
+def test_beam_size_one_equals_greedy(tiny_captioner, pictures):
+    greedy = tiny_captioner.caption(pictures)
+    beam = tiny_captioner.caption(pictures, DecodeOptions(strategy="beam", beam_size=1))
+    for (g,), (b,) in zip(greedy, beam, strict=True):
+        assert b.tokens == g.tokens
+        assert b.log_prob == pytest.approx(g.log_prob, abs=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [2, 5])
+def test_beam_results_are_sorted_by_score_and_score_at_least_as_well_as_greedy(tiny_captioner, pictures, beam_size):
+    # The beam's score is the log-probability per token (length_penalty=1), which `confidence`
+    # reports as a probability: sorted by one is sorted by the other.
+    greedy = tiny_captioner.caption(pictures)
+    beam = tiny_captioner.caption(pictures, DecodeOptions(strategy="beam", beam_size=beam_size,
+                                                          num_captions=beam_size))
+    for (g,), captions in zip(greedy, beam, strict=True):
+        assert len(captions) == beam_size
+        confidences = [c.confidence for c in captions]
+        assert confidences == sorted(confidences, reverse=True)
+        assert confidences[0] >= g.confidence - 1e-6
+
+
+def test_sampling_with_a_seed_repeats(tiny_captioner, pictures):
+    def sample(seed):
+        options = DecodeOptions(strategy="sample", num_captions=3, seed=seed, temperature=0.8, top_k=5)
+        results = tiny_captioner.caption(pictures, options)
+        return [[(c.text, round(c.log_prob, 5)) for c in captions] for captions in results]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    assert all(len(captions) == 3 for captions in sample(7))
+
+
+def test_attention_has_one_grid_row_per_word(tiny_captioner, pictures):
+    height, width = tiny_captioner.grid_shape
+    options = DecodeOptions(strategy="beam", beam_size=3, num_captions=2, return_attention=True)
+    for captions in tiny_captioner.caption(pictures[:2], options):
+        for caption in captions:
+            assert len(caption.attention) == len(caption.tokens)
+            for weights in caption.attention:
+                assert len(weights) == height * width
+                assert sum(weights) == pytest.approx(1.0, abs=1e-3)
+    assert tiny_captioner.caption(pictures[:1])[0][0].attention is None

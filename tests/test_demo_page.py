@@ -1,0 +1,254 @@
+"""The demo page at /: served without a key and kept out of the API schema (in process), then end to
+end in headless Chromium (Debian's package, driven by Playwright): upload a shapes test scene, wait
+for the captions, check them and the attention heatmap, and save desktop and phone screenshots.
+
+The browser test serves the trained model at model_artifacts/default when it exists (and then also
+checks that the caption is true of the scene), else the tiny random bundle. Screenshots go to the
+test's tmp_path, and also to DEMO_SCREENSHOTS_DIR when that is set (for CI artifacts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import test_service_helpers as uploads
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+from captioning.decoding import DecodeOptions
+from training.datasets.shapes import make_example
+from training.datasets.shapes_checker import check_caption
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED_BUNDLE = ROOT / "model_artifacts" / "default"
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PAGE_DEFAULTS = DecodeOptions(strategy="beam", beam_size=3, num_captions=3)  # as app/static/index.html
+SCENES_TO_TRY = 20
+DESKTOP = {"width": 1280, "height": 860}
+PHONE = {"width": 375, "height": 740}
+CAPTION_TIMEOUT_MS = 30_000
+
+
+# --- served like any other route (no browser needed) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    with TestClient(create_app(Settings(artifacts_dir=tiny_bundle, api_key="page-key"))) as client:
+        yield client
+
+
+def test_page_and_assets_are_served_without_a_key(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'id="file-input"' in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+    for missing in ("/static/index.html.bak", "/static/..%2Fmain.py", "/static/"):
+        assert client.get(missing).status_code == 404
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_page_fetches_nothing_from_elsewhere():
+    static = ROOT / "app" / "static"
+    for name in ("index.html", "app.js", "style.css"):
+        text = (static / name).read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
+
+
+# --- end to end in Chromium ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium) "
+                    "or set CHROMIUM_PATH")
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle) -> Path:
+    return TRAINED_BUNDLE if (TRAINED_BUNDLE / "manifest.json").exists() else tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def served_app(bundle):
+    return create_app(Settings(artifacts_dir=bundle, max_batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def server_url(playwright_api, served_app):
+    """The app under uvicorn in a thread, on a free loopback port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(served_app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="demo-page-server", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the demo server did not become ready")
+        time.sleep(0.2)
+    yield url
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def browser(playwright_api, tmp_path_factory):
+    with playwright_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
+            args=CHROMIUM_ARGS, viewport=DESKTOP, has_touch=True,
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def scene(served_app, server_url, bundle, tmp_path_factory):
+    """A shapes test scene saved as PNG, with the caption the page should show first: the first
+    scene that the trained model captions correctly offline (any scene for the random bundle)."""
+    captioner = served_app.state.captioner
+    for index in range(SCENES_TO_TRY):
+        example = make_example("test", index)
+        best = captioner.caption([example.pixels], PAGE_DEFAULTS)[0][0]
+        if bundle != TRAINED_BUNDLE or check_caption(best.text, example.scene).correct:
+            path = tmp_path_factory.mktemp("scene") / f"{example.image_id}.png"
+            Image.fromarray(example.pixels).save(path)
+            return path, example.scene, best.text
+    pytest.fail(f"the trained model captions none of the first {SCENES_TO_TRY} test scenes correctly")
+
+
+def heatmap_pixels_drawn(page) -> int:
+    """Pixels of the overlay canvas that are not fully transparent."""
+    return page.evaluate("""() => {
+        const canvas = document.getElementById("heatmap");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        let drawn = 0;
+        for (let i = 3; i < data.length; i += 4) if (data[i] > 0) drawn += 1;
+        return drawn;
+    }""")
+
+
+def upload_and_wait(page, url, path):
+    page.goto(url)
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
+
+
+def first_caption(page) -> tuple[str, str]:
+    first = page.locator("#captions li").first
+    words = first.locator(".word").all_inner_texts()
+    return " ".join(words), first.locator(".confidence-value").inner_text()
+
+
+def save_screenshot(page, tmp_path, name):
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("DEMO_SCREENSHOTS_DIR"):
+        target = Path(os.environ["DEMO_SCREENSHOTS_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / name)
+    return path
+
+
+def test_upload_shows_captions_and_hovering_a_word_shows_its_heatmap(browser, server_url, bundle, scene, tmp_path):
+    path, shapes_scene, expected_caption = scene
+    page = browser.new_page()
+    page.set_viewport_size(DESKTOP)
+    upload_and_wait(page, server_url, path)
+
+    text, confidence = first_caption(page)
+    assert text == expected_caption and confidence.endswith("% confidence")
+    assert page.locator("#captions li").count() == PAGE_DEFAULTS.num_captions
+    if bundle == TRAINED_BUNDLE:
+        assert check_caption(text, shapes_scene).correct, f"{text!r} is not true of the scene"
+    assert page.locator("#model-info").inner_text().startswith("Model ")
+    assert not page.locator("#api-key-row").is_visible()  # this service needs no key
+
+    assert heatmap_pixels_drawn(page) == 0
+    word = page.locator("#captions li").first.locator(".word").nth(2)
+    word.hover()
+    assert heatmap_pixels_drawn(page) > 0
+    assert page.locator("#legend").is_visible()
+    assert word.inner_text() in page.locator("#attention-label").inner_text()
+    box = page.locator("#preview").bounding_box()
+    canvas = page.locator("#heatmap").bounding_box()
+    assert (round(canvas["width"]), round(canvas["height"])) == (round(box["width"]), round(box["height"]))
+    assert save_screenshot(page, tmp_path, "demo-desktop.png").stat().st_size > 0
+
+    page.mouse.move(0, 0)  # leaving the word clears the overlay
+    assert heatmap_pixels_drawn(page) == 0
+    page.close()
+
+
+def test_on_a_phone_a_tap_pins_the_heatmap_and_nothing_overflows(browser, server_url, scene, tmp_path):
+    path = scene[0]
+    page = browser.new_page()
+    page.set_viewport_size(PHONE)
+    upload_and_wait(page, server_url, path)
+    word = page.locator("#captions li").first.locator(".word").first
+    word.tap()
+    assert word.get_attribute("aria-pressed") == "true"
+    assert heatmap_pixels_drawn(page) > 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    save_screenshot(page, tmp_path, "demo-phone.png")
+    page.close()
+
+
+def test_an_api_error_is_shown_readably(browser, server_url, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_bytes(uploads.TEXT)
+    page = browser.new_page()
+    page.goto(server_url)
+    page.set_input_files("#file-input", str(not_an_image))
+    alert = page.locator("#error")
+    alert.wait_for(state="visible", timeout=CAPTION_TIMEOUT_MS)
+    assert "not a recognisable image" in alert.inner_text() and "invalid_image" in alert.inner_text()
+    assert page.locator("#captions li").count() == 0
+    page.close()
+
+
+def test_when_the_service_wants_a_key_the_page_asks_for_it_and_sends_it(browser, server_url, scene):
+    page = browser.new_page()
+    unauthorised = {"error": {"code": "unauthorized", "message": "a valid API key is required"}, "request_id": "x"}
+    page.route("**/model", lambda route: route.fulfill(status=401, json=unauthorised))
+    page.goto(server_url)
+    page.locator("#api-key-row").wait_for(state="visible")
+    page.fill("#api-key", "demo-secret")
+    page.press("#api-key", "Tab")  # `change` stores it
+    with page.expect_request("**/caption?**") as request:
+        page.set_input_files("#file-input", str(scene[0]))
+    assert request.value.headers["x-api-key"] == "demo-secret"
+    assert page.evaluate("sessionStorage.getItem('captioning.apiKey')") == "demo-secret"
+    page.close()

@@ -447,3 +447,36 @@ def test_submit_checks_the_image_and_options(tiny_captioner):
         await engine.stop()
 
     run(scenario())
+
+
+def test_admission_gate_refuses_before_the_body_is_read_and_lets_the_rest_through():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from app.engine import AdmissionGate
+
+    class FakeEngine:
+        full = False
+
+        def check_admission(self):
+            if self.full:
+                raise Overloaded(2.5)
+
+    body_reads = []
+
+    async def caption(request):
+        body_reads.append(await request.body())
+        return PlainTextResponse("captioned")
+
+    app = Starlette(routes=[Route("/caption", caption, methods=["POST"])])
+    app.state.engine = FakeEngine()
+    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)
+    client = TestClient(app)
+    assert client.post("/caption", content=b"image").text == "captioned"
+    app.state.engine.full = True
+    refused = client.post("/caption", content=b"image")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert body_reads == [b"image"]  # the refused request never reached the route

@@ -5,12 +5,15 @@
     result = await engine.submit(image, options)  # Result(captions, queue_ms, inference_ms)
     await engine.stop(grace_s)                 # admission stops; in-flight requests finish
 
+    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)  # 503 before the body is read
+
 Policy (app.engine.scheduler), model runner (app.engine.runner) and the thread that drives them
 (app.engine.engine) are separate, so the batching policy is testable without a model.
 """
 
 from __future__ import annotations
 
+from app.engine.admission import AdmissionGate
 from app.engine.engine import (
     DeadlineExceeded,
     Engine,
@@ -24,6 +27,7 @@ from app.engine.scheduler import make_policy
 from captioning.captioner import BATCH_BUCKETS
 
 __all__ = [
+    "AdmissionGate",
     "create_engine",
     "DeadlineExceeded",
     "Engine",
@@ -56,4 +60,5 @@ def create_engine(captioner, settings) -> Engine:
         max_queue_size=getattr(settings, "max_queue_size", 256),
         request_timeout_s=getattr(settings, "request_timeout_s", 30.0),
         shutdown_grace_s=getattr(settings, "shutdown_grace_s", 10.0),
+        inference_nice=getattr(settings, "inference_nice", 0),
     )

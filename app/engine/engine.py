@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -86,9 +88,11 @@ class _Request:
 
 class Engine:
     def __init__(self, captioner, policy: BatchingPolicy, *, max_queue_size: int = 256,
-                 request_timeout_s: float = 30.0, shutdown_grace_s: float = 10.0, runner: ModelRunner | None = None):
+                 request_timeout_s: float = 30.0, shutdown_grace_s: float = 10.0, inference_nice: int = 0,
+                 runner: ModelRunner | None = None):
         self.captioner = captioner
         self.policy = policy
+        self.inference_nice = inference_nice
         self.request_timeout_s = request_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
         self.runner = runner or ModelRunner(captioner, MAX_ROWS)
@@ -228,6 +232,7 @@ class Engine:
             logger.exception("engine warm-up failed")
             loop.call_soon_threadsafe(report, exc)
             return
+        self._lower_inference_priority()
         loop.call_soon_threadsafe(report, None)
         logger.info("inference engine ready (batching mode: %s)", self.mode)
         while True:
@@ -243,6 +248,26 @@ class Engine:
         metrics.QUEUE_DEPTH.set(0)
         metrics.ACTIVE_SLOTS.set(0)
         logger.info("inference engine stopped")
+
+    def _lower_inference_priority(self) -> None:
+        """Renices this thread and the native (TensorFlow) threads, so that the event loop, which
+        must keep answering (503s included) however busy the model is, runs first when it is
+        runnable; the model takes the CPU time left. Linux schedules each thread by its own nice
+        value. Python threads other than this one (the event loop, decode workers) keep theirs."""
+        if not self.inference_nice or not sys.platform.startswith("linux"):
+            return
+        python_threads = {thread.native_id for thread in threading.enumerate()}
+        own = threading.get_native_id()
+        try:
+            thread_ids = [int(tid) for tid in os.listdir("/proc/self/task")]
+        except OSError:
+            return
+        for tid in thread_ids:
+            if tid == own or tid not in python_threads:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), self.inference_nice))
+                except OSError:  # the thread ended, or the platform refuses
+                    pass
 
     def _iterate(self) -> bool:
         """One scheduling round; False when the engine has shut down."""

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test train-default evaluate-default bench lint clean
+.PHONY: install install-dev serve test train-default evaluate-default train-shapeworld bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ train-default: $(VENV)/.dev
 evaluate-default: $(VENV)/.dev
 	$(BIN)/python -m training evaluate --artifacts model_artifacts/default --dataset shapes --split test \
 		--output docs/default-model-metrics.json --gallery docs/default-model-gallery.html --update-manifest
+
+# The external ShapeWorld benchmark (needs ../shared/datasets/shapeworld).
+SHAPEWORLD ?= ../shared/datasets/shapeworld
+train-shapeworld: $(VENV)/.dev
+	$(BIN)/python -m training train --preset shapeworld --dataset coco \
+		--data annotations_file=$(SHAPEWORLD)/train/captions_train.json --data images_dir=$(SHAPEWORLD)/train/images \
+		--val-data annotations_file=$(SHAPEWORLD)/val/captions_val.json --val-data images_dir=$(SHAPEWORLD)/val/images \
+		--output model_artifacts/shapeworld --run-dir runs/shapeworld --evaluate-split val
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.load_test

@@ -7,7 +7,9 @@ test: sequences join and leave the decode batch at every step.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -163,7 +165,7 @@ class ControlledCaptioner:
 
     def encode(self, images):
         self.encode_entered.set()
-        assert self.gate.wait(20), "test gate never opened"
+        assert self.gate.wait(10), "test gate never opened"
         self.encode_batches.append(len(images))
         if self.poisoned_pixel is not None and any((image == self.poisoned_pixel).all() for image in images):
             raise RuntimeError("poisoned batch")
@@ -179,7 +181,7 @@ class ControlledCaptioner:
 
 def settings(mode="continuous", **overrides):
     values = dict(batching_mode=mode, max_batch_size=16, max_queue_delay_ms=5.0, max_queue_size=64,
-                  request_timeout_s=20.0, shutdown_grace_s=5.0)
+                  request_timeout_s=20.0, shutdown_grace_s=5.0, inference_nice=0, freeze_gc=False)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -434,6 +436,30 @@ def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
     run(scenario())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux behaviour")
+def test_the_model_threads_run_below_the_event_loop(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+    seen = {}
+    encode = controlled.encode
+
+    def recording_encode(images):
+        seen["inference"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return encode(images)
+
+    controlled.encode = recording_encode
+
+    async def scenario():
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        engine = create_engine(controlled, settings(inference_nice=seen["before"] + 1))
+        await engine.start()
+        await engine.submit(images(1)[0], DecodeOptions(max_length=2))
+        seen["event loop"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        await engine.stop()
+
+    run(scenario())
+    assert seen["inference"] == seen["before"] + 1 and seen["event loop"] == seen["before"]
+
+
 def test_submit_checks_the_image_and_options(tiny_captioner):
     async def scenario():
         engine = create_engine(tiny_captioner, settings())
@@ -449,20 +475,25 @@ def test_submit_checks_the_image_and_options(tiny_captioner):
     run(scenario())
 
 
-def test_admission_gate_refuses_before_the_body_is_read_and_lets_the_rest_through():
+def gated_app(engine, route):
     from starlette.applications import Starlette
-    from starlette.responses import PlainTextResponse
     from starlette.routing import Route
-    from starlette.testclient import TestClient
 
     from app.engine import AdmissionGate
 
-    class FakeEngine:
-        full = False
+    app = Starlette(routes=[Route("/caption", route, methods=["POST"])])
+    app.state.engine = engine
+    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)
+    return app
 
-        def check_admission(self):
-            if self.full:
-                raise Overloaded(2.5)
+
+def test_admission_gate_refuses_before_the_body_is_read():
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    class FullEngine:
+        def reserve(self):
+            raise Overloaded(2.5)
 
     body_reads = []
 
@@ -470,13 +501,48 @@ def test_admission_gate_refuses_before_the_body_is_read_and_lets_the_rest_throug
         body_reads.append(await request.body())
         return PlainTextResponse("captioned")
 
-    app = Starlette(routes=[Route("/caption", caption, methods=["POST"])])
-    app.state.engine = FakeEngine()
-    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)
-    client = TestClient(app)
-    assert client.post("/caption", content=b"image").text == "captioned"
-    app.state.engine.full = True
-    refused = client.post("/caption", content=b"image")
+    refused = TestClient(gated_app(FullEngine(), caption)).post("/caption", content=b"image")
     assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
     assert refused.json()["error"]["code"] == "overloaded"
-    assert body_reads == [b"image"]  # the refused request never reached the route
+    assert body_reads == []  # the route never ran
+
+
+def test_requests_past_the_gate_hold_their_queue_place_until_submit(tiny_captioner):
+    import httpx
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    controlled = ControlledCaptioner(tiny_captioner)
+    proceed = asyncio.Event()
+
+    async def scenario():
+        engine = create_engine(controlled, settings(max_queue_size=2))
+        await engine.start()
+
+        async def caption(request):
+            if await request.body() == b"broken":
+                return PlainTextResponse("not an image", status_code=400)  # never submits
+            await proceed.wait()  # "reading and decoding the upload"
+            result = await engine.submit(images(1)[0], DecodeOptions(max_length=2))
+            return JSONResponse({"caption": result.captions[0].text})
+
+        transport = httpx.ASGITransport(app=gated_app(engine, caption))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.post("/caption", content=b"broken")).status_code == 400  # its place is back
+            controlled.gate.clear()
+            try:
+                busy = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(max_length=2)))
+                await asyncio.to_thread(controlled.encode_entered.wait, 5)
+                admitted = [asyncio.create_task(client.post("/caption", content=b"image")) for _ in range(2)]
+                await asyncio.sleep(0.05)
+                assert engine.queue_depth == 0  # both are still "decoding", each holding a place
+                refused = await asyncio.wait_for(client.post("/caption", content=b"image"), 2)
+                assert refused.status_code == 503  # the queue is empty, but its places are promised
+            finally:
+                proceed.set()
+                controlled.gate.set()
+            responses = await asyncio.gather(*admitted)
+            await busy
+        await engine.stop(grace_s=1)
+        return responses
+
+    assert [response.status_code for response in run(scenario())] == [200, 200]

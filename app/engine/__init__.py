@@ -44,6 +44,10 @@ def create_engine(captioner, settings) -> Engine:
 
     Reads the settings below with getattr, so any object with some of them (a SimpleNamespace in a
     test) works; the continuous-batching knobs are optional tuning, not service configuration.
+    inference_nice (default 10, 0 to leave priorities alone): the model's threads run at this nice
+    value, below the event loop, so the server keeps answering, 503s included, at any load.
+    freeze_gc (default True): after warm-up, the objects the model left are frozen out of Python's
+    cyclic garbage collector, whose full passes over them would pause the whole process.
     """
     policy = make_policy(
         getattr(settings, "batching_mode", "continuous"),
@@ -60,5 +64,6 @@ def create_engine(captioner, settings) -> Engine:
         max_queue_size=getattr(settings, "max_queue_size", 256),
         request_timeout_s=getattr(settings, "request_timeout_s", 30.0),
         shutdown_grace_s=getattr(settings, "shutdown_grace_s", 10.0),
-        inference_nice=getattr(settings, "inference_nice", 0),
+        inference_nice=getattr(settings, "inference_nice", 10),
+        freeze_gc=getattr(settings, "freeze_gc", True),
     )

@@ -3,12 +3,14 @@
 Past capacity, the engine's queue is full and submit() raises Overloaded at once, but by then the
 server has parsed the multipart upload and decoded the image: CPU spent on a request that is
 refused. On a small machine that work starves the event loop and the engine, so throughput falls
-exactly when load peaks and refusals slow to seconds. The gate checks the queue first:
+exactly when load peaks and refusals slow to seconds. The gate decides first:
 
     app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine, path="/caption")
 
-A refusal has the service's error shape and a Retry-After header. Requests the gate lets through
-can still meet a full queue at submit(); the gate only makes the common case cheap.
+Each request it lets through holds a place in the engine's queue (Engine.reserve) until its
+submit() takes it, or until the response is sent (an invalid upload gives it back), so a request
+past the gate is never refused for a full queue. A refusal has the service's error shape
+({"error": {"code", "message"}, "request_id"}) and a Retry-After header.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import math
 from collections.abc import Callable
 
-from app.engine.engine import Engine, EngineStopped, Overloaded
+from app.engine.engine import Engine, EngineStopped, Overloaded, current_reservation
 
 
 class AdmissionGate:
@@ -33,7 +35,7 @@ class AdmissionGate:
             engine = self.engine_of(scope["app"]) if "app" in scope else None
             if engine is not None:
                 try:
-                    engine.check_admission()
+                    reservation = engine.reserve()
                 except Overloaded as exc:
                     await _refuse(scope, send, "overloaded", "the inference queue is full; retry shortly",
                                   exc.retry_after_s)
@@ -41,6 +43,13 @@ class AdmissionGate:
                 except EngineStopped:
                     await _refuse(scope, send, "not_ready", "the service is shutting down", 5.0)
                     return
+                token = current_reservation.set(reservation)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    current_reservation.reset(token)
+                    engine.release(reservation)
+                return
         await self.app(scope, receive, send)
 
 

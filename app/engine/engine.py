@@ -17,6 +17,8 @@ checking that the future is not already done, so a cancelled future never receiv
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import logging
 import math
 import os
@@ -69,6 +71,22 @@ class Result:
     inference_ms: float  # admitted -> captions ready
 
 
+class Reservation:
+    """A place in the admission queue, held from the door (AdmissionGate) to submit()."""
+
+    __slots__ = ("engine", "held")
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.held = True
+
+
+# The reservation of the request being handled: the gate sets it, submit() in the same request
+# (any task created within it copies the context) uses it.
+current_reservation: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar(
+    "engine_reservation", default=None)
+
+
 class _Request:
     __slots__ = ("image", "options", "width", "loop", "future", "submitted", "admitted", "search",
                  "abandoned", "deadline_timer")
@@ -89,10 +107,11 @@ class _Request:
 class Engine:
     def __init__(self, captioner, policy: BatchingPolicy, *, max_queue_size: int = 256,
                  request_timeout_s: float = 30.0, shutdown_grace_s: float = 10.0, inference_nice: int = 0,
-                 runner: ModelRunner | None = None):
+                 freeze_gc: bool = False, runner: ModelRunner | None = None):
         self.captioner = captioner
         self.policy = policy
         self.inference_nice = inference_nice
+        self.freeze_gc = freeze_gc
         self.request_timeout_s = request_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
         self.runner = runner or ModelRunner(captioner, MAX_ROWS)
@@ -103,6 +122,7 @@ class Engine:
         self._held: list[tuple[_Request, object]] = []  # static batching: released when the batch ends
         self._abandoned_count = 0  # bumped on the loop; the thread scans for abandoned requests when it changes
         self._abandoned_seen = 0
+        self._reserved = 0  # queue places promised to requests between the gate and submit(); loop thread only
         self._seconds_per_request = 0.05  # moving average, for Retry-After
         self._thread: threading.Thread | None = None
         self._ready = False
@@ -137,6 +157,12 @@ class Engine:
                                         name=f"inference-{self.mode}", daemon=True)
         self._thread.start()
         await warmed_up
+        if self.freeze_gc:
+            # TensorFlow and Keras leave ~300k long-lived objects; a full collection walks them all
+            # (~0.2 s holding the GIL, stalling the event loop and the engine alike). Frozen
+            # objects are skipped: collections then see only what requests allocate.
+            gc.collect()
+            gc.freeze()
         self._ready = not self._stopping
 
     def check_admission(self) -> None:
@@ -145,9 +171,23 @@ class Engine:
         if self._stopping or self._thread is None:
             metrics.REJECTIONS.labels(reason="stopped").inc()
             raise EngineStopped("the inference engine is not running")
-        if len(self._queue) >= self._queue.maxsize:
+        if len(self._queue) + self._reserved >= self._queue.maxsize:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
+
+    def reserve(self) -> Reservation:
+        """Holds a queue place for a request about to be read and decoded, or raises like
+        check_admission. Past capacity this keeps the queue's bound at the door: no request is
+        parsed and decoded only to find the queue full. Release it with release()."""
+        self.check_admission()
+        self._reserved += 1
+        return Reservation(self)
+
+    def release(self, reservation: Reservation) -> None:
+        """Gives an unused place back (submit() uses it otherwise); safe to call twice."""
+        if reservation.held:
+            reservation.held = False
+            self._reserved -= 1
 
     async def submit(self, image: np.ndarray, options, deadline_s: float | None = None) -> Result:
         """Captions one prepared image (uint8 [S, S, 3]).
@@ -164,8 +204,11 @@ class Engine:
             raise ValueError(f"expected a uint8 image of shape {self._image_shape}, got {image.dtype} {image.shape}")
         loop = asyncio.get_running_loop()
         request = _Request(image, options, loop, loop.create_future())
+        reservation = current_reservation.get()
+        if reservation is not None and reservation.engine is self:
+            self.release(reservation)  # the request takes its own place now
         try:
-            self._queue.put_nowait(request)
+            self._queue.put_nowait(request, kept_free=self._reserved)
         except QueueFull:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s()) from None

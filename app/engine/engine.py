@@ -12,6 +12,12 @@ Deadlines run on the event loop (a timer per request), so a caller gets its 504 
 the thread is inside a long encode; the timer, like a cancellation, marks the request abandoned and
 the thread frees its rows at its next iteration. Results are only ever set on the event loop, after
 checking that the future is not already done, so a cancelled future never receives one.
+
+Two process-level choices keep the event loop responsive while the model works (both can be
+turned off): after warm-up the model's threads are reniced below the event loop, and the objects
+TensorFlow left behind are frozen out of the cyclic garbage collector (a full pass over them
+stalls every thread for ~0.2 s). With app.engine.AdmissionGate in front of the route, a request
+holds its queue place (reserve/release) from the door to submit().
 """
 
 from __future__ import annotations

@@ -16,7 +16,11 @@ from app.settings import Settings
 NOT_READY_RETRY_AFTER_S = 5
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in a worker thread, a round trip that costs more than the function itself.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -27,14 +31,14 @@ def service_ready(request: Request) -> bool:
     return bool(engine is not None and engine.ready and not state.stopping)
 
 
-def get_captioner(request: Request):
+async def get_captioner(request: Request):
     captioner = getattr(request.app.state, "captioner", None)
     if captioner is None:
         raise NotReady("the model is not loaded yet", NOT_READY_RETRY_AFTER_S)
     return captioner
 
 
-def get_engine(request: Request) -> InferenceEngine:
+async def get_engine(request: Request) -> InferenceEngine:
     if not service_ready(request):
         reason = "the service is shutting down" if request.app.state.stopping else "the model is warming up"
         raise NotReady(reason, NOT_READY_RETRY_AFTER_S)
@@ -45,7 +49,7 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API_
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API_KEY>`")
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

@@ -71,11 +71,23 @@ def decode_upload(data: bytes, *, max_pixels: int, min_side: int, draft_size: in
     draft_size: lets JPEG decode at a reduced scale (1/2 .. 1/8) that still covers
     draft_size x draft_size, which is all the model needs and far cheaper for large photos.
     """
+    return decode_opened(open_upload(data, max_pixels=max_pixels, min_side=min_side), draft_size)
+
+
+def open_upload(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
+    """Identifies the format and checks the dimensions from the header alone: no pixel is decoded
+    yet (Image.open is lazy), so this is cheap, and bombs are refused before they cost memory."""
     if not data:
         raise InvalidImage("the uploaded file is empty")
     image = _open(data)
     # Pixel count and shortest side do not change under rotation, so the header size decides.
     _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
+    return image
+
+
+def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedImage:
+    """Decodes an image from open_upload (the first frame of an animation), applies its EXIF
+    orientation and converts it to RGB."""
     format_name = ALLOWED_FORMATS[image.format]
     width, height = image.size
     try:

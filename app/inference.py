@@ -11,12 +11,13 @@ from typing import Protocol, TypeVar
 
 import anyio
 import numpy as np
+from PIL import Image
 
 from app.engine import DeadlineExceeded as EngineDeadlineExceeded
 from app.engine import EngineStopped, InferenceError
 from app.engine import Overloaded as EngineOverloaded
 from app.errors import ApiError, DeadlineExceeded, InferenceFailed, InvalidParameters, NotReady, Overloaded
-from app.images import DecodedImage, decode_upload
+from app.images import DecodedImage, decode_opened, open_upload
 from app.schemas import STRATEGY_ONLY_PARAMETERS, CaptionQuery
 from app.settings import Settings
 from captioning.decoding import Caption, DecodeOptions
@@ -27,6 +28,10 @@ logger = logging.getLogger("app.inference")
 # route stops waiting; only matters if the engine misses a deadline.
 ENGINE_GRACE_S = 1.0
 SHUTDOWN_RETRY_AFTER_S = 5
+# Uploads decoded on the event loop: at most this many bytes (the header is parsed there; Pillow
+# reads a PNG's chunks up to the pixel data) and this many pixels (about 1 ms to decode).
+INLINE_DECODE_MAX_BYTES = 256 * 1024
+INLINE_DECODE_MAX_PIXELS = 256 * 256
 
 T = TypeVar("T")
 
@@ -48,6 +53,12 @@ class InferenceEngine(Protocol):
     async def submit(self, image: np.ndarray, options: DecodeOptions, deadline_s: float) -> EngineResult: ...
 
     async def stop(self, grace_s: float) -> None: ...
+
+    # For app.engine.AdmissionGate: hold a queue place from the door to submit(), or raise
+    # Overloaded / EngineStopped at once.
+    def reserve(self) -> object: ...
+
+    def release(self, reservation: object) -> None: ...
 
 
 class ClientDisconnected(ApiError):
@@ -77,16 +88,26 @@ def decode_options(query: CaptionQuery) -> DecodeOptions:
         raise InvalidParameters(str(exc)) from None
 
 
-async def decode_in_worker(data: bytes, captioner, settings: Settings,
-                           limiter: anyio.CapacityLimiter) -> tuple[DecodedImage, np.ndarray]:
-    """Decode, validate and resize in a worker thread: the event loop never waits on Pillow."""
+async def decode_image(data: bytes, captioner, settings: Settings,
+                       limiter: anyio.CapacityLimiter) -> tuple[DecodedImage, np.ndarray]:
+    """Validates, decodes and resizes an upload. A small image (the header says how small) is
+    decoded on the event loop, because handing it to a worker thread and back costs more CPU than
+    decoding it; anything bigger goes to a worker thread, at most `limiter` at a time, so the event
+    loop never waits on Pillow for long."""
 
-    def work() -> tuple[DecodedImage, np.ndarray]:
-        decoded = decode_upload(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side,
-                                draft_size=captioner.config.image_size)
+    def header() -> Image.Image:
+        return open_upload(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+
+    def decode(image: Image.Image) -> tuple[DecodedImage, np.ndarray]:
+        decoded = decode_opened(image, draft_size=captioner.config.image_size)
         return decoded, captioner.prepare(decoded.image)
 
-    return await anyio.to_thread.run_sync(work, limiter=limiter)
+    if len(data) <= INLINE_DECODE_MAX_BYTES:
+        image = header()
+        if image.width * image.height <= INLINE_DECODE_MAX_PIXELS:
+            return decode(image)
+        return await anyio.to_thread.run_sync(decode, image, limiter=limiter)
+    return await anyio.to_thread.run_sync(lambda: decode(header()), limiter=limiter)
 
 
 async def caption_or_give_up(engine: InferenceEngine, pixels: np.ndarray, options: DecodeOptions, *,

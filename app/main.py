@@ -17,7 +17,7 @@ import anyio
 from fastapi import Depends, FastAPI
 
 from app.dependencies import require_api_key
-from app.engine import create_engine
+from app.engine import AdmissionGate, create_engine
 from app.errors import error_responses, install_exception_handlers
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
 from app.routes import caption, demo, health, metrics, model
@@ -85,7 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(caption.router, **protected)
     app.include_router(model.router, **protected)
 
-    # Added last = outermost: the request ID exists before anything else runs.
+    # Added last = outermost: the request ID exists before anything else runs. The gate is the
+    # innermost: its 503s carry the request ID and are logged and counted like any response.
+    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine, path="/caption")
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -148,7 +148,7 @@ def test_admission_queue_is_bounded_and_lets_the_consumer_peek():
 
 class ControlledCaptioner:
     """A Captioner whose encode calls can be held at a gate or made to fail, for the failure tests.
-    Warm-up goes to the real captioner, so it is never held."""
+    Warm-up goes to the real model, so it is never held."""
 
     def __init__(self, captioner):
         self._captioner = captioner
@@ -163,20 +163,37 @@ class ControlledCaptioner:
     def __getattr__(self, name):
         return getattr(self._captioner, name)
 
-    def encode(self, images):
+    def feature_slots(self, capacity):
+        return ControlledSlots(self._captioner.feature_slots(capacity), self)
+
+    def before_encode(self, images):
         self.encode_entered.set()
         assert self.gate.wait(10), "test gate never opened"
         self.encode_batches.append(len(images))
         if self.poisoned_pixel is not None and any((image == self.poisoned_pixel).all() for image in images):
             raise RuntimeError("poisoned batch")
-        return self._captioner.encode(images)
 
-    def step(self, tokens, state, features):
+    def before_step(self, tokens):
         self.step_batches.append(len(tokens))
         if self.failing_steps:
             self.failing_steps -= 1
             raise RuntimeError("step failed")
-        return self._captioner.step(tokens, state, features)
+
+
+class ControlledSlots:
+    def __init__(self, slots, controller: ControlledCaptioner):
+        self._slots, self._controller = slots, controller
+
+    def __getattr__(self, name):
+        return getattr(self._slots, name)
+
+    def encode(self, images, slot_ids):
+        self._controller.before_encode(images)
+        return self._slots.encode(images, slot_ids)
+
+    def step(self, slot_of_row, tokens, state):
+        self._controller.before_step(tokens)
+        return self._slots.step(slot_of_row, tokens, state)
 
 
 def settings(mode="continuous", **overrides):
@@ -440,13 +457,13 @@ def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
 def test_the_model_threads_run_below_the_event_loop(tiny_captioner):
     controlled = ControlledCaptioner(tiny_captioner)
     seen = {}
-    encode = controlled.encode
+    before_encode = controlled.before_encode
 
     def recording_encode(images):
         seen["inference"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        return encode(images)
+        before_encode(images)
 
-    controlled.encode = recording_encode
+    controlled.before_encode = recording_encode
 
     async def scenario():
         seen["before"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -253,12 +253,19 @@ def test_unknown_route_and_method_use_the_error_shape(client):
 
 
 class StandInEngine:
-    """Raises whatever a test needs from submit(); ready like a running engine."""
+    """Raises whatever a test needs from submit(); ready like a running engine, with room in its
+    queue (the admission gate lets requests through)."""
 
     ready = True
 
     def __init__(self, error: Exception):
         self.error = error
+
+    def reserve(self):
+        return None
+
+    def release(self, reservation):
+        pass
 
     async def submit(self, image, options, deadline_s):
         raise self.error

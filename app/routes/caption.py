@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from app.dependencies import get_captioner, get_engine, get_settings
 from app.errors import ApiError, DeadlineExceeded, TooManyImages, UploadTooLarge, error_responses
-from app.inference import InferenceEngine, caption_or_give_up, decode_in_worker, decode_options, run_or_give_up, submit
+from app.inference import InferenceEngine, caption_or_give_up, decode_image, decode_options, run_or_give_up, submit
 from app.schemas import (
     AttentionGrid,
     BatchCaptionResponse,
@@ -64,7 +64,7 @@ async def create_caption(
     data = await image.read()
 
     decode_started = time.perf_counter()
-    decoded, pixels = await decode_in_worker(data, captioner, settings, request.app.state.decode_limiter)
+    decoded, pixels = await decode_image(data, captioner, settings, request.app.state.decode_limiter)
     decode_ms = (time.perf_counter() - decode_started) * 1000
 
     remaining_s = started + settings.request_timeout_s - time.perf_counter()
@@ -112,7 +112,7 @@ async def _caption_upload(request: Request, upload: UploadFile, options: DecodeO
     started = request.state.started_at
     data = await upload.read()
     decode_started = time.perf_counter()
-    decoded, pixels = await decode_in_worker(data, captioner, settings, request.app.state.decode_limiter)
+    decoded, pixels = await decode_image(data, captioner, settings, request.app.state.decode_limiter)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     remaining_s = started + settings.request_timeout_s - time.perf_counter()
     if remaining_s <= 0:

@@ -10,6 +10,7 @@ marks the service not ready, then lets the engine finish in-flight work within S
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -38,9 +39,29 @@ class StartupError(RuntimeError):
     """The service cannot start; the message says why."""
 
 
+def configure_inference_threads(threads: int) -> None:
+    """Sets TensorFlow's intra-op thread count: `threads`, or with 0 one fewer than the CPUs this
+    process may use, so that the model never competes with the event loop for the last core.
+    Only possible before TensorFlow runs its first op; later (a second app in one process) the
+    count already set stays, with a warning."""
+    import tensorflow as tf
+
+    if threads == 0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cpus - 1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        current = tf.config.threading.get_intra_op_parallelism_threads()
+        if current != threads:
+            logger.warning("TensorFlow is already running with %s intra-op threads; %d not applied",
+                           current or "default", threads)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    configure_inference_threads(settings.inference_threads)
     app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
     logger.info("loading model", extra={"artifacts_dir": str(settings.artifacts_dir)})
     try:

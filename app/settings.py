@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(5.0, ge=0, description="Static batching: wait this long to fill a batch.")
     max_queue_size: int = Field(256, ge=1, description="Admitted requests waiting; beyond it 503 + Retry-After.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish in-flight requests on SIGTERM.")
+    inference_threads: int = Field(
+        0, ge=0, description="TensorFlow intra-op threads; 0: one fewer than the CPUs, leaving one to the event loop."
+    )
 
     @field_validator("log_level", "batching_mode", mode="before")
     @classmethod

@@ -4,8 +4,10 @@
     python -m bench.load_test --quick    # ~3 minutes, shorter phases
 
 For each mode (continuous, static, none) it starts `python -m app` on a free loopback port with
-BATCHING_MODE set, waits for /health/ready, then drives POST /caption with PNGs of the embedded
-shapes test split:
+BATCHING_MODE set and waits for /health/ready; all three then stay up, and the load phases take
+turns between them (each load level in every mode before the next level), so that the shared
+machine's changing background load falls on every mode alike. Each phase drives POST /caption with
+PNGs of the embedded shapes test split:
 
   closed loop   N clients, each sending its next request when the last one is answered
   open loop     Poisson arrivals at fixed rates, below and past capacity (latency is measured
@@ -418,6 +420,16 @@ class Phase:
     engine: dict[str, float]
     rss_mib: float
 
+    def pooled_with(self, other: Phase) -> Phase:
+        """This phase and a repeat of it as one: samples pooled, times and counters added."""
+        a, b = self.outcome, other.outcome
+        statuses = {k: a.statuses.get(k, 0) + b.statuses.get(k, 0) for k in {*a.statuses, *b.statuses}}
+        outcome = Outcome(a.latencies_s + b.latencies_s, a.rejected_s + b.rejected_s, statuses,
+                          a.client_errors + b.client_errors, a.elapsed_s + b.elapsed_s, a.wall_s + b.wall_s)
+        engine = {name: self.engine[name] + other.engine[name] for name in self.engine}
+        return Phase(self.mode, self.kind, self.load, outcome, self.server_cpu_s + other.server_cpu_s,
+                     self.client_cpu_s + other.client_cpu_s, engine, other.rss_mib)
+
 
 async def run_phase(server: Server, kind: str, load: float, requests: list[bytes], duration_s: float,
                     warmup_s: float, seed: int) -> Phase:
@@ -454,29 +466,50 @@ def describe_errors(outcome: Outcome) -> str:
     return f"{outcome.errors} ({', '.join(kinds)})" if kinds else "0"
 
 
-async def benchmark_mode(mode: str, args, requests: list[bytes], open_rates: list[float] | None,
-                         log_dir: Path) -> tuple[list[Phase], dict]:
-    server = Server(mode, args.artifacts, dict(args.env), log_dir / f"server-{mode}.log")
-    phases: list[Phase] = []
+async def benchmark(args, requests: list[bytes], log_dir: Path) -> tuple[list[Phase], dict]:
+    """Every mode's server runs from the start, and the phases take turns: each load level is
+    measured in every mode before the next level, `repeats` times over for the closed loop, so a
+    change in the shared machine's background load falls on all modes alike. An idle server
+    costs nothing measurable (its inference thread sleeps)."""
+    servers: dict[str, Server] = {}
+    info: dict[str, dict] = {mode: {} for mode in args.modes}
+    pooled: dict[tuple[str, str, float], Phase] = {}
+
+    async def measure(mode: str, kind: str, load: float, warmup_s: float, seed: int) -> None:
+        phase = await run_phase(servers[mode], kind, load, requests, args.duration, warmup_s, seed)
+        key = (mode, kind, load)
+        pooled[key] = pooled[key].pooled_with(phase) if key in pooled else phase
+
     try:
-        ready_s = await server.wait_ready()
-        print(f"{mode}: ready in {ready_s:.1f} s (port {server.port})", flush=True)
-        rss_ready = rss_mib(server.process.pid)
-        for seed, clients in enumerate(args.clients):
-            phases.append(await run_phase(server, "closed", clients, requests, args.duration, args.warmup, seed))
-        capacity = max(p.outcome.served_per_s for p in phases)
-        rss_loaded = rss_mib(server.process.pid)
-        rates = open_rates or [round(capacity * f) for f in OPEN_LOOP_LOAD]
+        for mode in args.modes:  # one at a time, so that each start-up time is its own
+            server = servers[mode] = Server(mode, args.artifacts, dict(args.env), log_dir / f"server-{mode}.log")
+            info[mode]["ready_s"] = await server.wait_ready()
+            info[mode]["rss_ready"] = rss_mib(server.process.pid)
+            print(f"{mode}: ready in {info[mode]['ready_s']:.1f} s (port {server.port})", flush=True)
+        for repeat in range(args.repeats):
+            for clients in args.clients:
+                for mode in args.modes:
+                    await measure(mode, "closed", clients, args.warmup, 10 * repeat + clients)
+        for mode, server in servers.items():
+            info[mode]["rss_loaded"] = rss_mib(server.process.pid)
+        capacity = max((p.outcome.served_per_s for (mode, kind, _), p in pooled.items()
+                        if mode == "continuous" and kind == "closed"), default=0.0)
+        rates = args.rates or [round(capacity * f) for f in OPEN_LOOP_LOAD]
         for seed, rate in enumerate(rates):
-            phases.append(await run_phase(server, "open", rate, requests, args.duration, 0.0, 100 + seed))
-            await asyncio.sleep(1.0)  # let the backlog of the last phase clear
-        rss_end = rss_mib(server.process.pid)
-        alive = server.process.poll() is None
+            for mode in args.modes:
+                await measure(mode, "open", rate, 0.0, 100 + seed)
+                await asyncio.sleep(1.0)  # let the backlog of the last phase clear
+        for mode, server in servers.items():
+            info[mode]["rss_end"] = rss_mib(server.process.pid)
+            info[mode]["alive"] = server.process.poll() is None
+            info[mode]["capacity"] = capacity
+            info[mode]["rates"] = rates
     finally:
-        exit_code, stop_s = server.stop()
-    return phases, {"ready_s": ready_s, "rss_ready": rss_ready, "rss_loaded": rss_loaded, "rss_end": rss_end,
-                    "alive": alive,
-                    "exit_code": exit_code, "stop_s": stop_s, "capacity": capacity, "rates": rates}
+        for mode, server in servers.items():
+            info[mode]["exit_code"], info[mode]["stop_s"] = server.stop()
+    order = {mode: i for i, mode in enumerate(args.modes)}
+    phases = sorted(pooled.values(), key=lambda p: (p.kind != "closed", order[p.mode], p.load))
+    return phases, info
 
 
 def load_images(count: int) -> tuple[list[np.ndarray], list[bytes]]:
@@ -521,14 +554,7 @@ async def main_async(args) -> int:
               f"at batch {references.offline_batch}; naive loop {references.naive_ms:.1f} ms/image; engine "
               f"without HTTP {references.engine_per_s:.0f} captions/s", flush=True)
     requests = [caption_request(png) for png in pngs]
-    all_phases, servers = [], {}
-    open_rates = args.rates
-    for mode in args.modes:
-        phases, info = await benchmark_mode(mode, args, requests, open_rates, log_dir)
-        all_phases += phases
-        servers[mode] = info
-        if open_rates is None and mode == "continuous":
-            open_rates = info["rates"]  # every mode gets the same arrival rates
+    all_phases, servers = await benchmark(args, requests, log_dir)
     cpu_profile = None
     if not args.skip_profile and "continuous" in args.modes:
         from bench.cpu_profile import profile
@@ -559,7 +585,8 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
         f"load average (1/5/15 min) before the run {args.load_before}, after it {load_average()}",
         f"- Model: `{args.artifacts.relative_to(REPO) if args.artifacts.is_relative_to(REPO) else args.artifacts}`; "
         f"images: {args.images} PNGs of the shapes test split (64x64); greedy decoding",
-        f"- Phases: {args.duration:g} s each (closed loop after {args.warmup:g} s of warm-up); server settings "
+        f"- Phases: {args.duration:g} s each (closed loop after {args.warmup:g} s of warm-up; {args.repeats} rounds, "
+        "pooled); all modes' servers run throughout and the phases take turns between them; server settings "
         f"are the service defaults{' plus ' + ', '.join(f'{k}={v}' for k, v in args.env) if args.env else ''}",
         "",
     ]
@@ -724,6 +751,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--rates", default=None, help="open-loop arrivals/s, comma-separated "
                         "(default: fractions of the continuous mode's measured capacity)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="closed-loop rounds, pooled (default 2, 1 with --quick)")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra server setting, e.g. --env MAX_BATCH_SIZE=64 (repeatable)")
@@ -737,7 +766,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"unknown modes {sorted(unknown)}")
     args.clients = [int(c) for c in args.clients.split(",") if c]
     args.rates = [float(r) for r in args.rates.split(",")] if args.rates else None
-    args.duration = args.duration or (4.0 if args.quick else 8.0)
+    args.duration = args.duration or (4.0 if args.quick else 6.0)
+    args.repeats = args.repeats or (1 if args.quick else 2)
     args.warmup = 1.0
     args.env = [tuple(item.split("=", 1)) for item in args.env]
     args.artifacts = args.artifacts.resolve()

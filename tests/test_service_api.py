@@ -288,6 +288,20 @@ def test_engine_errors_map_to_statuses(client, error, status, code):
         assert response.headers["retry-after"] == "3"  # rounded up
 
 
+def test_a_full_queue_is_refused_at_the_door_with_the_service_error_shape(client):
+    """The app's AdmissionGate answers before the upload is read: nothing reaches the engine."""
+
+    class FullEngine(StandInEngine):
+        def reserve(self):
+            raise EngineOverloaded(1.5)
+
+    engine = FullEngine(AssertionError("submit must not be reached"))
+    with swapped_state(client.app, engine=engine):
+        response = post_image(client, uploads.png(), headers={"X-Request-ID": "full-queue-1"})
+    body = assert_error(response, 503, "overloaded")
+    assert body["request_id"] == "full-queue-1" and response.headers["retry-after"] == "2"
+
+
 def test_deadline_already_spent_is_504(client):
     impatient = client.app.state.settings.model_copy(update={"request_timeout_s": 1e-9})
     with swapped_state(client.app, settings=impatient):

@@ -84,6 +84,21 @@ def test_engine_results_equal_offline_results(client, params, options):
     assert body["caption"] == body["captions"][0]["text"]
 
 
+@pytest.mark.parametrize("size", [(40, 30), (257, 256), (600, 450)], ids=["inline", "just-over", "worker"])
+def test_small_images_decode_on_the_loop_and_large_ones_in_a_worker_alike(client, size):
+    """Uploads up to INLINE_DECODE_MAX_PIXELS decode on the event loop, larger ones in a worker
+    thread; either way the captions are the offline ones and the reported size is the upload's."""
+    from app.inference import INLINE_DECODE_MAX_PIXELS
+
+    assert (size[0] * size[1] <= INLINE_DECODE_MAX_PIXELS) == (size == (40, 30))
+    data = uploads.encode(uploads.half_and_half(size), "PNG")
+    response = caption(client, data)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["image"]["width"], body["image"]["height"]) == size
+    assert_same(body["captions"], offline(client, data, DecodeOptions()))
+
+
 def test_beam_size_one_equals_greedy_and_beam_scores_at_least_as_well(client):
     greedy = caption(client).json()["captions"]
     assert caption(client, strategy="beam", beam_size=1).json()["captions"] == greedy

@@ -68,32 +68,13 @@ def test_slot_table_refuses_overflow():
         table.allocate("b", 2)
 
 
-def test_continuous_policy_admits_at_once_when_idle_and_in_efficient_batches_when_busy():
-    policy = ContinuousPolicy(max_slots=8, max_encode_batch=4, min_encode_batch=3, max_admission_delay_s=0.01)
-    assert policy.admit([1] * 20, 0.0, used_slots=0).count == 8  # idle: fill every slot, no stall to bound
-    assert policy.admit([1], 0.0, used_slots=0).count == 1
-    assert policy.admit([1] * 20, 0.0, used_slots=2).count == 4  # busy: bounded encode batch
-    assert policy.admit([1, 1], 0.0, used_slots=2).count == 0  # busy, too few to encode efficiently yet
-    assert policy.admit([1, 1], 0.02, used_slots=2).count == 2  # ... unless the oldest waited long enough
-    assert policy.admit([1], 0.02, used_slots=8).count == 0  # no free slot
-    # A backlog: wait for enough free slots to encode an efficient batch, however long the wait.
-    assert policy.admit([1] * 10, 1.0, used_slots=6).count == 0
-    assert policy.admit([1] * 10, 0.0, used_slots=5).count == 3
-    assert policy.admit([3, 3], 1.0, used_slots=4).count == 0  # the second request does not fit yet
-
-
-def test_continuous_policy_waits_longer_for_company_the_busier_it_is():
-    policy = ContinuousPolicy(max_slots=32, max_encode_batch=16, min_encode_batch=8, max_admission_delay_s=0.04)
-    assert policy.admit([1, 1], 0.011, used_slots=8).count == 2  # a quarter busy: waits 10 ms
-    assert policy.admit([1, 1], 0.011, used_slots=30).count == 0  # nearly full: waits up to 37.5 ms
-    assert policy.admit([1, 1], 0.038, used_slots=30).count == 2
-
-
-def test_continuous_policy_cuts_batches_to_the_runner_shapes():
-    policy = ContinuousPolicy(max_slots=64, max_encode_batch=16, min_encode_batch=8, batch_sizes=(1, 2, 4, 8, 12, 16))
-    assert policy.admit([1] * 11, 0.0, used_slots=20).count == 8  # not 11, padded to 12
-    assert policy.admit([1] * 30, 0.0, used_slots=20).count == 16
-    assert policy.admit([1] * 5, 1.0, used_slots=20).count == 5  # a short queue after its delay: all of it
+def test_continuous_policy_lets_every_encoded_request_that_fits_join_at_once():
+    policy = ContinuousPolicy(max_slots=8, max_encode_batch=4)
+    assert policy.encodes_ahead and policy.max_encode_batch == 4
+    assert policy.admit([1] * 20, 0.0, used_slots=0).count == 8  # idle: fill every row
+    assert policy.admit([1] * 20, 0.0, used_slots=5).count == 3  # busy: every free row, at once
+    assert policy.admit([1], 0.0, used_slots=8).count == 0  # no free row
+    assert policy.admit([3, 3], 1.0, used_slots=4).count == 1  # the second request does not fit yet
 
 
 def test_a_request_wider_than_the_slot_budget_runs_alone_when_idle():
@@ -119,8 +100,7 @@ def test_sequential_policy_takes_one_request_at_a_time():
 
 
 def test_make_policy_rejects_unknown_modes_and_sizes():
-    args = dict(max_slots=8, max_queue_delay_s=0.005, max_encode_batch=16, min_encode_batch=4,
-                max_admission_delay_s=0.01)
+    args = dict(max_slots=8, max_queue_delay_s=0.005, max_encode_batch=16)
     assert make_policy("continuous", **args).max_encode_batch == 8
     with pytest.raises(ValueError):
         make_policy("dynamic", **args)

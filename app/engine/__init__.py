@@ -24,7 +24,6 @@ from app.engine.engine import (
     Result,
 )
 from app.engine.scheduler import make_policy
-from captioning.captioner import BATCH_BUCKETS
 
 __all__ = [
     "AdmissionGate",
@@ -54,9 +53,6 @@ def create_engine(captioner, settings) -> Engine:
         max_slots=getattr(settings, "max_batch_size", 64),
         max_queue_delay_s=getattr(settings, "max_queue_delay_ms", 5.0) / 1000,
         max_encode_batch=getattr(settings, "max_encode_batch", 16),
-        min_encode_batch=getattr(settings, "min_encode_batch", 8),
-        max_admission_delay_s=getattr(settings, "max_admission_delay_ms", 40.0) / 1000,
-        batch_sizes=BATCH_BUCKETS,
     )
     return Engine(
         captioner,

@@ -1,16 +1,24 @@
-"""The inference engine: one thread owns the model and runs the batching loop; asyncio code submits.
+"""The inference engine: one thread owns the decode loop; asyncio code submits.
 
-    event loop                               inference thread
-    ----------                               ----------------
-    submit() -> bounded AdmissionQueue  ->   each iteration:
-      (full: Overloaded, at once)              drop abandoned requests (cancelled, past deadline)
-    await future                               admit what the policy allows; encode them in one batch
-      <- call_soon_threadsafe(deliver)  <-     one decoder step over every active row
-                                               retire finished searches; deliver their results
+    event loop                               decoder thread                      encoder thread (continuous)
+    ----------                               --------------                      --------------
+    submit() -> bounded AdmissionQueue  ---------------------------------->   take up to max_encode_batch,
+      (full: Overloaded, at once)                                               encode into feature slots
+                                             each iteration:            <---   -> encoded queue
+                                               drop abandoned requests
+                                               admit: encoded requests into free rows
+                                                 (static / none: take from the queue, encode here)
+                                               one decoder step over every active row
+    await future                               retire finished searches
+      <- call_soon_threadsafe(deliver)  <-     deliver their results
+
+In continuous mode the encoder has its own thread, so encoding the next images never stalls the
+sequences being decoded, and on a multi-core CPU the two overlap (each TensorFlow call releases
+the GIL). Static and none keep the classic design: one thread encodes, then decodes.
 
 Deadlines run on the event loop (a timer per request), so a caller gets its 504 on time even while
-the thread is inside a long encode; the timer, like a cancellation, marks the request abandoned and
-the thread frees its rows at its next iteration. Results are only ever set on the event loop, after
+a thread is inside a long encode; the timer, like a cancellation, marks the request abandoned and
+the threads free its rows and feature slot. Results are only ever set on the event loop, after
 checking that the future is not already done, so a cancelled future never receives one.
 
 Two process-level choices keep the event loop responsive while the model works (both can be
@@ -95,7 +103,7 @@ current_reservation: contextvars.ContextVar[Reservation | None] = contextvars.Co
 
 class _Request:
     __slots__ = ("image", "options", "width", "loop", "future", "submitted", "admitted", "search",
-                 "abandoned", "deadline_timer")
+                 "abandoned", "deadline_timer", "feature_slot")
 
     def __init__(self, image, options, loop, future):
         self.image = image
@@ -106,8 +114,9 @@ class _Request:
         self.submitted = time.monotonic()
         self.admitted = 0.0
         self.search = None
-        self.abandoned = False  # set on the event loop; the thread frees the request's rows
+        self.abandoned = False  # set on the event loop; the threads free the request's rows and slot
         self.deadline_timer = None
+        self.feature_slot: int | None = None  # where its image features are, once encoded
 
 
 class Engine:
@@ -123,6 +132,12 @@ class Engine:
         self.runner = runner or ModelRunner(captioner, MAX_ROWS)
         self._image_shape = (captioner.config.image_size, captioner.config.image_size, 3)
         self._queue: AdmissionQueue[_Request] = AdmissionQueue(max_queue_size)
+        # continuous: the encoder thread's output, and what it holds meanwhile (both under _handoff,
+        # so that "nothing left anywhere" is one atomic check)
+        self._encoded: AdmissionQueue[_Request] = AdmissionQueue(MAX_ROWS + 1)
+        self._in_encoder: list[_Request] = []
+        self._handoff = threading.Lock()
+        self._encoder_thread: threading.Thread | None = None
         self._slots: SlotTable[_Request] = SlotTable(MAX_ROWS)
         self._finished: list[tuple[_Request, object]] = []  # (request, captions or exception)
         self._held: list[tuple[_Request, object]] = []  # static batching: released when the batch ends
@@ -163,6 +178,10 @@ class Engine:
                                         name=f"inference-{self.mode}", daemon=True)
         self._thread.start()
         await warmed_up
+        if self.policy.encodes_ahead:
+            self._encoder_thread = threading.Thread(target=self._encoder_main, name=f"inference-encoder-{self.mode}",
+                                                    daemon=True)
+            self._encoder_thread.start()
         if self.freeze_gc:
             # TensorFlow and Keras leave ~300k long-lived objects; a full collection walks them all
             # (~0.2 s holding the GIL, stalling the event loop and the engine alike). Frozen
@@ -231,8 +250,10 @@ class Engine:
             grace = self.shutdown_grace_s if grace_s is None else grace_s
             self._stop_deadline = time.monotonic() + grace
         self._queue.wake()
-        if self._thread is not None and self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+        self._encoded.wake()
+        for thread in (self._thread, self._encoder_thread):
+            if thread is not None and thread.is_alive():
+                await asyncio.to_thread(thread.join)
 
     def _retry_after_s(self) -> float:
         backlog = len(self._queue) + self._slots.used
@@ -253,6 +274,7 @@ class Engine:
             request.abandoned = True
             self._abandoned_count += 1
             self._queue.wake()
+            self._encoded.wake()
 
     @staticmethod
     def _deliver(outcomes: list[tuple[_Request, object]]) -> None:
@@ -318,8 +340,15 @@ class Engine:
                 except OSError:  # the thread ended, or the platform refuses
                     pass
 
+    def _lower_this_thread_priority(self) -> None:
+        if self.inference_nice and sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.inference_nice)
+            except OSError:
+                pass
+
     def _iterate(self) -> bool:
-        """One scheduling round; False when the engine has shut down."""
+        """One scheduling round of the decoder thread; False when the engine has shut down."""
         now = time.monotonic()
         if self._abandoned_count != self._abandoned_seen:
             self._drop_abandoned()
@@ -327,25 +356,68 @@ class Engine:
             if now >= self._stop_deadline:
                 self._stop_everything()
                 return False
-            if not len(self._queue) and not self._slots.used:
+            if self._nothing_left():
                 return False
-        admitted, wait_s = self._admit(now)
+        if self.policy.encodes_ahead:
+            admitted, wait_s = self._place_encoded(now), None
+        else:
+            admitted, wait_s = self._admit(now)
         if self._slots.used:
             self._step()
         elif not admitted:
-            self._queue.wait(IDLE_POLL_S if wait_s is None else min(wait_s, IDLE_POLL_S))
+            source = self._encoded if self.policy.encodes_ahead else self._queue
+            source.wait(IDLE_POLL_S if wait_s is None else min(wait_s, IDLE_POLL_S))
         metrics.QUEUE_DEPTH.set(len(self._queue))
         metrics.ACTIVE_SLOTS.set(self._slots.used)
         return True
 
+    def _nothing_left(self) -> bool:
+        with self._handoff:
+            return not (len(self._queue) or len(self._encoded) or self._in_encoder or self._slots.used)
+
     def _drop_abandoned(self) -> None:
         self._abandoned_seen = self._abandoned_count
         self._queue.remove_if(lambda request: request.abandoned)
+        self._free_slots(self._encoded.remove_if(lambda request: request.abandoned))
         gone = [request for request in self._slots.owners() if request.abandoned]
         if gone:
-            self.runner.apply(self._slots.release(gone))
+            self._release_rows(gone)
+
+    def _release_rows(self, requests: list[_Request]) -> None:
+        """Frees the requests' rows (re-densifying the rest) and their feature slots."""
+        self.runner.apply(self._slots.release(requests))
+        self._free_slots(requests)
+
+    def _free_slots(self, requests: list[_Request]) -> None:
+        slots = [request.feature_slot for request in requests if request.feature_slot is not None]
+        for request in requests:
+            request.feature_slot = None
+        if slots:
+            self.runner.free(slots)
+            if len(self._queue):
+                self._queue.wake()  # the encoder may be waiting for a free slot
+
+    def _start_searches(self, requests: list[_Request]) -> None:
+        """Places encoded requests into rows: allocation, search state, start tokens."""
+        for request in requests:
+            request.search = new_search(request.options, self.captioner.max_steps(request.options))
+            start = self._slots.allocate(request, request.width)
+            self.runner.place(start, request.width, request.feature_slot, request.search.start_tokens())
+
+    def _place_encoded(self, now: float) -> int:
+        """Continuous: the encoded requests that fit join the decode batch now."""
+        head = self._encoded.head(MAX_ROWS)
+        if not head:
+            return 0
+        admission = self.policy.admit([r.width for r in head], now - head[0].submitted, self._slots.used)
+        taken = self._encoded.take(admission.count)
+        self._free_slots([r for r in taken if r.abandoned])
+        requests = [r for r in taken if not r.abandoned]
+        self._start_searches(requests)
+        return len(requests)
 
     def _admit(self, now: float) -> tuple[int, float | None]:
+        """Static and none: take what the policy allows from the queue and encode it here."""
         head = self._queue.head(MAX_ROWS)
         if not head:
             return 0, None
@@ -355,25 +427,29 @@ class Engine:
         requests = [r for r in self._queue.take(admission.count) if not r.abandoned]
         if not requests:
             return 0, None
-        blocks = []
+        failure = self._encode(requests, now)
+        if failure is not None:
+            self._finished.extend((request, failure) for request in requests)
+            return 0, None
+        self._start_searches(requests)
+        return len(requests), None
+
+    def _encode(self, requests: list[_Request], now: float) -> InferenceError | None:
+        """Encodes the requests' images into feature slots; on failure returns the error that
+        fails them all (and only them)."""
         for request in requests:
             request.admitted = now
-            request.search = new_search(request.options, self.captioner.max_steps(request.options))
-            start = self._slots.allocate(request, request.width)
-            blocks.append((start, request.width, request.search.start_tokens()))
             metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
-        images = np.stack([request.image for request in requests])
         started = time.perf_counter()
         try:
-            self.runner.encode(images, blocks)
+            slots = self.runner.encode(np.stack([request.image for request in requests]))
         except Exception as exc:
             logger.exception("encoding a batch of %d images failed", len(requests))
-            for request in requests:
-                self._finish(request, InferenceError(f"encoding the image failed: {exc}"))
-            self.runner.apply(self._slots.release(requests))
-            return 0, None
+            return InferenceError(f"encoding the image failed: {exc}")
         metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
-        return len(requests), None
+        for request, slot in zip(requests, slots, strict=True):
+            request.feature_slot = slot
+        return None
 
     def _step(self) -> None:
         used = self._slots.used
@@ -403,7 +479,7 @@ class Engine:
                 self._finish(request, InferenceError(f"decoding failed: {exc}"))
                 retired.append(request)
         if retired:
-            self.runner.apply(self._slots.release(retired))
+            self._release_rows(retired)
 
     def _finish(self, request: _Request, outcome: object) -> None:
         if self.policy.holds_results_until_batch_ends and not isinstance(outcome, BaseException):
@@ -412,15 +488,21 @@ class Engine:
             self._finished.append((request, outcome))
 
     def _fail_active(self, error: EngineError) -> None:
-        for request in self._slots.owners():
+        owners = self._slots.owners()
+        for request in owners:
             self._finished.append((request, type(error)(str(error))))
         self._slots = SlotTable(MAX_ROWS)
+        self._free_slots(owners)
 
     def _stop_everything(self) -> None:
-        """Grace period over: whatever is still queued or decoding gets EngineStopped."""
-        leftovers = self._queue.drain() + self._slots.owners()
+        """Grace period over: whatever is still queued, encoding, encoded or decoding gets EngineStopped.
+        (A batch inside the encoder is failed now; the encoder drops it when its encode returns.)"""
+        with self._handoff:
+            leftovers = self._queue.drain() + self._encoded.drain() + list(self._in_encoder)
+        owners = self._slots.owners()
         self._slots = SlotTable(MAX_ROWS)
-        for request in leftovers:
+        self._free_slots(owners)
+        for request in leftovers + owners:
             if not request.abandoned:
                 metrics.REJECTIONS.labels(reason="stopped").inc()
             self._finished.append((request, EngineStopped("the service is shutting down")))
@@ -432,18 +514,51 @@ class Engine:
             self._held = []
         if not self._finished:
             return
+        outcomes, self._finished = self._finished, []
+        self._post(outcomes)
+
+    def _post(self, finished: list[tuple[_Request, object]]) -> None:
         now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for request, outcome in self._finished:
+        for request, outcome in finished:
             if not isinstance(outcome, BaseException):
                 inference_s = now - request.admitted
                 metrics.INFERENCE_SECONDS.observe(inference_s)
                 self._seconds_per_request += 0.05 * (inference_s - self._seconds_per_request)
                 outcome = Result(outcome, (request.admitted - request.submitted) * 1e3, inference_s * 1e3)
             by_loop[request.loop].append((request, outcome))
-        self._finished = []
         for loop, outcomes in by_loop.items():
             try:
                 loop.call_soon_threadsafe(self._deliver, outcomes)
             except RuntimeError:  # the loop is closed: nobody is waiting
                 pass
+
+    # --- encoder thread (continuous) -------------------------------------------------------------
+
+    def _encoder_main(self) -> None:
+        """Encodes waiting requests as soon as it can, up to max_encode_batch at a time, into free
+        feature slots, and hands them to the decoder thread."""
+        self._lower_this_thread_priority()
+        while True:
+            if self._stopping and (time.monotonic() >= self._stop_deadline or self._nothing_left()):
+                break
+            with self._handoff:
+                count = min(self.policy.max_encode_batch, len(self.runner.free_slots))
+                batch = [r for r in self._queue.take(count) if not r.abandoned] if count else []
+                self._in_encoder = batch
+            if not batch:
+                self._queue.wait(IDLE_POLL_S)
+                continue
+            try:
+                failure = self._encode(batch, time.monotonic())
+            except Exception:  # a bug: fail this batch, keep the thread alive
+                logger.exception("the encoder thread failed")
+                failure = InferenceError("the inference engine failed")
+            with self._handoff:
+                self._in_encoder = []
+                if failure is None:
+                    for request in batch:
+                        self._encoded.put_nowait(request)
+            if failure is not None:
+                self._post([(request, type(failure)(str(failure))) for request in batch])
+        logger.info("encoder thread stopped")

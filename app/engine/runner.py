@@ -9,7 +9,9 @@ bucket size; rows never interact in the decoder, so what the padding rows hold d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import threading
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -17,12 +19,33 @@ from app.engine.scheduler import MAX_ROWS, Move
 from captioning.captioner import BATCH_BUCKETS
 
 
+class FeatureSlotPool:
+    """The free feature slots. Thread-safe: the encoder takes slots, the decoder gives them back."""
+
+    def __init__(self, capacity: int):
+        self._free = collections.deque(range(capacity))
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        with self._lock:
+            return [self._free.popleft() for _ in range(min(count, len(self._free)))]
+
+    def give_back(self, slots: Iterable[int]) -> None:
+        with self._lock:
+            self._free.extend(slots)
+
+
 class ModelRunner:
     def __init__(self, captioner, capacity: int = MAX_ROWS):
         if capacity > BATCH_BUCKETS[-1]:
             raise ValueError(f"capacity {capacity} exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
         self.capacity = capacity
-        self.features = captioner.feature_slots(capacity)  # a request holds at most one slot and one row
+        # A request holds one feature slot from its encode to its end, and at least one row.
+        self.features = captioner.feature_slots(capacity)
+        self.free_slots = FeatureSlotPool(capacity)
         self.tokens = np.zeros(capacity, dtype=np.int32)
         self.state = np.zeros((capacity, captioner.state_size), dtype=np.float32)
         self.slot_of_row = np.zeros(capacity, dtype=np.int32)
@@ -30,19 +53,28 @@ class ModelRunner:
     def warmup(self) -> None:
         self.features.warmup()
 
-    def encode(self, images: np.ndarray, blocks: Sequence[tuple[int, int, np.ndarray]]) -> None:
-        """Encodes images [B, S, S, 3] in one batch and fills the rows of each one's block:
-        blocks[i] = (first row, width, start tokens [width]) for images[i]. The blocks are the
-        newest rows: every row below the first of them is in use, and keeps its feature slot."""
-        in_use = set(self.slot_of_row[: min(start for start, _, _ in blocks)].tolist())
-        free = [slot for slot in range(self.capacity) if slot not in in_use][: len(blocks)]
-        self.features.encode(images, np.array(free))
-        for (start, width, start_tokens), slot in zip(blocks, free, strict=True):
-            rows = slice(start, start + width)
-            self.slot_of_row[rows] = slot
-            self.state[rows] = 0.0
-            self.tokens[rows] = start_tokens
+    def encode(self, images: np.ndarray) -> list[int]:
+        """Encodes images [B, S, S, 3] in one batch into free feature slots; returns the slot of
+        each. Safe to call from another thread than the decoder's. On failure the slots go back."""
+        slots = self.free_slots.take(len(images))
+        try:
+            if len(slots) < len(images):
+                raise RuntimeError(f"{len(images)} images to encode, {len(slots)} free feature slots")
+            self.features.encode(images, np.array(slots))
+        except BaseException:
+            self.free_slots.give_back(slots)
+            raise
+        return slots
 
+    def place(self, start: int, width: int, slot: int, start_tokens: np.ndarray) -> None:
+        """Starts a search in rows [start, start + width), all reading the image in `slot`."""
+        rows = slice(start, start + width)
+        self.slot_of_row[rows] = slot
+        self.state[rows] = 0.0
+        self.tokens[rows] = start_tokens
+
+    def free(self, slots: Iterable[int]) -> None:
+        self.free_slots.give_back(slots)
     def step(self, used: int) -> tuple[np.ndarray, np.ndarray]:
         """One decoder step over rows [0, used): advances their state; returns (log_probs, attention)."""
         log_probs, new_state, attention = self.features.step(

@@ -3,7 +3,8 @@
 Pure Python, no TensorFlow: the engine asks a policy how many requests to take from the head of
 the admission queue, and a `SlotTable` where their rows go. Three policies share one interface:
 
-  continuous  admit into free slots at every decode step (Orca / vLLM style iteration batching)
+  continuous  admit into free slots at every decode step (Orca / vLLM style iteration batching),
+              images encoded ahead by a second thread
   static      request-level batching: gather up to max_slots within a delay, then decode the batch
               to completion before admitting again (TF Serving / Triton / Ray Serve dynamic batchers)
   none        one request at a time
@@ -46,43 +47,25 @@ def _count_fitting(widths: Sequence[int], free_slots: int, max_requests: int, id
 
 
 class ContinuousPolicy:
-    """Admits waiting requests into free slots between decode steps.
+    """Iteration-level batching (Orca / vLLM style), with the encoder running ahead in its own thread.
 
-    Encoding stalls every active sequence, and an image costs two to three times more to encode
-    alone than in a batch of eight, so a busy engine admits in batches of `min_encode_batch`:
-      - a backlog (more requests wait than fit): wait until that many slots are free; slots free up
-        at every step, and efficient batches are what shortens a backlog;
-      - a short queue: admit once the oldest request has waited `max_admission_delay_s`.
-    An idle engine admits at once. `max_encode_batch` bounds the stall one admission causes, and a
-    batch of at least `min_encode_batch` is cut to one of `batch_sizes` (the runner's padded shapes),
-    so that no encode computes padding rows while requests wait.
+    The encoder thread takes up to `max_encode_batch` waiting requests as soon as it is free (and
+    feature slots are), and encodes them in one batch; the decoder thread, at every step, moves
+    encoded requests into free rows, oldest first. Encoding never stalls the active sequences, so
+    no encode batch has to be held back or cut short for their sake (compare DistServe's split of
+    prefill and decode). `admit` is the decoder's half: how many encoded requests join now.
     """
 
     name = "continuous"
     holds_results_until_batch_ends = False
+    encodes_ahead = True
 
-    def __init__(self, max_slots: int, max_encode_batch: int = 16, min_encode_batch: int = 8,
-                 max_admission_delay_s: float = 0.04, batch_sizes: Sequence[int] = ()):
+    def __init__(self, max_slots: int, max_encode_batch: int = 16):
         self.max_slots = max_slots
         self.max_encode_batch = max_encode_batch
-        self.min_encode_batch = max(1, min(min_encode_batch, max_encode_batch))
-        self.max_admission_delay_s = max_admission_delay_s
-        self.batch_sizes = sorted(batch_sizes)
 
     def admit(self, waiting: Sequence[int], oldest_wait_s: float, used_slots: int) -> Admission:
-        idle = used_slots == 0
-        limit = self.max_slots if idle else self.max_encode_batch
-        count = _count_fitting(waiting, self.max_slots - used_slots, limit, idle)
-        if count == 0 or idle:
-            return Admission(count)
-        if count >= self.min_encode_batch:
-            return Admission(max((size for size in self.batch_sizes if self.min_encode_batch <= size <= count),
-                                 default=count))
-        if len(waiting) > count:  # a backlog, short of slots
-            return Admission(0)
-        # A short queue: the busier the engine, the longer waiting for company is worth it.
-        delay_s = self.max_admission_delay_s * used_slots / self.max_slots
-        return Admission(count if oldest_wait_s >= delay_s else 0)
+        return Admission(_count_fitting(waiting, self.max_slots - used_slots, MAX_ROWS, idle=used_slots == 0))
 
 
 class StaticPolicy:
@@ -92,6 +75,7 @@ class StaticPolicy:
 
     name = "static"
     holds_results_until_batch_ends = True
+    encodes_ahead = False
 
     def __init__(self, max_slots: int, max_queue_delay_s: float = 0.005):
         self.max_slots = max_slots
@@ -112,6 +96,7 @@ class SequentialPolicy:
 
     name = "none"
     holds_results_until_batch_ends = False
+    encodes_ahead = False
     max_slots = MAX_ROWS
 
     def admit(self, waiting: Sequence[int], oldest_wait_s: float, used_slots: int) -> Admission:
@@ -121,13 +106,11 @@ class SequentialPolicy:
 BatchingPolicy = ContinuousPolicy | StaticPolicy | SequentialPolicy
 
 
-def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int,
-                min_encode_batch: int, max_admission_delay_s: float, batch_sizes: Sequence[int] = ()) -> BatchingPolicy:
+def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int) -> BatchingPolicy:
     if not 1 <= max_slots <= MAX_ROWS:
         raise ValueError(f"max_batch_size must be between 1 and {MAX_ROWS}")
     if mode == "continuous":
-        return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots), min_encode_batch,
-                                max_admission_delay_s, batch_sizes)
+        return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots))
     if mode == "static":
         return StaticPolicy(max_slots, max_queue_delay_s)
     if mode == "none":

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from app.engine.scheduler import MAX_ROWS, Move
-from captioning.captioner import BATCH_BUCKETS
+from captioning.captioner import BATCH_BUCKETS, bucket_for
 
 
 class FeatureSlotPool:
@@ -46,9 +46,10 @@ class ModelRunner:
         # A request holds one feature slot from its encode to its end, and at least one row.
         self.features = captioner.feature_slots(capacity)
         self.free_slots = FeatureSlotPool(capacity)
-        self.tokens = np.zeros(capacity, dtype=np.int32)
-        self.state = np.zeros((capacity, captioner.state_size), dtype=np.float32)
-        self.slot_of_row = np.zeros(capacity, dtype=np.int32)
+        rows = bucket_for(capacity)  # a step over `used` rows reads up to the next bucket size
+        self.tokens = np.zeros(rows, dtype=np.int32)
+        self.state = np.zeros((rows, captioner.state_size), dtype=np.float32)
+        self.slot_of_row = np.zeros(rows, dtype=np.int32)
 
     def warmup(self) -> None:
         self.features.warmup()
@@ -76,11 +77,13 @@ class ModelRunner:
     def free(self, slots: Iterable[int]) -> None:
         self.free_slots.give_back(slots)
     def step(self, used: int) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder step over rows [0, used): advances their state; returns (log_probs, attention)."""
+        """One decoder step over rows [0, used): advances their state; returns (log_probs, attention).
+        The step runs on the whole bucket, padding rows included, straight from these arrays: no copy."""
+        bucket = bucket_for(used)
         log_probs, new_state, attention = self.features.step(
-            self.slot_of_row[:used], self.tokens[:used], self.state[:used])
-        self.state[:used] = new_state
-        return log_probs, attention
+            self.slot_of_row[:bucket], self.tokens[:bucket], self.state[:bucket])
+        self.state[:used] = new_state[:used]
+        return log_probs[:used], attention[:used]
 
     def set_next(self, start: int, tokens: np.ndarray, parents: np.ndarray) -> None:
         """Feeds a block its next tokens; each row continues the state of row start + parents[i]."""

@@ -4,9 +4,9 @@
 
 Runs the real service (app.__main__.main) under a wrapper that records which OS thread is which
 Python thread, drives it like bench.load_test's closed loop, and splits the server's CPU time
-(from /proc/PID/task/*/stat) into: the event loop (HTTP, multipart, JSON), the inference thread
-(engine bookkeeping, searches, and the TensorFlow ops it runs inline), AnyIO worker threads
-(upload decoding, sync dependencies) and TensorFlow's own native thread pools.
+(from /proc/PID/task/*/stat) into: the event loop (HTTP, multipart, JSON, small-image decoding),
+the decoder thread (engine bookkeeping, searches, and the TensorFlow ops it runs inline), the
+encoder thread, AnyIO worker threads (large-image decoding) and TensorFlow's own native threads.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ def thread_group(name: str | None) -> str:
         return "TensorFlow native threads"
     if name == "MainThread":
         return "event loop (HTTP)"
+    if name.startswith("inference-encoder"):
+        return "encoder thread (continuous)"
     if name.startswith("inference"):
-        return "inference thread"
+        return "decoder thread"
     if "AnyIO" in name or name.startswith("ThreadPoolExecutor") or name.startswith("asyncio"):
-        return "worker threads (decode, sync dependencies)"
+        return "worker threads (large-image decoding)"
     return "other"
 
 

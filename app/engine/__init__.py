@@ -7,8 +7,9 @@
 
     app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)  # 503 before the body is read
 
-Policy (app.engine.scheduler), model runner (app.engine.runner) and the thread that drives them
-(app.engine.engine) are separate, so the batching policy is testable without a model.
+Policy (app.engine.scheduler), model runner (app.engine.runner) and the threads that drive them
+(app.engine.engine: a decoder thread, and in continuous mode an encoder thread) are separate, so
+the batching policy is testable without a model.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def create_engine(captioner, settings) -> Engine:
     """An engine for `settings.batching_mode` ("continuous", "static" or "none").
 
     Reads the settings below with getattr, so any object with some of them (a SimpleNamespace in a
-    test) works; the continuous-batching knobs are optional tuning, not service configuration.
+    test) works; max_encode_batch (default 16, images per encoder call in continuous mode) is
+    optional tuning, not service configuration.
     inference_nice (default 10, 0 to leave priorities alone): the model's threads run at this nice
-    value, below the event loop, so the server keeps answering, 503s included, at any load.
+    value, below the event loop, which reads every request.
     freeze_gc (default True): after warm-up, the objects the model left are frozen out of Python's
     cyclic garbage collector, whose full passes over them would pause the whole process.
     """

@@ -139,6 +139,8 @@ class ControlledCaptioner:
         self.step_batches: list[int] = []
         self.poisoned_pixel: int | None = None  # encode fails for a batch holding an image filled with it
         self.failing_steps = 0
+        self.step_gate = threading.Event()  # cleared: decoder steps wait (for at most 10 s)
+        self.step_gate.set()
 
     def __getattr__(self, name):
         return getattr(self._captioner, name)
@@ -154,6 +156,7 @@ class ControlledCaptioner:
             raise RuntimeError("poisoned batch")
 
     def before_step(self, tokens):
+        assert self.step_gate.wait(10), "step gate never opened"
         self.step_batches.append(len(tokens))
         if self.failing_steps:
             self.failing_steps -= 1
@@ -431,6 +434,43 @@ def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
         assert all(isinstance(outcome, EngineStopped) for outcome in outcomes), outcomes
 
     run(scenario())
+
+
+def thread_cpu_seconds(name_prefix: str) -> float:
+    """CPU time of this process's thread whose Python name starts with name_prefix (Linux)."""
+    (thread,) = [t for t in threading.enumerate() if t.name.startswith(name_prefix)]
+    fields = open(f"/proc/self/task/{thread.native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads per-thread CPU time from /proc")
+def test_the_encoder_sleeps_while_every_feature_slot_is_taken(tiny_captioner):
+    """With the decoder stuck and all MAX_ROWS feature slots holding encoded requests, the encoder
+    must wait for a slot to be freed, not spin on the non-empty queue."""
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = create_engine(controlled, settings(max_queue_size=2 * MAX_ROWS))
+        await engine.start()
+        controlled.step_gate.clear()
+        tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2)))
+                 for p in images(MAX_ROWS + 8, seed=6)]
+        for _ in range(500):  # until the encoder has filled every slot
+            await asyncio.sleep(0.01)
+            if len(engine.runner.free_slots) == 0 and engine.queue_depth == 8:
+                break
+        assert len(engine.runner.free_slots) == 0 and engine.queue_depth == 8
+        before = thread_cpu_seconds("inference-encoder")
+        await asyncio.sleep(0.5)
+        spent = thread_cpu_seconds("inference-encoder") - before
+        controlled.step_gate.set()
+        results = await asyncio.gather(*tasks)
+        await engine.stop()
+        return spent, results
+
+    spent, results = run(scenario())
+    assert spent < 0.05, f"the encoder thread used {spent:.2f} s of CPU in 0.5 s while it had nothing to do"
+    assert len(results) == MAX_ROWS + 8 and all(r.captions for r in results)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux behaviour")

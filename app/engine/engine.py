@@ -137,6 +137,7 @@ class Engine:
         self._encoded: AdmissionQueue[_Request] = AdmissionQueue(MAX_ROWS + 1)
         self._in_encoder: list[_Request] = []
         self._handoff = threading.Lock()
+        self._slots_freed = threading.Event()  # wakes an encoder that found no free feature slot
         self._encoder_thread: threading.Thread | None = None
         self._slots: SlotTable[_Request] = SlotTable(MAX_ROWS)
         self._finished: list[tuple[_Request, object]] = []  # (request, captions or exception)
@@ -251,6 +252,7 @@ class Engine:
             self._stop_deadline = time.monotonic() + grace
         self._queue.wake()
         self._encoded.wake()
+        self._slots_freed.set()
         for thread in (self._thread, self._encoder_thread):
             if thread is not None and thread.is_alive():
                 await asyncio.to_thread(thread.join)
@@ -394,8 +396,7 @@ class Engine:
             request.feature_slot = None
         if slots:
             self.runner.free(slots)
-            if len(self._queue):
-                self._queue.wake()  # the encoder may be waiting for a free slot
+            self._slots_freed.set()
 
     def _start_searches(self, requests: list[_Request]) -> None:
         """Places encoded requests into rows: allocation, search state, start tokens."""
@@ -542,10 +543,14 @@ class Engine:
         while True:
             if self._stopping and (time.monotonic() >= self._stop_deadline or self._nothing_left()):
                 break
+            self._slots_freed.clear()  # before looking, so that a slot freed after the look wakes the wait
             with self._handoff:
                 count = min(self.policy.max_encode_batch, len(self.runner.free_slots))
                 batch = [r for r in self._queue.take(count) if not r.abandoned] if count else []
                 self._in_encoder = batch
+            if not count:
+                self._slots_freed.wait(IDLE_POLL_S)  # every slot is in use: wait for the decoder to free one
+                continue
             if not batch:
                 self._queue.wait(IDLE_POLL_S)
                 continue

@@ -1,6 +1,6 @@
 """Load benchmark: the real server, in each batching mode, under closed- and open-loop load.
 
-    python -m bench.load_test            # full run, ~8 minutes; writes bench/RESULTS.md
+    python -m bench.load_test            # full run, ~9 minutes; writes bench/RESULTS.md
     python -m bench.load_test --quick    # ~3 minutes, shorter phases
 
 For each mode (continuous, static, none) it starts `python -m app` on a free loopback port with

@@ -1,7 +1,11 @@
 """The library API: load a bundle, caption images, and the encode/step pieces a scheduler needs.
 
-Both pieces run as tf.functions with fixed input signatures, and batches are padded up to a few
-bucket sizes so that each shape's kernels are prepared once, at warm-up, not on a live request.
+    captioner = Captioner.load("model_artifacts/default")
+    captioner.caption(images)                  # offline: n-best captions per image
+    slots = captioner.feature_slots(64)        # for a scheduler: encode into slots, step rows
+
+The pieces run as tf.functions (the decoder step compiled with XLA), and batches are padded up to
+a few bucket sizes so that each shape is compiled once, at warm-up, not on a live request.
 """
 
 from __future__ import annotations

@@ -59,10 +59,11 @@ class Captioner:
         side = int(round(self.num_positions ** 0.5))
         self.grid_shape = (side, self.num_positions // side)
         size = config.image_size
-        self._encode_graph = tf.function(
-            lambda images: encoder(tf.cast(images, tf.float32), training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
-        )
+
+        def run_encoder(images):  # uint8 images -> features, inside each compiled function below
+            return encoder(tf.cast(images, tf.float32), training=False)
+
+        self._encode_graph = tf.function(run_encoder, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         # FeatureSlots' compiled pieces. They take the slots' variable as an argument, so every
         # FeatureSlots of this model shares one trace, and one XLA compilation per batch shape.
         decoder_step = DecoderStep(decoder)
@@ -73,7 +74,7 @@ class Captioner:
 
         @tf.function(reduce_retracing=True)
         def encode_into(features, images, slots):
-            encoded = encoder(tf.cast(images, tf.float32), training=False)
+            encoded = run_encoder(images)
             features.scatter_nd_update(slots[:, None], encoded[: tf.shape(slots)[0]])
 
         self._step_rows, self._encode_into = step_rows, encode_into

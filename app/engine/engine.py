@@ -337,17 +337,18 @@ class Engine:
             return
         for tid in thread_ids:
             if tid == own or tid not in python_threads:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), self.inference_nice))
-                except OSError:  # the thread ended, or the platform refuses
-                    pass
+                self._renice(tid)
 
     def _lower_this_thread_priority(self) -> None:
+        """For a model thread started after warm-up (the encoder)."""
         if self.inference_nice and sys.platform.startswith("linux"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.inference_nice)
-            except OSError:
-                pass
+            self._renice(threading.get_native_id())
+
+    def _renice(self, tid: int) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), self.inference_nice))
+        except OSError:  # the thread ended, or the platform refuses
+            pass
 
     def _iterate(self) -> bool:
         """One scheduling round of the decoder thread; False when the engine has shut down."""
@@ -430,7 +431,7 @@ class Engine:
             return 0, None
         failure = self._encode(requests, now)
         if failure is not None:
-            self._finished.extend((request, failure) for request in requests)
+            self._finished.extend(_each_failed(requests, failure))
             return 0, None
         self._start_searches(requests)
         return len(requests), None
@@ -490,8 +491,7 @@ class Engine:
 
     def _fail_active(self, error: EngineError) -> None:
         owners = self._slots.owners()
-        for request in owners:
-            self._finished.append((request, type(error)(str(error))))
+        self._finished.extend(_each_failed(owners, error))
         self._slots = SlotTable(MAX_ROWS)
         self._free_slots(owners)
 
@@ -565,5 +565,11 @@ class Engine:
                     for request in batch:
                         self._encoded.put_nowait(request)
             if failure is not None:
-                self._post([(request, type(failure)(str(failure))) for request in batch])
+                self._post(_each_failed(batch, failure))
         logger.info("encoder thread stopped")
+
+
+def _each_failed(requests: list[_Request], error: EngineError) -> list[tuple[_Request, EngineError]]:
+    """The outcomes of a failed batch: each request gets its own exception object, since raising
+    one object in several awaiting tasks would tangle their tracebacks."""
+    return [(request, type(error)(str(error))) for request in requests]

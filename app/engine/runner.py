@@ -42,7 +42,6 @@ class ModelRunner:
     def __init__(self, captioner, capacity: int = MAX_ROWS):
         if capacity > BATCH_BUCKETS[-1]:
             raise ValueError(f"capacity {capacity} exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
-        self.capacity = capacity
         # A request holds one feature slot from its encode to its end, and at least one row.
         self.features = captioner.feature_slots(capacity)
         self.free_slots = FeatureSlotPool(capacity)

@@ -7,10 +7,12 @@ import logging
 import time
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from app.dependencies import get_captioner, get_engine, get_settings
 from app.errors import ApiError, DeadlineExceeded, TooManyImages, UploadTooLarge, error_responses
+from app.images import DecodedImage
 from app.inference import InferenceEngine, caption_or_give_up, decode_image, decode_options, run_or_give_up, submit
 from app.schemas import (
     AttentionGrid,
@@ -61,11 +63,7 @@ async def create_caption(
     # The body limit in UploadLimitMiddleware allows for multipart framing; this is the file itself.
     if image.size is not None and image.size > settings.max_upload_bytes:
         raise UploadTooLarge(settings.max_upload_bytes)
-    data = await image.read()
-
-    decode_started = time.perf_counter()
-    decoded, pixels = await decode_image(data, captioner, settings, request.app.state.decode_limiter)
-    decode_ms = (time.perf_counter() - decode_started) * 1000
+    decoded, pixels, decode_ms = await _read_and_decode(request, image, settings, captioner)
 
     remaining_s = started + settings.request_timeout_s - time.perf_counter()
     result = await caption_or_give_up(engine, pixels, options, deadline_s=remaining_s, receive=request.receive)
@@ -110,15 +108,21 @@ async def create_captions(
 async def _caption_upload(request: Request, upload: UploadFile, options: DecodeOptions, settings: Settings,
                           engine: InferenceEngine, captioner) -> CaptionFields:
     started = request.state.started_at
-    data = await upload.read()
-    decode_started = time.perf_counter()
-    decoded, pixels = await decode_image(data, captioner, settings, request.app.state.decode_limiter)
-    decode_ms = (time.perf_counter() - decode_started) * 1000
+    decoded, pixels, decode_ms = await _read_and_decode(request, upload, settings, captioner)
     remaining_s = started + settings.request_timeout_s - time.perf_counter()
     if remaining_s <= 0:
         raise DeadlineExceeded("the request deadline passed before inference could start")
     result = await submit(engine, pixels, options, remaining_s)
     return caption_fields(result, options, captioner, decoded, decode_ms, started)
+
+
+async def _read_and_decode(request: Request, upload: UploadFile, settings: Settings,
+                           captioner) -> tuple[DecodedImage, np.ndarray, float]:
+    """The upload's bytes -> (decoded image, model input, decoding time in ms)."""
+    data = await upload.read()
+    decode_started = time.perf_counter()
+    decoded, pixels = await decode_image(data, captioner, settings, request.app.state.decode_limiter)
+    return decoded, pixels, (time.perf_counter() - decode_started) * 1000
 
 
 def _image_result(index: int, filename: str | None,

@@ -69,17 +69,17 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 async def profile(mode: str, clients: int, duration_s: float, artifacts: Path, requests: list[bytes],
                   log_dir: Path, extra_env: dict[str, str] | None = None) -> tuple[dict[str, float], float]:
     """Per-caption CPU milliseconds by thread group, and captions/s, for one closed-loop phase."""
-    from bench import load_test
+    from bench import harness
 
     map_path = log_dir / f"threads-{mode}.json"
-    server = load_test.Server(mode, artifacts, {THREAD_MAP_ENV: str(map_path), **(extra_env or {})},
+    server = harness.Server(mode, artifacts, {THREAD_MAP_ENV: str(map_path), **(extra_env or {})},
                               log_dir / f"server-profile-{mode}.log", module="bench.cpu_profile",
                               extra_args=["--serve"])
     try:
         await server.wait_ready()
-        await load_test.closed_loop(server.port, requests, clients, 1.0, 0.0)  # settle
+        await harness.closed_loop(server.port, requests, clients, 1.0, 0.0)  # settle
         before = thread_cpu_seconds(server.process.pid)
-        outcome = await load_test.closed_loop(server.port, requests, clients, duration_s, 0.0)
+        outcome = await harness.closed_loop(server.port, requests, clients, duration_s, 0.0)
         after = thread_cpu_seconds(server.process.pid)
         names = {int(k): v for k, v in json.loads(map_path.read_text()).items()}
     finally:
@@ -103,11 +103,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.serve:
         return serve()
-    from bench import load_test
+    from bench import harness
 
-    _, pngs = load_test.load_images(64)
-    requests = [load_test.caption_request(png) for png in pngs]
-    log_dir = load_test.REPO / "bench" / "out"
+    _, pngs = harness.load_images(64)
+    requests = [harness.caption_request(png) for png in pngs]
+    log_dir = harness.REPO / "bench" / "out"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(item.split("=", 1) for item in args.env)
     groups, throughput = asyncio.run(profile(args.mode, args.clients, args.duration, args.artifacts.resolve(),

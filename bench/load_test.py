@@ -25,19 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import math
 import os
 import platform
-import random
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -45,271 +39,13 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-BOUNDARY = "benchboundary7d3f"
+from bench.harness import (  # noqa: E402
+    ENGINE_SERIES, REFUSAL_SERIES, REPO, Outcome, Server, caption_request, closed_loop, cpu_seconds,
+    engine_counters, load_images, open_loop, percentile, rss_mib,
+)
 MODES = ("continuous", "static", "none")
 CLOSED_LOOP_CLIENTS = (1, 8, 32, 64)
 OPEN_LOOP_LOAD = (0.5, 0.9, 1.3, 2.0)  # arrival rates as fractions of the continuous mode's capacity
-MAX_OPEN_CONNECTIONS = 1024
-SERVER_START_TIMEOUT_S = 300
-
-
-# ------------------------------------------------------------------------------- HTTP client
-
-
-def caption_request(png: bytes) -> bytes:
-    """A complete keep-alive POST /caption with the image as multipart field `image`."""
-    body = (
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
-    head = (
-        f"POST /caption HTTP/1.1\r\nHost: {HOST}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection; enough protocol for this server's responses."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
-        try:
-            self.writer.write(raw)
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            body = await self.reader.readexactly(int(length.group(1))) if length else b""
-            if re.search(rb"(?i)\r\nconnection: *close", head):
-                self.close()
-            return status, body
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-@dataclass
-class Outcome:
-    latencies_s: list[float] = field(default_factory=list)  # successful requests
-    rejected_s: list[float] = field(default_factory=list)  # 503 answers
-    statuses: dict[int, int] = field(default_factory=dict)
-    client_errors: int = 0  # connection failures, timeouts
-    elapsed_s: float = 0.0  # the measured window: the phase's duration
-    wall_s: float = 0.0  # the whole phase: warm-up, and draining the requests still in flight
-
-    @property
-    def served_per_s(self) -> float:
-        return len(self.latencies_s) / self.elapsed_s
-
-    def record(self, status: int, latency_s: float) -> None:
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        if status == 200:
-            self.latencies_s.append(latency_s)
-        elif status == 503:
-            self.rejected_s.append(latency_s)
-
-    @property
-    def total(self) -> int:
-        return sum(self.statuses.values()) + self.client_errors
-
-    @property
-    def errors(self) -> int:
-        """Anything but 200 and 503 (the overload answer), including client-side failures."""
-        return self.total - len(self.latencies_s) - len(self.rejected_s)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-async def closed_loop(port: int, requests: list[bytes], clients: int, duration_s: float,
-                      warmup_s: float) -> Outcome:
-    """`clients` workers send back to back; only requests started after the warm-up are counted."""
-    outcome = Outcome()
-    started = time.perf_counter()
-    measure_from, stop_at = started + warmup_s, started + warmup_s + duration_s
-
-    async def worker(index: int) -> None:
-        connection = Connection(port)
-        rng = random.Random(index)
-        try:
-            for _ in range(1_000_000):  # bounded; the time limit ends it first
-                sent = time.perf_counter()
-                if sent >= stop_at:
-                    break
-                try:
-                    status, _ = await asyncio.wait_for(connection.request(rng.choice(requests)), 60)
-                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
-                    connection.close()
-                    status = None
-                if sent >= measure_from:
-                    if status is None:
-                        outcome.client_errors += 1
-                    else:
-                        outcome.record(status, time.perf_counter() - sent)
-        finally:
-            connection.close()
-
-    await asyncio.gather(*(worker(i) for i in range(clients)))
-    outcome.elapsed_s = duration_s
-    return outcome
-
-
-async def open_loop(port: int, requests: list[bytes], rate: float, duration_s: float, seed: int) -> Outcome:
-    """Poisson arrivals at `rate`/s for `duration_s`; each on an idle pooled connection or a new one."""
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration_s:
-            break
-        arrivals.append(t)
-    outcome = Outcome()
-    idle: list[Connection] = []
-    open_connections = 0
-
-    async def one(scheduled: float) -> None:
-        nonlocal open_connections
-        if idle:
-            connection = idle.pop()
-        elif open_connections < MAX_OPEN_CONNECTIONS:
-            connection = Connection(port)
-            open_connections += 1
-        else:
-            outcome.client_errors += 1
-            return
-        try:
-            status, _ = await asyncio.wait_for(connection.request(rng.choice(requests)), 60)
-            outcome.record(status, time.perf_counter() - scheduled)
-            idle.append(connection)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
-            connection.close()
-            open_connections -= 1
-            outcome.client_errors += 1
-
-    tasks = []
-    started = time.perf_counter()
-    for offset in arrivals:
-        delay = started + offset - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(started + offset)))
-    await asyncio.gather(*tasks)
-    for connection in idle:
-        connection.close()
-    # Throughput over the time it took to serve the arrivals, backlog included.
-    outcome.elapsed_s = max(duration_s, time.perf_counter() - started)
-    return outcome
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    connection = Connection(port)
-    try:
-        return await asyncio.wait_for(
-            connection.request(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()), 10)
-    finally:
-        connection.close()
-
-
-# ------------------------------------------------------------------------------------ server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) / 1024 if match else math.nan
-
-
-ENGINE_SERIES = ("encode_seconds_sum", "encode_seconds_count", "step_seconds_sum", "step_seconds_count",
-                 "batch_size_sum", "batch_size_count", "queue_wait_seconds_sum", "queue_wait_seconds_count")
-# 503s as the server timed them (from the request reaching the app to the response): the client's
-# figure adds whatever happened before the app read the request (connecting, waiting to be read).
-REFUSAL_SERIES = ("server_503", "server_503_within_50ms")
-
-
-async def engine_counters(port: int) -> dict[str, float]:
-    """The engine's cumulative timings and the server's 503 timings from /metrics, to profile each
-    phase from the inside."""
-    _, body = await http_get(port, "/metrics")
-    text = body.decode()
-    counters = {}
-    for name in ENGINE_SERIES:
-        match = re.search(rf"^captioning_engine_{name} ([0-9.e+-]+)$", text, re.MULTILINE)
-        counters[name] = float(match.group(1)) if match else 0.0
-    refused = r'method="POST",route="[^"]*",status="503"'
-    counters["server_503"] = sum(float(v) for v in re.findall(
-        rf"^captioning_http_request_duration_seconds_count{{{refused}}} ([0-9.e+-]+)$", text, re.MULTILINE))
-    counters["server_503_within_50ms"] = sum(float(v) for v in re.findall(
-        rf'^captioning_http_request_duration_seconds_bucket{{le="0.05",{refused}}} ([0-9.e+-]+)$', text, re.MULTILINE))
-    return counters
-
-
-class Server:
-    """`python -m app` in one batching mode, on a free loopback port."""
-
-    def __init__(self, mode: str, artifacts: Path, extra_env: dict[str, str], log_path: Path,
-                 module: str = "app", extra_args: list[str] | None = None):
-        self.mode = mode
-        self.port = free_port()
-        env = {**os.environ, "BATCHING_MODE": mode, "PORT": str(self.port), "HOST": HOST,
-               "ARTIFACTS_DIR": str(artifacts), "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO),
-               **extra_env}
-        self.log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", module, *(extra_args or [])], cwd=REPO, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self) -> float:
-        started = time.perf_counter()
-        while time.perf_counter() - started < SERVER_START_TIMEOUT_S:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the {self.mode} server exited with code {self.process.returncode}; "
-                                   f"see {self.log.name}")
-            try:
-                if (await http_get(self.port, "/health/ready"))[0] == 200:
-                    return time.perf_counter() - started
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-                pass
-            await asyncio.sleep(0.25)
-        raise RuntimeError(f"the {self.mode} server was not ready within {SERVER_START_TIMEOUT_S} s")
-
-    def stop(self, timeout_s: float = 60) -> tuple[int | None, float]:
-        """SIGTERM, as an orchestrator would; returns (exit code, seconds to exit)."""
-        started = time.perf_counter()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.log.close()
-        return self.process.returncode, time.perf_counter() - started
 
 
 # ---------------------------------------------------------------------------- references
@@ -520,20 +256,6 @@ async def benchmark(args, requests: list[bytes], log_dir: Path) -> tuple[list[Ph
     order = {mode: i for i, mode in enumerate(args.modes)}
     phases = sorted(pooled.values(), key=lambda p: (p.kind != "closed", order[p.mode], p.load))
     return phases, info
-
-
-def load_images(count: int) -> tuple[list[np.ndarray], list[bytes]]:
-    from PIL import Image
-
-    from training.datasets.shapes import load_split
-
-    pixels = [example.pixels for example in load_split("test", size=count)]
-    pngs = []
-    for image in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "PNG")
-        pngs.append(buffer.getvalue())
-    return pixels, pngs
 
 
 def load_average() -> str:

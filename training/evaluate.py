@@ -325,7 +325,7 @@ def add_parser(subparsers) -> None:
 def loader_options(args: argparse.Namespace) -> dict:
     """The dataset options given as path flags and --data pairs; exits naming any the loader lacks."""
     from training.datasets.registry import LOADERS
-    from training.train import parse_options
+    from training.config import parse_options
 
     options = {name: getattr(args, name) for name in DATASET_PATH_FLAGS if getattr(args, name) is not None}
     options.update(parse_options(args.data))

@@ -49,6 +49,7 @@ import tensorflow as tf
 from captioning.artifacts import sha256_of
 from captioning.backbones import get_backbone
 from captioning.config import ModelConfig
+from training.config import add_config_flags, build_models, config_from_args, load_records, parse_options
 from training.data import AUTOTUNE, image_source
 from training.datasets.base import CaptionedImage
 
@@ -304,8 +305,6 @@ def prepare_cached_features(cache_root: str | Path, config: ModelConfig, encoder
 
 
 def add_parser(subparsers) -> None:
-    from training.train import add_settings_flags
-
     p = subparsers.add_parser(
         "extract-features", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run a frozen backbone over a dataset once and cache the features for training",
@@ -316,24 +315,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", required=True, help="features cache directory")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to extract")
     p.add_argument("--extract-batch-size", type=int, default=64, help="images per backbone call")
-    add_settings_flags(p)
+    add_config_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.train import build_models, load_records, parse_options, resolve_settings
-
-    settings = resolve_settings(args)
-    keras.utils.set_random_seed(settings["seed"])  # as in train, so a seeded random backbone matches
+    config = config_from_args(args)
+    keras.utils.set_random_seed(config.seed)  # as in train, so a seeded random backbone matches
     data_options = parse_options(args.data)
     records_by_split = {}
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         options = {**data_options, **parse_options(args.val_data)} if split == "val" else data_options
-        limit = settings.get(f"{split}_limit")
-        records_by_split[split] = load_records(settings, split, options, limit)
-    config, encoder, _ = build_models(settings, vocab_size=8)  # the decoder is not used
+        records_by_split[split] = load_records(config, split, options)
+    model_config, encoder, _ = build_models(config, vocab_size=8)  # the decoder is not used
     try:
-        prepare_cached_features(args.cache, config, encoder, records_by_split,
+        prepare_cached_features(args.cache, model_config, encoder, records_by_split,
                                 batch_size=args.extract_batch_size, verbose=args.verbose)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

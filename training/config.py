@@ -1,0 +1,139 @@
+"""TrainConfig: every value that decides a training run's data and model, typed, from a preset plus flags.
+
+`train` and `extract-features` take the same flags (`add_config_flags`), so a features cache extracted
+with a train command's flags holds exactly the features that run will use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from captioning.backbones import get_backbone
+from captioning.config import ModelConfig
+from captioning.model import build_decoder, build_encoder
+from training.datasets.registry import LOADERS, load_dataset
+from training.presets import PRESETS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run's settings. Presets (training/presets.py) fill it; command-line flags override them."""
+
+    dataset: str | None = None
+    backbone: str = "small_cnn"
+    weights: str | None = None  # None: random initialisation; "imagenet" or a weights file path
+    trainable_backbone: bool | None = None  # None: train it exactly when it starts from random weights
+    image_size: int = 64
+    attention_dim: int = 256
+    embedding_dim: int = 128
+    attention: str = "luong"
+    dropout: float = 0.0
+    vocab_size: int = 1000
+    min_count: int = 1
+    max_length: int = 24
+    batch_size: int = 32
+    captions_per_image: int = 5
+    epochs: int = 12
+    learning_rate: float = 2e-3
+    clipnorm: float = 5.0
+    patience: int = 3
+    train_limit: int | None = None
+    val_limit: int | None = None
+    seed: int = 1234
+    name: str = "captioner"
+
+    def limit(self, split: str) -> int | None:
+        return {"train": self.train_limit, "val": self.val_limit}.get(split)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            backbone=self.backbone, weights=self.weights, trainable_backbone=bool(self.trainable_backbone),
+            image_size=self.image_size, attention_dim=self.attention_dim, embedding_dim=self.embedding_dim,
+            attention=self.attention, vocab_size=vocab_size, max_length=self.max_length, dropout=self.dropout,
+        )
+
+
+def _flag_type(field: dataclasses.Field) -> type:
+    """The argparse type of a field, from its annotation ("int | None" -> int)."""
+    annotation = str(field.type).split("|")[0].strip()
+    return {"int": int, "float": float, "str": str}[annotation]
+
+
+# Flags a preset's values can be overridden with; None on the command line means "take the preset's value".
+TUNABLE = [f for f in dataclasses.fields(TrainConfig) if f.name != "trainable_backbone"]
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that decide the data and the model (shared by `train` and `extract-features`)."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset loader option, e.g. annotations_file=... (see training/datasets/registry.py)")
+    p.add_argument("--val-data", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option for the validation split only (e.g. COCO's val annotations file)")
+    p.add_argument("--freeze-backbone", action="store_true", help="do not train the backbone")
+    p.add_argument("--train-backbone", action="store_true",
+                   help="fine-tune the backbone (the default only for backbones trained from scratch)")
+    p.add_argument("--verbose", type=int, default=1 if sys.stdout.isatty() else 2,
+                   help="progress display: 1 progress bars, 2 one line per epoch, 0 silent")
+    for field in TUNABLE:
+        p.add_argument("--" + field.name.replace("_", "-"), type=_flag_type(field), default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset, then TrainConfig's defaults for what it leaves out, then explicit flags."""
+    values = dict(PRESETS[args.preset])
+    values.update({f.name: getattr(args, f.name) for f in TUNABLE if getattr(args, f.name) is not None})
+    if values.get("weights") in ("none", ""):
+        values["weights"] = None
+    if args.freeze_backbone and args.train_backbone:
+        raise SystemExit("--freeze-backbone and --train-backbone contradict each other")
+    if args.freeze_backbone or args.train_backbone:
+        values["trainable_backbone"] = bool(args.train_backbone)
+    config = TrainConfig(**values)
+    if config.trainable_backbone is None:  # pretrained: freeze by default
+        config = dataclasses.replace(config, trainable_backbone=config.weights is None)
+    if not config.dataset:
+        raise SystemExit(f"preset {args.preset!r} names no dataset: pass --dataset ({', '.join(sorted(LOADERS))}) "
+                         "and its --data options")
+    return config
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    """`--data KEY=VALUE` pairs as loader keyword arguments."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"dataset option {pair!r} is not KEY=VALUE")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def load_records(config: TrainConfig, split: str, options: dict):
+    records = load_dataset(config.dataset, split, limit=config.limit(split), **options)
+    if not records:
+        raise SystemExit(f"dataset {config.dataset!r} has no usable {split} records")
+    return records
+
+
+def build_models(config: TrainConfig, vocab_size: int):
+    """(ModelConfig, encoder, decoder) for a run; exits with advice when ImageNet weights cannot be had."""
+    model_config = config.model_config(vocab_size)
+    get_backbone(model_config.backbone)  # fail early on a bad name
+    try:
+        encoder = build_encoder(model_config)
+    except Exception as error:
+        if model_config.weights != "imagenet":
+            raise
+        raise SystemExit(
+            f"could not get the ImageNet weights of {model_config.backbone} ({error}). Keras downloads them once "
+            "into ~/.keras/models/; on an offline machine copy that file there from one that is online, or pass "
+            "--weights PATH to a weights file") from error
+    decoder = build_decoder(model_config, encoder.output.shape[1])
+    return model_config, encoder, decoder

@@ -23,8 +23,8 @@ class Settings(BaseSettings):
     # --- where and how to serve --------------------------------------------------------------
     artifacts_dir: Path = Field(Path("model_artifacts/default"), description="Model bundle to serve.")
     host: str = Field("127.0.0.1", description="Interface to bind; the Docker image sets 0.0.0.0.")
-    port: int = Field(8000, ge=1, le=65535)
-    log_level: LogLevel = "INFO"
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    log_level: LogLevel = Field("INFO", description="Threshold of the JSON log lines on stderr.")
     api_key: SecretStr | None = Field(
         None, description="When set, /caption and /model require it (Authorization: Bearer or X-API-Key)."
     )
@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")
 
     # --- inference engine (app.engine) -------------------------------------------------------
-    batching_mode: BatchingMode = "continuous"
+    batching_mode: BatchingMode = Field(
+        "continuous", description="continuous (step-level batching), static (request-level) or none."
+    )
     max_batch_size: int = Field(32, ge=1, le=64, description="Decode slots / images per batch.")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="Static batching: wait this long to fill a batch.")
     max_queue_size: int = Field(256, ge=1, description="Admitted requests waiting; beyond it 503 + Retry-After.")

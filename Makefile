@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test train-default evaluate-default train-shapeworld bench clean
+.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ serve: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
+
+# Style and layering: ruff (lint + format) and the import contracts in pyproject.toml.
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 # Reproduces the committed default model, evaluates it on the test split and records the metrics.
 train-default: $(VENV)/.dev

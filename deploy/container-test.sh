@@ -57,6 +57,7 @@ install_tools() {
   local nofile nproc
   nofile=$(ulimit -Hn)
   nproc=$(ulimit -Hu)
+  [[ "$nofile" == unlimited ]] && nofile=1048576
   [[ "$nproc" == unlimited || "$nproc" -gt 32768 ]] && nproc=32768
   cat > /etc/containers/containers.conf.d/50-captioning-ci.conf <<EOF
 # Written by deploy/container-test.sh
@@ -68,6 +69,16 @@ runtime = "runc"
 EOF
   podman --version
   "$WORK/tools/bin/podman-compose" --version | sed -n 1p
+}
+
+# The host's own package index, if it has one (file:// indexes do not exist inside the build).
+host_index_url() {
+  python3 -c '
+import configparser, os
+config = configparser.ConfigParser()
+config.read(["/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.config/pip/pip.conf")])
+url = os.environ.get("PIP_INDEX_URL") or config.get("global", "index-url", fallback="")
+print("" if url.startswith("file:") else url)'
 }
 
 # A minimal Debian with Debian's python3 standing in for python:3.11-slim, plus the host's apt,
@@ -91,11 +102,12 @@ build_standin_base() {
   rm -f "$root/etc/apt/sources.list"
   cp -a /etc/apt/sources.list* "$root/etc/apt/" 2>/dev/null || true
   cp -a /etc/apt/apt.conf.d/. "$root/etc/apt/apt.conf.d/"
+  local index_url
+  index_url=$(host_index_url)
   {
     echo "[global]"
     echo "cert = /etc/ssl/certs/ca-certificates.crt"
-    [[ -n "${PIP_INDEX_URL:-}" ]] && echo "index-url = $PIP_INDEX_URL"
-    true
+    if [[ -n "$index_url" ]]; then echo "index-url = $index_url"; fi
   } > "$root/etc/pip.conf"
   # As in Debian's slim images: no documentation, manual pages or translations.
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb "$root"/usr/share/doc/* \

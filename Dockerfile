@@ -26,15 +26,17 @@ RUN apt-get update \
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
 # A venv without pip (the base image's pip installs into it), then drop what serving never loads:
 # TensorFlow's C++ headers, libclang (a TensorFlow build-time dependency), setuptools, wheel, and
-# the static symbol tables of the native libraries (-265 MB; the dynamic symbols stay). The
-# auditwheel-patched libraries in *.libs/ are left alone: strip breaks their program headers.
+# the native libraries' static symbol tables (~265 MB; the dynamic symbols stay). Left alone:
+# auditwheel-patched libraries (*.libs/, strip breaks their program headers) and NVIDIA's CUDA
+# libraries of the GPU build.
 RUN python -m venv --without-pip /opt/venv \
     && pip --python /opt/venv/bin/python install --no-cache-dir \
        -r /tmp/requirements-serve.txt "${TF_PACKAGE}==${TF_VERSION}" \
     && pip --python /opt/venv/bin/python uninstall --yes libclang setuptools wheel \
     && site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && rm -rf "${site}/tensorflow/include" \
-    && find "${site}" -type f -name '*.so*' -not -path '*.libs/*' -exec strip --strip-unneeded {} +
+    && find "${site}" -type f -name '*.so*' -not -path '*.libs/*' -not -path "${site}/nvidia/*" \
+       -exec strip --strip-unneeded {} +
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -1,7 +1,7 @@
 """A SIGTERM while `python -m app` is still loading or warming up the model stops it at once.
 
 uvicorn defers signals until its lifespan start-up has finished, which made `podman stop` during
-the ~20 s warm-up wait that long. deploy/container-test.sh checks the image the same way."""
+the warm-up (8-50 s) wait that long. deploy/container-test.sh checks the image the same way."""
 
 from __future__ import annotations
 

@@ -54,9 +54,10 @@ def json_lines() -> int:
         if not line.strip():
             continue
         try:
-            if not isinstance(json.loads(line), dict):
-                raise ValueError("not an object")
+            record = json.loads(line)
         except ValueError:
+            record = None
+        if not isinstance(record, dict):
             print(f"log line {number} is not a JSON object: {line.rstrip()[:200]}", file=sys.stderr)
             return 1
         count += 1

@@ -8,10 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def tool(name: str) -> str:
 
 def compose_config(*args: str) -> dict:
     result = subprocess.run([tool("docker-compose"), *args, "config", "--format", "json"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -45,7 +45,7 @@ def instructions(name: str) -> list[str]:
 
 
 def test_hadolint_passes():
-    result = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -61,7 +61,7 @@ def test_dependencies_come_from_the_lock_file_in_their_own_layer_before_the_code
     assert re.search(r"pip --python /opt/venv/bin/python install .*-r /tmp/requirements-serve.txt", runs)
     assert any(copy.startswith("deploy/requirements-serve.txt ") for copy in copies)
     assert "ARG TF_PACKAGE=tensorflow-cpu" in DOCKERFILE  # CPU build by default
-    runtime = copies[[i for i, copy in enumerate(copies) if "--from=deps /opt/venv" in copy][0]:]
+    runtime = copies[next(i for i, copy in enumerate(copies) if "--from=deps /opt/venv" in copy):]
     # The venv, then the model bundles, then the code: a code edit reuses the dependency layer.
     assert [copy.split()[-2] if not copy.startswith("--from") else "venv" for copy in runtime] == [
         "venv", "model_artifacts", "captioning", "app"]
@@ -80,7 +80,7 @@ def test_lock_file_pins_every_package_within_pyproject_ranges():
         (specifier,) = requirement.specifier
         assert specifier.operator == "==", line
         pins[canonical(requirement.name)] = specifier.version
-    tf_version = re.search(r"^ARG TF_VERSION=(\S+)$", DOCKERFILE, re.M).group(1)
+    tf_version = re.search(r"^ARG TF_VERSION=(\S+)$", DOCKERFILE, re.MULTILINE).group(1)
     pins["tensorflow"] = tf_version  # installed as tensorflow-cpu (or the GPU build) of this version
     for dependency in pyproject["project"]["dependencies"]:
         requirement = Requirement(dependency)

@@ -42,7 +42,7 @@ def binary(name: str) -> str:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(args, cwd=ROOT, check=False, capture_output=True, text=True, timeout=120)
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld bench clean
+.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld bench container-test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ train-shapeworld: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.load_test
+
+# Builds the serving image with podman and runs it and the compose stack (root, Debian; docs/DEPLOY.md).
+container-test:
+	bash deploy/container-test.sh
+
+# Re-pins the image's dependencies (deploy/requirements-serve.txt) after a pyproject.toml change.
+lock: $(VENV)/.dev
+	PYTHON=$(BIN)/python bash deploy/lock.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import logging.config
 import math
+import os
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -40,7 +42,16 @@ def main() -> int:
 
     from app.main import create_app  # imports TensorFlow
 
-    uvicorn.run(
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # uvicorn defers a SIGTERM until the lifespan start-up (model load and warm-up, tens of
+            # seconds) completes; no request has been accepted yet, so there is nothing to drain.
+            if not self.started:
+                logger.info("stopped during start-up", extra={"signal": signal.Signals(sig).name})
+                os._exit(128 + sig)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -50,7 +61,9 @@ def main() -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         server_header=False,
     )
-    return 0
+    server = Server(config)
+    server.run()
+    return 0 if server.started else 3  # as uvicorn.run: 3 when the lifespan start-up failed
 
 
 if __name__ == "__main__":

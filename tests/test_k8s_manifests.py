@@ -1,0 +1,144 @@
+"""deploy/k8s: every manifest passes kubernetes-validate's offline schemas for a pinned Kubernetes
+version (strict: unknown fields fail), and the manifests agree with each other and with the image."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from app.metrics import REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.33.0"  # the oldest minor the manifests promise to support; see docs/DEPLOY.md
+# KServe fields of a predictor that are not PodSpec fields (serving.kserve.io/v1beta1 PredictorSpec).
+KSERVE_PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout",
+                           "containerConcurrency", "canaryTrafficPercent", "logger", "batcher", "model",
+                           "annotations", "labels", "deploymentStrategy", "autoScaling"}
+
+
+def load(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+KUSTOMIZATION = load(K8S / "kustomization.yaml")[0]
+RESOURCES = {doc["kind"]: doc for name in KUSTOMIZATION["resources"] for doc in load(K8S / name)}
+DEPLOYMENT = RESOURCES["Deployment"]
+POD = DEPLOYMENT["spec"]["template"]
+(CONTAINER,) = POD["spec"]["containers"]
+(INFERENCE_SERVICE,) = load(K8S / "kserve" / "inferenceservice.yaml")
+EXPORTED_METRICS = {sample.name for metric in REGISTRY.collect() for sample in metric.samples} | {
+    metric.name for metric in REGISTRY.collect()}
+
+
+def env(container: dict) -> dict[str, str]:
+    return {item["name"]: item.get("value") for item in container.get("env", [])}
+
+
+def test_kustomization_lists_every_manifest():
+    manifests = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(KUSTOMIZATION["resources"]) == manifests
+    assert set(RESOURCES) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"])
+def test_manifest_is_valid_for_the_pinned_kubernetes(kind):
+    kubernetes_validate.validate(RESOURCES[kind], KUBERNETES_VERSION, strict=True)
+
+
+def test_a_broken_manifest_is_rejected():
+    """The validator really checks: a misspelt field and a wrong type both fail."""
+    broken = yaml.safe_load(yaml.safe_dump(DEPLOYMENT))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    broken = yaml.safe_load(yaml.safe_dump(DEPLOYMENT))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_inference_service_predictor_is_a_valid_pod_spec():
+    """InferenceService is a KServe CRD with no schema in kubernetes-validate: its predictor minus
+    KServe's own fields is a PodSpec, validated as one; the CRD's remaining fields are checked by hand."""
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(INFERENCE_SERVICE, KUBERNETES_VERSION, strict=True)
+    assert INFERENCE_SERVICE["apiVersion"] == "serving.kserve.io/v1beta1"
+    predictor = INFERENCE_SERVICE["spec"]["predictor"]
+    pod_spec = {key: value for key, value in predictor.items() if key not in KSERVE_PREDICTOR_FIELDS}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_spec}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"  # KServe's name for a custom predictor
+    (port,) = container["ports"]
+    assert env(container)["PORT"] == str(port["containerPort"])  # the service listens where KServe routes
+    assert container["image"] == CONTAINER["image"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert [mount["mountPath"] for mount in container["volumeMounts"]] == ["/tmp"]
+
+
+def test_probes_use_the_health_routes_on_the_served_port():
+    (port,) = CONTAINER["ports"]
+    assert env(CONTAINER)["PORT"] == str(port["containerPort"])
+    assert CONTAINER["startupProbe"]["httpGet"]["path"] == "/health/live"
+    assert CONTAINER["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert CONTAINER["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert CONTAINER[probe]["httpGet"]["port"] == port["name"]
+    startup = CONTAINER["startupProbe"]
+    # Warm-up measured by deploy/container-test.sh: ~15-25 s; the startup probe allows far more.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+def test_pod_is_non_root_read_only_and_unprivileged():
+    pod_security, security = POD["spec"]["securityContext"], CONTAINER["securityContext"]
+    assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] == 10001  # the image's user
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    (mount,) = CONTAINER["volumeMounts"]
+    assert mount["mountPath"] == "/tmp"  # the one writable path (Python's and TensorFlow's temp files)
+    assert {"cpu", "memory"} <= set(CONTAINER["resources"]["requests"]) & set(CONTAINER["resources"]["limits"])
+
+
+def test_termination_grace_covers_pre_stop_and_both_drains():
+    pre_stop_s = int(CONTAINER["lifecycle"]["preStop"]["exec"]["command"][-1])
+    shutdown_grace_s = float(env(CONTAINER)["SHUTDOWN_GRACE_S"])
+    assert pre_stop_s > 0
+    assert POD["spec"]["terminationGracePeriodSeconds"] > pre_stop_s + 2 * shutdown_grace_s
+
+
+def test_service_pdb_and_hpa_point_at_the_deployment():
+    pod_labels = POD["metadata"]["labels"]
+    assert DEPLOYMENT["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert RESOURCES["Service"]["spec"]["selector"].items() <= pod_labels.items()
+    assert RESOURCES["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert RESOURCES["Service"]["spec"]["ports"][0]["targetPort"] == CONTAINER["ports"][0]["name"]
+    target = RESOURCES["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", DEPLOYMENT["metadata"]["name"])
+    assert RESOURCES["PodDisruptionBudget"]["spec"]["minAvailable"] < DEPLOYMENT["spec"]["replicas"]
+
+
+def test_hpa_queue_metric_is_exported_and_served_by_the_adapter_rule():
+    hpa = RESOURCES["HorizontalPodAutoscaler"]["spec"]
+    kinds = {metric["type"]: metric for metric in hpa["metrics"]}
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    queue_metric = kinds["Pods"]["pods"]["metric"]["name"]
+    assert queue_metric in EXPORTED_METRICS
+    adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert rule["name"]["as"] == queue_metric
+    assert re.fullmatch(rule["name"]["matches"], queue_metric)
+    assert rule["seriesQuery"].startswith(queue_metric + "{")
+
+
+def test_prometheus_annotations_match_the_port():
+    annotations = POD["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(CONTAINER["ports"][0]["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics"

@@ -19,6 +19,10 @@ from captioning.artifacts import ArtifactError, verify_bundle
 
 logger = logging.getLogger("app")
 
+STARTUP_FAILURE = 3  # uvicorn's exit code when the lifespan fails
+# uvicorn cancels what still runs this long after the app's own grace has answered it.
+UVICORN_BACKSTOP_S = 3.0
+
 
 def main() -> int:
     try:
@@ -40,17 +44,31 @@ def main() -> int:
 
     from app.main import create_app  # imports TensorFlow
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # The app owns the grace: requests still running when it ends get its 503 JSON. uvicorn's
+            # own limit comes a little later, as a backstop (its answer would be a plain-text 500).
+            app.state.shutdown.begin(settings.shutdown_grace_s)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=log_config,
         access_log=False,  # app.access logs each request once, with its request ID
         lifespan="on",  # a failing start-up must stop the server, not be ignored
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + UVICORN_BACKSTOP_S),
         server_header=False,
     )
-    return 0
+    server = Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -44,10 +44,21 @@ def route_label(scope: Scope) -> str:
 
 def matched_route(scope: Scope):
     """The route that will handle `scope` (before routing has run), or None."""
-    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+    for route in _routes(getattr(scope.get("app"), "router", None)):
         if route.matches(scope)[0] == Match.FULL:
             return route
     return None
+
+
+def _routes(router):
+    # FastAPI (0.16x) keeps an included router whole, as one entry; its routes are inside (the
+    # app includes routers without a prefix, so their paths are the full templates).
+    for route in getattr(router, "routes", ()):
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner)
+        else:
+            yield route
 
 
 class RequestContextMiddleware:

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test train-default evaluate-default train-shapeworld bench clean
+.PHONY: install install-dev serve test train-default evaluate-default train-shapeworld bench bench-attack clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ train-shapeworld: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.load_test
+
+# Hostile clients against the real server (docs/HARDENING.md); writes bench/ATTACK.md.
+bench-attack: $(VENV)/.dev
+	$(BIN)/python -m bench.attack --write bench/ATTACK.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -290,7 +290,7 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
         await asyncio.sleep(0.01)
         assert engine.queue_depth == 3
         with pytest.raises(Overloaded):
-            engine.check_admission()  # what reserve() (the admission gate) checks before the upload is read
+            engine.check_admission()  # what app.guards.UploadGuard asks before the upload is read
         started = time.perf_counter()
         with pytest.raises(Overloaded) as rejected:
             await engine.submit(images(1, seed=3)[0], DecodeOptions())

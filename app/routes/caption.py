@@ -56,7 +56,7 @@ async def create_caption(
 )
 async def create_captions(
     request: Request,
-    images: Annotated[list[UploadFile], File(description="The image files.")],
+    images: Annotated[list[UploadFile], File(min_length=1, description="The image files (at least one).")],
     query: Annotated[CaptionQuery, Query()],
     service: Service,
 ) -> BatchCaptionResponse:

@@ -224,7 +224,8 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "The body is not a decodable image (corrupt, truncated, empty, not an image).",
+    400: "The body is not valid multipart data, or the file not a decodable image (corrupt, truncated, empty, "
+         "not an image).",
     401: "Missing or wrong API key (checked from the headers, before the body is read).",
     408: "The body did not arrive within BODY_TIMEOUT_S plus its size at MIN_UPLOAD_BYTES_PER_S.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",

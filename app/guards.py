@@ -44,8 +44,14 @@ UPLOADS_RETRY_AFTER_S = 1
 
 
 class UploadGuard:
-    def __init__(self, app: ASGIApp, *, settings, engine_of: Callable[[object], object | None],
-                 key_accepted: Callable[[Headers], bool]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings,
+        engine_of: Callable[[object], object | None],
+        key_accepted: Callable[[Headers], bool],
+    ):
         self.app = app
         self.settings = settings
         self.engine_of = engine_of
@@ -77,16 +83,18 @@ class UploadGuard:
             nonlocal received
             if not holding:
                 return await receive()
-            remaining = started + settings.body_timeout_s + received / settings.min_upload_bytes_per_s - time.monotonic()
+            allowed_s = settings.body_timeout_s + received / settings.min_upload_bytes_per_s
+            remaining = started + allowed_s - time.monotonic()
             try:
                 if remaining <= 0:
                     raise TimeoutError
                 message = await asyncio.wait_for(receive(), remaining)
             except TimeoutError:
                 done_reading()
-                raise BodyTimeout(f"the request body did not arrive in time ({received} bytes received; allowed: "
-                                  f"{settings.body_timeout_s:g} s plus {settings.min_upload_bytes_per_s} bytes/s)"
-                                  ) from None
+                raise BodyTimeout(
+                    f"the request body did not arrive in time ({received} bytes received; allowed: "
+                    f"{settings.body_timeout_s:g} s plus {settings.min_upload_bytes_per_s} bytes/s)"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if not message.get("more_body", False):
@@ -121,8 +129,9 @@ class UploadGuard:
             except Exception as exc:  # the engine's Overloaded / EngineStopped
                 return as_api_error(exc)
         if self.uploads >= self.settings.max_concurrent_uploads:
-            return TooManyUploads(f"{self.uploads} uploads are being read, the limit; retry shortly",
-                                  UPLOADS_RETRY_AFTER_S)
+            return TooManyUploads(
+                f"{self.uploads} uploads are being read, the limit; retry shortly", UPLOADS_RETRY_AFTER_S
+            )
         return None
 
 

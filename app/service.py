@@ -77,8 +77,9 @@ def decode_options(query: CaptionQuery) -> DecodeOptions:
     InvalidParameters (422). Only parameters the client actually sent count as given."""
     for name in sorted(query.model_fields_set & STRATEGY_ONLY_PARAMETERS.keys()):
         if STRATEGY_ONLY_PARAMETERS[name] != query.strategy:
-            raise InvalidParameters(f"{name} applies to strategy={STRATEGY_ONLY_PARAMETERS[name]} only, "
-                                    f"not strategy={query.strategy}")
+            raise InvalidParameters(
+                f"{name} applies to strategy={STRATEGY_ONLY_PARAMETERS[name]} only, not strategy={query.strategy}"
+            )
     try:
         return DecodeOptions(
             strategy=query.strategy,
@@ -149,8 +150,9 @@ class CaptionService:
 
     # --- whole requests ------------------------------------------------------------------------
 
-    async def caption(self, data: bytes, options: DecodeOptions, *, started_at: float | None = None,
-                      receive: Receive | None = None) -> CaptionFields:
+    async def caption(
+        self, data: bytes, options: DecodeOptions, *, started_at: float | None = None, receive: Receive | None = None
+    ) -> CaptionFields:
         """One image; raises its error. Gives up when the client disconnects (`receive`)."""
         started_at = time.perf_counter() if started_at is None else started_at
         (outcome,) = await self._run_all([self._caption_one(data, options, started_at)], started_at, receive)
@@ -158,15 +160,22 @@ class CaptionService:
             raise outcome
         return outcome
 
-    async def caption_many(self, images: list[bytes], options: DecodeOptions, *, started_at: float | None = None,
-                           receive: Receive | None = None) -> list[CaptionFields | ApiError]:
+    async def caption_many(
+        self,
+        images: list[bytes],
+        options: DecodeOptions,
+        *,
+        started_at: float | None = None,
+        receive: Receive | None = None,
+    ) -> list[CaptionFields | ApiError]:
         """Several images, each decoded and submitted on its own (the engine batches them with each
         other and with other requests), each with its own outcome, in order. When the deadline
         passes, the captions already finished are kept and the rest are `deadline_exceeded`. If
         every image was refused for load or shutdown, that refusal is raised for the whole request."""
         started_at = time.perf_counter() if started_at is None else started_at
-        outcomes = await self._run_all([self._caption_one(data, options, started_at) for data in images],
-                                       started_at, receive)
+        outcomes = await self._run_all(
+            [self._caption_one(data, options, started_at) for data in images], started_at, receive
+        )
         refused = [o for o in outcomes if isinstance(o, (Overloaded, EngineStopped))]
         if outcomes and len(refused) == len(outcomes):
             raise refused[0]
@@ -180,8 +189,9 @@ class CaptionService:
     async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float) -> CaptionFields:
         return await self.infer(await self.prepare(data), options, started_at=started_at)
 
-    async def _run_all(self, works: list[Awaitable[CaptionFields]], started_at: float,
-                       receive: Receive | None) -> list[CaptionFields | BaseException]:
+    async def _run_all(
+        self, works: list[Awaitable[CaptionFields]], started_at: float, receive: Receive | None
+    ) -> list[CaptionFields | BaseException]:
         """Runs the works concurrently until all finish, the deadline (plus the engine's grace)
         passes, or the client disconnects. Unfinished works are cancelled and waited for (which
         frees their engine slots); each outcome is retrieved, so none is logged as unhandled."""
@@ -234,8 +244,10 @@ def _outcome(task: asyncio.Future) -> CaptionFields | BaseException:
 def _candidate(caption) -> CaptionCandidate:
     words = None
     if caption.attention is not None:
-        words = [WordAttention(word=word, attention=weights)
-                 for word, weights in zip(caption.tokens, caption.attention, strict=True)]
+        words = [
+            WordAttention(word=word, attention=weights)
+            for word, weights in zip(caption.tokens, caption.attention, strict=True)
+        ]
     return CaptionCandidate(text=caption.text, confidence=caption.confidence, log_prob=caption.log_prob, words=words)
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -95,8 +94,12 @@ def multipart(field_name: str, files: list[bytes]) -> tuple[bytes, str]:
     boundary = "attackbenchboundary"
     parts = []
     for index, data in enumerate(files):
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{index}.png"\r\n'
-                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{index}.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -105,7 +108,7 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int
     JSON-ness None if the connection was cut before the body was complete."""
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
         return 0, False, 0
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -113,7 +116,7 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int
     length = int(headers.get("content-length", "0"))
     try:
         body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
         return status, None, 0
     try:
         is_json = headers.get("content-type", "").startswith("application/json") and isinstance(json.loads(body), dict)
@@ -123,9 +126,20 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int
     return status, is_json, captioned
 
 
-async def request(port: int, path: str, body: bytes, content_type: str, *, key: bool, where: str, log: Log,
-                  timeout: float = 60.0, declared_length: int | None = None, trickle_bps: float | None = None,
-                  stall_after: int | None = None) -> Answer:
+async def request(
+    port: int,
+    path: str,
+    body: bytes,
+    content_type: str,
+    *,
+    key: bool,
+    where: str,
+    log: Log,
+    timeout: float = 60.0,
+    declared_length: int | None = None,
+    trickle_bps: float | None = None,
+    stall_after: int | None = None,
+) -> Answer:
     """One POST over its own connection. trickle_bps: send the body at this rate; stall_after: send
     that many body bytes, then nothing more (the answer is awaited meanwhile)."""
     started = time.perf_counter()
@@ -133,9 +147,12 @@ async def request(port: int, path: str, body: bytes, content_type: str, *, key: 
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
         return log.add(Answer(0, False, time.perf_counter() - started, where))
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {declared_length if declared_length is not None else len(body)}\r\n"
-            + (f"X-API-Key: {API_KEY}\r\n" if key else "") + "Connection: close\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {declared_length if declared_length is not None else len(body)}\r\n"
+        + (f"X-API-Key: {API_KEY}\r\n" if key else "")
+        + "Connection: close\r\n\r\n"
+    ).encode()
     answer_task = asyncio.ensure_future(read_answer(reader, timeout))
     try:
         writer.write(head)
@@ -145,7 +162,7 @@ async def request(port: int, path: str, body: bytes, content_type: str, *, key: 
             for offset in range(0, len(body), 10):
                 if answer_task.done():
                     break
-                writer.write(body[offset:offset + 10])
+                writer.write(body[offset : offset + 10])
                 await asyncio.wait({answer_task}, timeout=10 / trickle_bps)
         else:
             writer.write(body)
@@ -161,10 +178,22 @@ class Server:
     def __init__(self, bundle: Path, env: dict[str, str], root: Path = ROOT):
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(root), "HOST": "127.0.0.1", "PORT": str(self.port),
-                 "ARTIFACTS_DIR": str(bundle), "API_KEY": API_KEY, "LOG_LEVEL": "WARNING",
-                 "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+            [sys.executable, "-m", "app"],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(root),
+                "HOST": "127.0.0.1",
+                "PORT": str(self.port),
+                "ARTIFACTS_DIR": str(bundle),
+                "API_KEY": API_KEY,
+                "LOG_LEVEL": "WARNING",
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                **env,
+            },
+        )
 
     def wait_ready(self, timeout: float = 180) -> None:
         import httpx
@@ -196,45 +225,102 @@ async def memory_phase(server: Server, log: Log, clients: int, images: int, sett
     stop = asyncio.Event()
     sampler = asyncio.ensure_future(sample_peak(server.process.pid, stop))
     started = time.perf_counter()
-    answers = await asyncio.gather(*(request(server.port, "/captions", body, content_type, key=True, where="memory",
-                                             log=log, timeout=120) for _ in range(clients)))
+    answers = await asyncio.gather(
+        *(
+            request(server.port, "/captions", body, content_type, key=True, where="memory", log=log, timeout=120)
+            for _ in range(clients)
+        )
+    )
     took = time.perf_counter() - started
     await asyncio.sleep(settle_s)
     stop.set()
     peak = await sampler
     settled = rss_bytes(server.process.pid)
-    return {"idle": idle, "peak": peak, "settled": settled, "took": took,
-            "statuses": sorted(a.status for a in answers), "captioned": sum(a.captioned for a in answers)}
+    return {
+        "idle": idle,
+        "peak": peak,
+        "settled": settled,
+        "took": took,
+        "statuses": sorted(a.status for a in answers),
+        "captioned": sum(a.captioned for a in answers),
+    }
 
 
 async def slowloris_phase(server: Server, log: Log, slow_clients: int, seconds: float) -> dict:
     body, content_type = multipart("image", [small_png()])
     big, _ = multipart("image", [b"\0" * 200_000])
-    slow = [asyncio.ensure_future(request(server.port, "/caption", big, content_type, key=False, where="keyless slow",
-                                          log=log, timeout=seconds + 20, trickle_bps=10))
-            for _ in range(slow_clients)]
+    slow = [
+        asyncio.ensure_future(
+            request(
+                server.port,
+                "/caption",
+                big,
+                content_type,
+                key=False,
+                where="keyless slow",
+                log=log,
+                timeout=seconds + 20,
+                trickle_bps=10,
+            )
+        )
+        for _ in range(slow_clients)
+    ]
     await asyncio.sleep(0.5)
     keyed: list[Answer] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        keyed.append(await request(server.port, "/caption", body, content_type, key=True, where="keyed", log=log,
-                                   timeout=30))
+        keyed.append(
+            await request(server.port, "/caption", body, content_type, key=True, where="keyed", log=log, timeout=30)
+        )
     keyless = await asyncio.gather(*slow)
     latencies = sorted(a.seconds for a in keyed)
     ok = [a for a in keyed if a.status == 200]
-    return {"keyed": len(keyed), "keyed_ok": len(ok), "p95": latencies[int(0.95 * (len(latencies) - 1))],
-            "keyless_statuses": sorted({a.status for a in keyless}),
-            "keyless_p95": sorted(a.seconds for a in keyless)[int(0.95 * (len(keyless) - 1))]}
+    return {
+        "keyed": len(keyed),
+        "keyed_ok": len(ok),
+        "p95": latencies[int(0.95 * (len(latencies) - 1))],
+        "keyless_statuses": sorted({a.status for a in keyless}),
+        "keyless_p95": sorted(a.seconds for a in keyless)[int(0.95 * (len(keyless) - 1))],
+    }
 
 
 async def framing_phase(server: Server, log: Log) -> dict:
     body, content_type = multipart("image", [small_png()])
-    huge = await request(server.port, "/caption", body[:100], content_type, key=True, where="content-length 50 MB",
-                         log=log, declared_length=50 * 2**20, stall_after=100, timeout=30)
-    short = await request(server.port, "/caption", body, content_type, key=True, where="content-length > body",
-                          log=log, declared_length=len(body) + 1000, timeout=60)
-    keyless_held = await request(server.port, "/caption", body, content_type, key=False, where="keyless, body held",
-                                 log=log, declared_length=9 * 2**20, stall_after=0, timeout=10)
+    huge = await request(
+        server.port,
+        "/caption",
+        body[:100],
+        content_type,
+        key=True,
+        where="content-length 50 MB",
+        log=log,
+        declared_length=50 * 2**20,
+        stall_after=100,
+        timeout=30,
+    )
+    short = await request(
+        server.port,
+        "/caption",
+        body,
+        content_type,
+        key=True,
+        where="content-length > body",
+        log=log,
+        declared_length=len(body) + 1000,
+        timeout=60,
+    )
+    keyless_held = await request(
+        server.port,
+        "/caption",
+        body,
+        content_type,
+        key=False,
+        where="keyless, body held",
+        log=log,
+        declared_length=9 * 2**20,
+        stall_after=0,
+        timeout=10,
+    )
     return {"huge": huge, "short": short, "keyless_held": keyless_held}
 
 
@@ -246,16 +332,26 @@ async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
 
     async def loop_client():
         while not stop.is_set():
-            answer = await request(server.port, "/caption", body, content_type, key=True, where="sigterm", log=log,
-                                   timeout=30)
+            answer = await request(
+                server.port, "/caption", body, content_type, key=True, where="sigterm", log=log, timeout=30
+            )
             if signalled[0] and answer.status:
                 after.append(answer)
             if answer.status == 0:
                 return
 
     async def stalled_upload():  # still mid-body when the grace ends: must get the 503 JSON
-        answer = await request(server.port, "/caption", body, content_type, key=True, where="sigterm stalled",
-                               log=log, timeout=40, stall_after=len(body) // 2)
+        answer = await request(
+            server.port,
+            "/caption",
+            body,
+            content_type,
+            key=True,
+            where="sigterm stalled",
+            log=log,
+            timeout=40,
+            stall_after=len(body) // 2,
+        )
         after.append(answer)
 
     loops = [asyncio.ensure_future(loop_client()) for _ in range(clients)]
@@ -278,27 +374,57 @@ def table(results: dict, log: Log, args) -> str:
     rows = [
         ("idle RSS", gib(memory["idle"]), ""),
         (f"peak RSS, {args.clients} x /captions of {args.images} 40 MP 16-bit PNGs", gib(memory["peak"]), "<= 2 GiB"),
-        (f"settled RSS, {args.settle:g} s after", gib(memory["settled"]),
-         f"<= idle + 0.5 GiB ({gib(memory['idle'] + GIB / 2)})"),
-        ("memory phase answers", " ".join(map(str, memory["statuses"])) + f" in {memory['took']:.1f} s; "
-         f"{memory['captioned']}/{args.clients * args.images} images captioned", ""),
-        (f"keyed success beside {args.slow} slow keyless clients", f"{slow['keyed_ok']}/{slow['keyed']} "
-         f"({rate:.0%})", ">= 95%"),
+        (
+            f"settled RSS, {args.settle:g} s after",
+            gib(memory["settled"]),
+            f"<= idle + 0.5 GiB ({gib(memory['idle'] + GIB / 2)})",
+        ),
+        (
+            "memory phase answers",
+            " ".join(map(str, memory["statuses"])) + f" in {memory['took']:.1f} s; "
+            f"{memory['captioned']}/{args.clients * args.images} images captioned",
+            "",
+        ),
+        (
+            f"keyed success beside {args.slow} slow keyless clients",
+            f"{slow['keyed_ok']}/{slow['keyed']} ({rate:.0%})",
+            ">= 95%",
+        ),
         ("keyed p95 latency (every answer)", f"{slow['p95']:.2f} s", "<= 2 s"),
-        ("keyless trickling clients: answers, p95 time to answer",
-         f"{slow['keyless_statuses']}, {slow['keyless_p95']:.2f} s", "401 before the body"),
-        ("keyless, 9 MiB declared, body held back", f"{framing['keyless_held'].status} in "
-         f"{framing['keyless_held'].seconds:.2f} s", "401 at once"),
+        (
+            "keyless trickling clients: answers, p95 time to answer",
+            f"{slow['keyless_statuses']}, {slow['keyless_p95']:.2f} s",
+            "401 before the body",
+        ),
+        (
+            "keyless, 9 MiB declared, body held back",
+            f"{framing['keyless_held'].status} in {framing['keyless_held'].seconds:.2f} s",
+            "401 at once",
+        ),
         ("Content-Length 50 MB", f"{framing['huge'].status} in {framing['huge'].seconds:.2f} s", "413 at once"),
-        ("Content-Length 1000 bytes over the body", f"{framing['short'].status} in {framing['short'].seconds:.2f} s",
-         "408 after BODY_TIMEOUT_S"),
-        ("SIGTERM under load: answers after the signal",
-         ", ".join(f"{status} x{sum(a.status == status for a in after)}"
-                   for status in sorted({a.status for a in after})) or "none", "200 or 503 JSON"),
-        ("SIGTERM: exit code, seconds to exit", f"{term['exit']}, {term['exit_s']:.1f} s",
-         f"exit within SHUTDOWN_GRACE_S ({args.grace:g} s) + 3"),
-        ("answers checked / non-JSON answers", f"{len([a for a in log.answers if a.status])} / {len(non_json)}",
-         "0 non-JSON"),
+        (
+            "Content-Length 1000 bytes over the body",
+            f"{framing['short'].status} in {framing['short'].seconds:.2f} s",
+            "408 after BODY_TIMEOUT_S",
+        ),
+        (
+            "SIGTERM under load: answers after the signal",
+            ", ".join(
+                f"{status} x{sum(a.status == status for a in after)}" for status in sorted({a.status for a in after})
+            )
+            or "none",
+            "200 or 503 JSON",
+        ),
+        (
+            "SIGTERM: exit code, seconds to exit",
+            f"{term['exit']}, {term['exit_s']:.1f} s",
+            f"exit within SHUTDOWN_GRACE_S ({args.grace:g} s) + 3",
+        ),
+        (
+            "answers checked / non-JSON answers",
+            f"{len([a for a in log.answers if a.status])} / {len(non_json)}",
+            "0 non-JSON",
+        ),
         ("answers whose body the connection cut off (not judged)", str(len(log.cut_off())), ""),
     ]
     lines = ["| measure | result | target |", "|---|---|---|"]
@@ -343,8 +469,9 @@ def main() -> None:
     print(result)
     if args.write:
         command = "python -m bench.attack " + " ".join(sys.argv[1:])
-        Path(args.write).write_text(f"# Attack bench\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-                                    f"{os.cpu_count()} CPUs shared with other jobs)\n\n{result}\n")
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        header = f"# Attack bench\n\nCommand: `{command}` ({when}, {os.cpu_count()} CPUs)\n\n"
+        Path(args.write).write_text(header + result + "\n")
 
 
 if __name__ == "__main__":

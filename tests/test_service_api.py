@@ -22,7 +22,6 @@ from app.errors import ClientDisconnected
 from app.logging_config import JsonFormatter
 from app.main import StartupError, create_app
 from app.settings import Settings
-from captioning.decoding import DecodeOptions
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),

@@ -297,7 +297,8 @@ def test_sigterm_shuts_down_gracefully(server, client):
 
     def slow_upload():
         with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
-            connection.sendall(head + b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n')
+            part_head = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            connection.sendall(head + part_head)
             deadline = time.monotonic() + 15
             connection.settimeout(0.25)
             response = b""

@@ -37,8 +37,14 @@ API_KEY = "hardening-key"
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     bundle = uploads.build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
-    settings = Settings(artifacts_dir=bundle, api_key=API_KEY, max_upload_bytes=200_000, max_batch_size=8,
-                        min_image_side=1, request_timeout_s=5)
+    settings = Settings(
+        artifacts_dir=bundle,
+        api_key=API_KEY,
+        max_upload_bytes=200_000,
+        max_batch_size=8,
+        min_image_side=1,
+        request_timeout_s=5,
+    )
     with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
         yield client
 
@@ -67,8 +73,13 @@ def error_of(response, status: int, code: str) -> dict:
 
 @pytest.mark.parametrize(
     "data",
-    [uploads.png((0, 0, 0)), uploads.png((255, 255, 255)), uploads.png((0, 0, 0), size=(1, 1)),
-     uploads.one_bit_bmp(), uploads.sixteen_bit_png(level=0)],
+    [
+        uploads.png((0, 0, 0)),
+        uploads.png((255, 255, 255)),
+        uploads.png((0, 0, 0), size=(1, 1)),
+        uploads.one_bit_bmp(),
+        uploads.sixteen_bit_png(level=0),
+    ],
     ids=["black", "white", "one-pixel", "bilevel", "16-bit-black"],
 )
 def test_no_empty_caption_with_200(client, data):
@@ -124,8 +135,9 @@ def test_captions_all_refused_is_503_with_retry_after(client):
 def test_captions_deadline_keeps_finished_captions_and_marks_the_rest(client):
     with engine_swapped(client.app, ScriptedEngine("a red circle", "hang"), request_timeout_s=0.3):
         started = time.monotonic()
-        response = client.post("/captions", files=[("images", ("a.png", uploads.png())),
-                                                   ("images", ("b.png", uploads.png()))])
+        response = client.post(
+            "/captions", files=[("images", ("a.png", uploads.png())), ("images", ("b.png", uploads.png()))]
+        )
     assert time.monotonic() - started < 5
     assert response.status_code == 200, response.text
     first, second = response.json()["results"]
@@ -153,8 +165,12 @@ def guarded_app(body_reads: list, *, settings: Settings, handler_delay_s: float 
     app = Starlette(routes=[Route("/caption", caption, methods=["POST"])])
     install_exception_handlers(app)  # the service's JSON errors, as in create_app
     app.state.engine = None
-    app.add_middleware(UploadGuard, settings=settings, engine_of=lambda app: app.state.engine,
-                       key_accepted=lambda headers: headers.get("x-api-key") == API_KEY)
+    app.add_middleware(
+        UploadGuard,
+        settings=settings,
+        engine_of=lambda app: app.state.engine,
+        key_accepted=lambda headers: headers.get("x-api-key") == API_KEY,
+    )
     return app
 
 
@@ -177,8 +193,15 @@ def call(app, messages, *, watch_after_body_s: float = 0.0):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/caption", "raw_path": b"/caption", "query_string": b"",
-             "headers": [], "app": app}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/caption",
+        "raw_path": b"/caption",
+        "query_string": b"",
+        "headers": [],
+        "app": app,
+    }
     return sent, calls, scope, receive, send
 
 
@@ -198,8 +221,7 @@ KEYED = [(b"x-api-key", API_KEY.encode())]
 
 def test_a_keyless_upload_is_refused_before_its_body_is_read():
     reads = []
-    status, headers, body, receives = run_call(guarded_app(reads, settings=Settings()), [],
-                                               [(0, b"x" * 100, True)] * 5)
+    status, headers, body, receives = run_call(guarded_app(reads, settings=Settings()), [], [(0, b"x" * 100, True)] * 5)
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert receives == 0 and reads == []
 
@@ -217,7 +239,6 @@ def test_a_trickling_body_gets_408_json():
 def test_the_body_deadline_ends_with_the_body_so_the_disconnect_watcher_is_not_timed_out():
     """After the last body message, receive() belongs to the server again: a handler (like the
     disconnect watcher) that waits on it longer than BODY_TIMEOUT_S is not answered 408."""
-    reads = []
     settings = Settings(body_timeout_s=0.1, min_upload_bytes_per_s=1000)
 
     async def watcher_route(request):
@@ -227,8 +248,7 @@ def test_the_body_deadline_ends_with_the_body_so_the_disconnect_watcher_is_not_t
 
     app = Starlette(routes=[Route("/caption", watcher_route, methods=["POST"])])
     app.state.engine = None
-    app.add_middleware(UploadGuard, settings=settings, engine_of=lambda app: None,
-                       key_accepted=lambda headers: True)
+    app.add_middleware(UploadGuard, settings=settings, engine_of=lambda app: None, key_accepted=lambda headers: True)
     status, _, body, _ = run_call(app, KEYED, [(0, b"image", False)], watch_after_body_s=0.4)
     assert status == 200 and body == {"watched": "http.disconnect"}
 

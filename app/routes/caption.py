@@ -74,5 +74,6 @@ async def create_captions(
 
 def _image_result(index: int, filename: str | None, outcome) -> ImageCaptioned | ImageFailed:
     if isinstance(outcome, ApiError):
-        return ImageFailed(index=index, filename=filename, error=ErrorDetail(code=outcome.code, message=outcome.message))
+        error = ErrorDetail(code=outcome.code, message=outcome.message)
+        return ImageFailed(index=index, filename=filename, error=error)
     return ImageCaptioned(**dict(outcome), index=index, filename=filename)

@@ -9,7 +9,7 @@ picture holds the budget that many small photos would share. A decode's share is
 when its worker thread has really finished: cancelling the caller (a deadline, a disconnect) does not
 stop Pillow, so releasing on cancellation would let the next decodes start on top of the one still
 running. When the pool falls idle after a big decode, freed memory is handed back to the system
-(glibc keeps it in per-thread arenas otherwise), and the process uses few malloc arenas.
+(glibc keeps it in per-thread arenas otherwise); MALLOC_ARENAS can also cap the arena count.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld bench container-test lock clean
+.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld bench bench-attack container-test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ container-test:
 # Re-pins the image's dependencies (deploy/requirements-serve.txt) after a pyproject.toml change.
 lock: $(VENV)/.dev
 	PYTHON=$(BIN)/python bash deploy/lock.sh
+
+# Hostile clients against the real server (docs/HARDENING.md); writes bench/ATTACK.md.
+bench-attack: $(VENV)/.dev
+	$(BIN)/python -m bench.attack --write bench/ATTACK.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,6 +21,10 @@ from captioning.artifacts import ArtifactError, verify_bundle
 
 logger = logging.getLogger("app")
 
+STARTUP_FAILURE = 3  # uvicorn's exit code when the lifespan fails
+# uvicorn cancels what still runs this long after the app's own grace has answered it.
+UVICORN_BACKSTOP_S = 3.0
+
 
 def main() -> int:
     try:
@@ -42,28 +46,36 @@ def main() -> int:
 
     from app.main import create_app  # imports TensorFlow
 
+    app = create_app(settings)
+
     class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame) -> None:
+        def handle_exit(self, sig, frame) -> None:
             # uvicorn defers a SIGTERM until the lifespan start-up (model load and warm-up, tens of
             # seconds) completes; no request has been accepted yet, so there is nothing to drain.
             if not self.started:
                 logger.info("stopped during start-up", extra={"signal": signal.Signals(sig).name})
                 os._exit(128 + sig)
+            # The app owns the grace: requests still running when it ends get its 503 JSON. uvicorn's
+            # own limit comes a little later, as a backstop (its answer would be a plain-text 500).
+            app.state.shutdown.begin(settings.shutdown_grace_s)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=log_config,
         access_log=False,  # app.access logs each request once, with its request ID
         lifespan="on",  # a failing start-up must stop the server, not be ignored
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + UVICORN_BACKSTOP_S),
         server_header=False,
     )
     server = Server(config)
-    server.run()
-    return 0 if server.started else 3  # as uvicorn.run: 3 when the lifespan start-up failed
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, the loaded model and engine from app.state, and API-key auth."""
+"""FastAPI dependencies: settings, the loaded model and the caption service from app.state, API-key
+auth, and one file per form field."""
 
 from __future__ import annotations
 
@@ -7,14 +8,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
 
-from app.errors import NotReady, Unauthorized
-from app.inference import InferenceEngine
+from app.errors import NOT_READY_RETRY_AFTER_S, DuplicateField, NotReady, Unauthorized
+from app.service import CaptionService
 from app.settings import Settings
-
-# Seconds a client should wait before asking a service that is starting or stopping again.
-NOT_READY_RETRY_AFTER_S = 5
-
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def`
 # dependency in a worker thread, a round trip that costs more than the function itself.
@@ -38,11 +36,46 @@ async def get_captioner(request: Request):
     return captioner
 
 
-async def get_engine(request: Request) -> InferenceEngine:
+async def get_service(request: Request) -> CaptionService:
     if not service_ready(request):
         reason = "the service is shutting down" if request.app.state.stopping else "the model is warming up"
         raise NotReady(reason, NOT_READY_RETRY_AFTER_S)
-    return request.app.state.engine
+    return request.app.state.service
+
+
+Service = Annotated[CaptionService, Depends(get_service)]
+
+
+def one_file_per_field(*names: str):
+    """A dependency refusing a form that repeats one of `names` (422 naming it): otherwise one of
+    the files would be captioned and the other silently ignored."""
+
+    async def check(request: Request) -> None:
+        form = await request.form()  # already parsed for the route: Starlette keeps it
+        for name in names:
+            if len(form.getlist(name)) > 1:
+                raise DuplicateField(f"the form has {len(form.getlist(name))} `{name}` fields; send exactly one "
+                                     f"(use POST /captions for several images)")
+
+    return Depends(check)
+
+
+def api_key_accepted(headers: Headers, settings: Settings) -> bool:
+    """At least one credential offered and every credential offered right: a wrong Authorization
+    header is refused even beside a right X-API-Key, so a client (or proxy) sending stale
+    credentials finds out instead of passing by accident. Headers only: app.guards calls it before
+    the body is read."""
+    if settings.api_key is None:
+        return True
+    expected = settings.api_key.get_secret_value().encode()
+    offered: list[str] = []
+    if "authorization" in headers:  # even empty: a non-Bearer or blank value is a wrong one
+        scheme, _, credentials = headers["authorization"].partition(" ")
+        offered.append(credentials.strip() if scheme.lower() == "bearer" else "")
+    if headers.get("x-api-key"):
+        offered.append(headers["x-api-key"])
+    # compare_digest: the time taken must not reveal how much of the key matched.
+    return bool(offered) and all(hmac.compare_digest(key.encode(), expected) for key in offered)
 
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API_KEY>`")
@@ -52,22 +85,9 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 async def require_api_key(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],  # for the OpenAPI document
     header_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
-    """Installed on /caption and /model only when API_KEY is set (see create_app).
-
-    At least one credential must be offered and every credential offered must be right: a wrong
-    Authorization header is refused even beside a right X-API-Key, so a client (or proxy) sending
-    stale credentials finds out instead of passing by accident."""
-    if settings.api_key is None:
-        return
-    expected = settings.api_key.get_secret_value().encode()
-    offered: list[str] = []
-    if "authorization" in request.headers:  # even empty: a non-Bearer or blank value is a wrong one
-        offered.append(bearer.credentials if bearer else "")
-    if header_key:
-        offered.append(header_key)
-    # compare_digest: the time taken must not reveal how much of the key matched.
-    if not offered or not all(hmac.compare_digest(key.encode(), expected) for key in offered):
+    """Installed on /caption(s) and /model only when API_KEY is set (see create_app)."""
+    if not api_key_accepted(request.headers, settings):
         raise Unauthorized()

@@ -2,8 +2,10 @@
 
     {"error": {"code": "...", "message": "..."}, "request_id": "..."}
 
-Routes and helpers raise an `ApiError` subclass; FastAPI's own validation errors, Starlette's
-HTTP exceptions (404, 405, ...) and anything unexpected go through the same renderer.
+Routes and helpers raise an `ApiError` subclass; the inference engine raises its own errors
+(app.engine: Overloaded, DeadlineExceeded, EngineStopped, InferenceError), which `as_api_error`
+maps to statuses here, so HTTP stays out of the engine. FastAPI's own validation errors,
+Starlette's HTTP exceptions (404, 405, ...) and anything unexpected go through the same renderer.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
 from app.schemas import ErrorResponse
+
+# Seconds a client should wait before asking a service that is starting or stopping again.
+NOT_READY_RETRY_AFTER_S = 5
+
 
 class ApiError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, status_code: int | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.status_code = status_code or self.status_code
+        self.code = code or self.code
 
 
 class InvalidImage(ApiError):
@@ -60,27 +70,56 @@ class TooManyImages(ApiError):
     status_code, code = 422, "too_many_images"
 
 
+class DuplicateField(ApiError):
+    status_code, code = 422, "duplicate_field"
+
+
+class NoCaption(ApiError):
+    """The model produced no word for this image, even with min_length (say, only <pad> tokens)."""
+
+    status_code, code = 422, "no_caption"
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 class _RetryLater(ApiError):
     status_code = 503
 
     def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        super().__init__(message, headers=retry_after(retry_after_s))
 
 
 class NotReady(_RetryLater):
     code = "not_ready"
 
 
-class Overloaded(_RetryLater):
-    code = "overloaded"
+class TooManyUploads(_RetryLater):
+    code = "too_many_uploads"
 
 
-class DeadlineExceeded(ApiError):
-    status_code, code = 504, "deadline_exceeded"
+class ClientDisconnected(ApiError):
+    # Nobody reads this response; the status only appears in the access log and metrics.
+    status_code, code = 499, "client_closed_request"
 
 
-class InferenceFailed(ApiError):
-    status_code, code = 500, "inference_failed"
+def as_api_error(exc: BaseException) -> ApiError:
+    """The HTTP error for any failure: an ApiError as it is, an engine error by kind, anything
+    else (a bug) as a 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return ApiError("the inference queue is full; retry shortly", status_code=503, code="overloaded",
+                        headers=retry_after(exc.retry_after_s))
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(str(exc) or "the request deadline passed while waiting for inference", status_code=504,
+                        code="deadline_exceeded")
+    if isinstance(exc, EngineStopped):
+        return NotReady("the service is shutting down", NOT_READY_RETRY_AFTER_S)
+    if isinstance(exc, InferenceError):
+        return ApiError("the model failed on this request's batch; retrying may succeed", code="inference_failed")
+    return ApiError("the server failed to handle the request")
 
 
 class UploadTooLarge(StarletteHTTPException):
@@ -94,6 +133,13 @@ class UploadTooLarge(StarletteHTTPException):
         super().__init__(413, f"the upload is larger than the limit of {limit_bytes} bytes")
 
 
+class BodyTimeout(StarletteHTTPException):
+    """Raised from inside the request body stream (see app.guards.UploadGuard), like UploadTooLarge."""
+
+    def __init__(self, message: str):
+        super().__init__(408, message)
+
+
 # Codes for errors FastAPI/Starlette raise themselves.
 _HTTP_CODES = {
     400: "bad_request",
@@ -101,6 +147,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "upload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
@@ -115,8 +162,13 @@ def request_id_of(request: Request) -> str | None:
 
 def error_response(request: Request, status_code: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    request.scope.setdefault("state", {})["error_code"] = code  # for the error counter (app.middleware)
     body = ErrorResponse(error={"code": code, "message": message}, request_id=request_id_of(request))
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def api_error_response(request: Request, error: ApiError) -> JSONResponse:
+    return error_response(request, error.status_code, error.code, error.message, error.headers)
 
 
 def _describe_validation_errors(errors: list[dict[str, Any]]) -> str:
@@ -128,8 +180,8 @@ def _describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(request, exc.status_code, exc.code, exc.message, exc.headers)
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    return api_error_response(request, as_api_error(exc))
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -150,6 +202,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(EngineError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
@@ -171,12 +224,16 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "The body is not a decodable image (corrupt, truncated, empty, not an image).",
-    401: "Missing or wrong API key.",
+    400: "The body is not valid multipart data, or the file not a decodable image (corrupt, truncated, empty, "
+         "not an image).",
+    401: "Missing or wrong API key (checked from the headers, before the body is read).",
+    408: "The body did not arrive within BODY_TIMEOUT_S plus its size at MIN_UPLOAD_BYTES_PER_S.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF.",
-    422: "Missing field, invalid parameter or combination, too many images, or image dimensions out of range.",
+    422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
+         "range, or no caption for the image (`no_caption`).",
     500: "Unexpected server error.",
-    503: "Not ready yet, shutting down, or overloaded; retry after Retry-After seconds.",
+    503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After "
+         "seconds.",
     504: "The request's deadline (REQUEST_TIMEOUT_S) passed.",
 }

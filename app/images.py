@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
 
@@ -47,6 +47,16 @@ _OTHER_IMAGE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 )
 _HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
                 b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+# Bytes per pixel held at the peak of decode_opened for each mode (Pillow stores 1, L and P in one
+# byte, I;16 in two, every other mode in four); modes _reduce converts first count both copies.
+_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "PA": 8, "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6,
+                         "I": 4, "F": 4}
+_PEAK_BYTES_PER_PIXEL.update(dict.fromkeys(("LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+                                            "HSV"), 4))
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -87,21 +97,60 @@ def open_upload(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
 
 def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedImage:
     """Decodes an image from open_upload (the first frame of an animation), applies its EXIF
-    orientation and converts it to RGB."""
+    orientation and converts it to RGB.
+
+    draft_size (the model's input side): the picture is brought down towards it as early as
+    possible, so that no full-size copy is made after the decode itself: JPEG decodes at 1/2..1/8
+    scale (draft mode), anything else is box-reduced (Image.reduce) to no less than twice that
+    side, and only then are colour conversion and EXIF rotation done, on the small copy. The
+    full-size image is dropped as soon as the small one exists. decode_bytes() is the peak memory
+    this takes, known from the header."""
     format_name = ALLOWED_FORMATS[image.format]
     width, height = image.size
     try:
         if draft_size and format_name == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # the first frame of an animation
-        if _orientation(image) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+        orientation = _orientation(image)
+        if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
             width, height = height, width
-        ImageOps.exif_transpose(image, in_place=True)
+        if draft_size:
+            image = _reduce(image, draft_size)
+        rgb = to_rgb(image)
+        del image
+        if orientation in _TRANSPOSE:
+            rgb = rgb.transpose(_TRANSPOSE[orientation])
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"the {format_name} image could not be decoded: {_reason(exc)}") from None
-    return DecodedImage(to_rgb(image), width, height, format_name)
+    return DecodedImage(rgb, width, height, format_name)
+
+
+def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
+    """Peak bytes decode_opened(image, draft_size) holds, from the header alone: the decoded
+    frame, plus the full-size converted copy for modes that cannot be reduced as they are."""
+    width, height = image.size
+    if draft_size and ALLOWED_FORMATS.get(image.format) == "JPEG":
+        scale = min(width // draft_size, height // draft_size)  # as JpegImageFile.draft picks it
+        scale = next((s for s in (8, 4, 2) if scale >= s), 1)
+        width, height = -(-width // scale), -(-height // scale)
+    return width * height * _PEAK_BYTES_PER_PIXEL.get(image.mode, 8)
+
+
+def _reduce(image: Image.Image, draft_size: int) -> Image.Image:
+    """A box-reduced copy whose shorter side stays at least 2 * draft_size (so the model-size resize
+    that follows sees what it would have seen from the full image), or the image itself."""
+    factor = min(image.size) // (2 * draft_size)
+    if factor < 2:
+        return image
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")  # averaging palette indices or a keyed colour would be wrong
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):  # Image.reduce has no 16-bit modes; back to 16 bits after
+        return image.convert("I").reduce(factor).convert("I;16")
+    return image.reduce(factor)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -170,17 +219,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8_bit_grey(image: Image.Image) -> Image.Image:
-    values = np.asarray(image).astype(np.float64)
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    """16-bit, 32-bit integer or float grey -> 8 bits, in float32 and in place: one working copy of
+    the (by now reduced) picture, never a float64 one."""
+    values = np.asarray(image, dtype=np.float32)
+    if not values.flags.writeable:
+        values = values.copy()
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(values.max()) if values.size else 0.0
     if image.mode == "F":
-        peak = float(values.max()) if values.size else 0.0
         scale = 255.0 if peak <= 1.0 else (1.0 if peak <= 255.0 else 255.0 / peak)
     elif image.mode == "I":
-        peak = float(values.max()) if values.size else 0.0
         scale = 1.0 if peak <= 255 else (255.0 / 65535.0 if peak <= 65535 else 255.0 / peak)
     else:  # I;16 variants: full 16-bit range
         scale = 255.0 / 65535.0
-    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    values *= scale
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), "L")
 
 
 def _reason(exc: BaseException) -> str:

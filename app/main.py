@@ -3,8 +3,10 @@
     create_app(settings) -> FastAPI      (uvicorn --factory app.main:create_app also works)
 
 Start-up loads and verifies the model bundle (a broken or tampered bundle raises, and uvicorn
-exits non-zero), then starts the inference engine, which warms up every batch shape. Shut-down
-marks the service not ready, then lets the engine finish in-flight work within SHUTDOWN_GRACE_S.
+exits non-zero), then starts the inference engine, which warms up every batch shape, and builds the
+CaptionService the routes use. Shut-down: from the signal (app.__main__ calls
+app.state.shutdown.begin) the service is not ready; requests still running SHUTDOWN_GRACE_S later
+get 503 JSON (app.guards.ShutdownGuard); then the engine stops.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from typing import AsyncIterator
 import anyio
 from fastapi import Depends, FastAPI
 
-from app.dependencies import require_api_key
-from app.engine import AdmissionGate, create_engine
+from app.decode_pool import DecodePool, limit_malloc_arenas
+from app.dependencies import api_key_accepted, require_api_key
+from app.engine import create_engine
 from app.errors import error_responses, install_exception_handlers
+from app.guards import Shutdown, ShutdownGuard, UploadGuard
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
 from app.routes import caption, demo, health, metrics, model
+from app.service import CaptionService
 from app.settings import Settings
 from captioning.artifacts import ArtifactError
 from captioning.captioner import Captioner
@@ -62,7 +67,10 @@ def configure_inference_threads(threads: int) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_inference_threads(settings.inference_threads)
-    app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
+    limit_malloc_arenas(settings.malloc_arenas)
+    shutdown: Shutdown = app.state.shutdown
+    shutdown.attach()
+    shutdown.on_begin.append(lambda: setattr(app.state, "stopping", True))  # readiness fails from the signal on
     logger.info("loading model", extra={"artifacts_dir": str(settings.artifacts_dir)})
     try:
         captioner = await anyio.to_thread.run_sync(Captioner.load, settings.artifacts_dir)
@@ -71,7 +79,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise StartupError(f"cannot load the model bundle: {exc}") from None
     engine = create_engine(captioner, settings)
     await engine.start()
+    decoder = DecodePool(settings.decode_concurrency, settings.decode_memory_mb * 2**20)
     app.state.captioner, app.state.engine = captioner, engine
+    app.state.service = CaptionService(settings, captioner, engine, decoder)
     logger.info(
         "ready",
         extra={"model": captioner.manifest.get("name"), "version": captioner.manifest.get("version"),
@@ -83,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = True  # readiness fails from here on
         logger.info("stopping", extra={"grace_s": settings.shutdown_grace_s})
         await engine.stop(settings.shutdown_grace_s)
+        decoder.shutdown()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -92,23 +103,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.captioner = None
     app.state.engine = None
+    app.state.service = None
     app.state.stopping = False
+    app.state.shutdown = Shutdown()
 
     install_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(demo.router)  # the page is public; the API calls it makes need the key
-    # With API_KEY set, /caption and /model require it (and the schema says so); without it, the
-    # schema shows no security requirement at all.
+    # With API_KEY set, /caption(s) and /model require it (and the schema says so); without it, the
+    # schema shows no security requirement at all. UploadGuard checks it again from the headers
+    # before a body is read.
     protected = {}
     if settings.api_key:
         protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
     app.include_router(caption.router, **protected)
     app.include_router(model.router, **protected)
 
-    # Added last = outermost: the request ID exists before anything else runs. The gate is the
-    # innermost: its 503s carry the request ID and are logged and counted like any response.
-    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine, path="/caption")
+    # Added last = outermost: the request ID exists before anything else runs, so every refusal
+    # below carries it and is logged and counted like any response.
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(UploadGuard, settings=settings, engine_of=lambda app: app.state.engine,
+                       key_accepted=lambda headers: api_key_accepted(headers, settings))
+    app.add_middleware(ShutdownGuard, shutdown_of=lambda app: app.state.shutdown)
     app.add_middleware(RequestContextMiddleware)
     return app

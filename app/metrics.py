@@ -45,6 +45,14 @@ HTTP_REQUESTS = Counter(
     registry=REGISTRY,
 )
 
+HTTP_ERRORS = Counter(
+    "http_errors",
+    "Error responses by route template and error code (the `error.code` of the JSON body).",
+    labelnames=("route", "code"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
 HTTP_REQUEST_SECONDS = Histogram(
     "http_request_duration_seconds",
     "Wall time from request start to response end, by route template, method and status.",

@@ -13,10 +13,11 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import UploadTooLarge, error_response
-from app.metrics import HTTP_IN_FLIGHT, HTTP_REQUEST_SECONDS, HTTP_REQUESTS
+from app.metrics import HTTP_ERRORS, HTTP_IN_FLIGHT, HTTP_REQUEST_SECONDS, HTTP_REQUESTS
 
 access_logger = logging.getLogger("app.access")
 
@@ -32,6 +33,32 @@ CLIENT_CLOSED_REQUEST = 499
 def request_state(scope: Scope) -> dict:
     """The per-request state dict that Starlette exposes as request.state."""
     return scope.setdefault("state", {})
+
+
+def route_label(scope: Scope) -> str:
+    """The route template; for an answer given before routing ran (a guard's 503 or 401), the
+    template of the route the path matches, so those count under their route too."""
+    route = scope.get("route") or matched_route(scope)
+    return getattr(route, "path", UNMATCHED_ROUTE)
+
+
+def matched_route(scope: Scope):
+    """The route that will handle `scope` (before routing has run), or None."""
+    for route in _routes(getattr(scope.get("app"), "router", None)):
+        if route.matches(scope)[0] == Match.FULL:
+            return route
+    return None
+
+
+def _routes(router):
+    # FastAPI (0.16x) keeps an included router whole, as one entry; its routes are inside (the
+    # app includes routers without a prefix, so their paths are the full templates).
+    for route in getattr(router, "routes", ()):
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner)
+        else:
+            yield route
 
 
 class RequestContextMiddleware:
@@ -63,9 +90,11 @@ class RequestContextMiddleware:
         finally:
             HTTP_IN_FLIGHT.dec()
             elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            route = route_label(scope)
             labels = {"route": route, "method": scope["method"], "status": str(status)}
             HTTP_REQUESTS.labels(**labels).inc()
+            if status >= 400:
+                HTTP_ERRORS.labels(route=route, code=state.get("error_code", "unknown")).inc()
             HTTP_REQUEST_SECONDS.labels(**labels).observe(elapsed)
             access_logger.info(
                 "request",

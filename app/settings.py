@@ -34,8 +34,28 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width*height, checked before decoding.")
     min_image_side: int = Field(8, ge=1, description="Smallest accepted width and height.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per /caption request, queueing included.")
-    decode_concurrency: int = Field(4, ge=1, description="Uploads decoded at once (bounds decode memory).")
+    decode_concurrency: int = Field(4, ge=1, description="Worker threads decoding uploads (a bounded pool).")
     max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")
+
+    # --- hostile clients (docs/HARDENING.md) -------------------------------------------------
+    decode_memory_mb: int = Field(
+        512, ge=1, description="Memory budget for decoding, weighted by each image's pixels and bit depth "
+        "(known from its header); decodes past it wait. One image larger than the budget decodes alone.",
+    )
+    malloc_arenas: int = Field(
+        0, ge=0, description="Cap on glibc malloc arenas (like MALLOC_ARENA_MAX): less memory kept per thread, "
+        "but a slower model under load (2 cost ~15% captions/s in one A/B); 0 leaves glibc's default.",
+    )
+    max_concurrent_uploads: int = Field(
+        64, ge=1, description="Request bodies being read at once; past it a POST gets 503 + Retry-After at once.",
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Time for a request body to arrive, plus its size at MIN_UPLOAD_BYTES_PER_S; "
+        "past it, 408.",
+    )
+    min_upload_bytes_per_s: int = Field(
+        50_000, ge=1, description="Slowest accepted upload rate beyond BODY_TIMEOUT_S (a 10 MB body gets 200 s more).",
+    )
 
     # --- inference engine (app.engine) -------------------------------------------------------
     batching_mode: BatchingMode = Field(
@@ -47,6 +67,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish in-flight requests on SIGTERM.")
     inference_threads: int = Field(
         0, ge=0, description="TensorFlow intra-op threads; 0: one fewer than the CPUs, leaving one to the event loop."
+    )
+    max_encode_batch: int = Field(16, ge=1, description="Continuous batching: images per encoder call.")
+    inference_nice: int = Field(
+        10, ge=0, le=19, description="Nice value of the model's threads, below the event loop; 0 leaves it alone.",
+    )
+    freeze_gc: bool = Field(
+        True, description="After warm-up, freeze the model's objects out of Python's cyclic garbage collector.",
     )
 
     @field_validator("log_level", "batching_mode", mode="before")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from captioning.tokenizer import END_ID, START_ID
+from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
 STRATEGIES = ("greedy", "beam", "sample")
 MAX_BEAM_SIZE = 10
@@ -26,6 +26,7 @@ class DecodeOptions:
     beam_size: int = 3
     num_captions: int = 1
     max_length: int | None = None  # most words in a caption; None: what the model was trained for
+    min_length: int = 1  # <end> is not chosen before this many words (as generation libraries do); 0: no floor
     temperature: float = 1.0
     top_k: int = 10
     seed: int | None = None
@@ -38,6 +39,10 @@ class DecodeOptions:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError("max_length must be at least 1")
+        if self.min_length < 0:
+            raise ValueError("min_length must be at least 0")
+        if self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError("min_length cannot exceed max_length")
         if self.num_captions < 1:
             raise ValueError("num_captions must be at least 1")
         if self.strategy == "greedy" and self.num_captions != 1:
@@ -71,6 +76,9 @@ class Caption:
     attention: list[list[float]] | None = None  # per word: weights over the feature grid
 
 
+_NOT_WORDS = (PAD_ID, START_ID, END_ID)
+
+
 @dataclass
 class _Hypothesis:
     token_ids: list[int] = field(default_factory=list)
@@ -85,6 +93,11 @@ class _Hypothesis:
             self.attention + [attention] if attention is not None else self.attention,
             token == END_ID,
         )
+
+    @property
+    def words(self) -> int:
+        """Tokens that become words (the tokenizer drops <pad>, <start> and <end>)."""
+        return sum(token not in _NOT_WORDS for token in self.token_ids)
 
     def score(self, length_penalty: float) -> float:
         return self.log_prob / max(len(self.token_ids), 1) ** length_penalty
@@ -125,6 +138,17 @@ class Search:
             captions.append(Caption(" ".join(words), words, float(hyp.log_prob), float(confidence), attention))
         return captions
 
+    def _without_early_end(self, log_probs: np.ndarray, rows: list[_Hypothesis]) -> np.ndarray:
+        """log_probs with <end> ruled out for the rows that have fewer than min_length words, so a
+        caption is never empty; the same array (no copy) when no row needs it, so answers that
+        already had enough words are unchanged. Scores keep the model's own log-probabilities."""
+        short = [row for row, hyp in enumerate(rows) if hyp.words < self.options.min_length]
+        if not short:
+            return log_probs
+        masked = log_probs.copy()
+        masked[short, END_ID] = -np.inf
+        return masked
+
     def _attention(self, attention: np.ndarray, row: int) -> np.ndarray | None:
         return attention[row].astype(np.float32) if self.options.return_attention else None
 
@@ -137,7 +161,7 @@ class GreedySearch(Search):
         self.hypothesis = _Hypothesis()
 
     def advance(self, log_probs, attention):
-        token = int(np.argmax(log_probs[0]))
+        token = int(np.argmax(self._without_early_end(log_probs, [self.hypothesis])[0]))
         self.hypothesis = self.hypothesis.extend(token, float(log_probs[0, token]), self._attention(attention, 0))
         self.steps += 1
         self.finished = self.hypothesis.ended or self.steps >= self.max_steps
@@ -159,11 +183,12 @@ class SampleSearch(Search):
     def advance(self, log_probs, attention):
         tokens = np.full(self.width, END_ID, dtype=np.int32)
         k = min(self.options.top_k, log_probs.shape[1])
+        allowed = self._without_early_end(log_probs, self.samples)
         for row, hyp in enumerate(self.samples):
             if hyp.ended:
                 continue
-            candidates = np.argpartition(-log_probs[row], k - 1)[:k]
-            logits = log_probs[row, candidates] / self.options.temperature
+            candidates = np.argpartition(-allowed[row], k - 1)[:k]
+            logits = allowed[row, candidates] / self.options.temperature
             weights = np.exp(logits - logits.max())
             token = int(self.rng.choice(candidates, p=weights / weights.sum()))
             self.samples[row] = hyp.extend(token, float(log_probs[row, token]), self._attention(attention, row))
@@ -188,7 +213,8 @@ class BeamSearch(Search):
 
     def advance(self, log_probs, attention):
         k = self.width
-        totals = np.array([b.log_prob for b in self.beams])[:, None] + log_probs  # [k, V]
+        allowed = self._without_early_end(log_probs, self.beams)
+        totals = np.array([b.log_prob for b in self.beams])[:, None] + allowed  # [k, V]
         flat = totals.ravel()
         best = np.argpartition(-flat, 2 * k - 1)[: 2 * k] if flat.size > 2 * k else np.arange(flat.size)
         best = best[np.argsort(-flat[best], kind="stable")]

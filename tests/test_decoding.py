@@ -157,3 +157,40 @@ def test_attention_has_one_grid_row_per_word(tiny_captioner, pictures):
                 assert len(weights) == height * width
                 assert sum(weights) == pytest.approx(1.0, abs=1e-3)
     assert tiny_captioner.caption(pictures[:1])[0][0].attention is None
+
+
+# The model's first choice is <end> (then <pad>, which is no word): without a floor on the length,
+# every strategy would answer an empty caption.
+END_FIRST = {
+    (): row(end=0.7, pad=0.2, c=0.1),
+    (PAD_ID,): row(end=0.8, b=0.2),
+    (C,): row(end=0.9, a=0.1),
+}
+
+
+@pytest.mark.parametrize("options", [DecodeOptions(), DecodeOptions(strategy="beam", beam_size=3, num_captions=3),
+                                     DecodeOptions(strategy="sample", num_captions=3, top_k=2, seed=3)],
+                         ids=["greedy", "beam", "sample"])
+def test_min_length_keeps_end_from_coming_before_the_first_word(options):
+    captions = run_scripted(options, END_FIRST)
+    assert captions and all(caption.text for caption in captions)
+    if options.strategy == "greedy":
+        # <pad> (no word) then b: log_prob stays the model's own, not a share renormalised without <end>
+        assert captions[0].text == "b"
+        assert captions[0].log_prob == pytest.approx(math.log(0.2 * 0.2), abs=1e-4)
+
+
+def test_min_length_zero_keeps_the_old_empty_answer_and_floors_are_validated():
+    (caption,) = run_scripted(DecodeOptions(min_length=0), END_FIRST)
+    assert caption.text == ""
+    with pytest.raises(ValueError, match="min_length"):
+        DecodeOptions(min_length=3, max_length=2).validate()
+    with pytest.raises(ValueError, match="min_length"):
+        DecodeOptions(min_length=-1).validate()
+
+
+def test_answers_with_enough_words_are_unchanged_by_the_floor():
+    for options in (DecodeOptions(strategy="beam", beam_size=2, num_captions=2), DecodeOptions()):
+        floored = run_scripted(options, GREEDY_TRAP)
+        unfloored = run_scripted(options.__class__(**{**options.__dict__, "min_length": 0}), GREEDY_TRAP)
+        assert [(c.text, c.log_prob) for c in floored] == [(c.text, c.log_prob) for c in unfloored]

@@ -180,7 +180,7 @@ class ControlledSlots:
 
 
 def settings(mode="continuous", **overrides):
-    values = dict(batching_mode=mode, max_batch_size=16, max_queue_delay_ms=5.0, max_queue_size=64,
+    values = dict(batching_mode=mode, max_batch_size=16, max_queue_delay_ms=5.0, max_queue_size=64, max_encode_batch=16,
                   request_timeout_s=20.0, shutdown_grace_s=5.0, inference_nice=0, freeze_gc=False)
     return SimpleNamespace(**{**values, **overrides})
 
@@ -290,7 +290,7 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
         await asyncio.sleep(0.01)
         assert engine.queue_depth == 3
         with pytest.raises(Overloaded):
-            engine.check_admission()  # what reserve() (the admission gate) checks before the upload is read
+            engine.check_admission()  # what app.guards.UploadGuard asks before the upload is read
         started = time.perf_counter()
         with pytest.raises(Overloaded) as rejected:
             await engine.submit(images(1, seed=3)[0], DecodeOptions())
@@ -510,76 +510,3 @@ def test_submit_checks_the_image_and_options(tiny_captioner):
         await engine.stop()
 
     run(scenario())
-
-
-def gated_app(engine, route):
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    from app.engine import AdmissionGate
-
-    app = Starlette(routes=[Route("/caption", route, methods=["POST"])])
-    app.state.engine = engine
-    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)
-    return app
-
-
-def test_admission_gate_refuses_before_the_body_is_read():
-    from starlette.responses import PlainTextResponse
-    from starlette.testclient import TestClient
-
-    class FullEngine:
-        def reserve(self):
-            raise Overloaded(2.5)
-
-    body_reads = []
-
-    async def caption(request):
-        body_reads.append(await request.body())
-        return PlainTextResponse("captioned")
-
-    refused = TestClient(gated_app(FullEngine(), caption)).post("/caption", content=b"image")
-    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
-    assert refused.json()["error"]["code"] == "overloaded"
-    assert body_reads == []  # the route never ran
-
-
-def test_requests_past_the_gate_hold_their_queue_place_until_submit(tiny_captioner):
-    import httpx
-    from starlette.responses import JSONResponse, PlainTextResponse
-
-    controlled = ControlledCaptioner(tiny_captioner)
-    proceed = asyncio.Event()
-
-    async def scenario():
-        engine = create_engine(controlled, settings(max_queue_size=2))
-        await engine.start()
-
-        async def caption(request):
-            if await request.body() == b"broken":
-                return PlainTextResponse("not an image", status_code=400)  # never submits
-            await proceed.wait()  # "reading and decoding the upload"
-            result = await engine.submit(images(1)[0], DecodeOptions(max_length=2))
-            return JSONResponse({"caption": result.captions[0].text})
-
-        transport = httpx.ASGITransport(app=gated_app(engine, caption))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            assert (await client.post("/caption", content=b"broken")).status_code == 400  # its place is back
-            controlled.gate.clear()
-            try:
-                busy = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(max_length=2)))
-                await asyncio.to_thread(controlled.encode_entered.wait, 5)
-                admitted = [asyncio.create_task(client.post("/caption", content=b"image")) for _ in range(2)]
-                await asyncio.sleep(0.05)
-                assert engine.queue_depth == 0  # both are still "decoding", each holding a place
-                refused = await asyncio.wait_for(client.post("/caption", content=b"image"), 2)
-                assert refused.status_code == 503  # the queue is empty, but its places are promised
-            finally:
-                proceed.set()
-                controlled.gate.set()
-            responses = await asyncio.gather(*admitted)
-            await busy
-        await engine.stop(grace_s=1)
-        return responses
-
-    assert [response.status_code for response in run(scenario())] == [200, 200]

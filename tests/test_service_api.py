@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import shutil
+import time
 
 import pytest
 import test_service_helpers as uploads
@@ -17,12 +18,10 @@ from fastapi.testclient import TestClient
 from app.engine import DeadlineExceeded as EngineDeadlineExceeded
 from app.engine import EngineStopped, InferenceError
 from app.engine import Overloaded as EngineOverloaded
-from app.errors import DeadlineExceeded
-from app.inference import ClientDisconnected, caption_or_give_up
+from app.errors import ClientDisconnected
 from app.logging_config import JsonFormatter
 from app.main import StartupError, create_app
 from app.settings import Settings
-from captioning.decoding import DecodeOptions
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
@@ -62,6 +61,18 @@ def swapped_state(app, **values):
     finally:
         for name, value in saved.items():
             setattr(app.state, name, value)
+
+
+@contextlib.contextmanager
+def stand_in_engine(app, engine):
+    """Swaps the engine under both the door check and the caption service."""
+    service, saved = app.state.service, app.state.service.engine
+    service.engine = engine
+    try:
+        with swapped_state(app, engine=engine):
+            yield
+    finally:
+        service.engine = saved
 
 
 def post_image(client, data: bytes, params=None, **kwargs):
@@ -261,10 +272,7 @@ class StandInEngine:
     def __init__(self, error: Exception):
         self.error = error
 
-    def reserve(self):
-        return None
-
-    def release(self, reservation):
+    def check_admission(self):
         pass
 
     async def submit(self, image, options, deadline_s):
@@ -281,7 +289,7 @@ class StandInEngine:
     ],
 )
 def test_engine_errors_map_to_statuses(client, error, status, code):
-    with swapped_state(client.app, engine=StandInEngine(error)):
+    with stand_in_engine(client.app, StandInEngine(error)):
         response = post_image(client, uploads.png())
     assert_error(response, status, code)
     if isinstance(error, EngineOverloaded):
@@ -289,14 +297,14 @@ def test_engine_errors_map_to_statuses(client, error, status, code):
 
 
 def test_a_full_queue_is_refused_at_the_door_with_the_service_error_shape(client):
-    """The app's AdmissionGate answers before the upload is read: nothing reaches the engine."""
+    """app.guards.UploadGuard answers before the upload is read: nothing reaches the engine."""
 
     class FullEngine(StandInEngine):
-        def reserve(self):
+        def check_admission(self):
             raise EngineOverloaded(1.5)
 
     engine = FullEngine(AssertionError("submit must not be reached"))
-    with swapped_state(client.app, engine=engine):
+    with stand_in_engine(client.app, engine):
         response = post_image(client, uploads.png(), headers={"X-Request-ID": "full-queue-1"})
     body = assert_error(response, 503, "overloaded")
     assert body["request_id"] == "full-queue-1" and response.headers["retry-after"] == "2"
@@ -304,49 +312,65 @@ def test_a_full_queue_is_refused_at_the_door_with_the_service_error_shape(client
 
 def test_deadline_already_spent_is_504(client):
     impatient = client.app.state.settings.model_copy(update={"request_timeout_s": 1e-9})
-    with swapped_state(client.app, settings=impatient):
+    service = client.app.state.service
+    saved, service.settings = service.settings, impatient
+    try:
         assert_error(post_image(client, uploads.png()), 504, "deadline_exceeded")
+    finally:
+        service.settings = saved
+
+
+def service_with(engine, **settings_overrides):
+    """A CaptionService around a stand-in engine, for the give-up paths."""
+    from app.service import CaptionService
+
+    settings = Settings(**{"request_timeout_s": 10, **settings_overrides})
+    return CaptionService(settings, captioner=None, engine=engine, decoder=None)
 
 
 def test_client_disconnect_cancels_the_engine_call():
     cancelled = asyncio.Event()
 
-    class SlowEngine:
-        ready = True
-
-        async def submit(self, image, options, deadline_s):
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
+    async def slow_work():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     async def receive():
         await asyncio.sleep(0.05)
         return {"type": "http.disconnect"}
 
     async def scenario():
+        service = service_with(engine=None)
         with pytest.raises(ClientDisconnected):
-            await caption_or_give_up(SlowEngine(), None, DecodeOptions(), deadline_s=10, receive=receive)
+            await service._run_all([slow_work()], time.perf_counter(), receive)
         assert cancelled.is_set()
 
     asyncio.run(scenario())
 
 
-def test_engine_that_misses_its_deadline_is_abandoned():
-    class StuckEngine:
-        async def submit(self, image, options, deadline_s):
-            await asyncio.sleep(30)
+def test_work_that_misses_its_deadline_is_abandoned_and_marked():
+    async def stuck():
+        await asyncio.sleep(30)
+
+    async def quick():
+        return "done"
 
     async def never_disconnects():
         await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
 
     async def scenario():
-        with pytest.raises(DeadlineExceeded):
-            await caption_or_give_up(StuckEngine(), None, DecodeOptions(), deadline_s=0.01,
-                                     receive=never_disconnects)
+        service = service_with(engine=None, request_timeout_s=0.01)
+        started = time.perf_counter()
+        outcomes = await service._run_all([quick(), stuck()], started, never_disconnects)
+        assert time.perf_counter() - started < 3  # the deadline plus the engine's grace
+        return outcomes
 
-    asyncio.run(asyncio.wait_for(scenario(), 5))
+    finished, late = asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert finished == "done" and isinstance(late, EngineDeadlineExceeded)
 
 
 # --- auth ------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ def caption_many(client, named_images, **params):
 def offline(client, data: bytes, options: DecodeOptions):
     """What the offline Captioner says for the same upload, decoded the way the service decodes it."""
     captioner = client.app.state.captioner
-    pixels = captioner.prepare(decode_upload(data, max_pixels=10**7, min_side=1).image)
+    decoded = decode_upload(data, max_pixels=10**7, min_side=1, draft_size=captioner.config.image_size)
+    pixels = captioner.prepare(decoded.image)
     return captioner.caption([pixels], options)[0]
 
 
@@ -88,7 +89,7 @@ def test_engine_results_equal_offline_results(client, params, options):
 def test_small_images_decode_on_the_loop_and_large_ones_in_a_worker_alike(client, size):
     """Uploads up to INLINE_DECODE_MAX_PIXELS decode on the event loop, larger ones in a worker
     thread; either way the captions are the offline ones and the reported size is the upload's."""
-    from app.inference import INLINE_DECODE_MAX_PIXELS
+    from app.service import INLINE_DECODE_MAX_PIXELS
 
     assert (size[0] * size[1] <= INLINE_DECODE_MAX_PIXELS) == (size == (40, 30))
     data = uploads.encode(uploads.half_and_half(size), "PNG")

@@ -57,7 +57,9 @@ def server_env(bundle: Path, port: int, **extra: str) -> dict[str, str]:
         "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "MAX_IMAGE_PIXELS": "4000000",
         "MAX_BATCH_SIZE": "16",
-        "SHUTDOWN_GRACE_S": "5",
+        "SHUTDOWN_GRACE_S": "3",
+        "BODY_TIMEOUT_S": "1",
+        "MIN_UPLOAD_BYTES_PER_S": "50000",
         "LOG_LEVEL": "INFO",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_ENABLE_ONEDNN_OPTS": "0",
@@ -204,6 +206,24 @@ def test_oversized_chunked_upload_is_refused_while_streaming(server):
     assert sent < 16 * 1024 * 1024
 
 
+def test_keyless_upload_gets_401_before_its_body_is_sent(server):
+    head = (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Length: {9 * 1024 * 1024}\r\n"
+            "Content-Type: multipart/form-data; boundary=xyz\r\n\r\n").encode()
+    started = time.monotonic()
+    response, sent = raw_request(server.port, head, [], read_timeout=5)
+    assert response.startswith(b"HTTP/1.1 401"), response[:200]
+    assert b'"unauthorized"' in response and sent == 0 and time.monotonic() - started < 3
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_json(server):
+    """BODY_TIMEOUT_S=1 on this server: the missing bytes are not waited for longer."""
+    head = multipart_head(server.port, "Content-Length: 5000\r\n")
+    started = time.monotonic()
+    response, _ = raw_request(server.port, head, [b"--xyz\r\n"], read_timeout=10)
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+    assert b'"body_timeout"' in response and time.monotonic() - started < 5
+
+
 def test_auth_metrics_and_model_over_http(server, client):
     assert httpx.get(f"{server.url}/model").status_code == 401
     assert httpx.get(f"{server.url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).json()["name"] \
@@ -265,10 +285,42 @@ def test_broken_bundle_exits_non_zero_with_a_clear_message(bundle, tmp_path):
 
 
 def test_sigterm_shuts_down_gracefully(server, client):
-    """Last in the module: it stops the shared server."""
+    """Last in the module: it stops the shared server. A request still running when the grace
+    (SHUTDOWN_GRACE_S=3) ends gets the app's 503 JSON, not the server's plain-text 500."""
+    import threading
+
     assert upload(client, uploads.png()).status_code == 200
+    # Still mid-body when the grace ends: 60 kB/s keeps ahead of the body deadline (1 s + bytes at
+    # 50 kB/s) and takes 5 s for the 300 kB declared.
+    head = multipart_head(server.port, f"Content-Length: {MAX_UPLOAD_BYTES}\r\n")
+    held: list[bytes] = []
+
+    def slow_upload():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
+            part_head = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            connection.sendall(head + part_head)
+            deadline = time.monotonic() + 15
+            connection.settimeout(0.25)
+            response = b""
+            while time.monotonic() < deadline and not response.rstrip().endswith(b"}"):
+                try:
+                    connection.sendall(b"\0" * 15_000)
+                except OSError:
+                    pass
+                try:
+                    response += connection.recv(65536)
+                except (TimeoutError, OSError):
+                    pass
+            held.append(response)
+
+    uploader = threading.Thread(target=slow_upload)
+    uploader.start()
+    time.sleep(0.5)
     server.process.send_signal(signal.SIGTERM)
     # uvicorn drains, the lifespan stops the engine, then uvicorn re-raises SIGTERM to exit.
     assert server.process.wait(30) in (0, -signal.SIGTERM)
+    uploader.join(20)
+    assert held and held[0].startswith(b"HTTP/1.1 503"), held[:1]
+    assert b'"not_ready"' in held[0] and b"retry-after: 5" in held[0].lower()
     messages = [line["message"] for line in server.log_lines()]
     assert "stopping" in messages

@@ -5,7 +5,7 @@
     result = await engine.submit(image, options)  # Result(captions, queue_ms, inference_ms)
     await engine.stop(grace_s)                 # admission stops; in-flight requests finish
 
-    app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)  # 503 before the body is read
+    engine.check_admission()                   # raises what submit() would (full queue, stopped), cheaply
 
 Policy (app.engine.scheduler), model runner (app.engine.runner) and the threads that drive them
 (app.engine.engine: a decoder thread, and in continuous mode an encoder thread) are separate, so
@@ -14,7 +14,6 @@ the batching policy is testable without a model.
 
 from __future__ import annotations
 
-from app.engine.admission import AdmissionGate
 from app.engine.engine import (
     DeadlineExceeded,
     Engine,
@@ -27,7 +26,6 @@ from app.engine.engine import (
 from app.engine.scheduler import make_policy
 
 __all__ = [
-    "AdmissionGate",
     "create_engine",
     "DeadlineExceeded",
     "Engine",
@@ -42,26 +40,21 @@ __all__ = [
 def create_engine(captioner, settings) -> Engine:
     """An engine for `settings.batching_mode` ("continuous", "static" or "none").
 
-    Reads the settings below with getattr, so any object with some of them (a SimpleNamespace in a
-    test) works; max_encode_batch (default 16, images per encoder call in continuous mode) is
-    optional tuning, not service configuration.
-    inference_nice (default 10, 0 to leave priorities alone): the model's threads run at this nice
-    value, below the event loop, which reads every request.
-    freeze_gc (default True): after warm-up, the objects the model left are frozen out of Python's
-    cyclic garbage collector, whose full passes over them would pause the whole process.
+    `settings` is app.settings.Settings, the one place with defaults (see its fields for
+    max_encode_batch, inference_nice and freeze_gc).
     """
     policy = make_policy(
-        getattr(settings, "batching_mode", "continuous"),
-        max_slots=getattr(settings, "max_batch_size", 64),
-        max_queue_delay_s=getattr(settings, "max_queue_delay_ms", 5.0) / 1000,
-        max_encode_batch=getattr(settings, "max_encode_batch", 16),
+        settings.batching_mode,
+        max_slots=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+        max_encode_batch=settings.max_encode_batch,
     )
     return Engine(
         captioner,
         policy,
-        max_queue_size=getattr(settings, "max_queue_size", 256),
-        request_timeout_s=getattr(settings, "request_timeout_s", 30.0),
-        shutdown_grace_s=getattr(settings, "shutdown_grace_s", 10.0),
-        inference_nice=getattr(settings, "inference_nice", 10),
-        freeze_gc=getattr(settings, "freeze_gc", True),
+        max_queue_size=settings.max_queue_size,
+        request_timeout_s=settings.request_timeout_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        inference_nice=settings.inference_nice,
+        freeze_gc=settings.freeze_gc,
     )

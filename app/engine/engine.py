@@ -24,14 +24,13 @@ checking that the future is not already done, so a cancelled future never receiv
 Two process-level choices keep the event loop responsive while the model works (both can be
 turned off): after warm-up the model's threads are reniced below the event loop, and the objects
 TensorFlow left behind are frozen out of the cyclic garbage collector (a full pass over them
-stalls every thread for ~0.2 s). With app.engine.AdmissionGate in front of the route, a request
-holds its queue place (reserve/release) from the door to submit().
+stalls every thread for ~0.2 s). The service asks check_admission() at the door, before a body is
+read, and takes a queue place only at submit(), once the upload is read and decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import gc
 import logging
 import math
@@ -85,22 +84,6 @@ class Result:
     inference_ms: float  # admitted -> captions ready
 
 
-class Reservation:
-    """A place in the admission queue, held from the door (AdmissionGate) to submit()."""
-
-    __slots__ = ("engine", "held")
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.held = True
-
-
-# The reservation of the request being handled: the gate sets it, submit() in the same request
-# (any task created within it copies the context) uses it.
-current_reservation: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar(
-    "engine_reservation", default=None)
-
-
 class _Request:
     __slots__ = ("image", "options", "width", "loop", "future", "submitted", "admitted", "search",
                  "abandoned", "deadline_timer", "feature_slot")
@@ -144,7 +127,6 @@ class Engine:
         self._held: list[tuple[_Request, object]] = []  # static batching: released when the batch ends
         self._abandoned_count = 0  # bumped on the loop; the thread scans for abandoned requests when it changes
         self._abandoned_seen = 0
-        self._reserved = 0  # queue places promised to requests between the gate and submit(); loop thread only
         self._seconds_per_request = 0.05  # moving average, for Retry-After
         self._thread: threading.Thread | None = None
         self._ready = False
@@ -197,23 +179,9 @@ class Engine:
         if self._stopping or self._thread is None:
             metrics.REJECTIONS.labels(reason="stopped").inc()
             raise EngineStopped("the inference engine is not running")
-        if len(self._queue) + self._reserved >= self._queue.maxsize:
+        if len(self._queue) >= self._queue.maxsize:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
-
-    def reserve(self) -> Reservation:
-        """Holds a queue place for a request about to be read and decoded, or raises like
-        check_admission. Past capacity this keeps the queue's bound at the door: no request is
-        parsed and decoded only to find the queue full. Release it with release()."""
-        self.check_admission()
-        self._reserved += 1
-        return Reservation(self)
-
-    def release(self, reservation: Reservation) -> None:
-        """Gives an unused place back (submit() uses it otherwise); safe to call twice."""
-        if reservation.held:
-            reservation.held = False
-            self._reserved -= 1
 
     async def submit(self, image: np.ndarray, options, deadline_s: float | None = None) -> Result:
         """Captions one prepared image (uint8 [S, S, 3]).
@@ -230,11 +198,8 @@ class Engine:
             raise ValueError(f"expected a uint8 image of shape {self._image_shape}, got {image.dtype} {image.shape}")
         loop = asyncio.get_running_loop()
         request = _Request(image, options, loop, loop.create_future())
-        reservation = current_reservation.get()
-        if reservation is not None and reservation.engine is self:
-            self.release(reservation)  # the request takes its own place now
         try:
-            self._queue.put_nowait(request, kept_free=self._reserved)
+            self._queue.put_nowait(request)
         except QueueFull:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s()) from None

@@ -257,10 +257,10 @@ class AdmissionQueue(Generic[Item]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def put_nowait(self, item: Item, kept_free: int = 0) -> None:
-        """Appends, unless that would leave fewer than `kept_free` places (promised to others)."""
+    def put_nowait(self, item: Item) -> None:
+        """Appends, or raises QueueFull."""
         with self._condition:
-            if len(self._items) + kept_free >= self.maxsize:
+            if len(self._items) >= self.maxsize:
                 raise QueueFull
             self._items.append(item)
             self._condition.notify()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.dependencies import NOT_READY_RETRY_AFTER_S, service_ready
-from app.errors import NotReady, error_responses
+from app.dependencies import service_ready
+from app.errors import NOT_READY_RETRY_AFTER_S, NotReady, error_responses
 from app.schemas import HealthStatus
 
 router = APIRouter(prefix="/health", tags=["health"])

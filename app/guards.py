@@ -1,0 +1,201 @@
+"""Pure ASGI guards against clients that cost the service without earning it (docs/HARDENING.md).
+
+UploadGuard, on every request to a route that takes a body (POST), before a byte of it is read:
+  1. the API key, from the headers (401), so a keyless client never holds a queue place or a reader;
+  2. the engine's door check (503 overloaded / not_ready), so a full queue refuses before parsing;
+  3. an upload slot: at most MAX_CONCURRENT_UPLOADS bodies are read at once, the excess gets 503 +
+     Retry-After at once; the slot is held until the body is complete;
+  4. a body deadline: BODY_TIMEOUT_S plus the bytes received so far at MIN_UPLOAD_BYTES_PER_S
+     (like Apache's mod_reqtimeout), answered 408. Once the body is complete, receive() is the
+     server's own again: the disconnect watcher that keeps calling it is never timed out.
+
+ShutdownGuard: requests still running when the shutdown grace ends get a 503 JSON answer with
+Retry-After (the server's own would be a plain-text 500); see Shutdown and app.__main__.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import (
+    NOT_READY_RETRY_AFTER_S,
+    BodyTimeout,
+    NotReady,
+    TooManyUploads,
+    Unauthorized,
+    api_error_response,
+    as_api_error,
+    error_response,
+)
+from app.middleware import matched_route
+
+logger = logging.getLogger("app.guards")
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+# Retry-After for an upload refused because MAX_CONCURRENT_UPLOADS bodies are being read.
+UPLOADS_RETRY_AFTER_S = 1
+
+
+class UploadGuard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings,
+        engine_of: Callable[[object], object | None],
+        key_accepted: Callable[[Headers], bool],
+    ):
+        self.app = app
+        self.settings = settings
+        self.engine_of = engine_of
+        self.key_accepted = key_accepted
+        self.uploads = 0  # bodies being read now (event loop only)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS or matched_route(scope) is None:
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await api_error_response(Request(scope), refusal)(scope, receive, send)
+            return
+        self.uploads += 1
+        holding = True
+
+        def done_reading() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self.uploads -= 1
+
+        settings = self.settings
+        started = time.monotonic()
+        received = 0
+
+        async def timed_receive() -> Message:
+            nonlocal received
+            if not holding:
+                return await receive()
+            allowed_s = settings.body_timeout_s + received / settings.min_upload_bytes_per_s
+            remaining = started + allowed_s - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                done_reading()
+                raise BodyTimeout(
+                    f"the request body did not arrive in time ({received} bytes received; allowed: "
+                    f"{settings.body_timeout_s:g} s plus {settings.min_upload_bytes_per_s} bytes/s)"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    done_reading()
+            else:  # http.disconnect
+                done_reading()
+            return message
+
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracking_send)
+        except BodyTimeout as exc:  # normally the app's handlers answer; this is for reads outside a route
+            if response_started:
+                raise
+            await error_response(Request(scope), 408, "body_timeout", str(exc.detail))(scope, receive, send)
+        finally:
+            done_reading()
+
+    def _refusal(self, scope: Scope):
+        if not self.key_accepted(Headers(scope=scope)):
+            return Unauthorized()
+        engine = self.engine_of(scope["app"])
+        if engine is not None:
+            try:
+                engine.check_admission()
+            except Exception as exc:  # the engine's Overloaded / EngineStopped
+                return as_api_error(exc)
+        if self.uploads >= self.settings.max_concurrent_uploads:
+            return TooManyUploads(
+                f"{self.uploads} uploads are being read, the limit; retry shortly", UPLOADS_RETRY_AFTER_S
+            )
+        return None
+
+
+class Shutdown:
+    """The shutdown grace: begin() (from the signal handler, any thread) makes `over` fire
+    `grace_s` later on the event loop the app runs on."""
+
+    def __init__(self):
+        self.over = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.began = False
+        self.on_begin: list[Callable[[], None]] = []
+
+    def attach(self) -> None:
+        """Called on the app's event loop (the lifespan)."""
+        self.loop = asyncio.get_running_loop()
+        self.over = asyncio.Event()
+
+    def begin(self, grace_s: float) -> None:
+        if self.began or self.loop is None:
+            return
+        self.began = True
+
+        def start() -> None:
+            for callback in self.on_begin:
+                callback()
+            self.loop.call_later(grace_s, self.over.set)
+
+        self.loop.call_soon_threadsafe(start)
+
+
+class ShutdownGuard:
+    def __init__(self, app: ASGIApp, *, shutdown_of: Callable[[object], Shutdown]):
+        self.app = app
+        self.shutdown_of = shutdown_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shutdown = self.shutdown_of(scope["app"])
+        if scope["type"] != "http" or shutdown.loop is not asyncio.get_running_loop():  # no lifespan ran
+            await self.app(scope, receive, send)
+            return
+        over = shutdown.over
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        stop = asyncio.ensure_future(over.wait())
+        try:
+            await asyncio.wait({handling, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not handling.done() and not stop.done():  # this task itself was cancelled
+                handling.cancel()
+            stop.cancel()
+        if handling.done():
+            handling.result()
+            return
+        handling.cancel()
+        await asyncio.wait({handling})
+        if not handling.cancelled() and handling.exception() is not None:
+            logger.error("request failed while being stopped", exc_info=handling.exception())
+        if not response_started:
+            error = NotReady("the service stopped before this request finished; retry", NOT_READY_RETRY_AFTER_S)
+            await api_error_response(Request(scope), error)(scope, receive, send)

@@ -1,0 +1,478 @@
+"""Attack bench: the real server (`python -m app`) against hostile clients; prints one table.
+
+    python -m bench.attack                 # make bench-attack; ~2-3 minutes
+    python -m bench.attack --write bench/ATTACK.md
+
+Phases, each against the same server (model_artifacts/default, API_KEY set):
+  memory     C clients at once, each POST /captions with N 40-megapixel 16-bit grey PNGs (~80 KB
+             each, 80 MB decoded): peak RSS during, settled RSS 20 s after, against idle RSS
+  slowloris  256 keyless clients trickling a body at 10 B/s beside one keyed client captioning in a
+             loop: the keyed client's success rate and p95; how fast each keyless client got its
+             401 (its body held back)
+  framing    a Content-Length of 50 MB (413 before the body), a Content-Length larger than the
+             body sent (408 once the body deadline passes)
+  sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
+             answer after it, and the exit code
+Every answer of every phase is checked for a JSON body; the non-JSON ones are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "attack-bench-key"
+GIB = 2**30
+
+
+@dataclass
+class Answer:
+    status: int
+    json: bool | None  # None: the body was cut off (connection reset), so it could not be judged
+    seconds: float
+    where: str
+    captioned: int = 0  # /captions: images with a caption in the answer
+
+
+@dataclass
+class Log:
+    answers: list[Answer] = field(default_factory=list)
+
+    def add(self, answer: Answer) -> Answer:
+        self.answers.append(answer)
+        return answer
+
+    def non_json(self) -> list[Answer]:
+        return [a for a in self.answers if a.status and a.json is False]
+
+    def cut_off(self) -> list[Answer]:
+        return [a for a in self.answers if a.status and a.json is None]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def grey16_png(side_w=6400, side_h=6250) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("I;16", (side_w, side_h), 20000).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def small_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def multipart(field_name: str, files: list[bytes]) -> tuple[bytes, str]:
+    boundary = "attackbenchboundary"
+    parts = []
+    for index, data in enumerate(files):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{index}.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, bool | None, int]:
+    """(status, body is JSON, images captioned) of one HTTP/1.1 response; (0, False, 0) if none came;
+    JSON-ness None if the connection was cut before the body was complete."""
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return 0, False, 0
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    length = int(headers.get("content-length", "0"))
+    try:
+        body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return status, None, 0
+    try:
+        is_json = headers.get("content-type", "").startswith("application/json") and isinstance(json.loads(body), dict)
+    except ValueError:
+        is_json = False
+    captioned = sum(bool(r.get("ok")) for r in json.loads(body).get("results", [])) if is_json else 0
+    return status, is_json, captioned
+
+
+async def request(
+    port: int,
+    path: str,
+    body: bytes,
+    content_type: str,
+    *,
+    key: bool,
+    where: str,
+    log: Log,
+    timeout: float = 60.0,
+    declared_length: int | None = None,
+    trickle_bps: float | None = None,
+    stall_after: int | None = None,
+) -> Answer:
+    """One POST over its own connection. trickle_bps: send the body at this rate; stall_after: send
+    that many body bytes, then nothing more (the answer is awaited meanwhile)."""
+    started = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return log.add(Answer(0, False, time.perf_counter() - started, where))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {declared_length if declared_length is not None else len(body)}\r\n"
+        + (f"X-API-Key: {API_KEY}\r\n" if key else "")
+        + "Connection: close\r\n\r\n"
+    ).encode()
+    answer_task = asyncio.ensure_future(read_answer(reader, timeout))
+    try:
+        writer.write(head)
+        if stall_after is not None:
+            writer.write(body[:stall_after])
+        elif trickle_bps:
+            for offset in range(0, len(body), 10):
+                if answer_task.done():
+                    break
+                writer.write(body[offset : offset + 10])
+                await asyncio.wait({answer_task}, timeout=10 / trickle_bps)
+        else:
+            writer.write(body)
+        await writer.drain()
+    except ConnectionError:
+        pass
+    status, is_json, captioned = await answer_task
+    writer.close()
+    return log.add(Answer(status, is_json, time.perf_counter() - started, where, captioned))
+
+
+class Server:
+    def __init__(self, bundle: Path, env: dict[str, str], root: Path = ROOT):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(root),
+                "HOST": "127.0.0.1",
+                "PORT": str(self.port),
+                "ARTIFACTS_DIR": str(bundle),
+                "API_KEY": API_KEY,
+                "LOG_LEVEL": "WARNING",
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                **env,
+            },
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("server not ready")
+
+
+async def sample_peak(pid: int, stop: asyncio.Event) -> int:
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, rss_bytes(pid))
+        await asyncio.sleep(0.05)
+    return peak
+
+
+async def memory_phase(server: Server, log: Log, clients: int, images: int, settle_s: float) -> dict:
+    idle = rss_bytes(server.process.pid)
+    body, content_type = multipart("images", [grey16_png()] * images)
+    stop = asyncio.Event()
+    sampler = asyncio.ensure_future(sample_peak(server.process.pid, stop))
+    started = time.perf_counter()
+    answers = await asyncio.gather(
+        *(
+            request(server.port, "/captions", body, content_type, key=True, where="memory", log=log, timeout=120)
+            for _ in range(clients)
+        )
+    )
+    took = time.perf_counter() - started
+    await asyncio.sleep(settle_s)
+    stop.set()
+    peak = await sampler
+    settled = rss_bytes(server.process.pid)
+    return {
+        "idle": idle,
+        "peak": peak,
+        "settled": settled,
+        "took": took,
+        "statuses": sorted(a.status for a in answers),
+        "captioned": sum(a.captioned for a in answers),
+    }
+
+
+async def slowloris_phase(server: Server, log: Log, slow_clients: int, seconds: float) -> dict:
+    body, content_type = multipart("image", [small_png()])
+    big, _ = multipart("image", [b"\0" * 200_000])
+    slow = [
+        asyncio.ensure_future(
+            request(
+                server.port,
+                "/caption",
+                big,
+                content_type,
+                key=False,
+                where="keyless slow",
+                log=log,
+                timeout=seconds + 20,
+                trickle_bps=10,
+            )
+        )
+        for _ in range(slow_clients)
+    ]
+    await asyncio.sleep(0.5)
+    keyed: list[Answer] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        keyed.append(
+            await request(server.port, "/caption", body, content_type, key=True, where="keyed", log=log, timeout=30)
+        )
+    keyless = await asyncio.gather(*slow)
+    latencies = sorted(a.seconds for a in keyed)
+    ok = [a for a in keyed if a.status == 200]
+    return {
+        "keyed": len(keyed),
+        "keyed_ok": len(ok),
+        "p95": latencies[int(0.95 * (len(latencies) - 1))],
+        "keyless_statuses": sorted({a.status for a in keyless}),
+        "keyless_p95": sorted(a.seconds for a in keyless)[int(0.95 * (len(keyless) - 1))],
+    }
+
+
+async def framing_phase(server: Server, log: Log) -> dict:
+    body, content_type = multipart("image", [small_png()])
+    huge = await request(
+        server.port,
+        "/caption",
+        body[:100],
+        content_type,
+        key=True,
+        where="content-length 50 MB",
+        log=log,
+        declared_length=50 * 2**20,
+        stall_after=100,
+        timeout=30,
+    )
+    short = await request(
+        server.port,
+        "/caption",
+        body,
+        content_type,
+        key=True,
+        where="content-length > body",
+        log=log,
+        declared_length=len(body) + 1000,
+        timeout=60,
+    )
+    keyless_held = await request(
+        server.port,
+        "/caption",
+        body,
+        content_type,
+        key=False,
+        where="keyless, body held",
+        log=log,
+        declared_length=9 * 2**20,
+        stall_after=0,
+        timeout=10,
+    )
+    return {"huge": huge, "short": short, "keyless_held": keyless_held}
+
+
+async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
+    body, content_type = multipart("image", [small_png()])
+    stop = asyncio.Event()
+    after: list[Answer] = []
+    signalled = [0.0]
+
+    async def loop_client():
+        while not stop.is_set():
+            answer = await request(
+                server.port, "/caption", body, content_type, key=True, where="sigterm", log=log, timeout=30
+            )
+            if signalled[0] and answer.status:
+                after.append(answer)
+            if answer.status == 0:
+                return
+
+    async def stalled_upload():  # still mid-body when the grace ends: must get the 503 JSON
+        answer = await request(
+            server.port,
+            "/caption",
+            body,
+            content_type,
+            key=True,
+            where="sigterm stalled",
+            log=log,
+            timeout=40,
+            stall_after=len(body) // 2,
+        )
+        after.append(answer)
+
+    loops = [asyncio.ensure_future(loop_client()) for _ in range(clients)]
+    stalled = [asyncio.ensure_future(stalled_upload()) for _ in range(4)]
+    await asyncio.sleep(2)
+    signalled[0] = time.perf_counter()
+    server.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(server.process.wait, 60)
+    stop.set()
+    await asyncio.gather(*loops, *stalled)
+    return {"exit": code, "after": after, "exit_s": time.perf_counter() - signalled[0]}
+
+
+def table(results: dict, log: Log, args) -> str:
+    memory, slow, framing, term = results["memory"], results["slowloris"], results["framing"], results["sigterm"]
+    gib = lambda value: f"{value / GIB:.2f} GiB"  # noqa: E731
+    rate = slow["keyed_ok"] / max(slow["keyed"], 1)
+    after = term["after"]
+    non_json = log.non_json()
+    rows = [
+        ("idle RSS", gib(memory["idle"]), ""),
+        (f"peak RSS, {args.clients} x /captions of {args.images} 40 MP 16-bit PNGs", gib(memory["peak"]), "<= 2 GiB"),
+        (
+            f"settled RSS, {args.settle:g} s after",
+            gib(memory["settled"]),
+            f"<= idle + 0.5 GiB ({gib(memory['idle'] + GIB / 2)})",
+        ),
+        (
+            "memory phase answers",
+            " ".join(map(str, memory["statuses"])) + f" in {memory['took']:.1f} s; "
+            f"{memory['captioned']}/{args.clients * args.images} images captioned",
+            "",
+        ),
+        (
+            f"keyed success beside {args.slow} slow keyless clients",
+            f"{slow['keyed_ok']}/{slow['keyed']} ({rate:.0%})",
+            ">= 95%",
+        ),
+        ("keyed p95 latency (every answer)", f"{slow['p95']:.2f} s", "<= 2 s"),
+        (
+            "keyless trickling clients: answers, p95 time to answer",
+            f"{slow['keyless_statuses']}, {slow['keyless_p95']:.2f} s",
+            "401 before the body",
+        ),
+        (
+            "keyless, 9 MiB declared, body held back",
+            f"{framing['keyless_held'].status} in {framing['keyless_held'].seconds:.2f} s",
+            "401 at once",
+        ),
+        ("Content-Length 50 MB", f"{framing['huge'].status} in {framing['huge'].seconds:.2f} s", "413 at once"),
+        (
+            "Content-Length 1000 bytes over the body",
+            f"{framing['short'].status} in {framing['short'].seconds:.2f} s",
+            "408 after BODY_TIMEOUT_S",
+        ),
+        (
+            "SIGTERM under load: answers after the signal",
+            ", ".join(
+                f"{status} x{sum(a.status == status for a in after)}" for status in sorted({a.status for a in after})
+            )
+            or "none",
+            "200 or 503 JSON",
+        ),
+        (
+            "SIGTERM: exit code, seconds to exit",
+            f"{term['exit']}, {term['exit_s']:.1f} s",
+            f"exit within SHUTDOWN_GRACE_S ({args.grace:g} s) + 3",
+        ),
+        (
+            "answers checked / non-JSON answers",
+            f"{len([a for a in log.answers if a.status])} / {len(non_json)}",
+            "0 non-JSON",
+        ),
+        ("answers whose body the connection cut off (not judged)", str(len(log.cut_off())), ""),
+    ]
+    lines = ["| measure | result | target |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    kinds = sorted({(a.status, a.where) for a in non_json})
+    for status, where in kinds:
+        count = sum(a.status == status and a.where == where for a in non_json)
+        lines.append(f"| non-JSON answer | {status} x{count} in phase {where} | |")
+    return "\n".join(lines)
+
+
+async def main_async(args) -> str:
+    log = Log()
+    env = {"SHUTDOWN_GRACE_S": str(args.grace), "BODY_TIMEOUT_S": "10"}
+    server = Server(Path(args.artifacts).resolve(), env, Path(args.root).resolve())
+    try:
+        server.wait_ready()
+        await asyncio.sleep(2)
+        results = {"memory": await memory_phase(server, log, args.clients, args.images, args.settle)}
+        results["slowloris"] = await slowloris_phase(server, log, args.slow, args.seconds)
+        results["framing"] = await framing_phase(server, log)
+        results["sigterm"] = await sigterm_phase(server, log, 8)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    return table(results, log, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", default=str(ROOT / "model_artifacts" / "default"))
+    parser.add_argument("--root", default=str(ROOT), help="source tree of the server to attack (a baseline checkout)")
+    parser.add_argument("--clients", type=int, default=4, help="memory phase: concurrent /captions requests")
+    parser.add_argument("--images", type=int, default=16, help="memory phase: 40 MP images per request")
+    parser.add_argument("--settle", type=float, default=20.0, help="memory phase: seconds before settled RSS")
+    parser.add_argument("--slow", type=int, default=256, help="slowloris phase: trickling keyless clients")
+    parser.add_argument("--seconds", type=float, default=20.0, help="slowloris phase: keyed client's run")
+    parser.add_argument("--grace", type=float, default=3.0, help="SHUTDOWN_GRACE_S of the server")
+    parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    print(result)
+    if args.write:
+        command = "python -m bench.attack " + " ".join(sys.argv[1:])
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        header = f"# Attack bench\n\nCommand: `{command}` ({when}, {os.cpu_count()} CPUs)\n\n"
+        Path(args.write).write_text(header + result + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""Hostile clients at small scale (issue #11; docs/HARDENING.md): empty captions, duplicate fields,
+/captions under overload and past its deadline, the guards (key before the body, upload slots,
+body deadline, shutdown grace), the error counter, and the decode memory budget."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import test_service_helpers as uploads
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from app.decode_pool import DecodePool
+from app.engine import Overloaded, Result
+from app.errors import install_exception_handlers
+from app.guards import Shutdown, ShutdownGuard, UploadGuard
+from app.images import decode_bytes, decode_upload, open_upload
+from app.main import create_app
+from app.metrics import REGISTRY
+from app.settings import Settings
+from captioning.decoding import Caption
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")]
+
+API_KEY = "hardening-key"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    bundle = uploads.build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
+    settings = Settings(
+        artifacts_dir=bundle,
+        api_key=API_KEY,
+        max_upload_bytes=200_000,
+        max_batch_size=8,
+        min_image_side=1,
+        request_timeout_s=5,
+    )
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def engine_swapped(app, engine, **settings):
+    service = app.state.service
+    saved = service.engine, service.settings, app.state.engine
+    service.engine, app.state.engine = engine, engine
+    service.settings = service.settings.model_copy(update=settings)
+    try:
+        yield
+    finally:
+        service.engine, service.settings, app.state.engine = saved
+
+
+def error_of(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == code
+    return response.json()["error"]
+
+
+# --- never a 200 without a caption -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        uploads.png((0, 0, 0)),
+        uploads.png((255, 255, 255)),
+        uploads.png((0, 0, 0), size=(1, 1)),
+        uploads.one_bit_bmp(),
+        uploads.sixteen_bit_png(level=0),
+    ],
+    ids=["black", "white", "one-pixel", "bilevel", "16-bit-black"],
+)
+def test_no_empty_caption_with_200(client, data):
+    response = client.post("/caption", files={"image": ("a.png", data)})
+    if response.status_code == 200:
+        assert response.json()["caption"].strip()
+        assert all(candidate["text"].strip() for candidate in response.json()["captions"])
+    else:
+        error_of(response, 422, "no_caption")
+
+
+class ScriptedEngine:
+    """Answers submit() from a script: a caption text, an exception, or a hang."""
+
+    ready = True
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+
+    def check_admission(self):
+        pass
+
+    async def submit(self, image, options, deadline_s):
+        answer = self.answers.pop(0)
+        if answer == "hang":
+            await asyncio.sleep(60)
+        if isinstance(answer, Exception):
+            raise answer
+        return Result([Caption(answer, answer.split(), -1.0, 0.5)], 0.0, 1.0)
+
+
+def test_an_image_that_still_yields_no_words_gets_a_clear_error(client):
+    with engine_swapped(client.app, ScriptedEngine("")):
+        error_of(client.post("/caption", files={"image": ("a.png", uploads.png())}), 422, "no_caption")
+
+
+# --- form and batch semantics ----------------------------------------------------------------------
+
+
+def test_duplicate_image_fields_are_422_naming_the_field(client):
+    files = [("image", ("a.png", uploads.png())), ("image", ("b.png", uploads.png()))]
+    error = error_of(client.post("/caption", files=files), 422, "duplicate_field")
+    assert "`image`" in error["message"]
+
+
+def test_captions_all_refused_is_503_with_retry_after(client):
+    with engine_swapped(client.app, ScriptedEngine(Overloaded(2.5), Overloaded(2.5))):
+        response = client.post("/captions", files=[("images", ("a.png", uploads.png()))] * 2)
+    error_of(response, 503, "overloaded")
+    assert response.headers["retry-after"] == "3"
+
+
+def test_captions_deadline_keeps_finished_captions_and_marks_the_rest(client):
+    with engine_swapped(client.app, ScriptedEngine("a red circle", "hang"), request_timeout_s=0.3):
+        started = time.monotonic()
+        response = client.post(
+            "/captions", files=[("images", ("a.png", uploads.png())), ("images", ("b.png", uploads.png()))]
+        )
+    assert time.monotonic() - started < 5
+    assert response.status_code == 200, response.text
+    first, second = response.json()["results"]
+    assert first["ok"] and first["caption"] == "a red circle"
+    assert not second["ok"] and second["error"]["code"] == "deadline_exceeded"
+
+
+def test_captions_with_one_refused_image_answers_the_others(client):
+    with engine_swapped(client.app, ScriptedEngine("a red circle", Overloaded(1.0))):
+        response = client.post("/captions", files=[("images", ("a.png", uploads.png()))] * 2)
+    assert response.status_code == 200
+    assert [result["ok"] for result in response.json()["results"]] == [True, False]
+    assert response.json()["results"][1]["error"]["code"] == "overloaded"
+
+
+# --- the guards, in front of a stand-in app -------------------------------------------------------
+
+
+def guarded_app(body_reads: list, *, settings: Settings, handler_delay_s: float = 0.0) -> Starlette:
+    async def caption(request):
+        body_reads.append(len(await request.body()))
+        await asyncio.sleep(handler_delay_s)
+        return JSONResponse({"caption": "ok"})
+
+    app = Starlette(routes=[Route("/caption", caption, methods=["POST"])])
+    install_exception_handlers(app)  # the service's JSON errors, as in create_app
+    app.state.engine = None
+    app.add_middleware(
+        UploadGuard,
+        settings=settings,
+        engine_of=lambda app: app.state.engine,
+        key_accepted=lambda headers: headers.get("x-api-key") == API_KEY,
+    )
+    return app
+
+
+def call(app, messages, *, watch_after_body_s: float = 0.0):
+    """Calls the ASGI app with scripted body messages (each (delay_s, bytes, more)); returns
+    what the scenario needs to run it. After the body, receive() waits like a live connection,
+    then reports the disconnect after watch_after_body_s."""
+    sent: list[dict] = []
+    calls = [0]
+
+    async def receive():
+        calls[0] += 1
+        if messages:
+            delay, body, more = messages.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": body, "more_body": more}
+        await asyncio.sleep(watch_after_body_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/caption",
+        "raw_path": b"/caption",
+        "query_string": b"",
+        "headers": [],
+        "app": app,
+    }
+    return sent, calls, scope, receive, send
+
+
+def run_call(app, scope_headers, messages, **kwargs):
+    """(status, headers, JSON body, receive() calls) of one request."""
+    sent, calls, scope, receive, send = call(app, messages, **kwargs)
+    scope["headers"] = scope_headers
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, json.loads(body), calls[0]
+
+
+KEYED = [(b"x-api-key", API_KEY.encode())]
+
+
+def test_a_keyless_upload_is_refused_before_its_body_is_read():
+    reads = []
+    status, headers, body, receives = run_call(guarded_app(reads, settings=Settings()), [], [(0, b"x" * 100, True)] * 5)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    assert receives == 0 and reads == []
+
+
+def test_a_trickling_body_gets_408_json():
+    reads = []
+    settings = Settings(body_timeout_s=0.2, min_upload_bytes_per_s=1000)
+    trickle = [(0.1, b"x" * 10, True)] * 50  # 100 bytes/s, far below the minimum
+    started = time.monotonic()
+    status, _, body, _ = run_call(guarded_app(reads, settings=settings), KEYED, trickle)
+    assert status == 408 and body["error"]["code"] == "body_timeout"
+    assert time.monotonic() - started < 2 and reads == []
+
+
+def test_the_body_deadline_ends_with_the_body_so_the_disconnect_watcher_is_not_timed_out():
+    """After the last body message, receive() belongs to the server again: a handler (like the
+    disconnect watcher) that waits on it longer than BODY_TIMEOUT_S is not answered 408."""
+    settings = Settings(body_timeout_s=0.1, min_upload_bytes_per_s=1000)
+
+    async def watcher_route(request):
+        await request.body()
+        message = await request.receive()  # waits 0.4 s: longer than the body deadline
+        return JSONResponse({"watched": message["type"]})
+
+    app = Starlette(routes=[Route("/caption", watcher_route, methods=["POST"])])
+    app.state.engine = None
+    app.add_middleware(UploadGuard, settings=settings, engine_of=lambda app: None, key_accepted=lambda headers: True)
+    status, _, body, _ = run_call(app, KEYED, [(0, b"image", False)], watch_after_body_s=0.4)
+    assert status == 200 and body == {"watched": "http.disconnect"}
+
+
+def test_uploads_past_the_limit_are_refused_at_once_with_retry_after():
+    settings = Settings(max_concurrent_uploads=1, body_timeout_s=5)
+    reads = []
+    app = guarded_app(reads, settings=settings)
+
+    async def scenario():
+        results = []
+
+        async def one(messages):
+            sent, calls, scope, receive, send = call(app, messages)
+            scope["headers"] = KEYED
+            await app(scope, receive, send)
+            start = next(m for m in sent if m["type"] == "http.response.start")
+            results.append((start["status"], dict(start["headers"]).get(b"retry-after")))
+
+        slow = asyncio.create_task(one([(0.3, b"x", False)]))
+        await asyncio.sleep(0.05)
+        await one([(0, b"x", False)])  # refused while the slow one is being read
+        await slow
+        await one([(0, b"x", False)])  # its slot is back
+        return results
+
+    assert asyncio.run(scenario()) == [(503, b"1"), (200, None), (200, None)]
+
+
+def test_requests_running_past_the_shutdown_grace_get_503_json():
+    shutdown = Shutdown()
+    reads = []
+    app = guarded_app(reads, settings=Settings(), handler_delay_s=5)
+    app.add_middleware(ShutdownGuard, shutdown_of=lambda app: shutdown)
+
+    async def scenario():
+        shutdown.attach()
+        sent, calls, scope, receive, send = call(app, [(0, b"x", False)])
+        scope["headers"] = KEYED
+        request = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(0.05)
+        shutdown.begin(0.1)
+        started = time.monotonic()
+        await asyncio.wait_for(request, 2)
+        return sent, time.monotonic() - started
+
+    sent, took = asyncio.run(scenario())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 503 and took < 1
+    assert dict(start["headers"])[b"retry-after"] == b"5"
+    assert b'"not_ready"' in b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+# --- visibility ------------------------------------------------------------------------------------
+
+
+def test_errors_are_counted_by_route_and_code_including_refusals_before_routing(client):
+    def count(code):
+        return REGISTRY.get_sample_value("captioning_http_errors_total", {"route": "/caption", "code": code}) or 0
+
+    before = count("unauthorized")
+    response = client.post("/caption", files={"image": ("a.png", uploads.png())}, headers={"X-API-Key": "wrong"})
+    assert response.status_code == 401
+    assert count("unauthorized") == before + 1
+
+
+# --- decode memory ---------------------------------------------------------------------------------
+
+
+def test_decode_cost_is_known_from_the_header_and_weighted_by_bit_depth():
+    big16 = uploads.encode(Image.new("I;16", (2000, 1500)), "PNG")
+    rgb = uploads.encode(Image.new("RGB", (2000, 1500)), "PNG")
+    header16 = open_upload(big16, max_pixels=10**8, min_side=1)
+    assert decode_bytes(header16, 32) == 2000 * 1500 * 6  # decoded I;16 plus its 32-bit copy for reduce
+    assert decode_bytes(open_upload(rgb, max_pixels=10**8, min_side=1), 32) == 2000 * 1500 * 4
+    jpeg = open_upload(uploads.jpeg(size=(2000, 1500)), max_pixels=10**8, min_side=1)
+    assert decode_bytes(jpeg, 32) == 250 * 188 * 4  # draft mode decodes at 1/8
+
+
+def test_large_images_are_reduced_before_colour_conversion_and_keep_their_level():
+    data = uploads.encode(Image.new("I;16", (1600, 1200), 40000), "PNG")
+    decoded = decode_upload(data, max_pixels=10**8, min_side=1, draft_size=32)
+    assert (decoded.width, decoded.height) == (1600, 1200)
+    assert min(decoded.image.size) < 300  # reduced: no full-size RGB copy was made
+    assert uploads.mean_colour(np.asarray(decoded.image)) == (156, 156, 156)
+
+
+def test_a_decode_keeps_its_budget_until_its_thread_finishes_even_when_cancelled():
+    pool = DecodePool(threads=2, budget_bytes=100)
+    release = threading.Event()
+    order = []
+
+    def blocking(name):
+        order.append(f"{name} start")
+        if name == "first":
+            release.wait(5)
+        order.append(f"{name} end")
+
+    async def scenario():
+        first = asyncio.create_task(pool.run(100, blocking, "first"))
+        await asyncio.sleep(0.05)
+        first.cancel()  # the caller gives up; Pillow would not
+        second = asyncio.create_task(pool.run(100, blocking, "second"))
+        await asyncio.sleep(0.1)
+        assert order == ["first start"] and pool.budget.in_use == 100  # second still waits
+        release.set()
+        await asyncio.wait_for(second, 5)
+
+    asyncio.run(scenario())
+    assert order == ["first start", "first end", "second start", "second end"]
+    pool.shutdown()

@@ -27,6 +27,7 @@ from captioning.artifacts import ArtifactError, verify_bundle  # noqa: E402
 from captioning.config import ModelConfig  # noqa: E402
 from captioning.decoding import DecodeOptions, Caption, new_search  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
+from captioning.preprocess import resize_to_input  # noqa: E402
 from captioning.tokenizer import Tokenizer  # noqa: E402
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -107,9 +108,7 @@ class Captioner:
             image = Image.fromarray(np.asarray(image, dtype=np.uint8))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        return np.asarray(image, dtype=np.uint8)
+        return np.asarray(resize_to_input(image, size), dtype=np.uint8)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, S, S, 3] -> features [B, N, D], padded to a bucket internally."""

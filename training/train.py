@@ -27,7 +27,7 @@ from captioning.config import ModelConfig
 from captioning.model import build_decoder, build_encoder, masked_accuracy, masked_loss
 from captioning.tokenizer import Tokenizer
 from training.data import make_dataset
-from training.datasets.registry import LOADERS, load_dataset
+from training.datasets.registry import LOADERS, RESIZING_LOADERS, load_dataset
 from training.distribute import (
     STRATEGIES, cluster_size, describe, distribute_options, is_chief, make_strategy, per_replica_loss, trainer_class,
     worker_task,
@@ -112,6 +112,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 
 def load_records(settings: dict, split: str, options: dict, limit: int | None):
+    if settings["dataset"] in RESIZING_LOADERS:  # generated at any size: keep them at the input size
+        options = {"resize_to": settings["image_size"], **options}
     records = load_dataset(settings["dataset"], split, limit=limit, **options)
     if not records:
         raise SystemExit(f"dataset {settings['dataset']!r} has no usable {split} records")

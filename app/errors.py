@@ -60,6 +60,10 @@ class TooManyImages(ApiError):
     status_code, code = 422, "too_many_images"
 
 
+class OutOfDomain(ApiError):
+    status_code, code = 422, "out_of_domain"
+
+
 class _RetryLater(ApiError):
     status_code = 503
 

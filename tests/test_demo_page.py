@@ -2,7 +2,7 @@
 end in headless Chromium (Debian's package, driven by Playwright): upload a shapes test scene, wait
 for the captions, check them and the attention heatmap, and save desktop and phone screenshots.
 
-The browser test serves the trained model at model_artifacts/default when it exists (and then also
+The browser test serves the trained default model (conftest.DEFAULT_BUNDLE) when it exists (and then also
 checks that the caption is true of the scene), else the tiny random bundle. Screenshots go to the
 test's tmp_path, and also to DEMO_SCREENSHOTS_DIR when that is set (for CI artifacts).
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import test_service_helpers as uploads
+from conftest import DEFAULT_BUNDLE
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -31,7 +32,7 @@ from training.datasets.shapes_checker import check_caption
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED_BUNDLE = ROOT / "model_artifacts" / "default"
+TRAINED_BUNDLE = DEFAULT_BUNDLE
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -7,11 +7,12 @@ import logging
 import time
 from typing import Annotated
 
+import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from app.dependencies import get_captioner, get_engine, get_settings
-from app.errors import ApiError, DeadlineExceeded, TooManyImages, UploadTooLarge, error_responses
+from app.errors import ApiError, DeadlineExceeded, OutOfDomain, TooManyImages, UploadTooLarge, error_responses
 from app.images import DecodedImage
 from app.inference import InferenceEngine, caption_or_give_up, decode_image, decode_options, run_or_give_up, submit
 from app.schemas import (
@@ -31,12 +32,15 @@ from app.schemas import (
 )
 from app.settings import Settings
 from captioning.decoding import DecodeOptions
+from captioning.domain import IN_DOMAIN_SCORE
 
 logger = logging.getLogger("app.routes.caption")
 router = APIRouter(tags=["captioning"])
 
 FORMATS_NOTE = ("The format is judged from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF); animations use their "
                 "first frame; EXIF orientation is applied.")
+DOMAIN_NOTE = ("`in_domain` and `domain_score` say whether the image looks like the model's training images; with "
+               "OUT_OF_DOMAIN=reject an out-of-domain image gets 422 `out_of_domain` instead of captions.")
 PARAMETERS_NOTE = ("Invalid combinations of decoding parameters get 422 `invalid_parameters`: num_captions > 1 "
                    "with greedy, num_captions > beam_size, beam_size without strategy=beam, and temperature, "
                    "top_k or seed without strategy=sample.")
@@ -48,7 +52,7 @@ PARAMETERS_NOTE = ("Invalid combinations of decoding parameters get 422 `invalid
     response_model_exclude_none=True,  # the attention fields appear only when asked for
     responses=error_responses(400, 413, 415, 422, 500, 503, 504),
     summary="Caption an image",
-    description=f"Upload one image as the multipart field `image`. {FORMATS_NOTE} {PARAMETERS_NOTE}",
+    description=f"Upload one image as the multipart field `image`. {FORMATS_NOTE} {PARAMETERS_NOTE} {DOMAIN_NOTE}",
 )
 async def create_caption(
     request: Request,
@@ -64,10 +68,11 @@ async def create_caption(
     if image.size is not None and image.size > settings.max_upload_bytes:
         raise UploadTooLarge(settings.max_upload_bytes)
     decoded, pixels, decode_ms = await _read_and_decode(request, image, settings, captioner)
+    domain = await check_domain(captioner, pixels, settings)
 
     remaining_s = started + settings.request_timeout_s - time.perf_counter()
     result = await caption_or_give_up(engine, pixels, options, deadline_s=remaining_s, receive=request.receive)
-    fields = caption_fields(result, options, captioner, decoded, decode_ms, started)
+    fields = caption_fields(result, options, captioner, decoded, decode_ms, started, domain)
     return CaptionResponse(**dict(fields), request_id=request.state.request_id)
 
 
@@ -109,11 +114,12 @@ async def _caption_upload(request: Request, upload: UploadFile, options: DecodeO
                           engine: InferenceEngine, captioner) -> CaptionFields:
     started = request.state.started_at
     decoded, pixels, decode_ms = await _read_and_decode(request, upload, settings, captioner)
+    domain = await check_domain(captioner, pixels, settings)
     remaining_s = started + settings.request_timeout_s - time.perf_counter()
     if remaining_s <= 0:
         raise DeadlineExceeded("the request deadline passed before inference could start")
     result = await submit(engine, pixels, options, remaining_s)
-    return caption_fields(result, options, captioner, decoded, decode_ms, started)
+    return caption_fields(result, options, captioner, decoded, decode_ms, started, domain)
 
 
 async def _read_and_decode(request: Request, upload: UploadFile, settings: Settings,
@@ -123,6 +129,19 @@ async def _read_and_decode(request: Request, upload: UploadFile, settings: Setti
     decode_started = time.perf_counter()
     decoded, pixels = await decode_image(data, captioner, settings, request.app.state.decode_limiter)
     return decoded, pixels, (time.perf_counter() - decode_started) * 1000
+
+
+async def check_domain(captioner, pixels: np.ndarray, settings: Settings) -> float | None:
+    """The image's domain score (captioning.domain), or None when the model has no domain check;
+    raises OutOfDomain when the setting refuses out-of-domain images. One extra encoder pass, run
+    in a worker thread."""
+    if getattr(captioner, "domain", None) is None:
+        return None
+    score = float((await anyio.to_thread.run_sync(captioner.domain_scores, pixels[None]))[0])
+    if score < IN_DOMAIN_SCORE and settings.out_of_domain == "reject":
+        raise OutOfDomain(f"the image does not look like what this model was trained on (domain_score "
+                          f"{score:.3f} < {IN_DOMAIN_SCORE}); OUT_OF_DOMAIN=caption captions it anyway")
+    return score
 
 
 def _image_result(index: int, filename: str | None,
@@ -138,7 +157,7 @@ def _image_result(index: int, filename: str | None,
 
 
 def caption_fields(result, options: DecodeOptions, captioner, decoded, decode_ms: float,
-                   started: float) -> CaptionFields:
+                   started: float, domain_score: float | None = None) -> CaptionFields:
     """An engine result -> the response fields of one captioned image."""
     manifest = captioner.manifest
     grid = None
@@ -149,6 +168,8 @@ def caption_fields(result, options: DecodeOptions, captioner, decoded, decode_ms
         caption=result.captions[0].text,
         captions=[_candidate(caption) for caption in result.captions],
         attention_grid=grid,
+        in_domain=None if domain_score is None else domain_score >= IN_DOMAIN_SCORE,
+        domain_score=None if domain_score is None else round(domain_score, 4),
         model=ModelRef(name=str(manifest.get("name", "unknown")), version=str(manifest.get("version", "unknown"))),
         image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
         timing_ms=Timing(

@@ -89,6 +89,17 @@ def add_files(bundle: str | Path, names: tuple[str, ...]) -> dict:
     return manifest
 
 
+def drop_file(bundle: str | Path, name: str) -> None:
+    """Removes an optional file and its manifest entry (a stage about to fit it anew)."""
+    if name not in OPTIONAL_FILES:
+        raise ValueError(f"{name!r} is not an optional bundle file {OPTIONAL_FILES}")
+    manifest_path = Path(bundle) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest.get("files", {}).pop(name, None)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (Path(bundle) / name).unlink(missing_ok=True)
+
+
 def verify_bundle(bundle: str | Path, adding: tuple[str, ...] = ()) -> dict:
     """Returns the manifest if every file is present and matches its checksum; else ArtifactError.
     `adding`: optional files about to be added to the manifest (add_files), not yet vouched for."""

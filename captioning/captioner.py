@@ -139,7 +139,7 @@ class Captioner:
         or None when the bundle has no domain model. One encoder pass of its own."""
         if self.domain is None:
             return None
-        return self.domain.scores(self.encode(images))
+        return self.domain.scores(self.encode(images), images)
 
     def feature_slots(self, capacity: int = BATCH_BUCKETS[-1]) -> FeatureSlots:
         """Device-resident image features for a batched search: see FeatureSlots. Each caller that

@@ -14,7 +14,7 @@ from PIL import Image
 
 from captioning.artifacts import ArtifactError, add_files
 from captioning.calibration import Calibration, expected_calibration_error, fit_calibration
-from captioning.domain import DomainModel, fit_domain, pool_features
+from captioning.domain import STATISTICS, DomainModel, fit_domain, image_statistics, pool_features
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -49,21 +49,47 @@ def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
 # ----------------------------------------------------------------------------------------- domain
 
 
+def scene_like(rng, count: int, background: int = 40) -> np.ndarray:
+    """64x64 inputs with one bright named-colour square on a plain background, like the domain."""
+    images = np.full((count, 64, 64, 3), background, np.uint8)
+    for image in images:
+        x, y = rng.integers(4, 40, 2)
+        image[y:y + 14, x:x + 14] = (225, 35, 35)
+    return images
+
+
 def test_domain_score_is_high_in_domain_and_low_far_away(tmp_path):
     rng = np.random.default_rng(1)
     features = lambda n, shift: np.maximum(rng.normal(shift, 1.0, (n, 16, 8)), 0)  # noqa: E731 [B, N, D]
     train, held_out = pool_features(features(2000, 1.0)), pool_features(features(500, 1.0))
-    model = fit_domain(train, held_out, quantile=0.995, margin=1.25)
-    inside, outside = model.scores(features(500, 1.0)), model.scores(features(200, 3.0))
-    assert (inside >= 0.5).mean() >= 0.99 and (outside < 0.5).mean() == 1.0
-    assert model.scores(np.broadcast_to(model.mean[:8], (1, 16, 8))).shape == (1,)
+    model = fit_domain(train, held_out, image_statistics(scene_like(rng, 300)), quantile=0.995, margin=1.25)
+    inside = model.scores(features(200, 1.0), scene_like(rng, 200))
+    assert (inside >= 0.5).mean() >= 0.99
+    far_features = model.scores(features(50, 3.0), scene_like(rng, 50))  # encoder says no
+    assert (far_features < 0.5).all()
+    noise = rng.integers(0, 256, (50, 64, 64, 3)).astype(np.uint8)  # image statistics say no
+    assert (model.scores(features(50, 1.0), noise) < 0.5).all()
+    blank = np.full((5, 64, 64, 3), 40, np.uint8)  # nothing stands out: no objects
+    assert (model.scores(features(5, 1.0), blank) < 0.5).all()
     model.save(tmp_path / "d.npz")
     loaded = DomainModel.load(tmp_path / "d.npz")
-    assert np.allclose(loaded.scores(features(5, 1.0) * 0 + 1), model.scores(features(5, 1.0) * 0 + 1))
+    probe = features(5, 1.0), scene_like(rng, 5)
+    assert np.allclose(loaded.scores(*probe), model.scores(*probe))
+
+
+def test_image_statistics_tell_a_scene_from_text_like_strokes():
+    rng = np.random.default_rng(3)
+    scene = image_statistics(scene_like(rng, 1))[0]
+    strokes = np.full((1, 64, 64, 3), 235, np.uint8)
+    strokes[:, 10:54:4, 6:58] = 20  # dark lines on paper: foreground that is no named colour
+    text = image_statistics(strokes)[0]
+    named = STATISTICS.index("named_colour_share")
+    assert scene[named] > 0.9 and text[named] < 0.1
 
 
 def test_domain_file_is_plain_arrays(tmp_path):
-    np.savez(tmp_path / "evil.npz", mean=np.array([object()], dtype=object), precision=np.eye(1), threshold=1.0)
+    np.savez(tmp_path / "evil.npz", mean=np.array([object()], dtype=object), precision=np.eye(1), threshold=1.0,
+             statistics_low=np.zeros(5), statistics_high=np.ones(5))
     with pytest.raises(ValueError):  # allow_pickle=False: object arrays are refused
         DomainModel.load(tmp_path / "evil.npz")
 
@@ -75,7 +101,8 @@ def anchored_domain(captioner, image: np.ndarray) -> DomainModel:
     """A domain model centred on `image`'s features with a small radius: that image (and nothing
     very different) is in the domain, so tests know the answer with a random encoder."""
     pooled = pool_features(captioner.encode(image[None]))
-    return DomainModel(pooled[0], np.eye(pooled.shape[1]), threshold=1e-3)
+    wide_open = np.full(len(STATISTICS), 1e9)
+    return DomainModel(pooled[0], np.eye(pooled.shape[1]), 1e-3, -wide_open, wide_open)
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,11 @@ def grade(texts, records) -> np.ndarray:
 
 
 def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, options: dict | None = None) -> dict:
-    from captioning.artifacts import add_files
+    from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
     from training.datasets.registry import load_dataset
 
+    drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
     captioner = Captioner.load(artifacts)
     records = load_dataset(dataset, split, limit=limit, **(options or {}))
     texts, raw, _ = caption_with_confidence(captioner, records)

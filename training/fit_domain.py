@@ -16,36 +16,41 @@ import json
 
 import numpy as np
 
-from captioning.domain import FILE, fit_domain, pool_features
+from captioning.domain import FILE, STATISTICS, fit_domain, image_statistics, pool_features
 
 
-def pooled_features(captioner, records, batch_size: int = 64) -> np.ndarray:
+def pooled_features(captioner, records, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled encoder features, image statistics) of the records' model inputs."""
     from training.evaluate import load_record_image
 
-    pooled = []
+    pooled, statistics = [], []
     for start in range(0, len(records), batch_size):
         images = np.stack([captioner.prepare(load_record_image(r)) for r in records[start:start + batch_size]])
         pooled.append(pool_features(captioner.encode(images)))
-    return np.concatenate(pooled)
+        statistics.append(image_statistics(images))
+    return np.concatenate(pooled), np.concatenate(statistics)
 
 
 def fit_domain_for_bundle(artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float,
                           margin: float) -> dict:
-    from captioning.artifacts import add_files
+    from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
     from training.calibrate import record_stage
     from training.datasets.registry import RESIZING_LOADERS, load_dataset
 
+    drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
     captioner = Captioner.load(artifacts)
     options = {"resize_to": captioner.config.image_size} if dataset in RESIZING_LOADERS else {}
-    train = pooled_features(captioner, load_dataset(dataset, "train", limit=train_limit, **options))
-    val = pooled_features(captioner, load_dataset(dataset, "val", limit=val_limit))  # drawn size, as served
-    model = fit_domain(train, val, quantile=quantile, margin=margin)
+    train, train_statistics = pooled_features(captioner, load_dataset(dataset, "train", limit=train_limit, **options))
+    val, val_statistics = pooled_features(captioner, load_dataset(dataset, "val", limit=val_limit))  # drawn size
+    model = fit_domain(train, val, train_statistics, quantile=quantile, margin=margin)
     model.save(f"{artifacts}/{FILE}")
-    val_scores = np.exp2(-(model.distances(val) / model.threshold) ** 2)
+    ratio = np.maximum(model.distances(val) / model.threshold, model.statistics_ratio(val_statistics))
     summary = {"fitted_on": f"{dataset}/train, {len(train)} images; threshold from {dataset}/val, {len(val)} images",
                "features": int(model.mean.size), "threshold": model.threshold, "quantile": quantile,
-               "margin": margin, "val_accepted": float((val_scores >= 0.5).mean())}
+               "margin": margin, "statistics": dict(zip(STATISTICS, zip(model.statistics_low.tolist(),
+                                                                        model.statistics_high.tolist()))),
+               "val_accepted": float((ratio <= 1).mean())}
     record_stage(add_files(artifacts, (FILE,)), artifacts, "domain", summary)
     return summary
 
@@ -60,7 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train-limit", type=int, default=8000, help="training images to fit the Gaussian on")
     p.add_argument("--val-limit", type=int, default=1000, help="validation images that set the threshold")
     p.add_argument("--quantile", type=float, default=0.995, help="of the validation distances")
-    p.add_argument("--margin", type=float, default=1.25, help="threshold = margin x that quantile")
+    p.add_argument("--margin", type=float, default=1.5, help="threshold = margin x that quantile")
     p.set_defaults(func=run)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import tensorflow as tf
 from captioning.model import DecoderStep
 from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
-HYPER_PARAMETERS = dict(steps=400, batch_size=16, samples=5, learning_rate=2e-5, grounded_weight=0.0,
+HYPER_PARAMETERS = dict(steps=400, batch_size=16, samples=5, learning_rate=5e-5, grounded_weight=0.0,
                         clipnorm=1.0, seed=1234)
 
 
@@ -127,7 +126,7 @@ def make_reward(references: list[list[str]], scenes: list | None, corpus: list[l
 
 
 def finetune(args) -> dict:
-    from captioning.artifacts import save_bundle
+    from captioning.artifacts import OPTIONAL_FILES, add_files, save_bundle
     from captioning.captioner import Captioner
     from captioning.domain import FILE as DOMAIN_FILE
     from training.datasets.registry import RESIZING_LOADERS, load_dataset
@@ -168,12 +167,16 @@ def finetune(args) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     output = Path(args.output)
+    # The encoder is frozen, so its domain model still holds; the calibration does not (run
+    # `calibrate` again). Both are set aside first: save_bundle vouches for whatever optional
+    # files lie in the directory, and in place that would include the stale calibration.
+    domain_bytes = (Path(args.artifacts) / DOMAIN_FILE).read_bytes() if DOMAIN_FILE in manifest.get("files", {}) else None
+    for name in OPTIONAL_FILES:
+        (output / name).unlink(missing_ok=True)
     save_bundle(output, captioner.encoder, captioner.decoder, captioner.tokenizer, captioner.config,
                 name=manifest.get("name", "captioner") + "-scst", version=time.strftime("%Y%m%d"), training=training)
-    if DOMAIN_FILE in manifest.get("files", {}):  # same frozen encoder: its domain model still holds
-        from captioning.artifacts import add_files
-
-        shutil.copyfile(Path(args.artifacts) / DOMAIN_FILE, output / DOMAIN_FILE)
+    if domain_bytes is not None:
+        (output / DOMAIN_FILE).write_bytes(domain_bytes)
         add_files(output, (DOMAIN_FILE,))
     print(f"wrote {output} after {training['scst']['seconds']} s")
     return training["scst"]

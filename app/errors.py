@@ -80,6 +80,10 @@ class NoCaption(ApiError):
     status_code, code = 422, "no_caption"
 
 
+class OutOfDomain(ApiError):
+    status_code, code = 422, "out_of_domain"
+
+
 def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 

@@ -84,7 +84,9 @@ class WordAttention(BaseModel):
 
 class CaptionCandidate(BaseModel):
     text: str
-    confidence: float = Field(ge=0.0, le=1.0, description="Geometric-mean token probability.")
+    confidence: float = Field(ge=0.0, le=1.0, description="Estimated probability that the caption is right: the "
+                              "geometric-mean token probability, calibrated on held-out images when the model "
+                              "bundle has a calibration (docs/MODEL.md).")
     log_prob: float = Field(description="Summed log-probability of the generated tokens (<= 0).")
     words: list[WordAttention] | None = Field(
         None, description="Only with attention=true: each word of `text` with its attention weights."
@@ -120,6 +122,12 @@ class CaptionFields(BaseModel):
     caption: str = Field(description="The best caption (same as captions[0].text).")
     captions: list[CaptionCandidate] = Field(description="Best first; one entry for greedy decoding.")
     attention_grid: AttentionGrid | None = Field(None, description="Only with attention=true.")
+    in_domain: bool | None = Field(
+        None, description="Whether the image looks like what the model was trained on (domain_score >= 0.5); "
+        "captions of an out-of-domain image are likely wrong. Absent when the model has no domain check.")
+    domain_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="Likeness to the training images: 1 typical, 0.5 the in-domain threshold, "
+        "near 0 unlike anything the model has seen (docs/MODEL.md).")
     model: ModelRef
     image: ImageInfo
     timing_ms: Timing

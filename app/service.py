@@ -17,11 +17,13 @@ in the engine is taken only at submit(), after the upload is read and decoded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 from fastapi import UploadFile
 
@@ -32,6 +34,7 @@ from app.errors import (
     ClientDisconnected,
     InvalidParameters,
     NoCaption,
+    OutOfDomain,
     UploadTooLarge,
     as_api_error,
 )
@@ -49,6 +52,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from captioning.decoding import DecodeOptions
+from captioning.domain import IN_DOMAIN_SCORE
 
 logger = logging.getLogger("app.service")
 
@@ -70,6 +74,7 @@ class Prepared:
     decoded: DecodedImage
     pixels: np.ndarray  # uint8 [S, S, 3]
     decode_ms: float
+    domain_score: float | None = None  # captioning.domain; None when the bundle has no domain check
 
 
 def decode_options(query: CaptionQuery) -> DecodeOptions:
@@ -137,6 +142,20 @@ class CaptionService:
             decoded, pixels = await self.decoder.run(decode_bytes(image, size), decode, image)
         return Prepared(decoded, pixels, (time.perf_counter() - started) * 1000)
 
+    async def check_domain(self, prepared: Prepared) -> Prepared:
+        """Adds the image's domain score (one extra encoder pass, in a worker thread); raises
+        OutOfDomain when OUT_OF_DOMAIN=reject and the image is unlike the model's training images."""
+        if getattr(self.captioner, "domain", None) is None:
+            return prepared
+        scores = await anyio.to_thread.run_sync(self.captioner.domain_scores, prepared.pixels[None])
+        score = float(scores[0])
+        if score < IN_DOMAIN_SCORE and self.settings.out_of_domain == "reject":
+            raise OutOfDomain(
+                f"the image does not look like what this model was trained on (domain_score {score:.3f} < "
+                f"{IN_DOMAIN_SCORE}); OUT_OF_DOMAIN=caption captions it anyway"
+            )
+        return dataclasses.replace(prepared, domain_score=score)
+
     async def infer(self, prepared: Prepared, options: DecodeOptions, *, started_at: float) -> CaptionFields:
         """Submits a prepared image to the engine within the request's deadline and shapes the answer."""
         remaining_s = started_at + self.settings.request_timeout_s - time.perf_counter()
@@ -187,7 +206,8 @@ class CaptionService:
         return results
 
     async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float) -> CaptionFields:
-        return await self.infer(await self.prepare(data), options, started_at=started_at)
+        prepared = await self.check_domain(await self.prepare(data))
+        return await self.infer(prepared, options, started_at=started_at)
 
     async def _run_all(
         self, works: list[Awaitable[CaptionFields]], started_at: float, receive: Receive | None
@@ -219,11 +239,13 @@ class CaptionService:
         if options.return_attention:
             height, width = self.captioner.grid_shape
             grid = AttentionGrid(height=height, width=width)
-        decoded = prepared.decoded
+        decoded, score = prepared.decoded, prepared.domain_score
         return CaptionFields(
             caption=result.captions[0].text if result.captions else "",
             captions=[_candidate(caption) for caption in result.captions],
             attention_grid=grid,
+            in_domain=None if score is None else score >= IN_DOMAIN_SCORE,
+            domain_score=None if score is None else round(score, 4),
             model=self.model,
             image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
             timing_ms=Timing(

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     # --- where and how to serve --------------------------------------------------------------
-    artifacts_dir: Path = Field(Path("model_artifacts/default"), description="Model bundle to serve.")
+    artifacts_dir: Path = Field(Path("model_artifacts/default/2"), description="Model bundle to serve.")
     host: str = Field("127.0.0.1", description="Interface to bind; the Docker image sets 0.0.0.0.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     log_level: LogLevel = Field("INFO", description="Threshold of the JSON log lines on stderr.")
@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per /caption request, queueing included.")
     decode_concurrency: int = Field(4, ge=1, description="Worker threads decoding uploads (a bounded pool).")
     max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")
+    out_of_domain: Literal["caption", "reject"] = Field(
+        "caption", description="Images the model's domain check flags: captioned anyway (flagged in_domain=false) "
+        "or refused with 422 out_of_domain.")
 
     # --- hostile clients (docs/HARDENING.md) -------------------------------------------------
     decode_memory_mb: int = Field(

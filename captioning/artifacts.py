@@ -21,6 +21,9 @@ from pathlib import Path
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BUNDLE_FILES = ("encoder.keras", "decoder.keras", "vocab.json", "config.json")
+# Written by later training stages when there is something to fit them on (training/calibrate.py,
+# training/fit_domain.py); checksummed like the rest when present.
+OPTIONAL_FILES = ("calibration.json", "domain.npz")
 
 
 class ArtifactError(RuntimeError):
@@ -51,12 +54,13 @@ def library_versions() -> dict[str, str]:
 def write_manifest(bundle: str | Path, *, name: str, version: str, training: dict, metrics: dict | None = None) -> dict:
     """Checksums every bundle file and writes manifest.json; returns the manifest."""
     bundle = Path(bundle)
+    names = BUNDLE_FILES + tuple(f for f in OPTIONAL_FILES if (bundle / f).is_file())
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": {f: {"sha256": sha256_of(bundle / f), "bytes": (bundle / f).stat().st_size} for f in BUNDLE_FILES},
+        "files": {f: {"sha256": sha256_of(bundle / f), "bytes": (bundle / f).stat().st_size} for f in names},
         "training": training,
         "libraries": library_versions(),
         "metrics": metrics or {},
@@ -73,8 +77,32 @@ def update_metrics(bundle: str | Path, metrics: dict) -> dict:
     return manifest
 
 
-def verify_bundle(bundle: str | Path) -> dict:
-    """Returns the manifest if every file is present and matches its checksum; else ArtifactError."""
+def add_files(bundle: str | Path, names: tuple[str, ...]) -> dict:
+    """Adds (or re-checksums) optional files after verifying the rest; returns the manifest."""
+    manifest = verify_bundle(bundle, adding=names)
+    for name in names:
+        if name not in OPTIONAL_FILES:
+            raise ValueError(f"{name!r} is not an optional bundle file {OPTIONAL_FILES}")
+        path = Path(bundle) / name
+        manifest["files"][name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def drop_file(bundle: str | Path, name: str) -> None:
+    """Removes an optional file and its manifest entry (a stage about to fit it anew)."""
+    if name not in OPTIONAL_FILES:
+        raise ValueError(f"{name!r} is not an optional bundle file {OPTIONAL_FILES}")
+    manifest_path = Path(bundle) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest.get("files", {}).pop(name, None)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (Path(bundle) / name).unlink(missing_ok=True)
+
+
+def verify_bundle(bundle: str | Path, adding: tuple[str, ...] = ()) -> dict:
+    """Returns the manifest if every file is present and matches its checksum; else ArtifactError.
+    `adding`: optional files about to be added to the manifest (add_files), not yet vouched for."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise ArtifactError(f"artifacts directory not found: {bundle}")
@@ -92,8 +120,13 @@ def verify_bundle(bundle: str | Path) -> dict:
             f"{FORMAT_VERSION}); re-export the model with this version of the training module"
         )
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(BUNDLE_FILES):
-        raise ArtifactError(f"{manifest_path}: file list must name exactly {list(BUNDLE_FILES)}")
+    if (not isinstance(files, dict) or not set(BUNDLE_FILES) <= set(files)
+            or not set(files) <= set(BUNDLE_FILES + OPTIONAL_FILES)):
+        raise ArtifactError(f"{manifest_path}: file list must name {list(BUNDLE_FILES)} and optionally "
+                            f"{list(OPTIONAL_FILES)}")
+    for name in OPTIONAL_FILES:  # an optional file no checksum vouches for is never read
+        if name not in files and name not in adding and (bundle / name).exists():
+            raise ArtifactError(f"{bundle / name} is not in the manifest: unverified file in the bundle")
     for name, entry in files.items():
         path = bundle / name
         if not path.is_file():

@@ -24,9 +24,12 @@ from PIL import Image  # noqa: E402
 
 import captioning.backbones  # noqa: E402,F401  (registers the custom layers for safe loading)
 from captioning.artifacts import ArtifactError, verify_bundle  # noqa: E402
+from captioning.calibration import FILE as CALIBRATION_FILE, Calibration  # noqa: E402
 from captioning.config import ModelConfig  # noqa: E402
-from captioning.decoding import DecodeOptions, Caption, new_search  # noqa: E402
+from captioning.decoding import DecodeOptions, Caption, Search, new_search  # noqa: E402
+from captioning.domain import FILE as DOMAIN_FILE, DomainModel  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
+from captioning.preprocess import resize_to_input  # noqa: E402
 from captioning.tokenizer import Tokenizer  # noqa: E402
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -49,12 +52,15 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 class Captioner:
     def __init__(self, encoder: keras.Model, decoder: keras.Model, tokenizer: Tokenizer, config: ModelConfig,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, calibration: Calibration | None = None,
+                 domain: DomainModel | None = None):
         self.encoder = encoder
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.config = config
         self.manifest = manifest or {}
+        self.calibration = calibration  # maps raw confidence to P(correct); None: raw
+        self.domain = domain  # out-of-domain detector; None: not fitted for this bundle
         self.num_positions, self.state_size = encoder.output.shape[1], encoder.output.shape[2]
         side = int(round(self.num_positions ** 0.5))
         self.grid_shape = (side, self.num_positions // side)
@@ -94,7 +100,12 @@ class Captioner:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
         if len(tokenizer) != config.vocab_size:
             raise ArtifactError(f"{bundle}: vocabulary has {len(tokenizer)} words, config says {config.vocab_size}")
-        return cls(encoder, decoder, tokenizer, config, manifest)
+        try:  # optional stages; verify_bundle has checked every file the manifest lists
+            calibration = Calibration.load(bundle / CALIBRATION_FILE) if CALIBRATION_FILE in manifest["files"] else None
+            domain = DomainModel.load(bundle / DOMAIN_FILE) if DOMAIN_FILE in manifest["files"] else None
+        except (ValueError, OSError, KeyError) as exc:
+            raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
+        return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain)
 
     # --- the pieces a scheduler drives -------------------------------------------------------
 
@@ -107,14 +118,28 @@ class Captioner:
             image = Image.fromarray(np.asarray(image, dtype=np.uint8))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        return np.asarray(image, dtype=np.uint8)
+        return np.asarray(resize_to_input(image, size), dtype=np.uint8)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, S, S, 3] -> features [B, N, D], padded to a bucket internally."""
         rows = images.shape[0]
         return self._encode_graph(_pad_rows(images, bucket_for(rows))).numpy()[:rows]
+
+    def results(self, search: Search) -> list[Caption]:
+        """A finished search's captions, their confidence calibrated when the bundle says how."""
+        captions = search.results(self.tokenizer)
+        if self.calibration is not None:
+            for caption in captions:
+                caption.raw_confidence = caption.confidence
+                caption.confidence = self.calibration.apply(caption.confidence)
+        return captions
+
+    def domain_scores(self, images: np.ndarray) -> np.ndarray | None:
+        """uint8 [B, S, S, 3] -> domain scores [B] (see captioning.domain; in domain when >= 0.5),
+        or None when the bundle has no domain model. One encoder pass of its own."""
+        if self.domain is None:
+            return None
+        return self.domain.scores(self.encode(images), images)
 
     def feature_slots(self, capacity: int = BATCH_BUCKETS[-1]) -> FeatureSlots:
         """Device-resident image features for a batched search: see FeatureSlots. Each caller that
@@ -177,7 +202,7 @@ class Captioner:
                 survivors = (np.arange(width) + np.array(kept, dtype=np.int64)[:, None] * width).ravel()
                 slot_of_row, tokens, state = slot_of_row[survivors], tokens[survivors], state[survivors]
                 active = [active[n] for n in kept]
-        return [search.results(self.tokenizer) for search in searches]
+        return [self.results(search) for search in searches]
 
 
 class FeatureSlots:

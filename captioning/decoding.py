@@ -72,8 +72,9 @@ class Caption:
     text: str
     tokens: list[str]
     log_prob: float  # summed over the generated tokens, <end> included when produced
-    confidence: float  # geometric-mean token probability, in [0, 1]
+    confidence: float  # geometric-mean token probability, in [0, 1]; calibrated by Captioner.results
     attention: list[list[float]] | None = None  # per word: weights over the feature grid
+    raw_confidence: float | None = None  # the geometric mean, kept when `confidence` is calibrated
 
 
 _NOT_WORDS = (PAD_ID, START_ID, END_ID)

@@ -2,7 +2,7 @@
 end in headless Chromium (Debian's package, driven by Playwright): upload a shapes test scene, wait
 for the captions, check them and the attention heatmap, and save desktop and phone screenshots.
 
-The browser test serves the trained model at model_artifacts/default when it exists (and then also
+The browser test serves the trained default model (conftest.DEFAULT_BUNDLE) when it exists (and then also
 checks that the caption is true of the scene), else the tiny random bundle. Screenshots go to the
 test's tmp_path, and also to DEMO_SCREENSHOTS_DIR when that is set (for CI artifacts).
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import test_service_helpers as uploads
+from conftest import DEFAULT_BUNDLE
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -31,7 +32,7 @@ from training.datasets.shapes_checker import check_caption
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED_BUNDLE = ROOT / "model_artifacts" / "default"
+TRAINED_BUNDLE = DEFAULT_BUNDLE
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -251,4 +252,65 @@ def test_when_the_service_wants_a_key_the_page_asks_for_it_and_sends_it(browser,
         page.set_input_files("#file-input", str(scene[0]))
     assert request.value.headers["x-api-key"] == "demo-secret"
     assert page.evaluate("sessionStorage.getItem('captioning.apiKey')") == "demo-secret"
+    page.close()
+
+
+# --- things to try: samples, the drawing pad, the out-of-domain warning ----------------------------
+
+
+def has_domain_check(bundle: Path) -> bool:
+    return "domain.npz" in (bundle / "manifest.json").read_text()
+
+
+def test_samples_are_served_from_a_fixed_list(client):
+    from app.routes.demo import SAMPLES
+
+    for name, media_type in SAMPLES.items():
+        response = client.get(f"/static/samples/{name}")
+        assert response.status_code == 200 and response.headers["content-type"] == media_type
+    assert client.get("/static/samples/..%2Fapp.js").status_code == 404
+    assert client.get("/static/samples/other.png").status_code == 404
+
+
+def test_a_sample_is_captioned_in_one_click_and_a_non_scene_is_flagged(browser, server_url, bundle):
+    page = browser.new_page()
+    page.goto(server_url)
+    page.click('[data-sample="dark.png"]')
+    page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
+    text, confidence = first_caption(page)
+    assert text and confidence.endswith("% confidence")
+    assert not page.locator("#domain-warning").is_visible()
+    if has_domain_check(bundle):
+        page.click('[data-sample="not-a-scene.png"]')
+        page.locator("#domain-warning").wait_for(state="visible", timeout=CAPTION_TIMEOUT_MS)
+        assert "does not look like" in page.locator("#domain-warning").inner_text()
+        assert "domain score" in page.locator("#timing").inner_text()
+    page.close()
+
+
+def test_a_drawing_on_the_pad_is_captioned(browser, server_url, bundle):
+    from training.datasets.shapes import Scene, ShapeObject
+
+    page = browser.new_page()
+    page.set_viewport_size(DESKTOP)
+    page.goto(server_url)
+    pad = page.locator("#pad")
+    assert page.locator("#pad-caption").is_disabled()
+    box = pad.bounding_box()
+    drawn = []
+    for shape, colour, size, x, y in (("circle", "red", "large", 64, 96), ("square", "blue", "small", 192, 160)):
+        page.select_option("#pad-shape", shape)
+        page.select_option("#pad-colour", colour)
+        page.select_option("#pad-size", size)
+        pad.click(position={"x": x * box["width"] / 256, "y": y * box["height"] / 256})
+        extent = {"large": 0.3, "small": 0.13}[size] * 256 / 2
+        drawn.append(ShapeObject(shape, colour, size, x, y, extent))
+    page.click("#pad-caption")
+    page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
+    text, _ = first_caption(page)
+    assert page.locator("#preview").get_attribute("alt").endswith("drawing.png")
+    if bundle == TRAINED_BUNDLE:
+        verdict = check_caption(text, Scene(256, tuple(drawn), "drawn"))
+        assert verdict.correct, f"{text!r} for a large red circle and a small blue square: {verdict}"
+        assert not page.locator("#domain-warning").is_visible()
     page.close()

@@ -1,15 +1,15 @@
 """The trained default model, served through the API, describes a known test scene truthfully.
 
-Needs model_artifacts/default (`make train-default`); until that bundle exists this fails on
+Needs the committed default model (conftest.DEFAULT_BUNDLE, `make train-default`); until that bundle exists this fails on
 purpose, saying so, rather than skipping quietly.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import test_service_helpers as uploads
+from conftest import DEFAULT_BUNDLE
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -20,7 +20,6 @@ from training.datasets.shapes_checker import check_caption
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "model_artifacts" / "default"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from captioning.backbones import get_backbone
 from captioning.config import ModelConfig
 from captioning.model import build_decoder, build_encoder
-from training.datasets.registry import LOADERS, load_dataset
+from training.datasets.registry import LOADERS, RESIZING_LOADERS, load_dataset
 from training.presets import PRESETS
 
 
@@ -116,6 +116,8 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def load_records(config: TrainConfig, split: str, options: dict):
+    if config.dataset in RESIZING_LOADERS:  # generated at any size: keep them at the input size
+        options = {"resize_to": config.image_size, **options}
     records = load_dataset(config.dataset, split, limit=config.limit(split), **options)
     if not records:
         raise SystemExit(f"dataset {config.dataset!r} has no usable {split} records")

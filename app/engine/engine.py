@@ -437,7 +437,7 @@ class Engine:
             try:
                 tokens, parents = request.search.advance(log_probs[rows], attention[rows])
                 if request.search.finished:
-                    self._finish(request, request.search.results(self.captioner.tokenizer))
+                    self._finish(request, self.captioner.results(request.search))
                     retired.append(request)
                 else:
                     self.runner.set_next(block.start, tokens, parents)

@@ -15,6 +15,8 @@ router = APIRouter(tags=["captioning"])
 
 FORMATS_NOTE = ("The format is judged from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF); animations use their "
                 "first frame; EXIF orientation is applied.")
+DOMAIN_NOTE = ("`in_domain` and `domain_score` say whether the image looks like the model's training images; with "
+               "OUT_OF_DOMAIN=reject an out-of-domain image gets 422 `out_of_domain` instead of captions.")
 PARAMETERS_NOTE = ("Invalid combinations of decoding parameters get 422 `invalid_parameters`: num_captions > 1 "
                    "with greedy, num_captions > beam_size, beam_size without strategy=beam, and temperature, "
                    "top_k or seed without strategy=sample.")
@@ -26,7 +28,7 @@ PARAMETERS_NOTE = ("Invalid combinations of decoding parameters get 422 `invalid
     response_model_exclude_none=True,  # the attention fields appear only when asked for
     responses=error_responses(400, 408, 413, 415, 422, 500, 503, 504),
     summary="Caption an image",
-    description=f"Upload one image as the multipart field `image` (exactly one). {FORMATS_NOTE} {PARAMETERS_NOTE}",
+    description=f"Upload one image as the multipart field `image` (exactly one). {FORMATS_NOTE} {PARAMETERS_NOTE} {DOMAIN_NOTE}",
     dependencies=[one_file_per_field("image")],
 )
 async def create_caption(

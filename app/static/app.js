@@ -1,6 +1,7 @@
-// The demo page: upload an image to POST /caption (with attention=true), show the captions with
-// their confidences, and paint a word's attention weights over the image when it is hovered,
-// focused or tapped. Plain DOM code, no build step, no third-party scripts.
+// The demo page: upload an image (or pick a sample, or draw one) to POST /caption (with
+// attention=true), show the captions with their confidences and a warning when the service says
+// the image is out of the model's domain, and paint a word's attention weights over the image when
+// it is hovered, focused or tapped. Plain DOM code, no build step, no third-party scripts.
 "use strict";
 
 const API_KEY_STORAGE = "captioning.apiKey";
@@ -26,7 +27,15 @@ const ui = {
   heatmap: $("heatmap"), legend: $("legend"), legendBar: $("legend-bar"),
   attentionLabel: $("attention-label"), status: $("status"), error: $("error"),
   captions: $("captions"), wordsHint: $("words-hint"), timing: $("timing"),
+  domainWarning: $("domain-warning"), samples: $("samples"), pad: $("pad"), padShape: $("pad-shape"),
+  padColour: $("pad-colour"), padSize: $("pad-size"), padBackground: $("pad-background"),
+  padClear: $("pad-clear"), padCaption: $("pad-caption"),
 };
+// The pad's colours: those the model names (app/static is not tied to the training renderer; any
+// clear hue of each name works).
+const PAD_COLOURS = { red: "#e12323", green: "#28c83c", blue: "#2d5ff5", yellow: "#f5e128", purple: "#aa3cdc",
+  orange: "#ff8c14" };
+const PAD_SIZES = { large: 0.3, small: 0.13 }; // object width / pad side, as the model card defines them
 
 const state = {
   file: null,
@@ -156,7 +165,7 @@ function captionItem(caption, rank) {
   const label = document.createElement("span");
   label.className = "confidence-value";
   label.textContent = `${percent(caption.confidence)} confidence`;
-  label.title = `log-probability ${caption.log_prob.toFixed(3)}`;
+  label.title = `estimated chance that this caption is right; log-probability ${caption.log_prob.toFixed(3)}`;
   const bar = document.createElement("span");
   bar.className = "confidence-bar";
   bar.setAttribute("aria-hidden", "true");
@@ -169,14 +178,26 @@ function captionItem(caption, rank) {
   return item;
 }
 
+function showDomain(body) {
+  if (body.in_domain === false) {
+    ui.domainWarning.textContent = "This image does not look like the scenes this model was trained on " +
+      `(domain score ${body.domain_score.toFixed(2)}, below 0.5): the captions below are probably wrong.`;
+    ui.domainWarning.hidden = false;
+  } else {
+    ui.domainWarning.hidden = true;
+  }
+}
+
 function showCaptions(body) {
+  showDomain(body);
   state.grid = body.attention_grid || null;
   state.pinned = null;
   ui.captions.replaceChildren(...body.captions.map((caption, i) => captionItem(caption, i + 1)));
   ui.wordsHint.hidden = !state.grid;
   const t = body.timing_ms;
+  const domain = body.domain_score === undefined ? "" : ` · domain score ${body.domain_score.toFixed(2)}`;
   ui.timing.textContent = `${body.image.width}×${body.image.height} ${body.image.format} · ` +
-    `${Math.round(t.total)} ms (queue ${Math.round(t.queue)} ms, inference ${Math.round(t.inference)} ms)`;
+    `${Math.round(t.total)} ms (queue ${Math.round(t.queue)} ms, inference ${Math.round(t.inference)} ms)${domain}`;
   ui.status.textContent = body.captions.length > 1 ? `${body.captions.length} captions, best first` : "Caption";
   showAttention(null);
 }
@@ -187,6 +208,7 @@ function showError(message) {
 }
 
 function clearResult() {
+  ui.domainWarning.hidden = true;
   ui.error.hidden = true;
   ui.error.textContent = "";
   ui.captions.replaceChildren();
@@ -317,6 +339,72 @@ function chooseFile(file) {
   caption();
 }
 
+// --- samples and the drawing pad --------------------------------------------------------------
+
+async function chooseSample(name) {
+  try {
+    const response = await fetch(`/static/samples/${name}`);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const blob = await response.blob();
+    chooseFile(new File([blob], name, { type: blob.type }));
+  } catch (error) {
+    ui.result.hidden = false;
+    showError(`Could not load the sample ${name}.`);
+  }
+}
+
+function clearPad() {
+  const context = ui.pad.getContext("2d");
+  context.fillStyle = ui.padBackground.value;
+  context.fillRect(0, 0, ui.pad.width, ui.pad.height);
+  state.padShapes = 0;
+  ui.padCaption.disabled = true;
+}
+
+function stamp(x, y) {
+  const context = ui.pad.getContext("2d");
+  const half = (PAD_SIZES[ui.padSize.value] * ui.pad.width) / 2;
+  context.fillStyle = PAD_COLOURS[ui.padColour.value];
+  context.beginPath();
+  const shape = ui.padShape.value;
+  if (shape === "circle") {
+    context.arc(x, y, half, 0, 2 * Math.PI);
+  } else if (shape === "square") {
+    context.rect(x - half, y - half, 2 * half, 2 * half);
+  } else if (shape === "triangle") {
+    context.moveTo(x, y - half); context.lineTo(x + half, y + half); context.lineTo(x - half, y + half);
+  } else if (shape === "diamond") {
+    context.moveTo(x, y - half); context.lineTo(x + half, y); context.lineTo(x, y + half); context.lineTo(x - half, y);
+  } else {
+    const arm = 0.36 * half;
+    context.rect(x - half, y - arm, 2 * half, 2 * arm);
+    context.rect(x - arm, y - half, 2 * arm, 2 * half);
+  }
+  context.fill();
+  state.padShapes = (state.padShapes || 0) + 1;
+  ui.padCaption.disabled = false;
+}
+
+function padPoint(event) {
+  const box = ui.pad.getBoundingClientRect();
+  return [((event.clientX - box.left) * ui.pad.width) / box.width, ((event.clientY - box.top) * ui.pad.height) / box.height];
+}
+
+function captionDrawing() {
+  ui.pad.toBlob((blob) => chooseFile(new File([blob], "drawing.png", { type: "image/png" })), "image/png");
+}
+
+function setUpTryIt() {
+  ui.samples.querySelectorAll("[data-sample]").forEach((button) => {
+    button.addEventListener("click", () => chooseSample(button.dataset.sample));
+  });
+  clearPad();
+  ui.pad.addEventListener("click", (event) => stamp(...padPoint(event)));
+  ui.padClear.addEventListener("click", clearPad);
+  ui.padBackground.addEventListener("change", clearPad);
+  ui.padCaption.addEventListener("click", captionDrawing);
+}
+
 function updateOptionFields() {
   const strategy = ui.strategy.value;
   ui.beamSizeField.hidden = strategy !== "beam";
@@ -362,6 +450,7 @@ function setUp() {
   });
   window.addEventListener("resize", () => showAttention(state.shown));
   updateOptionFields();
+  setUpTryIt();
   describeModel();
 }
 

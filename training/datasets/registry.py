@@ -19,6 +19,9 @@ Names and the options each loader takes (besides `split` and `limit`):
                                   ("dev" is the "val" split)
                 images_dir        the folder holding the .jpg files
     "shapes"    image_size, max_objects   the embedded generated dataset (no files needed)
+    "shapes_wide"  variation, max_objects, resize_to   the same grammar drawn wide (any background,
+                                  64-640 px, JPEG, ...; training/datasets/shapes_wide.py);
+                                  `variation=NAME` gives a wild evaluation set
     "list"      list_file         a .jsonl/.ndjson or .csv caption list; without a split column
                                   the whole file is `split`
 
@@ -42,6 +45,7 @@ from training.datasets.errors import DatasetFormatError
 from training.datasets.flickr8k import load_flickr8k
 from training.datasets.karpathy import load_karpathy
 from training.datasets.shapes import load_split as _load_shapes_split
+from training.datasets.shapes_wide import load_wide_split
 
 __all__ = ["LOADERS", "DatasetFormatError", "load_dataset"]
 
@@ -54,8 +58,19 @@ def load_shapes(split: str, *, limit: int | None = None, image_size: int | str =
     return _load_shapes_split(split, size=limit, image_size=int(image_size), max_objects=int(max_objects))
 
 
+def load_shapes_wide(split: str, *, limit: int | None = None, variation: str | None = None,
+                     max_objects: int | str = 3, resize_to: int | str | None = None) -> list[CaptionedImage]:
+    """The wide-domain shapes dataset; training passes resize_to=<model input size> itself."""
+    return load_wide_split(split, size=limit, variation=variation or None, max_objects=int(max_objects),
+                           resize_to=int(resize_to) if resize_to else None)
+
+
+# Loaders that can store images at the model's input size; `train` asks them to (resize_to).
+RESIZING_LOADERS = ("shapes_wide",)
+
 LOADERS: dict[str, DatasetLoader] = {
     "shapes": load_shapes,
+    "shapes_wide": load_shapes_wide,
     "coco": load_coco,
     "karpathy": load_karpathy,
     "flickr8k": load_flickr8k,

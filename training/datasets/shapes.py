@@ -91,6 +91,13 @@ class Scene:
     image_size: int
     objects: tuple[ShapeObject, ...]
     background: str
+    width: int | None = None  # a non-square scene (shapes_wide); None: image_size x image_size
+    height: int | None = None
+
+    @property
+    def frame(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return (self.width or self.image_size, self.height or self.image_size)
 
 
 # ---------------------------------------------------------------------------------------- scenes
@@ -139,9 +146,13 @@ def _apart(cx, cy, extent, other: ShapeObject, gap) -> bool:
     return abs(cx - other.cx) >= reach or abs(cy - other.cy) >= reach
 
 
-def relation_holds(a: ShapeObject, b: ShapeObject, rel: str, image_size: int, strict: bool = True) -> bool:
-    """Whether "a is REL b" holds: strict for the caption writer, lenient for the checker."""
-    dx, dy = b.cx - a.cx, b.cy - a.cy  # positive when a is left of / above b
+def relation_holds(a: ShapeObject, b: ShapeObject, rel: str, image_size: int | tuple[int, int],
+                   strict: bool = True) -> bool:
+    """Whether "a is REL b" holds: strict for the caption writer, lenient for the checker.
+    `image_size`: the side of a square scene, or (width, height); offsets count in shares of the
+    axis they lie along, so a non-square image squeezed square keeps its relations."""
+    width, height = (image_size, image_size) if isinstance(image_size, (int, float)) else image_size
+    dx, dy = (b.cx - a.cx) / width, (b.cy - a.cy) / height  # positive when a is left of / above b
     along, across = {
         "to the left of": (dx, dy),
         "to the right of": (-dx, dy),
@@ -149,8 +160,8 @@ def relation_holds(a: ShapeObject, b: ShapeObject, rel: str, image_size: int, st
         "below": (-dy, dx),
     }[rel]
     if strict:
-        return along >= STRICT_RELATION_OFFSET * image_size and along > abs(across)
-    return along >= LENIENT_RELATION_OFFSET * image_size
+        return along >= STRICT_RELATION_OFFSET and along > abs(across)
+    return along >= LENIENT_RELATION_OFFSET
 
 
 # ---------------------------------------------------------------------------------------- pixels
@@ -293,7 +304,7 @@ def _relation_candidates(scene: Scene) -> list[tuple[ShapeObject, str, ShapeObje
     return [
         (a, rel, b)
         for a in nameable for b in nameable if a is not b
-        for rel in RELATIONS if relation_holds(a, b, rel, scene.image_size, strict=True)
+        for rel in RELATIONS if relation_holds(a, b, rel, scene.frame, strict=True)
     ]
 
 

@@ -185,14 +185,14 @@ def check_caption(caption: str, scene: Scene) -> Verdict:
         claimed = [[obj for obj, i in zip(scene.objects, assignment) if i == k] for k in range(len(parsed.phrases))]
         if any(len(objs) > phrase.count for objs, phrase in zip(claimed, parsed.phrases)):
             continue
-        false_facts = _false_facts(parsed, claimed, scene.image_size)
+        false_facts = _false_facts(parsed, claimed, scene.frame)
         missing = [obj.describe() for obj, i in zip(scene.objects, assignment) if i is None]
         if best is None or (len(false_facts), len(missing)) < (len(best[0]), len(best[1])):
             best = (false_facts, missing)
     return Verdict(parsed=True, false_facts=best[0], missing=best[1])
 
 
-def _false_facts(parsed: ParsedCaption, claimed: list[list[ShapeObject]], image_size: int) -> list[str]:
+def _false_facts(parsed: ParsedCaption, claimed: list[list[ShapeObject]], image_size) -> list[str]:
     facts = []
     for phrase, objs in zip(parsed.phrases, claimed):
         if not objs:

@@ -1,0 +1,85 @@
+"""Caption confidence as a calibrated probability of being right.
+
+The decoder's raw confidence is the geometric-mean token probability of the caption. It ranks
+captions sensibly but is not a probability of anything: wording choices ("a" or "one", "there is"
+or not) spread probability over equally true captions. `Calibration` maps it to the probability
+that the caption is correct, fitted once on the validation split against the grounded checker
+(training/calibrate.py), and stored in the bundle as calibration.json:
+
+    calibrated = sigmoid(slope * mean_token_log_prob + bias)
+
+that is temperature scaling (1 / slope) with a bias, on the caption's mean token log-probability,
+fitted by logistic regression (Platt scaling). Both the offline Captioner and the service apply it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    slope: float
+    bias: float
+    fitted_on: str = ""  # e.g. "shapes_wide/val, 1000 images, greedy"
+
+    def apply(self, raw_confidence: float) -> float:
+        mean_log_prob = math.log(max(raw_confidence, 1e-12))
+        z = self.slope * mean_log_prob + self.bias
+        return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"method": "platt_mean_token_log_prob", **asdict(self)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        values = json.loads(Path(path).read_text())
+        if values.get("method") != "platt_mean_token_log_prob":
+            raise ValueError(f"{path}: unknown calibration method {values.get('method')!r}")
+        slope, bias = float(values["slope"]), float(values["bias"])
+        if not (math.isfinite(slope) and math.isfinite(bias)):
+            raise ValueError(f"{path}: calibration parameters must be finite numbers")
+        return cls(slope, bias, str(values.get("fitted_on", "")))
+
+
+def fit_calibration(raw_confidences, correct, fitted_on: str = "", l2: float = 1e-3,
+                    steps: int = 50) -> Calibration:
+    """Logistic regression of `correct` (0/1) on log(raw confidence), by Newton's method."""
+    x = np.log(np.clip(np.asarray(raw_confidences, np.float64), 1e-12, 1.0))
+    y = np.asarray(correct, np.float64)
+    if x.shape != y.shape or x.size == 0:
+        raise ValueError("need one correctness label per confidence, and at least one")
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    weights = np.array([1.0, 0.0])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ weights, -500, 500)))
+        gradient = design.T @ (p - y) + l2 * weights
+        hessian = (design * (p * (1 - p))[:, None]).T @ design + l2 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        weights -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return Calibration(float(weights[0]), float(weights[1]), fitted_on)
+
+
+def expected_calibration_error(confidences, correct, bins: int = 10) -> float:
+    """ECE: the gap |accuracy - mean confidence| per equal-width confidence bin, weighted by the
+    bin's share of the captions."""
+    confidences = np.asarray(confidences, np.float64)
+    correct = np.asarray(correct, np.float64)
+    if confidences.size == 0:
+        raise ValueError("no confidences")
+    index = np.minimum((confidences * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            error += members.mean() * abs(correct[members].mean() - confidences[members].mean())
+    return float(error)

@@ -1,0 +1,135 @@
+"""Out-of-domain detection: is an image like the ones the model was trained on?
+
+Two tests, both fitted on the training images only (training/fit_domain.py), each giving a ratio
+that is <= 1 for an image like them:
+
+  - encoder features: the encoder's feature grid [N, D] pooled into one vector (mean and standard
+    deviation over the N positions), scored by its Mahalanobis distance d from a Gaussian fitted to
+    the training images (mean, covariance shrunk towards a scaled identity); ratio d / threshold,
+    the threshold a margin over the distances of held-out validation images;
+  - image statistics of the model's 64x64 input (`image_statistics`): how much of the image stands
+    out from the background, how much of that is one of the six named colours, how busy the
+    background is, strong edges away from named colours, fine-grain (high-frequency) energy.
+    Each has an interval spanning the training images (0.1%-99.9% quantiles, widened); the ratio
+    is the largest |x - centre| / half-width.
+
+    domain_score = 2 ** -(max(ratios) ** 2)     1 typical, 0.5 at the edge of the domain
+    in_domain    = domain_score >= 0.5
+
+The pooled encoder features alone separate photographs poorly (measured: docs/MODEL.md): the
+encoder learnt to ignore textures and backgrounds, which is what makes it robust in its domain.
+Stored in the bundle as domain.npz (plain arrays, read with allow_pickle=False) and verified by
+the manifest like every other file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FILE = "domain.npz"
+
+
+NAMED_COLOURS = np.array([(225, 35, 35), (40, 200, 60), (45, 95, 245), (245, 225, 40), (170, 60, 220),
+                          (255, 140, 20)], np.float64)  # red green blue yellow purple orange
+STATISTICS = ("foreground_share", "named_colour_share", "background_residual", "stray_edges", "high_frequency")
+FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as foreground
+NAMED_DISTANCE = 80.0  # RGB distance to a named colour that counts as that colour
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """uint8 model inputs [B, S, S, 3] -> [B, len(STATISTICS)] (see the module docstring)."""
+    rows = []
+    for image in np.asarray(images, np.float64):
+        ring = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
+                               image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
+        from_background = np.linalg.norm(image - np.median(ring, axis=0), axis=2)
+        foreground = from_background > FOREGROUND_DISTANCE
+        named = np.linalg.norm(image[..., None, :] - NAMED_COLOURS, axis=3).min(axis=2) < NAMED_DISTANCE
+        named_share = named[foreground].mean() if foreground.sum() >= 4 else 1.0
+        residual = from_background[~foreground].mean() if (~foreground).any() else 255.0
+        step_x = np.abs(np.diff(image, axis=1)).max(axis=2)[:-1, :]
+        step_y = np.abs(np.diff(image, axis=0)).max(axis=2)[:, :-1]
+        near_named = named[:-1, :-1] | named[1:, :-1] | named[:-1, 1:] | named[1:, 1:]
+        stray = (((step_x > 60) | (step_y > 60)) & ~near_named).mean()
+        box = sum(image[i:i + image.shape[0] - 2, j:j + image.shape[1] - 2] for i in range(3) for j in range(3)) / 9
+        high_frequency = np.abs(image[1:-1, 1:-1] - box).mean()
+        rows.append([foreground.mean(), named_share, residual, stray, high_frequency])
+    return np.array(rows, np.float64)
+
+
+def pool_features(features: np.ndarray) -> np.ndarray:
+    """Encoder features [B, N, D] -> pooled [B, 2D]: mean and standard deviation over positions."""
+    features = np.asarray(features, np.float64)
+    return np.concatenate([features.mean(axis=1), features.std(axis=1)], axis=1)
+
+
+@dataclass(frozen=True)
+class DomainModel:
+    mean: np.ndarray  # [F] pooled encoder features
+    precision: np.ndarray  # [F, F], the inverse of the shrunk covariance
+    threshold: float  # Mahalanobis distance at which the encoder ratio is 1
+    statistics_low: np.ndarray  # [len(STATISTICS)] the in-domain interval of each image statistic
+    statistics_high: np.ndarray
+
+    def distances(self, pooled: np.ndarray) -> np.ndarray:
+        centred = np.asarray(pooled, np.float64) - self.mean
+        return np.sqrt(np.maximum(np.einsum("bf,fg,bg->b", centred, self.precision, centred), 0.0))
+
+    def statistics_ratio(self, statistics: np.ndarray) -> np.ndarray:
+        centre = (self.statistics_low + self.statistics_high) / 2
+        half = np.maximum((self.statistics_high - self.statistics_low) / 2, 1e-9)
+        return (np.abs(statistics - centre) / half).max(axis=1)
+
+    def scores(self, features: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """Encoder features [B, N, D] and the model inputs [B, S, S, 3] -> domain scores [B] in (0, 1]."""
+        ratio = np.maximum(self.distances(pool_features(features)) / self.threshold,
+                           self.statistics_ratio(image_statistics(images)))
+        return np.exp2(-np.minimum(ratio**2, 1000.0))
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, mean=self.mean, precision=self.precision, threshold=np.array(self.threshold),
+                 statistics_low=self.statistics_low, statistics_high=self.statistics_high)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DomainModel":
+        with np.load(path, allow_pickle=False) as data:
+            mean, precision, threshold = data["mean"], data["precision"], float(data["threshold"])
+            low, high = data["statistics_low"], data["statistics_high"]
+        if (mean.ndim != 1 or precision.shape != (mean.size, mean.size) or not threshold > 0
+                or low.shape != (len(STATISTICS),) or high.shape != low.shape):
+            raise ValueError(f"{path}: malformed domain model")
+        return cls(mean.astype(np.float64), precision.astype(np.float64), threshold,
+                   low.astype(np.float64), high.astype(np.float64))
+
+
+IN_DOMAIN_SCORE = 0.5
+
+
+def fit_domain(train_pooled: np.ndarray, held_out_pooled: np.ndarray, train_statistics: np.ndarray, *,
+               quantile: float = 0.995, margin: float = 1.5, shrinkage: float = 0.05,
+               statistics_quantile: float = 0.001, widen: float = 0.25) -> DomainModel:
+    """A Gaussian on the training images' pooled features (threshold: `margin` times the `quantile`
+    of the held-out in-domain images' distances), and per image statistic the training images'
+    [statistics_quantile, 1 - statistics_quantile] interval widened by `widen` of its width each
+    way, except below the foreground share: an image with nothing standing out has no objects."""
+    train_pooled = np.asarray(train_pooled, np.float64)
+    if train_pooled.ndim != 2 or train_pooled.shape[0] < 2:
+        raise ValueError("need pooled features of at least two training images")
+    mean = train_pooled.mean(axis=0)
+    covariance = np.cov(train_pooled, rowvar=False)
+    # Shrinking towards a scaled identity keeps the inverse stable for directions the training
+    # images barely vary in (dead ReLU units), instead of calling any change there infinitely far.
+    scale = np.trace(covariance) / covariance.shape[0]
+    covariance = (1 - shrinkage) * covariance + shrinkage * scale * np.eye(covariance.shape[0])
+    precision = np.linalg.inv(covariance)
+    statistics = np.asarray(train_statistics, np.float64)
+    low, high = np.quantile(statistics, statistics_quantile, axis=0), np.quantile(statistics, 1 - statistics_quantile, axis=0)
+    width = high - low
+    low, high = low - widen * width, high + widen * width
+    low[0] = 0.5 * np.quantile(statistics[:, 0], statistics_quantile)
+    model = DomainModel(mean, precision, 1.0, low, high)
+    held_out = model.distances(held_out_pooled)
+    return DomainModel(mean, precision, float(margin * np.quantile(held_out, quantile)), low, high)

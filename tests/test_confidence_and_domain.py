@@ -1,0 +1,194 @@
+"""Calibrated confidence and the out-of-domain check: the fits, the bundle files (verified like
+every other file), and the API fields and setting, on the tiny random bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import test_service_helpers as uploads
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from captioning.artifacts import ArtifactError, add_files
+from captioning.calibration import Calibration, expected_calibration_error, fit_calibration
+from captioning.domain import STATISTICS, DomainModel, fit_domain, image_statistics, pool_features
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def test_calibration_fit_recovers_a_known_relation_and_lowers_ece():
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.3, 1.0, 4000)
+    truth = Calibration(slope=6.0, bias=2.0)
+    correct = rng.random(raw.size) < np.array([truth.apply(c) for c in raw])
+    fitted = fit_calibration(raw, correct)
+    assert fitted.slope == pytest.approx(6.0, rel=0.15) and fitted.bias == pytest.approx(2.0, abs=0.3)
+    calibrated = np.array([fitted.apply(c) for c in raw])
+    assert expected_calibration_error(calibrated, correct) < 0.03 < expected_calibration_error(raw, correct)
+
+
+def test_ece_of_perfect_and_overconfident_predictions():
+    assert expected_calibration_error([1.0, 1.0, 0.0, 0.0], [1, 1, 0, 0]) == 0.0
+    assert expected_calibration_error([0.9] * 10, [1] * 5 + [0] * 5) == pytest.approx(0.4)
+
+
+def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
+    Calibration(2.5, -0.5, "test").save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json") == Calibration(2.5, -0.5, "test")
+    (tmp_path / "bad.json").write_text(json.dumps({"method": "magic", "slope": 1, "bias": 0}))
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        Calibration.load(tmp_path / "bad.json")
+
+
+# ----------------------------------------------------------------------------------------- domain
+
+
+def scene_like(rng, count: int, background: int = 40) -> np.ndarray:
+    """64x64 inputs with one bright named-colour square on a plain background, like the domain."""
+    images = np.full((count, 64, 64, 3), background, np.uint8)
+    for image in images:
+        x, y = rng.integers(4, 40, 2)
+        image[y:y + 14, x:x + 14] = (225, 35, 35)
+    return images
+
+
+def test_domain_score_is_high_in_domain_and_low_far_away(tmp_path):
+    rng = np.random.default_rng(1)
+    features = lambda n, shift: np.maximum(rng.normal(shift, 1.0, (n, 16, 8)), 0)  # noqa: E731 [B, N, D]
+    train, held_out = pool_features(features(2000, 1.0)), pool_features(features(500, 1.0))
+    model = fit_domain(train, held_out, image_statistics(scene_like(rng, 300)), quantile=0.995, margin=1.25)
+    inside = model.scores(features(200, 1.0), scene_like(rng, 200))
+    assert (inside >= 0.5).mean() >= 0.99
+    far_features = model.scores(features(50, 3.0), scene_like(rng, 50))  # encoder says no
+    assert (far_features < 0.5).all()
+    noise = rng.integers(0, 256, (50, 64, 64, 3)).astype(np.uint8)  # image statistics say no
+    assert (model.scores(features(50, 1.0), noise) < 0.5).all()
+    blank = np.full((5, 64, 64, 3), 40, np.uint8)  # nothing stands out: no objects
+    assert (model.scores(features(5, 1.0), blank) < 0.5).all()
+    model.save(tmp_path / "d.npz")
+    loaded = DomainModel.load(tmp_path / "d.npz")
+    probe = features(5, 1.0), scene_like(rng, 5)
+    assert np.allclose(loaded.scores(*probe), model.scores(*probe))
+
+
+def test_image_statistics_tell_a_scene_from_text_like_strokes():
+    rng = np.random.default_rng(3)
+    scene = image_statistics(scene_like(rng, 1))[0]
+    strokes = np.full((1, 64, 64, 3), 235, np.uint8)
+    strokes[:, 10:54:4, 6:58] = 20  # dark lines on paper: foreground that is no named colour
+    text = image_statistics(strokes)[0]
+    named = STATISTICS.index("named_colour_share")
+    assert scene[named] > 0.9 and text[named] < 0.1
+
+
+def test_domain_file_is_plain_arrays(tmp_path):
+    np.savez(tmp_path / "evil.npz", mean=np.array([object()], dtype=object), precision=np.eye(1), threshold=1.0,
+             statistics_low=np.zeros(5), statistics_high=np.ones(5))
+    with pytest.raises(ValueError):  # allow_pickle=False: object arrays are refused
+        DomainModel.load(tmp_path / "evil.npz")
+
+
+# ------------------------------------------------------------------------------------------ bundle
+
+
+def anchored_domain(captioner, image: np.ndarray) -> DomainModel:
+    """A domain model centred on `image`'s features with a small radius: that image (and nothing
+    very different) is in the domain, so tests know the answer with a random encoder."""
+    pooled = pool_features(captioner.encode(image[None]))
+    wide_open = np.full(len(STATISTICS), 1e9)
+    return DomainModel(pooled[0], np.eye(pooled.shape[1]), 1e-3, -wide_open, wide_open)
+
+
+@pytest.fixture(scope="module")
+def in_domain_image(tiny_captioner) -> np.ndarray:
+    size = tiny_captioner.config.image_size
+    return np.full((size, size, 3), 40, np.uint8)
+
+
+@pytest.fixture(scope="module")
+def extras_bundle(tiny_bundle, tiny_captioner, in_domain_image, tmp_path_factory):
+    """The tiny bundle plus calibration.json and domain.npz, added to its manifest."""
+    bundle = tmp_path_factory.mktemp("extras") / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    Calibration(slope=4.0, bias=1.0, fitted_on="test").save(bundle / "calibration.json")
+    anchored_domain(tiny_captioner, in_domain_image).save(bundle / "domain.npz")
+    add_files(bundle, ("calibration.json", "domain.npz"))
+    return bundle
+
+
+def test_bundle_extras_load_and_calibrate_the_confidence(extras_bundle, in_domain_image):
+    from captioning.captioner import Captioner
+
+    captioner = Captioner.load(extras_bundle)
+    assert captioner.calibration.slope == 4.0 and captioner.domain is not None
+    caption = captioner.caption([in_domain_image])[0][0]
+    assert caption.raw_confidence is not None
+    assert caption.confidence == pytest.approx(Calibration(4.0, 1.0).apply(caption.raw_confidence))
+    noise = np.random.default_rng(0).integers(0, 256, in_domain_image.shape).astype(np.uint8)
+    scores = captioner.domain_scores(np.stack([in_domain_image, noise]))
+    assert scores[0] > 0.99 and scores[1] < 0.5
+
+
+def test_bundle_extras_are_verified(extras_bundle, tmp_path):
+    from captioning.captioner import Captioner
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(extras_bundle, tampered)
+    with open(tampered / "domain.npz", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="domain.npz does not match its sha256"):
+        Captioner.load(tampered)
+
+    unlisted = tmp_path / "unlisted"
+    shutil.copytree(extras_bundle, unlisted)
+    manifest = json.loads((unlisted / "manifest.json").read_text())
+    del manifest["files"]["calibration.json"]
+    (unlisted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="calibration.json is not in the manifest"):
+        Captioner.load(unlisted)
+
+
+# --------------------------------------------------------------------------------------------- API
+
+
+def post(client, pixels: np.ndarray):
+    return client.post("/caption", files={"image": ("x.png", uploads.encode(Image.fromarray(pixels), "PNG"),
+                                                    "image/png")})
+
+
+@pytest.mark.parametrize("policy", ["caption", "reject"])
+def test_caption_reports_the_domain_and_the_setting_decides(extras_bundle, in_domain_image, policy):
+    from app.main import create_app
+    from app.settings import Settings
+
+    noise = np.random.default_rng(2).integers(0, 256, (48, 48, 3)).astype(np.uint8)
+    with TestClient(create_app(Settings(artifacts_dir=extras_bundle, api_key=None, out_of_domain=policy))) as client:
+        inside = post(client, in_domain_image)
+        assert inside.status_code == 200, inside.text
+        body = inside.json()
+        assert body["in_domain"] is True and body["domain_score"] > 0.99
+        assert 0.0 <= body["captions"][0]["confidence"] <= 1.0
+        outside = post(client, noise)
+        if policy == "caption":
+            assert outside.status_code == 200
+            assert outside.json()["in_domain"] is False and outside.json()["domain_score"] < 0.5
+        else:
+            assert outside.status_code == 422
+            assert outside.json()["error"]["code"] == "out_of_domain" and outside.json()["request_id"]
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+        assert {"in_domain", "domain_score"} <= set(schema["CaptionResponse"]["properties"])
+
+
+def test_bundle_without_a_domain_model_omits_the_fields(tiny_bundle, in_domain_image):
+    from app.main import create_app
+    from app.settings import Settings
+
+    with TestClient(create_app(Settings(artifacts_dir=tiny_bundle, api_key=None))) as client:
+        body = post(client, in_domain_image).json()
+        assert "in_domain" not in body and "domain_score" not in body

@@ -1,0 +1,59 @@
+"""Self-critical training: the CIDEr-D reward matches pycocoevalcap's, and an update raises the reward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.cider_d import CiderD
+
+REFERENCES = [
+    ["a red circle", "there is a red circle", "one red circle"],
+    ["two blue squares and a green cross", "a green cross and two blue squares", "there are two blue squares"],
+    ["a purple diamond is above an orange circle", "an orange circle and a purple diamond", "a purple diamond"],
+]
+
+
+def test_cider_d_matches_pycocoevalcap_when_idf_comes_from_the_same_images():
+    from pycocoevalcap.cider.cider import Cider
+
+    candidates = ["a red circle", "two blue squares and a cross", "a purple diamond"]
+    _, theirs = Cider().compute_score({i: refs for i, refs in enumerate(REFERENCES)},
+                                      {i: [c] for i, c in enumerate(candidates)})
+    ours = CiderD(REFERENCES)
+    for i, candidate in enumerate(candidates):
+        assert ours.score(candidate, REFERENCES[i]) == pytest.approx(theirs[i], rel=1e-6)
+    assert ours.score("a red circle", REFERENCES[0]) > ours.score("a blue circle", REFERENCES[0])
+
+
+def test_a_self_critical_update_raises_the_expected_reward(tiny_bundle):
+    """Reward 1 for captions that say "red": after a few updates, samples say it more often,
+    i.e. the expected negative reward went down."""
+    from captioning.captioner import Captioner
+    from training.scst import SelfCriticalTrainer, scst_batch
+
+    captioner = Captioner.load(tiny_bundle)  # its own copy: the session-wide one stays untouched
+    size = captioner.config.image_size
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3)).astype(np.uint8)
+    trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, learning_rate=3e-2)
+    says_red = lambda i, text: float("red" in text.split())  # noqa: E731
+
+    def expected_reward() -> float:
+        features = captioner.encoder(images.astype(np.float32)).numpy()
+        sequences = trainer.generate(np.repeat(features, 32, axis=0), greedy=False, seed=99)
+        return float(np.mean([says_red(0, " ".join(captioner.tokenizer.decode(s))) for s in sequences]))
+
+    before = expected_reward()
+    for step in range(12):
+        result = scst_batch(trainer, captioner.encoder, captioner.tokenizer, images, says_red, samples=4, seed=step)
+        assert np.isfinite(result["loss"])
+    after = expected_reward()
+    assert after > before + 0.2, (before, after)
+
+
+def test_sampled_sequences_stop_at_end():
+    from captioning.tokenizer import END_ID, PAD_ID
+    from training.scst import cut_at_end
+
+    cut = cut_at_end(np.array([[5, END_ID, 7, 8], [5, 6, 7, 8]]))
+    assert cut.tolist() == [[5, END_ID, PAD_ID, PAD_ID], [5, 6, 7, 8]]

@@ -1,0 +1,88 @@
+"""`python -m training calibrate`: fit the bundle's confidence calibration on a split with scenes.
+
+    python -m training calibrate --artifacts model_artifacts/default/2 --dataset shapes_wide --split val
+
+Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
+complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)
+to those labels, writes calibration.json into the bundle and adds it to the manifest. Fit it on
+the validation split, never on the split the evaluation reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from captioning.calibration import FILE, expected_calibration_error, fit_calibration
+from captioning.decoding import DecodeOptions
+
+
+def caption_with_confidence(captioner, records, batch_size: int = 32):
+    """Greedy captions of `records` -> (texts, raw confidences, calibrated confidences)."""
+    from training.evaluate import load_record_image
+
+    texts, raw, calibrated = [], [], []
+    for start in range(0, len(records), batch_size):
+        images = [captioner.prepare(load_record_image(r)) for r in records[start:start + batch_size]]
+        for best in captioner.caption(images, DecodeOptions(), batch_size):
+            caption = best[0]
+            texts.append(caption.text)
+            calibrated.append(caption.confidence)
+            raw.append(caption.raw_confidence if caption.raw_confidence is not None else caption.confidence)
+    return texts, np.array(raw), np.array(calibrated)
+
+
+def grade(texts, records) -> np.ndarray:
+    from training.datasets.shapes_checker import check_caption
+
+    if any(r.scene is None for r in records):
+        raise ValueError("calibration needs a dataset with scenes (shapes, shapes_wide) to know which captions are right")
+    return np.array([check_caption(t, r.scene).correct for t, r in zip(texts, records)], dtype=np.float64)
+
+
+def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, options: dict | None = None) -> dict:
+    from captioning.artifacts import add_files, drop_file
+    from captioning.captioner import Captioner
+    from training.datasets.registry import load_dataset
+
+    drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
+    captioner = Captioner.load(artifacts)
+    records = load_dataset(dataset, split, limit=limit, **(options or {}))
+    texts, raw, _ = caption_with_confidence(captioner, records)
+    correct = grade(texts, records)
+    calibration = fit_calibration(raw, correct, fitted_on=f"{dataset}/{split}, {len(records)} images, greedy")
+    calibration.save(f"{artifacts}/{FILE}")
+    fitted = np.array([calibration.apply(c) for c in raw])
+    summary = {"fitted_on": calibration.fitted_on, "slope": calibration.slope, "bias": calibration.bias,
+               "accuracy": float(correct.mean()),
+               "ece_raw": expected_calibration_error(raw, correct),
+               "ece_calibrated_in_sample": expected_calibration_error(fitted, correct)}
+    record_stage(add_files(artifacts, (FILE,)), artifacts, "calibration", summary)
+    return summary
+
+
+def record_stage(manifest: dict, artifacts, stage: str, summary: dict) -> None:
+    """Notes a post-training stage's results in the manifest (not a checksummed file)."""
+    manifest.setdefault("stages", {})[stage] = summary
+    with open(f"{artifacts}/manifest.json", "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+
+
+def add_parser(subparsers) -> None:
+    from training.datasets.registry import LOADERS
+
+    p = subparsers.add_parser("calibrate", help="fit the bundle's confidence calibration on a split with scenes",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", required=True, help="artifact bundle directory (calibration.json is added)")
+    p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
+    p.add_argument("--split", default="val", help="default: val (never the split you report)")
+    p.add_argument("--limit", type=int, default=1000, help="images to fit on")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    summary = calibrate_bundle(args.artifacts, args.dataset, args.split, args.limit)
+    print(json.dumps(summary, indent=2))
+    return 0

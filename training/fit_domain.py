@@ -1,0 +1,76 @@
+"""`python -m training fit-domain`: fit the bundle's out-of-domain detector on its training data.
+
+    python -m training fit-domain --artifacts model_artifacts/default/2 --dataset shapes_wide
+
+Encodes training images (the distribution the model learnt) and held-out validation images with the
+bundle's own encoder, fits captioning.domain.DomainModel (a Gaussian on pooled encoder features,
+its threshold a margin over the validation images' distances), writes domain.npz into the bundle
+and adds it to the manifest. Only in-domain images are used: nothing out-of-domain is fitted on,
+so the photographs and other images training/ood_images.py reports on are a fair test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from captioning.domain import FILE, STATISTICS, fit_domain, image_statistics, pool_features
+
+
+def pooled_features(captioner, records, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled encoder features, image statistics) of the records' model inputs."""
+    from training.evaluate import load_record_image
+
+    pooled, statistics = [], []
+    for start in range(0, len(records), batch_size):
+        images = np.stack([captioner.prepare(load_record_image(r)) for r in records[start:start + batch_size]])
+        pooled.append(pool_features(captioner.encode(images)))
+        statistics.append(image_statistics(images))
+    return np.concatenate(pooled), np.concatenate(statistics)
+
+
+def fit_domain_for_bundle(artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float,
+                          margin: float) -> dict:
+    from captioning.artifacts import add_files, drop_file
+    from captioning.captioner import Captioner
+    from training.calibrate import record_stage
+    from training.datasets.registry import RESIZING_LOADERS, load_dataset
+
+    drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
+    captioner = Captioner.load(artifacts)
+    options = {"resize_to": captioner.config.image_size} if dataset in RESIZING_LOADERS else {}
+    train, train_statistics = pooled_features(captioner, load_dataset(dataset, "train", limit=train_limit, **options))
+    val, val_statistics = pooled_features(captioner, load_dataset(dataset, "val", limit=val_limit))  # drawn size
+    model = fit_domain(train, val, train_statistics, quantile=quantile, margin=margin)
+    model.save(f"{artifacts}/{FILE}")
+    ratio = np.maximum(model.distances(val) / model.threshold, model.statistics_ratio(val_statistics))
+    summary = {"fitted_on": f"{dataset}/train, {len(train)} images; threshold from {dataset}/val, {len(val)} images",
+               "features": int(model.mean.size), "threshold": model.threshold, "quantile": quantile,
+               "margin": margin, "statistics": dict(zip(STATISTICS, zip(model.statistics_low.tolist(),
+                                                                        model.statistics_high.tolist()))),
+               "val_accepted": float((ratio <= 1).mean())}
+    record_stage(add_files(artifacts, (FILE,)), artifacts, "domain", summary)
+    return summary
+
+
+def add_parser(subparsers) -> None:
+    from training.datasets.registry import LOADERS
+
+    p = subparsers.add_parser("fit-domain", help="fit the bundle's out-of-domain detector on its training data",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", required=True, help="artifact bundle directory (domain.npz is added)")
+    p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
+    p.add_argument("--train-limit", type=int, default=8000, help="training images to fit the Gaussian on")
+    p.add_argument("--val-limit", type=int, default=1000, help="validation images that set the threshold")
+    p.add_argument("--quantile", type=float, default=0.995, help="of the validation distances")
+    p.add_argument("--margin", type=float, default=1.5, help="threshold = margin x that quantile")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    summary = fit_domain_for_bundle(args.artifacts, args.dataset, args.train_limit, args.val_limit,
+                                    args.quantile, args.margin)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,208 @@
+"""`python -m training finetune-scst`: self-critical sequence training (Rennie et al. 2017).
+
+    python -m training finetune-scst --artifacts model_artifacts/shapeworld --output model_artifacts/shapeworld/2 \\
+        --dataset coco --data annotations_file=.../captions_train.json --data images_dir=.../images
+
+Fine-tunes a trained bundle for the caption metric instead of word-level likelihood. For each
+batch of images the model samples `--samples` captions per image and decodes one greedily; each
+sample's reward is its CIDEr-D against the image's references (document frequencies from the
+training references, training/cider_d.py), plus `--grounded-weight` x 1 when the shapes checker
+finds it entirely true and complete (datasets with scenes only). The greedy caption's reward is the
+baseline, so only samples that beat the model's own test-time output are reinforced:
+
+    loss = - mean_i (r(w_i) - r(w_greedy)) * sum_t log p(w_i,t | w_i,<t, image)
+
+The encoder is kept frozen (its features are computed once per batch, so the domain check fitted
+on them stays valid and is carried over); the decoder is trained with Adam at a small learning rate.
+Confidence calibration is NOT carried over (the confidences move): run `calibrate` again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from captioning.model import DecoderStep
+from captioning.tokenizer import END_ID, PAD_ID, START_ID
+
+HYPER_PARAMETERS = dict(steps=400, batch_size=16, samples=5, learning_rate=5e-5, grounded_weight=0.0,
+                        clipnorm=1.0, seed=1234)
+
+
+class SelfCriticalTrainer:
+    """Holds the decoder being trained, its sampler and optimizer."""
+
+    def __init__(self, decoder: keras.Model, max_length: int, learning_rate: float, clipnorm: float = 1.0):
+        self.decoder = decoder
+        self.max_steps = max_length - 1  # tokens after <start>, <end> included
+        self.optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
+        step = DecoderStep(decoder)
+        max_steps = self.max_steps
+
+        @tf.function(reduce_retracing=True)
+        def generate(features, greedy, seed):
+            rows = tf.shape(features)[0]
+            tokens = tf.fill([rows], START_ID)
+            state = tf.zeros([rows, features.shape[-1]])
+            out = []
+            for t in range(max_steps):
+                log_probs, state, _ = step(tokens, state, features)
+                sampled = tf.random.stateless_categorical(log_probs, 1, seed=tf.stack([seed, t]))[:, 0]
+                tokens = tf.cast(tf.where(greedy, tf.argmax(log_probs, axis=-1), sampled), tf.int32)
+                out.append(tokens)
+            return tf.stack(out, axis=1)
+
+        @tf.function(reduce_retracing=True)
+        def train_step(features, sequences, advantages):
+            inputs = tf.concat([tf.fill([tf.shape(sequences)[0], 1], START_ID), sequences[:, :-1]], axis=1)
+            mask = tf.cast(tf.not_equal(sequences, PAD_ID), tf.float32)
+            with tf.GradientTape() as tape:
+                logits = decoder([inputs, features], training=True)
+                log_probs = tf.nn.log_softmax(logits)
+                token_log_probs = tf.gather(log_probs, sequences, batch_dims=2)
+                sequence_log_probs = tf.reduce_sum(token_log_probs * mask, axis=1)
+                loss = -tf.reduce_mean(advantages * sequence_log_probs)
+            gradients = tape.gradient(loss, decoder.trainable_variables)
+            self.optimizer.apply_gradients(zip(gradients, decoder.trainable_variables))
+            return loss
+
+        self._generate, self._train_step = generate, train_step
+
+    def generate(self, features: np.ndarray, greedy: bool, seed: int = 0) -> np.ndarray:
+        """Token ids [R, max_steps]: everything after the first <end> is <pad>."""
+        sequences = self._generate(tf.constant(features), tf.constant(greedy), tf.constant(seed, tf.int32)).numpy()
+        return cut_at_end(sequences)
+
+    def step(self, features: np.ndarray, sequences: np.ndarray, advantages: np.ndarray) -> float:
+        return float(self._train_step(tf.constant(features, tf.float32), tf.constant(sequences, tf.int32),
+                                      tf.constant(advantages, tf.float32)))
+
+
+def cut_at_end(sequences: np.ndarray) -> np.ndarray:
+    sequences = sequences.copy()
+    for row in sequences:
+        ends = np.flatnonzero(row == END_ID)
+        if ends.size:
+            row[ends[0] + 1:] = PAD_ID
+    return sequences
+
+
+def scst_batch(trainer: SelfCriticalTrainer, encoder, tokenizer, images: np.ndarray, reward_fn,
+               samples: int, seed: int) -> dict:
+    """One self-critical update on a batch of images; reward_fn(i, text) -> float for image i."""
+    features = encoder(tf.cast(images, tf.float32), training=False).numpy()
+    greedy = trainer.generate(features, greedy=True)
+    repeated = np.repeat(features, samples, axis=0)
+    sampled = trainer.generate(repeated, greedy=False, seed=seed)
+    text = lambda ids: " ".join(tokenizer.decode(ids))  # noqa: E731
+    baseline = np.array([reward_fn(i, text(ids)) for i, ids in enumerate(greedy)])
+    rewards = np.array([reward_fn(j // samples, text(ids)) for j, ids in enumerate(sampled)])
+    advantages = rewards - np.repeat(baseline, samples)
+    loss = trainer.step(repeated, sampled, advantages)
+    return {"loss": loss, "reward": float(rewards.mean()), "greedy_reward": float(baseline.mean())}
+
+
+def make_reward(references: list[list[str]], scenes: list | None, corpus: list[list[str]], grounded_weight: float):
+    from training.cider_d import CiderD
+
+    cider = CiderD(corpus)
+    if grounded_weight and scenes is not None:
+        from training.datasets.shapes_checker import check_caption
+
+        def reward(i: int, text: str) -> float:
+            return cider.score(text, references[i]) + grounded_weight * check_caption(text, scenes[i]).correct
+    else:
+        def reward(i: int, text: str) -> float:
+            return cider.score(text, references[i])
+    return reward
+
+
+def finetune(args) -> dict:
+    from captioning.artifacts import OPTIONAL_FILES, add_files, save_bundle
+    from captioning.captioner import Captioner
+    from captioning.domain import FILE as DOMAIN_FILE
+    from training.datasets.registry import RESIZING_LOADERS, load_dataset
+    from training.evaluate import load_record_image
+    from training.config import parse_options
+
+    keras.utils.set_random_seed(args.seed)
+    captioner = Captioner.load(args.artifacts)
+    options = parse_options(args.data)
+    if args.dataset in RESIZING_LOADERS:
+        options.setdefault("resize_to", captioner.config.image_size)
+    records = load_dataset(args.dataset, "train", limit=args.train_limit, **options)
+    images = np.stack([captioner.prepare(load_record_image(r)) for r in records])
+    references = [list(r.captions) for r in records]
+    scenes = [r.scene for r in records] if all(r.scene is not None for r in records) else None
+    reward = make_reward(references, scenes, references, args.grounded_weight)
+    trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, args.learning_rate, args.clipnorm)
+    rng = np.random.default_rng(args.seed)
+    started, log = time.time(), []
+    for step in range(args.steps):
+        batch = rng.choice(len(records), args.batch_size, replace=False)
+        result = scst_batch(trainer, captioner.encoder, captioner.tokenizer, images[batch],
+                            lambda i, text: reward(int(batch[i]), text), args.samples, seed=args.seed + step)
+        log.append(result)
+        if (step + 1) % max(1, args.steps // 20) == 0 or step == args.steps - 1:
+            recent = log[-max(1, args.steps // 20):]
+            print(f"step {step + 1}/{args.steps}: sample reward {np.mean([r['reward'] for r in recent]):.3f}, "
+                  f"greedy reward {np.mean([r['greedy_reward'] for r in recent]):.3f}", flush=True)
+    manifest = captioner.manifest
+    training = dict(manifest.get("training", {}))
+    training["scst"] = {
+        "command": "python -m training " + shlex.join(getattr(args, "command_line", sys.argv[1:])),
+        "from": str(args.artifacts), "dataset": args.dataset, "train_images": len(records),
+        "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
+        "reward": "CIDEr-D (train-set idf)" + (f" + {args.grounded_weight} x grounded" if args.grounded_weight else ""),
+        "greedy_reward_first_5pct": float(np.mean([r["greedy_reward"] for r in log[:max(1, len(log) // 20)]])),
+        "greedy_reward_last_5pct": float(np.mean([r["greedy_reward"] for r in log[-max(1, len(log) // 20):]])),
+        "seconds": round(time.time() - started, 1),
+    }
+    output = Path(args.output)
+    # The encoder is frozen, so its domain model still holds; the calibration does not (run
+    # `calibrate` again). Both are set aside first: save_bundle vouches for whatever optional
+    # files lie in the directory, and in place that would include the stale calibration.
+    domain_bytes = (Path(args.artifacts) / DOMAIN_FILE).read_bytes() if DOMAIN_FILE in manifest.get("files", {}) else None
+    for name in OPTIONAL_FILES:
+        (output / name).unlink(missing_ok=True)
+    save_bundle(output, captioner.encoder, captioner.decoder, captioner.tokenizer, captioner.config,
+                name=manifest.get("name", "captioner") + "-scst", version=time.strftime("%Y%m%d"), training=training)
+    if domain_bytes is not None:
+        (output / DOMAIN_FILE).write_bytes(domain_bytes)
+        add_files(output, (DOMAIN_FILE,))
+    print(f"wrote {output} after {training['scst']['seconds']} s")
+    return training["scst"]
+
+
+def add_parser(subparsers) -> None:
+    from training.datasets.registry import LOADERS
+
+    p = subparsers.add_parser("finetune-scst", help="self-critical fine-tuning for CIDEr-D (Rennie et al. 2017)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", required=True, help="the trained bundle to start from")
+    p.add_argument("--output", required=True, help="bundle directory to write")
+    p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="loader option, as for train")
+    p.add_argument("--train-limit", type=int, help="training images to sample batches from")
+    p.add_argument("--steps", type=int, default=HYPER_PARAMETERS["steps"])
+    p.add_argument("--batch-size", type=int, default=HYPER_PARAMETERS["batch_size"], help="images per step")
+    p.add_argument("--samples", type=int, default=HYPER_PARAMETERS["samples"], help="sampled captions per image")
+    p.add_argument("--learning-rate", type=float, default=HYPER_PARAMETERS["learning_rate"])
+    p.add_argument("--grounded-weight", type=float, default=HYPER_PARAMETERS["grounded_weight"],
+                   help="reward bonus for a caption the shapes checker finds right (datasets with scenes)")
+    p.add_argument("--clipnorm", type=float, default=HYPER_PARAMETERS["clipnorm"])
+    p.add_argument("--seed", type=int, default=HYPER_PARAMETERS["seed"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    finetune(args)
+    return 0

@@ -32,11 +32,11 @@ test: $(VENV)/.dev
 
 # Reproduces the committed default model, evaluates it on the test split and records the metrics.
 train-default: $(VENV)/.dev
-	$(BIN)/python -m training train --preset default --output model_artifacts/default --fresh \
+	$(BIN)/python -m training train --preset default --output model_artifacts/default/1 --fresh \
 		--evaluate-split test
 
 evaluate-default: $(VENV)/.dev
-	$(BIN)/python -m training evaluate --artifacts model_artifacts/default --dataset shapes --split test \
+	$(BIN)/python -m training evaluate --artifacts model_artifacts/default/1 --dataset shapes --split test \
 		--output docs/default-model-metrics.json --gallery docs/default-model-gallery.html --update-manifest
 
 # The external ShapeWorld benchmark (needs ../shared/datasets/shapeworld).
@@ -45,7 +45,7 @@ train-shapeworld: $(VENV)/.dev
 	$(BIN)/python -m training train --preset shapeworld --dataset coco \
 		--data annotations_file=$(SHAPEWORLD)/train/captions_train.json --data images_dir=$(SHAPEWORLD)/train/images \
 		--val-data annotations_file=$(SHAPEWORLD)/val/captions_val.json --val-data images_dir=$(SHAPEWORLD)/val/images \
-		--output model_artifacts/shapeworld --run-dir runs/shapeworld --evaluate-split val
+		--output model_artifacts/shapeworld/1 --run-dir runs/shapeworld --evaluate-split val
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.load_test

@@ -31,7 +31,7 @@ from training.datasets.shapes_checker import check_caption
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED_BUNDLE = ROOT / "model_artifacts" / "default"
+TRAINED_BUNDLE = ROOT / "model_artifacts" / "default" / "1"
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,6 +11,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from app.errors import NotReady, Unauthorized
 from app.inference import InferenceEngine
+from app.model_repository import ServedModel
 from app.settings import Settings
 
 # Seconds a client should wait before asking a service that is starting or stopping again.
@@ -31,18 +33,29 @@ def service_ready(request: Request) -> bool:
     return bool(engine is not None and engine.ready and not state.stopping)
 
 
-async def get_captioner(request: Request):
-    captioner = getattr(request.app.state, "captioner", None)
-    if captioner is None:
+async def get_served(request: Request) -> AsyncIterator[ServedModel]:
+    """The model version this request runs on: the default (highest served) version, leased
+    until the response is made, so that a hot swap lets the request finish on this version.
+    get_captioner and get_engine share it (FastAPI resolves it once per request)."""
+    models = getattr(request.app.state, "models", None)
+    if models is None:
         raise NotReady("the model is not loaded yet", NOT_READY_RETRY_AFTER_S)
-    return captioner
+    served = models.acquire()
+    try:
+        yield served
+    finally:
+        served.release()
 
 
-async def get_engine(request: Request) -> InferenceEngine:
+async def get_captioner(served: Annotated[ServedModel, Depends(get_served)]):
+    return served.captioner
+
+
+async def get_engine(request: Request, served: Annotated[ServedModel, Depends(get_served)]) -> InferenceEngine:
     if not service_ready(request):
         reason = "the service is shutting down" if request.app.state.stopping else "the model is warming up"
         raise NotReady(reason, NOT_READY_RETRY_AFTER_S)
-    return request.app.state.engine
+    return served.engine
 
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API_KEY>`")

@@ -173,6 +173,9 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
 _ERROR_DESCRIPTIONS = {
     400: "The body is not a decodable image (corrupt, truncated, empty, not an image).",
     401: "Missing or wrong API key.",
+    403: "The endpoint is disabled (the admin endpoints need API_KEY set).",
+    404: "No such model, or the version is not served.",
+    409: "The reload was refused; nothing changed.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF.",
     422: "Missing field, invalid parameter or combination, too many images, or image dimensions out of range.",

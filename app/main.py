@@ -2,13 +2,15 @@
 
     create_app(settings) -> FastAPI      (uvicorn --factory app.main:create_app also works)
 
-Start-up loads and verifies the model bundle (a broken or tampered bundle raises, and uvicorn
-exits non-zero), then starts the inference engine, which warms up every batch shape. Shut-down
+Start-up loads and verifies the served model's versions (app.model_repository: a broken or
+tampered bundle raises, and uvicorn exits non-zero), each with its inference engine, which warms
+up every batch shape; then the repository is polled for new versions (MODEL_POLL_INTERVAL_S). Shut-down
 marks the service not ready, then lets the engine finish in-flight work within SHUTDOWN_GRACE_S.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -18,13 +20,13 @@ import anyio
 from fastapi import Depends, FastAPI
 
 from app.dependencies import require_api_key
-from app.engine import AdmissionGate, create_engine
+from app.engine import AdmissionGate
+from app.model_repository import ModelManager
 from app.errors import error_responses, install_exception_handlers
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
-from app.routes import caption, demo, health, metrics, model
+from app.routes import admin, caption, demo, health, metrics, model, oip
 from app.settings import Settings
 from captioning.artifacts import ArtifactError
-from captioning.captioner import Captioner
 
 logger = logging.getLogger("app.main")
 
@@ -63,26 +65,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_inference_threads(settings.inference_threads)
     app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
-    logger.info("loading model", extra={"artifacts_dir": str(settings.artifacts_dir)})
+    models = ModelManager(settings, state=app.state)
+    logger.info("loading model", extra={"model": models.name, "policy": str(models.policy),
+                                        "path": str(models.source.bundle or models.source.model_dir)})
     try:
-        captioner = await anyio.to_thread.run_sync(Captioner.load, settings.artifacts_dir)
+        await models.start()  # verifies, loads and warms up; sets app.state.captioner / engine
     except ArtifactError as exc:
-        logger.critical("cannot start: %s", exc, extra={"artifacts_dir": str(settings.artifacts_dir)})
+        logger.critical("cannot start: %s", exc)
         raise StartupError(f"cannot load the model bundle: {exc}") from None
-    engine = create_engine(captioner, settings)
-    await engine.start()
-    app.state.captioner, app.state.engine = captioner, engine
+    app.state.models = models
+    captioner = models.default.captioner
     logger.info(
         "ready",
         extra={"model": captioner.manifest.get("name"), "version": captioner.manifest.get("version"),
                "batching_mode": settings.batching_mode, "max_batch_size": settings.max_batch_size},
     )
+    poller = None
+    if models.source.reloadable and settings.model_poll_interval_s > 0:
+        poller = asyncio.get_running_loop().create_task(models.poll(settings.model_poll_interval_s))
     try:
         yield
     finally:
         app.state.stopping = True  # readiness fails from here on
         logger.info("stopping", extra={"grace_s": settings.shutdown_grace_s})
-        await engine.stop(settings.shutdown_grace_s)
+        if poller is not None:
+            poller.cancel()
+        await models.stop(settings.shutdown_grace_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -92,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.captioner = None
     app.state.engine = None
+    app.state.models = None
     app.state.stopping = False
 
     install_exception_handlers(app)
@@ -105,6 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
     app.include_router(caption.router, **protected)
     app.include_router(model.router, **protected)
+    app.include_router(oip.public_router)
+    app.include_router(oip.router, **oip.protected(protected))
+    app.include_router(admin.router, **protected)
 
     # Added last = outermost: the request ID exists before anything else runs. The gate is the
     # innermost: its 503s carry the request ID and are logged and counted like any response.

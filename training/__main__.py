@@ -1,4 +1,4 @@
-"""python -m training {train,extract-features,evaluate} --help"""
+"""python -m training {train,extract-features,evaluate,export} --help"""
 
 import argparse
 import os
@@ -9,11 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-    from training import evaluate, features, train
+    from training import evaluate, export, features, train
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     subparsers = parser.add_subparsers(required=True, dest="command")
-    for command in (train, features, evaluate):
+    for command in (train, features, evaluate, export):
         command.add_parser(subparsers)
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest

@@ -55,6 +55,10 @@ async def get_engine(request: Request, served: Annotated[ServedModel, Depends(ge
     if not service_ready(request):
         reason = "the service is shutting down" if request.app.state.stopping else "the model is warming up"
         raise NotReady(reason, NOT_READY_RETRY_AFTER_S)
+    # app.state.engine is the default version's engine (swapped with it, in the same step); a
+    # request that leased a version since replaced keeps that version's engine.
+    if served is request.app.state.models.default:
+        return request.app.state.engine
     return served.engine
 
 

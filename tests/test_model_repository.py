@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,46 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         await models.wait_unloaded()
 
     asyncio.run(scenario())
+
+
+def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path, tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    import test_service_helpers as uploads
+
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0.2, api_key="admin-key",
+                        max_batch_size=8, log_level="WARNING")
+    key = {"X-API-Key": "admin-key"}
+
+    def caption_version(client) -> str:
+        response = client.post("/caption", files={"image": ("a.png", uploads.png(), "image/png")}, headers=key)
+        assert response.status_code == 200, response.text
+        return response.json()["model"]["version"]
+
+    with TestClient(create_app(settings)) as client:
+        assert caption_version(client) == "1"
+        info = client.get("/model", headers=key).json()
+        assert (info["name"], info["version"]) == ("default", "1") and info["bundle"]["name"] == "tiny-random"
+        add_version(repository, tiny_bundle, 2)
+        deadline = time.monotonic() + 120
+        while client.get("/model", headers=key).json()["version"] != "2":  # the poll loads and swaps it
+            assert time.monotonic() < deadline, "version 2 was not picked up by the poll"
+            time.sleep(0.2)
+        assert caption_version(client) == "2"
+        exported = client.get("/metrics").text
+        assert 'captioning_model_requests_total{model="default",outcome="ok",version="2"} 1.0' in exported
+        assert 'captioning_model_served{model="default",version="2"} 1.0' in exported
+
+        assert client.post("/admin/reload", json={"version_policy": "specific:1"}).status_code == 401
+        pinned = client.post("/admin/reload", json={"version_policy": "specific:1"}, headers=key)
+        assert pinned.status_code == 200 and pinned.json()["served"] == [1], pinned.text
+        assert caption_version(client) == "1"
+        refused = client.post("/admin/reload", json={"version_policy": "specific:7"}, headers=key)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "reload_refused"
+        assert client.post("/admin/reload", json={"version_policy": "newest"}, headers=key).status_code == 409
+
+    no_key = TestClient(create_app(Settings(model_repository=repository)))  # lifespan not run: no model needed
+    assert no_key.post("/admin/reload").json()["error"]["code"] == "admin_disabled"

@@ -4,9 +4,11 @@ finishing on the version they started on, refusal of broken versions, rollback b
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -102,9 +104,11 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         # ... and finishes on version 1, whose engine waits for it.
         result = await in_flight.engine.submit(image, DecodeOptions(), deadline_s=10)
         assert result.captions and in_flight.engine.ready
+        engine, captioner = weakref.ref(in_flight.engine._engine), weakref.ref(in_flight.captioner)
         in_flight.release()
         await models.wait_unloaded()
-        assert in_flight.engine is None and in_flight.captioner is None  # stopped and dropped
+        gc.collect()
+        assert engine() is None and captioner() is None  # stopped, and its model garbage-collected
 
         # A corrupt version 3 is refused; version 2 keeps serving. Its files changing retries it.
         broken = add_version(repository, tiny_bundle, 3)

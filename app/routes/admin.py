@@ -40,7 +40,7 @@ class ReloadResult(BaseModel):
     refused: dict[int, str] = Field(description="Versions that failed verification, loading or warm-up, and why.")
 
 
-@router.post("/reload", response_model=ReloadResult, responses=error_responses(403, 409, 422, 503),
+@router.post("/reload", response_model=ReloadResult, responses=error_responses(400, 403, 409, 422, 503),
              summary="Load new model versions now (and optionally change the version policy)")
 async def reload_models(
     request: Request,

@@ -29,6 +29,7 @@ import math
 import struct
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Annotated, Any
 
 import numpy as np
@@ -65,6 +66,15 @@ class ModelNotFound(ApiError):
 
 def oip_error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+class OipErrorBody(BaseModel):
+    error: str
+
+
+def oip_errors(*status_codes: int) -> dict:
+    """OpenAPI `responses=` entries for errors in the protocol's shape."""
+    return {status: {"model": OipErrorBody, "description": HTTPStatus(status).phrase} for status in status_codes}
 
 
 class OipRoute(APIRoute):
@@ -135,19 +145,17 @@ async def server_live() -> dict:
     return {}
 
 
-@public_router.get("/health/ready", summary="The server is ready for inference")
+@public_router.get("/health/ready", responses=oip_errors(503), summary="The server is ready for inference")
 async def server_ready(request: Request) -> dict:
     if not service_ready(request):
         raise NotReady("the server is not ready", 5)
     return {}
 
 
-async def leased_model(request: Request) -> AsyncIterator[ServedModel]:
+async def _lease(request: Request, name: str, version: str | None) -> AsyncIterator[ServedModel]:
     """The model version a path names (the highest served when it names none), leased for the
     request, so that a hot swap lets it finish on this version."""
     models = request.app.state.models
-    name = request.path_params["model_name"]
-    version = request.path_params.get("model_version")
     if models is None:
         raise NotReady("the model is not loaded yet", 5)
     if name != models.name:
@@ -163,7 +171,22 @@ async def leased_model(request: Request) -> AsyncIterator[ServedModel]:
         model.release()
 
 
+async def leased_model(request: Request, model_name: str) -> AsyncIterator[ServedModel]:
+    async for model in _lease(request, model_name, None):
+        yield model
+
+
+async def leased_version(request: Request, model_name: str, model_version: str) -> AsyncIterator[ServedModel]:
+    async for model in _lease(request, model_name, model_version):
+        yield model
+
+
 LeasedModel = Annotated[ServedModel, Depends(leased_model)]
+LeasedVersion = Annotated[ServedModel, Depends(leased_version)]
+
+
+METADATA_ERRORS = oip_errors(401, 404, 503)
+INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503, 504)
 
 
 def model_metadata(model: ServedModel, models) -> ModelMetadata:
@@ -178,16 +201,29 @@ def model_metadata(model: ServedModel, models) -> ModelMetadata:
     )
 
 
-@router.get("/{model_name}", response_model=ModelMetadata, summary="Model metadata")
-@router.get("/{model_name}/versions/{model_version}", response_model=ModelMetadata, summary="Model version metadata")
+@router.get("/{model_name}", response_model=ModelMetadata, responses=METADATA_ERRORS, summary="Model metadata")
 async def get_model_metadata(request: Request, model: LeasedModel) -> ModelMetadata:
     return model_metadata(model, request.app.state.models)
 
 
-@router.get("/{model_name}/ready", response_model=ModelReady, summary="Model readiness")
-@router.get("/{model_name}/versions/{model_version}/ready", response_model=ModelReady,
+@router.get("/{model_name}/versions/{model_version}", response_model=ModelMetadata, responses=METADATA_ERRORS,
+            summary="Model version metadata")
+async def get_model_version_metadata(request: Request, model: LeasedVersion) -> ModelMetadata:
+    return model_metadata(model, request.app.state.models)
+
+
+@router.get("/{model_name}/ready", response_model=ModelReady, responses=METADATA_ERRORS, summary="Model readiness")
+async def get_model_ready(request: Request, model: LeasedModel) -> ModelReady:
+    return model_ready(request, model)
+
+
+@router.get("/{model_name}/versions/{model_version}/ready", response_model=ModelReady, responses=METADATA_ERRORS,
             summary="Model version readiness")
-async def get_model_ready(request: Request, model: LeasedModel) -> ModelReady | JSONResponse:
+async def get_model_version_ready(request: Request, model: LeasedVersion) -> ModelReady:
+    return model_ready(request, model)
+
+
+def model_ready(request: Request, model: ServedModel) -> ModelReady:
     if not (service_ready(request) and model.engine.ready and not model.retired):
         raise NotReady(f"model '{model.name}' version {model.version} is not ready", 5)
     return ModelReady(name=model.name, version=str(model.version), ready=True)
@@ -216,9 +252,24 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
-@router.post("/{model_name}/infer", summary="Caption images (BYTES tensor `image`)")
-@router.post("/{model_name}/versions/{model_version}/infer", summary="Caption images with one model version")
+INFER_DESCRIPTION = ("An inference request (JSON, or JSON followed by binary tensor data whose JSON length is the "
+                     "Inference-Header-Content-Length header) with the BYTES input `image`; see docs/OIP.md.")
+
+
+@router.post("/{model_name}/infer", responses=INFER_ERRORS, summary="Caption images (BYTES tensor `image`)",
+             description=INFER_DESCRIPTION)
 async def infer(request: Request, model: LeasedModel, settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+    return await run_inference(request, model, settings)
+
+
+@router.post("/{model_name}/versions/{model_version}/infer", responses=INFER_ERRORS,
+             summary="Caption images with one model version", description=INFER_DESCRIPTION)
+async def infer_version(request: Request, model: LeasedVersion,
+                        settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+    return await run_inference(request, model, settings)
+
+
+async def run_inference(request: Request, model: ServedModel, settings: Settings) -> Response:
     if not (service_ready(request) and model.engine.ready):
         raise NotReady("the model is not ready", 5)
     header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))

@@ -21,9 +21,9 @@ from fastapi import Depends, FastAPI
 
 from app.dependencies import require_api_key
 from app.engine import AdmissionGate
-from app.model_repository import ModelManager
 from app.errors import error_responses, install_exception_handlers
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
+from app.model_repository import ModelManager
 from app.routes import admin, caption, demo, health, metrics, model, oip
 from app.settings import Settings
 from captioning.artifacts import ArtifactError

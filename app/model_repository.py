@@ -60,7 +60,7 @@ class VersionPolicy:
     versions: tuple[int, ...] = ()  # specific:V,...
 
     @classmethod
-    def parse(cls, text: str) -> "VersionPolicy":
+    def parse(cls, text: str) -> VersionPolicy:
         """"latest:2", "specific:1,3", "all" -> a policy; anything else raises ValueError."""
         kind, _, arguments = text.strip().partition(":")
         try:
@@ -126,7 +126,7 @@ class Source:
     bundle: Path | None = None  # ARTIFACTS_DIR pointing at one bundle: served as version 1, never reloaded
 
     @classmethod
-    def from_settings(cls, settings) -> "Source":
+    def from_settings(cls, settings) -> Source:
         if settings.artifacts_dir is not None:
             path = Path(settings.artifacts_dir)
             if is_bundle(path) or not scan_versions(path):
@@ -313,9 +313,9 @@ class ModelManager:
             keep = set(self.policy.select(loadable))
             if self._served and not keep & current.keys():
                 # Never swap to nothing: a pin to a missing version, or an emptied repository.
-                for version in current:
-                    if current[version] is not self._served.get(version):
-                        self._retire(current[version])
+                for version, model in current.items():
+                    if model is not self._served.get(version):
+                        self._retire(model)
                 self.policy = previous_policy
                 raise NoServableVersion(f"no version of {self.name!r} matches policy {policy or self.policy} and "
                                         f"loads (on disk: {sorted(on_disk)}); still serving {sorted(self._served)}")
@@ -346,7 +346,7 @@ class ModelManager:
             _name_captioner(captioner, self.name, version, self.source.reloadable)
             engine = self._create_engine(captioner)
             await engine.start()
-        except Exception as exc:  # a bad bundle must never take the serving version down
+        except Exception as exc:  # noqa: BLE001  (a bad bundle must never take the serving version down)
             reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
             logger.error("model version refused: %s", reason, extra=labels)
             if engine is not None:

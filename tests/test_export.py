@@ -41,8 +41,8 @@ def encoded(array: np.ndarray, mode: str | None = None) -> bytes:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_bundle):
     output = tmp_path_factory.mktemp("export") / "captioner" / "1"
-    result = subprocess.run([sys.executable, "-m", "training", "export", "--artifacts", str(tiny_bundle),
-                             "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    command = [sys.executable, "-m", "training", "export", "--artifacts", str(tiny_bundle), "--output", str(output)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "saved_model.pb").is_file()
@@ -58,7 +58,7 @@ def test_export_captions_like_the_service_in_a_fresh_process(exported, tiny_capt
     images.append(encoded(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L"))  # grey
     stdin = "\n".join(base64.b64encode(image).decode() for image in images)
     result = subprocess.run([sys.executable, "-c", LOAD_AND_CAPTION, str(exported)], input=stdin, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300,
+                            capture_output=True, text=True, timeout=300, check=False,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert result.returncode == 0, result.stderr[-3000:]
     served = json.loads(result.stdout.strip().splitlines()[-1])

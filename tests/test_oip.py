@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "oip-test-key"

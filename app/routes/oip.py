@@ -185,7 +185,7 @@ LeasedModel = Annotated[ServedModel, Depends(leased_model)]
 LeasedVersion = Annotated[ServedModel, Depends(leased_version)]
 
 
-METADATA_ERRORS = oip_errors(401, 404, 503)
+METADATA_ERRORS = oip_errors(400, 401, 404, 422, 503)  # (422 replaces FastAPI's default entry)
 INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503, 504)
 
 
@@ -278,6 +278,9 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
     except ValidationError as exc:
         raise OipError("invalid inference request: " + "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])) from None
+    unknown = [output.name for output in inference.outputs or () if output.name not in OUTPUTS]
+    if unknown:  # before any inference is spent on the request
+        raise OipError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
     images = input_images(inference, binary, settings)
     options = decoding(inference.parameters)
     deadline_s = request.state.started_at + settings.request_timeout_s - time.perf_counter()
@@ -375,9 +378,6 @@ def inference_response(model: ServedModel, inference: InferenceRequest, results:
         "confidence": ([c.confidence if c else 0.0 for row in rows for c in row], [len(rows), width]),
     }
     requested = inference.outputs if inference.outputs is not None else [RequestOutput(name=n) for n in OUTPUTS]
-    unknown = [output.name for output in requested if output.name not in OUTPUTS]
-    if unknown:
-        raise OipError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
     all_binary = bool(inference.parameters.get("binary_data_output", False))
     outputs, chunks = [], []
     for output in requested:

@@ -59,11 +59,11 @@ train-shapeworld: $(VENV)/.dev
 	$(BIN)/python -m training train --preset shapeworld --dataset coco \
 		--data annotations_file=$(SHAPEWORLD)/train/captions_train.json --data images_dir=$(SHAPEWORLD)/train/images \
 		--val-data annotations_file=$(SHAPEWORLD)/val/captions_val.json --val-data images_dir=$(SHAPEWORLD)/val/images \
-		--output model_artifacts/shapeworld --run-dir runs/shapeworld --evaluate-split val
+		--output model_artifacts/shapeworld/1 --run-dir runs/shapeworld --evaluate-split val
 
 # Self-critical fine-tuning of the ShapeWorld bundle for CIDEr-D (docs/MODEL.md), then its evaluation.
 scst-shapeworld: $(VENV)/.dev
-	$(BIN)/python -m training finetune-scst --artifacts model_artifacts/shapeworld --output model_artifacts/shapeworld/2 \
+	$(BIN)/python -m training finetune-scst --artifacts model_artifacts/shapeworld/1 --output model_artifacts/shapeworld/2 \
 		--dataset coco --data annotations_file=$(SHAPEWORLD)/train/captions_train.json \
 		--data images_dir=$(SHAPEWORLD)/train/images --steps 600 --batch-size 32 --learning-rate 5e-5
 	$(BIN)/python -m training evaluate --artifacts model_artifacts/shapeworld/2 --dataset coco --split val \

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from app.logging_config import logging_config
 from app.settings import Settings
-from captioning.artifacts import ArtifactError, verify_bundle
+from app.model_repository import precheck
+from captioning.artifacts import ArtifactError
 
 logger = logging.getLogger("app")
 
@@ -37,9 +38,9 @@ def main() -> int:
     # Checksums only, no TensorFlow: a broken or tampered bundle fails in a fraction of a second
     # with one clear line. The lifespan verifies again (and loads) for other entry points.
     try:
-        verify_bundle(settings.artifacts_dir)
-    except ArtifactError as exc:
-        logger.critical("cannot start: %s", exc, extra={"artifacts_dir": str(settings.artifacts_dir)})
+        precheck(settings)
+    except (ArtifactError, ValueError) as exc:
+        logger.critical("cannot start: %s", exc)
         return 1
 
     import uvicorn

@@ -4,6 +4,7 @@ auth, and one file per form field."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,6 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.datastructures import Headers
 
 from app.errors import NOT_READY_RETRY_AFTER_S, DuplicateField, NotReady, Unauthorized
+from app.model_repository import ServedModel
 from app.service import CaptionService
 from app.settings import Settings
 
@@ -29,18 +31,39 @@ def service_ready(request: Request) -> bool:
     return bool(engine is not None and engine.ready and not state.stopping)
 
 
-async def get_captioner(request: Request):
-    captioner = getattr(request.app.state, "captioner", None)
-    if captioner is None:
+async def get_served(request: Request) -> AsyncIterator[ServedModel]:
+    """The model version this request runs on: the default (highest served) version, leased
+    until the response is made, so that a hot swap lets the request finish on this version.
+    get_captioner and get_engine share it (FastAPI resolves it once per request)."""
+    models = getattr(request.app.state, "models", None)
+    if models is None:
         raise NotReady("the model is not loaded yet", NOT_READY_RETRY_AFTER_S)
-    return captioner
+    served = models.acquire()
+    try:
+        yield served
+    finally:
+        served.release()
 
 
-async def get_service(request: Request) -> CaptionService:
+async def get_captioner(served: Annotated[ServedModel, Depends(get_served)]):
+    return served.captioner
+
+
+def service_for(request: Request, served: ServedModel) -> CaptionService:
+    """The caption service of the leased version. app.state.service is the default version's
+    (swapped with it, in the same step); a request that leased a version since replaced, or asked
+    for another one, gets a service over that version's captioner and engine."""
     if not service_ready(request):
         reason = "the service is shutting down" if request.app.state.stopping else "the model is warming up"
         raise NotReady(reason, NOT_READY_RETRY_AFTER_S)
-    return request.app.state.service
+    service = request.app.state.service
+    if served is request.app.state.models.default:
+        return service
+    return service.for_model(served.captioner, served.engine)
+
+
+async def get_service(request: Request, served: Annotated[ServedModel, Depends(get_served)]) -> CaptionService:
+    return service_for(request, served)
 
 
 Service = Annotated[CaptionService, Depends(get_service)]

@@ -232,6 +232,9 @@ _ERROR_DESCRIPTIONS = {
          "not an image).",
     401: "Missing or wrong API key (checked from the headers, before the body is read).",
     408: "The body did not arrive within BODY_TIMEOUT_S plus its size at MIN_UPLOAD_BYTES_PER_S.",
+    403: "The endpoint is disabled (the admin endpoints need API_KEY set).",
+    404: "No such model, or the version is not served.",
+    409: "The reload was refused; nothing changed.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF.",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "

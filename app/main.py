@@ -2,34 +2,34 @@
 
     create_app(settings) -> FastAPI      (uvicorn --factory app.main:create_app also works)
 
-Start-up loads and verifies the model bundle (a broken or tampered bundle raises, and uvicorn
-exits non-zero), then starts the inference engine, which warms up every batch shape, and builds the
-CaptionService the routes use. Shut-down: from the signal (app.__main__ calls
+Start-up loads and verifies the served model's versions (app.model_repository: a broken or
+tampered bundle raises, and uvicorn exits non-zero), each with its inference engine, which warms
+up every batch shape, and builds the CaptionService the routes use; then the repository is polled
+for new versions (MODEL_POLL_INTERVAL_S). Shut-down: from the signal (app.__main__ calls
 app.state.shutdown.begin) the service is not ready; requests still running SHUTDOWN_GRACE_S later
-get 503 JSON (app.guards.ShutdownGuard); then the engine stops.
+get 503 JSON (app.guards.ShutdownGuard); then the engines stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-import anyio
 from fastapi import Depends, FastAPI
 
 from app.decode_pool import DecodePool, limit_malloc_arenas
 from app.dependencies import api_key_accepted, require_api_key
-from app.engine import create_engine
 from app.errors import error_responses, install_exception_handlers
 from app.guards import Shutdown, ShutdownGuard, UploadGuard
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
-from app.routes import caption, demo, health, metrics, model
+from app.model_repository import ModelManager
+from app.routes import admin, caption, demo, health, metrics, model, oip
 from app.service import CaptionService
 from app.settings import Settings
 from captioning.artifacts import ArtifactError
-from captioning.captioner import Captioner
 
 logger = logging.getLogger("app.main")
 
@@ -71,28 +71,35 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     shutdown: Shutdown = app.state.shutdown
     shutdown.attach()
     shutdown.on_begin.append(lambda: setattr(app.state, "stopping", True))  # readiness fails from the signal on
-    logger.info("loading model", extra={"artifacts_dir": str(settings.artifacts_dir)})
+    models = ModelManager(settings, state=app.state)
+    logger.info("loading model", extra={"model": models.name, "policy": str(models.policy),
+                                        "path": str(models.source.bundle or models.source.model_dir)})
     try:
-        captioner = await anyio.to_thread.run_sync(Captioner.load, settings.artifacts_dir)
+        await models.start()  # verifies, loads and warms up; sets app.state.captioner / engine
     except ArtifactError as exc:
-        logger.critical("cannot start: %s", exc, extra={"artifacts_dir": str(settings.artifacts_dir)})
+        logger.critical("cannot start: %s", exc)
         raise StartupError(f"cannot load the model bundle: {exc}") from None
-    engine = create_engine(captioner, settings)
-    await engine.start()
     decoder = DecodePool(settings.decode_concurrency, settings.decode_memory_mb * 2**20)
-    app.state.captioner, app.state.engine = captioner, engine
-    app.state.service = CaptionService(settings, captioner, engine, decoder)
+    app.state.models = models
+    # The default version's service; ModelManager swaps it with the version (app.dependencies.service_for).
+    app.state.service = CaptionService(settings, app.state.captioner, app.state.engine, decoder)
+    captioner = models.default.captioner
     logger.info(
         "ready",
         extra={"model": captioner.manifest.get("name"), "version": captioner.manifest.get("version"),
                "batching_mode": settings.batching_mode, "max_batch_size": settings.max_batch_size},
     )
+    poller = None
+    if models.source.reloadable and settings.model_poll_interval_s > 0:
+        poller = asyncio.get_running_loop().create_task(models.poll(settings.model_poll_interval_s))
     try:
         yield
     finally:
         app.state.stopping = True  # readiness fails from here on
         logger.info("stopping", extra={"grace_s": settings.shutdown_grace_s})
-        await engine.stop(settings.shutdown_grace_s)
+        if poller is not None:
+            poller.cancel()
+        await models.stop(settings.shutdown_grace_s)
         decoder.shutdown()
 
 
@@ -103,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.captioner = None
     app.state.engine = None
+    app.state.models = None
     app.state.service = None
     app.state.stopping = False
     app.state.shutdown = Shutdown()
@@ -119,6 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
     app.include_router(caption.router, **protected)
     app.include_router(model.router, **protected)
+    app.include_router(oip.public_router)
+    app.include_router(oip.router, **oip.protected(protected))
+    app.include_router(admin.router, **protected)
 
     # Added last = outermost: the request ID exists before anything else runs, so every refusal
     # below carries it and is logged and counted like any response.

@@ -133,6 +133,49 @@ INFERENCE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+# --- Model repository (app.model_repository): every series names the model and version ----------
+
+MODEL_SERVED = Gauge(
+    "model_served",
+    "1 for each model version currently served (the highest answers unversioned requests).",
+    labelnames=("model", "version"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+MODEL_REQUESTS = Counter(
+    "model_requests",
+    "Images submitted to a model version's engine, by outcome (ok or error).",
+    labelnames=("model", "version", "outcome"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+MODEL_REQUEST_SECONDS = Histogram(
+    "model_request_duration_seconds",
+    "Engine time (queue and inference) of an image that got its captions, by model version.",
+    labelnames=("model", "version"),
+    buckets=_LATENCY_BUCKETS,
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+MODEL_LOADS = Counter(
+    "model_loads",
+    "Model version loads, by result: loaded, or refused (verification, loading or warm-up failed).",
+    labelnames=("model", "version", "result"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+MODEL_LOAD_SECONDS = Gauge(
+    "model_load_seconds",
+    "Seconds the last load of a model version took, by phase (load: verify and read; warmup).",
+    labelnames=("model", "version", "phase"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
 
 def render_latest() -> tuple[bytes, str]:
     """Return the exposition-format payload and its content type."""

@@ -166,8 +166,9 @@ class DatasetInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str
-    version: str
+    name: str = Field(description="The repository model's name (MODEL_NAME), or the bundle's with ARTIFACTS_DIR.")
+    version: str = Field(description="The repository version that answers (the bundle's own with ARTIFACTS_DIR).")
+    bundle: ModelRef | None = Field(None, description="The name and version the bundle's manifest records.")
     created: str | None = None
     backbone: str
     image_size: int

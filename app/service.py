@@ -107,6 +107,10 @@ class CaptionService:
         self.engine = engine
         self.decoder = decoder
 
+    def for_model(self, captioner, engine) -> CaptionService:
+        """The same service over another model version (the decode pool is shared)."""
+        return CaptionService(self.settings, captioner, engine, self.decoder)
+
     @property
     def model(self) -> ModelRef:
         manifest = self.captioner.manifest

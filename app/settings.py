@@ -21,7 +21,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     # --- where and how to serve --------------------------------------------------------------
-    artifacts_dir: Path = Field(Path("model_artifacts/default/2"), description="Model bundle to serve.")
+    model_repository: Path = Field(Path("model_artifacts"), description="Models as <name>/<version>/ bundles.")
+    model_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                            description="The repository model served (its versions by MODEL_VERSION_POLICY).")
+    model_version_policy: str = Field(
+        "latest:1", pattern=r"^\s*(latest:\s*[1-9][0-9]*|specific:\s*[1-9][0-9]*(\s*,\s*[1-9][0-9]*)*|all)\s*$",
+        description="Versions served: latest:N, specific:V1,V2 (a pin) or all; unversioned requests go to the highest.",
+    )
+    model_poll_interval_s: float = Field(
+        10.0, ge=0, description="How often the repository is checked for new versions; 0: only POST /admin/reload.")
+    artifacts_dir: Path | None = Field(
+        None, description="One bundle to serve instead of the repository (no versions, no reload), or one "
+        "model's directory of versions.")
     host: str = Field("127.0.0.1", description="Interface to bind; the Docker image sets 0.0.0.0.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     log_level: LogLevel = Field("INFO", description="Threshold of the JSON log lines on stderr.")

@@ -14,7 +14,7 @@ from dataclasses import asdict
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-DEFAULT_ARTIFACTS = "model_artifacts/default"
+DEFAULT_ARTIFACTS = "model_artifacts/default/1"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""python -m training {train,extract-features,evaluate,calibrate,fit-domain,evaluate-wild,finetune-scst} --help"""
+"""python -m training {train,extract-features,evaluate,calibrate,fit-domain,evaluate-wild,finetune-scst,export} --help"""
 
 import argparse
 import os
@@ -9,11 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-    from training import calibrate, demo_samples, evaluate, features, fit_domain, scst, train, wild
+    from training import calibrate, demo_samples, evaluate, export, features, fit_domain, scst, train, wild
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     subparsers = parser.add_subparsers(required=True, dest="command")
-    for command in (train, features, evaluate, calibrate, fit_domain, wild, scst, demo_samples):
+    for command in (train, features, evaluate, calibrate, fit_domain, wild, scst, demo_samples, export):
         command.add_parser(subparsers)
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest

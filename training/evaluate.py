@@ -1,6 +1,6 @@
 """`python -m training evaluate`: caption a dataset split with an artifact bundle and score the captions.
 
-    python -m training evaluate --artifacts model_artifacts/default --dataset shapes --split test \\
+    python -m training evaluate --artifacts model_artifacts/default/1 --dataset shapes --split test \\
         --output metrics.json --gallery gallery.html
     python -m training evaluate --artifacts BUNDLE --dataset coco --split val --limit 500 \\
         --annotations-file annotations/captions_val2014.json --images-dir val2014

@@ -25,6 +25,7 @@ def describe_model(captioner) -> ModelInfo:
     return ModelInfo(
         name=str(manifest.get("name", "unknown")),
         version=str(manifest.get("version", "unknown")),
+        bundle=manifest.get("bundle"),
         created=manifest.get("created"),
         backbone=config.backbone,
         image_size=config.image_size,

@@ -1,0 +1,440 @@
+"""The Open Inference Protocol v2 REST API (KServe v2, Triton HTTP), beside POST /caption.
+
+    GET  /v2                                          server metadata
+    GET  /v2/health/live | /v2/health/ready           liveness, readiness
+    GET  /v2/models/{name}[/versions/{v}]             model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready       model readiness
+    POST /v2/models/{name}[/versions/{v}]/infer       captions
+
+Infer takes the encoded images as the BYTES input tensor `image` (shape [B]): in JSON each element
+is the image's base64 string; with the binary tensor data extension (binary_data_size, and the
+Inference-Header-Content-Length header) the raw bytes follow the JSON, each element prefixed by
+its 4-byte little-endian length. Decoding options (the query parameters of /caption: strategy,
+beam_size, num_captions, ...) go in the request's `parameters`. Outputs: caption (BYTES [B]),
+captions (BYTES [B, n]), scores (FP32 [B, n], log-probabilities), confidence (FP32 [B, n]);
+each returned in binary when asked (output parameter binary_data, or binary_data_output).
+
+Every image goes through the service's own caption path (caption_image: the same decoding, limits,
+engine and deadline as /caption). Errors have the protocol's shape, {"error": "message"}, with the
+status codes /caption would use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.dependencies import get_settings, service_for, service_ready
+from app.errors import ApiError, InvalidParameters, NotReady, TooManyImages, UploadTooLarge
+from app.model_repository import ServedModel
+from app.schemas import CaptionFields, CaptionQuery
+from app.service import decode_options
+from app.settings import Settings
+from captioning.decoding import DecodeOptions
+
+INPUT_NAME = "image"
+OUTPUTS = {"caption": "BYTES", "captions": "BYTES", "scores": "FP32", "confidence": "FP32"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Request parameters the protocol or tritonclient may send that are not decoding options.
+PROTOCOL_PARAMETERS = {"binary_data_output", "timeout", "priority", "sequence_id", "sequence_start", "sequence_end"}
+DECODING_PARAMETERS = set(CaptionQuery.model_fields)
+
+
+class OipError(ApiError):
+    status_code, code = 400, "bad_request"
+
+
+class ModelNotFound(ApiError):
+    status_code, code = 404, "not_found"
+
+
+def oip_error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+class OipErrorBody(BaseModel):
+    error: str
+
+
+def oip_errors(*status_codes: int) -> dict:
+    """OpenAPI `responses=` entries for errors in the protocol's shape."""
+    return {status: {"model": OipErrorBody, "description": HTTPStatus(status).phrase} for status in status_codes}
+
+
+class OipRoute(APIRoute):
+    """Renders every error of these routes, auth and validation included, as {"error": "..."}."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def oip_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return oip_error(exc.status_code, exc.message, exc.headers)
+            except RequestValidationError as exc:
+                return oip_error(400, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}"
+                                                for e in exc.errors()[:5]))
+            except StarletteHTTPException as exc:
+                return oip_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+        return oip_handler
+
+
+public_router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OipRoute)
+router = APIRouter(prefix="/v2/models", tags=["open inference protocol"], route_class=OipRoute)
+
+
+def protected(options: dict) -> dict:
+    """create_app's API-key options without its error schema (these routes answer the OIP shape)."""
+    return {key: value for key, value in options.items() if key == "dependencies"}
+
+
+# --- health and metadata ---------------------------------------------------------------------
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+@public_router.get("", response_model=ServerMetadata, summary="Server metadata")
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(name="image-captioner", version=request.app.version, extensions=["binary_tensor_data"])
+
+
+@public_router.get("/health/live", summary="The server is live")
+async def server_live() -> dict:
+    return {}
+
+
+@public_router.get("/health/ready", responses=oip_errors(503), summary="The server is ready for inference")
+async def server_ready(request: Request) -> dict:
+    if not service_ready(request):
+        raise NotReady("the server is not ready", 5)
+    return {}
+
+
+async def _lease(request: Request, name: str, version: str | None) -> AsyncIterator[ServedModel]:
+    """The model version a path names (the highest served when it names none), leased for the
+    request, so that a hot swap lets it finish on this version."""
+    models = request.app.state.models
+    if models is None:
+        raise NotReady("the model is not loaded yet", 5)
+    if name != models.name:
+        raise ModelNotFound(f"unknown model '{name}'; this server serves '{models.name}'")
+    served = models.served
+    if version is not None and (not version.isdigit() or int(version) not in served):
+        raise ModelNotFound(f"model '{name}' version '{version}' is not served (served versions: "
+                            f"{', '.join(map(str, sorted(served))) or 'none'})")
+    model = models.acquire(int(version) if version is not None else None)
+    try:
+        yield model
+    finally:
+        model.release()
+
+
+async def leased_model(request: Request, model_name: str) -> AsyncIterator[ServedModel]:
+    async for model in _lease(request, model_name, None):
+        yield model
+
+
+async def leased_version(request: Request, model_name: str, model_version: str) -> AsyncIterator[ServedModel]:
+    async for model in _lease(request, model_name, model_version):
+        yield model
+
+
+LeasedModel = Annotated[ServedModel, Depends(leased_model)]
+LeasedVersion = Annotated[ServedModel, Depends(leased_version)]
+
+
+METADATA_ERRORS = oip_errors(400, 401, 404, 422, 503)  # (422 replaces FastAPI's default entry)
+INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503, 504)
+
+
+def model_metadata(model: ServedModel, models) -> ModelMetadata:
+    return ModelMetadata(
+        name=model.name,
+        versions=[str(v) for v in sorted(models.served)],
+        platform="tensorflow_keras",
+        inputs=[TensorMetadata(name=INPUT_NAME, datatype="BYTES", shape=[-1])],
+        outputs=[TensorMetadata(name="caption", datatype="BYTES", shape=[-1])]
+        + [TensorMetadata(name=name, datatype=datatype, shape=[-1, -1])
+           for name, datatype in OUTPUTS.items() if name != "caption"],
+    )
+
+
+@router.get("/{model_name}", response_model=ModelMetadata, responses=METADATA_ERRORS, summary="Model metadata")
+async def get_model_metadata(request: Request, model: LeasedModel) -> ModelMetadata:
+    return model_metadata(model, request.app.state.models)
+
+
+@router.get("/{model_name}/versions/{model_version}", response_model=ModelMetadata, responses=METADATA_ERRORS,
+            summary="Model version metadata")
+async def get_model_version_metadata(request: Request, model: LeasedVersion) -> ModelMetadata:
+    return model_metadata(model, request.app.state.models)
+
+
+@router.get("/{model_name}/ready", response_model=ModelReady, responses=METADATA_ERRORS, summary="Model readiness")
+async def get_model_ready(request: Request, model: LeasedModel) -> ModelReady:
+    return model_ready(request, model)
+
+
+@router.get("/{model_name}/versions/{model_version}/ready", response_model=ModelReady, responses=METADATA_ERRORS,
+            summary="Model version readiness")
+async def get_model_version_ready(request: Request, model: LeasedVersion) -> ModelReady:
+    return model_ready(request, model)
+
+
+def model_ready(request: Request, model: ServedModel) -> ModelReady:
+    if not (service_ready(request) and model.engine.ready and not model.retired):
+        raise NotReady(f"model '{model.name}' version {model.version} is not ready", 5)
+    return ModelReady(name=model.name, version=str(model.version), ready=True)
+
+
+# --- infer -----------------------------------------------------------------------------------
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+INFER_DESCRIPTION = ("An inference request (JSON, or JSON followed by binary tensor data whose JSON length is the "
+                     "Inference-Header-Content-Length header) with the BYTES input `image`; see docs/OIP.md.")
+
+
+@router.post("/{model_name}/infer", responses=INFER_ERRORS, summary="Caption images (BYTES tensor `image`)",
+             description=INFER_DESCRIPTION)
+async def infer(request: Request, model: LeasedModel, settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+    return await run_inference(request, model, settings)
+
+
+@router.post("/{model_name}/versions/{model_version}/infer", responses=INFER_ERRORS,
+             summary="Caption images with one model version", description=INFER_DESCRIPTION)
+async def infer_version(request: Request, model: LeasedVersion,
+                        settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+    return await run_inference(request, model, settings)
+
+
+async def run_inference(request: Request, model: ServedModel, settings: Settings) -> Response:
+    if not (service_ready(request) and model.engine.ready):
+        raise NotReady("the model is not ready", 5)
+    header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    try:
+        inference = InferenceRequest.model_validate_json(header)
+    except ValidationError as exc:
+        raise OipError("invalid inference request: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])) from None
+    unknown = [output.name for output in inference.outputs or () if output.name not in OUTPUTS]
+    if unknown:  # before any inference is spent on the request
+        raise OipError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
+    images = input_images(inference, binary, settings)
+    options = decoding(inference.parameters)
+    results = await caption_images(request, images, options, settings, model)
+    return inference_response(model, inference, results)
+
+
+async def caption_images(request: Request, images: list[bytes], options: DecodeOptions, settings: Settings,
+                         model: ServedModel) -> list[CaptionFields]:
+    """The images through the service's own caption path (CaptionService: the same limits, decoding
+    and engine as /captions, on the leased version); the first image's error fails the request, as
+    the protocol has no per-image status."""
+    for data in images:
+        if len(data) > settings.max_upload_bytes:
+            raise UploadTooLarge(settings.max_upload_bytes)
+    service = service_for(request, model)
+    outcomes = await service.caption_many(images, options, started_at=request.state.started_at,
+                                          receive=request.receive)
+    for outcome in outcomes:
+        if isinstance(outcome, ApiError):
+            raise outcome
+    return outcomes
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON inference header and the binary tensor data after it."""
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise OipError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 <= length <= len(body):
+        raise OipError(f"{HEADER_LENGTH} is {length}, but the body has {len(body)} bytes")
+    return body[:length], body[length:]
+
+
+def input_images(inference: InferenceRequest, binary: bytes, settings: Settings) -> list[bytes]:
+    """The encoded images of the `image` input, from JSON (base64) or the binary section."""
+    names = [tensor.name for tensor in inference.inputs]
+    if names != [INPUT_NAME]:
+        raise OipError(f"expected one input named '{INPUT_NAME}', got {names}")
+    tensor = inference.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise OipError(f"input '{INPUT_NAME}' must have datatype BYTES, got {tensor.datatype}")
+    if any(dim < 0 for dim in tensor.shape):
+        raise OipError(f"input '{INPUT_NAME}' has an invalid shape {tensor.shape}")
+    count = math.prod(tensor.shape)
+    if count < 1:
+        raise OipError(f"input '{INPUT_NAME}' holds no image (shape {tensor.shape})")
+    if count > settings.max_images_per_request:
+        raise TooManyImages(f"{count} images sent; the limit is {settings.max_images_per_request} per request")
+    size = tensor.parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != len(binary):
+            raise OipError(f"binary_data_size of '{INPUT_NAME}' is {size}, but {len(binary)} bytes follow the JSON")
+        elements = deserialize_bytes(binary)
+    elif binary:
+        raise OipError("binary data follows the JSON, but no input has binary_data_size")
+    elif tensor.data is None:
+        raise OipError(f"input '{INPUT_NAME}' has neither data nor binary_data_size")
+    else:
+        elements = [_from_base64(element) for element in _flatten(tensor.data)]
+    if len(elements) != count:
+        raise OipError(f"input '{INPUT_NAME}' has shape {tensor.shape} but holds {len(elements)} elements")
+    return elements
+
+
+def decoding(parameters: dict[str, Any]) -> DecodeOptions:
+    """The request's decoding parameters -> DecodeOptions, validated as /caption's query is."""
+    unknown = set(parameters) - DECODING_PARAMETERS - PROTOCOL_PARAMETERS
+    if unknown:
+        raise InvalidParameters(f"unknown parameters {sorted(unknown)}; decoding parameters are "
+                                f"{sorted(DECODING_PARAMETERS - {'attention'})}")
+    given = {name: value for name, value in parameters.items() if name in DECODING_PARAMETERS}
+    if given.get("attention"):
+        raise InvalidParameters("attention is not available through this protocol; use POST /caption")
+    try:
+        query = CaptionQuery(**given)
+    except ValidationError as exc:
+        raise InvalidParameters("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                          for e in exc.errors()[:5])) from None
+    return decode_options(query)
+
+
+def inference_response(model: ServedModel, inference: InferenceRequest, results: list[CaptionFields]) -> Response:
+    width = max(len(result.captions) for result in results)
+    rows = [result.captions + [None] * (width - len(result.captions)) for result in results]
+    tensors = {
+        "caption": ([result.captions[0].text for result in results], [len(results)]),
+        "captions": ([c.text if c else "" for row in rows for c in row], [len(rows), width]),
+        "scores": ([c.log_prob if c else float("nan") for row in rows for c in row], [len(rows), width]),
+        "confidence": ([c.confidence if c else 0.0 for row in rows for c in row], [len(rows), width]),
+    }
+    requested = inference.outputs if inference.outputs is not None else [RequestOutput(name=n) for n in OUTPUTS]
+    all_binary = bool(inference.parameters.get("binary_data_output", False))
+    outputs, chunks = [], []
+    for output in requested:
+        data, shape = tensors[output.name]
+        datatype = OUTPUTS[output.name]
+        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
+        if output.parameters.get("binary_data", all_binary):
+            raw = serialize_bytes(data) if datatype == "BYTES" else np.asarray(data, "<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = data if datatype == "BYTES" else [_json_float(x) for x in data]
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
+    if inference.id is not None:
+        body["id"] = inference.id
+    header = json.dumps(body).encode()
+    if not chunks:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(chunks), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+def serialize_bytes(elements: list[str | bytes]) -> bytes:
+    """BYTES tensor -> binary: each element a 4-byte little-endian length, then its bytes."""
+    parts = []
+    for element in elements:
+        raw = element.encode() if isinstance(element, str) else element
+        parts.append(struct.pack("<I", len(raw)) + raw)
+    return b"".join(parts)
+
+
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise OipError("binary BYTES data ends inside an element's length prefix")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise OipError("binary BYTES data ends inside an element")
+        elements.append(raw[offset : offset + length])
+        offset += length
+    return elements
+
+
+def _from_base64(element: Any) -> bytes:
+    if not isinstance(element, str):
+        raise OipError(f"in JSON, each '{INPUT_NAME}' element must be the image's base64 string")
+    try:
+        return base64.b64decode(element, validate=True)
+    except (binascii.Error, ValueError):
+        raise OipError(f"an '{INPUT_NAME}' element is not valid base64 (send the image base64-encoded, or use "
+                       "binary data)") from None
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    flat = []
+    for element in data:
+        flat.extend(_flatten(element) if isinstance(element, list) else [element])
+    return flat
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)

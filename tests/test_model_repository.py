@@ -1,0 +1,187 @@
+"""The model repository: version policy, hot reload beside the serving version, in-flight requests
+finishing on the version they started on, refusal of broken versions, rollback by pin, unloading."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import shutil
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+from app import metrics
+from app.model_repository import ModelManager, NoServableVersion, Source, VersionPolicy, precheck, scan_versions
+from app.settings import Settings
+from captioning.artifacts import ArtifactError, write_manifest
+from captioning.decoding import DecodeOptions
+
+
+def test_version_policy_parses_and_selects_like_tf_serving():
+    assert VersionPolicy.parse("latest:2").select([1, 3, 2]) == [3, 2]
+    assert VersionPolicy.parse("specific:1, 3").select([1, 2, 3]) == [3, 1]
+    assert VersionPolicy.parse("specific:5").select([1, 2]) == []
+    assert VersionPolicy.parse("all").select([2, 1]) == [2, 1]
+    assert str(VersionPolicy.parse(" specific:3,1 ")) == "specific:1,3"
+    for bad in ("latest:0", "latest", "specific:", "specific:a", "newest:1", "all:2"):
+        with pytest.raises(ValueError):
+            VersionPolicy.parse(bad)
+
+
+def test_settings_refuse_a_malformed_policy():
+    with pytest.raises(ValueError):
+        Settings(model_version_policy="latest:zero")
+
+
+def test_only_integer_directories_are_versions(tmp_path, tiny_bundle):
+    model = tmp_path / "default"
+    for name in ("1", "10", ".tmp-3", "latest", "0"):
+        (model / name).mkdir(parents=True)
+    assert sorted(scan_versions(model)) == [1, 10]
+
+
+def test_artifacts_dir_keeps_serving_one_bundle_or_one_model_directory(tmp_path, tiny_bundle):
+    single = Source.from_settings(Settings(artifacts_dir=tiny_bundle))
+    assert single.bundle == tiny_bundle and not single.reloadable and single.versions() == {1: tiny_bundle}
+    shutil.copytree(tiny_bundle, tmp_path / "shapes" / "4")
+    directory = Source.from_settings(Settings(artifacts_dir=tmp_path / "shapes"))
+    assert directory.name == "shapes" and directory.reloadable and list(directory.versions()) == [4]
+
+
+def test_precheck_names_the_problem_without_tensorflow(tmp_path, tiny_bundle):
+    with pytest.raises(ArtifactError, match="no model versions"):
+        precheck(Settings(model_repository=tmp_path))
+    corrupt = tmp_path / "default" / "1"
+    shutil.copytree(tiny_bundle, corrupt)
+    (corrupt / "decoder.keras").write_bytes(b"truncated")
+    with pytest.raises(ArtifactError, match="sha256"):
+        precheck(Settings(model_repository=tmp_path))
+    shutil.copytree(tiny_bundle, tmp_path / "default" / "2")
+    assert precheck(Settings(model_repository=tmp_path)) == [2]
+
+
+# --- hot reload, on real engines ---------------------------------------------------------------
+
+
+def add_version(repository, tiny_bundle, version: int):
+    """Copies a bundle in as the repository does it: staged under another name, then renamed."""
+    staging = repository / "default" / f".staging-{version}"
+    shutil.copytree(tiny_bundle, staging)
+    staging.rename(repository / "default" / str(version))
+    return repository / "default" / str(version)
+
+
+def served_gauge(version: int) -> float | None:
+    return metrics.REGISTRY.get_sample_value("captioning_model_served", {"model": "default", "version": str(version)})
+
+
+def loads(version: int, result: str) -> float:
+    return metrics.REGISTRY.get_sample_value(
+        "captioning_model_loads_total", {"model": "default", "version": str(version), "result": result}) or 0.0
+
+
+def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8,
+                        request_timeout_s=20, shutdown_grace_s=5)
+    image = np.zeros((32, 32, 3), np.uint8)
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        assert list(models.served) == [1] and served_gauge(1) == 1.0
+
+        # A request leases version 1, then version 2 appears and is swapped in.
+        in_flight = models.acquire()
+        add_version(repository, tiny_bundle, 2)
+        report = await models.reload()
+        assert report.loaded == [2] and report.unloaded == [1] and list(models.served) == [2]
+        assert models.default.version == 2 and served_gauge(2) == 1.0 and served_gauge(1) is None
+        # ... and finishes on version 1, whose engine waits for it.
+        result = await in_flight.engine.submit(image, DecodeOptions(), deadline_s=10)
+        assert result.captions and in_flight.engine.ready
+        engine, captioner = weakref.ref(in_flight.engine._engine), weakref.ref(in_flight.captioner)
+        in_flight.release()
+        await models.wait_unloaded()
+        gc.collect()
+        assert engine() is None and captioner() is None  # stopped, and its model garbage-collected
+
+        # A corrupt version 3 is refused; version 2 keeps serving. Its files changing retries it.
+        broken = add_version(repository, tiny_bundle, 3)
+        (broken / "encoder.keras").write_bytes(b"not a model")
+        report = await models.reload()
+        assert list(report.refused) == [3] and "sha256" in report.refused[3]
+        assert list(models.served) == [2] and loads(3, "refused") == 1.0
+        assert (await models.reload()).refused == {}  # not retried while its files are unchanged
+        assert loads(3, "refused") == 1.0
+
+        # A version that verifies but fails warm-up (config says 48 px, the encoder takes 32) is refused too.
+        misfit = add_version(repository, tiny_bundle, 4)
+        config = json.loads((misfit / "config.json").read_text())
+        (misfit / "config.json").write_text(json.dumps({**config, "image_size": 48}))
+        write_manifest(misfit, name="misfit", version="4", training={})
+        report = await models.reload()
+        assert list(report.refused) == [4] and list(models.served) == [2]
+
+        # Rollback: pin version 1. A pin to a missing version changes nothing.
+        report = await models.reload(VersionPolicy.parse("specific:1"))
+        assert list(models.served) == [1] and report.loaded == [1] and report.unloaded == [2]
+        with pytest.raises(NoServableVersion):
+            await models.reload(VersionPolicy.parse("specific:9"))
+        assert list(models.served) == [1] and str(models.policy) == "specific:1"
+
+        served = models.acquire()
+        result = await served.engine.submit(image, DecodeOptions(), deadline_s=10)
+        served.release()
+        assert result.captions
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    asyncio.run(scenario())
+
+
+def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path, tiny_bundle):
+    import test_service_helpers as uploads
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0.2, api_key="admin-key",
+                        max_batch_size=8, log_level="WARNING")
+    key = {"X-API-Key": "admin-key"}
+
+    def caption_version(client) -> str:
+        response = client.post("/caption", files={"image": ("a.png", uploads.png(), "image/png")}, headers=key)
+        assert response.status_code == 200, response.text
+        return response.json()["model"]["version"]
+
+    with TestClient(create_app(settings)) as client:
+        assert caption_version(client) == "1"
+        info = client.get("/model", headers=key).json()
+        assert (info["name"], info["version"]) == ("default", "1") and info["bundle"]["name"] == "tiny-random"
+        add_version(repository, tiny_bundle, 2)
+        deadline = time.monotonic() + 120
+        while client.get("/model", headers=key).json()["version"] != "2":  # the poll loads and swaps it
+            assert time.monotonic() < deadline, "version 2 was not picked up by the poll"
+            time.sleep(0.2)
+        assert caption_version(client) == "2"
+        exported = client.get("/metrics").text
+        assert 'captioning_model_requests_total{model="default",outcome="ok",version="2"} 1.0' in exported
+        assert 'captioning_model_served{model="default",version="2"} 1.0' in exported
+
+        assert client.post("/admin/reload", json={"version_policy": "specific:1"}).status_code == 401
+        pinned = client.post("/admin/reload", json={"version_policy": "specific:1"}, headers=key)
+        assert pinned.status_code == 200 and pinned.json()["served"] == [1], pinned.text
+        assert caption_version(client) == "1"
+        refused = client.post("/admin/reload", json={"version_policy": "specific:7"}, headers=key)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "reload_refused"
+        assert client.post("/admin/reload", json={"version_policy": "newest"}, headers=key).status_code == 409
+
+    no_key = TestClient(create_app(Settings(model_repository=repository)))  # lifespan not run: no model needed
+    assert no_key.post("/admin/reload").json()["error"]["code"] == "admin_disabled"

@@ -1,0 +1,171 @@
+"""The Open Inference Protocol v2 endpoints, driven by the real tritonclient against a real server
+(`python -m app` in a subprocess on a free loopback port), JSON and binary tensor data both."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "oip-test-key"
+
+
+def auth() -> dict:
+    # A fresh dict each call: tritonclient adds its own headers to the dict it is given.
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def png(color, size=(40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, color)
+    image.paste((255 - color[0], color[1], 255 - color[2]), (8, 8, 24, 24))
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_bundle):
+    repository = tmp_path_factory.mktemp("repository")
+    shutil.copytree(tiny_bundle, repository / "default" / "1")
+    port = free_port()
+    env = {**os.environ, "MODEL_REPOSITORY": str(repository), "MODEL_POLL_INTERVAL_S": "0", "PORT": str(port),
+           "API_KEY": API_KEY, "MAX_BATCH_SIZE": "8", "MAX_IMAGES_PER_REQUEST": "4", "LOG_LEVEL": "WARNING",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("ARTIFACTS_DIR", None)
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    url = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {process.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f"http://{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not become ready in 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with tritonclient_http.InferenceServerClient(url=server) as triton:
+        yield triton
+
+
+def image_input(images: list[bytes], binary: bool):
+    tensor = tritonclient_http.InferInput("image", [len(images)], "BYTES")
+    if binary:
+        tensor.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
+    else:  # JSON carries each image as its base64 string
+        tensor.set_data_from_numpy(np.array([base64.b64encode(i).decode() for i in images], dtype=np.object_),
+                                   binary_data=False)
+    return tensor
+
+
+def caption_of(server: str, image: bytes, **params) -> dict:
+    response = httpx.post(f"http://{server}/caption", params=params, headers=auth(),
+                          files={"image": ("i.png", image, "image/png")}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_health_and_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    metadata = client.get_model_metadata("default", headers=auth())
+    assert metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"]: o["datatype"] for o in metadata["outputs"]} == {
+        "caption": "BYTES", "captions": "BYTES", "scores": "FP32", "confidence": "FP32"}
+    assert client.get_model_metadata("default", "1", headers=auth())["name"] == "default"
+    assert client.is_model_ready("default", headers=auth())
+    assert client.is_model_ready("default", "1", headers=auth())
+    assert not client.is_model_ready("default", "2", headers=auth())
+    assert not client.is_model_ready("other", headers=auth())
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_round_trip_matches_the_caption_route(server, client, binary):
+    images = [png((200, 40, 40)), png((30, 60, 220))]
+    outputs = [tritonclient_http.InferRequestedOutput(name, binary_data=binary)
+               for name in ("caption", "captions", "scores", "confidence")]
+    result = client.infer("default", [image_input(images, binary)], outputs=outputs, headers=auth(),
+                          parameters={"strategy": "beam", "beam_size": 3, "num_captions": 2})
+    response = result.get_response()
+    assert response["model_name"] == "default" and response["model_version"] == "1"
+    captions, scores = result.as_numpy("captions"), result.as_numpy("scores")
+    confidence, best = result.as_numpy("confidence"), result.as_numpy("caption")
+    assert captions.shape == (2, 2) and scores.dtype == np.float32 and scores.shape == (2, 2)
+    assert confidence.shape == (2, 2) and np.all((confidence > 0) & (confidence <= 1))
+    for index, image in enumerate(images):  # the same engine and decoding as POST /caption
+        expected = caption_of(server, image, strategy="beam", beam_size=3, num_captions=2)
+        assert expected["model"] == {"name": "default", "version": "1"}
+        texts = [c.decode() if isinstance(c, bytes) else c for c in captions[index]]
+        assert texts == [c["text"] for c in expected["captions"]]
+        assert (best[index].decode() if isinstance(best[index], bytes) else best[index]) == expected["caption"]
+        np.testing.assert_allclose(scores[index], [c["log_prob"] for c in expected["captions"]], rtol=1e-4, atol=1e-4)
+
+
+def test_versioned_path_and_default_outputs_in_binary(client):
+    # No outputs named: tritonclient asks for every output in binary (binary_data_output).
+    result = client.infer("default", [image_input([png((10, 200, 10))], True)], model_version="1", headers=auth())
+    assert result.get_response()["model_version"] == "1"
+    assert result.as_numpy("caption").shape == (1,) and result.as_numpy("captions").shape == (1, 1)
+
+
+def test_errors_have_the_protocol_shape(server, client):
+    def refused(**kwargs) -> InferenceServerException:
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer("default", **{"headers": auth(), **kwargs})
+        return raised.value
+
+    good = [image_input([png((1, 2, 3))], True)]
+    assert refused(inputs=good, headers={"Authorization": "Bearer wrong"}).status() == "401"
+    error = refused(inputs=good, model_version="7")
+    assert error.status() == "404" and "not served" in error.message()
+    not_an_image = refused(inputs=[image_input([b"this is no image"], True)])
+    assert not_an_image.status() == "400"
+    assert refused(inputs=good, parameters={"num_captions": 2}).status() == "422"  # greedy gives one
+    assert refused(inputs=good, parameters={"beam_width": 2}).status() == "422"  # unknown parameter
+    assert refused(inputs=[image_input([png((1, 2, 3))] * 5, True)]).status() == "422"  # MAX_IMAGES_PER_REQUEST
+    bad_base64 = tritonclient_http.InferInput("image", [1], "BYTES")
+    bad_base64.set_data_from_numpy(np.array(["%%%"], dtype=np.object_), binary_data=False)
+    assert "base64" in refused(inputs=[bad_base64]).message()
+    # The body is JSON {"error": "..."}, as the protocol says.
+    body = httpx.post(f"http://{server}/v2/models/default/infer", headers=auth(), content=b"{not json",
+                      timeout=10).json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)

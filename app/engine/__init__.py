@@ -7,23 +7,19 @@
 
     app.add_middleware(AdmissionGate, engine_of=lambda app: app.state.engine)  # 503 before the body is read
 
-Policy (app.engine.scheduler), model runner (app.engine.runner) and the threads that drive them
-(app.engine.engine: a decoder thread, and in continuous mode an encoder thread) are separate, so
-the batching policy is testable without a model.
+Split as vLLM's V1 engine is: the client (app.engine.engine.EngineClient, the only object the
+service touches), the core loop that owns the decode rows (app.engine.core), the encoder stage
+(app.engine.encoder, continuous mode), pure batching policy (app.engine.scheduler), the model
+runner (app.engine.runner), process tuning (app.engine.os_tuning) and the exceptions
+(app.engine.errors, one class per condition).
 """
 
 from __future__ import annotations
 
 from app.engine.admission import AdmissionGate
-from app.engine.engine import (
-    DeadlineExceeded,
-    Engine,
-    EngineError,
-    EngineStopped,
-    InferenceError,
-    Overloaded,
-    Result,
-)
+from app.engine.engine import Engine, EngineClient
+from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.engine.request import Result
 from app.engine.scheduler import make_policy
 
 __all__ = [
@@ -31,6 +27,7 @@ __all__ = [
     "create_engine",
     "DeadlineExceeded",
     "Engine",
+    "EngineClient",
     "EngineError",
     "EngineStopped",
     "InferenceError",

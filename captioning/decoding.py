@@ -138,10 +138,16 @@ class GreedySearch(Search):
 
     def advance(self, log_probs, attention):
         token = int(np.argmax(log_probs[0]))
-        self.hypothesis = self.hypothesis.extend(token, float(log_probs[0, token]), self._attention(attention, 0))
+        self.advance_to(token, float(log_probs[0, token]), attention[0])
+        return np.array([token], dtype=np.int32), np.zeros(1, dtype=np.int64)
+
+    def advance_to(self, token: int, log_prob: float, attention: np.ndarray) -> None:
+        """advance() with the argmax already taken: a batched caller takes it for all its greedy
+        rows in one call (same choice, same log-probability)."""
+        self.hypothesis = self.hypothesis.extend(
+            token, log_prob, attention.astype(np.float32) if self.options.return_attention else None)
         self.steps += 1
         self.finished = self.hypothesis.ended or self.steps >= self.max_steps
-        return np.array([token], dtype=np.int32), np.zeros(1, dtype=np.int64)
 
     def hypotheses(self):
         return [self.hypothesis]

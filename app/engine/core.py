@@ -22,6 +22,8 @@ import threading
 import time
 from collections import defaultdict
 
+import numpy as np
+
 from app import metrics
 from app.engine import os_tuning
 from app.engine.encoder import IDLE_POLL_S, EncoderStage, encode_requests
@@ -29,7 +31,7 @@ from app.engine.errors import EngineError, EngineStopped, InferenceError
 from app.engine.request import Request, Result, deliver, each_failed
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, SlotTable
-from captioning.decoding import new_search
+from captioning.decoding import GreedySearch, new_search
 
 logger = logging.getLogger("app.engine")
 
@@ -224,18 +226,28 @@ class EngineCore:
             return
         metrics.STEP_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(used)
+        # Every row's most likely token in one call; greedy rows (most of them) need nothing else,
+        # and the runner feeds them on (other searches overwrite their rows below).
+        best = log_probs.argmax(axis=1)
+        best_log_probs = log_probs[np.arange(used), best]
+        self.runner.set_tokens(used, best)
         retired = []
         for block in self.slots.blocks():
-            request, rows = block.owner, slice(block.start, block.start + block.width)
+            request, start = block.owner, block.start
             if request.abandoned:
                 continue  # dropped, with its rows, at the next iteration
+            search = request.search
             try:
-                tokens, parents = request.search.advance(log_probs[rows], attention[rows])
-                if request.search.finished:
-                    self._finish(request, request.search.results(self.captioner.tokenizer))
-                    retired.append(request)
+                if type(search) is GreedySearch:
+                    search.advance_to(int(best[start]), float(best_log_probs[start]), attention[start])
                 else:
-                    self.runner.set_next(block.start, tokens, parents)
+                    rows = slice(start, start + block.width)
+                    tokens, parents = search.advance(log_probs[rows], attention[rows])
+                    if not search.finished:
+                        self.runner.set_next(start, tokens, parents)
+                if search.finished:
+                    self._finish(request, search.results(self.captioner.tokenizer))
+                    retired.append(request)
             except Exception as exc:
                 logger.exception("decoding failed for one request")
                 self._finish(request, InferenceError(f"decoding failed: {exc}"))

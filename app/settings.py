@@ -47,6 +47,22 @@ class Settings(BaseSettings):
         0, ge=0, description="TensorFlow intra-op threads; 0: one fewer than the CPUs, leaving one to the event loop."
     )
 
+    encode_ahead: bool = Field(
+        True, description="Continuous batching: encode images in a thread of their own (else inline, before a step)."
+    )
+    inference_nice: int = Field(
+        0, ge=0, le=19, description="Nice value of the model's threads (0: same priority as the event loop)."
+    )
+    compile_cache_dir: Path | None = Field(
+        Path.home() / ".cache" / "captioning-xla",
+        description="XLA's persistent compilation cache (start-up reuses compiled batch shapes); empty: off.",
+    )
+
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _empty_path_means_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", "batching_mode", mode="before")
     @classmethod
     def _normalise_case(cls, value: object, info) -> object:

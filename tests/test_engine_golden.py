@@ -34,13 +34,13 @@ def as_records(captions) -> list[dict]:
     return [{"tokens": c.tokens, "log_prob": c.log_prob} for c in captions]
 
 
-async def engine_answers(captioner, mode: str) -> dict[str, list[list[dict]]]:
+async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[list[dict]]]:
     from types import SimpleNamespace
 
     from app.engine import create_engine
 
     engine = create_engine(captioner, SimpleNamespace(batching_mode=mode, max_batch_size=24, inference_nice=0,
-                                                      freeze_gc=False))
+                                                      freeze_gc=False, **settings))
     await engine.start()
     try:
         names = list(OPTIONS)
@@ -71,9 +71,10 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
-@pytest.mark.parametrize("mode", ["continuous", "static", "none"])
-def test_engine_answers_equal_the_recorded_ones(tiny_captioner, golden, mode):
-    assert_same(asyncio.run(engine_answers(tiny_captioner, mode)), golden)
+@pytest.mark.parametrize(("mode", "encode_ahead"),
+                         [("continuous", True), ("continuous", False), ("static", True), ("none", True)])
+def test_engine_answers_equal_the_recorded_ones(tiny_captioner, golden, mode, encode_ahead):
+    assert_same(asyncio.run(engine_answers(tiny_captioner, mode, encode_ahead=encode_ahead)), golden)
 
 
 def test_offline_answers_equal_the_recorded_ones(tiny_captioner, golden):

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test train-default evaluate-default train-shapeworld bench clean
+.PHONY: install install-dev serve test train-default evaluate-default train-shapeworld bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,17 @@ train-shapeworld: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.load_test
+
+# This service against LitServe and PyTriton (optional; their own virtualenv, as PyTriton 0.7.0
+# needs numpy<2). Writes bench/PEERS.md.
+PEERS_VENV := bench/.peers-venv
+$(PEERS_VENV)/.installed: bench/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(VENV)/.dev $(PEERS_VENV)/.installed
+	$(BIN)/python -m bench.peers --peers-python $(PEERS_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

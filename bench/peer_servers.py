@@ -10,8 +10,6 @@ Each one serves POST /caption with a multipart `image` upload, as this service d
 TensorFlow intra-op thread count as the service (CPUs - 1), PNG decoding in the request path.
 """
 
-from __future__ import annotations
-
 import argparse
 import io
 import os
@@ -43,12 +41,15 @@ def decode_png(data: bytes, captioner):
         return captioner.prepare(image)
 
 
-def serve_litserve(port: int, artifacts: str) -> None:
+try:  # LitServe spawns its workers and pickles the API: the class must live at module level
     import litserve as ls
+except ImportError:  # the service's own environment; only the peers' virtualenv has LitServe
+    ls = None
 
-    class CaptionAPI(ls.LitAPI):
+if ls is not None:
+    class LitCaptionAPI(ls.LitAPI):
         def setup(self, device):
-            self.captioner = load_captioner(artifacts)
+            self.captioner = load_captioner(os.environ["PEER_ARTIFACTS"])
 
         def decode_request(self, request):  # the multipart form, as LitServe parses it
             return decode_png(request["image"].file.read(), self.captioner)
@@ -59,7 +60,10 @@ def serve_litserve(port: int, artifacts: str) -> None:
         def encode_response(self, text):
             return {"caption": text}
 
-    api = CaptionAPI(max_batch_size=MAX_BATCH, batch_timeout=BATCH_WAIT_S, api_path="/caption")
+
+def serve_litserve(port: int, artifacts: str) -> None:
+    os.environ["PEER_ARTIFACTS"] = artifacts
+    api = LitCaptionAPI(max_batch_size=MAX_BATCH, batch_timeout=BATCH_WAIT_S, api_path="/caption")
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
     server.run(port=port, host="127.0.0.1", generate_client_file=False, log_level="warning")
 
@@ -81,7 +85,8 @@ def serve_pytriton(port: int, artifacts: str) -> None:
         return {"caption": np.array([[t.encode()] for t in texts], dtype=object)}
 
     size = captioner.config.image_size
-    triton = Triton(config=TritonConfig(http_port=port + 1000, grpc_port=port + 2000, metrics_port=port + 3000))
+    triton = Triton(config=TritonConfig(http_address="127.0.0.1", http_port=port + 1000, grpc_address="127.0.0.1",
+                                        grpc_port=port + 2000, metrics_port=port + 3000, allow_metrics=False))
     triton.bind(
         model_name="captioner", infer_func=infer,
         inputs=[Tensor(name="images", dtype=np.uint8, shape=(size, size, 3))],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, Infe
 from app.engine.request import Request, Result
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, QueueFull
+from captioning.decoding import DecodeOptions
+
+logger = logging.getLogger("app.engine")
 
 __all__ = ["DeadlineExceeded", "Engine", "EngineClient", "EngineError", "EngineStopped", "InferenceError",
            "Overloaded", "Reservation", "Result", "current_reservation"]
@@ -95,9 +99,18 @@ class EngineClient:
         self.core.start(loop, warmed_up)
         await warmed_up
         self.core.start_encoder()
+        await self._first_request()
         if self.freeze_gc:
             os_tuning.freeze_long_lived_objects()
         self._ready = not self.core.stopping
+
+    async def _first_request(self) -> None:
+        """One blank image through the whole path (queue, encoder stage, core, delivery) before
+        readiness, so that no client's request is the first to run each piece."""
+        try:
+            await self.submit(np.zeros(self._image_shape, np.uint8), DecodeOptions(max_length=2))
+        except EngineError:
+            logger.exception("the warm-up request failed")
 
     def check_admission(self) -> None:
         """Raises what submit() would raise right now for a full queue or a stopped engine, so a

@@ -50,10 +50,6 @@ class Settings(BaseSettings):
     encode_ahead: bool = Field(
         True, description="Continuous batching: encode images in a thread of their own (else inline, before a step)."
     )
-    continuous_pace_ms: float = Field(
-        0.0, ge=0, le=50,
-        description="Continuous batching: pause before a step over few rows while requests arrive (0: never).",
-    )
     inference_nice: int = Field(
         0, ge=0, le=19, description="Nice value of the model's threads (0: same priority as the event loop)."
     )

@@ -55,7 +55,6 @@ def create_engine(captioner, settings) -> Engine:
         max_queue_delay_s=getattr(settings, "max_queue_delay_ms", 5.0) / 1000,
         max_encode_batch=getattr(settings, "max_encode_batch", 16),
         encode_ahead=getattr(settings, "encode_ahead", True),
-        pace_s=getattr(settings, "continuous_pace_ms", 0.0) / 1000,
     )
     return Engine(
         captioner,

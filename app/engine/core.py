@@ -53,8 +53,6 @@ class EngineCore:
         self.abandoned_count = 0  # bumped on the loop; the thread scans for abandoned requests when it changes
         self.abandoned_seen = 0
         self.seconds_per_request = 0.05  # moving average, for Retry-After
-        self.arrivals = 0  # bumped by the client on the loop at each submit; read here for pacing
-        self.arrivals_seen = 0
         self.stopping = False
         self.stop_deadline = math.inf
         self.thread: threading.Thread | None = None
@@ -138,14 +136,6 @@ class EngineCore:
             admitted, wait_s = self._place_encoded(now), None
         else:
             admitted, wait_s = self._admit(now)
-        if self.slots.used and self._should_pace():
-            # Few rows, and requests still arriving: give the event loop the CPU for a moment,
-            # then let what it took in join this step (fewer, fuller steps under load).
-            time.sleep(self.policy.pace_s)
-            if self.encoder is not None:
-                self._place_encoded(time.monotonic())
-            else:
-                self._admit(time.monotonic())
         if self.slots.used:
             self._step()
         elif not admitted:
@@ -154,11 +144,6 @@ class EngineCore:
         metrics.QUEUE_DEPTH.set(len(self.queue))
         metrics.ACTIVE_SLOTS.set(self.slots.used)
         return True
-
-    def _should_pace(self) -> bool:
-        pace_s = getattr(self.policy, "pace_s", 0.0)
-        arrived, self.arrivals_seen = self.arrivals != self.arrivals_seen, self.arrivals
-        return pace_s > 0 and arrived and self.slots.used < self.policy.max_slots // 2 and not self.stopping
 
     def _encoder_should_exit(self) -> bool:
         return self.stopping and (time.monotonic() >= self.stop_deadline or self._nothing_left())

@@ -160,7 +160,6 @@ class EngineClient:
         except QueueFull:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s()) from None
-        self.core.arrivals += 1
         timeout = self.request_timeout_s if deadline_s is None else deadline_s
         request.deadline_timer = loop.call_later(max(timeout, 0.0), self._expire, request)
         request.future.add_done_callback(lambda future: self._on_done(request))

@@ -55,23 +55,17 @@ class ContinuousPolicy:
     active sequences (compare DistServe's split of prefill and decode), at the price of a third
     busy thread. Otherwise (inline) the decoding thread itself encodes, before a step, the
     waiting requests that fit, in one batch: one thread fewer competing for the cores and the
-    GIL (measured in docs/ENGINE.md). `admit` answers how many requests (encoded ones, or
-    waiting ones when inline) join now.
-
-    pace_s: before a step over fewer than half the slots while requests keep arriving, the
-    decoding thread sleeps this long (0: never) and admits again, trading a little latency for
-    fuller steps and CPU left to the event loop that reads the requests.
+    GIL, which pays where cores are few or shared (see docs/ENGINE.md). `admit` answers how many
+    requests (encoded ones, or waiting ones when inline) join now.
     """
 
     name = "continuous"
     holds_results_until_batch_ends = False
 
-    def __init__(self, max_slots: int, max_encode_batch: int = 16, encodes_ahead: bool = True,
-                 pace_s: float = 0.0):
+    def __init__(self, max_slots: int, max_encode_batch: int = 16, encodes_ahead: bool = True):
         self.max_slots = max_slots
         self.max_encode_batch = max_encode_batch
         self.encodes_ahead = encodes_ahead
-        self.pace_s = pace_s
 
     def admit(self, waiting: Sequence[int], oldest_wait_s: float, used_slots: int) -> Admission:
         return Admission(_count_fitting(waiting, self.max_slots - used_slots, MAX_ROWS, idle=used_slots == 0))
@@ -116,11 +110,11 @@ BatchingPolicy = ContinuousPolicy | StaticPolicy | SequentialPolicy
 
 
 def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int,
-                encode_ahead: bool = True, pace_s: float = 0.0) -> BatchingPolicy:
+                encode_ahead: bool = True) -> BatchingPolicy:
     if not 1 <= max_slots <= MAX_ROWS:
         raise ValueError(f"max_batch_size must be between 1 and {MAX_ROWS}")
     if mode == "continuous":
-        return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots), encode_ahead, pace_s)
+        return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots), encode_ahead)
     if mode == "static":
         return StaticPolicy(max_slots, max_queue_delay_s)
     if mode == "none":

@@ -473,7 +473,7 @@ def check_targets(refs: References | None, phases: list[Phase], servers: dict,
         c = next((p.outcome for p in opened if p.mode == "continuous" and p.load == rate), None)
         st = next((p.outcome for p in opened if p.mode == "static" and p.load == rate), None)
         if c and st and c.latencies_s and st.latencies_s:
-            label = f"open loop {rate:.0f}/s ({rate / capacity:.1f}x capacity)" if capacity else f"open loop {rate:.0f}/s"
+            label = f"open loop {rate:.0f}/s" + (f" ({rate / capacity:.1f}x capacity)" if capacity else "")
             checks.append(versus_static(label, c, st))
     for mode, info in servers.items():
         checks.append((f"{mode}: ready <= 10 s after process start", f"{info['ready_s']:.1f} s", info["ready_s"] <= 10))

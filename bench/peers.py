@@ -59,7 +59,7 @@ class PeerServer:
     def __init__(self, framework: str, python: str, artifacts: Path, log_path: Path):
         self.mode = framework
         self.port = harness.free_port()
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115  (the server's output, for its whole life)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         if framework == "pytriton":  # the Python stub must load this interpreter's libpython, not the system's
             libdir = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
@@ -161,7 +161,7 @@ async def run(args) -> int:
             ready = await server.wait_ready()
             matches[name] = await check_captions(server, requests[:CHECKED_IMAGES], expected)
             print(f"{name}: ready in {ready:.0f} s; captions equal to offline: {matches[name]:.0%}", flush=True)
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for clients in CLIENTS:
                 for neighbour in (False, True):
                     with NoisyNeighbour() if neighbour else contextlib.nullcontext():

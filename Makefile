@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack container-test lock clean
+.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack bench-peers container-test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,17 @@ lock: $(VENV)/.dev
 # Hostile clients against the real server (docs/HARDENING.md); writes bench/ATTACK.md.
 bench-attack: $(VENV)/.dev
 	$(BIN)/python -m bench.attack --write bench/ATTACK.md
+
+# This service against LitServe and PyTriton (optional; their own virtualenv, as PyTriton 0.7.0
+# needs numpy<2). Writes bench/PEERS.md.
+PEERS_VENV := bench/.peers-venv
+$(PEERS_VENV)/.installed: bench/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(VENV)/.dev $(PEERS_VENV)/.installed
+	$(BIN)/python -m bench.peers --peers-python $(PEERS_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

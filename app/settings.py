@@ -83,12 +83,24 @@ class Settings(BaseSettings):
         0, ge=0, description="TensorFlow intra-op threads; 0: one fewer than the CPUs, leaving one to the event loop."
     )
     max_encode_batch: int = Field(16, ge=1, description="Continuous batching: images per encoder call.")
-    inference_nice: int = Field(
-        10, ge=0, le=19, description="Nice value of the model's threads, below the event loop; 0 leaves it alone.",
-    )
     freeze_gc: bool = Field(
         True, description="After warm-up, freeze the model's objects out of Python's cyclic garbage collector.",
     )
+    encode_ahead: bool = Field(
+        True, description="Continuous batching: encode images in a thread of their own (else inline, before a step)."
+    )
+    inference_nice: int = Field(
+        0, ge=0, le=19, description="Nice value of the model's threads (0: same priority as the event loop)."
+    )
+    compile_cache_dir: Path | None = Field(
+        Path("~/.cache/captioning-xla"),
+        description="XLA's persistent compilation cache (start-up reuses compiled batch shapes); empty: off.",
+    )
+
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _empty_path_means_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", "batching_mode", mode="before")
     @classmethod

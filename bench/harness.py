@@ -282,6 +282,31 @@ class Server:
         return self.process.returncode, time.perf_counter() - started
 
 
+NEIGHBOUR_MAX_S = 3600  # a forgotten neighbour ends itself
+
+
+class NoisyNeighbour:
+    """A CPU-bound process beside the server, as a sidecar or another pod on a shared node would
+    be: one busy Python loop (one core's worth), at the same priority as the server, ended on
+    exit (and by itself after NEIGHBOUR_MAX_S)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> NoisyNeighbour:
+        code = f"import time\nend = time.monotonic() + {NEIGHBOUR_MAX_S}\nwhile time.monotonic() < end:\n    pass\n"
+        self.process = subprocess.Popen([sys.executable, "-c", code])
+        return self
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.process.pid) if self.process and self.process.poll() is None else math.nan
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
 def load_images(count: int) -> tuple[list[np.ndarray], list[bytes]]:
     from PIL import Image
 

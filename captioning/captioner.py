@@ -228,11 +228,29 @@ class FeatureSlots:
         self.capacity = capacity
         shape = [capacity, captioner.num_positions, captioner.state_size]
         self._features = tf.Variable(tf.zeros(shape), trainable=False)
+        # The traced function of each bucket, called directly: a tf.function call matches its
+        # arguments against every trace first, which cost more host time than the step itself.
+        self._traced: dict[tuple[str, int], object] = {}
+
+    def _function(self, kind: str, rows: int):
+        traced = self._traced.get((kind, rows))
+        if traced is None:
+            if kind == "step":
+                traced = self.captioner._step_rows.get_concrete_function(
+                    self._features, tf.TensorSpec([rows], tf.int32), tf.TensorSpec([rows], tf.int32),
+                    tf.TensorSpec([rows, self.captioner.state_size], tf.float32))
+            else:
+                size = self.captioner.config.image_size
+                traced = self.captioner._encode_into.get_concrete_function(
+                    self._features, tf.TensorSpec([rows, size, size, 3], tf.uint8), tf.TensorSpec([None], tf.int32))
+            self._traced[(kind, rows)] = traced
+        return traced
 
     def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> None:
         """Encodes uint8 images [B, S, S, 3] as one batch (padded to a bucket) into the given slots."""
-        self.captioner._encode_into(self._features, _pad_rows(images, bucket_for(len(images))),
-                                    np.asarray(slot_ids, np.int32))
+        bucket = bucket_for(len(images))
+        self._function("encode", bucket)(self._features, tf.constant(_pad_rows(images, bucket)),
+                                         tf.constant(np.asarray(slot_ids, np.int32)))
 
     def step(self, slot_of_row: np.ndarray, tokens: np.ndarray,
              state: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,9 +258,10 @@ class FeatureSlots:
         (log_probs [B, V], new state [B, D], attention [B, N])."""
         rows = len(tokens)
         bucket = bucket_for(rows)
-        log_probs, new_state, attention = self.captioner._step_rows(
-            self._features, _pad_rows(np.asarray(slot_of_row, np.int32), bucket),
-            _pad_rows(np.asarray(tokens, np.int32), bucket), _pad_rows(np.asarray(state, np.float32), bucket))
+        log_probs, new_state, attention = self._function("step", bucket)(
+            self._features, tf.constant(_pad_rows(np.asarray(slot_of_row, np.int32), bucket)),
+            tf.constant(_pad_rows(np.asarray(tokens, np.int32), bucket)),
+            tf.constant(_pad_rows(np.asarray(state, np.float32), bucket)))
         return log_probs.numpy()[:rows], new_state.numpy()[:rows], attention.numpy()[:rows]
 
     def warmup(self) -> None:

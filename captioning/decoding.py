@@ -163,10 +163,21 @@ class GreedySearch(Search):
 
     def advance(self, log_probs, attention):
         token = int(np.argmax(self._without_early_end(log_probs, [self.hypothesis])[0]))
-        self.hypothesis = self.hypothesis.extend(token, float(log_probs[0, token]), self._attention(attention, 0))
+        self.advance_to(token, float(log_probs[0, token]), attention[0])
+        return np.array([token], dtype=np.int32), np.zeros(1, dtype=np.int64)
+
+    def takes(self, token: int) -> bool:
+        """Whether a batched caller's plain argmax is this search's choice too: it is unless it
+        would end the caption before min_length words (then advance() picks the next best)."""
+        return token != END_ID or self.hypothesis.words >= self.options.min_length
+
+    def advance_to(self, token: int, log_prob: float, attention: np.ndarray) -> None:
+        """advance() with the argmax already taken: a batched caller takes it for all its greedy
+        rows in one call (same choice, same log-probability; see takes())."""
+        self.hypothesis = self.hypothesis.extend(
+            token, log_prob, attention.astype(np.float32) if self.options.return_attention else None)
         self.steps += 1
         self.finished = self.hypothesis.ended or self.steps >= self.max_steps
-        return np.array([token], dtype=np.int32), np.zeros(1, dtype=np.int64)
 
     def hypotheses(self):
         return [self.hypothesis]

@@ -145,6 +145,12 @@ class ControlledCaptioner:
     def __getattr__(self, name):
         return getattr(self._captioner, name)
 
+    def forget(self):
+        """Drops what the engine's start-up request left (it runs the whole path once)."""
+        self.encode_entered.clear()
+        self.encode_batches.clear()
+        self.step_batches.clear()
+
     def feature_slots(self, capacity):
         return ControlledSlots(self._captioner.feature_slots(capacity), self)
 
@@ -254,6 +260,7 @@ def test_continuous_batching_shares_decode_steps_between_requests(tiny_captioner
     async def scenario():
         engine = create_engine(controlled, settings("continuous"))
         await engine.start()
+        controlled.forget()
         first = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.sleep(0.02)
         await asyncio.gather(first, *(engine.submit(p, DecodeOptions()) for p in images(6, seed=1)))
@@ -270,6 +277,7 @@ def test_static_mode_batches_requests_and_none_mode_takes_one_at_a_time(tiny_cap
     async def scenario():
         engine = create_engine(controlled, settings(mode, max_queue_delay_ms=200))
         await engine.start()
+        controlled.forget()
         await asyncio.gather(*(engine.submit(p, DecodeOptions()) for p in images(4)))
         await engine.stop()
 
@@ -283,6 +291,7 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
     async def scenario():
         engine = create_engine(controlled, settings(max_queue_size=3))
         await engine.start()
+        controlled.forget()
         controlled.gate.clear()
         held = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)  # the engine thread is busy encoding
@@ -311,6 +320,7 @@ def test_deadline_fails_waiting_and_active_requests_and_frees_their_slots(tiny_c
     async def scenario():
         engine = create_engine(controlled, settings())
         await engine.start()
+        controlled.forget()
         controlled.gate.clear()
         active = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(), deadline_s=0.2))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)
@@ -339,6 +349,7 @@ def test_a_cancelled_request_frees_its_slots_and_never_gets_a_result(tiny_captio
     async def scenario():
         engine = create_engine(controlled, settings())
         await engine.start()
+        controlled.forget()
         # Long beam searches; cancel most of them at different points of their decoding.
         tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(strategy="beam", beam_size=4)))
                  for p in images(8)]
@@ -382,6 +393,7 @@ def test_a_failing_batch_fails_only_its_own_requests(tiny_captioner):
     async def scenario():
         engine = create_engine(controlled, settings())
         await engine.start()
+        controlled.forget()
         controlled.poisoned_pixel = 7
         with pytest.raises(InferenceError):
             await engine.submit(poisoned, DecodeOptions())
@@ -421,6 +433,7 @@ def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
     async def scenario():
         engine = create_engine(controlled, settings())
         await engine.start()
+        controlled.forget()
         controlled.gate.clear()
         stuck = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)
@@ -452,6 +465,7 @@ def test_the_encoder_sleeps_while_every_feature_slot_is_taken(tiny_captioner):
     async def scenario():
         engine = create_engine(controlled, settings(max_queue_size=2 * MAX_ROWS))
         await engine.start()
+        controlled.forget()
         controlled.step_gate.clear()
         tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2)))
                  for p in images(MAX_ROWS + 8, seed=6)]
@@ -489,6 +503,7 @@ def test_the_model_threads_run_below_the_event_loop(tiny_captioner):
         seen["before"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         engine = create_engine(controlled, settings(inference_nice=seen["before"] + 1))
         await engine.start()
+        controlled.forget()
         await engine.submit(images(1)[0], DecodeOptions(max_length=2))
         seen["event loop"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         await engine.stop()

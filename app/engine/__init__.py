@@ -7,28 +7,25 @@
 
     engine.check_admission()                   # raises what submit() would (full queue, stopped), cheaply
 
-Policy (app.engine.scheduler), model runner (app.engine.runner) and the threads that drive them
-(app.engine.engine: a decoder thread, and in continuous mode an encoder thread) are separate, so
-the batching policy is testable without a model.
+Split as vLLM's V1 engine is: the client (app.engine.engine.EngineClient, the only object the
+service touches), the core loop that owns the decode rows (app.engine.core), the encoder stage
+(app.engine.encoder, continuous mode), pure batching policy (app.engine.scheduler), the model
+runner (app.engine.runner), process tuning (app.engine.os_tuning) and the exceptions
+(app.engine.errors, one class per condition).
 """
 
 from __future__ import annotations
 
-from app.engine.engine import (
-    DeadlineExceeded,
-    Engine,
-    EngineError,
-    EngineStopped,
-    InferenceError,
-    Overloaded,
-    Result,
-)
+from app.engine.engine import Engine, EngineClient
+from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.engine.request import Result
 from app.engine.scheduler import make_policy
 
 __all__ = [
     "create_engine",
     "DeadlineExceeded",
     "Engine",
+    "EngineClient",
     "EngineError",
     "EngineStopped",
     "InferenceError",
@@ -41,13 +38,14 @@ def create_engine(captioner, settings) -> Engine:
     """An engine for `settings.batching_mode` ("continuous", "static" or "none").
 
     `settings` is app.settings.Settings, the one place with defaults (see its fields for
-    max_encode_batch, inference_nice and freeze_gc).
+    max_encode_batch, encode_ahead, inference_nice and freeze_gc).
     """
     policy = make_policy(
         settings.batching_mode,
         max_slots=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         max_encode_batch=settings.max_encode_batch,
+        encode_ahead=settings.encode_ahead,
     )
     return Engine(
         captioner,

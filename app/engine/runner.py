@@ -84,6 +84,10 @@ class ModelRunner:
         self.state[:used] = new_state[:used]
         return log_probs[:used], attention[:used]
 
+    def set_tokens(self, used: int, tokens: np.ndarray) -> None:
+        """Feeds rows [0, used) their next tokens (greedy rows: their argmax), states unchanged."""
+        self.tokens[:used] = tokens
+
     def set_next(self, start: int, tokens: np.ndarray, parents: np.ndarray) -> None:
         """Feeds a block its next tokens; each row continues the state of row start + parents[i]."""
         width = len(tokens)

@@ -4,7 +4,7 @@ Pure Python, no TensorFlow: the engine asks a policy how many requests to take f
 the admission queue, and a `SlotTable` where their rows go. Three policies share one interface:
 
   continuous  admit into free slots at every decode step (Orca / vLLM style iteration batching),
-              images encoded ahead by a second thread
+              images encoded ahead by a second thread, or inline by the decoding thread
   static      request-level batching: gather up to max_slots within a delay, then decode the batch
               to completion before admitting again (TF Serving / Triton / Ray Serve dynamic batchers)
   none        one request at a time
@@ -49,20 +49,23 @@ def _count_fitting(widths: Sequence[int], free_slots: int, max_requests: int, id
 class ContinuousPolicy:
     """Iteration-level batching (Orca / vLLM style), with the encoder running ahead in its own thread.
 
-    The encoder thread takes up to `max_encode_batch` waiting requests as soon as it is free (and
-    feature slots are), and encodes them in one batch; the decoder thread, at every step, moves
-    encoded requests into free rows, oldest first. Encoding never stalls the active sequences, so
-    no encode batch has to be held back or cut short for their sake (compare DistServe's split of
-    prefill and decode). `admit` is the decoder's half: how many encoded requests join now.
+    encodes_ahead: the encoder thread takes up to `max_encode_batch` waiting requests as soon as
+    it is free (and feature slots are), and encodes them in one batch; the decoder thread, at
+    every step, moves encoded requests into free rows, oldest first. Encoding never stalls the
+    active sequences (compare DistServe's split of prefill and decode), at the price of a third
+    busy thread. Otherwise (inline) the decoding thread itself encodes, before a step, the
+    waiting requests that fit, in one batch: one thread fewer competing for the cores and the
+    GIL, which pays where cores are few or shared (see docs/ENGINE.md). `admit` answers how many
+    requests (encoded ones, or waiting ones when inline) join now.
     """
 
     name = "continuous"
     holds_results_until_batch_ends = False
-    encodes_ahead = True
 
-    def __init__(self, max_slots: int, max_encode_batch: int = 16):
+    def __init__(self, max_slots: int, max_encode_batch: int = 16, encodes_ahead: bool = True):
         self.max_slots = max_slots
         self.max_encode_batch = max_encode_batch
+        self.encodes_ahead = encodes_ahead
 
     def admit(self, waiting: Sequence[int], oldest_wait_s: float, used_slots: int) -> Admission:
         return Admission(_count_fitting(waiting, self.max_slots - used_slots, MAX_ROWS, idle=used_slots == 0))
@@ -106,11 +109,12 @@ class SequentialPolicy:
 BatchingPolicy = ContinuousPolicy | StaticPolicy | SequentialPolicy
 
 
-def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int) -> BatchingPolicy:
+def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int,
+                encode_ahead: bool = True) -> BatchingPolicy:
     if not 1 <= max_slots <= MAX_ROWS:
         raise ValueError(f"max_batch_size must be between 1 and {MAX_ROWS}")
     if mode == "continuous":
-        return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots))
+        return ContinuousPolicy(max_slots, min(max_encode_batch, max_slots), encode_ahead)
     if mode == "static":
         return StaticPolicy(max_slots, max_queue_delay_s)
     if mode == "none":

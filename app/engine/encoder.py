@@ -1,0 +1,100 @@
+"""The encoder stage (continuous mode): a thread that encodes waiting images ahead of the decoder.
+
+It takes up to `max_batch` requests from the admission queue as soon as it is free (and feature
+slots are), encodes them in one batch into free feature slots, and hands them to the core through
+`encoded`. Encoding thus never stalls the sequences being decoded, and on a multi-core CPU the two
+overlap (each TensorFlow call releases the GIL). What it holds meanwhile (`in_flight`) and
+`encoded` change under `handoff`, so that "nothing left anywhere" is one atomic check.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from app import metrics
+from app.engine import os_tuning
+from app.engine.errors import InferenceError
+from app.engine.request import Request, each_failed
+from app.engine.scheduler import MAX_ROWS, AdmissionQueue
+
+logger = logging.getLogger("app.engine")
+
+IDLE_POLL_S = 0.5  # an idle thread re-checks for shutdown at least this often (wake-ups are not lost)
+
+
+def encode_requests(runner, requests: list[Request], now: float) -> InferenceError | None:
+    """Encodes the requests' images into feature slots; on failure returns the error that fails
+    them all (and only them)."""
+    for request in requests:
+        request.admitted = now
+        metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
+    started = time.perf_counter()
+    try:
+        slots = runner.encode(np.stack([request.image for request in requests]))
+    except Exception as exc:
+        logger.exception("encoding a batch of %d images failed", len(requests))
+        return InferenceError(f"encoding the image failed: {exc}")
+    metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
+    for request, slot in zip(requests, slots, strict=True):
+        request.feature_slot = slot
+    return None
+
+
+class EncoderStage:
+    def __init__(self, runner, queue: AdmissionQueue[Request], max_batch: int, *,
+                 post: Callable[[list], None], should_exit: Callable[[], bool], nice: int = 0):
+        self.runner = runner
+        self.queue = queue
+        self.max_batch = max_batch
+        self.post = post  # hands failed requests back to their event loops
+        self.should_exit = should_exit
+        self.nice = nice
+        self.encoded: AdmissionQueue[Request] = AdmissionQueue(MAX_ROWS + 1)
+        self.in_flight: list[Request] = []
+        self.handoff = threading.Lock()
+        self.slots_freed = threading.Event()  # wakes an encoder that found no free feature slot
+        self.thread: threading.Thread | None = None
+
+    def start(self, name: str) -> None:
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        """For shutdown and abandoned requests: every wait returns now."""
+        self.encoded.wake()
+        self.slots_freed.set()
+
+    def _main(self) -> None:
+        os_tuning.lower_this_thread(self.nice)
+        while True:
+            if self.should_exit():
+                break
+            self.slots_freed.clear()  # before looking, so that a slot freed after the look wakes the wait
+            with self.handoff:
+                count = min(self.max_batch, len(self.runner.free_slots))
+                batch = [r for r in self.queue.take(count) if not r.abandoned] if count else []
+                self.in_flight = batch
+            if not count:
+                self.slots_freed.wait(IDLE_POLL_S)  # every slot is in use: wait for the decoder to free one
+                continue
+            if not batch:
+                self.queue.wait(IDLE_POLL_S)
+                continue
+            try:
+                failure = encode_requests(self.runner, batch, time.monotonic())
+            except Exception:  # a bug: fail this batch, keep the thread alive
+                logger.exception("the encoder thread failed")
+                failure = InferenceError("the inference engine failed")
+            with self.handoff:
+                self.in_flight = []
+                if failure is None:
+                    for request in batch:
+                        self.encoded.put_nowait(request)
+            if failure is not None:
+                self.post(each_failed(batch, failure))
+        logger.info("encoder thread stopped")

@@ -1,0 +1,31 @@
+"""What the engine raises: one class per condition, defined here only.
+
+The service maps each to its HTTP answer (Overloaded: 503 + Retry-After, DeadlineExceeded: 504,
+EngineStopped: 503, InferenceError: 500-class error JSON); ValueError means an invalid image or
+options (the caller's fault)."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    pass
+
+
+class Overloaded(EngineError):
+    """The admission queue is full; retry after `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"the inference queue is full; retry in {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed before its captions were ready."""
+
+
+class EngineStopped(EngineError):
+    """The engine is not running: not started yet, or shutting down."""
+
+
+class InferenceError(EngineError):
+    """The model failed on the batch that held this request (other batches are unaffected)."""

@@ -1,0 +1,51 @@
+"""What travels between the client (event loop) and the core (inference threads): one request,
+its result, and the hand-back of outcomes to the loop that awaits them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Result:
+    captions: list  # list[captioning.decoding.Caption], best first
+    queue_ms: float  # submitted -> admitted into decode slots
+    inference_ms: float  # admitted -> captions ready
+
+
+class Request:
+    __slots__ = ("image", "options", "width", "loop", "future", "submitted", "admitted", "search",
+                 "abandoned", "deadline_timer", "feature_slot")
+
+    def __init__(self, image, options, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.image = image
+        self.options = options
+        self.width = options.width
+        self.loop = loop
+        self.future = future
+        self.submitted = time.monotonic()
+        self.admitted = 0.0
+        self.search = None
+        self.abandoned = False  # set on the event loop; the threads free the request's rows and slot
+        self.deadline_timer = None
+        self.feature_slot: int | None = None  # where its image features are, once encoded
+
+
+def deliver(outcomes: list[tuple[Request, object]]) -> None:
+    """On the event loop: sets each future's result or exception, unless it is already done
+    (cancelled, or failed by its deadline), so a cancelled future never receives one."""
+    for request, outcome in outcomes:
+        if request.future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            request.future.set_exception(outcome)
+        else:
+            request.future.set_result(outcome)
+
+
+def each_failed(requests: list[Request], error: Exception) -> list[tuple[Request, Exception]]:
+    """The outcomes of a failed batch: each request gets its own exception object, since raising
+    one object in several awaiting tasks would tangle their tracebacks."""
+    return [(request, type(error)(str(error))) for request in requests]

@@ -12,11 +12,11 @@ import random
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from app.settings import Settings
 from app.engine import DeadlineExceeded, EngineStopped, InferenceError, Overloaded, create_engine
 from app.engine.scheduler import (
     MAX_ROWS,
@@ -188,7 +188,7 @@ class ControlledSlots:
 def settings(mode="continuous", **overrides):
     values = dict(batching_mode=mode, max_batch_size=16, max_queue_delay_ms=5.0, max_queue_size=64, max_encode_batch=16,
                   request_timeout_s=20.0, shutdown_grace_s=5.0, inference_nice=0, freeze_gc=False)
-    return SimpleNamespace(**{**values, **overrides})
+    return Settings(**{**values, **overrides})
 
 
 def run(coroutine):

@@ -35,11 +35,10 @@ def as_records(captions) -> list[dict]:
 
 
 async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[list[dict]]]:
-    from types import SimpleNamespace
-
     from app.engine import create_engine
+    from app.settings import Settings
 
-    engine = create_engine(captioner, SimpleNamespace(batching_mode=mode, max_batch_size=24, inference_nice=0,
+    engine = create_engine(captioner, Settings(batching_mode=mode, max_batch_size=24, inference_nice=0,
                                                       freeze_gc=False, **settings))
     await engine.start()
     try:

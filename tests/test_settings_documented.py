@@ -22,6 +22,8 @@ def documented_defaults() -> dict[str, str]:
 def shown(value) -> str:
     if value is None:
         return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()  # as an environment variable says it
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -47,7 +47,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     TF_ENABLE_ONEDNN_OPTS=0 \
     HOST=0.0.0.0 \
     PORT=8000 \
-    ARTIFACTS_DIR=/srv/model_artifacts/default
+    MODEL_REPOSITORY=/srv/model_artifacts \
+    MODEL_NAME=default \
+    COMPILE_CACHE_DIR=/tmp/xla-cache
 RUN groupadd --system --gid 10001 captioner \
     && useradd --system --uid 10001 --gid captioner --create-home --home-dir /home/captioner \
        --shell /usr/sbin/nologin captioner

@@ -127,7 +127,8 @@ def test_compose_config_is_valid_with_service_essentials():
     # API_KEY is empty by default: published on loopback only unless BIND_ADDRESS says otherwise.
     assert port["host_ip"] == "127.0.0.1"
     assert service["restart"] == "unless-stopped"
-    assert service["environment"]["ARTIFACTS_DIR"] == "/srv/model_artifacts/default"
+    assert service["environment"]["MODEL_REPOSITORY"] == "/srv/model_artifacts"
+    assert service["environment"]["MODEL_NAME"] == "default"
     (volume,) = service["volumes"]
     assert volume["target"] == "/srv/model_artifacts" and volume["read_only"] is True
 

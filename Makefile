@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack bench-peers container-test lock clean
+.PHONY: install install-dev serve test test-fast lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack bench-peers container-test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ serve: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
+
+# The layers one at a time: unit (model core, engine, policies, manifests; under a minute), training,
+# service (the app in-process), e2e (real servers, Chromium, Prometheus, fresh processes).
+test-fast: $(VENV)/.dev
+	$(BIN)/python -m pytest tests/unit
 
 # Style and layering: ruff (lint + format) and the import contracts in pyproject.toml.
 lint: $(VENV)/.dev

@@ -21,22 +21,32 @@ TINY_CAPTIONS = [
 ]
 
 
-def make_tiny_bundle(path, **overrides):
-    """Writes a random-weight bundle to `path`; returns the path."""
+def make_tiny_bundle(path, *, captions=TINY_CAPTIONS, seed=7, never_end=False, name="tiny-random", version="test",
+                     training=None, metrics=None, **overrides):
+    """Writes a random-weight bundle (real format) to `path`; returns the path. The one builder of test
+    bundles: `captions` make the vocabulary, `overrides` change TINY_CONFIG, and `never_end` makes <end>
+    (and the never-printed <pad> and <start>) very unlikely, so every caption has max_length words."""
     import keras
 
     from captioning.artifacts import save_bundle
     from captioning.config import ModelConfig
     from captioning.model import build_decoder, build_encoder
-    from captioning.tokenizer import Tokenizer
+    from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer
 
-    keras.utils.set_random_seed(7)
-    tokenizer = Tokenizer.build(TINY_CAPTIONS)
+    keras.utils.set_random_seed(seed)
+    tokenizer = Tokenizer.build(captions)
     config = ModelConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, **overrides})
     encoder = build_encoder(config)
     decoder = build_decoder(config, encoder.output.shape[1])
-    save_bundle(path, encoder, decoder, tokenizer, config, name="tiny-random", version="test",
-                training={"command": "tests/conftest.py", "dataset": {"name": "none", "size": 0}})
+    if never_end:
+        logits = decoder.get_layer("logits")
+        kernel, bias = logits.get_weights()
+        bias[[END_ID, PAD_ID, START_ID]] = -30.0
+        logits.set_weights([kernel, bias])
+    if training is None:
+        training = {"command": "tests/conftest.py", "dataset": {"name": "none", "size": 0}}
+    save_bundle(path, encoder, decoder, tokenizer, config, name=name, version=version, training=training,
+                metrics=metrics)
     return path
 
 

@@ -25,7 +25,7 @@ from training.metrics import (
     leave_one_out_rounds,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Distinct captions, so CIDEr's document frequencies can tell the images apart.
 TOY_CAPTIONS = [
@@ -144,22 +144,12 @@ def test_gallery_is_self_contained_and_escaped(tmp_path):
 @pytest.fixture(scope="module")
 def shapes_bundle(tmp_path_factory):
     """A random-weight bundle whose vocabulary comes from shapes captions."""
-    import keras
-
-    from captioning.artifacts import save_bundle
-    from captioning.config import ModelConfig
-    from captioning.model import build_decoder, build_encoder
-    from captioning.tokenizer import Tokenizer
+    from conftest import make_tiny_bundle
     from training.datasets.shapes import load_split
 
-    keras.utils.set_random_seed(3)
-    tokenizer = Tokenizer.build(c for record in load_split("train", size=20) for c in record.captions)
-    config = ModelConfig(vocab_size=len(tokenizer), attention_dim=32, embedding_dim=16, max_length=12)
-    encoder = build_encoder(config)
-    decoder = build_decoder(config, encoder.output.shape[1])
+    captions = [c for record in load_split("train", size=20) for c in record.captions]
     path = tmp_path_factory.mktemp("evaluate") / "bundle"
-    save_bundle(path, encoder, decoder, tokenizer, config, name="shapes-random", version="test", training={})
-    return path
+    return make_tiny_bundle(path, captions=captions, seed=3, image_size=64, name="shapes-random", training={})
 
 
 def test_evaluate_returns_every_part_of_the_report(shapes_bundle):

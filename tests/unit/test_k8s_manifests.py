@@ -12,7 +12,7 @@ import yaml
 
 from app.metrics import REGISTRY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"  # the oldest minor the manifests promise to support; see docs/DEPLOY.md
 # KServe fields of a predictor that are not PodSpec fields (serving.kserve.io/v1beta1 PredictorSpec).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import test_service_helpers as uploads
+import uploads
 from PIL import Image
 
 from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat

@@ -145,7 +145,7 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
 
 
 def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path, tiny_bundle):
-    import test_service_helpers as uploads
+    import uploads
     from fastapi.testclient import TestClient
 
     from app.main import create_app

@@ -18,7 +18,7 @@ from PIL import Image
 from app.images import decode_upload
 from captioning.decoding import DecodeOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs with the project off the path: only TensorFlow reads the SavedModel, as TF Serving would.
 LOAD_AND_CAPTION = """

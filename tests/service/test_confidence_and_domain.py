@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-import test_service_helpers as uploads
+import uploads
 from fastapi.testclient import TestClient
 from PIL import Image
 

@@ -1,6 +1,6 @@
 """Shared helpers for the service tests: upload builders and a tiny random-weights model bundle.
 
-No tests live here; the other tests/test_service_*.py modules import it as a sibling module
+No tests live here; the service and end-to-end tests import it (`import uploads`; tests/ is on the path)
 (pytest puts this rootless tests/ directory on sys.path).
 """
 
@@ -154,31 +154,12 @@ _CAPTIONS = [
 
 
 def build_tiny_bundle(directory: Path) -> Path:
-    """Random weights, real format: enough to exercise the service without the trained model.
+    """The service tests' bundle: random weights, real format, seeded, every caption max_length words."""
+    from conftest import make_tiny_bundle
 
-    Seeded, and with <end> (and the never-printed <pad> and <start>) made very unlikely, so every
-    caption has the full max_length words."""
-    import keras
-
-    from captioning.artifacts import save_bundle
-    from captioning.config import ModelConfig
-    from captioning.model import build_decoder, build_encoder
-    from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer
-
-    keras.utils.set_random_seed(1234)
-    tokenizer = Tokenizer.build(_CAPTIONS)
-    config = ModelConfig(backbone="small_cnn", image_size=32, attention_dim=32, embedding_dim=16,
-                         vocab_size=len(tokenizer), max_length=12)
-    encoder = build_encoder(config)
-    decoder = build_decoder(config, encoder.output.shape[1])
-    logits = decoder.get_layer("logits")
-    kernel, bias = logits.get_weights()
-    bias[[END_ID, PAD_ID, START_ID]] = -30.0
-    logits.set_weights([kernel, bias])
-    save_bundle(
-        directory, encoder, decoder, tokenizer, config, name="tiny-test-captioner", version="0.0.1",
-        training={"command": "tests/test_service_helpers.py build_tiny_bundle",
-                  "dataset": {"name": "shapes", "train_images": 0}},
+    return make_tiny_bundle(
+        directory, captions=_CAPTIONS, seed=1234, never_end=True, backbone="small_cnn",
+        name="tiny-test-captioner", version="0.0.1",
+        training={"command": "tests/uploads.py build_tiny_bundle", "dataset": {"name": "shapes", "train_images": 0}},
         metrics={"test": {"exact_match": 0.0}},
     )
-    return directory

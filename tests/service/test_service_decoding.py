@@ -5,7 +5,7 @@ ones. In process, one app on the tiny random bundle (its captions always run to 
 from __future__ import annotations
 
 import pytest
-import test_service_helpers as uploads
+import uploads
 from fastapi.testclient import TestClient
 
 from app.images import decode_upload

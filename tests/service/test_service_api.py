@@ -12,7 +12,7 @@ import shutil
 import time
 
 import pytest
-import test_service_helpers as uploads
+import uploads
 from fastapi.testclient import TestClient
 
 from app.engine import DeadlineExceeded as EngineDeadlineExceeded

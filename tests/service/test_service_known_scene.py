@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 import pytest
-import test_service_helpers as uploads
+import uploads
 from conftest import DEFAULT_BUNDLE
 from fastapi.testclient import TestClient
 from PIL import Image

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import test_service_helpers as uploads
+import uploads
 from conftest import DEFAULT_BUNDLE
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -31,7 +31,7 @@ from training.datasets.shapes_checker import check_caption
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAINED_BUNDLE = DEFAULT_BUNDLE
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

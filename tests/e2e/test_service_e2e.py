@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import test_service_helpers as uploads
+import uploads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-test-key"
 MAX_UPLOAD_BYTES = 300_000
 START_TIMEOUT_S = 120

@@ -23,7 +23,7 @@ from training.__main__ import main
 from training.datasets.shapes import make_example
 from training.features import backbone_of
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL_MODEL = ["--attention-dim", "16", "--embedding-dim", "8", "--max-length", "12", "--batch-size", "4",
                "--verbose", "0"]
 

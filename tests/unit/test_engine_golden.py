@@ -1,6 +1,6 @@
 """Greedy, beam and sampling answers stay what they were before the engine's speed work: the
-captions of fixed images under fixed options and seeds, recorded once (tests/golden_captions.json,
-written by `python tests/test_engine_golden.py` with the pre-change engine), must come back from
+captions of fixed images under fixed options and seeds, recorded once (tests/unit/golden_captions.json,
+written by `python tests/unit/test_engine_golden.py` with the pre-change engine), must come back from
 every batching mode and from the offline path, token for token."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_offline_answers_equal_the_recorded_ones(tiny_captioner, golden):
 if __name__ == "__main__":  # records the golden answers with the code as it is now
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
     from conftest import make_tiny_bundle
 
     from captioning.captioner import Captioner

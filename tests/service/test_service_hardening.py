@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-import test_service_helpers as uploads
+import uploads
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.applications import Starlette

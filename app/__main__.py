@@ -16,8 +16,8 @@ import sys
 from pydantic import ValidationError
 
 from app.logging_config import logging_config
-from app.settings import Settings
 from app.model_repository import precheck
+from app.settings import Settings
 from captioning.artifacts import ArtifactError
 
 logger = logging.getLogger("app")

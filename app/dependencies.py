@@ -77,8 +77,10 @@ def one_file_per_field(*names: str):
         form = await request.form()  # already parsed for the route: Starlette keeps it
         for name in names:
             if len(form.getlist(name)) > 1:
-                raise DuplicateField(f"the form has {len(form.getlist(name))} `{name}` fields; send exactly one "
-                                     f"(use POST /captions for several images)")
+                raise DuplicateField(
+                    f"the form has {len(form.getlist(name))} `{name}` fields; send exactly one "
+                    f"(use POST /captions for several images)"
+                )
 
     return Depends(check)
 

@@ -30,8 +30,14 @@ class ApiError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None, status_code: int | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        status_code: int | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
@@ -114,11 +120,18 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, Overloaded):
-        return ApiError("the inference queue is full; retry shortly", status_code=503, code="overloaded",
-                        headers=retry_after(exc.retry_after_s))
+        return ApiError(
+            "the inference queue is full; retry shortly",
+            status_code=503,
+            code="overloaded",
+            headers=retry_after(exc.retry_after_s),
+        )
     if isinstance(exc, DeadlineExceeded):
-        return ApiError(str(exc) or "the request deadline passed while waiting for inference", status_code=504,
-                        code="deadline_exceeded")
+        return ApiError(
+            str(exc) or "the request deadline passed while waiting for inference",
+            status_code=504,
+            code="deadline_exceeded",
+        )
     if isinstance(exc, EngineStopped):
         return NotReady("the service is shutting down", NOT_READY_RETRY_AFTER_S)
     if isinstance(exc, InferenceError):
@@ -164,8 +177,9 @@ def request_id_of(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
 
-def error_response(request: Request, status_code: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    request: Request, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     request.scope.setdefault("state", {})["error_code"] = code  # for the error counter (app.middleware)
     body = ErrorResponse(error={"code": code, "message": message}, request_id=request_id_of(request))
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
@@ -200,8 +214,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette's ServerErrorMiddleware calls this, then re-raises so the server logs the traceback.
-    return error_response(request, 500, "internal_error", "the server failed to handle the request",
-                          {"X-Request-ID": request_id_of(request) or ""})
+    return error_response(
+        request,
+        500,
+        "internal_error",
+        "the server failed to handle the request",
+        {"X-Request-ID": request_id_of(request) or ""},
+    )
 
 
 def install_exception_handlers(app: FastAPI) -> None:
@@ -229,7 +248,7 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
 
 _ERROR_DESCRIPTIONS = {
     400: "The body is not valid multipart data, or the file not a decodable image (corrupt, truncated, empty, "
-         "not an image).",
+    "not an image).",
     401: "Missing or wrong API key (checked from the headers, before the body is read).",
     408: "The body did not arrive within BODY_TIMEOUT_S plus its size at MIN_UPLOAD_BYTES_PER_S.",
     403: "The endpoint is disabled (the admin endpoints need API_KEY set).",
@@ -238,9 +257,8 @@ _ERROR_DESCRIPTIONS = {
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF.",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
-         "range, or no caption for the image (`no_caption`).",
+    "range, or no caption for the image (`no_caption`).",
     500: "Unexpected server error.",
-    503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After "
-         "seconds.",
+    503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After seconds.",
     504: "The request's deadline (REQUEST_TIMEOUT_S) passed.",
 }

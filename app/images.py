@@ -18,8 +18,15 @@ from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedIm
 
 # Pillow format name -> the name reported to clients. MPO is how Pillow names JPEGs from cameras
 # that embed a second picture; it is a JPEG for every purpose here.
-ALLOWED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF",
-                   "BMP": "BMP", "TIFF": "TIFF"}
+ALLOWED_FORMATS = {
+    "JPEG": "JPEG",
+    "MPO": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WEBP",
+    "GIF": "GIF",
+    "BMP": "BMP",
+    "TIFF": "TIFF",
+}
 _PILLOW_OPENERS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # the JPEG opener also yields MPO
 ALLOWED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
@@ -45,26 +52,52 @@ _OTHER_IMAGE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x01\xda", "SGI"),
     (0, b"SIMPLE  =", "FITS"),
 )
-_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
-                b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+_HEIF_BRANDS = {
+    b"heic": "HEIC",
+    b"heix": "HEIC",
+    b"hevc": "HEIC",
+    b"heim": "HEIC",
+    b"heis": "HEIC",
+    b"mif1": "HEIF",
+    b"msf1": "HEIF",
+    b"avif": "AVIF",
+    b"avis": "AVIF",
+}
 
 # Bytes per pixel held at the peak of decode_opened for each mode (Pillow stores 1, L and P in one
 # byte, I;16 in two, every other mode in four); modes _reduce converts first count both copies.
-_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "PA": 8, "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6,
-                         "I": 4, "F": 4}
-_PEAK_BYTES_PER_PIXEL.update(dict.fromkeys(("LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
-                                            "HSV"), 4))
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "PA": 8, "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6, "I": 4, "F": 4}
+_PEAK_BYTES_PER_PIXEL.update(
+    dict.fromkeys(("LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"), 4)
+)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 # Decoding untrusted bytes can fail inside Pillow's plugins in many ways; each of them means
 # "this is not a valid image", never a server error.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError,
-                  ZeroDivisionError, AttributeError, OverflowError, RuntimeError)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    EOFError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    AttributeError,
+    OverflowError,
+    RuntimeError,
+)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import asyncio
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
@@ -61,8 +61,9 @@ def configure_inference_threads(threads: int) -> None:
     except RuntimeError:
         current = tf.config.threading.get_intra_op_parallelism_threads()
         if current != threads:
-            logger.warning("TensorFlow is already running with %s intra-op threads; %d not applied",
-                           current or "default", threads)
+            logger.warning(
+                "TensorFlow is already running with %s intra-op threads; %d not applied", current or "default", threads
+            )
 
 
 def configure_compile_cache(directory: Path | None) -> None:
@@ -96,8 +97,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     shutdown.attach()
     shutdown.on_begin.append(lambda: setattr(app.state, "stopping", True))  # readiness fails from the signal on
     models = ModelManager(settings, state=app.state)
-    logger.info("loading model", extra={"model": models.name, "policy": str(models.policy),
-                                        "path": str(models.source.bundle or models.source.model_dir)})
+    logger.info(
+        "loading model",
+        extra={
+            "model": models.name,
+            "policy": str(models.policy),
+            "path": str(models.source.bundle or models.source.model_dir),
+        },
+    )
     try:
         await models.start()  # verifies, loads and warms up; sets app.state.captioner / engine
     except ArtifactError as exc:
@@ -110,8 +117,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     captioner = models.default.captioner
     logger.info(
         "ready",
-        extra={"model": captioner.manifest.get("name"), "version": captioner.manifest.get("version"),
-               "batching_mode": settings.batching_mode, "max_batch_size": settings.max_batch_size},
+        extra={
+            "model": captioner.manifest.get("name"),
+            "version": captioner.manifest.get("version"),
+            "batching_mode": settings.batching_mode,
+            "max_batch_size": settings.max_batch_size,
+        },
     )
     poller = None
     if models.source.reloadable and settings.model_poll_interval_s > 0:
@@ -129,8 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="Image captioning service", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = FastAPI(title="Image captioning service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.captioner = None
     app.state.engine = None
@@ -158,8 +168,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: the request ID exists before anything else runs, so every refusal
     # below carries it and is logged and counted like any response.
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
-    app.add_middleware(UploadGuard, settings=settings, engine_of=lambda app: app.state.engine,
-                       key_accepted=lambda headers: api_key_accepted(headers, settings))
+    app.add_middleware(
+        UploadGuard,
+        settings=settings,
+        engine_of=lambda app: app.state.engine,
+        key_accepted=lambda headers: api_key_accepted(headers, settings),
+    )
     app.add_middleware(ShutdownGuard, shutdown_of=lambda app: app.state.shutdown)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -98,8 +98,14 @@ class RequestContextMiddleware:
             HTTP_REQUEST_SECONDS.labels(**labels).observe(elapsed)
             access_logger.info(
                 "request",
-                extra={"method": scope["method"], "route": route, "path": scope["path"], "status": status,
-                       "latency_ms": round(elapsed * 1000, 2), "request_id": request_id},
+                extra={
+                    "method": scope["method"],
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "latency_ms": round(elapsed * 1000, 2),
+                    "request_id": request_id,
+                },
             )
 
 

@@ -61,7 +61,7 @@ class VersionPolicy:
 
     @classmethod
     def parse(cls, text: str) -> VersionPolicy:
-        """"latest:2", "specific:1,3", "all" -> a policy; anything else raises ValueError."""
+        """ "latest:2", "specific:1,3", "all" -> a policy; anything else raises ValueError."""
         kind, _, arguments = text.strip().partition(":")
         try:
             if kind == "latest" and int(arguments) >= 1:
@@ -158,8 +158,11 @@ def precheck(settings) -> list[int]:
         except ArtifactError as exc:
             errors.append(str(exc))
     if not policy.select(good):
-        raise ArtifactError("no loadable version for policy " + str(policy) + ("; " + "; ".join(errors) if errors else
-                            f": the repository has versions {sorted(versions)}"))
+        raise ArtifactError(
+            "no loadable version for policy "
+            + str(policy)
+            + ("; " + "; ".join(errors) if errors else f": the repository has versions {sorted(versions)}")
+        )
     return policy.select(good)
 
 
@@ -188,8 +191,14 @@ class ServedModel:
             self._drained.set()
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "path": str(self.path), "load_s": round(self.load_s, 3),
-                "warmup_s": round(self.warmup_s, 3), "bundle": self.captioner.manifest.get("bundle")}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": str(self.path),
+            "load_s": round(self.load_s, 3),
+            "warmup_s": round(self.warmup_s, 3),
+            "bundle": self.captioner.manifest.get("bundle"),
+        }
 
 
 class VersionedEngine:
@@ -233,8 +242,9 @@ class ModelManager:
     def __init__(self, settings, state=None, *, engine_factory=None):
         self.settings = settings
         self.source = Source.from_settings(settings)
-        self.policy = (VersionPolicy.parse(settings.model_version_policy) if self.source.reloadable
-                       else VersionPolicy("all"))
+        self.policy = (
+            VersionPolicy.parse(settings.model_version_policy) if self.source.reloadable else VersionPolicy("all")
+        )
         self.state = state  # app.state: its captioner / engine name the default version
         self._engine_factory = engine_factory
         self._served: MappingProxyType[int, ServedModel] = MappingProxyType({})
@@ -271,8 +281,10 @@ class ModelManager:
         if not self._served:
             reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(report.refused.items()))
             where = self.source.bundle or self.source.model_dir
-            raise ArtifactError(f"no version of {self.name!r} could be served from {where} (policy {self.policy})"
-                                + (f": {reasons}" if reasons else ": no version directories"))
+            raise ArtifactError(
+                f"no version of {self.name!r} could be served from {where} (policy {self.policy})"
+                + (f": {reasons}" if reasons else ": no version directories")
+            )
 
     async def reload(self, policy: VersionPolicy | None = None) -> ReloadReport:
         """Brings the served set in line with the repository and the policy (a new policy replaces
@@ -296,8 +308,12 @@ class ModelManager:
             loadable = [v for v in on_disk if v not in self._refused or v in current]
             while True:  # load the wanted versions, best first; a refused one lets the next in line in
                 wanted = self.policy.select(loadable)
-                missing = [v for v in wanted if v not in self._refused
-                           and (v not in current or current[v].fingerprint != fingerprint(on_disk[v]))]
+                missing = [
+                    v
+                    for v in wanted
+                    if v not in self._refused
+                    and (v not in current or current[v].fingerprint != fingerprint(on_disk[v]))
+                ]
                 if not missing:
                     break
                 version = missing[0]
@@ -317,8 +333,10 @@ class ModelManager:
                     if model is not self._served.get(version):
                         self._retire(model)
                 self.policy = previous_policy
-                raise NoServableVersion(f"no version of {self.name!r} matches policy {policy or self.policy} and "
-                                        f"loads (on disk: {sorted(on_disk)}); still serving {sorted(self._served)}")
+                raise NoServableVersion(
+                    f"no version of {self.name!r} matches policy {policy or self.policy} and "
+                    f"loads (on disk: {sorted(on_disk)}); still serving {sorted(self._served)}"
+                )
             if policy is not None:
                 logger.info("version policy changed", extra={"model": self.name, "policy": str(policy)})
             for version in sorted(set(current) - keep):
@@ -359,11 +377,21 @@ class ModelManager:
         metrics.MODEL_LOADS.labels(**labels, result="loaded").inc()
         metrics.MODEL_LOAD_SECONDS.labels(**labels, phase="load").set(loaded - started)
         metrics.MODEL_LOAD_SECONDS.labels(**labels, phase="warmup").set(warmed - loaded)
-        logger.info("model version loaded", extra={**labels, "load_s": round(loaded - started, 3),
-                                                   "warmup_s": round(warmed - loaded, 3)})
+        logger.info(
+            "model version loaded",
+            extra={**labels, "load_s": round(loaded - started, 3), "warmup_s": round(warmed - loaded, 3)},
+        )
         report.loaded.append(version)
-        return ServedModel(self.name, version, path, captioner, VersionedEngine(engine, self.name, version),
-                           loaded - started, warmed - loaded, prints)
+        return ServedModel(
+            self.name,
+            version,
+            path,
+            captioner,
+            VersionedEngine(engine, self.name, version),
+            loaded - started,
+            warmed - loaded,
+            prints,
+        )
 
     def _create_engine(self, captioner):
         if self._engine_factory is not None:
@@ -384,8 +412,14 @@ class ModelManager:
                 self.state.service = service.for_model(default.captioner, default.engine)
         for version in current:
             metrics.MODEL_SERVED.labels(model=self.name, version=str(version)).set(1)
-        logger.info("serving model versions", extra={"model": self.name, "versions": sorted(current),
-                                                      "default_version": default.version if default else None})
+        logger.info(
+            "serving model versions",
+            extra={
+                "model": self.name,
+                "versions": sorted(current),
+                "default_version": default.version if default else None,
+            },
+        )
 
     def _retire(self, model: ServedModel) -> None:
         model.retired = True
@@ -405,8 +439,10 @@ class ModelManager:
             try:
                 await asyncio.wait_for(model._drained.wait(), drain_s)
             except asyncio.TimeoutError:
-                logger.warning("unloading with requests still leasing it", extra={
-                    "model": model.name, "version": model.version, "leases": model.leases})
+                logger.warning(
+                    "unloading with requests still leasing it",
+                    extra={"model": model.name, "version": model.version, "leases": model.leases},
+                )
         await model.engine.stop(self.settings.shutdown_grace_s)
         model.captioner = model.engine = None
         release_memory(refreeze=getattr(self.settings, "freeze_gc", True))

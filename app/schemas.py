@@ -44,28 +44,39 @@ class CaptionQuery(BaseModel):
     """
 
     strategy: Literal["greedy", "beam", "sample"] = Field(
-        "greedy", description="greedy: the most likely word at each step, one caption; beam: beam search "
+        "greedy",
+        description="greedy: the most likely word at each step, one caption; beam: beam search "
         "with length normalisation, n-best; sample: top-k sampling with temperature, n independent samples.",
     )
     beam_size: int = Field(3, ge=1, le=MAX_CAPTIONS, description="Beams kept (strategy=beam only).")
     num_captions: int = Field(
-        1, ge=1, le=MAX_CAPTIONS,
+        1,
+        ge=1,
+        le=MAX_CAPTIONS,
         description="Captions returned, best first: at most beam_size (beam) or any (sample); greedy gives one.",
     )
     max_length: int | None = Field(
-        None, ge=1, le=MAX_CAPTION_WORDS,
+        None,
+        ge=1,
+        le=MAX_CAPTION_WORDS,
         description="Most words in a caption; capped at what the model was trained for.",
     )
     temperature: float = Field(
-        1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
         description="Sharpens (<1) or flattens (>1) the sampling distribution (strategy=sample only).",
     )
     top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Sample from the k likeliest words (strategy=sample only).")
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Makes sampling repeatable (strategy=sample only); random when absent.",
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Makes sampling repeatable (strategy=sample only); random when absent.",
     )
     attention: bool = Field(
-        False, description="Add each word's attention weights over the feature grid, and the grid's size.",
+        False,
+        description="Add each word's attention weights over the feature grid, and the grid's size.",
     )
 
 
@@ -84,9 +95,13 @@ class WordAttention(BaseModel):
 
 class CaptionCandidate(BaseModel):
     text: str
-    confidence: float = Field(ge=0.0, le=1.0, description="Estimated probability that the caption is right: the "
-                              "geometric-mean token probability, calibrated on held-out images when the model "
-                              "bundle has a calibration (docs/MODEL.md).")
+    confidence: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="Estimated probability that the caption is right: the "
+        "geometric-mean token probability, calibrated on held-out images when the model "
+        "bundle has a calibration (docs/MODEL.md).",
+    )
     log_prob: float = Field(description="Summed log-probability of the generated tokens (<= 0).")
     words: list[WordAttention] | None = Field(
         None, description="Only with attention=true: each word of `text` with its attention weights."
@@ -123,11 +138,17 @@ class CaptionFields(BaseModel):
     captions: list[CaptionCandidate] = Field(description="Best first; one entry for greedy decoding.")
     attention_grid: AttentionGrid | None = Field(None, description="Only with attention=true.")
     in_domain: bool | None = Field(
-        None, description="Whether the image looks like what the model was trained on (domain_score >= 0.5); "
-        "captions of an out-of-domain image are likely wrong. Absent when the model has no domain check.")
+        None,
+        description="Whether the image looks like what the model was trained on (domain_score >= 0.5); "
+        "captions of an out-of-domain image are likely wrong. Absent when the model has no domain check.",
+    )
     domain_score: float | None = Field(
-        None, ge=0.0, le=1.0, description="Likeness to the training images: 1 typical, 0.5 the in-domain threshold, "
-        "near 0 unlike anything the model has seen (docs/MODEL.md).")
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Likeness to the training images: 1 typical, 0.5 the in-domain threshold, "
+        "near 0 unlike anything the model has seen (docs/MODEL.md).",
+    )
     model: ModelRef
     image: ImageInfo
     timing_ms: Timing

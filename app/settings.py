@@ -22,17 +22,24 @@ class Settings(BaseSettings):
 
     # --- where and how to serve --------------------------------------------------------------
     model_repository: Path = Field(Path("model_artifacts"), description="Models as <name>/<version>/ bundles.")
-    model_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                            description="The repository model served (its versions by MODEL_VERSION_POLICY).")
+    model_name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The repository model served (its versions by MODEL_VERSION_POLICY).",
+    )
     model_version_policy: str = Field(
-        "latest:1", pattern=r"^\s*(latest:\s*[1-9][0-9]*|specific:\s*[1-9][0-9]*(\s*,\s*[1-9][0-9]*)*|all)\s*$",
+        "latest:1",
+        pattern=r"^\s*(latest:\s*[1-9][0-9]*|specific:\s*[1-9][0-9]*(\s*,\s*[1-9][0-9]*)*|all)\s*$",
         description="Versions served: latest:N, specific:V1,V2 (a pin) or all; unversioned requests go to the highest.",
     )
     model_poll_interval_s: float = Field(
-        10.0, ge=0, description="How often the repository is checked for new versions; 0: only POST /admin/reload.")
+        10.0, ge=0, description="How often the repository is checked for new versions; 0: only POST /admin/reload."
+    )
     artifacts_dir: Path | None = Field(
-        None, description="One bundle to serve instead of the repository (no versions, no reload), or one "
-        "model's directory of versions.")
+        None,
+        description="One bundle to serve instead of the repository (no versions, no reload), or one "
+        "model's directory of versions.",
+    )
     host: str = Field("127.0.0.1", description="Interface to bind; the Docker image sets 0.0.0.0.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     log_level: LogLevel = Field("INFO", description="Threshold of the JSON log lines on stderr.")
@@ -48,27 +55,38 @@ class Settings(BaseSettings):
     decode_concurrency: int = Field(4, ge=1, description="Worker threads decoding uploads (a bounded pool).")
     max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")
     out_of_domain: Literal["caption", "reject"] = Field(
-        "caption", description="Images the model's domain check flags: captioned anyway (flagged in_domain=false) "
-        "or refused with 422 out_of_domain.")
+        "caption",
+        description="Images the model's domain check flags: captioned anyway (flagged in_domain=false) "
+        "or refused with 422 out_of_domain.",
+    )
 
     # --- hostile clients (docs/HARDENING.md) -------------------------------------------------
     decode_memory_mb: int = Field(
-        512, ge=1, description="Memory budget for decoding, weighted by each image's pixels and bit depth "
+        512,
+        ge=1,
+        description="Memory budget for decoding, weighted by each image's pixels and bit depth "
         "(known from its header); decodes past it wait. One image larger than the budget decodes alone.",
     )
     malloc_arenas: int = Field(
-        0, ge=0, description="Cap on glibc malloc arenas (like MALLOC_ARENA_MAX): less memory kept per thread, "
+        0,
+        ge=0,
+        description="Cap on glibc malloc arenas (like MALLOC_ARENA_MAX): less memory kept per thread, "
         "but a slower model under load (2 cost ~15% captions/s in one A/B); 0 leaves glibc's default.",
     )
     max_concurrent_uploads: int = Field(
-        64, ge=1, description="Request bodies being read at once; past it a POST gets 503 + Retry-After at once.",
+        64,
+        ge=1,
+        description="Request bodies being read at once; past it a POST gets 503 + Retry-After at once.",
     )
     body_timeout_s: float = Field(
-        10.0, gt=0, description="Time for a request body to arrive, plus its size at MIN_UPLOAD_BYTES_PER_S; "
-        "past it, 408.",
+        10.0,
+        gt=0,
+        description="Time for a request body to arrive, plus its size at MIN_UPLOAD_BYTES_PER_S; past it, 408.",
     )
     min_upload_bytes_per_s: int = Field(
-        50_000, ge=1, description="Slowest accepted upload rate beyond BODY_TIMEOUT_S (a 10 MB body gets 200 s more).",
+        50_000,
+        ge=1,
+        description="Slowest accepted upload rate beyond BODY_TIMEOUT_S (a 10 MB body gets 200 s more).",
     )
 
     # --- inference engine (app.engine) -------------------------------------------------------
@@ -84,7 +102,8 @@ class Settings(BaseSettings):
     )
     max_encode_batch: int = Field(16, ge=1, description="Continuous batching: images per encoder call.")
     freeze_gc: bool = Field(
-        True, description="After warm-up, freeze the model's objects out of Python's cyclic garbage collector.",
+        True,
+        description="After warm-up, freeze the model's objects out of Python's cyclic garbage collector.",
     )
     encode_ahead: bool = Field(
         True, description="Continuous batching: encode images in a thread of their own (else inline, before a step)."

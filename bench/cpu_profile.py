@@ -66,15 +66,27 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return seconds
 
 
-async def profile(mode: str, clients: int, duration_s: float, artifacts: Path, requests: list[bytes],
-                  log_dir: Path, extra_env: dict[str, str] | None = None) -> tuple[dict[str, float], float]:
+async def profile(
+    mode: str,
+    clients: int,
+    duration_s: float,
+    artifacts: Path,
+    requests: list[bytes],
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[dict[str, float], float]:
     """Per-caption CPU milliseconds by thread group, and captions/s, for one closed-loop phase."""
     from bench import harness
 
     map_path = log_dir / f"threads-{mode}.json"
-    server = harness.Server(mode, artifacts, {THREAD_MAP_ENV: str(map_path), **(extra_env or {})},
-                              log_dir / f"server-profile-{mode}.log", module="bench.cpu_profile",
-                              extra_args=["--serve"])
+    server = harness.Server(
+        mode,
+        artifacts,
+        {THREAD_MAP_ENV: str(map_path), **(extra_env or {})},
+        log_dir / f"server-profile-{mode}.log",
+        module="bench.cpu_profile",
+        extra_args=["--serve"],
+    )
     try:
         await server.wait_ready()
         await harness.closed_loop(server.port, requests, clients, 1.0, 0.0)  # settle
@@ -97,8 +109,9 @@ def main() -> int:
     parser.add_argument("--mode", default="continuous")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--artifacts", type=Path,
-                        default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "1")
+    parser.add_argument(
+        "--artifacts", type=Path, default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "1"
+    )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.serve:
@@ -110,8 +123,9 @@ def main() -> int:
     log_dir = harness.REPO / "bench" / "out"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(item.split("=", 1) for item in args.env)
-    groups, throughput = asyncio.run(profile(args.mode, args.clients, args.duration, args.artifacts.resolve(),
-                                             requests, log_dir, env))
+    groups, throughput = asyncio.run(
+        profile(args.mode, args.clients, args.duration, args.artifacts.resolve(), requests, log_dir, env)
+    )
     print(f"{args.mode}, {args.clients} clients: {throughput:.1f} captions/s; server CPU per caption:")
     for group, ms in groups.items():
         print(f"  {ms:6.2f} ms  {group}")

@@ -24,8 +24,14 @@ import numpy as np
 from PIL import Image
 
 # This program's own idea of the six colours (CSS-like), not the training renderer's RGB table.
-COLOURS = {"red": (230, 25, 25), "green": (20, 170, 40), "blue": (25, 70, 235), "yellow": (255, 215, 0),
-           "purple": (150, 40, 210), "orange": (255, 125, 0)}
+COLOURS = {
+    "red": (230, 25, 25),
+    "green": (20, 170, 40),
+    "blue": (25, 70, 235),
+    "yellow": (255, 215, 0),
+    "purple": (150, 40, 210),
+    "orange": (255, 125, 0),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 
 # name: (width, height, background kind, object width as a share of the longer side per size, format)
@@ -47,6 +53,7 @@ def draw_shape(canvas: np.ndarray, shape: str, cx: float, cy: float, half: float
     from skimage import draw
 
     h, w = canvas.shape[:2]
+
     def box(top, left, bottom, right):
         rr, cc = draw.rectangle((round(top), round(left)), (round(bottom), round(right)), shape=(h, w))
         return rr.ravel(), cc.ravel()
@@ -140,19 +147,30 @@ def run(artifacts: str, per_variation: int, seed: int = 2024) -> dict:
             for _ in range(per_variation):
                 pixels, scene = draw_scene(variation, rng)
                 image_format = VARIATIONS[variation][4]
-                response = client.post("/caption", files={"image": ("scene", encode(pixels, image_format),
-                                                                    f"image/{image_format.lower()}")})
+                response = client.post(
+                    "/caption",
+                    files={"image": ("scene", encode(pixels, image_format), f"image/{image_format.lower()}")},
+                )
                 response.raise_for_status()
                 body = response.json()
                 verdict = check_caption(body["caption"], scene)
                 right += verdict.correct
                 in_domain += bool(body.get("in_domain", True))
                 if not verdict.correct and len(examples) < 3:
-                    examples.append({"caption": body["caption"], "scene": [o.describe() for o in scene.objects],
-                                     "false": verdict.false_facts, "missing": verdict.missing, "error": verdict.error})
-            report["variations"][variation] = {"right": round(right / per_variation, 4),
-                                               "accepted_in_domain": round(in_domain / per_variation, 4),
-                                               "wrong_examples": examples}
+                    examples.append(
+                        {
+                            "caption": body["caption"],
+                            "scene": [o.describe() for o in scene.objects],
+                            "false": verdict.false_facts,
+                            "missing": verdict.missing,
+                            "error": verdict.error,
+                        }
+                    )
+            report["variations"][variation] = {
+                "right": round(right / per_variation, 4),
+                "accepted_in_domain": round(in_domain / per_variation, 4),
+                "wrong_examples": examples,
+            }
             print(f"{variation}: {right}/{per_variation} right, {in_domain} in domain", flush=True)
     return report
 

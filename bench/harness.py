@@ -31,9 +31,13 @@ SERVER_START_TIMEOUT_S = 300
 def caption_request(png: bytes) -> bytes:
     """A complete keep-alive POST /caption with the image as multipart field `image`."""
     body = (
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
     head = (
         f"POST /caption HTTP/1.1\r\nHost: {HOST}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -108,8 +112,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def closed_loop(port: int, requests: list[bytes], clients: int, duration_s: float,
-                      warmup_s: float) -> Outcome:
+async def closed_loop(port: int, requests: list[bytes], clients: int, duration_s: float, warmup_s: float) -> Outcome:
     """`clients` workers send back to back; only requests started after the warm-up are counted."""
     outcome = Outcome()
     started = time.perf_counter()
@@ -192,7 +195,8 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     connection = Connection(port)
     try:
         return await asyncio.wait_for(
-            connection.request(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()), 10)
+            connection.request(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()), 10
+        )
     finally:
         connection.close()
 
@@ -216,8 +220,16 @@ def rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else math.nan
 
 
-ENGINE_SERIES = ("encode_seconds_sum", "encode_seconds_count", "step_seconds_sum", "step_seconds_count",
-                 "batch_size_sum", "batch_size_count", "queue_wait_seconds_sum", "queue_wait_seconds_count")
+ENGINE_SERIES = (
+    "encode_seconds_sum",
+    "encode_seconds_count",
+    "step_seconds_sum",
+    "step_seconds_count",
+    "batch_size_sum",
+    "batch_size_count",
+    "queue_wait_seconds_sum",
+    "queue_wait_seconds_count",
+)
 # 503s as the server timed them (from the request reaching the app to the response): the client's
 # figure adds whatever happened before the app read the request (connecting, waiting to be read).
 REFUSAL_SERIES = ("server_503", "server_503_within_50ms")
@@ -233,33 +245,63 @@ async def engine_counters(port: int) -> dict[str, float]:
         match = re.search(rf"^captioning_engine_{name} ([0-9.e+-]+)$", text, re.MULTILINE)
         counters[name] = float(match.group(1)) if match else 0.0
     refused = r'method="POST",route="[^"]*",status="503"'
-    counters["server_503"] = sum(float(v) for v in re.findall(
-        rf"^captioning_http_request_duration_seconds_count{{{refused}}} ([0-9.e+-]+)$", text, re.MULTILINE))
-    counters["server_503_within_50ms"] = sum(float(v) for v in re.findall(
-        rf'^captioning_http_request_duration_seconds_bucket{{le="0.05",{refused}}} ([0-9.e+-]+)$', text, re.MULTILINE))
+    counters["server_503"] = sum(
+        float(v)
+        for v in re.findall(
+            rf"^captioning_http_request_duration_seconds_count{{{refused}}} ([0-9.e+-]+)$", text, re.MULTILINE
+        )
+    )
+    counters["server_503_within_50ms"] = sum(
+        float(v)
+        for v in re.findall(
+            rf'^captioning_http_request_duration_seconds_bucket{{le="0.05",{refused}}} ([0-9.e+-]+)$',
+            text,
+            re.MULTILINE,
+        )
+    )
     return counters
 
 
 class Server:
     """`python -m app` in one batching mode, on a free loopback port."""
 
-    def __init__(self, mode: str, artifacts: Path, extra_env: dict[str, str], log_path: Path,
-                 module: str = "app", extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        mode: str,
+        artifacts: Path,
+        extra_env: dict[str, str],
+        log_path: Path,
+        module: str = "app",
+        extra_args: list[str] | None = None,
+    ):
         self.mode = mode
         self.port = free_port()
-        env = {**os.environ, "BATCHING_MODE": mode, "PORT": str(self.port), "HOST": HOST,
-               "ARTIFACTS_DIR": str(artifacts), "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO),
-               **extra_env}
-        self.log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", module, *(extra_args or [])], cwd=REPO, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "BATCHING_MODE": mode,
+            "PORT": str(self.port),
+            "HOST": HOST,
+            "ARTIFACTS_DIR": str(artifacts),
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(REPO),
+            **extra_env,
+        }
+        self.log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stop() closes it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *(extra_args or [])],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     async def wait_ready(self) -> float:
         started = time.perf_counter()
         while time.perf_counter() - started < SERVER_START_TIMEOUT_S:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the {self.mode} server exited with code {self.process.returncode}; "
-                                   f"see {self.log.name}")
+                raise RuntimeError(
+                    f"the {self.mode} server exited with code {self.process.returncode}; see {self.log.name}"
+                )
             try:
                 if (await http_get(self.port, "/health/ready"))[0] == 200:
                     return time.perf_counter() - started

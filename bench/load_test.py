@@ -41,9 +41,23 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import numpy as np  # noqa: E402
 
 from bench.harness import (  # noqa: E402
-    ENGINE_SERIES, REFUSAL_SERIES, REPO, Connection, NoisyNeighbour, Outcome, Server, caption_request, closed_loop,
-    cpu_seconds, engine_counters, load_images, open_loop, percentile, rss_mib,
+    ENGINE_SERIES,
+    REFUSAL_SERIES,
+    REPO,
+    Connection,
+    NoisyNeighbour,
+    Outcome,
+    Server,
+    caption_request,
+    closed_loop,
+    cpu_seconds,
+    engine_counters,
+    load_images,
+    open_loop,
+    percentile,
+    rss_mib,
 )
+
 MODES = ("continuous", "static", "none")
 CLOSED_LOOP_CLIENTS = (1, 8, 32, 64)
 OPEN_LOOP_LOAD = (0.5, 0.9, 1.5)  # arrival rates as fractions of the continuous mode's capacity
@@ -120,22 +134,29 @@ def measure_references(artifacts: Path, pixels: list[np.ndarray], quick: bool, t
     naive, matches = [], 0
     sample = pixels[: 10 if quick else 25]
     naive_caption(captioner.encoder, captioner.decoder, sample[0], 2)  # first eager calls build the layers
-    for image, expected in zip(sample, captions, strict=False):
+    for image, expected in zip(sample, captions):
         started = time.perf_counter()
         tokens = naive_caption(captioner.encoder, captioner.decoder, image, captioner.max_steps(options))
         naive.append(time.perf_counter() - started)
         matches += captioner.tokenizer.decode(tokens) == expected[0].tokens
     return References(
-        one_image_ms=statistics.median(single) * 1e3, offline_per_s=by_batch[best], offline_batch=best,
-        offline_by_batch=by_batch, offline_cpu_ms=cpu_ms[best],
-        threads=tf.config.threading.get_intra_op_parallelism_threads(), naive_ms=statistics.median(naive) * 1e3,
-        naive_matches=matches / len(sample), mean_words=statistics.mean(len(c[0].tokens) for c in captions),
-        engine_per_s=engine_per_s, engine_p50_ms=engine_p50_ms,
+        one_image_ms=statistics.median(single) * 1e3,
+        offline_per_s=by_batch[best],
+        offline_batch=best,
+        offline_by_batch=by_batch,
+        offline_cpu_ms=cpu_ms[best],
+        threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        naive_ms=statistics.median(naive) * 1e3,
+        naive_matches=matches / len(sample),
+        mean_words=statistics.mean(len(c[0].tokens) for c in captions),
+        engine_per_s=engine_per_s,
+        engine_p50_ms=engine_p50_ms,
     )
 
 
-async def engine_in_process(captioner, pixels: list[np.ndarray], clients: int,
-                            duration_s: float) -> tuple[float, float]:
+async def engine_in_process(
+    captioner, pixels: list[np.ndarray], clients: int, duration_s: float
+) -> tuple[float, float]:
     """The service's engine (continuous, default settings) driven directly, without HTTP: what the
     batching itself reaches on this machine. Returns (captions/s, p50 latency ms)."""
     from types import SimpleNamespace
@@ -181,15 +202,30 @@ class Phase:
         """This phase and a repeat of it as one: samples pooled, times and counters added."""
         a, b = self.outcome, other.outcome
         statuses = {k: a.statuses.get(k, 0) + b.statuses.get(k, 0) for k in {*a.statuses, *b.statuses}}
-        outcome = Outcome(a.latencies_s + b.latencies_s, a.rejected_s + b.rejected_s, statuses,
-                          a.client_errors + b.client_errors, a.elapsed_s + b.elapsed_s, a.wall_s + b.wall_s)
+        outcome = Outcome(
+            a.latencies_s + b.latencies_s,
+            a.rejected_s + b.rejected_s,
+            statuses,
+            a.client_errors + b.client_errors,
+            a.elapsed_s + b.elapsed_s,
+            a.wall_s + b.wall_s,
+        )
         engine = {name: self.engine[name] + other.engine[name] for name in self.engine}
-        return Phase(self.mode, self.kind, self.load, outcome, self.server_cpu_s + other.server_cpu_s,
-                     self.client_cpu_s + other.client_cpu_s, engine, other.rss_mib)
+        return Phase(
+            self.mode,
+            self.kind,
+            self.load,
+            outcome,
+            self.server_cpu_s + other.server_cpu_s,
+            self.client_cpu_s + other.client_cpu_s,
+            engine,
+            other.rss_mib,
+        )
 
 
-async def run_phase(server: Server, kind: str, load: float, requests: list[bytes], duration_s: float,
-                    warmup_s: float, seed: int) -> Phase:
+async def run_phase(
+    server: Server, kind: str, load: float, requests: list[bytes], duration_s: float, warmup_s: float, seed: int
+) -> Phase:
     before = await engine_counters(server.port)
     server_cpu, client_cpu = cpu_seconds(server.process.pid), time.process_time()
     started = time.perf_counter()
@@ -209,9 +245,11 @@ async def run_phase(server: Server, kind: str, load: float, requests: list[bytes
 def describe(phase: Phase) -> str:
     o = phase.outcome
     load = f"{int(phase.load)} clients" if phase.kind == "closed" else f"{phase.load:.0f}/s"
-    return (f"  {phase.mode:10s} {phase.kind:6s} {load:>11s}: {o.served_per_s:7.1f} captions/s  "
-            f"p50 {percentile(o.latencies_s, 50) * 1e3:7.1f} ms  p95 {percentile(o.latencies_s, 95) * 1e3:7.1f} ms  "
-            f"503 {len(o.rejected_s)}  errors {describe_errors(o)}  rss {phase.rss_mib:.0f} MiB")
+    return (
+        f"  {phase.mode:10s} {phase.kind:6s} {load:>11s}: {o.served_per_s:7.1f} captions/s  "
+        f"p50 {percentile(o.latencies_s, 50) * 1e3:7.1f} ms  p95 {percentile(o.latencies_s, 95) * 1e3:7.1f} ms  "
+        f"503 {len(o.rejected_s)}  errors {describe_errors(o)}  rss {phase.rss_mib:.0f} MiB"
+    )
 
 
 def describe_errors(outcome: Outcome) -> str:
@@ -243,16 +281,25 @@ async def benchmark(args, requests: list[bytes], log_dir: Path) -> tuple[list[Ph
             info[mode]["ready_s"] = await server.wait_ready()
             info[mode]["rss_ready"] = rss_mib(server.process.pid)
             info[mode]["first_ms"] = await first_requests(server.port, requests[:FIRST_REQUESTS])
-            print(f"{mode}: ready in {info[mode]['ready_s']:.1f} s (port {server.port}); first requests "
-                  f"{', '.join(f'{v:.0f}' for v in info[mode]['first_ms'])} ms", flush=True)
+            print(
+                f"{mode}: ready in {info[mode]['ready_s']:.1f} s (port {server.port}); first requests "
+                f"{', '.join(f'{v:.0f}' for v in info[mode]['first_ms'])} ms",
+                flush=True,
+            )
         for repeat in range(args.repeats):
             for clients in args.clients:
                 for mode in args.modes:
                     await measure(mode, "closed", clients, args.warmup, 10 * repeat + clients)
         for mode, server in servers.items():
             info[mode]["rss_loaded"] = rss_mib(server.process.pid)
-        capacity = max((p.outcome.served_per_s for (mode, kind, _), p in pooled.items()
-                        if mode == "continuous" and kind == "closed"), default=0.0)
+        capacity = max(
+            (
+                p.outcome.served_per_s
+                for (mode, kind, _), p in pooled.items()
+                if mode == "continuous" and kind == "closed"
+            ),
+            default=0.0,
+        )
         rates = args.rates or [round(capacity * f) for f in OPEN_LOOP_LOAD]
         for seed, rate in enumerate(rates):
             for mode in args.modes:
@@ -307,11 +354,15 @@ async def main_async(args) -> int:
     references = None
     if not args.skip_references:
         print("references (in-process, no server running) ...", flush=True)
-        references = await asyncio.to_thread(measure_references, args.artifacts, pixels, args.quick,
-                                              int(dict(args.env).get("INFERENCE_THREADS", 0)))
-        print(f"  one image {references.one_image_ms:.1f} ms; offline {references.offline_per_s:.0f} captions/s "
-              f"at batch {references.offline_batch}; naive loop {references.naive_ms:.1f} ms/image; engine "
-              f"without HTTP {references.engine_per_s:.0f} captions/s", flush=True)
+        references = await asyncio.to_thread(
+            measure_references, args.artifacts, pixels, args.quick, int(dict(args.env).get("INFERENCE_THREADS", 0))
+        )
+        print(
+            f"  one image {references.one_image_ms:.1f} ms; offline {references.offline_per_s:.0f} captions/s "
+            f"at batch {references.offline_batch}; naive loop {references.naive_ms:.1f} ms/image; engine "
+            f"without HTTP {references.engine_per_s:.0f} captions/s",
+            flush=True,
+        )
     requests = [caption_request(png) for png in pngs]
     with contextlib.ExitStack() as stack:
         if args.noisy_neighbour:
@@ -323,8 +374,9 @@ async def main_async(args) -> int:
             from bench.cpu_profile import profile
 
             print("CPU profile of the continuous server, 32 clients ...", flush=True)
-            cpu_profile = await profile("continuous", 32, args.duration, args.artifacts, requests, log_dir,
-                                        dict(args.env))
+            cpu_profile = await profile(
+                "continuous", 32, args.duration, args.artifacts, requests, log_dir, dict(args.env)
+            )
     report = render_report(args, references, all_phases, servers, cpu_profile)
     args.output.write_text(report)
     print(f"\nwrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}")
@@ -335,8 +387,13 @@ async def main_async(args) -> int:
 # --------------------------------------------------------------------------------- report
 
 
-def render_report(args, refs: References | None, phases: list[Phase], servers: dict,
-                  cpu_profile: tuple[dict[str, float], float] | None = None) -> str:
+def render_report(
+    args,
+    refs: References | None,
+    phases: list[Phase],
+    servers: dict,
+    cpu_profile: tuple[dict[str, float], float] | None = None,
+) -> str:
     def ms(seconds: float) -> str:
         return "–" if math.isnan(seconds) else f"{seconds * 1e3:.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.1f}"
 
@@ -352,8 +409,12 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
         f"- Phases: {args.duration:g} s each (closed loop after {args.warmup:g} s of warm-up; {args.repeats} rounds, "
         "pooled); all modes' servers run throughout and the phases take turns between them; server settings "
         f"are the service defaults{' plus ' + ', '.join(f'{k}={v}' for k, v in args.env) if args.env else ''}",
-        "- Noisy neighbour: " + ("a CPU-bound process (one busy core, same priority) ran beside the servers "
-                                 "through every server phase" if args.noisy_neighbour else "none"),
+        "- Noisy neighbour: "
+        + (
+            "a CPU-bound process (one busy core, same priority) ran beside the servers through every server phase"
+            if args.noisy_neighbour
+            else "none"
+        ),
         "",
     ]
     if refs:
@@ -366,7 +427,8 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
             f"| offline limit, `Captioner.caption` at the best batch size ({refs.offline_batch}) "
             f"| {refs.offline_per_s:.0f} captions/s ({refs.offline_cpu_ms:.2f} ms CPU per caption; "
             f"{refs.threads} TensorFlow intra-op thread(s), as the service) |",
-            "| offline by batch size | " + ", ".join(f"{b}: {v:.0f}/s" for b, v in refs.offline_by_batch.items())
+            "| offline by batch size | "
+            + ", ".join(f"{b}: {v:.0f}/s" for b, v in refs.offline_by_batch.items())
             + " |",
             f"| naive loop: one image, eager Keras call per token (p50) | {refs.naive_ms:.1f} ms/image = "
             f"{1e3 / refs.naive_ms:.1f} captions/s (same caption as the engine path for "
@@ -410,8 +472,10 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
         if refs:
             lines.append(f"| (offline, whole process, for comparison) | {refs.offline_cpu_ms:.2f} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {t} | {m} | {'yes' if ok else '**no**' if ok is not None else 'n/a'} |"
-              for t, m, ok in check_targets(refs, phases, servers, cpu_profile)]
+    lines += [
+        f"| {t} | {m} | {'yes' if ok else '**no**' if ok is not None else 'n/a'} |"
+        for t, m, ok in check_targets(refs, phases, servers, cpu_profile)
+    ]
     lines += [
         "",
         "## Server lifecycle",
@@ -422,8 +486,10 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
     ]
     for mode, s in servers.items():
         first = ", ".join(f"{v:.0f}" for v in s["first_ms"])
-        lines.append(f"| {mode} | {s['ready_s']:.1f} | {first} | {s['rss_ready']:.0f} | {s['rss_loaded']:.0f} | "
-                     f"{s['rss_end']:.0f} | {'yes' if s['alive'] else 'NO'} | {s['stop_s']:.1f} | {s['exit_code']} |")
+        lines.append(
+            f"| {mode} | {s['ready_s']:.1f} | {first} | {s['rss_ready']:.0f} | {s['rss_loaded']:.0f} | "
+            f"{s['rss_end']:.0f} | {'yes' if s['alive'] else 'NO'} | {s['stop_s']:.1f} | {s['exit_code']} |"
+        )
     lines += [
         "",
         "Exit code -15: uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop reports the signal.",
@@ -438,8 +504,12 @@ def render_report(args, refs: References | None, phases: list[Phase], servers: d
     return "\n".join(lines)
 
 
-def check_targets(refs: References | None, phases: list[Phase], servers: dict,
-                  cpu_profile: tuple[dict[str, float], float] | None = None) -> list[tuple[str, str, bool | None]]:
+def check_targets(
+    refs: References | None,
+    phases: list[Phase],
+    servers: dict,
+    cpu_profile: tuple[dict[str, float], float] | None = None,
+) -> list[tuple[str, str, bool | None]]:
     """The issue's targets, each with what this run measured."""
     closed = {(p.mode, int(p.load)): p for p in phases if p.kind == "closed"}
     opened = [p for p in phases if p.kind == "open"]
@@ -448,12 +518,18 @@ def check_targets(refs: References | None, phases: list[Phase], servers: dict,
         c = closed.get(("continuous", clients))
         if c and refs:
             share = c.outcome.served_per_s / refs.offline_per_s
-            checks.append((f"{clients} clients: continuous throughput >= 90% of the offline limit (same threads)",
-                           f"{c.outcome.served_per_s:.0f} / {refs.offline_per_s:.0f} = {share:.0%}", share >= 0.9))
+            checks.append(
+                (
+                    f"{clients} clients: continuous throughput >= 90% of the offline limit (same threads)",
+                    f"{c.outcome.served_per_s:.0f} / {refs.offline_per_s:.0f} = {share:.0%}",
+                    share >= 0.9,
+                )
+            )
         if c and refs:
             ratio = c.server_cpu_s / max(len(c.outcome.latencies_s), 1) * 1e3 / refs.offline_cpu_ms
-            checks.append((f"{clients} clients: server CPU per caption <= 1.25x offline",
-                           f"{ratio:.2f}x", ratio <= 1.25))
+            checks.append(
+                (f"{clients} clients: server CPU per caption <= 1.25x offline", f"{ratio:.2f}x", ratio <= 1.25)
+            )
     if cpu_profile:
         groups, _ = cpu_profile
         loop_ms = groups.get("event loop (HTTP)", math.nan)
@@ -461,9 +537,13 @@ def check_targets(refs: References | None, phases: list[Phase], servers: dict,
     c1 = closed.get(("continuous", 1))
     if c1 and refs:
         p50 = percentile(c1.outcome.latencies_s, 50) * 1e3
-        checks.append(("1 client: continuous p50 <= 1.2x in-process latency of one image",
-                       f"{p50:.1f} ms / {refs.one_image_ms:.1f} ms = {p50 / refs.one_image_ms:.2f}x",
-                       p50 / refs.one_image_ms <= 1.2))
+        checks.append(
+            (
+                "1 client: continuous p50 <= 1.2x in-process latency of one image",
+                f"{p50:.1f} ms / {refs.one_image_ms:.1f} ms = {p50 / refs.one_image_ms:.2f}x",
+                p50 / refs.one_image_ms <= 1.2,
+            )
+        )
     for load in sorted({int(p.load) for p in phases if p.kind == "closed"}):
         c, st = closed.get(("continuous", load)), closed.get(("static", load))
         if c and st:
@@ -480,31 +560,52 @@ def check_targets(refs: References | None, phases: list[Phase], servers: dict,
     below = [p for p in phases if p.mode == "continuous" and (p.kind == "closed" or p.load < capacity)]
     past = [p for p in opened if p.mode == "continuous" and p.load > capacity]
     errors = sum(p.outcome.errors for p in below)
-    checks.append(("continuous, below capacity: no errors (a status but 200 and 503, or a failed connection)",
-                   str(errors), errors == 0))
+    checks.append(
+        (
+            "continuous, below capacity: no errors (a status but 200 and 503, or a failed connection)",
+            str(errors),
+            errors == 0,
+        )
+    )
     rejected_below = sum(len(p.outcome.rejected_s) for p in below)
-    checks.append(("continuous, below capacity: no 503 (closed loops, open loop under capacity)", str(rejected_below),
-                   rejected_below == 0))
+    checks.append(
+        (
+            "continuous, below capacity: no 503 (closed loops, open loop under capacity)",
+            str(rejected_below),
+            rejected_below == 0,
+        )
+    )
     for p in past:
         worst = percentile(p.outcome.rejected_s, 99)
-        checks.append((f"continuous, past capacity ({p.load:.0f}/s): 503 answered within 50 ms (p99), "
-                       "every request answered",
-                       f"client p99 {worst * 1e3:.1f} ms (at the server: {server_refusals(p)} within 50 ms); "
-                       f"{p.outcome.client_errors} failed on the client side",
-                       worst <= 0.05 and not p.outcome.client_errors))
+        checks.append(
+            (
+                f"continuous, past capacity ({p.load:.0f}/s): 503 answered within 50 ms (p99), every request answered",
+                f"client p99 {worst * 1e3:.1f} ms (at the server: {server_refusals(p)} within 50 ms); "
+                f"{p.outcome.client_errors} failed on the client side",
+                worst <= 0.05 and not p.outcome.client_errors,
+            )
+        )
     for mode, info in servers.items():
         growth = info["rss_end"] - info["rss_loaded"]
-        checks.append((f"{mode}: server up after the overload phases, memory steady through them",
-                       f"up: {'yes' if info['alive'] else 'no'}; RSS {info['rss_loaded']:.0f} MiB before the open "
-                       f"loop, {info['rss_end']:.0f} MiB after", info["alive"] and growth < 0.1 * info["rss_loaded"]))
+        checks.append(
+            (
+                f"{mode}: server up after the overload phases, memory steady through them",
+                f"up: {'yes' if info['alive'] else 'no'}; RSS {info['rss_loaded']:.0f} MiB before the open "
+                f"loop, {info['rss_end']:.0f} MiB after",
+                info["alive"] and growth < 0.1 * info["rss_loaded"],
+            )
+        )
     return checks
 
 
 def versus_static(label: str, continuous: Outcome, static: Outcome) -> tuple[str, str, bool]:
     ct, st = continuous.served_per_s, static.served_per_s
     cp, sp = percentile(continuous.latencies_s, 95), percentile(static.latencies_s, 95)
-    return (f"{label}: continuous >= static captions/s and <= static p95",
-            f"{ct:.0f} vs {st:.0f}/s; p95 {cp * 1e3:.0f} vs {sp * 1e3:.0f} ms", ct >= st and cp <= sp)
+    return (
+        f"{label}: continuous >= static captions/s and <= static p95",
+        f"{ct:.0f} vs {st:.0f}/s; p95 {cp * 1e3:.0f} vs {sp * 1e3:.0f} ms",
+        ct >= st and cp <= sp,
+    )
 
 
 def server_refusals(p: Phase) -> str:
@@ -519,15 +620,19 @@ def row(p: Phase, ms, closed: bool) -> str:
     step_batch = e["batch_size_sum"] / e["batch_size_count"] if e["batch_size_count"] else math.nan
     busy = f"{e['encode_seconds_sum'] / o.wall_s:.0%} | {e['step_seconds_sum'] / o.wall_s:.0%}"
     if closed:
-        return (f"| {p.mode} | {int(p.load)} | {throughput:.1f} | {ms(percentile(o.latencies_s, 50))} | "
-                f"{ms(percentile(o.latencies_s, 95))} | {ms(percentile(o.latencies_s, 99))} | {describe_errors(o)} | "
-                f"{len(o.rejected_s)} | {step_batch:.1f} | {busy} | "
-                f"{p.server_cpu_s / max(done, 1) * 1e3:.1f} | {p.client_cpu_s / max(o.total, 1) * 1e3:.2f} |")
+        return (
+            f"| {p.mode} | {int(p.load)} | {throughput:.1f} | {ms(percentile(o.latencies_s, 50))} | "
+            f"{ms(percentile(o.latencies_s, 95))} | {ms(percentile(o.latencies_s, 99))} | {describe_errors(o)} | "
+            f"{len(o.rejected_s)} | {step_batch:.1f} | {busy} | "
+            f"{p.server_cpu_s / max(done, 1) * 1e3:.1f} | {p.client_cpu_s / max(o.total, 1) * 1e3:.2f} |"
+        )
     rejected = len(o.rejected_s) / max(o.total, 1)
-    return (f"| {p.mode} | {p.load:.0f} | {throughput:.1f} | {ms(percentile(o.latencies_s, 50))} | "
-            f"{ms(percentile(o.latencies_s, 95))} | {rejected:.1%} | {ms(percentile(o.rejected_s, 99))} | "
-            f"{server_refusals(p)} | "
-            f"{describe_errors(o)} | {step_batch:.1f} | {busy} | {p.rss_mib:.0f} |")
+    return (
+        f"| {p.mode} | {p.load:.0f} | {throughput:.1f} | {ms(percentile(o.latencies_s, 50))} | "
+        f"{ms(percentile(o.latencies_s, 95))} | {rejected:.1%} | {ms(percentile(o.rejected_s, 99))} | "
+        f"{server_refusals(p)} | "
+        f"{describe_errors(o)} | {step_batch:.1f} | {busy} | {p.rss_mib:.0f} |"
+    )
 
 
 def parse_args(argv: list[str] | None = None):
@@ -536,17 +641,29 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "1")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from continuous,static,none")
     parser.add_argument("--clients", default=",".join(map(str, CLOSED_LOOP_CLIENTS)))
-    parser.add_argument("--rates", default=None, help="open-loop arrivals/s, comma-separated "
-                        "(default: fractions of the continuous mode's measured capacity)")
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help="open-loop arrivals/s, comma-separated (default: fractions of the continuous mode's measured capacity)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="closed-loop rounds, pooled (default 2, 1 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="closed-loop rounds, pooled (default 2, 1 with --quick)"
+    )
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra server setting, e.g. --env MAX_BATCH_SIZE=64 (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra server setting, e.g. --env MAX_BATCH_SIZE=64 (repeatable)",
+    )
     parser.add_argument("--skip-references", action="store_true")
-    parser.add_argument("--noisy-neighbour", action="store_true",
-                        help="run a CPU-bound process (one busy core) beside the servers throughout")
+    parser.add_argument(
+        "--noisy-neighbour",
+        action="store_true",
+        help="run a CPU-bound process (one busy core) beside the servers throughout",
+    )
     parser.add_argument("--skip-profile", action="store_true", help="skip the per-thread CPU profile phase")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)

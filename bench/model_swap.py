@@ -91,8 +91,10 @@ async def client(port: int, requests: list[bytes], offset: int, run: Run) -> Non
 
 async def post_json(port: int, path: str, payload: dict) -> tuple[int, dict]:
     body = json.dumps(payload).encode()
-    raw = (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nX-API-Key: {API_KEY}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    raw = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nX-API-Key: {API_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     connection = Connection(port)
     try:
         status, answer = await asyncio.wait_for(connection.request(raw), 300)
@@ -103,8 +105,10 @@ async def post_json(port: int, path: str, payload: dict) -> tuple[int, dict]:
 
 async def metric_values(port: int, name: str) -> dict[str, float]:
     _, body = await http_get(port, "/metrics")
-    return {labels: float(value) for labels, value in
-            re.findall(rf"^captioning_{name}{{([^}}]*)}} ([0-9.e+-]+)$", body.decode(), re.MULTILINE)}
+    return {
+        labels: float(value)
+        for labels, value in re.findall(rf"^captioning_{name}{{([^}}]*)}} ([0-9.e+-]+)$", body.decode(), re.MULTILINE)
+    }
 
 
 async def wait_for_version(run: Run, version: str, timeout_s: float = 300) -> None:
@@ -131,9 +135,11 @@ def describe(samples: list[Sample]) -> str:
     ok = [s.latency_s * 1000 for s in samples if s.status == 200]
     failed = len(samples) - len(ok)
     versions = sorted({s.version for s in samples if s.version})
-    return (f"{len(samples):5d} requests, {failed} failed, versions {','.join(versions) or '-'}; latency ms "
-            f"p50 {percentile(ok, 50):7.1f}  p95 {percentile(ok, 95):7.1f}  p99 {percentile(ok, 99):7.1f}  "
-            f"max {max(ok, default=float('nan')):7.1f}")
+    return (
+        f"{len(samples):5d} requests, {failed} failed, versions {','.join(versions) or '-'}; latency ms "
+        f"p50 {percentile(ok, 50):7.1f}  p95 {percentile(ok, 95):7.1f}  p99 {percentile(ok, 99):7.1f}  "
+        f"max {max(ok, default=float('nan')):7.1f}"
+    )
 
 
 async def main_async(args) -> int:
@@ -141,10 +147,19 @@ async def main_async(args) -> int:
     model_dir = root / "default"
     stage(args.v1, model_dir, 1)
     port = free_port()
-    env = {**os.environ, "MODEL_REPOSITORY": str(root), "MODEL_NAME": "default", "MODEL_POLL_INTERVAL_S": "1",
-           "API_KEY": API_KEY, "PORT": str(port), "HOST": HOST, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "MODEL_REPOSITORY": str(root),
+        "MODEL_NAME": "default",
+        "MODEL_POLL_INTERVAL_S": "1",
+        "API_KEY": API_KEY,
+        "PORT": str(port),
+        "HOST": HOST,
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("ARTIFACTS_DIR", None)
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - the server writes to it for the whole run
     server = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     run = Run()
     try:
@@ -161,8 +176,7 @@ async def main_async(args) -> int:
                 raise RuntimeError("the server did not become ready")
             await asyncio.sleep(0.25)
         _, pngs = load_images(64)
-        requests = [caption_request(png).replace(b"\r\n", f"\r\nX-API-Key: {API_KEY}\r\n".encode(), 1)
-                    for png in pngs]
+        requests = [caption_request(png).replace(b"\r\n", f"\r\nX-API-Key: {API_KEY}\r\n".encode(), 1) for png in pngs]
         run = Run()
         clients = [asyncio.create_task(client(port, requests, i * 7, run)) for i in range(args.clients)]
         await asyncio.sleep(args.phase_s)
@@ -219,8 +233,10 @@ async def main_async(args) -> int:
         log.close()
 
     m = run.marks
-    print(f"clients {args.clients}, phase {args.phase_s:.0f} s, cpus {os.cpu_count()}, load average "
-          f"{os.getloadavg()[0]:.2f}; server log {log.name}")
+    print(
+        f"clients {args.clients}, phase {args.phase_s:.0f} s, cpus {os.cpu_count()}, load average "
+        f"{os.getloadavg()[0]:.2f}; server log {log.name}"
+    )
     phases = [
         ("1 baseline (version 1)", 0, m["v2 dropped"]),
         ("2 version 2 loading + warm-up", m["v2 dropped"], m["v2 first answer"]),

@@ -47,6 +47,7 @@ except ImportError:  # the service's own environment; only the peers' virtualenv
     ls = None
 
 if ls is not None:
+
     class LitCaptionAPI(ls.LitAPI):
         def setup(self, device):
             self.captioner = load_captioner(os.environ["PEER_ARTIFACTS"])
@@ -85,14 +86,24 @@ def serve_pytriton(port: int, artifacts: str) -> None:
         return {"caption": np.array([[t.encode()] for t in texts], dtype=object)}
 
     size = captioner.config.image_size
-    triton = Triton(config=TritonConfig(http_address="127.0.0.1", http_port=port + 1000, grpc_address="127.0.0.1",
-                                        grpc_port=port + 2000, metrics_port=port + 3000, allow_metrics=False))
+    triton = Triton(
+        config=TritonConfig(
+            http_address="127.0.0.1",
+            http_port=port + 1000,
+            grpc_address="127.0.0.1",
+            grpc_port=port + 2000,
+            metrics_port=port + 3000,
+            allow_metrics=False,
+        )
+    )
     triton.bind(
-        model_name="captioner", infer_func=infer,
+        model_name="captioner",
+        infer_func=infer,
         inputs=[Tensor(name="images", dtype=np.uint8, shape=(size, size, 3))],
         outputs=[Tensor(name="caption", dtype=bytes, shape=(1,))],
-        config=ModelConfig(max_batch_size=MAX_BATCH,
-                           batcher=DynamicBatcher(max_queue_delay_microseconds=int(BATCH_WAIT_S * 1e6))),
+        config=ModelConfig(
+            max_batch_size=MAX_BATCH, batcher=DynamicBatcher(max_queue_delay_microseconds=int(BATCH_WAIT_S * 1e6))
+        ),
         strict=False,
     )
     triton.run()
@@ -102,8 +113,9 @@ def serve_pytriton(port: int, artifacts: str) -> None:
     @app.post("/caption")
     async def caption(image: UploadFile):
         if "client" not in clients:
-            clients["client"] = AsyncioModelClient(f"grpc://127.0.0.1:{port + 2000}", "captioner",
-                                                   inference_timeout_s=60)
+            clients["client"] = AsyncioModelClient(
+                f"grpc://127.0.0.1:{port + 2000}", "captioner", inference_timeout_s=60
+            )
         pixels = decode_png(await image.read(), captioner)
         result = await clients["client"].infer_sample(images=pixels)
         return {"caption": result["caption"][0].decode()}

@@ -62,12 +62,21 @@ class PeerServer:
         self.log = open(log_path, "wb")  # noqa: SIM115  (the server's output, for its whole life)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         if framework == "pytriton":  # the Python stub must load this interpreter's libpython, not the system's
-            libdir = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-                                    capture_output=True, text=True, check=True).stdout.strip()
+            libdir = subprocess.run(
+                [python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
             env["LD_LIBRARY_PATH"] = f"{libdir}:{env.get('LD_LIBRARY_PATH', '')}"
-        self.process = subprocess.Popen([python, "-m", "bench.peer_servers", framework, "--port", str(self.port),
-                                         "--artifacts", str(artifacts)], cwd=self.log.name.rsplit("/", 1)[0],
-                                        env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [python, "-m", "bench.peer_servers", framework, "--port", str(self.port), "--artifacts", str(artifacts)],
+            cwd=self.log.name.rsplit("/", 1)[0],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     async def wait_ready(self) -> float:
         started = time.perf_counter()
@@ -138,8 +147,10 @@ def offline_reference(artifacts: Path, pixels) -> tuple[list[str], float, float]
 
 
 def versions(python: str) -> str:
-    code = ("import importlib.metadata as m\n"
-            "print(', '.join(f'{p} {m.version(p)}' for p in ('litserve', 'nvidia-pytriton', 'tensorflow', 'numpy')))")
+    code = (
+        "import importlib.metadata as m\n"
+        "print(', '.join(f'{p} {m.version(p)}' for p in ('litserve', 'nvidia-pytriton', 'tensorflow', 'numpy')))"
+    )
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
 
 
@@ -172,12 +183,20 @@ async def run(args) -> int:
                             key = (name, clients, neighbour)
                             if key in rows:
                                 old = rows[key]
-                                outcome = Outcome(old.outcome.latencies_s + outcome.latencies_s, [], {},
-                                                  0, old.outcome.elapsed_s + outcome.elapsed_s)
+                                outcome = Outcome(
+                                    old.outcome.latencies_s + outcome.latencies_s,
+                                    [],
+                                    {},
+                                    0,
+                                    old.outcome.elapsed_s + outcome.elapsed_s,
+                                )
                                 cpu += old.cpu_s
                             rows[key] = Row(name, clients, neighbour, outcome, cpu)
-                            print(f"  {name:28s} {clients} clients{' + neighbour' if neighbour else ''}: "
-                                  f"{outcome.served_per_s:.0f}/s", flush=True)
+                            print(
+                                f"  {name:28s} {clients} clients{' + neighbour' if neighbour else ''}: "
+                                f"{outcome.served_per_s:.0f}/s",
+                                flush=True,
+                            )
     finally:
         for server in servers.values():
             server.stop()
@@ -192,8 +211,10 @@ def render(args, rows, matches, offline_per_s, offline_cpu_ms, load_before) -> s
 
     def cell(row: Row) -> str:
         o = row.outcome
-        return (f"{o.served_per_s:.0f} ({percentile(o.latencies_s, 50) * 1e3:.0f} / "
-                f"{percentile(o.latencies_s, 95) * 1e3:.0f})")
+        return (
+            f"{o.served_per_s:.0f} ({percentile(o.latencies_s, 50) * 1e3:.0f} / "
+            f"{percentile(o.latencies_s, 95) * 1e3:.0f})"
+        )
 
     lines = [
         "# Peer benchmark",
@@ -217,8 +238,10 @@ def render(args, rows, matches, offline_per_s, offline_cpu_ms, load_before) -> s
     for name in dict.fromkeys(r.server for r in rows.values()):
         r = {(c, n): rows[(name, c, n)] for c in CLIENTS for n in (False, True) if (name, c, n) in rows}
         cpu = r[(64, False)].cpu_s / max(len(r[(64, False)].outcome.latencies_s), 1) * 1e3
-        lines.append(f"| {name} | {matches.get(name, 0):.0%} | {cell(r[(32, False)])} | {cell(r[(64, False)])} | "
-                     f"{cpu:.2f} | {cell(r[(32, True)])} | {cell(r[(64, True)])} |")
+        lines.append(
+            f"| {name} | {matches.get(name, 0):.0%} | {cell(r[(32, False)])} | {cell(r[(64, False)])} | "
+            f"{cpu:.2f} | {cell(r[(32, True)])} | {cell(r[(64, True)])} |"
+        )
     lines.append(f"| offline limit, in-process, batch 32 | | {offline_per_s:.0f} | | {offline_cpu_ms:.2f} | | |")
     lines.append("")
     return "\n".join(lines)

@@ -43,8 +43,10 @@ async def swaps(bundle: Path, count: int) -> None:
             await models.reload(VersionPolicy.parse(f"specific:{2 - swap % 2}"))
             await models.wait_unloaded()
             gc.collect()
-            print(f"swap {swap + 1} (now {models.default.version}): RSS {rss_mib():7.1f} MiB, "
-                  f"unloaded captioner collected: {old() is None}")
+            print(
+                f"swap {swap + 1} (now {models.default.version}): RSS {rss_mib():7.1f} MiB, "
+                f"unloaded captioner collected: {old() is None}"
+            )
     finally:
         await models.stop(1)
         shutil.rmtree(root, ignore_errors=True)

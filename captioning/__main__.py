@@ -1,6 +1,6 @@
 """Caption local image files: python -m captioning caption IMG [IMG ...] [--json]
 
-    python -m captioning caption photo.png --strategy beam --beam-size 5 --num-captions 3
+python -m captioning caption photo.png --strategy beam --beam-size 5 --num-captions 3
 """
 
 from __future__ import annotations
@@ -43,9 +43,16 @@ def main(argv=None) -> int:
     from captioning.captioner import Captioner
     from captioning.decoding import DecodeOptions
 
-    options = DecodeOptions(strategy=args.strategy, beam_size=args.beam_size, num_captions=args.num_captions,
-                            max_length=args.max_length, temperature=args.temperature, top_k=args.top_k,
-                            seed=args.seed, return_attention=args.attention)
+    options = DecodeOptions(
+        strategy=args.strategy,
+        beam_size=args.beam_size,
+        num_captions=args.num_captions,
+        max_length=args.max_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        return_attention=args.attention,
+    )
     try:
         options.validate()
         captioner = Captioner.load(args.artifacts)

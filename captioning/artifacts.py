@@ -120,10 +120,14 @@ def verify_bundle(bundle: str | Path, adding: tuple[str, ...] = ()) -> dict:
             f"{FORMAT_VERSION}); re-export the model with this version of the training module"
         )
     files = manifest.get("files")
-    if (not isinstance(files, dict) or not set(BUNDLE_FILES) <= set(files)
-            or not set(files) <= set(BUNDLE_FILES + OPTIONAL_FILES)):
-        raise ArtifactError(f"{manifest_path}: file list must name {list(BUNDLE_FILES)} and optionally "
-                            f"{list(OPTIONAL_FILES)}")
+    if (
+        not isinstance(files, dict)
+        or not set(BUNDLE_FILES) <= set(files)
+        or not set(files) <= set(BUNDLE_FILES + OPTIONAL_FILES)
+    ):
+        raise ArtifactError(
+            f"{manifest_path}: file list must name {list(BUNDLE_FILES)} and optionally {list(OPTIONAL_FILES)}"
+        )
     for name in OPTIONAL_FILES:  # an optional file no checksum vouches for is never read
         if name not in files and name not in adding and (bundle / name).exists():
             raise ArtifactError(f"{bundle / name} is not in the manifest: unverified file in the bundle")
@@ -136,8 +140,18 @@ def verify_bundle(bundle: str | Path, adding: tuple[str, ...] = ()) -> dict:
     return manifest
 
 
-def save_bundle(bundle: str | Path, encoder, decoder, tokenizer, config, *, name: str, version: str,
-                training: dict, metrics: dict | None = None) -> dict:
+def save_bundle(
+    bundle: str | Path,
+    encoder,
+    decoder,
+    tokenizer,
+    config,
+    *,
+    name: str,
+    version: str,
+    training: dict,
+    metrics: dict | None = None,
+) -> dict:
     """Writes the four bundle files and their manifest; returns the manifest."""
     bundle = Path(bundle)
     bundle.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@ Every backbone takes uint8-range RGB pixels [B, S, S, 3] (as float) and returns 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 from keras import layers, ops

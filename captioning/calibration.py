@@ -39,7 +39,7 @@ class Calibration:
         Path(path).write_text(json.dumps({"method": "platt_mean_token_log_prob", **asdict(self)}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
+    def load(cls, path: str | Path) -> Calibration:
         values = json.loads(Path(path).read_text())
         if values.get("method") != "platt_mean_token_log_prob":
             raise ValueError(f"{path}: unknown calibration method {values.get('method')!r}")
@@ -49,8 +49,7 @@ class Calibration:
         return cls(slope, bias, str(values.get("fitted_on", "")))
 
 
-def fit_calibration(raw_confidences, correct, fitted_on: str = "", l2: float = 1e-3,
-                    steps: int = 50) -> Calibration:
+def fit_calibration(raw_confidences, correct, fitted_on: str = "", l2: float = 1e-3, steps: int = 50) -> Calibration:
     """Logistic regression of `correct` (0/1) on log(raw confidence), by Newton's method."""
     x = np.log(np.clip(np.asarray(raw_confidences, np.float64), 1e-12, 1.0))
     y = np.asarray(correct, np.float64)

@@ -24,10 +24,12 @@ from PIL import Image  # noqa: E402
 
 import captioning.backbones  # noqa: E402,F401  (registers the custom layers for safe loading)
 from captioning.artifacts import ArtifactError, verify_bundle  # noqa: E402
-from captioning.calibration import FILE as CALIBRATION_FILE, Calibration  # noqa: E402
+from captioning.calibration import FILE as CALIBRATION_FILE  # noqa: E402
+from captioning.calibration import Calibration
 from captioning.config import ModelConfig  # noqa: E402
-from captioning.decoding import DecodeOptions, Caption, Search, new_search  # noqa: E402
-from captioning.domain import FILE as DOMAIN_FILE, DomainModel  # noqa: E402
+from captioning.decoding import Caption, DecodeOptions, Search, new_search  # noqa: E402
+from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
+from captioning.domain import DomainModel
 from captioning.model import DecoderStep  # noqa: E402
 from captioning.preprocess import resize_to_input  # noqa: E402
 from captioning.tokenizer import Tokenizer  # noqa: E402
@@ -51,9 +53,16 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 class Captioner:
-    def __init__(self, encoder: keras.Model, decoder: keras.Model, tokenizer: Tokenizer, config: ModelConfig,
-                 manifest: dict | None = None, calibration: Calibration | None = None,
-                 domain: DomainModel | None = None):
+    def __init__(
+        self,
+        encoder: keras.Model,
+        decoder: keras.Model,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        manifest: dict | None = None,
+        calibration: Calibration | None = None,
+        domain: DomainModel | None = None,
+    ):
         self.encoder = encoder
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -62,7 +71,7 @@ class Captioner:
         self.calibration = calibration  # maps raw confidence to P(correct); None: raw
         self.domain = domain  # out-of-domain detector; None: not fitted for this bundle
         self.num_positions, self.state_size = encoder.output.shape[1], encoder.output.shape[2]
-        side = int(round(self.num_positions ** 0.5))
+        side = int(round(self.num_positions**0.5))
         self.grid_shape = (side, self.num_positions // side)
         size = config.image_size
 
@@ -88,7 +97,7 @@ class Captioner:
         self._offline_lock = threading.Lock()
 
     @classmethod
-    def load(cls, bundle: str | Path) -> "Captioner":
+    def load(cls, bundle: str | Path) -> Captioner:
         bundle = Path(bundle)
         manifest = verify_bundle(bundle)
         try:
@@ -237,31 +246,39 @@ class FeatureSlots:
         if traced is None:
             if kind == "step":
                 traced = self.captioner._step_rows.get_concrete_function(
-                    self._features, tf.TensorSpec([rows], tf.int32), tf.TensorSpec([rows], tf.int32),
-                    tf.TensorSpec([rows, self.captioner.state_size], tf.float32))
+                    self._features,
+                    tf.TensorSpec([rows], tf.int32),
+                    tf.TensorSpec([rows], tf.int32),
+                    tf.TensorSpec([rows, self.captioner.state_size], tf.float32),
+                )
             else:
                 size = self.captioner.config.image_size
                 traced = self.captioner._encode_into.get_concrete_function(
-                    self._features, tf.TensorSpec([rows, size, size, 3], tf.uint8), tf.TensorSpec([None], tf.int32))
+                    self._features, tf.TensorSpec([rows, size, size, 3], tf.uint8), tf.TensorSpec([None], tf.int32)
+                )
             self._traced[(kind, rows)] = traced
         return traced
 
     def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> None:
         """Encodes uint8 images [B, S, S, 3] as one batch (padded to a bucket) into the given slots."""
         bucket = bucket_for(len(images))
-        self._function("encode", bucket)(self._features, tf.constant(_pad_rows(images, bucket)),
-                                         tf.constant(np.asarray(slot_ids, np.int32)))
+        self._function("encode", bucket)(
+            self._features, tf.constant(_pad_rows(images, bucket)), tf.constant(np.asarray(slot_ids, np.int32))
+        )
 
-    def step(self, slot_of_row: np.ndarray, tokens: np.ndarray,
-             state: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self, slot_of_row: np.ndarray, tokens: np.ndarray, state: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One decoder step for B rows: (features slot [B], tokens [B], state [B, D]) ->
         (log_probs [B, V], new state [B, D], attention [B, N])."""
         rows = len(tokens)
         bucket = bucket_for(rows)
         log_probs, new_state, attention = self._function("step", bucket)(
-            self._features, tf.constant(_pad_rows(np.asarray(slot_of_row, np.int32), bucket)),
+            self._features,
+            tf.constant(_pad_rows(np.asarray(slot_of_row, np.int32), bucket)),
             tf.constant(_pad_rows(np.asarray(tokens, np.int32), bucket)),
-            tf.constant(_pad_rows(np.asarray(state, np.float32), bucket)))
+            tf.constant(_pad_rows(np.asarray(state, np.float32), bucket)),
+        )
         return log_probs.numpy()[:rows], new_state.numpy()[:rows], attention.numpy()[:rows]
 
     def warmup(self) -> None:

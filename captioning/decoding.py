@@ -33,7 +33,7 @@ class DecodeOptions:
     length_penalty: float = 1.0  # beam scores are log_prob / num_tokens ** length_penalty
     return_attention: bool = False
 
-    def validate(self) -> "DecodeOptions":
+    def validate(self) -> DecodeOptions:
         """Raises ValueError naming the first invalid value or combination."""
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
@@ -87,7 +87,7 @@ class _Hypothesis:
     attention: list[np.ndarray] = field(default_factory=list)
     ended: bool = False
 
-    def extend(self, token: int, log_prob: float, attention: np.ndarray | None) -> "_Hypothesis":
+    def extend(self, token: int, log_prob: float, attention: np.ndarray | None) -> _Hypothesis:
         return _Hypothesis(
             self.token_ids + [token],
             self.log_prob + log_prob,
@@ -133,8 +133,11 @@ class Search:
             if self.options.return_attention:
                 # Paired token by token: decode() drops <end> and any special token (<pad>, <start>)
                 # an untrained model may emit mid-caption, and each word must keep its own row.
-                attention = [np.round(a, 5).tolist() for token, a in zip(hyp.token_ids, hyp.attention)
-                             if tokenizer.decode([token])]
+                attention = [
+                    np.round(a, 5).tolist()
+                    for token, a in zip(hyp.token_ids, hyp.attention)
+                    if tokenizer.decode([token])
+                ]
             confidence = math.exp(hyp.log_prob / max(len(hyp.token_ids), 1))
             captions.append(Caption(" ".join(words), words, float(hyp.log_prob), float(confidence), attention))
         return captions
@@ -175,7 +178,8 @@ class GreedySearch(Search):
         """advance() with the argmax already taken: a batched caller takes it for all its greedy
         rows in one call (same choice, same log-probability; see takes())."""
         self.hypothesis = self.hypothesis.extend(
-            token, log_prob, attention.astype(np.float32) if self.options.return_attention else None)
+            token, log_prob, attention.astype(np.float32) if self.options.return_attention else None
+        )
         self.steps += 1
         self.finished = self.hypothesis.ended or self.steps >= self.max_steps
 

@@ -32,8 +32,9 @@ import numpy as np
 FILE = "domain.npz"
 
 
-NAMED_COLOURS = np.array([(225, 35, 35), (40, 200, 60), (45, 95, 245), (245, 225, 40), (170, 60, 220),
-                          (255, 140, 20)], np.float64)  # red green blue yellow purple orange
+NAMED_COLOURS = np.array(
+    [(225, 35, 35), (40, 200, 60), (45, 95, 245), (245, 225, 40), (170, 60, 220), (255, 140, 20)], np.float64
+)  # red green blue yellow purple orange
 STATISTICS = ("foreground_share", "named_colour_share", "background_residual", "stray_edges", "high_frequency")
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as foreground
 NAMED_DISTANCE = 80.0  # RGB distance to a named colour that counts as that colour
@@ -43,8 +44,14 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     """uint8 model inputs [B, S, S, 3] -> [B, len(STATISTICS)] (see the module docstring)."""
     rows = []
     for image in np.asarray(images, np.float64):
-        ring = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
-                               image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
+        ring = np.concatenate(
+            [
+                image[:2].reshape(-1, 3),
+                image[-2:].reshape(-1, 3),
+                image[:, :2].reshape(-1, 3),
+                image[:, -2:].reshape(-1, 3),
+            ]
+        )
         from_background = np.linalg.norm(image - np.median(ring, axis=0), axis=2)
         foreground = from_background > FOREGROUND_DISTANCE
         named = np.linalg.norm(image[..., None, :] - NAMED_COLOURS, axis=3).min(axis=2) < NAMED_DISTANCE
@@ -54,7 +61,7 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
         step_y = np.abs(np.diff(image, axis=0)).max(axis=2)[:, :-1]
         near_named = named[:-1, :-1] | named[1:, :-1] | named[:-1, 1:] | named[1:, 1:]
         stray = (((step_x > 60) | (step_y > 60)) & ~near_named).mean()
-        box = sum(image[i:i + image.shape[0] - 2, j:j + image.shape[1] - 2] for i in range(3) for j in range(3)) / 9
+        box = sum(image[i : i + image.shape[0] - 2, j : j + image.shape[1] - 2] for i in range(3) for j in range(3)) / 9
         high_frequency = np.abs(image[1:-1, 1:-1] - box).mean()
         rows.append([foreground.mean(), named_share, residual, stray, high_frequency])
     return np.array(rows, np.float64)
@@ -85,32 +92,57 @@ class DomainModel:
 
     def scores(self, features: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Encoder features [B, N, D] and the model inputs [B, S, S, 3] -> domain scores [B] in (0, 1]."""
-        ratio = np.maximum(self.distances(pool_features(features)) / self.threshold,
-                           self.statistics_ratio(image_statistics(images)))
+        ratio = np.maximum(
+            self.distances(pool_features(features)) / self.threshold, self.statistics_ratio(image_statistics(images))
+        )
         return np.exp2(-np.minimum(ratio**2, 1000.0))
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, mean=self.mean, precision=self.precision, threshold=np.array(self.threshold),
-                 statistics_low=self.statistics_low, statistics_high=self.statistics_high)
+        np.savez(
+            path,
+            mean=self.mean,
+            precision=self.precision,
+            threshold=np.array(self.threshold),
+            statistics_low=self.statistics_low,
+            statistics_high=self.statistics_high,
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "DomainModel":
+    def load(cls, path: str | Path) -> DomainModel:
         with np.load(path, allow_pickle=False) as data:
             mean, precision, threshold = data["mean"], data["precision"], float(data["threshold"])
             low, high = data["statistics_low"], data["statistics_high"]
-        if (mean.ndim != 1 or precision.shape != (mean.size, mean.size) or not threshold > 0
-                or low.shape != (len(STATISTICS),) or high.shape != low.shape):
+        if (
+            mean.ndim != 1
+            or precision.shape != (mean.size, mean.size)
+            or not threshold > 0
+            or low.shape != (len(STATISTICS),)
+            or high.shape != low.shape
+        ):
             raise ValueError(f"{path}: malformed domain model")
-        return cls(mean.astype(np.float64), precision.astype(np.float64), threshold,
-                   low.astype(np.float64), high.astype(np.float64))
+        return cls(
+            mean.astype(np.float64),
+            precision.astype(np.float64),
+            threshold,
+            low.astype(np.float64),
+            high.astype(np.float64),
+        )
 
 
 IN_DOMAIN_SCORE = 0.5
 
 
-def fit_domain(train_pooled: np.ndarray, held_out_pooled: np.ndarray, train_statistics: np.ndarray, *,
-               quantile: float = 0.995, margin: float = 1.5, shrinkage: float = 0.05,
-               statistics_quantile: float = 0.001, widen: float = 0.25) -> DomainModel:
+def fit_domain(
+    train_pooled: np.ndarray,
+    held_out_pooled: np.ndarray,
+    train_statistics: np.ndarray,
+    *,
+    quantile: float = 0.995,
+    margin: float = 1.5,
+    shrinkage: float = 0.05,
+    statistics_quantile: float = 0.001,
+    widen: float = 0.25,
+) -> DomainModel:
     """A Gaussian on the training images' pooled features (threshold: `margin` times the `quantile`
     of the held-out in-domain images' distances), and per image statistic the training images'
     [statistics_quantile, 1 - statistics_quantile] interval widened by `widen` of its width each
@@ -126,7 +158,10 @@ def fit_domain(train_pooled: np.ndarray, held_out_pooled: np.ndarray, train_stat
     covariance = (1 - shrinkage) * covariance + shrinkage * scale * np.eye(covariance.shape[0])
     precision = np.linalg.inv(covariance)
     statistics = np.asarray(train_statistics, np.float64)
-    low, high = np.quantile(statistics, statistics_quantile, axis=0), np.quantile(statistics, 1 - statistics_quantile, axis=0)
+    low, high = (
+        np.quantile(statistics, statistics_quantile, axis=0),
+        np.quantile(statistics, 1 - statistics_quantile, axis=0),
+    )
     width = high - low
     low, high = low - widen * width, high + widen * width
     low[0] = 0.5 * np.quantile(statistics[:, 0], statistics_quantile)

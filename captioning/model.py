@@ -58,9 +58,7 @@ def build_decoder(config: ModelConfig, num_positions: int) -> keras.Model:
     tokens = keras.Input((None,), dtype="int32", name="tokens")
     features = keras.Input((num_positions, config.attention_dim), name="features")
     x = layers.Embedding(config.vocab_size, config.embedding_dim, name="embedding")(tokens)
-    gru_out, _ = layers.GRU(
-        config.attention_dim, return_sequences=True, return_state=True, name="gru"
-    )(x)
+    gru_out, _ = layers.GRU(config.attention_dim, return_sequences=True, return_state=True, name="gru")(x)
     context = _attention_layer(config.attention)([gru_out, features])
     x = layers.Add(name="skip")([gru_out, context])
     x = layers.LayerNormalization(name="layer_norm")(x)

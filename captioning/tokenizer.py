@@ -37,7 +37,7 @@ class Tokenizer:
         self.ids = {word: i for i, word in enumerate(self.words)}
 
     @classmethod
-    def build(cls, captions: Iterable[str], max_size: int = 20000, min_count: int = 1) -> "Tokenizer":
+    def build(cls, captions: Iterable[str], max_size: int = 20000, min_count: int = 1) -> Tokenizer:
         """Most frequent words first (ties alphabetical, so the result is deterministic)."""
         counts = Counter(word for caption in captions for word in standardize(caption).split())
         ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
@@ -74,7 +74,7 @@ class Tokenizer:
         Path(path).write_text(json.dumps({"format": "word-vocab-v1", "words": self.words}, indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         data = json.loads(Path(path).read_text())
         if data.get("format") != "word-vocab-v1" or not isinstance(data.get("words"), list):
             raise ValueError(f"{path}: not a word-vocab-v1 vocabulary file")

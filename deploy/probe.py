@@ -1,7 +1,7 @@
 """Standard-library checks for deploy/container-test.sh (the host needs no project dependencies).
 
-    python3 deploy/probe.py caption URL     POST a generated PNG as the multipart field `image`
-    python3 deploy/probe.py json-lines      every non-empty line on stdin is one JSON object
+python3 deploy/probe.py caption URL     POST a generated PNG as the multipart field `image`
+python3 deploy/probe.py json-lines      every non-empty line on stdin is one JSON object
 """
 
 from __future__ import annotations
@@ -28,16 +28,27 @@ def png(width: int = 64, height: int = 48) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) \
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
         + chunk(b"IEND", b"")
+    )
 
 
 def caption(url: str) -> int:
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"probe.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png() + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="probe.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         status, payload = response.status, json.load(response)
     text = payload.get("caption")

@@ -21,8 +21,18 @@ TINY_CAPTIONS = [
 ]
 
 
-def make_tiny_bundle(path, *, captions=TINY_CAPTIONS, seed=7, never_end=False, name="tiny-random", version="test",
-                     training=None, metrics=None, **overrides):
+def make_tiny_bundle(
+    path,
+    *,
+    captions=TINY_CAPTIONS,
+    seed=7,
+    never_end=False,
+    name="tiny-random",
+    version="test",
+    training=None,
+    metrics=None,
+    **overrides,
+):
     """Writes a random-weight bundle (real format) to `path`; returns the path. The one builder of test
     bundles: `captions` make the vocabulary, `overrides` change TINY_CONFIG, and `never_end` makes <end>
     (and the never-printed <pad> and <start>) very unlikely, so every caption has max_length words."""
@@ -45,8 +55,9 @@ def make_tiny_bundle(path, *, captions=TINY_CAPTIONS, seed=7, never_end=False, n
         logits.set_weights([kernel, bias])
     if training is None:
         training = {"command": "tests/conftest.py", "dataset": {"name": "none", "size": 0}}
-    save_bundle(path, encoder, decoder, tokenizer, config, name=name, version=version, training=training,
-                metrics=metrics)
+    save_bundle(
+        path, encoder, decoder, tokenizer, config, name=name, version=version, training=training, metrics=metrics
+    )
     return path
 
 

@@ -131,8 +131,12 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but whose pixel data is a few bytes: what a
     decompression bomb looks like to a header check (the pixels are never read)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def bomb_png() -> bytes:
@@ -147,8 +151,12 @@ def mean_colour(pixels: np.ndarray) -> tuple[int, ...]:
 # --- a tiny model bundle --------------------------------------------------------------------
 
 _CAPTIONS = [
-    "a red circle", "a blue square", "two green triangles", "a large yellow diamond",
-    "a small purple cross is to the left of an orange circle", "there are three red squares",
+    "a red circle",
+    "a blue square",
+    "two green triangles",
+    "a large yellow diamond",
+    "a small purple cross is to the left of an orange circle",
+    "there are three red squares",
     "a blue circle is above a red square and there is a green triangle",
 ]
 
@@ -158,8 +166,13 @@ def build_tiny_bundle(directory: Path) -> Path:
     from conftest import make_tiny_bundle
 
     return make_tiny_bundle(
-        directory, captions=_CAPTIONS, seed=1234, never_end=True, backbone="small_cnn",
-        name="tiny-test-captioner", version="0.0.1",
+        directory,
+        captions=_CAPTIONS,
+        seed=1234,
+        never_end=True,
+        backbone="small_cnn",
+        name="tiny-test-captioner",
+        version="0.0.1",
         training={"command": "tests/uploads.py build_tiny_bundle", "dataset": {"name": "shapes", "train_images": 0}},
         metrics={"test": {"exact_match": 0.0}},
     )

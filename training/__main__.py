@@ -1,4 +1,7 @@
-"""python -m training {train,extract-features,evaluate,calibrate,fit-domain,evaluate-wild,finetune-scst,export} --help"""
+"""python -m training COMMAND --help
+
+Commands: train, extract-features, evaluate, calibrate, fit-domain, evaluate-wild, finetune-scst, export,
+demo-samples."""
 
 import argparse
 import os

@@ -25,7 +25,7 @@ def caption_with_confidence(captioner, records, batch_size: int = 32):
 
     texts, raw, calibrated = [], [], []
     for start in range(0, len(records), batch_size):
-        images = [captioner.prepare(load_record_image(r)) for r in records[start:start + batch_size]]
+        images = [captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]]
         for best in captioner.caption(images, DecodeOptions(), batch_size):
             caption = best[0]
             texts.append(caption.text)
@@ -38,7 +38,9 @@ def grade(texts, records) -> np.ndarray:
     from training.datasets.shapes_checker import check_caption
 
     if any(r.scene is None for r in records):
-        raise ValueError("calibration needs a dataset with scenes (shapes, shapes_wide) to know which captions are right")
+        raise ValueError(
+            "calibration needs a dataset with scenes (shapes, shapes_wide) to know which captions are right"
+        )
     return np.array([check_caption(t, r.scene).correct for t, r in zip(texts, records)], dtype=np.float64)
 
 
@@ -55,10 +57,14 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     calibration = fit_calibration(raw, correct, fitted_on=f"{dataset}/{split}, {len(records)} images, greedy")
     calibration.save(f"{artifacts}/{FILE}")
     fitted = np.array([calibration.apply(c) for c in raw])
-    summary = {"fitted_on": calibration.fitted_on, "slope": calibration.slope, "bias": calibration.bias,
-               "accuracy": float(correct.mean()),
-               "ece_raw": expected_calibration_error(raw, correct),
-               "ece_calibrated_in_sample": expected_calibration_error(fitted, correct)}
+    summary = {
+        "fitted_on": calibration.fitted_on,
+        "slope": calibration.slope,
+        "bias": calibration.bias,
+        "accuracy": float(correct.mean()),
+        "ece_raw": expected_calibration_error(raw, correct),
+        "ece_calibrated_in_sample": expected_calibration_error(fitted, correct),
+    }
     record_stage(add_files(artifacts, (FILE,)), artifacts, "calibration", summary)
     return summary
 
@@ -73,8 +79,12 @@ def record_stage(manifest: dict, artifacts, stage: str, summary: dict) -> None:
 def add_parser(subparsers) -> None:
     from training.datasets.registry import LOADERS
 
-    p = subparsers.add_parser("calibrate", help="fit the bundle's confidence calibration on a split with scenes",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "calibrate",
+        help="fit the bundle's confidence calibration on a split with scenes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory (calibration.json is added)")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
     p.add_argument("--split", default="val", help="default: val (never the split you report)")

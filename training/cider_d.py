@@ -19,7 +19,7 @@ SIGMA = 6.0
 
 
 def ngram_counts(words: list[str], max_n: int = MAX_N) -> Counter:
-    return Counter(tuple(words[i:i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
+    return Counter(tuple(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
 
 
 class CiderD:
@@ -62,7 +62,9 @@ class CiderD:
         for ref, ref_norms, ref_length in self._references(references):
             penalty = math.exp(-((hyp_length - ref_length) ** 2) / (2 * SIGMA**2))
             for n in range(MAX_N):
-                overlap = sum(min(value, ref[n].get(gram, 0.0)) * ref[n].get(gram, 0.0) for gram, value in hyp[n].items())
+                overlap = sum(
+                    min(value, ref[n].get(gram, 0.0)) * ref[n].get(gram, 0.0) for gram, value in hyp[n].items()
+                )
                 if hyp_norms[n] and ref_norms[n]:
                     total += overlap / (hyp_norms[n] * ref_norms[n]) * penalty
         return 10.0 * total / MAX_N / len(references)

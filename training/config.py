@@ -53,9 +53,16 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
-            backbone=self.backbone, weights=self.weights, trainable_backbone=bool(self.trainable_backbone),
-            image_size=self.image_size, attention_dim=self.attention_dim, embedding_dim=self.embedding_dim,
-            attention=self.attention, vocab_size=vocab_size, max_length=self.max_length, dropout=self.dropout,
+            backbone=self.backbone,
+            weights=self.weights,
+            trainable_backbone=bool(self.trainable_backbone),
+            image_size=self.image_size,
+            attention_dim=self.attention_dim,
+            embedding_dim=self.embedding_dim,
+            attention=self.attention,
+            vocab_size=vocab_size,
+            max_length=self.max_length,
+            dropout=self.dropout,
         )
 
 
@@ -72,15 +79,32 @@ TUNABLE = [f for f in dataclasses.fields(TrainConfig) if f.name != "trainable_ba
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide the data and the model (shared by `train` and `extract-features`)."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
-                   help="dataset loader option, e.g. annotations_file=... (see training/datasets/registry.py)")
-    p.add_argument("--val-data", action="append", default=[], metavar="KEY=VALUE",
-                   help="loader option for the validation split only (e.g. COCO's val annotations file)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dataset loader option, e.g. annotations_file=... (see training/datasets/registry.py)",
+    )
+    p.add_argument(
+        "--val-data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="loader option for the validation split only (e.g. COCO's val annotations file)",
+    )
     p.add_argument("--freeze-backbone", action="store_true", help="do not train the backbone")
-    p.add_argument("--train-backbone", action="store_true",
-                   help="fine-tune the backbone (the default only for backbones trained from scratch)")
-    p.add_argument("--verbose", type=int, default=1 if sys.stdout.isatty() else 2,
-                   help="progress display: 1 progress bars, 2 one line per epoch, 0 silent")
+    p.add_argument(
+        "--train-backbone",
+        action="store_true",
+        help="fine-tune the backbone (the default only for backbones trained from scratch)",
+    )
+    p.add_argument(
+        "--verbose",
+        type=int,
+        default=1 if sys.stdout.isatty() else 2,
+        help="progress display: 1 progress bars, 2 one line per epoch, 0 silent",
+    )
     for field in TUNABLE:
         p.add_argument("--" + field.name.replace("_", "-"), type=_flag_type(field), default=None)
 
@@ -99,8 +123,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if config.trainable_backbone is None:  # pretrained: freeze by default
         config = dataclasses.replace(config, trainable_backbone=config.weights is None)
     if not config.dataset:
-        raise SystemExit(f"preset {args.preset!r} names no dataset: pass --dataset ({', '.join(sorted(LOADERS))}) "
-                         "and its --data options")
+        raise SystemExit(
+            f"preset {args.preset!r} names no dataset: pass --dataset ({', '.join(sorted(LOADERS))}) "
+            "and its --data options"
+        )
     return config
 
 
@@ -136,6 +162,7 @@ def build_models(config: TrainConfig, vocab_size: int):
         raise SystemExit(
             f"could not get the ImageNet weights of {model_config.backbone} ({error}). Keras downloads them once "
             "into ~/.keras/models/; on an offline machine copy that file there from one that is online, or pass "
-            "--weights PATH to a weights file") from error
+            "--weights PATH to a weights file"
+        ) from error
     decoder = build_decoder(model_config, encoder.output.shape[1])
     return model_config, encoder, decoder

@@ -38,7 +38,9 @@ def write_samples(directory: Path = SAMPLES_DIR) -> list[Path]:
         image.thumbnail((320, 320))  # keep the shipped files small
         path = directory / name
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG" if name.endswith(".jpg") else "PNG", **({"quality": 60} if name.endswith(".jpg") else {}))
+        image.save(
+            buffer, "JPEG" if name.endswith(".jpg") else "PNG", **({"quality": 60} if name.endswith(".jpg") else {})
+        )
         path.write_bytes(buffer.getvalue())
         written.append(path)
     _, field = smooth_fields(1, seed=7)[0]
@@ -50,7 +52,11 @@ def write_samples(directory: Path = SAMPLES_DIR) -> list[Path]:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo-samples", help="write the demo page's sample images (app/static/samples/)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "demo-samples",
+        help="write the demo page's sample images (app/static/samples/)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output", type=Path, default=SAMPLES_DIR)
     p.set_defaults(func=lambda args: print("\n".join(map(str, write_samples(args.output)))) or 0)

@@ -49,8 +49,14 @@ DATASET_PATH_FLAGS = {
 }
 
 METRIC_LABELS = {
-    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
-    "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "grounded_accuracy": "grounded accuracy",
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "bleu_4": "BLEU-4",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE-L",
+    "cider": "CIDEr",
+    "grounded_accuracy": "grounded accuracy",
 }
 
 
@@ -68,8 +74,13 @@ def load_record_image(record: CaptionedImage) -> np.ndarray | Image.Image:
         raise ValueError(f"{record.path}: cannot read image {record.image_id!r}: {error}") from error
 
 
-def generate_captions(captioner, records: list[CaptionedImage], options: DecodeOptions,
-                      batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> list[str]:
+def generate_captions(
+    captioner,
+    records: list[CaptionedImage],
+    options: DecodeOptions,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> list[str]:
     """The best caption for each record; images are read a batch at a time, not all held at once."""
     report_progress = _progress_reporter(len(records)) if progress else None
     captions: list[str] = []
@@ -98,9 +109,17 @@ def _progress_reporter(total: int):
     return report
 
 
-def evaluate(captioner, records: list[CaptionedImage], options: DecodeOptions = DecodeOptions(),
-             batch_size: int = DEFAULT_BATCH_SIZE, *, meteor: bool = True, progress: bool = True,
-             num_samples: int = NUM_SAMPLES, scorer: CaptionScorer | None = None) -> dict:
+def evaluate(
+    captioner,
+    records: list[CaptionedImage],
+    options: DecodeOptions = DecodeOptions(),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    meteor: bool = True,
+    progress: bool = True,
+    num_samples: int = NUM_SAMPLES,
+    scorer: CaptionScorer | None = None,
+) -> dict:
     """Captions `records` and scores the captions; see the module docstring for what is measured.
 
     `scorer`: one already started (its METEOR process loading while the caller loads the model);
@@ -135,8 +154,9 @@ def evaluate(captioner, records: list[CaptionedImage], options: DecodeOptions = 
         if own_scorer:
             scorer.close()
 
-    images = [{"image_id": r.image_id, "generated": g, "references": list(r.captions)}
-              for r, g in zip(records, generated)]
+    images = [
+        {"image_id": r.image_id, "generated": g, "references": list(r.captions)} for r, g in zip(records, generated)
+    ]
     grounded_accuracy = None
     if all(record.scene is not None for record in records):
         grounded_accuracy = _grade_with_checker(records, images)
@@ -162,8 +182,12 @@ def _grade_with_checker(records: list[CaptionedImage], images: list[dict]) -> fl
 
     for record, image in zip(records, images):
         verdict = check_caption(image["generated"], record.scene)
-        image.update(correct=verdict.correct, false_facts=list(verdict.false_facts),
-                     missing=list(verdict.missing), parse_error=verdict.error)
+        image.update(
+            correct=verdict.correct,
+            false_facts=list(verdict.false_facts),
+            missing=list(verdict.missing),
+            parse_error=verdict.error,
+        )
     return sum(image["correct"] for image in images) / len(images)
 
 
@@ -178,16 +202,20 @@ def _reference_grounded_accuracy(records: list[CaptionedImage]) -> float:
 # ----------------------------------------------------------------------------------------- report
 
 
-def build_report(result: dict, *, dataset: str, split: str, artifacts: str | Path | None = None,
-                 manifest: dict | None = None) -> dict:
+def build_report(
+    result: dict, *, dataset: str, split: str, artifacts: str | Path | None = None, manifest: dict | None = None
+) -> dict:
     """The JSON file's content: the model's metrics at the top level, the comparisons beside them."""
     manifest = manifest or {}
     return {
         "dataset": dataset,
         "split": split,
         "num_images": result["num_images"],
-        "model": {"artifacts": str(artifacts) if artifacts else None,
-                  "name": manifest.get("name"), "version": manifest.get("version")},
+        "model": {
+            "artifacts": str(artifacts) if artifacts else None,
+            "name": manifest.get("name"),
+            "version": manifest.get("version"),
+        },
         **result["metrics"],
         "grounded_accuracy": result["grounded_accuracy"],
         "reference": result["reference"],
@@ -205,18 +233,25 @@ def format_table(report: dict) -> str:
     strategy = decode["strategy"] + (f" (beam {decode['beam_size']})" if decode["strategy"] == "beam" else "")
     human, model_loo = report["reference"] or {}, report["model_leave_one_out"] or {}
     columns = ("model", "model, LOO refs", "human, LOO refs")
-    lines = [f"{report['dataset']} {report['split']}: {report['num_images']} images, {strategy} decoding",
-             f"{'':<18}" + "".join(f"{c:>17}" for c in columns)]
+    lines = [
+        f"{report['dataset']} {report['split']}: {report['num_images']} images, {strategy} decoding",
+        f"{'':<18}" + "".join(f"{c:>17}" for c in columns),
+    ]
     for name, label in METRIC_LABELS.items():
         if name == "grounded_accuracy" and report["grounded_accuracy"] is None:
             continue
         values = (report.get(name), model_loo.get(name), human.get(name))
         lines.append(f"{label:<18}" + "".join(f"{_cell(v):>17}" for v in values))
     if human:
-        coverage = "" if human["num_images"] == report["num_images"] else (
-            f" (on the {human['num_images']} images with two or more references)")
-        lines.append(f"LOO: in each of {human['rounds']} rounds one reference per image is held out; the human line "
-                     f"scores it against the rest, the model is scored against the same rest{coverage}.")
+        coverage = (
+            ""
+            if human["num_images"] == report["num_images"]
+            else (f" (on the {human['num_images']} images with two or more references)")
+        )
+        lines.append(
+            f"LOO: in each of {human['rounds']} rounds one reference per image is held out; the human line "
+            f"scores it against the rest, the model is scored against the same rest{coverage}."
+        )
     else:
         lines.append("No leave-one-out line: no image has two references.")
     if report.get("meteor") is None:
@@ -231,12 +266,18 @@ def _cell(value) -> str:
 def gallery_rows(records: list[CaptionedImage], result: dict, limit: int) -> list[GalleryRow]:
     rows = []
     for record, image in zip(records[:limit], result["images"]):
-        rows.append(GalleryRow(
-            image_id=record.image_id, image=load_record_image(record), generated=image["generated"],
-            references=image["references"], correct=image.get("correct"),
-            false_facts=image.get("false_facts", []), missing=image.get("missing", []),
-            parse_error=image.get("parse_error", ""),
-        ))
+        rows.append(
+            GalleryRow(
+                image_id=record.image_id,
+                image=load_record_image(record),
+                generated=image["generated"],
+                references=image["references"],
+                correct=image.get("correct"),
+                false_facts=image.get("false_facts", []),
+                missing=image.get("missing", []),
+                parse_error=image.get("parse_error", ""),
+            )
+        )
     return rows
 
 
@@ -249,11 +290,22 @@ def record_in_manifest(artifacts: str | Path, report: dict) -> None:
     update_metrics(artifacts, {**existing, f"{report['dataset']}/{report['split']}": entry})
 
 
-def evaluate_bundle(artifacts: str | Path, dataset: str, split: str, data_options: dict | None = None, *,
-                    limit: int | None = None, options: DecodeOptions = DecodeOptions(),
-                    batch_size: int = DEFAULT_BATCH_SIZE, meteor: bool = True, output: str | Path | None = None,
-                    gallery: str | Path | None = None, gallery_size: int = DEFAULT_GALLERY_SIZE,
-                    update_manifest: bool = False, progress: bool = True) -> dict:
+def evaluate_bundle(
+    artifacts: str | Path,
+    dataset: str,
+    split: str,
+    data_options: dict | None = None,
+    *,
+    limit: int | None = None,
+    options: DecodeOptions = DecodeOptions(),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    meteor: bool = True,
+    output: str | Path | None = None,
+    gallery: str | Path | None = None,
+    gallery_size: int = DEFAULT_GALLERY_SIZE,
+    update_manifest: bool = False,
+    progress: bool = True,
+) -> dict:
     """Loads the bundle and the split, evaluates, prints the table; writes what is asked for.
 
     Returns the report (the --output JSON's content)."""
@@ -274,10 +326,17 @@ def evaluate_bundle(artifacts: str | Path, dataset: str, split: str, data_option
         Path(output).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {output}")
     if gallery:
-        summary = {METRIC_LABELS[name]: report[name] for name in ("bleu_4", "cider", "grounded_accuracy")
-                   if report[name] is not None}
-        write_gallery(gallery, gallery_rows(records, result, gallery_size),
-                      title=f"{captioner.manifest.get('name', artifacts)} on {dataset} {split}", summary=summary)
+        summary = {
+            METRIC_LABELS[name]: report[name]
+            for name in ("bleu_4", "cider", "grounded_accuracy")
+            if report[name] is not None
+        }
+        write_gallery(
+            gallery,
+            gallery_rows(records, result, gallery_size),
+            title=f"{captioner.manifest.get('name', artifacts)} on {dataset} {split}",
+            summary=summary,
+        )
         print(f"wrote {gallery}")
     if update_manifest:
         record_in_manifest(artifacts, report)
@@ -291,8 +350,12 @@ def evaluate_bundle(artifacts: str | Path, dataset: str, split: str, data_option
 def add_parser(subparsers) -> None:
     from training.datasets.registry import LOADERS
 
-    p = subparsers.add_parser("evaluate", help="score a bundle's captions on a dataset split",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a bundle's captions on a dataset split",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes", help="default: shapes")
     p.add_argument("--split", choices=SPLITS, default="test", help="default: test")
@@ -300,8 +363,13 @@ def add_parser(subparsers) -> None:
     data = p.add_argument_group("dataset files")
     for option, description in DATASET_PATH_FLAGS.items():
         data.add_argument("--" + option.replace("_", "-"), dest=option, metavar="PATH", help=description)
-    data.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
-                      help="any other loader option, as for `train` (e.g. max_objects=4 for shapes)")
+    data.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other loader option, as for `train` (e.g. max_objects=4 for shapes)",
+    )
     decoding = p.add_argument_group("decoding")
     decoding.add_argument("--strategy", choices=STRATEGIES, default="greedy", help="default: greedy")
     decoding.add_argument("--beam-size", type=int, default=DecodeOptions.beam_size)
@@ -315,8 +383,7 @@ def add_parser(subparsers) -> None:
     out.add_argument("--output", metavar="FILE.json", help="write the metrics here")
     out.add_argument("--gallery", metavar="FILE.html", help="write a page of images with their captions")
     out.add_argument("--gallery-size", type=int, default=DEFAULT_GALLERY_SIZE, help="images on the page")
-    out.add_argument("--update-manifest", action="store_true",
-                     help="record the metrics in the bundle's manifest.json")
+    out.add_argument("--update-manifest", action="store_true", help="record the metrics in the bundle's manifest.json")
     out.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java start-up takes ~15 s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar while captioning")
     p.set_defaults(func=run)
@@ -324,14 +391,20 @@ def add_parser(subparsers) -> None:
 
 def loader_options(args: argparse.Namespace) -> dict:
     """The dataset options given as path flags and --data pairs; exits naming any the loader lacks."""
-    from training.datasets.registry import LOADERS
     from training.config import parse_options
+    from training.datasets.registry import LOADERS
 
     options = {name: getattr(args, name) for name in DATASET_PATH_FLAGS if getattr(args, name) is not None}
     options.update(parse_options(args.data))
     parameters = inspect.signature(LOADERS[args.dataset]).parameters.values()
-    missing = [p.name for p in parameters if p.default is p.empty and p.name not in ("split", "limit")
-               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in options]
+    missing = [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.name not in ("split", "limit")
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in options
+    ]
     if missing:
         flags = " and ".join("--" + name.replace("_", "-") for name in missing)
         raise SystemExit(f"evaluate: dataset {args.dataset!r} needs {flags}")
@@ -341,15 +414,32 @@ def loader_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from captioning.artifacts import ArtifactError
 
-    options = DecodeOptions(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
-                            max_length=args.max_length, temperature=args.temperature, top_k=args.top_k,
-                            seed=args.seed)
+    options = DecodeOptions(
+        strategy=args.strategy,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        max_length=args.max_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     try:
         options.validate()
-        evaluate_bundle(args.artifacts, args.dataset, args.split, loader_options(args), limit=args.limit,
-                        options=options, batch_size=args.batch_size, meteor=not args.no_meteor,
-                        output=args.output, gallery=args.gallery, gallery_size=args.gallery_size,
-                        update_manifest=args.update_manifest, progress=not args.no_progress)
+        evaluate_bundle(
+            args.artifacts,
+            args.dataset,
+            args.split,
+            loader_options(args),
+            limit=args.limit,
+            options=options,
+            batch_size=args.batch_size,
+            meteor=not args.no_meteor,
+            output=args.output,
+            gallery=args.gallery,
+            gallery_size=args.gallery_size,
+            update_manifest=args.update_manifest,
+            progress=not args.no_progress,
+        )
     except (ArtifactError, ValueError) as error:  # DatasetFormatError is a ValueError
         print(f"evaluate: {error}", file=sys.stderr)
         return 1

@@ -48,12 +48,18 @@ class CaptionerModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(self, image_bytes):
-        images = tf.map_fn(self._decode, image_bytes,
-                           fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.uint8))
+        images = tf.map_fn(
+            self._decode,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.uint8),
+        )
         features = self.encoder(tf.cast(images, tf.float32), training=False)
         ids, log_prob, lengths = self._greedy(features)
-        return {"caption": self._text(ids), "log_prob": log_prob,
-                "confidence": tf.exp(log_prob / tf.cast(tf.maximum(lengths, 1), tf.float32))}
+        return {
+            "caption": self._text(ids),
+            "log_prob": log_prob,
+            "confidence": tf.exp(log_prob / tf.cast(tf.maximum(lengths, 1), tf.float32)),
+        }
 
     def _decode(self, data):
         image = tf.io.decode_image(data, expand_animations=False)  # uint8 [H, W, C], C in 1..4
@@ -65,8 +71,7 @@ class CaptionerModule(tf.Module):
         rgb = colour * alpha + 255.0 * (1.0 - alpha)  # on white, as the service composites
         size = [self.image_size, self.image_size]
         same_size = tf.reduce_all(tf.equal(tf.shape(rgb)[:2], size))
-        rgb = tf.cond(same_size, lambda: rgb,
-                      lambda: tf.image.resize(rgb, size, method="bilinear", antialias=True))
+        rgb = tf.cond(same_size, lambda: rgb, lambda: tf.image.resize(rgb, size, method="bilinear", antialias=True))
         return tf.cast(tf.clip_by_value(tf.round(rgb), 0.0, 255.0), tf.uint8)
 
     def _greedy(self, features):
@@ -82,12 +87,25 @@ class CaptionerModule(tf.Module):
             log_prob += tf.where(active, tf.gather(log_probs, best, batch_dims=1), 0.0)
             lengths += tf.cast(active, tf.int32)
             best = tf.where(active, best, PAD_ID)
-            return (step + 1, best, state, tf.logical_or(finished, tf.equal(best, END_ID)), log_prob, lengths,
-                    ids.write(step, best))
+            return (
+                step + 1,
+                best,
+                state,
+                tf.logical_or(finished, tf.equal(best, END_ID)),
+                log_prob,
+                lengths,
+                ids.write(step, best),
+            )
 
-        start = (tf.constant(0), tf.fill([batch], START_ID), tf.zeros([batch, self.state_size]),
-                 tf.zeros([batch], tf.bool), tf.zeros([batch]), tf.zeros([batch], tf.int32),
-                 tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None]))
+        start = (
+            tf.constant(0),
+            tf.fill([batch], START_ID),
+            tf.zeros([batch, self.state_size]),
+            tf.zeros([batch], tf.bool),
+            tf.zeros([batch]),
+            tf.zeros([batch], tf.int32),
+            tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None]),
+        )
         *_, log_prob, lengths, ids = tf.while_loop(keep_going, advance, start)
         ids = tf.cond(ids.size() > 0, lambda: tf.transpose(ids.stack()), lambda: tf.zeros([batch, 0], tf.int32))
         return ids, log_prob, lengths
@@ -115,13 +133,18 @@ def export(artifacts: Path, output: Path) -> Path:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "export",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="write a bundle as a TensorFlow SavedModel for TF Serving (image bytes -> greedy caption)",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--artifacts", type=Path, required=True, help="the bundle to export (verified first)")
-    p.add_argument("--output", type=Path, required=True,
-                   help="SavedModel directory to write, e.g. exported/captioner/1 for TF Serving's layout")
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="SavedModel directory to write, e.g. exported/captioner/1 for TF Serving's layout",
+    )
     p.set_defaults(func=_run)
 
 

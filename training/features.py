@@ -228,8 +228,16 @@ class CachedFeatures:
 # --- extraction ---------------------------------------------------------------------------------
 
 
-def extract_missing(cache: FeatureCache, records: list[CaptionedImage], hashes: list[str], encoder: keras.Model,
-                    image_size: int, batch_size: int, verbose: int = 1, label: str = "") -> int:
+def extract_missing(
+    cache: FeatureCache,
+    records: list[CaptionedImage],
+    hashes: list[str],
+    encoder: keras.Model,
+    image_size: int,
+    batch_size: int,
+    verbose: int = 1,
+    label: str = "",
+) -> int:
     """Runs the backbone over the images not yet in the cache; returns how many it extracted."""
     pending: dict[str, CaptionedImage] = {}
     for record, image_hash in zip(records, hashes):
@@ -270,18 +278,29 @@ def extract_missing(cache: FeatureCache, records: list[CaptionedImage], hashes: 
     return written
 
 
-def prepare_cached_features(cache_root: str | Path, config: ModelConfig, encoder: keras.Model,
-                            records_by_split: dict[str, list[CaptionedImage]], *, batch_size: int,
-                            verbose: int = 1, extract: bool = True) -> dict[str, CachedFeatures]:
+def prepare_cached_features(
+    cache_root: str | Path,
+    config: ModelConfig,
+    encoder: keras.Model,
+    records_by_split: dict[str, list[CaptionedImage]],
+    *,
+    batch_size: int,
+    verbose: int = 1,
+    extract: bool = True,
+) -> dict[str, CachedFeatures]:
     """Opens the cache for this encoder, extracts what the records lack (or fails, when `extract`
     is False), and returns each split's CachedFeatures."""
     if config.trainable_backbone:
-        raise ValueError("cached features need a frozen backbone: pass --weights (pretrained weights are frozen "
-                         "by default) or --freeze-backbone")
+        raise ValueError(
+            "cached features need a frozen backbone: pass --weights (pretrained weights are frozen "
+            "by default) or --freeze-backbone"
+        )
     if config.weights is None:
-        print("warning: the backbone is frozen at its random initial weights; cached features are reused only by "
-              "runs with the same --seed, and are rarely useful (use --weights imagenet or a weights file)",
-              file=sys.stderr)
+        print(
+            "warning: the backbone is frozen at its random initial weights; cached features are reused only by "
+            "runs with the same --seed, and are rarely useful (use --weights imagenet or a weights file)",
+            file=sys.stderr,
+        )
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(cache_root, cache_key(config, encoder))
@@ -293,10 +312,20 @@ def prepare_cached_features(cache_root: str | Path, config: ModelConfig, encoder
         start += len(records)
     missing = len({h for h in all_hashes if h not in cache})
     if missing and not extract:
-        raise ValueError(f"{missing} images are not in the features cache {cache.directory}; "
-                         "run `python -m training extract-features` with the same flags first")
-    extract_missing(cache, all_records, all_hashes, encoder, config.image_size, batch_size, verbose,
-                    label="/".join(records_by_split) + " ")
+        raise ValueError(
+            f"{missing} images are not in the features cache {cache.directory}; "
+            "run `python -m training extract-features` with the same flags first"
+        )
+    extract_missing(
+        cache,
+        all_records,
+        all_hashes,
+        encoder,
+        config.image_size,
+        batch_size,
+        verbose,
+        label="/".join(records_by_split) + " ",
+    )
     print(f"features cache {cache.directory}: {len(cache)} images")
     return {split: CachedFeatures(cache, hashes) for split, hashes in hashes_by_split.items()}
 
@@ -306,11 +335,12 @@ def prepare_cached_features(cache_root: str | Path, config: ModelConfig, encoder
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "extract-features", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "extract-features",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run a frozen backbone over a dataset once and cache the features for training",
         description="Takes the same flags as `train` (the ones that do not concern extraction are ignored), so "
-                    "a train command plus --cache DIR extracts exactly the features that train "
-                    "--features-cache DIR will use.",
+        "a train command plus --cache DIR extracts exactly the features that train "
+        "--features-cache DIR will use.",
     )
     p.add_argument("--cache", required=True, help="features cache directory")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to extract")
@@ -329,8 +359,14 @@ def run(args: argparse.Namespace) -> int:
         records_by_split[split] = load_records(config, split, options)
     model_config, encoder, _ = build_models(config, vocab_size=8)  # the decoder is not used
     try:
-        prepare_cached_features(args.cache, model_config, encoder, records_by_split,
-                                batch_size=args.extract_batch_size, verbose=args.verbose)
+        prepare_cached_features(
+            args.cache,
+            model_config,
+            encoder,
+            records_by_split,
+            batch_size=args.extract_batch_size,
+            verbose=args.verbose,
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     return 0

@@ -25,14 +25,15 @@ def pooled_features(captioner, records, batch_size: int = 64) -> tuple[np.ndarra
 
     pooled, statistics = [], []
     for start in range(0, len(records), batch_size):
-        images = np.stack([captioner.prepare(load_record_image(r)) for r in records[start:start + batch_size]])
+        images = np.stack([captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]])
         pooled.append(pool_features(captioner.encode(images)))
         statistics.append(image_statistics(images))
     return np.concatenate(pooled), np.concatenate(statistics)
 
 
-def fit_domain_for_bundle(artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float,
-                          margin: float) -> dict:
+def fit_domain_for_bundle(
+    artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float, margin: float
+) -> dict:
     from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
     from training.calibrate import record_stage
@@ -46,11 +47,17 @@ def fit_domain_for_bundle(artifacts, dataset: str, train_limit: int, val_limit: 
     model = fit_domain(train, val, train_statistics, quantile=quantile, margin=margin)
     model.save(f"{artifacts}/{FILE}")
     ratio = np.maximum(model.distances(val) / model.threshold, model.statistics_ratio(val_statistics))
-    summary = {"fitted_on": f"{dataset}/train, {len(train)} images; threshold from {dataset}/val, {len(val)} images",
-               "features": int(model.mean.size), "threshold": model.threshold, "quantile": quantile,
-               "margin": margin, "statistics": dict(zip(STATISTICS, zip(model.statistics_low.tolist(),
-                                                                        model.statistics_high.tolist()))),
-               "val_accepted": float((ratio <= 1).mean())}
+    summary = {
+        "fitted_on": f"{dataset}/train, {len(train)} images; threshold from {dataset}/val, {len(val)} images",
+        "features": int(model.mean.size),
+        "threshold": model.threshold,
+        "quantile": quantile,
+        "margin": margin,
+        "statistics": dict(
+            zip(STATISTICS, zip(model.statistics_low.tolist(), model.statistics_high.tolist(), strict=False))
+        ),
+        "val_accepted": float((ratio <= 1).mean()),
+    }
     record_stage(add_files(artifacts, (FILE,)), artifacts, "domain", summary)
     return summary
 
@@ -58,8 +65,12 @@ def fit_domain_for_bundle(artifacts, dataset: str, train_limit: int, val_limit: 
 def add_parser(subparsers) -> None:
     from training.datasets.registry import LOADERS
 
-    p = subparsers.add_parser("fit-domain", help="fit the bundle's out-of-domain detector on its training data",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "fit-domain",
+        help="fit the bundle's out-of-domain detector on its training data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory (domain.npz is added)")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
     p.add_argument("--train-limit", type=int, default=8000, help="training images to fit the Gaussian on")
@@ -70,7 +81,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    summary = fit_domain_for_bundle(args.artifacts, args.dataset, args.train_limit, args.val_limit,
-                                    args.quantile, args.margin)
+    summary = fit_domain_for_bundle(
+        args.artifacts, args.dataset, args.train_limit, args.val_limit, args.quantile, args.margin
+    )
     print(json.dumps(summary, indent=2))
     return 0

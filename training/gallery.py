@@ -62,8 +62,13 @@ h1 {{ font-size: 1.3rem; margin: 0 0 .3rem; }}
 """
 
 
-def write_gallery(path: str | Path, rows: Iterable[GalleryRow], *, title: str = "Caption gallery",
-                  summary: Mapping[str, object] | None = None) -> Path:
+def write_gallery(
+    path: str | Path,
+    rows: Iterable[GalleryRow],
+    *,
+    title: str = "Caption gallery",
+    summary: Mapping[str, object] | None = None,
+) -> Path:
     """Writes the page to `path`; `summary` (e.g. metric name -> value) is shown under the title."""
     path = Path(path)
     summary_items = "".join(
@@ -72,10 +77,10 @@ def write_gallery(path: str | Path, rows: Iterable[GalleryRow], *, title: str = 
     )
     cards = "\n".join(_card(row) for row in rows)
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-        f"<h1>{html.escape(title)}</h1>\n<p class=\"summary\">{summary_items}</p>\n"
-        f"<div class=\"grid\">\n{cards}\n</div>\n</body>\n</html>\n"
+        f'<h1>{html.escape(title)}</h1>\n<p class="summary">{summary_items}</p>\n'
+        f'<div class="grid">\n{cards}\n</div>\n</body>\n</html>\n'
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -90,11 +95,11 @@ def _card(row: GalleryRow) -> str:
     reference_list = "".join(f"<li>{html.escape(reference)}</li>" for reference in row.references)
     generated = html.escape(row.generated) if row.generated else "<i>(empty caption)</i>"
     return (
-        f"<div class=\"card\"><img src=\"{image_data_uri(row.image)}\" alt=\"{html.escape(row.image_id)}\">"
-        f"<div><div class=\"id\">{html.escape(row.image_id)}</div>"
-        f"<div class=\"generated {verdict_class}\">{mark}{generated}</div>"
-        + (f"<ul class=\"reasons\">{reason_list}</ul>" if reasons else "")
-        + f"<ol class=\"references\">{reference_list}</ol></div></div>"
+        f'<div class="card"><img src="{image_data_uri(row.image)}" alt="{html.escape(row.image_id)}">'
+        f'<div><div class="id">{html.escape(row.image_id)}</div>'
+        f'<div class="generated {verdict_class}">{mark}{generated}</div>'
+        + (f'<ul class="reasons">{reason_list}</ul>' if reasons else "")
+        + f'<ol class="references">{reference_list}</ol></div></div>'
     )
 
 

@@ -60,8 +60,9 @@ class CaptionScorer:
         rouge_l, _ = self._rouge.compute_score(references_by_id, candidates_by_id)
         cider, _ = self._cider.compute_score(references_by_id, candidates_by_id)
         scores = {f"bleu_{n}": float(value) for n, value in enumerate(bleu, start=1)}
-        scores.update(meteor=self._meteor_score(references_by_id, candidates_by_id),
-                      rouge_l=float(rouge_l), cider=float(cider))
+        scores.update(
+            meteor=self._meteor_score(references_by_id, candidates_by_id), rouge_l=float(rouge_l), cider=float(cider)
+        )
         return {name: scores[name] for name in METRIC_NAMES}
 
     def _meteor_score(self, references_by_id, candidates_by_id) -> float | None:
@@ -93,7 +94,7 @@ class CaptionScorer:
         for stream in (process.stdout, process.stderr):
             stream.close()
 
-    def __enter__(self) -> "CaptionScorer":
+    def __enter__(self) -> CaptionScorer:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -146,14 +147,18 @@ def leave_one_out_rounds(references: References) -> list[tuple[dict, dict]]:
         return []
     rounds = min(len(refs) for refs in usable.values())
     return [
-        ({i: refs[k] for i, refs in usable.items()},
-         {i: refs[:k] + refs[k + 1:] for i, refs in usable.items()})
+        ({i: refs[k] for i, refs in usable.items()}, {i: refs[:k] + refs[k + 1 :] for i, refs in usable.items()})
         for k in range(rounds)
     ]
 
 
-def leave_one_out_metrics(references: References, candidates: Candidates | None = None, *,
-                          scorer: CaptionScorer | None = None, meteor: bool = True) -> dict | None:
+def leave_one_out_metrics(
+    references: References,
+    candidates: Candidates | None = None,
+    *,
+    scorer: CaptionScorer | None = None,
+    meteor: bool = True,
+) -> dict | None:
     """Metrics averaged over the leave-one-out rounds; None when no image has two references.
 
     Without `candidates` each held-out reference is scored against the others: how well one human

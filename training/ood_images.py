@@ -1,12 +1,12 @@
 """Images that are NOT shapes scenes, to measure the out-of-domain flag (never fitted on).
 
-    photographs   the photographs scikit-image ships in its wheel (skimage.data, no download):
-                  astronaut, chelsea the cat, coffee, rocket, moon, the Hubble deep field, ... (a dev dependency;
-                  absent -> the group is empty)
-    noise         uniform and Gaussian pixel noise, colour and grey
-    smooth_fields smooth random colour fields (blurred noise, upsampled)
-    text          lines of words drawn with Pillow's font on light and dark paper
-    textures      sine gratings, wood-like rings and fine checkerboards
+photographs   the photographs scikit-image ships in its wheel (skimage.data, no download):
+              astronaut, chelsea the cat, coffee, rocket, moon, the Hubble deep field, ... (a dev dependency;
+              absent -> the group is empty)
+noise         uniform and Gaussian pixel noise, colour and grey
+smooth_fields smooth random colour fields (blurred noise, upsampled)
+text          lines of words drawn with Pillow's font on light and dark paper
+textures      sine gratings, wood-like rings and fine checkerboards
 """
 
 from __future__ import annotations
@@ -14,11 +14,52 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-PHOTOGRAPHS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-               "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",
-               "text", "cell", "motorcycle_left", "motorcycle_right")
-WORDS = ("the", "model", "reads", "shapes", "image", "caption", "report", "quick", "brown", "fox", "jumps",
-         "over", "lazy", "dog", "lorem", "ipsum", "dolor", "sit", "amet", "data", "table", "value")
+PHOTOGRAPHS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+    "cell",
+    "motorcycle_left",
+    "motorcycle_right",
+)
+WORDS = (
+    "the",
+    "model",
+    "reads",
+    "shapes",
+    "image",
+    "caption",
+    "report",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "data",
+    "table",
+    "value",
+)
 
 
 def _rgb(array: np.ndarray) -> np.ndarray:
@@ -124,5 +165,10 @@ def textures(count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
 
 
 def ood_groups(per_group: int = 40, seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
-    return {"photographs": photographs(), "noise": noise(per_group, seed), "smooth_fields": smooth_fields(per_group, seed),
-            "text": text_images(per_group, seed), "textures": textures(per_group, seed)}
+    return {
+        "photographs": photographs(),
+        "noise": noise(per_group, seed),
+        "smooth_fields": smooth_fields(per_group, seed),
+        "text": text_images(per_group, seed),
+        "textures": textures(per_group, seed),
+    }

@@ -20,7 +20,6 @@ Confidence calibration is NOT carried over (the confidences move): run `calibrat
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -33,8 +32,9 @@ import tensorflow as tf
 from captioning.model import DecoderStep
 from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
-HYPER_PARAMETERS = dict(steps=400, batch_size=16, samples=5, learning_rate=5e-5, grounded_weight=0.0,
-                        clipnorm=1.0, seed=1234)
+HYPER_PARAMETERS = dict(
+    steps=400, batch_size=16, samples=5, learning_rate=5e-5, grounded_weight=0.0, clipnorm=1.0, seed=1234
+)
 
 
 class SelfCriticalTrainer:
@@ -82,8 +82,11 @@ class SelfCriticalTrainer:
         return cut_at_end(sequences)
 
     def step(self, features: np.ndarray, sequences: np.ndarray, advantages: np.ndarray) -> float:
-        return float(self._train_step(tf.constant(features, tf.float32), tf.constant(sequences, tf.int32),
-                                      tf.constant(advantages, tf.float32)))
+        return float(
+            self._train_step(
+                tf.constant(features, tf.float32), tf.constant(sequences, tf.int32), tf.constant(advantages, tf.float32)
+            )
+        )
 
 
 def cut_at_end(sequences: np.ndarray) -> np.ndarray:
@@ -91,12 +94,13 @@ def cut_at_end(sequences: np.ndarray) -> np.ndarray:
     for row in sequences:
         ends = np.flatnonzero(row == END_ID)
         if ends.size:
-            row[ends[0] + 1:] = PAD_ID
+            row[ends[0] + 1 :] = PAD_ID
     return sequences
 
 
-def scst_batch(trainer: SelfCriticalTrainer, encoder, tokenizer, images: np.ndarray, reward_fn,
-               samples: int, seed: int) -> dict:
+def scst_batch(
+    trainer: SelfCriticalTrainer, encoder, tokenizer, images: np.ndarray, reward_fn, samples: int, seed: int
+) -> dict:
     """One self-critical update on a batch of images; reward_fn(i, text) -> float for image i."""
     features = encoder(tf.cast(images, tf.float32), training=False).numpy()
     greedy = trainer.generate(features, greedy=True)
@@ -120,8 +124,10 @@ def make_reward(references: list[list[str]], scenes: list | None, corpus: list[l
         def reward(i: int, text: str) -> float:
             return cider.score(text, references[i]) + grounded_weight * check_caption(text, scenes[i]).correct
     else:
+
         def reward(i: int, text: str) -> float:
             return cider.score(text, references[i])
+
     return reward
 
 
@@ -129,9 +135,9 @@ def finetune(args) -> dict:
     from captioning.artifacts import OPTIONAL_FILES, add_files, save_bundle
     from captioning.captioner import Captioner
     from captioning.domain import FILE as DOMAIN_FILE
+    from training.config import parse_options
     from training.datasets.registry import RESIZING_LOADERS, load_dataset
     from training.evaluate import load_record_image
-    from training.config import parse_options
 
     keras.utils.set_random_seed(args.seed)
     captioner = Captioner.load(args.artifacts)
@@ -148,33 +154,55 @@ def finetune(args) -> dict:
     started, log = time.time(), []
     for step in range(args.steps):
         batch = rng.choice(len(records), args.batch_size, replace=False)
-        result = scst_batch(trainer, captioner.encoder, captioner.tokenizer, images[batch],
-                            lambda i, text: reward(int(batch[i]), text), args.samples, seed=args.seed + step)
+        result = scst_batch(
+            trainer,
+            captioner.encoder,
+            captioner.tokenizer,
+            images[batch],
+            lambda i, text, batch=batch: reward(int(batch[i]), text),
+            args.samples,
+            seed=args.seed + step,
+        )
         log.append(result)
         if (step + 1) % max(1, args.steps // 20) == 0 or step == args.steps - 1:
-            recent = log[-max(1, args.steps // 20):]
-            print(f"step {step + 1}/{args.steps}: sample reward {np.mean([r['reward'] for r in recent]):.3f}, "
-                  f"greedy reward {np.mean([r['greedy_reward'] for r in recent]):.3f}", flush=True)
+            recent = log[-max(1, args.steps // 20) :]
+            print(
+                f"step {step + 1}/{args.steps}: sample reward {np.mean([r['reward'] for r in recent]):.3f}, "
+                f"greedy reward {np.mean([r['greedy_reward'] for r in recent]):.3f}",
+                flush=True,
+            )
     manifest = captioner.manifest
     training = dict(manifest.get("training", {}))
     training["scst"] = {
         "command": "python -m training " + shlex.join(getattr(args, "command_line", sys.argv[1:])),
-        "from": str(args.artifacts), "dataset": args.dataset, "train_images": len(records),
+        "from": str(args.artifacts),
+        "dataset": args.dataset,
+        "train_images": len(records),
         "hyper_parameters": {k: getattr(args, k) for k in HYPER_PARAMETERS},
         "reward": "CIDEr-D (train-set idf)" + (f" + {args.grounded_weight} x grounded" if args.grounded_weight else ""),
-        "greedy_reward_first_5pct": float(np.mean([r["greedy_reward"] for r in log[:max(1, len(log) // 20)]])),
-        "greedy_reward_last_5pct": float(np.mean([r["greedy_reward"] for r in log[-max(1, len(log) // 20):]])),
+        "greedy_reward_first_5pct": float(np.mean([r["greedy_reward"] for r in log[: max(1, len(log) // 20)]])),
+        "greedy_reward_last_5pct": float(np.mean([r["greedy_reward"] for r in log[-max(1, len(log) // 20) :]])),
         "seconds": round(time.time() - started, 1),
     }
     output = Path(args.output)
     # The encoder is frozen, so its domain model still holds; the calibration does not (run
     # `calibrate` again). Both are set aside first: save_bundle vouches for whatever optional
     # files lie in the directory, and in place that would include the stale calibration.
-    domain_bytes = (Path(args.artifacts) / DOMAIN_FILE).read_bytes() if DOMAIN_FILE in manifest.get("files", {}) else None
+    domain_bytes = (
+        (Path(args.artifacts) / DOMAIN_FILE).read_bytes() if DOMAIN_FILE in manifest.get("files", {}) else None
+    )
     for name in OPTIONAL_FILES:
         (output / name).unlink(missing_ok=True)
-    save_bundle(output, captioner.encoder, captioner.decoder, captioner.tokenizer, captioner.config,
-                name=manifest.get("name", "captioner") + "-scst", version=time.strftime("%Y%m%d"), training=training)
+    save_bundle(
+        output,
+        captioner.encoder,
+        captioner.decoder,
+        captioner.tokenizer,
+        captioner.config,
+        name=manifest.get("name", "captioner") + "-scst",
+        version=time.strftime("%Y%m%d"),
+        training=training,
+    )
     if domain_bytes is not None:
         (output / DOMAIN_FILE).write_bytes(domain_bytes)
         add_files(output, (DOMAIN_FILE,))
@@ -185,8 +213,12 @@ def finetune(args) -> dict:
 def add_parser(subparsers) -> None:
     from training.datasets.registry import LOADERS
 
-    p = subparsers.add_parser("finetune-scst", help="self-critical fine-tuning for CIDEr-D (Rennie et al. 2017)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "finetune-scst",
+        help="self-critical fine-tuning for CIDEr-D (Rennie et al. 2017)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--artifacts", required=True, help="the trained bundle to start from")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
@@ -196,8 +228,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=HYPER_PARAMETERS["batch_size"], help="images per step")
     p.add_argument("--samples", type=int, default=HYPER_PARAMETERS["samples"], help="sampled captions per image")
     p.add_argument("--learning-rate", type=float, default=HYPER_PARAMETERS["learning_rate"])
-    p.add_argument("--grounded-weight", type=float, default=HYPER_PARAMETERS["grounded_weight"],
-                   help="reward bonus for a caption the shapes checker finds right (datasets with scenes)")
+    p.add_argument(
+        "--grounded-weight",
+        type=float,
+        default=HYPER_PARAMETERS["grounded_weight"],
+        help="reward bonus for a caption the shapes checker finds right (datasets with scenes)",
+    )
     p.add_argument("--clipnorm", type=float, default=HYPER_PARAMETERS["clipnorm"])
     p.add_argument("--seed", type=int, default=HYPER_PARAMETERS["seed"])
     p.set_defaults(func=run)

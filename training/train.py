@@ -29,26 +29,51 @@ from captioning.tokenizer import Tokenizer
 from training.config import TrainConfig, add_config_flags, build_models, config_from_args, load_records, parse_options
 from training.data import make_dataset
 from training.distribute import (
-    STRATEGIES, cluster_size, describe, distribute_options, is_chief, make_strategy, per_replica_loss, trainer_class,
+    STRATEGIES,
+    cluster_size,
+    describe,
+    distribute_options,
+    is_chief,
+    make_strategy,
+    per_replica_loss,
+    trainer_class,
     worker_task,
 )
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a captioner and write an artifact bundle",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="train a captioner and write an artifact bundle",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--output", required=True, help="artifact bundle directory to write")
     p.add_argument("--run-dir", help="checkpoints and TensorBoard logs (default: runs/<name>)")
     p.add_argument("--max-steps", type=int, help="stop after this many training steps (quick runs)")
-    p.add_argument("--features-cache", metavar="DIR",
-                   help="train from cached backbone features (frozen backbones only), extracting missing ones first")
-    p.add_argument("--strategy", choices=STRATEGIES, default="default",
-                   help="mirrored: all GPUs of this machine; multiworker: several machines (TF_CONFIG)")
+    p.add_argument(
+        "--features-cache",
+        metavar="DIR",
+        help="train from cached backbone features (frozen backbones only), extracting missing ones first",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="default",
+        help="mirrored: all GPUs of this machine; multiworker: several machines (TF_CONFIG)",
+    )
     p.add_argument("--devices", help="mirrored only: comma-separated devices, e.g. /gpu:0,/gpu:1")
-    p.add_argument("--evaluate-split", choices=("train", "val", "test"),
-                   help="evaluate on this split after training and record it in the manifest")
-    p.add_argument("--evaluate-data", action="append", default=[], metavar="KEY=VALUE",
-                   help="loader option for the evaluation split (default: --data, plus --val-data for val)")
+    p.add_argument(
+        "--evaluate-split",
+        choices=("train", "val", "test"),
+        help="evaluate on this split after training and record it in the manifest",
+    )
+    p.add_argument(
+        "--evaluate-data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="loader option for the evaluation split (default: --data, plus --val-data for val)",
+    )
     p.add_argument("--evaluate-limit", type=int, help="images to evaluate on")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR in that evaluation (~15 s of Java start-up)")
     p.add_argument("--fresh", action="store_true", help="ignore an interrupted run's backup in --run-dir")
@@ -86,8 +111,9 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     val_options = {**train_options, **parse_options(args.val_data)}
     train_records = load_records(config, "train", train_options)
     val_records = load_records(config, "val", val_options)
-    tokenizer = Tokenizer.build((c for r in train_records for c in r.captions),
-                                max_size=config.vocab_size, min_count=config.min_count)
+    tokenizer = Tokenizer.build(
+        (c for r in train_records for c in r.captions), max_size=config.vocab_size, min_count=config.min_count
+    )
     print(f"train: {len(train_records)} images, val: {len(val_records)} images, vocabulary: {len(tokenizer)} words")
     return Data(train_records, val_records, tokenizer, train_options, val_options)
 
@@ -100,8 +126,14 @@ def cached_features(config: TrainConfig, model_config, encoder, data: Data, args
 
     try:
         return prepare_cached_features(
-            args.features_cache, model_config, encoder, {"train": data.train, "val": data.val},
-            batch_size=config.batch_size, verbose=args.verbose, extract=cluster_size() == 1)
+            args.features_cache,
+            model_config,
+            encoder,
+            {"train": data.train, "val": data.val},
+            batch_size=config.batch_size,
+            verbose=args.verbose,
+            extract=cluster_size() == 1,
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -120,21 +152,39 @@ def compile_trainer(strategy, config: TrainConfig, model_config, encoder, decode
         learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, total_steps, alpha=0.05)
         trainer.compile(
             optimizer=keras.optimizers.Adam(learning_rate, clipnorm=config.clipnorm),
-            loss=per_replica_loss(masked_loss), metrics=[masked_accuracy],
+            loss=per_replica_loss(masked_loss),
+            metrics=[masked_accuracy],
         )
         # Build the weights now: BackupAndRestore needs a built model to restore into.
         encoder_input = trained_encoder.input
-        trainer((tf.zeros((1, *encoder_input.shape[1:]), encoder_input.dtype),
-                 tf.zeros((1, config.captions_per_image, model_config.max_length - 1), tf.int32)))
+        trainer(
+            (
+                tf.zeros((1, *encoder_input.shape[1:]), encoder_input.dtype),
+                tf.zeros((1, config.captions_per_image, model_config.max_length - 1), tf.int32),
+            )
+        )
     return trainer
 
 
-def fit(trainer, strategy, config: TrainConfig, model_config, data: Data, features: dict, run_dir: Path,
-        args: argparse.Namespace) -> tuple[keras.callbacks.History, EpochTimer]:
+def fit(
+    trainer,
+    strategy,
+    config: TrainConfig,
+    model_config,
+    data: Data,
+    features: dict,
+    run_dir: Path,
+    args: argparse.Namespace,
+) -> tuple[keras.callbacks.History, EpochTimer]:
     """Teacher-forced epochs with resumable backups, the best checkpoint and early stopping."""
-    common = dict(image_size=model_config.image_size, max_length=model_config.max_length,
-                  batch_size=config.batch_size, captions_per_image=config.captions_per_image,
-                  seed=config.seed, options=distribute_options(strategy))
+    common = dict(
+        image_size=model_config.image_size,
+        max_length=model_config.max_length,
+        batch_size=config.batch_size,
+        captions_per_image=config.captions_per_image,
+        seed=config.seed,
+        options=distribute_options(strategy),
+    )
     train_ds = make_dataset(data.train, data.tokenizer, shuffle=True, features=features.get("train"), **common)
     val_ds = make_dataset(data.val, data.tokenizer, shuffle=False, features=features.get("val"), **common)
 
@@ -151,13 +201,21 @@ def fit(trainer, strategy, config: TrainConfig, model_config, data: Data, featur
     callbacks = [
         timer,
         keras.callbacks.BackupAndRestore(str(backup_dir)),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.weights.h5"), monitor="val_loss",
-                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), update_freq="epoch"),
     ]
-    history = trainer.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                          callbacks=callbacks, verbose=args.verbose, shuffle=False)
+    history = trainer.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        verbose=args.verbose,
+        shuffle=False,
+    )
     return history, timer
 
 
@@ -165,16 +223,28 @@ def batches_per_epoch(config: TrainConfig, data: Data) -> int:
     return -(-len(data.train) // config.batch_size)
 
 
-def run_record(config: TrainConfig, data: Data, history, timer: EpochTimer, started: float, strategy,
-               features: dict, args: argparse.Namespace) -> dict:
+def run_record(
+    config: TrainConfig,
+    data: Data,
+    history,
+    timer: EpochTimer,
+    started: float,
+    strategy,
+    features: dict,
+    args: argparse.Namespace,
+) -> dict:
     """What the bundle's manifest and history.json record about the run."""
     command_line = getattr(args, "command_line", sys.argv[1:])
     return {
         "command": "python -m training " + shlex.join(command_line),
         "preset": args.preset,
         "settings": config.as_dict(),
-        "dataset": {"name": config.dataset, "train_images": len(data.train), "val_images": len(data.val),
-                    "train_captions": sum(len(r.captions) for r in data.train)},
+        "dataset": {
+            "name": config.dataset,
+            "train_images": len(data.train),
+            "val_images": len(data.val),
+            "train_captions": sum(len(r.captions) for r in data.train),
+        },
         "epochs_run": len(history.history.get("loss", [])),
         "history": {k: [round(float(v), 5) for v in values] for k, values in history.history.items()},
         "epoch_seconds": timer.seconds,
@@ -206,8 +276,15 @@ def run(args: argparse.Namespace) -> int:
         model_config, encoder, decoder = build_models(config, len(data.tokenizer))
     features = cached_features(config, model_config, encoder, data, args)
     planned_steps = config.epochs * batches_per_epoch(config, data)
-    trainer = compile_trainer(strategy, config, model_config, encoder, decoder, features,
-                              total_steps=min(args.max_steps or planned_steps, planned_steps))
+    trainer = compile_trainer(
+        strategy,
+        config,
+        model_config,
+        encoder,
+        decoder,
+        features,
+        total_steps=min(args.max_steps or planned_steps, planned_steps),
+    )
     history, timer = fit(trainer, strategy, config, model_config, data, features, run_dir, args)
 
     record = run_record(config, data, history, timer, started, strategy, features, args)
@@ -215,8 +292,16 @@ def run(args: argparse.Namespace) -> int:
     if not is_chief():
         print(f"worker {worker_task()}: done; the chief writes the bundle")
         return 0
-    save_bundle(args.output, encoder, decoder, data.tokenizer, model_config, name=config.name,
-                version=time.strftime("%Y%m%d"), training=record)
+    save_bundle(
+        args.output,
+        encoder,
+        decoder,
+        data.tokenizer,
+        model_config,
+        name=config.name,
+        version=time.strftime("%Y%m%d"),
+        training=record,
+    )
     print(f"wrote {args.output} after {record['seconds']} s")
 
     if args.evaluate_split:
@@ -224,7 +309,14 @@ def run(args: argparse.Namespace) -> int:
 
         split = args.evaluate_split
         options = {**(data.val_options if split == "val" else data.train_options), **parse_options(args.evaluate_data)}
-        evaluate_bundle(args.output, config.dataset, split, options, limit=args.evaluate_limit,
-                        meteor=not args.no_meteor, output=run_dir / f"evaluation-{split}.json",
-                        update_manifest=True)
+        evaluate_bundle(
+            args.output,
+            config.dataset,
+            split,
+            options,
+            limit=args.evaluate_limit,
+            meteor=not args.no_meteor,
+            output=run_dir / f"evaluation-{split}.json",
+            update_manifest=True,
+        )
     return 0

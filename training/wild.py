@@ -30,14 +30,20 @@ def score_records(captioner, records) -> dict:
 
     texts, _, confidence = caption_with_confidence(captioner, records)
     correct = grade(texts, records)
-    result = {"images": len(records), "grounded_accuracy": round(float(correct.mean()), 4),
-              "ece": round(expected_calibration_error(confidence, correct), 4),
-              "mean_confidence": round(float(confidence.mean()), 4)}
+    result = {
+        "images": len(records),
+        "grounded_accuracy": round(float(correct.mean()), 4),
+        "ece": round(expected_calibration_error(confidence, correct), 4),
+        "mean_confidence": round(float(confidence.mean()), 4),
+    }
     accepted = domain_accepted(captioner, [r.pixels for r in records])
     if accepted is not None:
         result["accepted_in_domain"] = round(float(accepted.mean()), 4)
-    result["wrong_examples"] = [{"image_id": r.image_id, "caption": t, "references": r.captions[:1]}
-                                for r, t, ok in zip(records, texts, correct) if not ok][:3]
+    result["wrong_examples"] = [
+        {"image_id": r.image_id, "caption": t, "references": r.captions[:1]}
+        for r, t, ok in zip(records, texts, correct)
+        if not ok
+    ][:3]
     return result, correct, confidence
 
 
@@ -46,7 +52,7 @@ def domain_accepted(captioner, images) -> np.ndarray | None:
         return None
     scores = []
     for start in range(0, len(images), 64):
-        batch = np.stack([captioner.prepare(image) for image in images[start:start + 64]])
+        batch = np.stack([captioner.prepare(image) for image in images[start : start + 64]])
         scores.append(captioner.domain_scores(batch))
     return np.concatenate(scores) >= IN_DOMAIN_SCORE
 
@@ -58,8 +64,12 @@ def evaluate_wild(artifacts, per_variation: int, test_images: int, ood_per_group
 
     captioner = Captioner.load(artifacts)
     started = time.perf_counter()
-    report: dict = {"artifacts": str(artifacts), "name": captioner.manifest.get("name"),
-                    "calibrated": captioner.calibration is not None, "variations": {}}
+    report: dict = {
+        "artifacts": str(artifacts),
+        "name": captioner.manifest.get("name"),
+        "calibrated": captioner.calibration is not None,
+        "variations": {},
+    }
     all_correct, all_confidence = [], []
     report["test"], correct, confidence = score_records(captioner, load_wide_split("test", test_images))
     print(f"test: {report['test']['grounded_accuracy']}", flush=True)
@@ -79,16 +89,23 @@ def evaluate_wild(artifacts, per_variation: int, test_images: int, ood_per_group
         for group, images in ood_groups(ood_per_group).items():
             if images:
                 accepted = domain_accepted(captioner, [image for _, image in images])
-                flagged[group] = {"images": len(images), "flagged_out_of_domain": round(float(1 - accepted.mean()), 4),
-                                  "accepted": [name for (name, _), ok in zip(images, accepted) if ok]}
+                flagged[group] = {
+                    "images": len(images),
+                    "flagged_out_of_domain": round(float(1 - accepted.mean()), 4),
+                    "accepted": [name for (name, _), ok in zip(images, accepted) if ok],
+                }
         report["out_of_domain"] = flagged
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate-wild", help="grounded accuracy, calibration and domain check per variation",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "evaluate-wild",
+        help="grounded accuracy, calibration and domain check per variation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory")
     p.add_argument("--per-variation", type=int, default=200, help="images per wild variation")
     p.add_argument("--test-images", type=int, default=1000, help="images of the standard test split")

@@ -37,16 +37,32 @@ logger = logging.getLogger("app.engine")
 
 
 class EngineCore:
-    def __init__(self, captioner, policy: BatchingPolicy, runner: ModelRunner, queue: AdmissionQueue[Request],
-                 *, inference_nice: int = 0):
+    def __init__(
+        self,
+        captioner,
+        policy: BatchingPolicy,
+        runner: ModelRunner,
+        queue: AdmissionQueue[Request],
+        *,
+        inference_nice: int = 0,
+    ):
         self.captioner = captioner
         self.policy = policy
         self.runner = runner
         self.queue = queue  # fed by the client on the event loop
         self.inference_nice = inference_nice
-        self.encoder = EncoderStage(runner, queue, getattr(policy, "max_encode_batch", 1), post=self.post,
-                                    should_exit=self._encoder_should_exit, nice=inference_nice) \
-            if policy.encodes_ahead else None
+        self.encoder = (
+            EncoderStage(
+                runner,
+                queue,
+                getattr(policy, "max_encode_batch", 1),
+                post=self.post,
+                should_exit=self._encoder_should_exit,
+                nice=inference_nice,
+            )
+            if policy.encodes_ahead
+            else None
+        )
         self.slots: SlotTable[Request] = SlotTable(MAX_ROWS)
         self.finished: list[tuple[Request, object]] = []  # (request, captions or exception)
         self.held: list[tuple[Request, object]] = []  # static batching: released when the batch ends
@@ -60,8 +76,9 @@ class EngineCore:
     # --- called from the event loop -------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop, warmed_up: asyncio.Future) -> None:
-        self.thread = threading.Thread(target=self._main, args=(loop, warmed_up),
-                                       name=f"inference-{self.policy.name}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._main, args=(loop, warmed_up), name=f"inference-{self.policy.name}", daemon=True
+        )
         self.thread.start()
 
     def start_encoder(self) -> None:

@@ -46,8 +46,16 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
 
 
 class EncoderStage:
-    def __init__(self, runner, queue: AdmissionQueue[Request], max_batch: int, *,
-                 post: Callable[[list], None], should_exit: Callable[[], bool], nice: int = 0):
+    def __init__(
+        self,
+        runner,
+        queue: AdmissionQueue[Request],
+        max_batch: int,
+        *,
+        post: Callable[[list], None],
+        should_exit: Callable[[], bool],
+        nice: int = 0,
+    ):
         self.runner = runner
         self.queue = queue
         self.max_batch = max_batch

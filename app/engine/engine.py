@@ -35,14 +35,31 @@ from captioning.decoding import DecodeOptions
 
 logger = logging.getLogger("app.engine")
 
-__all__ = ["DeadlineExceeded", "Engine", "EngineClient", "EngineError", "EngineStopped", "InferenceError",
-           "Overloaded", "Result"]
+__all__ = [
+    "DeadlineExceeded",
+    "Engine",
+    "EngineClient",
+    "EngineError",
+    "EngineStopped",
+    "InferenceError",
+    "Overloaded",
+    "Result",
+]
 
 
 class EngineClient:
-    def __init__(self, captioner, policy: BatchingPolicy, *, max_queue_size: int = 256,
-                 request_timeout_s: float = 30.0, shutdown_grace_s: float = 10.0, inference_nice: int = 0,
-                 freeze_gc: bool = False, runner: ModelRunner | None = None):
+    def __init__(
+        self,
+        captioner,
+        policy: BatchingPolicy,
+        *,
+        max_queue_size: int = 256,
+        request_timeout_s: float = 30.0,
+        shutdown_grace_s: float = 10.0,
+        inference_nice: int = 0,
+        freeze_gc: bool = False,
+        runner: ModelRunner | None = None,
+    ):
         self.captioner = captioner
         self.policy = policy
         self.freeze_gc = freeze_gc

@@ -16,8 +16,19 @@ class Result:
 
 
 class Request:
-    __slots__ = ("image", "options", "width", "loop", "future", "submitted", "admitted", "search",
-                 "abandoned", "deadline_timer", "feature_slot")
+    __slots__ = (
+        "image",
+        "options",
+        "width",
+        "loop",
+        "future",
+        "submitted",
+        "admitted",
+        "search",
+        "abandoned",
+        "deadline_timer",
+        "feature_slot",
+    )
 
     def __init__(self, image, options, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
         self.image = image

@@ -75,12 +75,14 @@ class ModelRunner:
 
     def free(self, slots: Iterable[int]) -> None:
         self.free_slots.give_back(slots)
+
     def step(self, used: int) -> tuple[np.ndarray, np.ndarray]:
         """One decoder step over rows [0, used): advances their state; returns (log_probs, attention).
         The step runs on the whole bucket, padding rows included, straight from these arrays: no copy."""
         bucket = bucket_for(used)
         log_probs, new_state, attention = self.features.step(
-            self.slot_of_row[:bucket], self.tokens[:bucket], self.state[:bucket])
+            self.slot_of_row[:bucket], self.tokens[:bucket], self.state[:bucket]
+        )
         self.state[:used] = new_state[:used]
         return log_probs[:used], attention[:used]
 

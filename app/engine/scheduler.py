@@ -109,8 +109,9 @@ class SequentialPolicy:
 BatchingPolicy = ContinuousPolicy | StaticPolicy | SequentialPolicy
 
 
-def make_policy(mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int,
-                encode_ahead: bool = True) -> BatchingPolicy:
+def make_policy(
+    mode: str, *, max_slots: int, max_queue_delay_s: float, max_encode_batch: int, encode_ahead: bool = True
+) -> BatchingPolicy:
     if not 1 <= max_slots <= MAX_ROWS:
         raise ValueError(f"max_batch_size must be between 1 and {MAX_ROWS}")
     if mode == "continuous":

@@ -27,8 +27,10 @@ class ReloadRefused(ApiError):
 
 class ReloadRequest(BaseModel):
     version_policy: str | None = Field(
-        None, description="Replaces MODEL_VERSION_POLICY until the next restart: latest:N, specific:V[,V...] or all.",
-        examples=["specific:1"])
+        None,
+        description="Replaces MODEL_VERSION_POLICY until the next restart: latest:N, specific:V[,V...] or all.",
+        examples=["specific:1"],
+    )
 
 
 class ReloadResult(BaseModel):
@@ -40,8 +42,12 @@ class ReloadResult(BaseModel):
     refused: dict[int, str] = Field(description="Versions that failed verification, loading or warm-up, and why.")
 
 
-@router.post("/reload", response_model=ReloadResult, responses=error_responses(400, 403, 409, 422, 503),
-             summary="Load new model versions now (and optionally change the version policy)")
+@router.post(
+    "/reload",
+    response_model=ReloadResult,
+    responses=error_responses(400, 403, 409, 422, 503),
+    summary="Load new model versions now (and optionally change the version policy)",
+)
 async def reload_models(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
@@ -64,5 +70,11 @@ async def reload_models(
         report = await models.reload(policy)
     except NoServableVersion as exc:
         raise ReloadRefused(str(exc)) from None
-    return ReloadResult(model=models.name, policy=str(models.policy), served=report.served, loaded=report.loaded,
-                        unloaded=report.unloaded, refused=report.refused)
+    return ReloadResult(
+        model=models.name,
+        policy=str(models.policy),
+        served=report.served,
+        loaded=report.loaded,
+        unloaded=report.unloaded,
+        refused=report.refused,
+    )

@@ -13,13 +13,19 @@ from app.service import decode_options
 
 router = APIRouter(tags=["captioning"])
 
-FORMATS_NOTE = ("The format is judged from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF); animations use their "
-                "first frame; EXIF orientation is applied.")
-DOMAIN_NOTE = ("`in_domain` and `domain_score` say whether the image looks like the model's training images; with "
-               "OUT_OF_DOMAIN=reject an out-of-domain image gets 422 `out_of_domain` instead of captions.")
-PARAMETERS_NOTE = ("Invalid combinations of decoding parameters get 422 `invalid_parameters`: num_captions > 1 "
-                   "with greedy, num_captions > beam_size, beam_size without strategy=beam, and temperature, "
-                   "top_k or seed without strategy=sample.")
+FORMATS_NOTE = (
+    "The format is judged from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF); animations use their "
+    "first frame; EXIF orientation is applied."
+)
+DOMAIN_NOTE = (
+    "`in_domain` and `domain_score` say whether the image looks like the model's training images; with "
+    "OUT_OF_DOMAIN=reject an out-of-domain image gets 422 `out_of_domain` instead of captions."
+)
+PARAMETERS_NOTE = (
+    "Invalid combinations of decoding parameters get 422 `invalid_parameters`: num_captions > 1 "
+    "with greedy, num_captions > beam_size, beam_size without strategy=beam, and temperature, "
+    "top_k or seed without strategy=sample."
+)
 
 
 @router.post(
@@ -28,7 +34,9 @@ PARAMETERS_NOTE = ("Invalid combinations of decoding parameters get 422 `invalid
     response_model_exclude_none=True,  # the attention fields appear only when asked for
     responses=error_responses(400, 408, 413, 415, 422, 500, 503, 504),
     summary="Caption an image",
-    description=f"Upload one image as the multipart field `image` (exactly one). {FORMATS_NOTE} {PARAMETERS_NOTE} {DOMAIN_NOTE}",
+    description=(
+        f"Upload one image as the multipart field `image` (exactly one). {FORMATS_NOTE} {PARAMETERS_NOTE} {DOMAIN_NOTE}"
+    ),
     dependencies=[one_file_per_field("image")],
 )
 async def create_caption(
@@ -67,10 +75,11 @@ async def create_captions(
     if len(images) > limit:
         raise TooManyImages(f"{len(images)} images sent; the limit is {limit} per request")
     data = [await service.read(upload) for upload in images]
-    outcomes = await service.caption_many(data, options, started_at=request.state.started_at,
-                                          receive=request.receive)
-    results = [_image_result(index, upload.filename, outcome)
-               for index, (upload, outcome) in enumerate(zip(images, outcomes, strict=True))]
+    outcomes = await service.caption_many(data, options, started_at=request.state.started_at, receive=request.receive)
+    results = [
+        _image_result(index, upload.filename, outcome)
+        for index, (upload, outcome) in enumerate(zip(images, outcomes, strict=True))
+    ]
     return BatchCaptionResponse(results=results, request_id=request.state.request_id)
 
 

@@ -14,9 +14,15 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # An explicit list, not a directory mount: nothing else under app/ can be served by accident.
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 # Scenes to try in one click (written by `python -m training demo-samples`); same rule: a fixed list.
-SAMPLES = {"dark.png": "image/png", "white.png": "image/png", "coloured.png": "image/png",
-           "textured.png": "image/png", "tiny.png": "image/png", "photo-like.jpg": "image/jpeg",
-           "not-a-scene.png": "image/png"}
+SAMPLES = {
+    "dark.png": "image/png",
+    "white.png": "image/png",
+    "coloured.png": "image/png",
+    "textured.png": "image/png",
+    "tiny.png": "image/png",
+    "photo-like.jpg": "image/jpeg",
+    "not-a-scene.png": "image/png",
+}
 # The page talks to this service only; uploads are previewed from blob: URLs.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
@@ -40,8 +46,9 @@ async def demo_page() -> FileResponse:
 async def demo_sample(name: str) -> FileResponse:
     if name not in SAMPLES:
         raise AssetNotFound(f"no sample named {name!r}")
-    return FileResponse(STATIC_DIR / "samples" / name, media_type=SAMPLES[name],
-                        headers={"Cache-Control": "max-age=3600"})
+    return FileResponse(
+        STATIC_DIR / "samples" / name, media_type=SAMPLES[name], headers={"Cache-Control": "max-age=3600"}
+    )
 
 
 @router.get("/static/{name}")

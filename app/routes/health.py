@@ -25,6 +25,7 @@ async def live() -> HealthStatus:
 async def ready(request: Request) -> HealthStatus:
     if not service_ready(request):
         stopping = request.app.state.stopping
-        raise NotReady("shutting down" if stopping else "starting: loading or warming up the model",
-                       NOT_READY_RETRY_AFTER_S)
+        raise NotReady(
+            "shutting down" if stopping else "starting: loading or warming up the model", NOT_READY_RETRY_AFTER_S
+        )
     return HealthStatus(status="ready")

@@ -87,8 +87,9 @@ class OipRoute(APIRoute):
             except ApiError as exc:
                 return oip_error(exc.status_code, exc.message, exc.headers)
             except RequestValidationError as exc:
-                return oip_error(400, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}"
-                                                for e in exc.errors()[:5]))
+                return oip_error(
+                    400, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
+                )
             except StarletteHTTPException as exc:
                 return oip_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
@@ -160,8 +161,10 @@ async def _lease(request: Request, name: str, version: str | None) -> AsyncItera
         raise ModelNotFound(f"unknown model '{name}'; this server serves '{models.name}'")
     served = models.served
     if version is not None and (not version.isdigit() or int(version) not in served):
-        raise ModelNotFound(f"model '{name}' version '{version}' is not served (served versions: "
-                            f"{', '.join(map(str, sorted(served))) or 'none'})")
+        raise ModelNotFound(
+            f"model '{name}' version '{version}' is not served (served versions: "
+            f"{', '.join(map(str, sorted(served))) or 'none'})"
+        )
     model = models.acquire(int(version) if version is not None else None)
     try:
         yield model
@@ -194,8 +197,11 @@ def model_metadata(model: ServedModel, models) -> ModelMetadata:
         platform="tensorflow_keras",
         inputs=[TensorMetadata(name=INPUT_NAME, datatype="BYTES", shape=[-1])],
         outputs=[TensorMetadata(name="caption", datatype="BYTES", shape=[-1])]
-        + [TensorMetadata(name=name, datatype=datatype, shape=[-1, -1])
-           for name, datatype in OUTPUTS.items() if name != "caption"],
+        + [
+            TensorMetadata(name=name, datatype=datatype, shape=[-1, -1])
+            for name, datatype in OUTPUTS.items()
+            if name != "caption"
+        ],
     )
 
 
@@ -204,8 +210,12 @@ async def get_model_metadata(request: Request, model: LeasedModel) -> ModelMetad
     return model_metadata(model, request.app.state.models)
 
 
-@router.get("/{model_name}/versions/{model_version}", response_model=ModelMetadata, responses=METADATA_ERRORS,
-            summary="Model version metadata")
+@router.get(
+    "/{model_name}/versions/{model_version}",
+    response_model=ModelMetadata,
+    responses=METADATA_ERRORS,
+    summary="Model version metadata",
+)
 async def get_model_version_metadata(request: Request, model: LeasedVersion) -> ModelMetadata:
     return model_metadata(model, request.app.state.models)
 
@@ -215,8 +225,12 @@ async def get_model_ready(request: Request, model: LeasedModel) -> ModelReady:
     return model_ready(request, model)
 
 
-@router.get("/{model_name}/versions/{model_version}/ready", response_model=ModelReady, responses=METADATA_ERRORS,
-            summary="Model version readiness")
+@router.get(
+    "/{model_name}/versions/{model_version}/ready",
+    response_model=ModelReady,
+    responses=METADATA_ERRORS,
+    summary="Model version readiness",
+)
 async def get_model_version_ready(request: Request, model: LeasedVersion) -> ModelReady:
     return model_ready(request, model)
 
@@ -250,20 +264,31 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
-INFER_DESCRIPTION = ("An inference request (JSON, or JSON followed by binary tensor data whose JSON length is the "
-                     "Inference-Header-Content-Length header) with the BYTES input `image`; see docs/OIP.md.")
+INFER_DESCRIPTION = (
+    "An inference request (JSON, or JSON followed by binary tensor data whose JSON length is the "
+    "Inference-Header-Content-Length header) with the BYTES input `image`; see docs/OIP.md."
+)
 
 
-@router.post("/{model_name}/infer", responses=INFER_ERRORS, summary="Caption images (BYTES tensor `image`)",
-             description=INFER_DESCRIPTION)
+@router.post(
+    "/{model_name}/infer",
+    responses=INFER_ERRORS,
+    summary="Caption images (BYTES tensor `image`)",
+    description=INFER_DESCRIPTION,
+)
 async def infer(request: Request, model: LeasedModel, settings: Annotated[Settings, Depends(get_settings)]) -> Response:
     return await run_inference(request, model, settings)
 
 
-@router.post("/{model_name}/versions/{model_version}/infer", responses=INFER_ERRORS,
-             summary="Caption images with one model version", description=INFER_DESCRIPTION)
-async def infer_version(request: Request, model: LeasedVersion,
-                        settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+@router.post(
+    "/{model_name}/versions/{model_version}/infer",
+    responses=INFER_ERRORS,
+    summary="Caption images with one model version",
+    description=INFER_DESCRIPTION,
+)
+async def infer_version(
+    request: Request, model: LeasedVersion, settings: Annotated[Settings, Depends(get_settings)]
+) -> Response:
     return await run_inference(request, model, settings)
 
 
@@ -274,8 +299,10 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
     try:
         inference = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
-        raise OipError("invalid inference request: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])) from None
+        raise OipError(
+            "invalid inference request: "
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        ) from None
     unknown = [output.name for output in inference.outputs or () if output.name not in OUTPUTS]
     if unknown:  # before any inference is spent on the request
         raise OipError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
@@ -285,8 +312,9 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
     return inference_response(model, inference, results)
 
 
-async def caption_images(request: Request, images: list[bytes], options: DecodeOptions, settings: Settings,
-                         model: ServedModel) -> list[CaptionFields]:
+async def caption_images(
+    request: Request, images: list[bytes], options: DecodeOptions, settings: Settings, model: ServedModel
+) -> list[CaptionFields]:
     """The images through the service's own caption path (CaptionService: the same limits, decoding
     and engine as /captions, on the leased version); the first image's error fails the request, as
     the protocol has no per-image status."""
@@ -294,8 +322,7 @@ async def caption_images(request: Request, images: list[bytes], options: DecodeO
         if len(data) > settings.max_upload_bytes:
             raise UploadTooLarge(settings.max_upload_bytes)
     service = service_for(request, model)
-    outcomes = await service.caption_many(images, options, started_at=request.state.started_at,
-                                          receive=request.receive)
+    outcomes = await service.caption_many(images, options, started_at=request.state.started_at, receive=request.receive)
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
             raise outcome
@@ -350,16 +377,19 @@ def decoding(parameters: dict[str, Any]) -> DecodeOptions:
     """The request's decoding parameters -> DecodeOptions, validated as /caption's query is."""
     unknown = set(parameters) - DECODING_PARAMETERS - PROTOCOL_PARAMETERS
     if unknown:
-        raise InvalidParameters(f"unknown parameters {sorted(unknown)}; decoding parameters are "
-                                f"{sorted(DECODING_PARAMETERS - {'attention'})}")
+        raise InvalidParameters(
+            f"unknown parameters {sorted(unknown)}; decoding parameters are "
+            f"{sorted(DECODING_PARAMETERS - {'attention'})}"
+        )
     given = {name: value for name, value in parameters.items() if name in DECODING_PARAMETERS}
     if given.get("attention"):
         raise InvalidParameters("attention is not available through this protocol; use POST /caption")
     try:
         query = CaptionQuery(**given)
     except ValidationError as exc:
-        raise InvalidParameters("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                          for e in exc.errors()[:5])) from None
+        raise InvalidParameters(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        ) from None
     return decode_options(query)
 
 
@@ -392,8 +422,9 @@ def inference_response(model: ServedModel, inference: InferenceRequest, results:
     header = json.dumps(body).encode()
     if not chunks:
         return Response(header, media_type="application/json")
-    return Response(header + b"".join(chunks), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(header))})
+    return Response(
+        header + b"".join(chunks), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))}
+    )
 
 
 def serialize_bytes(elements: list[str | bytes]) -> bytes:
@@ -425,8 +456,9 @@ def _from_base64(element: Any) -> bytes:
     try:
         return base64.b64decode(element, validate=True)
     except (binascii.Error, ValueError):
-        raise OipError(f"an '{INPUT_NAME}' element is not valid base64 (send the image base64-encoded, or use "
-                       "binary data)") from None
+        raise OipError(
+            f"an '{INPUT_NAME}' element is not valid base64 (send the image base64-encoded, or use binary data)"
+        ) from None
 
 
 def _flatten(data: list[Any]) -> list[Any]:

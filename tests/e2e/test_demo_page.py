@@ -34,8 +34,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.te
 ROOT = Path(__file__).resolve().parents[2]
 TRAINED_BUNDLE = DEFAULT_BUNDLE
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PAGE_DEFAULTS = DecodeOptions(strategy="beam", beam_size=3, num_captions=3)  # as app/static/index.html
 SCENES_TO_TRY = 20
 DESKTOP = {"width": 1280, "height": 860}
@@ -84,8 +92,9 @@ def free_port() -> int:
 def playwright_api():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium) "
-                    "or set CHROMIUM_PATH")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium) or set CHROMIUM_PATH"
+        )
     return sync_api
 
 
@@ -104,8 +113,9 @@ def server_url(playwright_api, served_app):
     """The app under uvicorn in a thread, on a free loopback port."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(served_app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(served_app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, name="demo-page-server", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}"
@@ -128,8 +138,12 @@ def server_url(playwright_api, served_app):
 def browser(playwright_api, tmp_path_factory):
     with playwright_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport=DESKTOP, has_touch=True,
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=DESKTOP,
+            has_touch=True,
         )
         yield context
         context.close()

@@ -30,8 +30,27 @@ START_TIMEOUT_S = 180
 PROMETHEUS_METRICS = {"up"}
 # kube-state-metrics series, used only by the Kubernetes alerts.
 KUBE_STATE_METRICS = {"kube_pod_container_status_ready", "kube_pod_container_status_restarts_total"}
-PROMQL_WORDS = {"sum", "by", "rate", "max", "min", "avg", "and", "or", "unless", "on", "without", "le",
-                "histogram_quantile", "resets", "increase", "changes", "max_over_time", "bool", "offset"}
+PROMQL_WORDS = {
+    "sum",
+    "by",
+    "rate",
+    "max",
+    "min",
+    "avg",
+    "and",
+    "or",
+    "unless",
+    "on",
+    "without",
+    "le",
+    "histogram_quantile",
+    "resets",
+    "increase",
+    "changes",
+    "max_over_time",
+    "bool",
+    "offset",
+}
 
 
 def binary(name: str) -> str:
@@ -53,8 +72,12 @@ def free_port() -> int:
 
 def exported_names(families) -> set[str]:
     """Every series name the families can produce (a counter `x` is exported as `x_total`, ...)."""
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
-                "gauge": [""], "summary": ["_sum", "_count", "_created", ""]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "gauge": [""],
+        "summary": ["_sum", "_count", "_created", ""],
+    }
     names = set()
     for family in families:
         names |= {family.name + suffix for suffix in suffixes.get(family.type, [""])}
@@ -63,8 +86,13 @@ def exported_names(families) -> set[str]:
 
 
 def recorded_names() -> set[str]:
-    return {rule["record"] for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
-            for rule in group["rules"] if "record" in rule}
+    return {
+        rule["record"]
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
 
 
 def metric_names(expr: str) -> set[str]:
@@ -76,8 +104,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def rule_expressions() -> list[str]:
-    return [rule["expr"] for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
-            for rule in group["rules"]]
+    return [
+        rule["expr"]
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
 
 
 def dashboard_expressions() -> list[str]:
@@ -95,6 +127,7 @@ def as_instant_query(expr: str) -> str:
 
 
 # --- static checks (promtool) -------------------------------------------------------------------
+
 
 def test_promtool_checks_rules_and_config():
     result = run(binary("promtool"), "check", "rules", *map(str, RULE_FILES))
@@ -119,20 +152,31 @@ def test_rules_name_only_exported_or_recorded_metrics():
 
 # --- the real service and the real Prometheus -----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(port),
-           "ARTIFACTS_DIR": str(ROOT / "model_artifacts" / "default"), "API_KEY": "",
-           "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "SHUTDOWN_GRACE_S": "2"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ARTIFACTS_DIR": str(ROOT / "model_artifacts" / "default"),
+        "API_KEY": "",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "SHUTDOWN_GRACE_S": "2",
+    }
     log_path = tmp_path_factory.mktemp("monitoring") / "service.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: httpx.get(f"{url}/health/ready", timeout=2).status_code == 200, START_TIMEOUT_S,
-                   process, log_path)
+        wait_until(
+            lambda: httpx.get(f"{url}/health/ready", timeout=2).status_code == 200, START_TIMEOUT_S, process, log_path
+        )
         caption(url)
         yield url, port
     finally:
@@ -159,9 +203,15 @@ def prometheus(service, tmp_path_factory):
     log_path = directory / "prometheus.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [binary("prometheus"), f"--config.file={directory / 'prometheus.yml'}",
-             f"--storage.tsdb.path={directory / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                binary("prometheus"),
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 60, process, log_path)
@@ -183,8 +233,9 @@ def caption(url: str, count: int = 3) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, format="PNG")
     for _ in range(count):
-        response = httpx.post(f"{url}/caption", files={"image": ("probe.png", buffer.getvalue(), "image/png")},
-                              timeout=60)
+        response = httpx.post(
+            f"{url}/caption", files={"image": ("probe.png", buffer.getvalue(), "image/png")}, timeout=60
+        )
         assert response.status_code == 200, response.text
 
 
@@ -243,6 +294,11 @@ def test_dashboard_queries_run_in_prometheus(prometheus):
     wait_until(lambda: query(url, "captioning:http_request_duration_seconds:p50_5m"), 60)
     with_data = [expr for expr in dashboard_expressions() if query(url, as_instant_query(expr))]
     # The traffic, latency and engine panels have data after three captions.
-    for needle in ("captioning_http_requests_total", "p50_5m", "captioning_engine_queue_depth",
-                   "captioning_engine_inference_seconds_bucket", "up{"):
+    for needle in (
+        "captioning_http_requests_total",
+        "p50_5m",
+        "captioning_engine_queue_depth",
+        "captioning_engine_inference_seconds_bucket",
+        "up{",
+    ):
         assert any(needle in expr for expr in with_data), needle

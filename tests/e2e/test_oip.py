@@ -17,9 +17,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonclient_http
 from PIL import Image
-
-tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,12 +49,21 @@ def server(tmp_path_factory, tiny_bundle):
     repository = tmp_path_factory.mktemp("repository")
     shutil.copytree(tiny_bundle, repository / "default" / "1")
     port = free_port()
-    env = {**os.environ, "MODEL_REPOSITORY": str(repository), "MODEL_POLL_INTERVAL_S": "0", "PORT": str(port),
-           "API_KEY": API_KEY, "MAX_BATCH_SIZE": "8", "MAX_IMAGES_PER_REQUEST": "4", "LOG_LEVEL": "WARNING",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "MODEL_REPOSITORY": str(repository),
+        "MODEL_POLL_INTERVAL_S": "0",
+        "PORT": str(port),
+        "API_KEY": API_KEY,
+        "MAX_BATCH_SIZE": "8",
+        "MAX_IMAGES_PER_REQUEST": "4",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("ARTIFACTS_DIR", None)
-    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     url = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -91,14 +99,20 @@ def image_input(images: list[bytes], binary: bool):
     if binary:
         tensor.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
     else:  # JSON carries each image as its base64 string
-        tensor.set_data_from_numpy(np.array([base64.b64encode(i).decode() for i in images], dtype=np.object_),
-                                   binary_data=False)
+        tensor.set_data_from_numpy(
+            np.array([base64.b64encode(i).decode() for i in images], dtype=np.object_), binary_data=False
+        )
     return tensor
 
 
 def caption_of(server: str, image: bytes, **params) -> dict:
-    response = httpx.post(f"http://{server}/caption", params=params, headers=auth(),
-                          files={"image": ("i.png", image, "image/png")}, timeout=30)
+    response = httpx.post(
+        f"http://{server}/caption",
+        params=params,
+        headers=auth(),
+        files={"image": ("i.png", image, "image/png")},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -110,7 +124,11 @@ def test_health_and_metadata(client):
     assert metadata["versions"] == ["1"]
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert {o["name"]: o["datatype"] for o in metadata["outputs"]} == {
-        "caption": "BYTES", "captions": "BYTES", "scores": "FP32", "confidence": "FP32"}
+        "caption": "BYTES",
+        "captions": "BYTES",
+        "scores": "FP32",
+        "confidence": "FP32",
+    }
     assert client.get_model_metadata("default", "1", headers=auth())["name"] == "default"
     assert client.is_model_ready("default", headers=auth())
     assert client.is_model_ready("default", "1", headers=auth())
@@ -121,10 +139,17 @@ def test_health_and_metadata(client):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_round_trip_matches_the_caption_route(server, client, binary):
     images = [png((200, 40, 40)), png((30, 60, 220))]
-    outputs = [tritonclient_http.InferRequestedOutput(name, binary_data=binary)
-               for name in ("caption", "captions", "scores", "confidence")]
-    result = client.infer("default", [image_input(images, binary)], outputs=outputs, headers=auth(),
-                          parameters={"strategy": "beam", "beam_size": 3, "num_captions": 2})
+    outputs = [
+        tritonclient_http.InferRequestedOutput(name, binary_data=binary)
+        for name in ("caption", "captions", "scores", "confidence")
+    ]
+    result = client.infer(
+        "default",
+        [image_input(images, binary)],
+        outputs=outputs,
+        headers=auth(),
+        parameters={"strategy": "beam", "beam_size": 3, "num_captions": 2},
+    )
     response = result.get_response()
     assert response["model_name"] == "default" and response["model_version"] == "1"
     captions, scores = result.as_numpy("captions"), result.as_numpy("scores")
@@ -166,6 +191,7 @@ def test_errors_have_the_protocol_shape(server, client):
     bad_base64.set_data_from_numpy(np.array(["%%%"], dtype=np.object_), binary_data=False)
     assert "base64" in refused(inputs=[bad_base64]).message()
     # The body is JSON {"error": "..."}, as the protocol says.
-    body = httpx.post(f"http://{server}/v2/models/default/infer", headers=auth(), content=b"{not json",
-                      timeout=10).json()
+    body = httpx.post(
+        f"http://{server}/v2/models/default/infer", headers=auth(), content=b"{not json", timeout=10
+    ).json()
     assert set(body) == {"error"} and isinstance(body["error"], str)

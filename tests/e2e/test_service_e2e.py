@@ -77,8 +77,9 @@ def server(bundle, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("e2e-logs") / "server.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=server_env(bundle, port),
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=ROOT, env=server_env(bundle, port), stdout=log, stderr=subprocess.STDOUT
+        )
     server = Server(f"http://127.0.0.1:{port}", port, process, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -181,8 +182,10 @@ def raw_request(port: int, head: bytes, body_chunks, read_timeout=10.0) -> tuple
 
 
 def multipart_head(port: int, extra_headers: str) -> bytes:
-    return (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {API_KEY}\r\n"
-            f"Content-Type: multipart/form-data; boundary=xyz\r\n{extra_headers}\r\n").encode()
+    return (
+        f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {API_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=xyz\r\n{extra_headers}\r\n"
+    ).encode()
 
 
 def test_oversized_content_length_is_refused_without_reading_the_body(server):
@@ -207,8 +210,10 @@ def test_oversized_chunked_upload_is_refused_while_streaming(server):
 
 
 def test_keyless_upload_gets_401_before_its_body_is_sent(server):
-    head = (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Length: {9 * 1024 * 1024}\r\n"
-            "Content-Type: multipart/form-data; boundary=xyz\r\n\r\n").encode()
+    head = (
+        f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Length: {9 * 1024 * 1024}\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\n\r\n"
+    ).encode()
     started = time.monotonic()
     response, sent = raw_request(server.port, head, [], read_timeout=5)
     assert response.startswith(b"HTTP/1.1 401"), response[:200]
@@ -226,8 +231,10 @@ def test_a_body_shorter_than_its_content_length_gets_408_json(server):
 
 def test_auth_metrics_and_model_over_http(server, client):
     assert httpx.get(f"{server.url}/model").status_code == 401
-    assert httpx.get(f"{server.url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).json()["name"] \
+    assert (
+        httpx.get(f"{server.url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).json()["name"]
         == "tiny-test-captioner"
+    )
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'route="/caption"' in metrics and "captioning_engine_inference_seconds_count" in metrics
 
@@ -262,13 +269,31 @@ def test_schemathesis_finds_no_failures(server, tmp_path):
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
     command = [
-        str(Path(sys.executable).parent / "st"), "--config-file", str(config), "run", f"{server.url}/openapi.json",
+        str(Path(sys.executable).parent / "st"),
+        "--config-file",
+        str(config),
+        "run",
+        f"{server.url}/openapi.json",
         # One worker: with two, hypothesis parses lambda sources in both threads at once, and
         # Python 3.11's ast.parse is not thread-safe ("AST constructor recursion depth mismatch").
-        "--checks", "all", "--max-examples", "30", "--seed", "20240601", "--workers", "1",
+        "--checks",
+        "all",
+        "--max-examples",
+        "30",
+        "--seed",
+        "20240601",
+        "--workers",
+        "1",
         # Both schemes, so the ignored_auth check probes each one with a wrong value.
-        "--header", f"X-API-Key: {API_KEY}", "--header", f"Authorization: Bearer {API_KEY}",
-        "--request-timeout", "30", "--suppress-health-check", "too_slow", "--no-shrink",
+        "--header",
+        f"X-API-Key: {API_KEY}",
+        "--header",
+        f"Authorization: Bearer {API_KEY}",
+        "--request-timeout",
+        "30",
+        "--suppress-health-check",
+        "too_slow",
+        "--no-shrink",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
@@ -278,8 +303,14 @@ def test_broken_bundle_exits_non_zero_with_a_clear_message(bundle, tmp_path):
     tampered = shutil.copytree(bundle, tmp_path / "tampered")
     with open(tampered / "decoder.keras", "ab") as decoder:
         decoder.write(b"tampered")
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=server_env(tampered, free_port()),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=server_env(tampered, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     (line,) = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
     assert line["level"] == "CRITICAL"

@@ -23,13 +23,20 @@ def free_port() -> int:
 
 
 def test_sigterm_during_model_load_exits_within_seconds(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(free_port()),
-           "ARTIFACTS_DIR": str(ROOT / "model_artifacts" / "default"), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "TF_ENABLE_ONEDNN_OPTS": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "ARTIFACTS_DIR": str(ROOT / "model_artifacts" / "default"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+    }
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 120
         while '"loading model"' not in log_path.read_text():  # the lifespan start-up is under way

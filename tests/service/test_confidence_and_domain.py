@@ -54,7 +54,7 @@ def scene_like(rng, count: int, background: int = 40) -> np.ndarray:
     images = np.full((count, 64, 64, 3), background, np.uint8)
     for image in images:
         x, y = rng.integers(4, 40, 2)
-        image[y:y + 14, x:x + 14] = (225, 35, 35)
+        image[y : y + 14, x : x + 14] = (225, 35, 35)
     return images
 
 
@@ -88,8 +88,14 @@ def test_image_statistics_tell_a_scene_from_text_like_strokes():
 
 
 def test_domain_file_is_plain_arrays(tmp_path):
-    np.savez(tmp_path / "evil.npz", mean=np.array([object()], dtype=object), precision=np.eye(1), threshold=1.0,
-             statistics_low=np.zeros(5), statistics_high=np.ones(5))
+    np.savez(
+        tmp_path / "evil.npz",
+        mean=np.array([object()], dtype=object),
+        precision=np.eye(1),
+        threshold=1.0,
+        statistics_low=np.zeros(5),
+        statistics_high=np.ones(5),
+    )
     with pytest.raises(ValueError):  # allow_pickle=False: object arrays are refused
         DomainModel.load(tmp_path / "evil.npz")
 
@@ -158,8 +164,9 @@ def test_bundle_extras_are_verified(extras_bundle, tmp_path):
 
 
 def post(client, pixels: np.ndarray):
-    return client.post("/caption", files={"image": ("x.png", uploads.encode(Image.fromarray(pixels), "PNG"),
-                                                    "image/png")})
+    return client.post(
+        "/caption", files={"image": ("x.png", uploads.encode(Image.fromarray(pixels), "PNG"), "image/png")}
+    )
 
 
 @pytest.mark.parametrize("policy", ["caption", "reject"])

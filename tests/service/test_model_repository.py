@@ -79,15 +79,20 @@ def served_gauge(version: int) -> float | None:
 
 
 def loads(version: int, result: str) -> float:
-    return metrics.REGISTRY.get_sample_value(
-        "captioning_model_loads_total", {"model": "default", "version": str(version), "result": result}) or 0.0
+    return (
+        metrics.REGISTRY.get_sample_value(
+            "captioning_model_loads_total", {"model": "default", "version": str(version), "result": result}
+        )
+        or 0.0
+    )
 
 
 def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
     repository = tmp_path / "models"
     add_version(repository, tiny_bundle, 1)
-    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8,
-                        request_timeout_s=20, shutdown_grace_s=5)
+    settings = Settings(
+        model_repository=repository, model_poll_interval_s=0, max_batch_size=8, request_timeout_s=20, shutdown_grace_s=5
+    )
     image = np.zeros((32, 32, 3), np.uint8)
 
     async def scenario():
@@ -152,8 +157,13 @@ def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path,
 
     repository = tmp_path / "models"
     add_version(repository, tiny_bundle, 1)
-    settings = Settings(model_repository=repository, model_poll_interval_s=0.2, api_key="admin-key",
-                        max_batch_size=8, log_level="WARNING")
+    settings = Settings(
+        model_repository=repository,
+        model_poll_interval_s=0.2,
+        api_key="admin-key",
+        max_batch_size=8,
+        log_level="WARNING",
+    )
     key = {"X-API-Key": "admin-key"}
 
     def caption_version(client) -> str:

@@ -39,8 +39,14 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(bundle) -> Settings:
-    return Settings(artifacts_dir=bundle, api_key=API_KEY, max_upload_bytes=MAX_UPLOAD_BYTES,
-                    max_image_pixels=4_000_000, request_timeout_s=20, max_batch_size=16)
+    return Settings(
+        artifacts_dir=bundle,
+        api_key=API_KEY,
+        max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_image_pixels=4_000_000,
+        request_timeout_s=20,
+        max_batch_size=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +82,9 @@ def stand_in_engine(app, engine):
 
 
 def post_image(client, data: bytes, params=None, **kwargs):
-    return client.post("/caption", files={"image": ("upload.bin", data, "application/octet-stream")},
-                       params=params, **kwargs)
+    return client.post(
+        "/caption", files={"image": ("upload.bin", data, "application/octet-stream")}, params=params, **kwargs
+    )
 
 
 def assert_error(response, status: int, code: str):
@@ -206,8 +213,9 @@ def test_format_outside_the_allow_list_is_415(client, data):
 
 
 def test_missing_field_is_422(client):
-    assert_error(client.post("/caption", files={"other": ("a.png", uploads.png(), "image/png")}), 422,
-                 "validation_error")
+    assert_error(
+        client.post("/caption", files={"other": ("a.png", uploads.png(), "image/png")}), 422, "validation_error"
+    )
     assert_error(client.post("/caption"), 422, "validation_error")
 
 
@@ -237,8 +245,10 @@ def test_upload_over_the_limit_is_413_from_content_length(client):
 
 def test_upload_over_the_limit_is_413_while_streaming(client):
     boundary = "test-boundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
     sent = []
 
     def body():  # no Content-Length: the server only learns the size by counting
@@ -247,8 +257,9 @@ def test_upload_over_the_limit_is_413_while_streaming(client):
             sent.append(1)
             yield b"\0" * 16_384
 
-    response = client.post("/caption", content=body(),
-                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = client.post(
+        "/caption", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert_error(response, 413, "upload_too_large")
 
 
@@ -377,8 +388,10 @@ def test_work_that_misses_its_deadline_is_abandoned_and_marked():
 
 
 def test_api_key_is_required_for_caption_and_model(client):
-    for response in (client.post("/caption", files={"image": ("a.png", uploads.png())}, headers={"X-API-Key": ""}),
-                     client.get("/model", headers={"X-API-Key": "wrong"})):
+    for response in (
+        client.post("/caption", files={"image": ("a.png", uploads.png())}, headers={"X-API-Key": ""}),
+        client.get("/model", headers={"X-API-Key": "wrong"}),
+    ):
         assert_error(response, 401, "unauthorized")
         assert response.headers["www-authenticate"] == "Bearer"
     bearer = {"X-API-Key": "", "Authorization": f"Bearer {API_KEY}"}
@@ -414,10 +427,17 @@ def test_metrics_exposes_http_and_engine_series(client):
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
     assert 'captioning_http_requests_total{method="POST",route="/caption",status="200"}' in text
-    assert 'captioning_http_request_duration_seconds_bucket{' in text
-    for name in ("engine_queue_depth", "engine_active_slots", "engine_batch_size", "engine_encode_seconds",
-                 "engine_step_seconds", "engine_queue_wait_seconds", "engine_inference_seconds",
-                 "engine_rejections_total"):
+    assert "captioning_http_request_duration_seconds_bucket{" in text
+    for name in (
+        "engine_queue_depth",
+        "engine_active_slots",
+        "engine_batch_size",
+        "engine_encode_seconds",
+        "engine_step_seconds",
+        "engine_queue_wait_seconds",
+        "engine_inference_seconds",
+        "engine_rejections_total",
+    ):
         assert f"captioning_{name}" in text
 
 
@@ -456,9 +476,9 @@ def test_each_request_logs_one_structured_line(client, caplog):
 def test_tampered_bundle_stops_start_up_with_a_clear_message(bundle, tmp_path, settings):
     tampered = shutil.copytree(bundle, tmp_path / "tampered")
     (tampered / "vocab.json").write_text((tampered / "vocab.json").read_text().replace("circle", "square"))
-    with pytest.raises(StartupError, match="vocab.json does not match its sha256"):
-        with TestClient(create_app(settings.model_copy(update={"artifacts_dir": tampered}))):
-            pass
-    with pytest.raises(StartupError, match="not found"):
-        with TestClient(create_app(settings.model_copy(update={"artifacts_dir": tmp_path / "missing"}))):
-            pass
+    tampered_app = create_app(settings.model_copy(update={"artifacts_dir": tampered}))
+    with pytest.raises(StartupError, match="vocab.json does not match its sha256"), TestClient(tampered_app):
+        pass
+    missing_app = create_app(settings.model_copy(update={"artifacts_dir": tmp_path / "missing"}))
+    with pytest.raises(StartupError, match="not found"), TestClient(missing_app):
+        pass

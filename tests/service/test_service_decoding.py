@@ -22,8 +22,14 @@ MAX_IMAGES = 4
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     bundle = uploads.build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
-    settings = Settings(artifacts_dir=bundle, api_key=API_KEY, max_upload_bytes=200_000, max_batch_size=16,
-                        max_images_per_request=MAX_IMAGES, request_timeout_s=20)
+    settings = Settings(
+        artifacts_dir=bundle,
+        api_key=API_KEY,
+        max_upload_bytes=200_000,
+        max_batch_size=16,
+        max_images_per_request=MAX_IMAGES,
+        request_timeout_s=20,
+    )
     with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
         yield client
 
@@ -49,8 +55,7 @@ def offline(client, data: bytes, options: DecodeOptions):
 def assert_same(api_captions, offline_captions):
     assert [c["text"] for c in api_captions] == [c.text for c in offline_captions]
     assert [c["log_prob"] for c in api_captions] == pytest.approx([c.log_prob for c in offline_captions], abs=1e-4)
-    assert [c["confidence"] for c in api_captions] == pytest.approx([c.confidence for c in offline_captions],
-                                                                    abs=1e-5)
+    assert [c["confidence"] for c in api_captions] == pytest.approx([c.confidence for c in offline_captions], abs=1e-5)
 
 
 def assert_422(response, code: str, fragment: str):
@@ -67,11 +72,15 @@ def assert_422(response, code: str, fragment: str):
     ("params", "options"),
     [
         ({}, DecodeOptions()),
-        ({"strategy": "beam", "beam_size": 4, "num_captions": 3}, DecodeOptions(strategy="beam", beam_size=4,
-                                                                                  num_captions=3)),
+        (
+            {"strategy": "beam", "beam_size": 4, "num_captions": 3},
+            DecodeOptions(strategy="beam", beam_size=4, num_captions=3),
+        ),
         ({"strategy": "beam", "beam_size": 1}, DecodeOptions(strategy="beam", beam_size=1)),
-        ({"strategy": "sample", "num_captions": 3, "seed": 5, "temperature": 0.7, "top_k": 4},
-         DecodeOptions(strategy="sample", num_captions=3, seed=5, temperature=0.7, top_k=4)),
+        (
+            {"strategy": "sample", "num_captions": 3, "seed": 5, "temperature": 0.7, "top_k": 4},
+            DecodeOptions(strategy="sample", num_captions=3, seed=5, temperature=0.7, top_k=4),
+        ),
         ({"strategy": "greedy", "max_length": 3}, DecodeOptions(max_length=3)),
     ],
     ids=["greedy", "beam-n-best", "beam-1", "sample-seeded", "greedy-short"],
@@ -167,15 +176,24 @@ def test_without_attention_the_response_is_unchanged(client):
 
 def test_each_image_gets_its_own_result_in_order(client):
     red, blue = uploads.png(colour=uploads.RED), uploads.jpeg(colour=uploads.BLUE, size=(40, 40))
-    response = caption_many(client, [("red.png", red), ("notes.txt", uploads.TEXT), ("blue.jpg", blue),
-                                     ("tiny.png", uploads.png(size=(4, 4)))],
-                            strategy="beam", beam_size=3, num_captions=2, attention="true")
+    response = caption_many(
+        client,
+        [("red.png", red), ("notes.txt", uploads.TEXT), ("blue.jpg", blue), ("tiny.png", uploads.png(size=(4, 4)))],
+        strategy="beam",
+        beam_size=3,
+        num_captions=2,
+        attention="true",
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["request_id"] == response.headers["x-request-id"]
     results = body["results"]
     assert [(r["index"], r["filename"], r["ok"]) for r in results] == [
-        (0, "red.png", True), (1, "notes.txt", False), (2, "blue.jpg", True), (3, "tiny.png", False)]
+        (0, "red.png", True),
+        (1, "notes.txt", False),
+        (2, "blue.jpg", True),
+        (3, "tiny.png", False),
+    ]
     assert results[1]["error"]["code"] == "invalid_image" and results[3]["error"]["code"] == "image_too_small"
     assert set(results[1]) == {"index", "filename", "ok", "error"}
     beam = DecodeOptions(strategy="beam", beam_size=3, num_captions=2)
@@ -200,8 +218,16 @@ def test_whole_request_errors_keep_the_error_shape(client):
 def test_openapi_documents_the_parameters_and_the_batch_endpoint(client):
     schema = client.get("/openapi.json").json()
     caption_parameters = {p["name"] for p in schema["paths"]["/caption"]["post"]["parameters"]}
-    assert caption_parameters == {"strategy", "beam_size", "num_captions", "max_length", "temperature", "top_k",
-                                  "seed", "attention"}
+    assert caption_parameters == {
+        "strategy",
+        "beam_size",
+        "num_captions",
+        "max_length",
+        "temperature",
+        "top_k",
+        "seed",
+        "attention",
+    }
     assert {p["name"] for p in schema["paths"]["/captions"]["post"]["parameters"]} == caption_parameters
     assert "422" in schema["paths"]["/captions"]["post"]["responses"]
     assert "/" not in schema["paths"]

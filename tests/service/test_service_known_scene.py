@@ -1,11 +1,10 @@
 """The trained default model, served through the API, describes a known test scene truthfully.
 
-Needs the committed default model (conftest.DEFAULT_BUNDLE, `make train-default`); until that bundle exists this fails on
-purpose, saying so, rather than skipping quietly.
+Needs the committed default model (conftest.DEFAULT_BUNDLE, `make train-default`); until that bundle
+exists this fails on purpose, saying so, rather than skipping quietly.
 """
 
 from __future__ import annotations
-
 
 import pytest
 import uploads
@@ -19,7 +18,6 @@ from training.datasets.shapes import make_example
 from training.datasets.shapes_checker import check_caption
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
-
 
 
 @pytest.fixture(scope="module")

@@ -78,12 +78,14 @@ def test_meteor_is_skipped_with_a_warning_without_java(monkeypatch, caplog):
     assert "METEOR is skipped" in caplog.text
 
 
-@pytest.mark.parametrize("program", ["import sys; sys.stdin.read()", "import time; time.sleep(60)"],
-                         ids=["exits-on-eof", "ignores-eof"])
+@pytest.mark.parametrize(
+    "program", ["import sys; sys.stdin.read()", "import time; time.sleep(60)"], ids=["exits-on-eof", "ignores-eof"]
+)
 def test_closing_the_scorer_ends_the_meteor_process(monkeypatch, program):
     """A stand-in process: one that exits when its input closes (as METEOR's JVM does), one that must be killed."""
-    process = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     monkeypatch.setattr("training.metrics._start_meteor", lambda: SimpleNamespace(meteor_p=process))
     monkeypatch.setattr("training.metrics.METEOR_SHUTDOWN_SECONDS", 0.5)
     with CaptionScorer() as scorer:
@@ -124,8 +126,15 @@ def test_gallery_is_self_contained_and_escaped(tmp_path):
 
     pixels = np.zeros((8, 8, 3), np.uint8)
     rows = [
-        GalleryRow("img-<1>", pixels, "<script>alert(1)</script>", ["a & b"], correct=False,
-                   false_facts=["no red circle"], missing=["a blue square"]),
+        GalleryRow(
+            "img-<1>",
+            pixels,
+            "<script>alert(1)</script>",
+            ["a & b"],
+            correct=False,
+            false_facts=["no red circle"],
+            missing=["a blue square"],
+        ),
         GalleryRow("img-2", pixels, "a red circle", ["a red circle"], correct=True),
         GalleryRow("img-3", pixels, "", ["a photo"]),
     ]
@@ -135,7 +144,7 @@ def test_gallery_is_self_contained_and_escaped(tmp_path):
     assert page.count("data:image/png;base64,") == 3 and "image-rendering: pixelated" in page
     assert "false: no red circle" in page and "missing: a blue square" in page
     assert "(empty caption)" in page and "0.500" in page
-    assert "src=\"http" not in page  # nothing fetched from elsewhere
+    assert 'src="http' not in page  # nothing fetched from elsewhere
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -145,6 +154,7 @@ def test_gallery_is_self_contained_and_escaped(tmp_path):
 def shapes_bundle(tmp_path_factory):
     """A random-weight bundle whose vocabulary comes from shapes captions."""
     from conftest import make_tiny_bundle
+
     from training.datasets.shapes import load_split
 
     captions = [c for record in load_split("train", size=20) for c in record.captions]
@@ -159,10 +169,26 @@ def test_evaluate_returns_every_part_of_the_report(shapes_bundle):
     from training.evaluate import evaluate
 
     records = load_split("test", size=6)
-    result = evaluate(Captioner.load(shapes_bundle), records, DecodeOptions(strategy="beam", beam_size=2),
-                      batch_size=4, meteor=False, progress=False, num_samples=3)
-    assert set(result) >= {"metrics", "reference", "model_leave_one_out", "grounded_accuracy", "num_images",
-                           "decode", "samples", "images", "seconds"}
+    result = evaluate(
+        Captioner.load(shapes_bundle),
+        records,
+        DecodeOptions(strategy="beam", beam_size=2),
+        batch_size=4,
+        meteor=False,
+        progress=False,
+        num_samples=3,
+    )
+    assert set(result) >= {
+        "metrics",
+        "reference",
+        "model_leave_one_out",
+        "grounded_accuracy",
+        "num_images",
+        "decode",
+        "samples",
+        "images",
+        "seconds",
+    }
     assert set(result["metrics"]) == set(METRIC_NAMES)
     assert result["num_images"] == 6 and len(result["images"]) == 6 and len(result["samples"]) == 3
     assert result["decode"]["strategy"] == "beam"
@@ -181,8 +207,19 @@ def test_evaluate_bundle_writes_json_gallery_and_manifest(shapes_bundle, tmp_pat
     from training.evaluate import evaluate_bundle
 
     output, gallery = tmp_path / "out" / "metrics.json", tmp_path / "gallery.html"
-    evaluate_bundle(shapes_bundle, "shapes", "test", {"max_objects": "2"}, limit=5, meteor=True,
-                    output=output, gallery=gallery, gallery_size=3, update_manifest=True, progress=False)
+    evaluate_bundle(
+        shapes_bundle,
+        "shapes",
+        "test",
+        {"max_objects": "2"},
+        limit=5,
+        meteor=True,
+        output=output,
+        gallery=gallery,
+        gallery_size=3,
+        update_manifest=True,
+        progress=False,
+    )
     report = json.loads(output.read_text())
     for key in REPORT_METRICS + ("grounded_accuracy", "reference", "model_leave_one_out", "num_images", "samples"):
         assert key in report, key
@@ -210,9 +247,28 @@ def test_evaluate_command_end_to_end(shapes_bundle, tmp_path):
     output = tmp_path / "metrics.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     completed = subprocess.run(
-        [sys.executable, "-m", "training", "evaluate", "--artifacts", str(shapes_bundle), "--dataset", "shapes",
-         "--split", "test", "--limit", "4", "--no-meteor", "--output", str(output)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "evaluate",
+            "--artifacts",
+            str(shapes_bundle),
+            "--dataset",
+            "shapes",
+            "--split",
+            "test",
+            "--limit",
+            "4",
+            "--no-meteor",
+            "--output",
+            str(output),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(output.read_text())

@@ -42,8 +42,15 @@ def encoded(array: np.ndarray, mode: str | None = None) -> bytes:
 def exported(tmp_path_factory, tiny_bundle):
     output = tmp_path_factory.mktemp("export") / "captioner" / "1"
     command = [sys.executable, "-m", "training", "export", "--artifacts", str(tiny_bundle), "--output", str(output)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "saved_model.pb").is_file()
     assert json.loads((output / "assets.extra" / "manifest.json").read_text())["name"] == "tiny-random"
@@ -57,9 +64,16 @@ def test_export_captions_like_the_service_in_a_fresh_process(exported, tiny_capt
     images.append(encoded(rgba, "RGBA"))  # transparency composited on white, as the service does
     images.append(encoded(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L"))  # grey
     stdin = "\n".join(base64.b64encode(image).decode() for image in images)
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_CAPTION, str(exported)], input=stdin, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, check=False,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_CAPTION, str(exported)],
+        input=stdin,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     served = json.loads(result.stdout.strip().splitlines()[-1])
 

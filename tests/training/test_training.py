@@ -11,8 +11,25 @@ from training.__main__ import main
 
 def test_tiny_training_run_lowers_loss_and_writes_a_loadable_bundle(tmp_path):
     bundle, run_dir = tmp_path / "bundle", tmp_path / "run"
-    status = main(["train", "--preset", "tiny", "--epochs", "4", "--train-limit", "48", "--val-limit", "8",
-                   "--output", str(bundle), "--run-dir", str(run_dir), "--verbose", "0"])
+    status = main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--epochs",
+            "4",
+            "--train-limit",
+            "48",
+            "--val-limit",
+            "8",
+            "--output",
+            str(bundle),
+            "--run-dir",
+            str(run_dir),
+            "--verbose",
+            "0",
+        ]
+    )
     assert status == 0
     history = json.loads((run_dir / "history.json").read_text())
     losses = history["history"]["loss"]
@@ -22,8 +39,12 @@ def test_tiny_training_run_lowers_loss_and_writes_a_loadable_bundle(tmp_path):
 
     manifest = verify_bundle(bundle)
     assert manifest["training"]["command"].startswith("python -m training train --preset tiny")
-    assert manifest["training"]["dataset"] == {"name": "shapes", "train_images": 48, "val_images": 8,
-                                               "train_captions": 240}
+    assert manifest["training"]["dataset"] == {
+        "name": "shapes",
+        "train_images": 48,
+        "val_images": 8,
+        "train_captions": 240,
+    }
     captioner = Captioner.load(bundle)
     assert captioner.config.backbone == "small_cnn" and len(captioner.tokenizer) == captioner.config.vocab_size
     image = np.zeros((64, 64, 3), np.uint8)
@@ -32,8 +53,25 @@ def test_tiny_training_run_lowers_loss_and_writes_a_loadable_bundle(tmp_path):
 
 
 def test_max_steps_stops_early(tmp_path):
-    status = main(["train", "--preset", "tiny", "--max-steps", "2", "--train-limit", "64", "--val-limit", "8",
-                   "--output", str(tmp_path / "b"), "--run-dir", str(tmp_path / "r"), "--verbose", "0"])
+    status = main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--max-steps",
+            "2",
+            "--train-limit",
+            "64",
+            "--val-limit",
+            "8",
+            "--output",
+            str(tmp_path / "b"),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--verbose",
+            "0",
+        ]
+    )
     assert status == 0
     history = json.loads((tmp_path / "r" / "history.json").read_text())
     assert history["epochs_run"] == 1

@@ -24,8 +24,18 @@ from training.datasets.shapes import make_example
 from training.features import backbone_of
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL_MODEL = ["--attention-dim", "16", "--embedding-dim", "8", "--max-length", "12", "--batch-size", "4",
-               "--verbose", "0"]
+SMALL_MODEL = [
+    "--attention-dim",
+    "16",
+    "--embedding-dim",
+    "8",
+    "--max-length",
+    "12",
+    "--batch-size",
+    "4",
+    "--verbose",
+    "0",
+]
 
 
 def write_coco_split(root: Path, split: str, count: int, first_index: int) -> Path:
@@ -38,8 +48,10 @@ def write_coco_split(root: Path, split: str, count: int, first_index: int) -> Pa
         file_name = f"{split}_{n:03d}.png"
         Image.fromarray(example.pixels).save(images_dir / file_name)
         images.append({"id": first_index + n, "file_name": file_name, "width": 64, "height": 64})
-        annotations += [{"id": len(annotations) + k, "image_id": first_index + n, "caption": caption}
-                        for k, caption in enumerate(example.captions)]
+        annotations += [
+            {"id": len(annotations) + k, "image_id": first_index + n, "caption": caption}
+            for k, caption in enumerate(example.captions)
+        ]
     annotations_file = root / f"captions_{split}.json"
     annotations_file.write_text(json.dumps({"images": images, "annotations": annotations}))
     return annotations_file
@@ -56,9 +68,16 @@ def coco_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_flags(coco_root) -> list[str]:
-    return ["--dataset", "coco", "--data", f"annotations_file={coco_root / 'captions_train.json'}",
-            "--data", f"images_dir={coco_root / 'images'}",
-            "--val-data", f"annotations_file={coco_root / 'captions_val.json'}"]
+    return [
+        "--dataset",
+        "coco",
+        "--data",
+        f"annotations_file={coco_root / 'captions_train.json'}",
+        "--data",
+        f"images_dir={coco_root / 'images'}",
+        "--val-data",
+        f"annotations_file={coco_root / 'captions_val.json'}",
+    ]
 
 
 def test_reference_preset_asks_for_a_dataset(tmp_path):
@@ -77,19 +96,40 @@ def cached_run(tmp_path_factory, coco_flags):
 
     root = tmp_path_factory.mktemp("cached")
     keras.utils.set_random_seed(99)
-    source = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(64, 64, 3),
-                                                 include_preprocessing=True)
+    source = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(64, 64, 3), include_preprocessing=True
+    )
     weights_file = root / "mobilenet.weights.h5"
     source.save_weights(weights_file)
-    flags = [*coco_flags, *SMALL_MODEL, "--backbone", "mobilenet_v3_small", "--image-size", "64",
-             "--weights", str(weights_file)]
+    flags = [
+        *coco_flags,
+        *SMALL_MODEL,
+        "--backbone",
+        "mobilenet_v3_small",
+        "--image-size",
+        "64",
+        "--weights",
+        str(weights_file),
+    ]
     cache, bundle = root / "cache", root / "bundle"
     outputs = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(features, "MAX_SHARD_ROWS", 5)  # 12 images: shards of 5, 5 and 2 rows
-        for command in (["extract-features", "--cache", str(cache)], ["extract-features", "--cache", str(cache)],
-                        ["train", "--features-cache", str(cache), "--max-steps", "2", "--output", str(bundle),
-                         "--run-dir", str(root / "run")]):
+        for command in (
+            ["extract-features", "--cache", str(cache)],
+            ["extract-features", "--cache", str(cache)],
+            [
+                "train",
+                "--features-cache",
+                str(cache),
+                "--max-steps",
+                "2",
+                "--output",
+                str(bundle),
+                "--run-dir",
+                str(root / "run"),
+            ],
+        ):
             with redirect_stdout(io.StringIO()) as printed:
                 assert main([command[0], "--preset", "tiny", *flags, *command[1:]]) == 0
             outputs.append(printed.getvalue())
@@ -131,8 +171,9 @@ def test_features_cache_extracts_once_and_trains(cached_run, coco_root):
     image_files = [coco_root / "images" / f"train_{n:03d}.png" for n in range(2)]
     pixels = np.stack([np.asarray(Image.open(f)) for f in image_files]).astype(np.float32)
     key = json.loads((key_dir / "key.json").read_text())
-    cached = CachedFeatures(FeatureCache(cached_run["cache"], key),
-                            [hashlib.sha256(f.read_bytes()).hexdigest() for f in image_files])
+    cached = CachedFeatures(
+        FeatureCache(cached_run["cache"], key), [hashlib.sha256(f.read_bytes()).hexdigest() for f in image_files]
+    )
     cached_grid = np.stack([cached.read(location) for location in cached.locations]).astype(np.float32)
     from_cache = build_feature_encoder(captioner.encoder)(cached_grid).numpy()
     np.testing.assert_allclose(from_cache, captioner.encoder(pixels).numpy(), atol=2e-2, rtol=2e-2)
@@ -140,8 +181,15 @@ def test_features_cache_extracts_once_and_trains(cached_run, coco_root):
     # The key follows the image size and the backbone (and the weights, through their digest).
     def key_for(**overrides):
         keras.utils.set_random_seed(1)
-        config = ModelConfig(**{"backbone": "mobilenet_v3_small", "image_size": 64, "trainable_backbone": False,
-                                "weights": str(cached_run["weights_file"]), **overrides})
+        config = ModelConfig(
+            **{
+                "backbone": "mobilenet_v3_small",
+                "image_size": 64,
+                "trainable_backbone": False,
+                "weights": str(cached_run["weights_file"]),
+                **overrides,
+            }
+        )
         return key_folder_name(cache_key(config, build_encoder(config)))
 
     assert key_for() == key_dir.name
@@ -159,8 +207,9 @@ def run_python(code: str, *args: str, env: dict | None = None, timeout: int = 24
     """Runs `code` with `args` in a fresh interpreter (its devices and strategies cannot leak into other tests)."""
     environment = {name: value for name, value in os.environ.items() if name != "TF_CONFIG"}
     environment.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", **(env or {}))
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=environment, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -178,9 +227,27 @@ sys.exit(main(sys.argv[1:]))
 def test_coco_files_train_on_two_logical_cpus_to_an_evaluated_bundle(tmp_path, coco_flags):
     """The COCO loader, MirroredStrategy over two logical CPU devices, the bundle, the evaluation."""
     bundle, run_dir = tmp_path / "bundle", tmp_path / "run"
-    result = run_python(MIRRORED_RUN, "train", "--preset", "tiny", *coco_flags, *SMALL_MODEL, "--max-steps", "2",
-                        "--strategy", "mirrored", "--devices", "/cpu:0,/cpu:1", "--output", str(bundle),
-                        "--run-dir", str(run_dir), "--evaluate-split", "val", "--no-meteor")
+    result = run_python(
+        MIRRORED_RUN,
+        "train",
+        "--preset",
+        "tiny",
+        *coco_flags,
+        *SMALL_MODEL,
+        "--max-steps",
+        "2",
+        "--strategy",
+        "mirrored",
+        "--devices",
+        "/cpu:0,/cpu:1",
+        "--output",
+        str(bundle),
+        "--run-dir",
+        str(run_dir),
+        "--evaluate-split",
+        "val",
+        "--no-meteor",
+    )
     assert "2 replicas (MirroredStrategy), global batch 4 = 2 per replica" in result.stdout
 
     manifest = verify_bundle(bundle)
@@ -234,6 +301,7 @@ def test_chief_and_cluster_size_follow_tf_config(monkeypatch):
     cluster = {"worker": ["a:1", "b:1"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
     assert not is_chief() and cluster_size() == 2
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["c:1"], **cluster},
-                                                "task": {"type": "worker", "index": 0}}))
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"chief": ["c:1"], **cluster}, "task": {"type": "worker", "index": 0}})
+    )
     assert not is_chief() and cluster_size() == 3

@@ -31,9 +31,25 @@ def images(tmp_path_factory) -> list[Path]:
 
 def test_module_entry_point_writes_one_json_object_per_image(tiny_bundle, images, tmp_path):
     missing = tmp_path / "missing.png"
-    command = [sys.executable, "-m", "captioning", "caption", str(images[0]), str(missing), str(images[1]),
-               "--artifacts", str(tiny_bundle), "--strategy", "beam", "--beam-size", "3", "--num-captions", "2",
-               "--attention", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "captioning",
+        "caption",
+        str(images[0]),
+        str(missing),
+        str(images[1]),
+        "--artifacts",
+        str(tiny_bundle),
+        "--strategy",
+        "beam",
+        "--beam-size",
+        "3",
+        "--num-captions",
+        "2",
+        "--attention",
+        "--json",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]  # one file failed, the others were captioned
@@ -59,8 +75,11 @@ def test_text_output_matches_the_library(tiny_bundle, tiny_captioner, images, ca
 
 @pytest.mark.parametrize(
     "options",
-    [["--num-captions", "2"], ["--strategy", "beam", "--beam-size", "2", "--num-captions", "3"],
-     ["--strategy", "sample", "--temperature", "0"]],
+    [
+        ["--num-captions", "2"],
+        ["--strategy", "beam", "--beam-size", "2", "--num-captions", "3"],
+        ["--strategy", "sample", "--temperature", "0"],
+    ],
 )
 def test_invalid_options_exit_2_before_loading_anything(images, options, capsys):
     assert main(["caption", str(images[0]), "--artifacts", "/nonexistent", *options]) == 2

@@ -11,7 +11,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy"))
-import probe
+import probe  # noqa: E402 - deploy/ is not a package; the path is set just above
 
 
 def test_png_is_a_valid_image_pillow_decodes():
@@ -22,8 +22,14 @@ def test_png_is_a_valid_image_pillow_decodes():
 
 
 def json_lines(text: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "deploy" / "probe.py"), "json-lines"], input=text,
-                          check=False, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "probe.py"), "json-lines"],
+        input=text,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_json_lines_accepts_json_objects_and_rejects_anything_else():

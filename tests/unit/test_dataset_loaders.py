@@ -162,9 +162,7 @@ def karpathy_coco(tmp_path: Path) -> tuple[Path, Path]:
         {
             "dataset": "coco",
             "images": [
-                karpathy_image(
-                    "t.jpg", "train", ["Train one.", "Train two."], filepath="train2014", cocoid=1
-                ),
+                karpathy_image("t.jpg", "train", ["Train one.", "Train two."], filepath="train2014", cocoid=1),
                 karpathy_image("r.jpg", "restval", ["Restval."], filepath="val2014", cocoid=2),
                 karpathy_image("v.jpg", "val", ["Val."], filepath="val2014", cocoid=3),
                 karpathy_image("s.jpg", "test", [" Test. ", ""], filepath="val2014", cocoid=4),
@@ -221,9 +219,7 @@ def test_karpathy_malformed_entries_name_file_and_key_path(tmp_path):
     with pytest.raises(DatasetFormatError, match=missing_raw):
         load_karpathy(split_file, tmp_path, "train")
 
-    bad_split = write_json(
-        tmp_path / "dataset_bad_split.json", {"images": [karpathy_image("a.jpg", "dev", ["x"])]}
-    )
+    bad_split = write_json(tmp_path / "dataset_bad_split.json", {"images": [karpathy_image("a.jpg", "dev", ["x"])]})
     unknown_split = r"dataset_bad_split\.json: images\[0\]\.split: 'dev' is not one of"
     with pytest.raises(DatasetFormatError, match=unknown_split):
         load_karpathy(bad_split, tmp_path, "val")
@@ -349,34 +345,52 @@ def test_csv_without_split_column_is_the_requested_split(tmp_path):
 @pytest.mark.parametrize(
     ("name", "lines", "message"),
     [
-        ("bad.jsonl", ['{"image": "a.jpg", "caption": "ok"}', '{"image": "a.jpg", "caption": '],
-         r"bad\.jsonl:2: invalid JSON"),
-        ("bad.jsonl", ['{"image": "a.jpg", "caption": "ok"}', "", '{"image": "a.jpg"}'],
-         r'bad\.jsonl:3: expected exactly one of "caption" and "captions"'),
-        ("bad.jsonl", ['{"image": "a.jpg", "captions": "not a list"}'],
-         r'bad\.jsonl:1: "captions" must be a list of strings'),
-        ("bad.jsonl",
-         ['{"image": "a.jpg", "caption": "x", "split": "train"}',
-          '{"image": "b.jpg", "caption": "y"}'],
-         r"bad\.jsonl:2: no split, but earlier lines give one"),
-        ("bad.jsonl", ['{"image": "a.jpg", "caption": "x", "split": "dev"}'],
-         r"bad\.jsonl:1: unknown split 'dev'"),
-        ("bad.jsonl",
-         ['{"image": "a.jpg", "caption": "x"}',
-          '{"image": "b.jpg", "caption": "y", "split": "val"}'],
-         r"bad\.jsonl:2: gives a split, but earlier lines do not"),
-        ("bad.jsonl",
-         ['{"image": "a.jpg", "caption": "x", "split": "train"}',
-          '{"image": "a.jpg", "caption": "y", "split": "test"}'],
-         r"bad\.jsonl:2: 'a.jpg' is in split 'test' here but 'train' on an earlier line"),
-        ("bad.csv", ["image,caption", "a.jpg,fine", "a.jpg,an, unquoted comma"],
-         r"bad\.csv:3: expected 2 fields, got 3"),
-        ("bad.csv", ["image,caption,split", "a.jpg,fine,train", "a.jpg,no split"],
-         r"bad\.csv:3: expected 3 fields, got fewer"),
-        ("bad.csv", ["picture,caption", "a.jpg,fine"],
-         r"bad\.csv:1: header lacks column\(s\) image"),
-        ("bad.txt", ["a.jpg,fine"],
-         r"bad\.txt: unknown list format '\.txt'"),
+        (
+            "bad.jsonl",
+            ['{"image": "a.jpg", "caption": "ok"}', '{"image": "a.jpg", "caption": '],
+            r"bad\.jsonl:2: invalid JSON",
+        ),
+        (
+            "bad.jsonl",
+            ['{"image": "a.jpg", "caption": "ok"}', "", '{"image": "a.jpg"}'],
+            r'bad\.jsonl:3: expected exactly one of "caption" and "captions"',
+        ),
+        (
+            "bad.jsonl",
+            ['{"image": "a.jpg", "captions": "not a list"}'],
+            r'bad\.jsonl:1: "captions" must be a list of strings',
+        ),
+        (
+            "bad.jsonl",
+            ['{"image": "a.jpg", "caption": "x", "split": "train"}', '{"image": "b.jpg", "caption": "y"}'],
+            r"bad\.jsonl:2: no split, but earlier lines give one",
+        ),
+        ("bad.jsonl", ['{"image": "a.jpg", "caption": "x", "split": "dev"}'], r"bad\.jsonl:1: unknown split 'dev'"),
+        (
+            "bad.jsonl",
+            ['{"image": "a.jpg", "caption": "x"}', '{"image": "b.jpg", "caption": "y", "split": "val"}'],
+            r"bad\.jsonl:2: gives a split, but earlier lines do not",
+        ),
+        (
+            "bad.jsonl",
+            [
+                '{"image": "a.jpg", "caption": "x", "split": "train"}',
+                '{"image": "a.jpg", "caption": "y", "split": "test"}',
+            ],
+            r"bad\.jsonl:2: 'a.jpg' is in split 'test' here but 'train' on an earlier line",
+        ),
+        (
+            "bad.csv",
+            ["image,caption", "a.jpg,fine", "a.jpg,an, unquoted comma"],
+            r"bad\.csv:3: expected 2 fields, got 3",
+        ),
+        (
+            "bad.csv",
+            ["image,caption,split", "a.jpg,fine,train", "a.jpg,no split"],
+            r"bad\.csv:3: expected 3 fields, got fewer",
+        ),
+        ("bad.csv", ["picture,caption", "a.jpg,fine"], r"bad\.csv:1: header lacks column\(s\) image"),
+        ("bad.txt", ["a.jpg,fine"], r"bad\.txt: unknown list format '\.txt'"),
     ],
 )
 def test_malformed_list_names_file_and_line(tmp_path, name, lines, message):

@@ -61,11 +61,16 @@ def test_length_normalisation_decides_between_short_and_long_captions():
     # "a" then <end>: p = 0.6 * 0.4 = 0.24 over 2 tokens (0.49 per token). "b c c" then <end>:
     # p = 0.4 * 0.8 * 0.8 * 0.8 = 0.205, less in total but 0.67 per token. The search must not stop
     # when the first two captions end ("a", "a c"): "b c c" is still ahead per token.
-    table = {(): row(a=0.6, b=0.4), (A,): row(end=0.4, c=0.3, a=0.3), (B,): row(c=0.8, end=0.2),
-             (B, C): row(c=0.8, end=0.2), (B, C, C): row(end=0.8, c=0.2)}
+    table = {
+        (): row(a=0.6, b=0.4),
+        (A,): row(end=0.4, c=0.3, a=0.3),
+        (B,): row(c=0.8, end=0.2),
+        (B, C): row(c=0.8, end=0.2),
+        (B, C, C): row(end=0.8, c=0.2),
+    }
     per_token = run_scripted(DecodeOptions(strategy="beam", beam_size=2), table, max_steps=6)
     assert per_token[0].text == "b c c"
-    assert per_token[0].confidence == pytest.approx(0.2048 ** 0.25, abs=1e-4)
+    assert per_token[0].confidence == pytest.approx(0.2048**0.25, abs=1e-4)
     in_total = run_scripted(DecodeOptions(strategy="beam", beam_size=2, length_penalty=0.0), table, max_steps=6)
     assert in_total[0].text == "a"
 
@@ -127,8 +132,7 @@ def test_beam_results_are_sorted_by_score_and_score_at_least_as_well_as_greedy(t
     # search is for, not a theorem (greedy's path can be pruned); it holds for these fixed inputs,
     # and on the trained model for 97% of the shapes test split.
     greedy = tiny_captioner.caption(pictures)
-    beam = tiny_captioner.caption(pictures, DecodeOptions(strategy="beam", beam_size=beam_size,
-                                                          num_captions=beam_size))
+    beam = tiny_captioner.caption(pictures, DecodeOptions(strategy="beam", beam_size=beam_size, num_captions=beam_size))
     for (g,), captions in zip(greedy, beam, strict=True):
         assert len(captions) == beam_size
         confidences = [c.confidence for c in captions]
@@ -168,9 +172,15 @@ END_FIRST = {
 }
 
 
-@pytest.mark.parametrize("options", [DecodeOptions(), DecodeOptions(strategy="beam", beam_size=3, num_captions=3),
-                                     DecodeOptions(strategy="sample", num_captions=3, top_k=2, seed=3)],
-                         ids=["greedy", "beam", "sample"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecodeOptions(),
+        DecodeOptions(strategy="beam", beam_size=3, num_captions=3),
+        DecodeOptions(strategy="sample", num_captions=3, top_k=2, seed=3),
+    ],
+    ids=["greedy", "beam", "sample"],
+)
 def test_min_length_keeps_end_from_coming_before_the_first_word(options):
     captions = run_scripted(options, END_FIRST)
     assert captions and all(caption.text for caption in captions)

@@ -32,8 +32,14 @@ def tool(name: str) -> str:
 
 
 def compose_config(*args: str) -> dict:
-    result = subprocess.run([tool("docker-compose"), *args, "config", "--format", "json"], cwd=ROOT,
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("docker-compose"), *args, "config", "--format", "json"],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -45,7 +51,9 @@ def instructions(name: str) -> list[str]:
 
 
 def test_hadolint_passes():
-    result = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("hadolint"), "Dockerfile"], cwd=ROOT, check=False, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -61,10 +69,14 @@ def test_dependencies_come_from_the_lock_file_in_their_own_layer_before_the_code
     assert re.search(r"pip --python /opt/venv/bin/python install .*-r /tmp/requirements-serve.txt", runs)
     assert any(copy.startswith("deploy/requirements-serve.txt ") for copy in copies)
     assert "ARG TF_PACKAGE=tensorflow-cpu" in DOCKERFILE  # CPU build by default
-    runtime = copies[next(i for i, copy in enumerate(copies) if "--from=deps /opt/venv" in copy):]
+    runtime = copies[next(i for i, copy in enumerate(copies) if "--from=deps /opt/venv" in copy) :]
     # The venv, then the model bundles, then the code: a code edit reuses the dependency layer.
     assert [copy.split()[-2] if not copy.startswith("--from") else "venv" for copy in runtime] == [
-        "venv", "model_artifacts", "captioning", "app"]
+        "venv",
+        "model_artifacts",
+        "captioning",
+        "app",
+    ]
     assert "training" not in " ".join(copies)  # serving never imports the training module
 
 
@@ -72,8 +84,11 @@ def test_lock_file_pins_every_package_within_pyproject_ranges():
     from packaging.requirements import Requirement
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    lines = [line for line in (ROOT / "deploy" / "requirements-serve.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line
+        for line in (ROOT / "deploy" / "requirements-serve.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     pins = {}
     for line in lines:
         requirement = Requirement(line)
@@ -111,8 +126,11 @@ def test_gpu_variant_is_a_build_argument():
 
 
 def test_dockerignore_allows_only_what_the_image_needs():
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*"  # an allow-list: .git, .venv, runs/, tests/ ... never reach the context
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == {"app", "captioning", "model_artifacts", "deploy/requirements-serve.txt"}
@@ -136,7 +154,7 @@ def test_compose_config_is_valid_with_service_essentials():
 def test_compose_stop_grace_covers_both_drains():
     service = compose_config()["services"]["captioner"]
     grace_s = float(service["environment"]["SHUTDOWN_GRACE_S"])
-    assert service["stop_grace_period"] == "30s" and 30 > 2 * grace_s
+    assert service["stop_grace_period"] == "30s" and 2 * grace_s < 30
 
 
 def test_compose_gpu_profile_reserves_an_nvidia_device():
@@ -153,7 +171,9 @@ def test_compose_monitoring_profile_mounts_the_project_config():
     prometheus, grafana = config["services"]["prometheus"], config["services"]["grafana"]
     assert [volume["source"] for volume in prometheus["volumes"]] == [str(ROOT / "deploy" / "prometheus")]
     assert {volume["source"] for volume in grafana["volumes"]} == {
-        str(ROOT / "deploy" / "grafana" / "provisioning"), str(ROOT / "deploy" / "grafana" / "dashboards")}
+        str(ROOT / "deploy" / "grafana" / "provisioning"),
+        str(ROOT / "deploy" / "grafana" / "dashboards"),
+    }
     assert all(port["host_ip"] == "127.0.0.1" for service in (prometheus, grafana) for port in service["ports"])
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     assert scrape[0]["static_configs"][0]["targets"] == ["captioner:8000"]  # the compose service name

@@ -12,11 +12,11 @@ import random
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.settings import Settings
 from app.engine import DeadlineExceeded, EngineStopped, InferenceError, Overloaded, create_engine
 from app.engine.scheduler import (
     MAX_ROWS,
@@ -28,6 +28,7 @@ from app.engine.scheduler import (
     StaticPolicy,
     make_policy,
 )
+from app.settings import Settings
 from captioning.decoding import DecodeOptions
 
 MODES = ("continuous", "static", "none")
@@ -186,8 +187,17 @@ class ControlledSlots:
 
 
 def settings(mode="continuous", **overrides):
-    values = dict(batching_mode=mode, max_batch_size=16, max_queue_delay_ms=5.0, max_queue_size=64, max_encode_batch=16,
-                  request_timeout_s=20.0, shutdown_grace_s=5.0, inference_nice=0, freeze_gc=False)
+    values = dict(
+        batching_mode=mode,
+        max_batch_size=16,
+        max_queue_delay_ms=5.0,
+        max_queue_size=64,
+        max_encode_batch=16,
+        request_timeout_s=20.0,
+        shutdown_grace_s=5.0,
+        inference_nice=0,
+        freeze_gc=False,
+    )
     return Settings(**{**values, **overrides})
 
 
@@ -351,8 +361,7 @@ def test_a_cancelled_request_frees_its_slots_and_never_gets_a_result(tiny_captio
         await engine.start()
         controlled.forget()
         # Long beam searches; cancel most of them at different points of their decoding.
-        tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(strategy="beam", beam_size=4)))
-                 for p in images(8)]
+        tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(strategy="beam", beam_size=4))) for p in images(8)]
         survivor = asyncio.create_task(engine.submit(images(1, seed=9)[0], DecodeOptions()))
         for task in tasks:
             await asyncio.sleep(0.002)
@@ -452,7 +461,7 @@ def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
 def thread_cpu_seconds(name_prefix: str) -> float:
     """CPU time of this process's thread whose Python name starts with name_prefix (Linux)."""
     (thread,) = [t for t in threading.enumerate() if t.name.startswith(name_prefix)]
-    fields = open(f"/proc/self/task/{thread.native_id}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -467,8 +476,9 @@ def test_the_encoder_sleeps_while_every_feature_slot_is_taken(tiny_captioner):
         await engine.start()
         controlled.forget()
         controlled.step_gate.clear()
-        tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2)))
-                 for p in images(MAX_ROWS + 8, seed=6)]
+        tasks = [
+            asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2))) for p in images(MAX_ROWS + 8, seed=6)
+        ]
         for _ in range(500):  # until the encoder has filled every slot
             await asyncio.sleep(0.01)
             if len(engine.runner.free_slots) == 0 and engine.queue_depth == 8:

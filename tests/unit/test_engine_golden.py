@@ -38,8 +38,9 @@ async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[lis
     from app.engine import create_engine
     from app.settings import Settings
 
-    engine = create_engine(captioner, Settings(batching_mode=mode, max_batch_size=24, inference_nice=0,
-                                                      freeze_gc=False, **settings))
+    engine = create_engine(
+        captioner, Settings(batching_mode=mode, max_batch_size=24, inference_nice=0, freeze_gc=False, **settings)
+    )
     await engine.start()
     try:
         names = list(OPTIONS)
@@ -48,8 +49,10 @@ async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[lis
     finally:
         await engine.stop()
     per_name = len(pictures())
-    return {name: [as_records(r.captions) for r in results[i * per_name:(i + 1) * per_name]]
-            for i, name in enumerate(names)}
+    return {
+        name: [as_records(r.captions) for r in results[i * per_name : (i + 1) * per_name]]
+        for i, name in enumerate(names)
+    }
 
 
 def offline_answers(captioner) -> dict[str, list[list[dict]]]:
@@ -61,8 +64,13 @@ def assert_same(got: dict, expected: dict) -> None:
     for name in expected:
         for image, (mine, theirs) in enumerate(zip(got[name], expected[name], strict=True)):
             assert [c["tokens"] for c in mine] == [c["tokens"] for c in theirs], (name, image)
-            np.testing.assert_allclose([c["log_prob"] for c in mine], [c["log_prob"] for c in theirs],
-                                       rtol=1e-5, atol=1e-5, err_msg=f"{name}, image {image}")
+            np.testing.assert_allclose(
+                [c["log_prob"] for c in mine],
+                [c["log_prob"] for c in theirs],
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"{name}, image {image}",
+            )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +78,9 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
-@pytest.mark.parametrize(("mode", "encode_ahead"),
-                         [("continuous", True), ("continuous", False), ("static", True), ("none", True)])
+@pytest.mark.parametrize(
+    ("mode", "encode_ahead"), [("continuous", True), ("continuous", False), ("static", True), ("none", True)]
+)
 def test_engine_answers_equal_the_recorded_ones(tiny_captioner, golden, mode, encode_ahead):
     assert_same(asyncio.run(engine_answers(tiny_captioner, mode, encode_ahead=encode_ahead)), golden)
 

@@ -16,9 +16,22 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"  # the oldest minor the manifests promise to support; see docs/DEPLOY.md
 # KServe fields of a predictor that are not PodSpec fields (serving.kserve.io/v1beta1 PredictorSpec).
-KSERVE_PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout",
-                           "containerConcurrency", "canaryTrafficPercent", "logger", "batcher", "model",
-                           "annotations", "labels", "deploymentStrategy", "autoScaling"}
+KSERVE_PREDICTOR_FIELDS = {
+    "minReplicas",
+    "maxReplicas",
+    "scaleMetric",
+    "scaleTarget",
+    "timeout",
+    "containerConcurrency",
+    "canaryTrafficPercent",
+    "logger",
+    "batcher",
+    "model",
+    "annotations",
+    "labels",
+    "deploymentStrategy",
+    "autoScaling",
+}
 
 
 def load(path: Path) -> list[dict]:
@@ -32,7 +45,8 @@ POD = DEPLOYMENT["spec"]["template"]
 (CONTAINER,) = POD["spec"]["containers"]
 (INFERENCE_SERVICE,) = load(K8S / "kserve" / "inferenceservice.yaml")
 EXPORTED_METRICS = {sample.name for metric in REGISTRY.collect() for sample in metric.samples} | {
-    metric.name for metric in REGISTRY.collect()}
+    metric.name for metric in REGISTRY.collect()
+}
 
 
 def env(container: dict) -> dict[str, str]:

@@ -35,16 +35,22 @@ def test_preprocessing_modes():
     pixels = tf.constant([[[[0.0, 127.5, 255.0]]]])
     np.testing.assert_allclose(ImagePreprocess("unit")(pixels).numpy().ravel(), [0, 0.5, 1])
     np.testing.assert_allclose(ImagePreprocess("tf")(pixels).numpy().ravel(), [-1, 0, 1])
-    np.testing.assert_allclose(ImagePreprocess("caffe")(pixels).numpy().ravel(),
-                               [255 - 103.939, 127.5 - 116.779, 0 - 123.68], rtol=1e-5)
+    np.testing.assert_allclose(
+        ImagePreprocess("caffe")(pixels).numpy().ravel(), [255 - 103.939, 127.5 - 116.779, 0 - 123.68], rtol=1e-5
+    )
     with pytest.raises(ValueError):
         ImagePreprocess("bogus")
 
 
 def test_every_backbone_has_its_own_preprocessing():
     modes = {name: spec.preprocessing for name, spec in BACKBONES.items()}
-    assert modes == {"small_cnn": "unit", "inception_resnet_v2": "tf", "efficientnet_b0": "raw",
-                     "mobilenet_v3_small": "raw", "resnet50": "caffe"}
+    assert modes == {
+        "small_cnn": "unit",
+        "inception_resnet_v2": "tf",
+        "efficientnet_b0": "raw",
+        "mobilenet_v3_small": "raw",
+        "resnet50": "caffe",
+    }
 
 
 def test_greedy_batches_equal_single_image_decoding(tiny_captioner):
@@ -84,8 +90,13 @@ def test_max_length_limits_words(tiny_captioner):
 
 
 def test_invalid_decode_options_are_rejected():
-    for bad in [DecodeOptions(strategy="nope"), DecodeOptions(num_captions=2),
-                DecodeOptions(strategy="beam", beam_size=11), DecodeOptions(strategy="beam", beam_size=2, num_captions=3),
-                DecodeOptions(strategy="sample", temperature=0), DecodeOptions(max_length=0)]:
+    for bad in [
+        DecodeOptions(strategy="nope"),
+        DecodeOptions(num_captions=2),
+        DecodeOptions(strategy="beam", beam_size=11),
+        DecodeOptions(strategy="beam", beam_size=2, num_captions=3),
+        DecodeOptions(strategy="sample", temperature=0),
+        DecodeOptions(max_length=0),
+    ]:
         with pytest.raises(ValueError):
             bad.validate()

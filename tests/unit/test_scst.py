@@ -18,8 +18,9 @@ def test_cider_d_matches_pycocoevalcap_when_idf_comes_from_the_same_images():
     from pycocoevalcap.cider.cider import Cider
 
     candidates = ["a red circle", "two blue squares and a cross", "a purple diamond"]
-    _, theirs = Cider().compute_score({i: refs for i, refs in enumerate(REFERENCES)},
-                                      {i: [c] for i, c in enumerate(candidates)})
+    _, theirs = Cider().compute_score(
+        {i: refs for i, refs in enumerate(REFERENCES)}, {i: [c] for i, c in enumerate(candidates)}
+    )
     ours = CiderD(REFERENCES)
     for i, candidate in enumerate(candidates):
         assert ours.score(candidate, REFERENCES[i]) == pytest.approx(theirs[i], rel=1e-6)

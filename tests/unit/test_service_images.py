@@ -115,8 +115,12 @@ def test_undecodable_bytes_are_invalid_images(data, message):
 
 @pytest.mark.parametrize(
     ("data", "name"),
-    [(uploads.ico(), "ICO"), (uploads.SVG, "SVG"), (b"%PDF-1.7\n...", "PDF"),
-     (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC")],
+    [
+        (uploads.ico(), "ICO"),
+        (uploads.SVG, "SVG"),
+        (b"%PDF-1.7\n...", "PDF"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC"),
+    ],
 )
 def test_other_image_formats_are_unsupported_not_invalid(data, name):
     assert sniff_other_image_format(data) == name

@@ -34,8 +34,11 @@ def test_every_setting_is_in_the_readme_with_its_default():
     fields = Settings.model_fields
     missing = sorted(name.upper() for name in fields if name.upper() not in documented)
     assert not missing, f"settings missing from the README configuration table: {missing}"
-    wrong = {name.upper(): (documented[name.upper()], shown(field.default))
-             for name, field in fields.items() if documented[name.upper()] != shown(field.default)}
+    wrong = {
+        name.upper(): (documented[name.upper()], shown(field.default))
+        for name, field in fields.items()
+        if documented[name.upper()] != shown(field.default)
+    }
     assert not wrong, f"README default differs from Settings (README, Settings): {wrong}"
 
 

@@ -9,8 +9,18 @@ import pytest
 from PIL import Image
 
 from training.datasets.shapes import (
-    COLOURS, SHAPES, SIZES, SPLIT_SIZES, Scene, ShapeObject, generate_scene, load_split, make_example,
-    relation_holds, render, write_captions,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    SPLIT_SIZES,
+    Scene,
+    ShapeObject,
+    generate_scene,
+    load_split,
+    make_example,
+    relation_holds,
+    render,
+    write_captions,
 )
 from training.datasets.shapes_checker import check_caption, grounded_accuracy, parse_caption
 
@@ -63,10 +73,10 @@ def test_objects_inside_the_image_and_never_overlapping():
         assert 1 <= len(scene.objects) <= 4
         for obj in scene.objects:
             assert obj.shape in SHAPES and obj.colour in COLOURS and obj.size in SIZES
-            assert 0 <= obj.cx - obj.extent and obj.cx + obj.extent <= 64
-            assert 0 <= obj.cy - obj.extent and obj.cy + obj.extent <= 64
+            assert obj.cx - obj.extent >= 0 and obj.cx + obj.extent <= 64
+            assert obj.cy - obj.extent >= 0 and obj.cy + obj.extent <= 64
         for i, a in enumerate(scene.objects):
-            for b in scene.objects[i + 1:]:
+            for b in scene.objects[i + 1 :]:
                 reach = a.extent + b.extent
                 assert abs(a.cx - b.cx) > reach or abs(a.cy - b.cy) > reach
 
@@ -81,7 +91,7 @@ def test_objects_are_drawn_in_their_colour():
 
 def test_save_a_grid_to_look_at(samples):
     tiles = [x.pixels for x in samples["train"][:16]]
-    rows = [np.concatenate(tiles[r * 4:(r + 1) * 4], axis=1) for r in range(4)]
+    rows = [np.concatenate(tiles[r * 4 : (r + 1) * 4], axis=1) for r in range(4)]
     Image.fromarray(np.concatenate(rows, axis=0)).save("/tmp/shapes_grid.png")
 
 
@@ -104,9 +114,19 @@ def test_reference_captions_are_judged_correct(samples):
 
 def test_captions_have_variety(samples):
     text = "\n".join(c for examples in samples.values() for x in examples for c in x.captions)
-    for pattern in [r"^there is ", r"^there are ", r"\btwo \w+ \w+s\b", r"\bcrosses\b", r"\bone ",
-                    r"\ban orange\b", r"\bsmall\b", r"\blarge\b", r", ", r" and there (is|are) ",
-                    *(rf" is {rel} " for rel in ("to the left of", "to the right of", "above", "below"))]:
+    for pattern in [
+        r"^there is ",
+        r"^there are ",
+        r"\btwo \w+ \w+s\b",
+        r"\bcrosses\b",
+        r"\bone ",
+        r"\ban orange\b",
+        r"\bsmall\b",
+        r"\blarge\b",
+        r", ",
+        r" and there (is|are) ",
+        *(rf" is {rel} " for rel in ("to the left of", "to the right of", "above", "below")),
+    ]:
         assert re.search(pattern, text, re.MULTILINE), pattern
     relational = sum(" is to the " in c or " is above " in c or " is below " in c for c in text.splitlines())
     assert 0.03 < relational / len(text.splitlines()) < 0.5  # some, not most (RELATION_PROBABILITY)
@@ -120,36 +140,43 @@ def test_single_object_scene_still_gets_five_captions():
 def test_relations_are_written_only_when_obvious():
     near = ShapeObject("square", "blue", "small", 24.0, 32.0, 5.0)  # 12 px right of the circle
     assert relation_holds(RED_CIRCLE, near, "to the left of", 64, strict=True)
-    assert not relation_holds(RED_CIRCLE, ShapeObject("square", "blue", "small", 20.0, 20.0, 5.0),
-                              "to the left of", 64, strict=True)  # 8 px: too close to write
-    assert relation_holds(RED_CIRCLE, ShapeObject("square", "blue", "small", 20.0, 20.0, 5.0),
-                          "to the left of", 64, strict=False)  # but true enough to accept
+    assert not relation_holds(
+        RED_CIRCLE, ShapeObject("square", "blue", "small", 20.0, 20.0, 5.0), "to the left of", 64, strict=True
+    )  # 8 px: too close to write
+    assert relation_holds(
+        RED_CIRCLE, ShapeObject("square", "blue", "small", 20.0, 20.0, 5.0), "to the left of", 64, strict=False
+    )  # but true enough to accept
 
 
 # --------------------------------------------------------------------------------------- checker
 
 
 def test_checker_accepts_true_captions_with_or_without_punctuation():
-    for caption in ["a red circle and a blue square",
-                    "There is a small red circle, and a large blue square.",
-                    "a red circle is to the left of a blue square",
-                    "a large blue square is to the right of a red circle",
-                    "one blue square and one red circle"]:
+    for caption in [
+        "a red circle and a blue square",
+        "There is a small red circle, and a large blue square.",
+        "a red circle is to the left of a blue square",
+        "a large blue square is to the right of a red circle",
+        "one blue square and one red circle",
+    ]:
         assert check_caption(caption, TWO_THINGS).correct, caption
     three = scene_of(RED_CIRCLE, BLUE_SQUARE, ShapeObject("cross", "green", "small", 30.0, 55.0, 5.0))
     assert check_caption("a red circle, a blue square and a green cross", three).correct
     assert check_caption("a red circle a blue square and a green cross", three).correct
 
 
-@pytest.mark.parametrize("caption, expected", [
-    ("a green circle and a blue square", ["no green circle"]),
-    ("a red triangle and a blue square", ["no red triangle"]),
-    ("two red circles and a blue square", ["count of red circles is 1, not 2"]),
-    ("a large red circle and a blue square", ["no large red circle"]),
-    ("a red circle is to the right of a blue square", ["red circle is not to the right of blue square"]),
-    ("a red circle is above a blue square", ["red circle is not above blue square"]),
-    ("a red circle, a blue square and a yellow diamond", ["no yellow diamond"]),
-])
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a green circle and a blue square", ["no green circle"]),
+        ("a red triangle and a blue square", ["no red triangle"]),
+        ("two red circles and a blue square", ["count of red circles is 1, not 2"]),
+        ("a large red circle and a blue square", ["no large red circle"]),
+        ("a red circle is to the right of a blue square", ["red circle is not to the right of blue square"]),
+        ("a red circle is above a blue square", ["red circle is not above blue square"]),
+        ("a red circle, a blue square and a yellow diamond", ["no yellow diamond"]),
+    ],
+)
 def test_checker_reports_false_facts(caption, expected):
     verdict = check_caption(caption, TWO_THINGS)
     assert verdict.parsed and not verdict.correct
@@ -166,12 +193,26 @@ def test_checker_reports_missing_objects():
     assert check_caption("a red circle", two_circles).missing in (["small red circle"], ["large red circle"])
 
 
-@pytest.mark.parametrize("caption", [
-    "", "red circle", "a red", "a red circle blue square", "there is two red circles",
-    "there are a red circle", "a orange circle", "an red circle", "a red circles", "two red circle",
-    "a red circle is a blue square", "a red circle and", "a red circle is near a blue square",
-    "a red circle and a blue square a green cross", "the red circle <unk> and a blue square",
-])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "",
+        "red circle",
+        "a red",
+        "a red circle blue square",
+        "there is two red circles",
+        "there are a red circle",
+        "a orange circle",
+        "an red circle",
+        "a red circles",
+        "two red circle",
+        "a red circle is a blue square",
+        "a red circle and",
+        "a red circle is near a blue square",
+        "a red circle and a blue square a green cross",
+        "the red circle <unk> and a blue square",
+    ],
+)
 def test_checker_rejects_unparseable_text(caption):
     verdict = check_caption(caption, TWO_THINGS)
     assert not verdict.parsed and not verdict.correct and verdict.error
@@ -180,7 +221,10 @@ def test_checker_rejects_unparseable_text(caption):
 def test_parse_structure():
     parsed = parse_caption("a small red circle is below an orange cross and there are two blue squares")
     assert [(p.count, p.size, p.colour, p.shape) for p in parsed.phrases] == [
-        (1, "small", "red", "circle"), (1, None, "orange", "cross"), (2, None, "blue", "square")]
+        (1, "small", "red", "circle"),
+        (1, None, "orange", "cross"),
+        (2, None, "blue", "square"),
+    ]
     assert parsed.relation == (0, "below", 1)
 
 

@@ -11,11 +11,22 @@ from training.datasets.registry import load_dataset
 from training.datasets.shapes import RGB, Scene, ShapeObject, relation_holds
 from training.datasets.shapes_checker import check_caption
 from training.datasets.shapes_wide import (
-    TRAINING, VARIATIONS, WideSettings, generate_wide_scene, make_wide_example, render_wide,
+    TRAINING,
+    VARIATIONS,
+    WideSettings,
+    generate_wide_scene,
+    make_wide_example,
+    render_wide,
 )
 
-PLAIN = dataclasses.replace(TRAINING, textures=("plain",), blur_probability=0.0, noise_probability=0.0,
-                            jpeg_probability=0.0, coloured_probability=0.0)
+PLAIN = dataclasses.replace(
+    TRAINING,
+    textures=("plain",),
+    blur_probability=0.0,
+    noise_probability=0.0,
+    jpeg_probability=0.0,
+    coloured_probability=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def test_small_and_large_are_relative_to_the_longer_side_and_never_overlap():
                 assert 0.24 - 1e-3 <= share <= 0.36 + 1e-3
             assert obj.extent <= obj.cx <= width - obj.extent and obj.extent <= obj.cy <= height - obj.extent
         for i, a in enumerate(scene.objects):
-            for b in scene.objects[i + 1:]:
+            for b in scene.objects[i + 1 :]:
                 reach = a.extent + b.extent
                 assert abs(a.cx - b.cx) > reach or abs(a.cy - b.cy) > reach
 
@@ -101,8 +112,11 @@ def test_hard_edges_have_two_tones_and_anti_aliasing_blends():
 def test_jpeg_blur_and_noise_change_the_pixels():
     scene = generate_wide_scene(np.random.default_rng(3), dataclasses.replace(PLAIN, long_side=(200, 200)))
     clean = render_wide(scene, np.random.default_rng(0), PLAIN).astype(int)
-    for change in (dict(jpeg_probability=1.0, jpeg_quality=(20, 20)), dict(blur_probability=1.0),
-                   dict(noise_probability=1.0)):
+    for change in (
+        dict(jpeg_probability=1.0, jpeg_quality=(20, 20)),
+        dict(blur_probability=1.0),
+        dict(noise_probability=1.0),
+    ):
         degraded = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, **change)).astype(int)
         assert degraded.shape == clean.shape and np.abs(degraded - clean).mean() > 0.3, change
 

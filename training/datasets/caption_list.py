@@ -84,9 +84,7 @@ def load_caption_list(
     return usable_records(candidates, split, limit=limit, source=f"list {list_file.name}")
 
 
-def _merge_by_image(
-    list_file: Path, entries: Iterator[_ListEntry], split: str
-) -> list[ImageCandidate]:
+def _merge_by_image(list_file: Path, entries: Iterator[_ListEntry], split: str) -> list[ImageCandidate]:
     base_dir = list_file.parent
     candidates: dict[Path, ImageCandidate] = {}
     split_of_image: dict[Path, str | None] = {}
@@ -100,9 +98,7 @@ def _merge_by_image(
         elif not file_has_splits and entry.split is not None:
             raise DatasetFormatError(f"{where}: gives a split, but earlier lines do not")
         if entry.split is not None and entry.split not in SPLITS:
-            raise DatasetFormatError(
-                f"{where}: unknown split {entry.split!r}; expected one of {', '.join(SPLITS)}"
-            )
+            raise DatasetFormatError(f"{where}: unknown split {entry.split!r}; expected one of {', '.join(SPLITS)}")
         path = Path(os.path.normpath(base_dir / entry.image))
         if path not in candidates:
             candidates[path] = ImageCandidate(entry.image, path, captions=[])
@@ -131,9 +127,7 @@ def _read_jsonl(path: Path) -> Iterator[_ListEntry]:
             except json.JSONDecodeError as error:
                 raise DatasetFormatError(f"{where}: invalid JSON: {error.msg}") from None
             if not isinstance(record, dict):
-                raise DatasetFormatError(
-                    f"{where}: expected a JSON object, got {line.strip()!r:.80}"
-                )
+                raise DatasetFormatError(f"{where}: expected a JSON object, got {line.strip()!r:.80}")
             yield _ListEntry(
                 line_number,
                 _jsonl_image(record, where),
@@ -145,32 +139,28 @@ def _read_jsonl(path: Path) -> Iterator[_ListEntry]:
 def _jsonl_image(record: dict, where: str) -> str:
     image = record.get("image")
     if not isinstance(image, str) or not image.strip():
-        raise DatasetFormatError(
-            f"{where}: \"image\" must be a non-empty string, got {image!r:.60}"
-        )
+        raise DatasetFormatError(f'{where}: "image" must be a non-empty string, got {image!r:.60}')
     return image.strip()
 
 
 def _jsonl_captions(record: dict, where: str) -> list[str]:
     if ("caption" in record) == ("captions" in record):
-        raise DatasetFormatError(f"{where}: expected exactly one of \"caption\" and \"captions\"")
+        raise DatasetFormatError(f'{where}: expected exactly one of "caption" and "captions"')
     if "caption" in record:
         caption = record["caption"]
         if not isinstance(caption, str):
-            raise DatasetFormatError(f"{where}: \"caption\" must be a string, got {caption!r:.60}")
+            raise DatasetFormatError(f'{where}: "caption" must be a string, got {caption!r:.60}')
         return [caption]
     captions = record["captions"]
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-        raise DatasetFormatError(
-            f"{where}: \"captions\" must be a list of strings, got {captions!r:.60}"
-        )
+        raise DatasetFormatError(f'{where}: "captions" must be a list of strings, got {captions!r:.60}')
     return captions
 
 
 def _jsonl_split(record: dict, where: str) -> str | None:
     split = record.get("split")
     if split is not None and not isinstance(split, str):
-        raise DatasetFormatError(f"{where}: \"split\" must be a string, got {split!r:.60}")
+        raise DatasetFormatError(f'{where}: "split" must be a string, got {split!r:.60}')
     return split
 
 
@@ -183,9 +173,7 @@ def _read_csv(path: Path) -> Iterator[_ListEntry]:
             raise DatasetFormatError(f"{path}:1: empty file, expected a header row")
         absent = [column for column in REQUIRED_CSV_COLUMNS if column not in columns]
         if absent:
-            raise DatasetFormatError(
-                f"{path}:1: header lacks column(s) {', '.join(absent)}; got {', '.join(columns)}"
-            )
+            raise DatasetFormatError(f"{path}:1: header lacks column(s) {', '.join(absent)}; got {', '.join(columns)}")
         has_split_column = "split" in columns
         try:
             for row in reader:

@@ -69,11 +69,7 @@ def load_coco(
         coco_id = json_field(annotation, "image_id", (int, str), annotations_file, where)
         caption = json_field(annotation, "caption", str, annotations_file, where)
         if coco_id not in candidates:
-            raise DatasetFormatError(
-                f"{annotations_file}: {where}.image_id: {coco_id!r} is not the id of any image"
-            )
+            raise DatasetFormatError(f"{annotations_file}: {where}.image_id: {coco_id!r} is not the id of any image")
         candidates[coco_id].captions.append(caption)
 
-    return usable_records(
-        candidates.values(), split, limit=limit, source=f"coco {annotations_file.name}"
-    )
+    return usable_records(candidates.values(), split, limit=limit, source=f"coco {annotations_file.name}")

@@ -51,9 +51,7 @@ def read_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
     except json.JSONDecodeError as error:
-        raise DatasetFormatError(
-            f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})"
-        ) from None
+        raise DatasetFormatError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
     except UnicodeDecodeError as error:
         raise DatasetFormatError(f"{path}: not UTF-8 text (byte {error.start})") from None
 
@@ -140,5 +138,11 @@ def _warn_skipped(source: str, split: str, examined: int, reason: str, skipped: 
     more = ", ..." if len(skipped) > EXAMPLES_PER_WARNING else ""
     logger.warning(
         "%s (%s): skipped %d of %d images %s, e.g. %s%s",
-        source, split, len(skipped), examined, reason, examples, more,
+        source,
+        split,
+        len(skipped),
+        examined,
+        reason,
+        examples,
+        more,
     )

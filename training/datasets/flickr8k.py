@@ -76,8 +76,7 @@ def _read_captions(path: Path) -> dict[str, list[str]]:
             match = _CAPTION_KEY.fullmatch(key.strip())
             if not tab or match is None:
                 raise DatasetFormatError(
-                    f"{path}:{line_number}: expected \"<image>#<n><TAB><caption>\", "
-                    f"got {line!r:.80}"
+                    f'{path}:{line_number}: expected "<image>#<n><TAB><caption>", got {line!r:.80}'
                 )
             captions_by_image[match["image"]].append(caption)
     return captions_by_image
@@ -92,9 +91,7 @@ def _read_split_list(path: Path) -> list[str]:
             if not name:
                 continue
             if "\t" in name or "#" in name:
-                raise DatasetFormatError(
-                    f"{path}:{line_number}: expected one image file name, got {name!r:.80}"
-                )
+                raise DatasetFormatError(f"{path}:{line_number}: expected one image file name, got {name!r:.80}")
             if name in seen:
                 raise DatasetFormatError(f"{path}:{line_number}: {name!r} is listed twice")
             seen.add(name)

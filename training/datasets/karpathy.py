@@ -82,8 +82,7 @@ def load_karpathy(
         image_split = json_field(image, "split", str, split_file, where)
         if image_split not in KARPATHY_SPLITS:
             raise DatasetFormatError(
-                f"{split_file}: {where}.split: {image_split!r} is not one of "
-                f"{', '.join(KARPATHY_SPLITS)}"
+                f"{split_file}: {where}.split: {image_split!r} is not one of {', '.join(KARPATHY_SPLITS)}"
             )
         sentences = json_field(image, "sentences", list, split_file, where)
         captions = [

@@ -52,17 +52,29 @@ __all__ = ["LOADERS", "DatasetFormatError", "load_dataset"]
 DatasetLoader = Callable[..., list[CaptionedImage]]
 
 
-def load_shapes(split: str, *, limit: int | None = None, image_size: int | str = 64,
-                max_objects: int | str = 3) -> list[CaptionedImage]:
+def load_shapes(
+    split: str, *, limit: int | None = None, image_size: int | str = 64, max_objects: int | str = 3
+) -> list[CaptionedImage]:
     """The embedded shapes dataset (options may arrive as strings from the command line)."""
     return _load_shapes_split(split, size=limit, image_size=int(image_size), max_objects=int(max_objects))
 
 
-def load_shapes_wide(split: str, *, limit: int | None = None, variation: str | None = None,
-                     max_objects: int | str = 3, resize_to: int | str | None = None) -> list[CaptionedImage]:
+def load_shapes_wide(
+    split: str,
+    *,
+    limit: int | None = None,
+    variation: str | None = None,
+    max_objects: int | str = 3,
+    resize_to: int | str | None = None,
+) -> list[CaptionedImage]:
     """The wide-domain shapes dataset; training passes resize_to=<model input size> itself."""
-    return load_wide_split(split, size=limit, variation=variation or None, max_objects=int(max_objects),
-                           resize_to=int(resize_to) if resize_to else None)
+    return load_wide_split(
+        split,
+        size=limit,
+        variation=variation or None,
+        max_objects=int(max_objects),
+        resize_to=int(resize_to) if resize_to else None,
+    )
 
 
 # Loaders that can store images at the model's input size; `train` asks them to (resize_to).
@@ -78,9 +90,7 @@ LOADERS: dict[str, DatasetLoader] = {
 }
 
 
-def load_dataset(
-    name: str, split: str, *, limit: int | None = None, **options: Any
-) -> list[CaptionedImage]:
+def load_dataset(name: str, split: str, *, limit: int | None = None, **options: Any) -> list[CaptionedImage]:
     """Load `split` of the dataset called `name`; `options` go to its loader (see above)."""
     loader = LOADERS.get(name)
     if loader is None:

@@ -103,8 +103,7 @@ class Scene:
 # ---------------------------------------------------------------------------------------- scenes
 
 
-def generate_scene(rng: np.random.Generator, image_size: int = 64, min_objects: int = 1,
-                   max_objects: int = 3) -> Scene:
+def generate_scene(rng: np.random.Generator, image_size: int = 64, min_objects: int = 1, max_objects: int = 3) -> Scene:
     """Sample 1-4 objects whose boxes stay inside the image and never touch each other."""
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
@@ -146,8 +145,9 @@ def _apart(cx, cy, extent, other: ShapeObject, gap) -> bool:
     return abs(cx - other.cx) >= reach or abs(cy - other.cy) >= reach
 
 
-def relation_holds(a: ShapeObject, b: ShapeObject, rel: str, image_size: int | tuple[int, int],
-                   strict: bool = True) -> bool:
+def relation_holds(
+    a: ShapeObject, b: ShapeObject, rel: str, image_size: int | tuple[int, int], strict: bool = True
+) -> bool:
     """Whether "a is REL b" holds: strict for the caption writer, lenient for the checker.
     `image_size`: the side of a square scene, or (width, height); offsets count in shares of the
     axis they lie along, so a non-square image squeezed square keeps its relations."""
@@ -182,6 +182,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Dark-to-mid, nearly grey tones, so every object colour stands out."""
+
     def tone():
         return rng.uniform(15, 95) + rng.uniform(-12, 12, 3)
 
@@ -303,8 +304,11 @@ def _relation_candidates(scene: Scene) -> list[tuple[ShapeObject, str, ShapeObje
     nameable = [obj for obj in scene.objects if _needs_size(scene, obj) is not None]
     return [
         (a, rel, b)
-        for a in nameable for b in nameable if a is not b
-        for rel in RELATIONS if relation_holds(a, b, rel, scene.frame, strict=True)
+        for a in nameable
+        for b in nameable
+        if a is not b
+        for rel in RELATIONS
+        if relation_holds(a, b, rel, scene.frame, strict=True)
     ]
 
 
@@ -342,8 +346,7 @@ def make_example(split: str, index: int, image_size: int = 64, max_objects: int 
     )
 
 
-def load_split(split: str, size: int | None = None, image_size: int = 64,
-               max_objects: int = 3) -> list[CaptionedImage]:
+def load_split(split: str, size: int | None = None, image_size: int = 64, max_objects: int = 3) -> list[CaptionedImage]:
     """The first `size` examples of `split` (default: SPLIT_SIZES[split])."""
     count = SPLIT_SIZES[split] if size is None else size
     return [make_example(split, i, image_size, max_objects) for i in range(count)]

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 from captioning.tokenizer import standardize  # the checker reads text as the model's tokenizer does
 from training.datasets.shapes import (
-    COLOURS, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, plural, relation_holds,
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    plural,
+    relation_holds,
 )
 
 COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
@@ -83,7 +90,7 @@ class _Tokens:
         return word
 
     def accept(self, *words: str) -> bool:
-        if tuple(self.words[self.pos:self.pos + len(words)]) == words:
+        if tuple(self.words[self.pos : self.pos + len(words)]) == words:
             self.pos += len(words)
             return True
         return False

@@ -31,13 +31,22 @@ from PIL import Image, ImageDraw, ImageFilter
 from captioning.preprocess import resize_to_input
 from training.datasets.base import CaptionedImage
 from training.datasets.shapes import (
-    COLOUR_JITTER, COLOURS, MAX_OBJECTS, RGB, SHAPES, Scene, ShapeObject, _draw_shape, write_captions,
+    COLOUR_JITTER,
+    COLOURS,
+    MAX_OBJECTS,
+    RGB,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    _draw_shape,
+    write_captions,
 )
 
 
 @dataclass(frozen=True)
 class WideSettings:
     """Ranges the renderer draws from; a wild variation replaces a few of them."""
+
     long_side: tuple[int, int] = (64, 640)  # log-uniform
     square_probability: float = 0.4
     max_aspect: float = 1.6
@@ -62,8 +71,9 @@ VARIATIONS: dict[str, WideSettings] = {
     "standard": TRAINING,
     "dark_background": dataclasses.replace(TRAINING, tone=(0.0, 70.0), coloured_probability=0.0),
     "light_background": dataclasses.replace(TRAINING, tone=(185.0, 255.0), coloured_probability=0.0),
-    "white_background": dataclasses.replace(TRAINING, tone=(250.0, 255.0), coloured_probability=0.0,
-                                            textures=("plain",)),
+    "white_background": dataclasses.replace(
+        TRAINING, tone=(250.0, 255.0), coloured_probability=0.0, textures=("plain",)
+    ),
     "coloured_background": dataclasses.replace(TRAINING, coloured_probability=1.0),
     "textured_background": dataclasses.replace(TRAINING, textures=("gradient", "noise", "stripes", "checks")),
     "tiny_objects": dataclasses.replace(TRAINING, small_fraction=(0.10, 0.11), large_probability=0.0),
@@ -95,8 +105,7 @@ def image_frame(rng: np.random.Generator, settings: WideSettings) -> tuple[int, 
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
-def generate_wide_scene(rng: np.random.Generator, settings: WideSettings = TRAINING,
-                        max_objects: int = 3) -> Scene:
+def generate_wide_scene(rng: np.random.Generator, settings: WideSettings = TRAINING, max_objects: int = 3) -> Scene:
     """1..max_objects objects whose boxes stay inside the image and never touch each other."""
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= max_objects <= {MAX_OBJECTS}")
@@ -127,8 +136,7 @@ def _place(rng, settings: WideSettings, width, height, long, others) -> ShapeObj
     for _ in range(50):
         cx = round(float(rng.uniform(border + extent, width - border - extent)), 1)
         cy = round(float(rng.uniform(border + extent, height - border - extent)), 1)
-        if all(abs(cx - o.cx) >= extent + o.extent + gap or abs(cy - o.cy) >= extent + o.extent + gap
-               for o in others):
+        if all(abs(cx - o.cx) >= extent + o.extent + gap or abs(cy - o.cy) >= extent + o.extent + gap for o in others):
             return ShapeObject(shape, colour, size, cx, cy, extent)
     return None
 
@@ -230,8 +238,9 @@ def resize_for_model(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resize_to_input(Image.fromarray(pixels), size), np.uint8)
 
 
-def make_wide_example(split: str, index: int, variation: str | None = None, max_objects: int = 3,
-                      resize_to: int | None = None) -> CaptionedImage:
+def make_wide_example(
+    split: str, index: int, variation: str | None = None, max_objects: int = 3, resize_to: int | None = None
+) -> CaptionedImage:
     """Example `index` of `split`, or of wild variation `variation` (split then only names it)."""
     if variation is not None:
         if variation not in VARIATIONS:
@@ -248,12 +257,18 @@ def make_wide_example(split: str, index: int, variation: str | None = None, max_
     pixels = render_wide(scene, pixel_rng, settings)
     if resize_to is not None:
         pixels = resize_for_model(pixels, resize_to)
-    return CaptionedImage(image_id=image_id, captions=write_captions(scene, caption_rng), split=split,
-                          pixels=pixels, scene=scene)
+    return CaptionedImage(
+        image_id=image_id, captions=write_captions(scene, caption_rng), split=split, pixels=pixels, scene=scene
+    )
 
 
-def load_wide_split(split: str, size: int | None = None, variation: str | None = None, max_objects: int = 3,
-                    resize_to: int | None = None) -> list[CaptionedImage]:
+def load_wide_split(
+    split: str,
+    size: int | None = None,
+    variation: str | None = None,
+    max_objects: int = 3,
+    resize_to: int | None = None,
+) -> list[CaptionedImage]:
     """The first `size` examples (default: SPLIT_SIZES[split]); `resize_to` stores them at the
     model's input size (training holds thousands in memory), else at their drawn size."""
     count = SPLIT_SIZES.get(split, 1000) if size is None else size

@@ -34,7 +34,7 @@ from app.errors import (
     as_api_error,
     error_response,
 )
-from app.middleware import matched_route
+from app.middleware import call_answering, matched_route
 
 logger = logging.getLogger("app.guards")
 
@@ -103,19 +103,16 @@ class UploadGuard:
                 done_reading()
             return message
 
-        response_started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, timed_receive, tracking_send)
-        except BodyTimeout as exc:  # normally the app's handlers answer; this is for reads outside a route
-            if response_started:
-                raise
-            await error_response(Request(scope), 408, "body_timeout", str(exc.detail))(scope, receive, send)
+            # Normally the app's handlers answer BodyTimeout; this is for reads outside a route.
+            await call_answering(
+                self.app,
+                scope,
+                timed_receive,
+                send,
+                BodyTimeout,
+                lambda exc: error_response(Request(scope), 408, "body_timeout", str(exc.detail)),
+            )
         finally:
             done_reading()
 

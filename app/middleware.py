@@ -145,20 +145,34 @@ class UploadLimitMiddleware:
 
         # Normally the app's exception handlers turn UploadTooLarge into the JSON 413; the
         # exception only arrives here if something read the body outside a route.
-        response_started = False
+        await call_answering(
+            self.app,
+            scope,
+            limited_receive,
+            send,
+            UploadTooLarge,
+            lambda exc: error_response(Request(scope), 413, "upload_too_large", str(exc.detail)),
+        )
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except UploadTooLarge as exc:
-            if response_started:
-                raise
-            response = error_response(Request(scope), 413, "upload_too_large", str(exc.detail))
-            await response(scope, receive, send)
+async def call_answering(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, error: type[Exception], answer
+) -> None:
+    """Runs `app`; an `error` it raises before starting a response is answered with `answer(exc)`
+    (a Starlette response), one raised after that is re-raised (the response cannot change)."""
+    response_started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal response_started
+        response_started = response_started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except error as exc:
+        if response_started:
+            raise
+        await answer(exc)(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

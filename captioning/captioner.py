@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 
 import captioning.backbones  # noqa: E402,F401  (registers the custom layers for safe loading)
 from captioning.artifacts import ArtifactError, verify_bundle  # noqa: E402
+from captioning.buckets import BATCH_BUCKETS, bucket_for  # noqa: E402
 from captioning.calibration import FILE as CALIBRATION_FILE  # noqa: E402
 from captioning.calibration import Calibration
 from captioning.config import ModelConfig  # noqa: E402
@@ -33,16 +34,6 @@ from captioning.domain import DomainModel
 from captioning.model import DecoderStep  # noqa: E402
 from captioning.preprocess import resize_to_input  # noqa: E402
 from captioning.tokenizer import Tokenizer  # noqa: E402
-
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-
-
-def bucket_for(batch: int) -> int:
-    """The smallest bucket that holds `batch` rows (batches over the largest are split by callers)."""
-    for size in BATCH_BUCKETS:
-        if batch <= size:
-            return size
-    raise ValueError(f"batch of {batch} exceeds the largest bucket {BATCH_BUCKETS[-1]}")
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:

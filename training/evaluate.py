@@ -128,7 +128,7 @@ def evaluate(
     "decode", "seconds", "samples", "images"}: "images" holds every image's result (its id, caption,
     references and, on shapes, the checker's verdict); "samples" the first `num_samples` of them.
     """
-    from captioning.captioner import BATCH_BUCKETS
+    from captioning.buckets import BATCH_BUCKETS
 
     options.validate()
     if not records:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from app.engine.scheduler import MAX_ROWS, Move
-from captioning.captioner import BATCH_BUCKETS, bucket_for
+from captioning.buckets import BATCH_BUCKETS, bucket_for
 
 
 class FeatureSlotPool:

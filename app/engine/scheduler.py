@@ -20,7 +20,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-# The largest decode batch the model runner supports (captioning.captioner.BATCH_BUCKETS[-1]).
+# The largest decode batch the model runner supports (captioning.buckets.BATCH_BUCKETS[-1]).
 MAX_ROWS = 64
 
 

@@ -6,6 +6,7 @@ No tests live here; the service and end-to-end tests import it (`import uploads`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -176,3 +177,17 @@ def build_tiny_bundle(directory: Path) -> Path:
         training={"command": "tests/uploads.py build_tiny_bundle", "dataset": {"name": "shapes", "train_images": 0}},
         metrics={"test": {"exact_match": 0.0}},
     )
+
+
+@contextlib.contextmanager
+def tiny_service(tmp_path_factory, api_key: str, **settings):
+    """A TestClient over the app serving build_tiny_bundle's model, keyed with `api_key`."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    bundle = build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
+    app = create_app(Settings(artifacts_dir=bundle, api_key=api_key, max_upload_bytes=200_000, **settings))
+    with TestClient(app, headers={"X-API-Key": api_key}) as client:
+        yield client

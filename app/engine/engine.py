@@ -27,24 +27,13 @@ import numpy as np
 from app import metrics
 from app.engine import os_tuning
 from app.engine.core import EngineCore
-from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, Overloaded
 from app.engine.request import Request, Result
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, QueueFull
 from captioning.decoding import DecodeOptions
 
 logger = logging.getLogger("app.engine")
-
-__all__ = [
-    "DeadlineExceeded",
-    "Engine",
-    "EngineClient",
-    "EngineError",
-    "EngineStopped",
-    "InferenceError",
-    "Overloaded",
-    "Result",
-]
 
 
 class EngineClient:

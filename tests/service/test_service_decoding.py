@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import pytest
 import uploads
-from fastapi.testclient import TestClient
 
 from app.images import decode_upload
-from app.main import create_app
-from app.settings import Settings
 from captioning.decoding import DecodeOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -21,16 +18,9 @@ MAX_IMAGES = 4
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    bundle = uploads.build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
-    settings = Settings(
-        artifacts_dir=bundle,
-        api_key=API_KEY,
-        max_upload_bytes=200_000,
-        max_batch_size=16,
-        max_images_per_request=MAX_IMAGES,
-        request_timeout_s=20,
-    )
-    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+    with uploads.tiny_service(
+        tmp_path_factory, API_KEY, max_batch_size=16, max_images_per_request=MAX_IMAGES, request_timeout_s=20
+    ) as client:
         yield client
 
 

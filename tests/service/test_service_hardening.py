@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 import uploads
-from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -24,7 +23,6 @@ from app.engine import Overloaded, Result
 from app.errors import install_exception_handlers
 from app.guards import Shutdown, ShutdownGuard, UploadGuard
 from app.images import decode_bytes, decode_upload, open_upload
-from app.main import create_app
 from app.metrics import REGISTRY
 from app.settings import Settings
 from captioning.decoding import Caption
@@ -36,16 +34,9 @@ API_KEY = "hardening-key"
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    bundle = uploads.build_tiny_bundle(tmp_path_factory.mktemp("artifacts") / "tiny")
-    settings = Settings(
-        artifacts_dir=bundle,
-        api_key=API_KEY,
-        max_upload_bytes=200_000,
-        max_batch_size=8,
-        min_image_side=1,
-        request_timeout_s=5,
-    )
-    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+    with uploads.tiny_service(
+        tmp_path_factory, API_KEY, max_batch_size=8, min_image_side=1, request_timeout_s=5
+    ) as client:
         yield client
 
 

@@ -186,6 +186,14 @@ class ControlledSlots:
         return self._slots.step(slot_of_row, tokens, state)
 
 
+async def started_engine(controlled, engine_settings):
+    """An engine over `controlled`, started; the warm-up request it sent is forgotten."""
+    engine = create_engine(controlled, engine_settings)
+    await engine.start()
+    controlled.forget()
+    return engine
+
+
 def settings(mode="continuous", **overrides):
     values = dict(
         batching_mode=mode,
@@ -268,9 +276,7 @@ def test_continuous_batching_shares_decode_steps_between_requests(tiny_captioner
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings("continuous"))
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings("continuous"))
         first = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.sleep(0.02)
         await asyncio.gather(first, *(engine.submit(p, DecodeOptions()) for p in images(6, seed=1)))
@@ -285,9 +291,7 @@ def test_static_mode_batches_requests_and_none_mode_takes_one_at_a_time(tiny_cap
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings(mode, max_queue_delay_ms=200))
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings(mode, max_queue_delay_ms=200))
         await asyncio.gather(*(engine.submit(p, DecodeOptions()) for p in images(4)))
         await engine.stop()
 
@@ -299,9 +303,7 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings(max_queue_size=3))
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings(max_queue_size=3))
         controlled.gate.clear()
         held = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)  # the engine thread is busy encoding
@@ -328,9 +330,7 @@ def test_deadline_fails_waiting_and_active_requests_and_frees_their_slots(tiny_c
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings())
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings())
         controlled.gate.clear()
         active = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(), deadline_s=0.2))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)
@@ -357,9 +357,7 @@ def test_a_cancelled_request_frees_its_slots_and_never_gets_a_result(tiny_captio
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings())
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings())
         # Long beam searches; cancel most of them at different points of their decoding.
         tasks = [asyncio.create_task(engine.submit(p, DecodeOptions(strategy="beam", beam_size=4))) for p in images(8)]
         survivor = asyncio.create_task(engine.submit(images(1, seed=9)[0], DecodeOptions()))
@@ -400,9 +398,7 @@ def test_a_failing_batch_fails_only_its_own_requests(tiny_captioner):
     poisoned = np.full((32, 32, 3), 7, np.uint8)
 
     async def scenario():
-        engine = create_engine(controlled, settings())
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings())
         controlled.poisoned_pixel = 7
         with pytest.raises(InferenceError):
             await engine.submit(poisoned, DecodeOptions())
@@ -440,9 +436,7 @@ def test_shutdown_fails_what_is_left_when_the_grace_period_ends(tiny_captioner):
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings())
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings())
         controlled.gate.clear()
         stuck = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)
@@ -472,9 +466,7 @@ def test_the_encoder_sleeps_while_every_feature_slot_is_taken(tiny_captioner):
     controlled = ControlledCaptioner(tiny_captioner)
 
     async def scenario():
-        engine = create_engine(controlled, settings(max_queue_size=2 * MAX_ROWS))
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings(max_queue_size=2 * MAX_ROWS))
         controlled.step_gate.clear()
         tasks = [
             asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2))) for p in images(MAX_ROWS + 8, seed=6)
@@ -511,9 +503,7 @@ def test_the_model_threads_run_below_the_event_loop(tiny_captioner):
 
     async def scenario():
         seen["before"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        engine = create_engine(controlled, settings(inference_nice=seen["before"] + 1))
-        await engine.start()
-        controlled.forget()
+        engine = await started_engine(controlled, settings(inference_nice=seen["before"] + 1))
         await engine.submit(images(1)[0], DecodeOptions(max_length=2))
         seen["event loop"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         await engine.stop()

@@ -159,12 +159,11 @@ async def engine_in_process(
 ) -> tuple[float, float]:
     """The service's engine (continuous, default settings) driven directly, without HTTP: what the
     batching itself reaches on this machine. Returns (captions/s, p50 latency ms)."""
-    from types import SimpleNamespace
-
     from app.engine import create_engine
+    from app.settings import Settings
     from captioning.decoding import DecodeOptions
 
-    engine = create_engine(captioner, SimpleNamespace(batching_mode="continuous", max_batch_size=32))
+    engine = create_engine(captioner, Settings(batching_mode="continuous", max_batch_size=32))
     await engine.start()
     latencies: list[float] = []
     stop_at = time.perf_counter() + duration_s

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load_test import (
+from bench.harness import (
     HOST,
     REPO,
     SERVER_START_TIMEOUT_S,

@@ -17,13 +17,11 @@ in the engine is taken only at submit(), after the upload is read and decoded.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import anyio
 import numpy as np
 from fastapi import UploadFile
 
@@ -74,7 +72,6 @@ class Prepared:
     decoded: DecodedImage
     pixels: np.ndarray  # uint8 [S, S, 3]
     decode_ms: float
-    domain_score: float | None = None  # captioning.domain; None when the bundle has no domain check
 
 
 def decode_options(query: CaptionQuery) -> DecodeOptions:
@@ -146,26 +143,18 @@ class CaptionService:
             decoded, pixels = await self.decoder.run(decode_bytes(image, size), decode, image)
         return Prepared(decoded, pixels, (time.perf_counter() - started) * 1000)
 
-    async def check_domain(self, prepared: Prepared) -> Prepared:
-        """Adds the image's domain score (one extra encoder pass, in a worker thread); raises
-        OutOfDomain when OUT_OF_DOMAIN=reject and the image is unlike the model's training images."""
-        if getattr(self.captioner, "domain", None) is None:
-            return prepared
-        scores = await anyio.to_thread.run_sync(self.captioner.domain_scores, prepared.pixels[None])
-        score = float(scores[0])
-        if score < IN_DOMAIN_SCORE and self.settings.out_of_domain == "reject":
-            raise OutOfDomain(
-                f"the image does not look like what this model was trained on (domain_score {score:.3f} < "
-                f"{IN_DOMAIN_SCORE}); OUT_OF_DOMAIN=caption captions it anyway"
-            )
-        return dataclasses.replace(prepared, domain_score=score)
-
     async def infer(self, prepared: Prepared, options: DecodeOptions, *, started_at: float) -> CaptionFields:
         """Submits a prepared image to the engine within the request's deadline and shapes the answer."""
         remaining_s = started_at + self.settings.request_timeout_s - time.perf_counter()
         if remaining_s <= 0:
             raise DeadlineExceeded("the request deadline passed before inference could start")
         result = await self.engine.submit(prepared.pixels, options, deadline_s=remaining_s)
+        score = result.domain_score  # from the engine's own encoder pass
+        if score is not None and score < IN_DOMAIN_SCORE and self.settings.out_of_domain == "reject":
+            raise OutOfDomain(
+                f"the image does not look like what this model was trained on (domain_score {score:.3f} < "
+                f"{IN_DOMAIN_SCORE}); OUT_OF_DOMAIN=caption captions it anyway"
+            )
         fields = self._shape(result, prepared, options, started_at)
         if not fields.caption:
             raise NoCaption("the model produced no words for this image")
@@ -210,8 +199,7 @@ class CaptionService:
         return results
 
     async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float) -> CaptionFields:
-        prepared = await self.check_domain(await self.prepare(data))
-        return await self.infer(prepared, options, started_at=started_at)
+        return await self.infer(await self.prepare(data), options, started_at=started_at)
 
     async def _run_all(
         self, works: list[Awaitable[CaptionFields]], started_at: float, receive: Receive | None
@@ -243,7 +231,7 @@ class CaptionService:
         if options.return_attention:
             height, width = self.captioner.grid_shape
             grid = AttentionGrid(height=height, width=width)
-        decoded, score = prepared.decoded, prepared.domain_score
+        decoded, score = prepared.decoded, result.domain_score
         return CaptionFields(
             caption=result.captions[0].text if result.captions else "",
             captions=[_candidate(caption) for caption in result.captions],

@@ -80,8 +80,9 @@ class Captioner:
 
         @tf.function(reduce_retracing=True)
         def encode_into(features, images, slots):
-            encoded = run_encoder(images)
-            features.scatter_nd_update(slots[:, None], encoded[: tf.shape(slots)[0]])
+            encoded = run_encoder(images)[: tf.shape(slots)[0]]
+            features.scatter_nd_update(slots[:, None], encoded)
+            return encoded  # the caller may score them (captioning.domain) without a second pass
 
         self._step_rows, self._encode_into = step_rows, encode_into
         self._offline_slots: FeatureSlots | None = None  # caption()'s own, made on first use
@@ -250,12 +251,14 @@ class FeatureSlots:
             self._traced[(kind, rows)] = traced
         return traced
 
-    def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> None:
-        """Encodes uint8 images [B, S, S, 3] as one batch (padded to a bucket) into the given slots."""
+    def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> np.ndarray:
+        """Encodes uint8 images [B, S, S, 3] as one batch (padded to a bucket) into the given slots;
+        returns their features [B, N, D] (for the domain score)."""
         bucket = bucket_for(len(images))
-        self._function("encode", bucket)(
+        encoded = self._function("encode", bucket)(
             self._features, tf.constant(_pad_rows(images, bucket)), tf.constant(np.asarray(slot_ids, np.int32))
         )
+        return encoded.numpy()
 
     def step(
         self, slot_of_row: np.ndarray, tokens: np.ndarray, state: np.ndarray

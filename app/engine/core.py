@@ -319,7 +319,9 @@ class EngineCore:
                 inference_s = now - request.admitted
                 metrics.INFERENCE_SECONDS.observe(inference_s)
                 self.seconds_per_request += 0.05 * (inference_s - self.seconds_per_request)
-                outcome = Result(outcome, (request.admitted - request.submitted) * 1e3, inference_s * 1e3)
+                outcome = Result(
+                    outcome, (request.admitted - request.submitted) * 1e3, inference_s * 1e3, request.domain_score
+                )
             by_loop[request.loop].append((request, outcome))
         for loop, outcomes in by_loop.items():
             try:

@@ -35,13 +35,15 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
         metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
     started = time.perf_counter()
     try:
-        slots = runner.encode(np.stack([request.image for request in requests]))
+        slots, domain_scores = runner.encode(np.stack([request.image for request in requests]))
     except Exception as exc:
         logger.exception("encoding a batch of %d images failed", len(requests))
         return InferenceError(f"encoding the image failed: {exc}")
     metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
-    for request, slot in zip(requests, slots, strict=True):
+    for index, (request, slot) in enumerate(zip(requests, slots, strict=True)):
         request.feature_slot = slot
+        if domain_scores is not None:
+            request.domain_score = float(domain_scores[index])
     return None
 
 

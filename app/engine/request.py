@@ -13,6 +13,7 @@ class Result:
     captions: list  # list[captioning.decoding.Caption], best first
     queue_ms: float  # submitted -> admitted into decode slots
     inference_ms: float  # admitted -> captions ready
+    domain_score: float | None = None  # captioning.domain; None when the model has no domain check
 
 
 class Request:
@@ -28,6 +29,7 @@ class Request:
         "abandoned",
         "deadline_timer",
         "feature_slot",
+        "domain_score",
     )
 
     def __init__(self, image, options, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
@@ -42,6 +44,7 @@ class Request:
         self.abandoned = False  # set on the event loop; the threads free the request's rows and slot
         self.deadline_timer = None
         self.feature_slot: int | None = None  # where its image features are, once encoded
+        self.domain_score: float | None = None  # captioning.domain, from the encoder's features
 
 
 def deliver(outcomes: list[tuple[Request, object]]) -> None:

@@ -44,6 +44,7 @@ class ModelRunner:
             raise ValueError(f"capacity {capacity} exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
         # A request holds one feature slot from its encode to its end, and at least one row.
         self.features = captioner.feature_slots(capacity)
+        self.domain = captioner.domain  # captioning.domain.DomainModel, or None
         self.free_slots = FeatureSlotPool(capacity)
         rows = bucket_for(capacity)  # a step over `used` rows reads up to the next bucket size
         self.tokens = np.zeros(rows, dtype=np.int32)
@@ -53,18 +54,21 @@ class ModelRunner:
     def warmup(self) -> None:
         self.features.warmup()
 
-    def encode(self, images: np.ndarray) -> list[int]:
+    def encode(self, images: np.ndarray) -> tuple[list[int], np.ndarray | None]:
         """Encodes images [B, S, S, 3] in one batch into free feature slots; returns the slot of
-        each. Safe to call from another thread than the decoder's. On failure the slots go back."""
+        each and, when the model has a domain check, each image's domain score from the same
+        features (no second encoder pass). Safe to call from another thread than the decoder's.
+        On failure the slots go back."""
         slots = self.free_slots.take(len(images))
         try:
             if len(slots) < len(images):
                 raise RuntimeError(f"{len(images)} images to encode, {len(slots)} free feature slots")
-            self.features.encode(images, np.array(slots))
+            features = self.features.encode(images, np.array(slots))
+            scores = None if self.domain is None else self.domain.scores(features, images)
         except BaseException:
             self.free_slots.give_back(slots)
             raise
-        return slots
+        return slots, scores
 
     def place(self, start: int, width: int, slot: int, start_tokens: np.ndarray) -> None:
         """Starts a search in rows [start, start + width), all reading the image in `slot`."""

@@ -185,6 +185,10 @@ def test_caption_reports_the_domain_and_the_setting_decides(extras_bundle, in_do
         if policy == "caption":
             assert outside.status_code == 200
             assert outside.json()["in_domain"] is False and outside.json()["domain_score"] < 0.5
+            # The engine scores the features of its own encoder pass: the same as a separate one.
+            captioner = client.app.state.captioner
+            offline = captioner.domain_scores(captioner.prepare(Image.fromarray(noise))[None])[0]
+            assert outside.json()["domain_score"] == pytest.approx(offline, abs=1e-4)
         else:
             assert outside.status_code == 422
             assert outside.json()["error"]["code"] == "out_of_domain" and outside.json()["request_id"]

@@ -13,12 +13,18 @@ import os
 import signal
 import sys
 
-from pydantic import ValidationError
+# numpy's BLAS (the engine's out-of-domain distance, a [B, 512] x [512, 512] product per encoded
+# batch) must not start a second thread pool beside TensorFlow's: on 2 cores its spinning threads
+# made that product 10x slower (3.9 ms against 0.38 ms single-threaded at 32 images). Read once,
+# when numpy is first imported, so it is set before anything below imports it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from app.logging_config import logging_config
-from app.model_repository import precheck
-from app.settings import Settings
-from captioning.artifacts import ArtifactError
+from pydantic import ValidationError  # noqa: E402
+
+from app.logging_config import logging_config  # noqa: E402
+from app.model_repository import precheck  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from captioning.artifacts import ArtifactError  # noqa: E402
 
 logger = logging.getLogger("app")
 

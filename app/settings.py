@@ -100,7 +100,16 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         0, ge=0, description="TensorFlow intra-op threads; 0: one fewer than the CPUs, leaving one to the event loop."
     )
-    max_encode_batch: int = Field(16, ge=1, description="Continuous batching: images per encoder call.")
+    max_encode_batch: int = Field(
+        32, ge=1, description="Continuous batching: most images per encoder call (capped at MAX_BATCH_SIZE)."
+    )
+    greedy_steps_per_call: int = Field(
+        4,
+        ge=1,
+        le=8,
+        description="Greedy decoding: decoder steps per compiled call while every active row is greedy (multi-step "
+        "decoding; rows join and leave between calls). 1: one step per call.",
+    )
     freeze_gc: bool = Field(
         True,
         description="After warm-up, freeze the model's objects out of Python's cyclic garbage collector.",

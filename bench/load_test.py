@@ -37,6 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `python -m app` sets it, for the in-process engine
 
 import numpy as np  # noqa: E402
 

@@ -28,12 +28,17 @@ from captioning.buckets import BATCH_BUCKETS, bucket_for  # noqa: E402
 from captioning.calibration import FILE as CALIBRATION_FILE  # noqa: E402
 from captioning.calibration import Calibration
 from captioning.config import ModelConfig  # noqa: E402
-from captioning.decoding import Caption, DecodeOptions, Search, new_search  # noqa: E402
+from captioning.decoding import Caption, DecodeOptions, GreedySearch, Search, new_search  # noqa: E402
 from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
 from captioning.domain import DomainModel
 from captioning.model import DecoderStep  # noqa: E402
 from captioning.preprocess import resize_to_input  # noqa: E402
-from captioning.tokenizer import Tokenizer  # noqa: E402
+from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E402
+
+# Greedy decoder steps per compiled call (FeatureSlots.greedy_steps): the host's bookkeeping and
+# call overhead, not the arithmetic, dominate a step at these batch sizes, so several steps per
+# call cost less per token; a row that ends mid-call wastes at most GREEDY_STEPS - 1 steps.
+GREEDY_STEPS = 4
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
@@ -84,7 +89,24 @@ class Captioner:
             features.scatter_nd_update(slots[:, None], encoded)
             return encoded  # the caller may score them (captioning.domain) without a second pass
 
-        self._step_rows, self._encode_into = step_rows, encode_into
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def greedy_rows(features, slot_of_row, tokens, state, words, min_words, steps):
+            # `steps` greedy steps in one XLA program, the argmax taken in the graph exactly as
+            # GreedySearch takes it: <end> ruled out while a row has fewer than min_words words.
+            rows_features = tf.gather(features, slot_of_row)
+            end_column = tf.range(config.vocab_size) == END_ID
+            chosen, chosen_log_probs, attentions = [], [], []
+            for _ in range(steps):
+                log_probs, state, attention = decoder_step(tokens, state, rows_features)
+                early_end = (words < min_words)[:, None] & end_column[None, :]
+                tokens = tf.argmax(tf.where(early_end, -np.inf, log_probs), axis=1, output_type=tf.int32)
+                words += tf.cast((tokens != PAD_ID) & (tokens != START_ID) & (tokens != END_ID), tf.int32)
+                chosen.append(tokens)
+                chosen_log_probs.append(tf.gather(log_probs, tokens, batch_dims=1))
+                attentions.append(attention)
+            return tf.stack(chosen), tf.stack(chosen_log_probs), tf.stack(attentions), state
+
+        self._step_rows, self._encode_into, self._greedy_rows = step_rows, encode_into, greedy_rows
         self._offline_slots: FeatureSlots | None = None  # caption()'s own, made on first use
         self._offline_lock = threading.Lock()
 
@@ -185,6 +207,8 @@ class Captioner:
         slots, width = self._slots(), options.width
         slots.encode(images, np.arange(len(images)))
         searches = [new_search(options, self.max_steps(options)) for _ in range(len(images))]
+        if isinstance(searches[0], GreedySearch):
+            return self._greedy_batch(slots, searches)
         slot_of_row = np.repeat(np.arange(len(images), dtype=np.int32), width)
         state = np.zeros((len(slot_of_row), self.state_size), np.float32)
         tokens = np.concatenate([s.start_tokens() for s in searches])
@@ -203,6 +227,27 @@ class Captioner:
                 survivors = (np.arange(width) + np.array(kept, dtype=np.int64)[:, None] * width).ravel()
                 slot_of_row, tokens, state = slot_of_row[survivors], tokens[survivors], state[survivors]
                 active = [active[n] for n in kept]
+        return [self.results(search) for search in searches]
+
+    def _greedy_batch(self, slots: FeatureSlots, searches: list[GreedySearch]) -> list[list[Caption]]:
+        """_caption_batch for greedy searches: GREEDY_STEPS steps per call (FeatureSlots.greedy_steps)."""
+        active = list(range(len(searches)))
+        slot_of_row = np.arange(len(searches), dtype=np.int32)
+        tokens = np.concatenate([search.start_tokens() for search in searches])
+        state = np.zeros((len(searches), self.state_size), np.float32)
+        min_words = np.array([search.options.min_length for search in searches], np.int32)
+        while active:
+            words = np.array([searches[i].hypothesis.words for i in active], np.int32)
+            chosen, log_probs, attention, state = slots.greedy_steps(slot_of_row, tokens, state, words, min_words)
+            kept = [
+                row
+                for row, i in enumerate(active)
+                if not searches[i].advance_many(chosen[:, row], log_probs[:, row], attention[:, row])
+            ]
+            tokens = chosen[-1]
+            if len(kept) < len(active):
+                slot_of_row, tokens, state, min_words = slot_of_row[kept], tokens[kept], state[kept], min_words[kept]
+                active = [active[row] for row in kept]
         return [self.results(search) for search in searches]
 
 
@@ -233,22 +278,30 @@ class FeatureSlots:
         # arguments against every trace first, which cost more host time than the step itself.
         self._traced: dict[tuple[str, int], object] = {}
 
-    def _function(self, kind: str, rows: int):
-        traced = self._traced.get((kind, rows))
+    def _function(self, kind: str, rows: int, steps: int = 1):
+        traced = self._traced.get((kind, rows, steps))
         if traced is None:
+            state_size, size = self.captioner.state_size, self.captioner.config.image_size
+            row_ids = tf.TensorSpec([rows], tf.int32)
             if kind == "step":
                 traced = self.captioner._step_rows.get_concrete_function(
+                    self._features, row_ids, row_ids, tf.TensorSpec([rows, state_size], tf.float32)
+                )
+            elif kind == "greedy":
+                traced = self.captioner._greedy_rows.get_concrete_function(
                     self._features,
-                    tf.TensorSpec([rows], tf.int32),
-                    tf.TensorSpec([rows], tf.int32),
-                    tf.TensorSpec([rows, self.captioner.state_size], tf.float32),
+                    row_ids,
+                    row_ids,
+                    tf.TensorSpec([rows, state_size], tf.float32),
+                    row_ids,
+                    row_ids,
+                    steps,
                 )
             else:
-                size = self.captioner.config.image_size
                 traced = self.captioner._encode_into.get_concrete_function(
                     self._features, tf.TensorSpec([rows, size, size, 3], tf.uint8), tf.TensorSpec([None], tf.int32)
                 )
-            self._traced[(kind, rows)] = traced
+            self._traced[(kind, rows, steps)] = traced
         return traced
 
     def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> np.ndarray:
@@ -275,12 +328,54 @@ class FeatureSlots:
         )
         return log_probs.numpy()[:rows], new_state.numpy()[:rows], attention.numpy()[:rows]
 
-    def warmup(self) -> None:
-        """Runs every bucket shape up to the capacity once (compiling the XLA step for each)."""
+    def greedy_steps(
+        self,
+        slot_of_row: np.ndarray,
+        tokens: np.ndarray,
+        state: np.ndarray,
+        words: np.ndarray,
+        min_words: np.ndarray,
+        steps: int = GREEDY_STEPS,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`steps` greedy decoder steps for B rows in one call (multi-step decoding): the rows'
+        features slot, previous tokens, state, words so far and min_length ->
+        (chosen tokens [steps, B], their log-probabilities [steps, B], attention [steps, B, N],
+        state after the last step [B, D]). A row that ends mid-call goes on decoding past its <end>;
+        the caller drops what follows (cheaper than a host round trip per token)."""
+        rows = len(tokens)
+        bucket = bucket_for(rows)
+        chosen, log_probs, attention, new_state = self._function("greedy", bucket, steps)(
+            self._features,
+            tf.constant(_pad_rows(np.asarray(slot_of_row, np.int32), bucket)),
+            tf.constant(_pad_rows(np.asarray(tokens, np.int32), bucket)),
+            tf.constant(_pad_rows(np.asarray(state, np.float32), bucket)),
+            tf.constant(_pad_rows(np.asarray(words, np.int32), bucket)),
+            tf.constant(_pad_rows(np.asarray(min_words, np.int32), bucket)),
+            steps,  # a constant of the trace: its concrete function takes it back
+        )
+        return (
+            chosen.numpy()[:, :rows],
+            log_probs.numpy()[:, :rows],
+            attention.numpy()[:, :rows],
+            new_state.numpy()[:rows],
+        )
+
+    def buckets(self) -> list[int]:
+        return [rows for rows in BATCH_BUCKETS if rows <= bucket_for(self.capacity)]
+
+    def warmup(self, greedy_steps: int | None = GREEDY_STEPS) -> None:
+        """Runs every bucket shape up to the capacity once (compiling the XLA programs for each);
+        greedy_steps None leaves the multi-step programs to warmup_greedy()."""
         size = self.captioner.config.image_size
-        for rows in BATCH_BUCKETS:
-            if rows > bucket_for(self.capacity):
-                break
+        for rows in self.buckets():
             slot_ids = np.arange(rows) % self.capacity
             self.encode(np.zeros((rows, size, size, 3), np.uint8), slot_ids)
             self.step(slot_ids, np.zeros(rows, np.int32), np.zeros((rows, self.captioner.state_size), np.float32))
+            if greedy_steps is not None:
+                self.warmup_greedy(rows, greedy_steps)
+
+    def warmup_greedy(self, rows: int, steps: int) -> None:
+        """Compiles the `steps`-step greedy program for one bucket (about a second each on a CPU)."""
+        zeros = np.zeros(rows, np.int32)
+        state = np.zeros((rows, self.captioner.state_size), np.float32)
+        self.greedy_steps(np.arange(rows) % self.capacity, zeros, state, zeros, zeros, steps)

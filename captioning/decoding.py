@@ -183,6 +183,15 @@ class GreedySearch(Search):
         self.steps += 1
         self.finished = self.hypothesis.ended or self.steps >= self.max_steps
 
+    def advance_many(self, tokens: np.ndarray, log_probs: np.ndarray, attention: np.ndarray) -> bool:
+        """Takes the tokens a multi-step greedy call chose for this row ([K], [K], [K, N]), up to
+        the end of the caption; True when the search has finished (what follows is discarded)."""
+        for step in range(len(tokens)):
+            self.advance_to(int(tokens[step]), float(log_probs[step]), attention[step])
+            if self.finished:
+                return True
+        return False
+
     def hypotheses(self):
         return [self.hypothesis]
 

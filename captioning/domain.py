@@ -24,6 +24,7 @@ the manifest like every other file.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,31 +41,82 @@ FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that count
 NAMED_DISTANCE = 80.0  # RGB distance to a named colour that counts as that colour
 
 
-def image_statistics(images: np.ndarray) -> np.ndarray:
-    """uint8 model inputs [B, S, S, 3] -> [B, len(STATISTICS)] (see the module docstring)."""
-    rows = []
-    for image in np.asarray(images, np.float64):
-        ring = np.concatenate(
-            [
-                image[:2].reshape(-1, 3),
-                image[-2:].reshape(-1, 3),
-                image[:, :2].reshape(-1, 3),
-                image[:, -2:].reshape(-1, 3),
-            ]
+@functools.cache
+def _named_colour_table() -> np.ndarray:
+    """For every 24-bit RGB value (r << 16 | g << 8 | b): is it within NAMED_DISTANCE of a named
+    colour? 16 MiB, built once (~0.3 s); a look-up per pixel is ~6x cheaper than the distances."""
+    values = np.arange(256, dtype=np.int32)
+    table = np.zeros((256, 256, 256), bool)
+    for red, green, blue in NAMED_COLOURS.astype(np.int32):
+        squared = (
+            ((values - red) ** 2)[:, None, None]
+            + ((values - green) ** 2)[None, :, None]
+            + ((values - blue) ** 2)[None, None, :]
         )
-        from_background = np.linalg.norm(image - np.median(ring, axis=0), axis=2)
-        foreground = from_background > FOREGROUND_DISTANCE
-        named = np.linalg.norm(image[..., None, :] - NAMED_COLOURS, axis=3).min(axis=2) < NAMED_DISTANCE
-        named_share = named[foreground].mean() if foreground.sum() >= 4 else 1.0
-        residual = from_background[~foreground].mean() if (~foreground).any() else 255.0
-        step_x = np.abs(np.diff(image, axis=1)).max(axis=2)[:-1, :]
-        step_y = np.abs(np.diff(image, axis=0)).max(axis=2)[:, :-1]
-        near_named = named[:-1, :-1] | named[1:, :-1] | named[:-1, 1:] | named[1:, 1:]
-        stray = (((step_x > 60) | (step_y > 60)) & ~near_named).mean()
-        box = sum(image[i : i + image.shape[0] - 2, j : j + image.shape[1] - 2] for i in range(3) for j in range(3)) / 9
-        high_frequency = np.abs(image[1:-1, 1:-1] - box).mean()
-        rows.append([foreground.mean(), named_share, residual, stray, high_frequency])
-    return np.array(rows, np.float64)
+        table |= squared < NAMED_DISTANCE**2
+    return table.reshape(-1)
+
+
+def _channel_max(values: np.ndarray) -> np.ndarray:
+    return np.maximum(np.maximum(values[..., 0], values[..., 1]), values[..., 2])
+
+
+STATISTICS_CHUNK = 8  # images per vectorised pass: the temporaries stay in the CPU cache (measured 1.7x faster than 32)
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """uint8 model inputs [B, S, S, 3] -> [B, len(STATISTICS)] (see the module docstring).
+    Vectorised over the batch, in chunks: the service computes it for every encoded batch."""
+    pixels = np.asarray(images)
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected images [B, S, S, 3], got shape {pixels.shape}")
+    if pixels.dtype != np.uint8:
+        pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    if len(pixels) <= STATISTICS_CHUNK:
+        return _statistics(pixels)
+    return np.concatenate(
+        [_statistics(pixels[start : start + STATISTICS_CHUNK]) for start in range(0, len(pixels), STATISTICS_CHUNK)]
+    )
+
+
+def _statistics(pixels: np.ndarray) -> np.ndarray:
+    image = pixels.astype(np.float32)
+    batch, height, width = pixels.shape[:3]
+    ring = np.concatenate(
+        [
+            image[:, :2].reshape(batch, -1, 3),
+            image[:, -2:].reshape(batch, -1, 3),
+            image[:, :, :2].reshape(batch, -1, 3),
+            image[:, :, -2:].reshape(batch, -1, 3),
+        ],
+        axis=1,
+    )
+    offset = image - np.median(ring, axis=1)[:, None, None, :]
+    from_background = np.sqrt(np.einsum("bhwc,bhwc->bhw", offset, offset))
+    foreground = from_background > FOREGROUND_DISTANCE
+
+    wide = pixels.astype(np.int32)
+    named = _named_colour_table()[(wide[..., 0] << 16) | (wide[..., 1] << 8) | wide[..., 2]]
+
+    area = height * width
+    foreground_count = foreground.sum(axis=(1, 2))
+    named_share = np.where(
+        foreground_count >= 4, (named & foreground).sum(axis=(1, 2)) / np.maximum(foreground_count, 1), 1.0
+    )
+    background_count = area - foreground_count
+    residual = np.where(
+        background_count > 0,
+        np.where(foreground, 0.0, from_background).sum(axis=(1, 2)) / np.maximum(background_count, 1),
+        255.0,
+    )
+    step_x = _channel_max(np.abs(np.diff(wide, axis=2)))[:, :-1, :]
+    step_y = _channel_max(np.abs(np.diff(wide, axis=1)))[:, :, :-1]
+    near_named = named[:, :-1, :-1] | named[:, 1:, :-1] | named[:, :-1, 1:] | named[:, 1:, 1:]
+    stray = (((step_x > 60) | (step_y > 60)) & ~near_named).mean(axis=(1, 2))
+    rows = image[:, :, :-2] + image[:, :, 1:-1] + image[:, :, 2:]  # the 3x3 box mean, separably
+    box = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9
+    high_frequency = np.abs(image[:, 1:-1, 1:-1] - box).mean(axis=(1, 2, 3))
+    return np.stack([foreground_count / area, named_share, residual, stray, high_frequency], axis=1).astype(np.float64)
 
 
 def pool_features(features: np.ndarray) -> np.ndarray:
@@ -83,7 +135,9 @@ class DomainModel:
 
     def distances(self, pooled: np.ndarray) -> np.ndarray:
         centred = np.asarray(pooled, np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("bf,fg,bg->b", centred, self.precision, centred), 0.0))
+        # (centred @ precision) row-wise dot centred: a BLAS matmul; the equivalent three-operand
+        # einsum runs as one naive loop, 8x slower at a batch of 32 (this runs on every encoded batch).
+        return np.sqrt(np.maximum(((centred @ self.precision) * centred).sum(axis=1), 0.0))
 
     def statistics_ratio(self, statistics: np.ndarray) -> np.ndarray:
         centre = (self.statistics_low + self.statistics_high) / 2

@@ -55,4 +55,5 @@ def create_engine(captioner, settings) -> Engine:
         shutdown_grace_s=settings.shutdown_grace_s,
         inference_nice=settings.inference_nice,
         freeze_gc=settings.freeze_gc,
+        greedy_steps=settings.greedy_steps_per_call,
     )

@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from app.engine.encoder import IDLE_POLL_S, EncoderStage, encode_requests
 from app.engine.errors import EngineError, EngineStopped, InferenceError
 from app.engine.request import Request, Result, deliver, each_failed
 from app.engine.runner import ModelRunner
-from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, SlotTable
+from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, Block, SlotTable
 from captioning.decoding import GreedySearch, new_search
 
 logger = logging.getLogger("app.engine")
@@ -233,37 +234,32 @@ class EngineCore:
         return len(requests), None
 
     def _step(self) -> None:
-        used = self.slots.used
+        """One decoder call over every active row, then each search takes its tokens; finished
+        searches leave their rows. When every active row is greedy and its program is compiled,
+        the call takes several steps (multi-step decoding), else one."""
+        used, blocks = self.slots.used, self.slots.blocks()
+        multi_step = (
+            self.runner.greedy_steps_per_call > 1
+            and self.runner.greedy_ready(used)
+            and all(type(block.owner.search) is GreedySearch for block in blocks)
+        )
         started = time.perf_counter()
         try:
-            log_probs, attention = self.runner.step(used)
+            advance = self._greedy_steps(used, blocks) if multi_step else self._one_step(used)
         except Exception as exc:
-            logger.exception("a decoder step over %d rows failed", used)
+            logger.exception("a decoder call over %d rows failed", used)
             self._fail_active(InferenceError(f"the decoder step failed: {exc}"))
             return
         metrics.STEP_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(used)
-        # Every row's most likely token in one call; greedy rows (most of them) need nothing else,
-        # and the runner feeds them on (other searches overwrite their rows below).
-        best = log_probs.argmax(axis=1)
-        best_log_probs = log_probs[np.arange(used), best]
-        self.runner.set_tokens(used, best)
         retired = []
-        for block in self.slots.blocks():
-            request, start = block.owner, block.start
+        for block in blocks:
+            request = block.owner
             if request.abandoned:
                 continue  # dropped, with its rows, at the next iteration
-            search = request.search
             try:
-                if type(search) is GreedySearch and search.takes(int(best[start])):
-                    search.advance_to(int(best[start]), float(best_log_probs[start]), attention[start])
-                else:
-                    rows = slice(start, start + block.width)
-                    tokens, parents = search.advance(log_probs[rows], attention[rows])
-                    if not search.finished:
-                        self.runner.set_next(start, tokens, parents)
-                if search.finished:
-                    self._finish(request, search.results(self.captioner.tokenizer))
+                if advance(block):
+                    self._finish(request, request.search.results(self.captioner.tokenizer))
                     retired.append(request)
             except Exception as exc:
                 logger.exception("decoding failed for one request")
@@ -271,6 +267,42 @@ class EngineCore:
                 retired.append(request)
         if retired:
             self._release_rows(retired)
+
+    def _one_step(self, used: int) -> Callable[[Block], bool]:
+        """One step for every row; returns how a block takes its row's outputs (True: finished)."""
+        log_probs, attention = self.runner.step(used)
+        # Every row's most likely token in one call; greedy rows (most of them) need nothing else,
+        # and the runner feeds them on (other searches overwrite their rows below).
+        best = log_probs.argmax(axis=1)
+        best_log_probs = log_probs[np.arange(used), best]
+        self.runner.set_tokens(used, best)
+
+        def advance(block: Block) -> bool:
+            search, start = block.owner.search, block.start
+            if type(search) is GreedySearch and search.takes(int(best[start])):
+                search.advance_to(int(best[start]), float(best_log_probs[start]), attention[start])
+            else:
+                rows = slice(start, start + block.width)
+                tokens, parents = search.advance(log_probs[rows], attention[rows])
+                if not search.finished:
+                    self.runner.set_next(start, tokens, parents)
+            return search.finished
+
+        return advance
+
+    def _greedy_steps(self, used: int, blocks: list[Block]) -> Callable[[Block], bool]:
+        """Several greedy steps in one compiled call, the tokens chosen in the graph (every row is
+        one greedy search); rows join and leave between calls."""
+        searches = [block.owner.search for block in blocks]
+        words = np.array([search.hypothesis.words for search in searches], np.int32)
+        min_words = np.array([search.options.min_length for search in searches], np.int32)
+        chosen, log_probs, attention = self.runner.greedy_steps(used, words, min_words)
+
+        def advance(block: Block) -> bool:
+            row = block.start
+            return block.owner.search.advance_many(chosen[:, row], log_probs[:, row], attention[:, row])
+
+        return advance
 
     def _finish(self, request: Request, outcome: object) -> None:
         if self.policy.holds_results_until_batch_ends and not isinstance(outcome, BaseException):

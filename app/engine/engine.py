@@ -47,6 +47,7 @@ class EngineClient:
         shutdown_grace_s: float = 10.0,
         inference_nice: int = 0,
         freeze_gc: bool = False,
+        greedy_steps: int = 1,
         runner: ModelRunner | None = None,
     ):
         self.captioner = captioner
@@ -54,7 +55,7 @@ class EngineClient:
         self.freeze_gc = freeze_gc
         self.request_timeout_s = request_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
-        self.runner = runner or ModelRunner(captioner, MAX_ROWS)
+        self.runner = runner or ModelRunner(captioner, MAX_ROWS, greedy_steps=greedy_steps)
         self._image_shape = (captioner.config.image_size, captioner.config.image_size, 3)
         self._queue: AdmissionQueue[Request] = AdmissionQueue(max_queue_size)
         self.core = EngineCore(captioner, policy, self.runner, self._queue, inference_nice=inference_nice)

@@ -10,6 +10,7 @@ bucket size; rows never interact in the decoder, so what the padding rows hold d
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from app.engine.scheduler import MAX_ROWS, Move
 from captioning.buckets import BATCH_BUCKETS, bucket_for
+
+logger = logging.getLogger("app.engine")
 
 
 class FeatureSlotPool:
@@ -39,11 +42,13 @@ class FeatureSlotPool:
 
 
 class ModelRunner:
-    def __init__(self, captioner, capacity: int = MAX_ROWS):
+    def __init__(self, captioner, capacity: int = MAX_ROWS, greedy_steps: int = 1):
         if capacity > BATCH_BUCKETS[-1]:
             raise ValueError(f"capacity {capacity} exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
         # A request holds one feature slot from its encode to its end, and at least one row.
         self.features = captioner.feature_slots(capacity)
+        self.greedy_steps_per_call = greedy_steps  # 1: greedy rows step one token per call like the others
+        self.greedy_buckets: set[int] = set()  # buckets whose multi-step program is compiled
         self.domain = captioner.domain  # captioning.domain.DomainModel, or None
         self.free_slots = FeatureSlotPool(capacity)
         rows = bucket_for(capacity)  # a step over `used` rows reads up to the next bucket size
@@ -52,7 +57,25 @@ class ModelRunner:
         self.slot_of_row = np.zeros(rows, dtype=np.int32)
 
     def warmup(self) -> None:
-        self.features.warmup()
+        """Compiles what every request needs before the engine is ready; the multi-step greedy
+        programs (several seconds in all) compile afterwards in a background thread, and until a
+        bucket's is ready, steps over that many rows take one token per call."""
+        self.features.warmup(greedy_steps=None)
+        if self.greedy_steps_per_call > 1:
+            threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True).start()
+
+    def _warmup_greedy(self) -> None:
+        for rows in self.features.buckets():  # small buckets first: low load needs them first
+            try:
+                self.features.warmup_greedy(rows, self.greedy_steps_per_call)
+            except Exception:  # the single-step program keeps serving this bucket
+                logger.exception("compiling the %d-row multi-step greedy program failed", rows)
+                return
+            self.greedy_buckets.add(rows)
+
+    def greedy_ready(self, used: int) -> bool:
+        """Whether greedy_steps() over `used` rows runs a compiled multi-step program already."""
+        return bucket_for(used) in self.greedy_buckets
 
     def encode(self, images: np.ndarray) -> tuple[list[int], np.ndarray | None]:
         """Encodes images [B, S, S, 3] in one batch into free feature slots; returns the slot of
@@ -89,6 +112,25 @@ class ModelRunner:
         )
         self.state[:used] = new_state[:used]
         return log_probs[:used], attention[:used]
+
+    def greedy_steps(
+        self, used: int, words: np.ndarray, min_words: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """greedy_steps_per_call greedy steps over rows [0, used), every one of them greedy: advances
+        their state and feeds them their last chosen token; returns the chosen tokens [K, used],
+        their log-probabilities [K, used] and attention [K, used, N]."""
+        bucket = bucket_for(used)
+        chosen, log_probs, attention, new_state = self.features.greedy_steps(
+            self.slot_of_row[:bucket],
+            self.tokens[:bucket],
+            self.state[:bucket],
+            words,
+            min_words,
+            self.greedy_steps_per_call,
+        )
+        self.state[:used] = new_state[:used]
+        self.tokens[:used] = chosen[-1, :used]
+        return chosen[:, :used], log_probs[:, :used], attention[:, :used]
 
     def set_tokens(self, used: int, tokens: np.ndarray) -> None:
         """Feeds rows [0, used) their next tokens (greedy rows: their argmax), states unchanged."""

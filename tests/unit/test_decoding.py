@@ -204,3 +204,34 @@ def test_answers_with_enough_words_are_unchanged_by_the_floor():
         floored = run_scripted(options, GREEDY_TRAP)
         unfloored = run_scripted(options.__class__(**{**options.__dict__, "min_length": 0}), GREEDY_TRAP)
         assert [(c.text, c.log_prob) for c in floored] == [(c.text, c.log_prob) for c in unfloored]
+
+
+def one_step_at_a_time(captioner, pictures, options: DecodeOptions):
+    """Greedy decoding with one host round trip per token (FeatureSlots.step + GreedySearch.advance),
+    the reference for the multi-step call."""
+    slots = captioner.feature_slots(len(pictures))
+    images = np.stack([captioner.prepare(picture) for picture in pictures])
+    slots.encode(images, np.arange(len(images)))
+    answers = []
+    for index in range(len(images)):
+        search = new_search(options, captioner.max_steps(options))
+        tokens = search.start_tokens()
+        state = np.zeros((1, captioner.state_size), np.float32)
+        while not search.finished:
+            log_probs, state, attention = slots.step(np.array([index], np.int32), tokens, state)
+            tokens, _ = search.advance(log_probs, attention)
+        answers.append(search.results(captioner.tokenizer)[0])
+    return answers
+
+
+@pytest.mark.parametrize("min_length", [0, 1, 3, 6])
+def test_several_greedy_steps_per_call_choose_what_one_step_at_a_time_chooses(tiny_captioner, pictures, min_length):
+    """captioner.caption decodes greedy batches GREEDY_STEPS tokens per compiled call, the argmax and
+    the min_length floor taken inside the graph."""
+    options = DecodeOptions(min_length=min_length, max_length=9).validate()
+    expected = one_step_at_a_time(tiny_captioner, pictures, options)
+    got = [captions[0] for captions in tiny_captioner.caption(pictures, options)]
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.tokens == theirs.tokens
+        assert mine.log_prob == pytest.approx(theirs.log_prob, abs=1e-5)
+        assert len(mine.tokens) >= min_length

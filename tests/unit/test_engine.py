@@ -185,6 +185,10 @@ class ControlledSlots:
         self._controller.before_step(tokens)
         return self._slots.step(slot_of_row, tokens, state)
 
+    def greedy_steps(self, slot_of_row, tokens, state, words, min_words, steps):
+        self._controller.before_step(tokens)
+        return self._slots.greedy_steps(slot_of_row, tokens, state, words, min_words, steps)
+
 
 async def started_engine(controlled, engine_settings):
     """An engine over `controlled`, started; the warm-up request it sent is forgotten."""

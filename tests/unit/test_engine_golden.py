@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def as_records(captions) -> list[dict]:
     return [{"tokens": c.tokens, "log_prob": c.log_prob} for c in captions]
 
 
-async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[list[dict]]]:
+async def engine_answers(captioner, mode: str, names=tuple(OPTIONS), **settings) -> dict[str, list[list[dict]]]:
     from app.engine import create_engine
     from app.settings import Settings
 
@@ -42,8 +43,10 @@ async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[lis
         captioner, Settings(batching_mode=mode, max_batch_size=24, inference_nice=0, freeze_gc=False, **settings)
     )
     await engine.start()
+    if settings.get("greedy_steps_per_call", 1) > 1:  # its multi-step programs compile after start()
+        await wait_for_greedy_programs(engine)
     try:
-        names = list(OPTIONS)
+        names = list(names)
         jobs = [engine.submit(image, OPTIONS[name]) for name in names for image in pictures()]
         results = await asyncio.gather(*jobs)  # all at once: every strategy shares the decode steps
     finally:
@@ -53,6 +56,15 @@ async def engine_answers(captioner, mode: str, **settings) -> dict[str, list[lis
         name: [as_records(r.captions) for r in results[i * per_name : (i + 1) * per_name]]
         for i, name in enumerate(names)
     }
+
+
+async def wait_for_greedy_programs(engine, timeout_s: float = 120) -> None:
+    runner = engine.runner
+    for _ in range(int(timeout_s / 0.05)):
+        if runner.greedy_buckets >= set(runner.features.buckets()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the multi-step greedy programs did not compile")
 
 
 def offline_answers(captioner) -> dict[str, list[list[dict]]]:
@@ -83,6 +95,25 @@ def golden() -> dict:
 )
 def test_engine_answers_equal_the_recorded_ones(tiny_captioner, golden, mode, encode_ahead):
     assert_same(asyncio.run(engine_answers(tiny_captioner, mode, encode_ahead=encode_ahead)), golden)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_greedy_answers_with_several_steps_per_call_equal_the_recorded_ones(tiny_captioner, golden, steps):
+    """Only greedy requests in flight: the engine decodes `steps` tokens per compiled call."""
+    names = ("greedy", "greedy-short")
+    slots_type = type(tiny_captioner.feature_slots(1))
+    original, decoding_calls = slots_type.greedy_steps, []
+
+    def counted(self, *args, **kwargs):
+        if threading.current_thread().name.startswith("inference-"):  # not the background warm-up
+            decoding_calls.append(len(args[1]))
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(slots_type, "greedy_steps", counted)
+        got = asyncio.run(engine_answers(tiny_captioner, "continuous", names, greedy_steps_per_call=steps))
+    assert_same(got, {name: golden[name] for name in names})
+    assert bool(decoding_calls) == (steps > 1)  # the requests went through the multi-step program
 
 
 def test_offline_answers_equal_the_recorded_ones(tiny_captioner, golden):

@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument(
-        "--artifacts", type=Path, default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "2"
+        "--artifacts", type=Path, default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "3"
     )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()

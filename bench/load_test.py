@@ -117,6 +117,7 @@ def measure_references(artifacts: Path, pixels: list[np.ndarray], quick: bool, t
 
     captioner = Captioner.load(artifacts)
     captioner.warmup()
+    pixels = [captioner.prepare(image) for image in pixels]  # at the model's input size, as the service resizes
     options = DecodeOptions()
     single = []
     for image in pixels[: 20 if quick else 50]:
@@ -638,7 +639,7 @@ def row(p: Phase, ms, closed: bool) -> str:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter phases and references (~3 minutes)")
-    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "2")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "3")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from continuous,static,none")
     parser.add_argument("--clients", default=",".join(map(str, CLOSED_LOOP_CLIENTS)))
     parser.add_argument(

@@ -141,8 +141,9 @@ class EngineClient:
         """Stops admission at once; in-flight requests get `grace_s` to finish, then EngineStopped."""
         self._ready = False
         self.core.request_stop(self.shutdown_grace_s if grace_s is None else grace_s)
-        for thread in self.core.threads():
-            if thread.is_alive():
+        self.runner.cancel_warmup()
+        for thread in [*self.core.threads(), self.runner.warmup_thread]:
+            if thread is not None and thread.is_alive():
                 await asyncio.to_thread(thread.join)
 
     def _retry_after_s(self) -> float:

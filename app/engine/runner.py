@@ -16,10 +16,13 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from app.engine import os_tuning
 from app.engine.scheduler import MAX_ROWS, Move
 from captioning.buckets import BATCH_BUCKETS, bucket_for
 
 logger = logging.getLogger("app.engine")
+
+WARMUP_NICE = 19  # the background compilation of the multi-step programs
 
 
 class FeatureSlotPool:
@@ -49,6 +52,8 @@ class ModelRunner:
         self.features = captioner.feature_slots(capacity)
         self.greedy_steps_per_call = greedy_steps  # 1: greedy rows step one token per call like the others
         self.greedy_buckets: set[int] = set()  # buckets whose multi-step program is compiled
+        self.warmup_thread: threading.Thread | None = None  # compiles them after the engine is ready
+        self._warmup_cancelled = threading.Event()
         self.domain = captioner.domain  # captioning.domain.DomainModel, or None
         self.free_slots = FeatureSlotPool(capacity)
         rows = bucket_for(capacity)  # a step over `used` rows reads up to the next bucket size
@@ -62,10 +67,19 @@ class ModelRunner:
         bucket's is ready, steps over that many rows take one token per call."""
         self.features.warmup(greedy_steps=None)
         if self.greedy_steps_per_call > 1:
-            threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True).start()
+            self.warmup_thread = threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True)
+            self.warmup_thread.start()
+
+    def cancel_warmup(self) -> None:
+        """The engine is stopping: the background compilation ends after the bucket in progress
+        (the caller joins warmup_thread; until it ends, it holds the model)."""
+        self._warmup_cancelled.set()
 
     def _warmup_greedy(self) -> None:
+        os_tuning.lower_this_thread(WARMUP_NICE)  # requests served meanwhile come first
         for rows in self.features.buckets():  # small buckets first: low load needs them first
+            if self._warmup_cancelled.is_set():
+                return
             try:
                 self.features.warmup_greedy(rows, self.greedy_steps_per_call)
             except Exception:  # the single-step program keeps serving this bucket

@@ -249,9 +249,13 @@ def render(args, rows, matches, offline_per_s, offline_cpu_ms, load_before) -> s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers-python", default=str(REPO / "bench" / ".peers-venv" / "bin" / "python"))
+    parser.add_argument(
+        "--peers-python",
+        type=os.path.abspath,  # the peers start in another working directory; not resolved: a venv's python is a link
+        default=str(REPO / "bench" / ".peers-venv" / "bin" / "python"),
+    )
     parser.add_argument("--frameworks", default="litserve,pytriton")
-    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "3")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "PEERS.md")

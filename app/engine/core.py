@@ -238,10 +238,8 @@ class EngineCore:
         searches leave their rows. When every active row is greedy and its program is compiled,
         the call takes several steps (multi-step decoding), else one."""
         used, blocks = self.slots.used, self.slots.blocks()
-        multi_step = (
-            self.runner.greedy_steps_per_call > 1
-            and self.runner.greedy_ready(used)
-            and all(type(block.owner.search) is GreedySearch for block in blocks)
+        multi_step = self.runner.greedy_ready(used) and all(
+            type(block.owner.search) is GreedySearch for block in blocks
         )
         started = time.perf_counter()
         try:

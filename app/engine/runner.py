@@ -88,7 +88,8 @@ class ModelRunner:
             self.greedy_buckets.add(rows)
 
     def greedy_ready(self, used: int) -> bool:
-        """Whether greedy_steps() over `used` rows runs a compiled multi-step program already."""
+        """Whether greedy_steps() over `used` rows runs a compiled multi-step program already
+        (never with GREEDY_STEPS_PER_CALL=1: nothing is compiled then)."""
         return bucket_for(used) in self.greedy_buckets
 
     def encode(self, images: np.ndarray) -> tuple[list[int], np.ndarray | None]:

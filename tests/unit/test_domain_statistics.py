@@ -1,5 +1,5 @@
-"""captioning.domain.image_statistics is vectorised over the batch and uses look-up tables for the
-colour distances; it must give what the plain per-image formulas in the module docstring give."""
+"""captioning.domain.image_statistics is vectorised over the batch, in chunks, and tests colours
+with one look-up table; it must give what the plain per-image formulas in the module docstring give."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """FastAPI dependencies: settings, the loaded model and the caption service from app.state, API-key
-auth, and one file per form field."""
+auth, one file per form field, and POST /caption's image from a form or a raw body."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, File, Request, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 
-from app.errors import NOT_READY_RETRY_AFTER_S, DuplicateField, NotReady, Unauthorized
+from app.errors import (
+    NOT_READY_RETRY_AFTER_S,
+    DuplicateField,
+    MissingImage,
+    NotReady,
+    Unauthorized,
+    UnsupportedMediaType,
+    UploadTooLarge,
+)
 from app.model_repository import ServedModel
 from app.service import CaptionService
 from app.settings import Settings
@@ -67,6 +75,46 @@ async def get_service(request: Request, served: Annotated[ServedModel, Depends(g
 
 
 Service = Annotated[CaptionService, Depends(get_service)]
+
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "")
+
+
+def is_raw_image(media_type: str) -> bool:
+    """Content types whose body is the image itself (as Triton's and Azure's image endpoints take)."""
+    return media_type.startswith("image/") or media_type == "application/octet-stream"
+
+
+async def get_image_bytes(
+    request: Request,
+    service: Service,
+    image: Annotated[
+        UploadFile | None,
+        File(description="The image file. Required in a multipart body; absent when the body is the image."),
+    ] = None,
+) -> bytes:
+    """POST /caption's image: the multipart field `image`, or the whole body when the Content-Type is
+    an image type or application/octet-stream. A raw body skips the multipart parser, which is most
+    of a small upload's cost on the event loop. Whatever the type, the bytes decide the format."""
+    if image is not None:
+        return await service.read(image)
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if is_raw_image(media_type):
+        data = await request.body()  # app.middleware's limit stops it early; this is the exact one
+        if len(data) > service.settings.max_upload_bytes:
+            raise UploadTooLarge(service.settings.max_upload_bytes)
+        return data
+    if media_type in FORM_MEDIA_TYPES:
+        raise MissingImage(
+            "image: Field required (send the image as the multipart field `image`, or as the whole body "
+            "with Content-Type image/png, image/jpeg, ...)"
+        )
+    raise UnsupportedMediaType(
+        f"Content-Type {media_type} is not accepted: send multipart/form-data with the field `image`, or the "
+        f"image itself as the body with an image/* Content-Type"
+    )
+
+
+ImageBytes = Annotated[bytes, Depends(get_image_bytes)]
 
 
 def one_file_per_field(*names: str):

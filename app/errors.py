@@ -80,6 +80,18 @@ class DuplicateField(ApiError):
     status_code, code = 422, "duplicate_field"
 
 
+class MissingImage(ApiError):
+    """A form without the image field (the same code FastAPI's own validation gives a missing field)."""
+
+    status_code, code = 422, "validation_error"
+
+
+class UnsupportedMediaType(ApiError):
+    """A body that is neither a multipart form nor an image type."""
+
+    status_code, code = 415, "unsupported_media_type"
+
+
 class NoCaption(ApiError):
     """The model produced no word for this image, even with min_length (say, only <pad> tokens)."""
 
@@ -247,7 +259,7 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "The body is not valid multipart data, or the file not a decodable image (corrupt, truncated, empty, "
+    400: "The body is not valid multipart data, or the image is not decodable (corrupt, truncated, empty, "
     "not an image).",
     401: "Missing or wrong API key (checked from the headers, before the body is read).",
     408: "The body did not arrive within BODY_TIMEOUT_S plus its size at MIN_UPLOAD_BYTES_PER_S.",
@@ -255,7 +267,8 @@ _ERROR_DESCRIPTIONS = {
     404: "No such model, or the version is not served.",
     409: "The reload was refused; nothing changed.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
-    415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF.",
+    415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF (`unsupported_image_format`), or the "
+    "Content-Type is neither multipart/form-data nor an image type (`unsupported_media_type`).",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
     "range, or no caption for the image (`no_caption`).",
     500: "Unexpected server error.",

@@ -1,6 +1,6 @@
 """Where the server's CPU goes, per thread, under load: the profile behind the benchmark's verdicts.
 
-    python -m bench.cpu_profile [--mode continuous] [--clients 32] [--duration 8]
+    python -m bench.cpu_profile [--mode continuous] [--clients 32] [--duration 8] [--upload multipart|raw]
 
 Runs the real service (app.__main__.main) under a wrapper that records which OS thread is which
 Python thread, drives it like bench.load_test's closed loop, and splits the server's CPU time
@@ -113,20 +113,27 @@ def main() -> int:
         "--artifacts", type=Path, default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "3"
     )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--upload",
+        choices=("multipart", "raw"),
+        default="multipart",
+        help="POST /caption body: a form or the PNG itself",
+    )
     args = parser.parse_args()
     if args.serve:
         return serve()
     from bench import harness
 
     _, pngs = harness.load_images(64)
-    requests = [harness.caption_request(png) for png in pngs]
+    requests = [harness.caption_request(png, args.upload) for png in pngs]
     log_dir = harness.REPO / "bench" / "out"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(item.split("=", 1) for item in args.env)
     groups, throughput = asyncio.run(
         profile(args.mode, args.clients, args.duration, args.artifacts.resolve(), requests, log_dir, env)
     )
-    print(f"{args.mode}, {args.clients} clients: {throughput:.1f} captions/s; server CPU per caption:")
+    print(f"{args.mode}, {args.clients} clients, {args.upload} uploads: {throughput:.1f} captions/s")
+    print("server CPU per caption:")
     for group, ms in groups.items():
         print(f"  {ms:6.2f} ms  {group}")
     print(f"  {sum(groups.values()):6.2f} ms  total")

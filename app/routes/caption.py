@@ -6,12 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
-from app.dependencies import Service, one_file_per_field
+from app.dependencies import ImageBytes, Service, one_file_per_field
 from app.errors import ApiError, TooManyImages, error_responses
 from app.schemas import BatchCaptionResponse, CaptionQuery, CaptionResponse, ErrorDetail, ImageCaptioned, ImageFailed
 from app.service import decode_options
 
 router = APIRouter(tags=["captioning"])
+
+RAW_IMAGE_SCHEMA = {"type": "string", "format": "binary", "description": "The image itself (any accepted format)."}
 
 FORMATS_NOTE = (
     "The format is judged from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF); animations use their "
@@ -35,18 +37,20 @@ PARAMETERS_NOTE = (
     responses=error_responses(400, 408, 413, 415, 422, 500, 503, 504),
     summary="Caption an image",
     description=(
-        f"Upload one image as the multipart field `image` (exactly one). {FORMATS_NOTE} {PARAMETERS_NOTE} {DOMAIN_NOTE}"
+        "Upload one image: as the multipart field `image` (exactly one), or as the whole body with an image "
+        f"Content-Type (`image/png`, `image/jpeg`, ..., or `application/octet-stream`). {FORMATS_NOTE} "
+        f"{PARAMETERS_NOTE} {DOMAIN_NOTE}"
     ),
     dependencies=[one_file_per_field("image")],
+    openapi_extra={"requestBody": {"required": True, "content": {"image/*": {"schema": RAW_IMAGE_SCHEMA}}}},
 )
 async def create_caption(
     request: Request,
-    image: Annotated[UploadFile, File(description="The image file.")],
+    data: ImageBytes,
     query: Annotated[CaptionQuery, Query()],
     service: Service,
 ) -> CaptionResponse:
     options = decode_options(query)
-    data = await service.read(image)
     fields = await service.caption(data, options, started_at=request.state.started_at, receive=request.receive)
     return CaptionResponse(**dict(fields), request_id=request.state.request_id)
 

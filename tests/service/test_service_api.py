@@ -164,6 +164,35 @@ def test_client_content_type_is_ignored(client):
     assert response.json()["image"]["format"] == "PNG"
 
 
+@pytest.mark.parametrize("content_type", ["image/png", "image/jpeg", "application/octet-stream", "image/png; q=1"])
+def test_raw_body_upload_gives_the_same_answer_as_multipart(client, content_type):
+    data = uploads.png(size=(32, 24))
+    raw = client.post("/caption", content=data, headers={"Content-Type": content_type}, params={"max_length": 5})
+    form = post_image(client, data, params={"max_length": 5})
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["image"] == {"width": 32, "height": 24, "format": "PNG"}  # the bytes decide the format
+    assert raw.json()["captions"] == form.json()["captions"]
+
+
+def test_raw_body_errors_are_the_multipart_ones(client):
+    raw = {"Content-Type": "image/png"}
+    assert_error(client.post("/caption", content=b"not an image", headers=raw), 400, "invalid_image")
+    assert_error(client.post("/caption", content=b"", headers=raw), 400, "invalid_image")
+    assert_error(client.post("/caption", content=uploads.png(size=(7, 7)), headers=raw), 422, "image_too_small")
+    assert_error(client.post("/caption", content=uploads.SVG, headers=raw), 415, "unsupported_image_format")
+    # over the limit by less than the multipart framing allowance: the exact limit still holds
+    too_big = uploads.png() + b"\0" * MAX_UPLOAD_BYTES
+    body = assert_error(client.post("/caption", content=too_big, headers=raw), 413, "upload_too_large")
+    assert str(MAX_UPLOAD_BYTES) in body["error"]["message"]
+
+
+def test_body_of_another_type_is_415(client):
+    for content_type in ("application/json", "text/plain"):
+        response = client.post("/caption", content=b'{"image": "x"}', headers={"Content-Type": content_type})
+        body = assert_error(response, 415, "unsupported_media_type")
+        assert "multipart/form-data" in body["error"]["message"] and "image/*" in body["error"]["message"]
+
+
 def test_max_length_caps_the_caption(client):
     response = post_image(client, uploads.png(), params={"max_length": 2})
     assert response.status_code == 200
@@ -449,6 +478,7 @@ def test_openapi_documents_every_error_and_hides_metrics(client):
         content = caption["responses"][status]["content"]["application/json"]["schema"]
         assert content == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "Retry-After" in caption["responses"]["503"]["headers"]
+    assert set(caption["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
     assert client.get("/docs").status_code == 200

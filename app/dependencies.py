@@ -10,9 +10,11 @@ from typing import Annotated
 from fastapi import Depends, File, Request, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 
 from app.errors import (
     NOT_READY_RETRY_AFTER_S,
+    ClientDisconnected,
     DuplicateField,
     MissingImage,
     NotReady,
@@ -21,7 +23,7 @@ from app.errors import (
     UploadTooLarge,
 )
 from app.model_repository import ServedModel
-from app.service import CaptionService
+from app.service import CaptionService, read_upload
 from app.settings import Settings
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def`
@@ -76,42 +78,47 @@ async def get_service(request: Request, served: Annotated[ServedModel, Depends(g
 
 Service = Annotated[CaptionService, Depends(get_service)]
 
-FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "")
-
 
 def is_raw_image(media_type: str) -> bool:
     """Content types whose body is the image itself (as Triton's and Azure's image endpoints take)."""
     return media_type.startswith("image/") or media_type == "application/octet-stream"
 
 
+RAW_UPLOAD_HINT = (
+    "send the image as the multipart field `image`, or as the whole body with Content-Type image/png, "
+    "image/jpeg, ... (curl: -H 'Content-Type: image/png' --data-binary @FILE)"
+)
+
+
 async def get_image_bytes(
     request: Request,
-    service: Service,
+    settings: Annotated[Settings, Depends(get_settings)],
     image: Annotated[
         UploadFile | None,
         File(description="The image file. Required in a multipart body; absent when the body is the image."),
     ] = None,
 ) -> bytes:
     """POST /caption's image: the multipart field `image`, or the whole body when the Content-Type is
-    an image type or application/octet-stream. A raw body skips the multipart parser, which is most
-    of a small upload's cost on the event loop. Whatever the type, the bytes decide the format."""
+    an image type or application/octet-stream, or absent (HTTP libraries send none for raw bytes).
+    A raw body skips the multipart parser and its temporary file. Whatever the type, the bytes
+    decide the format. Needs no model: a slow body holds no model version's lease."""
+    limit = settings.max_upload_bytes
     if image is not None:
-        return await service.read(image)
+        return await read_upload(image, limit)
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if is_raw_image(media_type):
+    if not (is_raw_image(media_type) or media_type == ""):
+        if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise MissingImage(f"image: Field required ({RAW_UPLOAD_HINT})")
+        raise UnsupportedMediaType(f"Content-Type {media_type} is not accepted: {RAW_UPLOAD_HINT}")
+    try:
         data = await request.body()  # app.middleware's limit stops it early; this is the exact one
-        if len(data) > service.settings.max_upload_bytes:
-            raise UploadTooLarge(service.settings.max_upload_bytes)
-        return data
-    if media_type in FORM_MEDIA_TYPES:
-        raise MissingImage(
-            "image: Field required (send the image as the multipart field `image`, or as the whole body "
-            "with Content-Type image/png, image/jpeg, ...)"
-        )
-    raise UnsupportedMediaType(
-        f"Content-Type {media_type} is not accepted: send multipart/form-data with the field `image`, or the "
-        f"image itself as the body with an image/* Content-Type"
-    )
+    except ClientDisconnect:
+        raise ClientDisconnected("the client disconnected while sending the image") from None
+    if not data and media_type == "":
+        raise MissingImage(f"no image: the body is empty ({RAW_UPLOAD_HINT})")
+    if len(data) > limit:
+        raise UploadTooLarge(limit)
+    return data
 
 
 ImageBytes = Annotated[bytes, Depends(get_image_bytes)]

@@ -97,6 +97,14 @@ def decode_options(query: CaptionQuery) -> DecodeOptions:
         raise InvalidParameters(str(exc)) from None
 
 
+async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    """A multipart file's bytes. The body limit (app.middleware) allows for multipart framing; this
+    is the file itself."""
+    if upload.size is not None and upload.size > max_bytes:
+        raise UploadTooLarge(max_bytes)
+    return await upload.read()
+
+
 class CaptionService:
     def __init__(self, settings: Settings, captioner, engine, decoder: DecodePool):
         self.settings = settings
@@ -116,11 +124,7 @@ class CaptionService:
     # --- the steps ------------------------------------------------------------------------------
 
     async def read(self, upload: UploadFile) -> bytes:
-        """An upload's bytes. The body limit (app.middleware) allows for multipart framing; this is
-        the file itself."""
-        if upload.size is not None and upload.size > self.settings.max_upload_bytes:
-            raise UploadTooLarge(self.settings.max_upload_bytes)
-        return await upload.read()
+        return await read_upload(upload, self.settings.max_upload_bytes)
 
     async def prepare(self, data: bytes) -> Prepared:
         """Validates, decodes and resizes image bytes (ApiError on bad input). The header decides

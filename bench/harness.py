@@ -31,6 +31,8 @@ SERVER_START_TIMEOUT_S = 300
 def caption_request(png: bytes, upload: str = "multipart") -> bytes:
     """A complete keep-alive POST /caption: the image as multipart field `image`, or (`upload="raw"`)
     as the whole body with Content-Type image/png."""
+    if upload not in ("multipart", "raw"):
+        raise ValueError(f"upload is 'multipart' or 'raw', not {upload!r}")
     if upload == "raw":
         content_type, body = "image/png", png
     else:

@@ -38,11 +38,20 @@ PARAMETERS_NOTE = (
     summary="Caption an image",
     description=(
         "Upload one image: as the multipart field `image` (exactly one), or as the whole body with an image "
-        f"Content-Type (`image/png`, `image/jpeg`, ..., or `application/octet-stream`). {FORMATS_NOTE} "
+        "Content-Type (`image/png`, `image/jpeg`, ..., `application/octet-stream`, or none). "
+        f"{FORMATS_NOTE} "
         f"{PARAMETERS_NOTE} {DOMAIN_NOTE}"
     ),
     dependencies=[one_file_per_field("image")],
-    openapi_extra={"requestBody": {"required": True, "content": {"image/*": {"schema": RAW_IMAGE_SCHEMA}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "image/*": {"schema": RAW_IMAGE_SCHEMA},
+                "application/octet-stream": {"schema": RAW_IMAGE_SCHEMA},
+            },
+        }
+    },
 )
 async def create_caption(
     request: Request,

@@ -186,11 +186,40 @@ def test_raw_body_errors_are_the_multipart_ones(client):
     assert str(MAX_UPLOAD_BYTES) in body["error"]["message"]
 
 
+def test_a_body_without_content_type_is_the_image(client):
+    """HTTP libraries send raw bytes without a Content-Type (requests' data=, httpx's content=)."""
+    response = client.post("/caption", content=uploads.png(size=(32, 24)))
+    assert response.status_code == 200, response.text
+    assert response.json()["image"]["format"] == "PNG"
+
+
+def test_a_form_encoded_image_gets_a_hint(client):
+    """curl --data-binary without -H sends application/x-www-form-urlencoded."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = assert_error(client.post("/caption", content=b"abc", headers=headers), 422, "validation_error")
+    assert "Content-Type: image/png" in body["error"]["message"]
+
+
+def test_a_client_leaving_during_a_raw_body_is_not_a_server_error(settings):
+    from starlette.requests import Request
+
+    from app.dependencies import get_image_bytes
+
+    messages = [{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/caption", "headers": [(b"content-type", b"image/png")]}
+    with pytest.raises(ClientDisconnected):
+        asyncio.run(get_image_bytes(Request(scope, receive), settings, None))
+
+
 def test_body_of_another_type_is_415(client):
     for content_type in ("application/json", "text/plain"):
         response = client.post("/caption", content=b'{"image": "x"}', headers={"Content-Type": content_type})
         body = assert_error(response, 415, "unsupported_media_type")
-        assert "multipart/form-data" in body["error"]["message"] and "image/*" in body["error"]["message"]
+        assert "multipart field `image`" in body["error"]["message"] and "image/png" in body["error"]["message"]
 
 
 def test_max_length_caps_the_caption(client):
@@ -478,7 +507,7 @@ def test_openapi_documents_every_error_and_hides_metrics(client):
         content = caption["responses"][status]["content"]["application/json"]["schema"]
         assert content == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "Retry-After" in caption["responses"]["503"]["headers"]
-    assert set(caption["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    assert set(caption["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
     assert client.get("/docs").status_code == 200

@@ -36,6 +36,7 @@ class TrainConfig:
     max_length: int = 24
     batch_size: int = 32
     captions_per_image: int = 5
+    flip: bool = False  # random horizontal flips, with "left" and "right" swapped in the captions
     epochs: int = 12
     learning_rate: float = 2e-3
     clipnorm: float = 5.0
@@ -66,10 +67,18 @@ class TrainConfig:
         )
 
 
-def _flag_type(field: dataclasses.Field) -> type:
+def _boolean(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+
+
+def _flag_type(field: dataclasses.Field):
     """The argparse type of a field, from its annotation ("int | None" -> int)."""
     annotation = str(field.type).split("|")[0].strip()
-    return {"int": int, "float": float, "str": str}[annotation]
+    return {"int": int, "float": float, "str": str, "bool": _boolean}[annotation]
 
 
 # Flags a preset's values can be overridden with; None on the command line means "take the preset's value".

@@ -3,6 +3,9 @@
 Each element is one image with K captions: ((image [S, S, 3] uint8, caption inputs [K, T-1]),
 caption targets [K, T-1]). The model encodes the image once and trains on all K captions, so every
 reference caption is used without paying for the image K times.
+
+With `flip`, half the images are mirrored left to right and the words that name a side swap in
+their captions (MIRRORED_WORDS), so every caption stays true: twice the scenes for a small dataset.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from captioning.tokenizer import Tokenizer
 from training.datasets.base import CaptionedImage
 
 AUTOTUNE = tf.data.AUTOTUNE
+MIRRORED_WORDS = (("left", "right"),)  # what a left-right mirror turns into each other
 
 
 def caption_matrix(records: list[CaptionedImage], tokenizer: Tokenizer, max_length: int):
@@ -33,6 +37,30 @@ def _choose_captions(tokens, count, captions_per_image: int):
     repeats = tf.random.uniform([captions_per_image], 0, count, dtype=tf.int32)
     chosen = tf.gather(tokens, tf.concat([distinct, repeats], 0)[:captions_per_image])
     return chosen[:, :-1], chosen[:, 1:]
+
+
+def mirror_ids(tokenizer: Tokenizer) -> tuple[tuple[int, int], ...]:
+    """Token id pairs of MIRRORED_WORDS, for the pairs the vocabulary has. A vocabulary with only one
+    word of a pair cannot say the mirrored caption: ValueError."""
+    pairs = []
+    for a, b in MIRRORED_WORDS:
+        if (a in tokenizer.ids) != (b in tokenizer.ids):
+            raise ValueError(f"the vocabulary has only one of {a!r} and {b!r}: mirrored captions cannot be written")
+        if a in tokenizer.ids:
+            pairs.append((tokenizer.ids[a], tokenizer.ids[b]))
+    return tuple(pairs)
+
+
+def _maybe_mirror(image, caption_tokens, pairs: tuple[tuple[int, int], ...]):
+    """With probability 1/2: the image flipped left-right and each pair's words swapped."""
+    swapped = caption_tokens
+    for a, b in pairs:
+        swapped = tf.where(caption_tokens == a, b, tf.where(caption_tokens == b, a, swapped))
+    mirror = tf.random.uniform([]) < 0.5
+    return (
+        tf.cond(mirror, lambda: tf.image.flip_left_right(image), lambda: image),
+        tf.cond(mirror, lambda: swapped, lambda: caption_tokens),
+    )
 
 
 def _load_image_file(path, image_size: int):
@@ -63,6 +91,7 @@ def make_dataset(
     shuffle: bool = True,
     seed: int = 0,
     features=None,
+    flip: bool = False,
     options: tf.data.Options | None = None,
 ) -> tf.data.Dataset:
     """Batches of ((images or cached features, caption inputs), caption targets).
@@ -71,6 +100,9 @@ def make_dataset(
     cached backbone features: the pipeline then carries each record's cache location, shuffles
     those, and reads the features only when a batch is assembled, so the shuffle buffer stays small.
     """
+    if flip and features is not None:
+        raise ValueError("flip needs images: cached features cannot be mirrored")
+    pairs = mirror_ids(tokenizer) if flip else ()
     tokens, counts = caption_matrix(records, tokenizer, max_length)
     captions = tf.data.Dataset.from_tensor_slices((tokens, counts))
     if features is None:
@@ -88,6 +120,8 @@ def make_dataset(
     def to_example(source_item, caption_data):
         inputs = source_item if load is None else load(source_item)
         caption_tokens, count = caption_data
+        if flip:
+            inputs, caption_tokens = _maybe_mirror(inputs, caption_tokens, pairs)
         caption_in, caption_out = _choose_captions(caption_tokens, count, captions_per_image)
         return (inputs, caption_in), caption_out
 

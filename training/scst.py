@@ -15,6 +15,11 @@ baseline, so only samples that beat the model's own test-time output are reinfor
 The encoder is kept frozen (its features are computed once per batch, so the domain check fitted
 on them stays valid and is carried over); the decoder is trained with Adam at a small learning rate.
 Confidence calibration is NOT carried over (the confidences move): run `calibrate` again.
+
+With `--dev-images N` the last N training images are held out: every `--eval-every` steps the
+greedy captions of those images are scored with the same reward, and the decoder weights of the
+best score are the ones saved. Long runs can overshoot (the reward peaks, then falls as the policy
+collapses onto a few phrasings); this stops at the peak without looking at the validation split.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ from captioning.model import DecoderStep
 from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
 HYPER_PARAMETERS = dict(
-    steps=400, batch_size=16, samples=5, learning_rate=5e-5, grounded_weight=0.0, clipnorm=1.0, seed=1234
+    steps=400,
+    batch_size=16,
+    samples=5,
+    learning_rate=5e-5,
+    grounded_weight=0.0,
+    clipnorm=1.0,
+    seed=1234,
+    dev_images=0,
+    eval_every=100,
 )
 
 
@@ -114,6 +127,15 @@ def scst_batch(
     return {"loss": loss, "reward": float(rewards.mean()), "greedy_reward": float(baseline.mean())}
 
 
+def greedy_reward(trainer: SelfCriticalTrainer, tokenizer, features: np.ndarray, reward_fn, batch: int = 256) -> float:
+    """Mean reward of the greedy captions of pre-computed features; reward_fn(i, text) for image i."""
+    total = 0.0
+    for start in range(0, len(features), batch):
+        for offset, ids in enumerate(trainer.generate(features[start : start + batch], greedy=True)):
+            total += reward_fn(start + offset, " ".join(tokenizer.decode(ids)))
+    return total / len(features)
+
+
 def make_reward(references: list[list[str]], scenes: list | None, corpus: list[list[str]], grounded_weight: float):
     from training.cider_d import CiderD
 
@@ -145,13 +167,46 @@ def finetune(args) -> dict:
     if args.dataset in RESIZING_LOADERS:
         options.setdefault("resize_to", captioner.config.image_size)
     records = load_dataset(args.dataset, "train", limit=args.train_limit, **options)
+    if not 0 <= args.dev_images <= len(records) - args.batch_size:
+        raise SystemExit(
+            f"error: --dev-images {args.dev_images} must leave at least --batch-size {args.batch_size} of the "
+            f"{len(records)} training images"
+        )
+    if args.eval_every < 1:
+        raise SystemExit("error: --eval-every must be at least 1")
+    dev_records = records[len(records) - args.dev_images :] if args.dev_images else []
+    records = records[: len(records) - len(dev_records)]
     images = np.stack([captioner.prepare(load_record_image(r)) for r in records])
     references = [list(r.captions) for r in records]
     scenes = [r.scene for r in records] if all(r.scene is not None for r in records) else None
     reward = make_reward(references, scenes, references, args.grounded_weight)
     trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, args.learning_rate, args.clipnorm)
+    dev = None
+    if dev_records:
+        dev_images = np.stack([captioner.prepare(load_record_image(r)) for r in dev_records])
+        dev_features = np.concatenate(
+            [
+                captioner.encoder(tf.cast(dev_images[i : i + 64], tf.float32), training=False).numpy()
+                for i in range(0, len(dev_images), 64)
+            ]
+        )
+        dev_scenes = [r.scene for r in dev_records] if scenes is not None else None
+        dev_reward = make_reward([list(r.captions) for r in dev_records], dev_scenes, references, args.grounded_weight)
+        dev = {"features": dev_features, "reward": dev_reward, "curve": []}
     rng = np.random.default_rng(args.seed)
     started, log = time.time(), []
+    best = None  # (dev reward, step, decoder weights)
+
+    def evaluate_dev(step: int) -> None:
+        nonlocal best
+        score = greedy_reward(trainer, captioner.tokenizer, dev["features"], dev["reward"])
+        dev["curve"].append([step, round(score, 4)])
+        if best is None or score > best[0]:
+            best = (score, step, captioner.decoder.get_weights())
+        print(f"step {step}: held-out greedy reward {score:.4f} (best {best[0]:.4f} at step {best[1]})", flush=True)
+
+    if dev is not None:
+        evaluate_dev(0)
     for step in range(args.steps):
         batch = rng.choice(len(records), args.batch_size, replace=False)
         result = scst_batch(
@@ -171,6 +226,10 @@ def finetune(args) -> dict:
                 f"greedy reward {np.mean([r['greedy_reward'] for r in recent]):.3f}",
                 flush=True,
             )
+        if dev is not None and ((step + 1) % args.eval_every == 0 or step == args.steps - 1):
+            evaluate_dev(step + 1)
+    if best is not None:
+        captioner.decoder.set_weights(best[2])
     manifest = captioner.manifest
     training = dict(manifest.get("training", {}))
     training["scst"] = {
@@ -184,6 +243,15 @@ def finetune(args) -> dict:
         "greedy_reward_last_5pct": float(np.mean([r["greedy_reward"] for r in log[-max(1, len(log) // 20) :]])),
         "seconds": round(time.time() - started, 1),
     }
+    if dev is not None:
+        training["scst"]["held_out"] = {
+            "images": len(dev_records),
+            "best_step": best[1],
+            "improved": best[1] > 0,
+            "curve": dev["curve"],  # [step, greedy reward on the held-out images]
+        }
+        if best[1] == 0:
+            print("warning: no step beat the starting model on the held-out images; it is written unchanged")
     output = Path(args.output)
     # The encoder is frozen, so its domain model still holds; the calibration does not (run
     # `calibrate` again). Both are set aside first: save_bundle vouches for whatever optional
@@ -236,6 +304,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--clipnorm", type=float, default=HYPER_PARAMETERS["clipnorm"])
     p.add_argument("--seed", type=int, default=HYPER_PARAMETERS["seed"])
+    p.add_argument(
+        "--dev-images",
+        type=int,
+        default=HYPER_PARAMETERS["dev_images"],
+        help="hold out the last N training images; keep the weights of the best greedy reward on them",
+    )
+    p.add_argument("--eval-every", type=int, default=HYPER_PARAMETERS["eval_every"], help="steps between those checks")
     p.set_defaults(func=run)
 
 

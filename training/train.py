@@ -185,7 +185,9 @@ def fit(
         seed=config.seed,
         options=distribute_options(strategy),
     )
-    train_ds = make_dataset(data.train, data.tokenizer, shuffle=True, features=features.get("train"), **common)
+    train_ds = make_dataset(
+        data.train, data.tokenizer, shuffle=True, features=features.get("train"), flip=config.flip, **common
+    )
     val_ds = make_dataset(data.val, data.tokenizer, shuffle=False, features=features.get("val"), **common)
 
     epochs, steps_per_epoch = config.epochs, None
@@ -264,6 +266,8 @@ def run_dir_for(config: TrainConfig, args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if config.flip and args.features_cache:
+        raise SystemExit("error: --flip needs the images; cached features cannot be mirrored (drop one of them)")
     # First, before TensorFlow does anything: multiworker sets up collective ops at start-up.
     strategy = make_strategy(args.strategy, args.devices.split(",") if args.devices else None)
     keras.utils.set_random_seed(config.seed)

@@ -58,3 +58,36 @@ def test_sampled_sequences_stop_at_end():
 
     cut = cut_at_end(np.array([[5, END_ID, 7, 8], [5, 6, 7, 8]]))
     assert cut.tolist() == [[5, END_ID, PAD_ID, PAD_ID], [5, 6, 7, 8]]
+
+
+def test_finetune_command_keeps_the_best_held_out_weights(tmp_path):
+    """`finetune-scst --dev-images`: the held-out images are scored before and during the run, and the
+    bundle written carries the weights of the best score (checked by scoring them again)."""
+    from conftest import make_tiny_bundle
+
+    from captioning.artifacts import verify_bundle
+    from captioning.captioner import Captioner
+    from training.__main__ import main
+    from training.datasets.shapes import load_split
+    from training.scst import SelfCriticalTrainer, greedy_reward, make_reward
+
+    captions = [c for record in load_split("train", size=40) for c in record.captions]
+    start = make_tiny_bundle(tmp_path / "start", captions=captions, image_size=64, training={})
+    output = tmp_path / "scst"
+    flags = ["--dataset", "shapes", "--train-limit", "24", "--dev-images", "8", "--eval-every", "2"]
+    status = main(["finetune-scst", "--artifacts", str(start), "--output", str(output), "--steps", "5", *flags,
+                   "--batch-size", "4", "--samples", "2", "--learning-rate", "3e-2"])  # fmt: skip
+    assert status == 0
+    held_out = verify_bundle(output)["training"]["scst"]["held_out"]
+    assert held_out["images"] == 8 and [step for step, _ in held_out["curve"]] == [0, 2, 4, 5]
+    best_step, best = max(held_out["curve"], key=lambda point: point[1])
+    assert held_out["best_step"] == best_step and held_out["improved"] == (best_step > 0)
+
+    captioner = Captioner.load(output)
+    records = load_split("train", size=24)
+    dev = records[16:]
+    train_refs = [list(r.captions) for r in records[:16]]
+    features = captioner.encoder(np.stack([captioner.prepare(r.pixels) for r in dev]).astype("float32")).numpy()
+    trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, 1e-3)
+    reward = make_reward([list(r.captions) for r in dev], None, train_refs, 0.0)
+    assert greedy_reward(trainer, captioner.tokenizer, features, reward) == pytest.approx(best, abs=1e-3)

@@ -3,6 +3,7 @@ for `python -m bench.peers` (run in bench/.peers-venv; see `make bench-peers`).
 
     python -m bench.peer_servers litserve --port 8101 --artifacts model_artifacts/default
     python -m bench.peer_servers pytriton --port 8102 --artifacts model_artifacts/default
+    python -m bench.peer_servers ray --port 8103 --artifacts model_artifacts/default
 
 Each one serves POST /caption with a multipart `image` upload, as this service does, and answers
 {"caption": text}. Fair settings for all: the project's own compiled batch captioner
@@ -130,13 +131,53 @@ def serve_pytriton(port: int, artifacts: str) -> None:
         triton.stop()
 
 
+def serve_ray(port: int, artifacts: str) -> None:
+    """Ray Serve: one replica with `@serve.batch`. max_ongoing_requests is raised from its default
+    (5), which would cap a batch at 5 requests; the replica asks for no whole CPU, so Ray starts it
+    on a 2-core machine beside its own processes."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+    class RayCaptioner:
+        def __init__(self, artifacts: str):
+            self.captioner = load_captioner(artifacts)
+
+        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+        async def caption(self, images: list) -> list[str]:
+            return [captions[0].text for captions in self.captioner.caption(images, batch_size=MAX_BATCH)]
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            # A Response, not a dict: its Content-Length reaches the client (a dict is sent chunked).
+            if request.method == "GET":  # readiness: the route answers once the replica is up
+                return JSONResponse({"ready": True})
+            form = await request.form()
+            pixels = decode_png(await form["image"].read(), self.captioner)
+            return JSONResponse({"caption": await self.caption(pixels)})
+
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(RayCaptioner.bind(artifacts), route_prefix="/caption")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peer_servers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("framework", choices=["litserve", "pytriton"])
+    parser.add_argument("framework", choices=["litserve", "pytriton", "ray"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--artifacts", default="model_artifacts/default")
     args = parser.parse_args()
-    {"litserve": serve_litserve, "pytriton": serve_pytriton}[args.framework](args.port, args.artifacts)
+    servers = {"litserve": serve_litserve, "pytriton": serve_pytriton, "ray": serve_ray}
+    servers[args.framework](args.port, args.artifacts)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Peer benchmark: this service against LitServe and PyTriton serving the same model.
+"""Peer benchmark: this service against LitServe, PyTriton and Ray Serve serving the same model.
 
     make bench-peers          # builds bench/.peers-venv (PyTriton 0.7.0 needs numpy<2), then runs this
     python -m bench.peers --peers-python bench/.peers-venv/bin/python [--duration 6] [--repeats 2]
@@ -8,7 +8,7 @@ at 32 and 64 closed-loop clients, each level idle and with a noisy neighbour (on
 process beside the servers). Same client (bench.harness), same multipart PNG uploads; before the
 load, every server's captions for the first images are checked against the offline captioner's.
 Server CPU is counted over each server's whole process tree (LitServe and Triton run workers in
-child processes). Writes bench/PEERS.md.
+child processes, Ray its GCS, raylet and replica). Writes bench/PEERS.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class PeerServer:
 
     async def wait_ready(self) -> float:
         started = time.perf_counter()
-        path = "/health" if self.mode == "litserve" else "/health/ready"
+        path = {"litserve": "/health", "ray": "/caption"}.get(self.mode, "/health/ready")
         while time.perf_counter() - started < harness.SERVER_START_TIMEOUT_S:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.mode} exited with {self.process.returncode}; see {self.log.name}")
@@ -149,7 +149,7 @@ def offline_reference(artifacts: Path, pixels) -> tuple[list[str], float, float]
 def versions(python: str) -> str:
     code = (
         "import importlib.metadata as m\n"
-        "print(', '.join(f'{p} {m.version(p)}' for p in ('litserve', 'nvidia-pytriton', 'tensorflow', 'numpy')))"
+        "print(', '.join(f'{p} {m.version(p)}' for p in ('litserve', 'nvidia-pytriton', 'ray', 'tensorflow', 'numpy')))"
     )
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         type=os.path.abspath,  # the peers start in another working directory; not resolved: a venv's python is a link
         default=str(REPO / "bench" / ".peers-venv" / "bin" / "python"),
     )
-    parser.add_argument("--frameworks", default="litserve,pytriton")
+    parser.add_argument("--frameworks", default="litserve,pytriton,ray")
     parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "3")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=2)

@@ -87,7 +87,10 @@ class Captioner:
         def encode_into(features, images, slots):
             encoded = run_encoder(images)[: tf.shape(slots)[0]]
             features.scatter_nd_update(slots[:, None], encoded)
-            return encoded  # the caller may score them (captioning.domain) without a second pass
+            # What the domain check needs of them (captioning.domain.pool_features), pooled here:
+            # [B, 2D] leaves the runtime instead of the [B, N, D] grid, and numpy does not pool it.
+            mean, variance = tf.nn.moments(encoded, axes=[1])
+            return tf.concat([mean, tf.sqrt(variance)], axis=1)
 
         @tf.function(jit_compile=True, reduce_retracing=True)
         def greedy_rows(features, slot_of_row, tokens, state, words, min_words, steps):
@@ -306,7 +309,7 @@ class FeatureSlots:
 
     def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> np.ndarray:
         """Encodes uint8 images [B, S, S, 3] as one batch (padded to a bucket) into the given slots;
-        returns their features [B, N, D] (for the domain score)."""
+        returns their pooled features [B, 2D] (captioning.domain.pool_features, for the domain score)."""
         bucket = bucket_for(len(images))
         encoded = self._function("encode", bucket)(
             self._features, tf.constant(_pad_rows(images, bucket)), tf.constant(np.asarray(slot_ids, np.int32))

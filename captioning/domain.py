@@ -146,9 +146,11 @@ class DomainModel:
 
     def scores(self, features: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Encoder features [B, N, D] and the model inputs [B, S, S, 3] -> domain scores [B] in (0, 1]."""
-        ratio = np.maximum(
-            self.distances(pool_features(features)) / self.threshold, self.statistics_ratio(image_statistics(images))
-        )
+        return self.pooled_scores(pool_features(features), images)
+
+    def pooled_scores(self, pooled: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """The same from features already pooled (FeatureSlots.encode pools them in the graph)."""
+        ratio = np.maximum(self.distances(pooled) / self.threshold, self.statistics_ratio(image_statistics(images)))
         return np.exp2(-np.minimum(ratio**2, 1000.0))
 
     def save(self, path: str | Path) -> None:

@@ -101,8 +101,8 @@ class ModelRunner:
         try:
             if len(slots) < len(images):
                 raise RuntimeError(f"{len(images)} images to encode, {len(slots)} free feature slots")
-            features = self.features.encode(images, np.array(slots))
-            scores = None if self.domain is None else self.domain.scores(features, images)
+            pooled = self.features.encode(images, np.array(slots))
+            scores = None if self.domain is None else self.domain.pooled_scores(pooled, images)
         except BaseException:
             self.free_slots.give_back(slots)
             raise

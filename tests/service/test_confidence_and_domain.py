@@ -141,6 +141,21 @@ def test_bundle_extras_load_and_calibrate_the_confidence(extras_bundle, in_domai
     assert scores[0] > 0.99 and scores[1] < 0.5
 
 
+def test_the_engine_pools_in_the_graph_what_the_domain_check_pools_in_numpy(extras_bundle, in_domain_image):
+    """FeatureSlots.encode (the engine's path) returns pooled features; the scores from them are
+    the offline path's (Captioner.domain_scores: the full grid pooled by captioning.domain)."""
+    from captioning.captioner import Captioner
+
+    captioner = Captioner.load(extras_bundle)
+    noise = np.random.default_rng(1).integers(0, 256, (3, *in_domain_image.shape)).astype(np.uint8)
+    images = np.concatenate([in_domain_image[None], noise])
+    pooled = captioner.feature_slots(8).encode(images, np.arange(len(images)))
+    np.testing.assert_allclose(pooled, pool_features(captioner.encode(images)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        captioner.domain.pooled_scores(pooled, images), captioner.domain_scores(images), rtol=1e-4, atol=1e-6
+    )
+
+
 def test_bundle_extras_are_verified(extras_bundle, tmp_path):
     from captioning.captioner import Captioner
 

@@ -13,7 +13,11 @@ from app.service import decode_options
 
 router = APIRouter(tags=["captioning"])
 
-RAW_IMAGE_SCHEMA = {"type": "string", "format": "binary", "description": "The image itself (any accepted format)."}
+RAW_IMAGE_SCHEMA = {
+    "type": "string",
+    "contentMediaType": "application/octet-stream",
+    "description": "The image itself (any accepted format).",
+}
 
 FORMATS_NOTE = (
     "The format is judged from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF); animations use their "
@@ -47,6 +51,9 @@ PARAMETERS_NOTE = (
         "requestBody": {
             "required": True,
             "content": {
+                # Beside FastAPI's $ref (OpenAPI 3.1 allows siblings): a form must carry `image`,
+                # which the parameter cannot say since a raw body leaves it out.
+                "multipart/form-data": {"schema": {"required": ["image"]}},
                 "image/*": {"schema": RAW_IMAGE_SCHEMA},
                 "application/octet-stream": {"schema": RAW_IMAGE_SCHEMA},
             },

@@ -508,6 +508,7 @@ def test_openapi_documents_every_error_and_hides_metrics(client):
         assert content == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "Retry-After" in caption["responses"]["503"]["headers"]
     assert set(caption["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
+    assert caption["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["image"]
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
     assert client.get("/docs").status_code == 200

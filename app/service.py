@@ -1,4 +1,4 @@
-"""What happens to an upload, in one object: read -> validate -> decode -> submit -> shape.
+"""What happens to an upload: its bytes read (`read_upload`), then in one object: validate -> decode -> submit -> shape.
 
     service = CaptionService(settings, captioner, engine, DecodePool(...))   # built by the lifespan
     fields = await service.caption(data, options, started_at=t0, receive=request.receive)
@@ -122,9 +122,6 @@ class CaptionService:
         return ModelRef(name=str(manifest.get("name", "unknown")), version=str(manifest.get("version", "unknown")))
 
     # --- the steps ------------------------------------------------------------------------------
-
-    async def read(self, upload: UploadFile) -> bytes:
-        return await read_upload(upload, self.settings.max_upload_bytes)
 
     async def prepare(self, data: bytes) -> Prepared:
         """Validates, decodes and resizes image bytes (ApiError on bad input). The header decides

@@ -28,6 +28,18 @@ SERVER_START_TIMEOUT_S = 300
 # ------------------------------------------------------------------------------- HTTP client
 
 
+def multipart_body(png: bytes) -> bytes:
+    """A multipart form holding `png` as the field `image` (boundary BOUNDARY)."""
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
 def caption_request(png: bytes, upload: str = "multipart") -> bytes:
     """A complete keep-alive POST /caption: the image as multipart field `image`, or (`upload="raw"`)
     as the whole body with Content-Type image/png."""
@@ -36,15 +48,7 @@ def caption_request(png: bytes, upload: str = "multipart") -> bytes:
     if upload == "raw":
         content_type, body = "image/png", png
     else:
-        content_type = f"multipart/form-data; boundary={BOUNDARY}"
-        body = (
-            (
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n"
-            ).encode()
-            + png
-            + f"\r\n--{BOUNDARY}--\r\n".encode()
-        )
+        content_type, body = f"multipart/form-data; boundary={BOUNDARY}", multipart_body(png)
     head = (
         f"POST /caption HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()

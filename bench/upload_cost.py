@@ -18,13 +18,9 @@ import time
 
 from starlette.requests import Request
 
-BOUNDARY = b"uploadcostboundary"
+from bench.harness import BOUNDARY, multipart_body
+
 CHUNK = 64 * 1024
-
-
-def multipart_body(data: bytes) -> bytes:
-    head = b'Content-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
-    return b"--" + BOUNDARY + b"\r\n" + head + data + b"\r\n--" + BOUNDARY + b"--\r\n"
 
 
 async def read_once(body: bytes, content_type: bytes) -> bytes:
@@ -48,7 +44,7 @@ async def read_once(body: bytes, content_type: bytes) -> bytes:
 
 async def cpu_ms_per_upload(data: bytes, raw: bool, repeats: int) -> float:
     body, content_type = (
-        (data, b"image/png") if raw else (multipart_body(data), b"multipart/form-data; boundary=" + BOUNDARY)
+        (data, b"image/png") if raw else (multipart_body(data), f"multipart/form-data; boundary={BOUNDARY}".encode())
     )
     assert await read_once(body, content_type) == data
     started = time.process_time()

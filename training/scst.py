@@ -34,6 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from captioning.buckets import BATCH_BUCKETS
 from captioning.model import DecoderStep
 from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
@@ -186,8 +187,8 @@ def finetune(args) -> dict:
         dev_images = np.stack([captioner.prepare(load_record_image(r)) for r in dev_records])
         dev_features = np.concatenate(
             [
-                captioner.encoder(tf.cast(dev_images[i : i + 64], tf.float32), training=False).numpy()
-                for i in range(0, len(dev_images), 64)
+                captioner.encode(dev_images[i : i + BATCH_BUCKETS[-1]])
+                for i in range(0, len(dev_images), BATCH_BUCKETS[-1])
             ]
         )
         dev_scenes = [r.scene for r in dev_records] if scenes is not None else None

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from app.dependencies import ImageBytes, Service, one_file_per_field
 from app.errors import ApiError, TooManyImages, error_responses
 from app.schemas import BatchCaptionResponse, CaptionQuery, CaptionResponse, ErrorDetail, ImageCaptioned, ImageFailed
-from app.service import decode_options
+from app.service import decode_options, read_upload
 
 router = APIRouter(tags=["captioning"])
 
@@ -94,7 +94,7 @@ async def create_captions(
     limit = service.settings.max_images_per_request
     if len(images) > limit:
         raise TooManyImages(f"{len(images)} images sent; the limit is {limit} per request")
-    data = [await service.read(upload) for upload in images]
+    data = [await read_upload(upload, service.settings.max_upload_bytes) for upload in images]
     outcomes = await service.caption_many(data, options, started_at=request.state.started_at, receive=request.receive)
     results = [
         _image_result(index, upload.filename, outcome)

@@ -6,7 +6,8 @@ Runs the real service (app.__main__.main) under a wrapper that records which OS 
 Python thread, drives it like bench.load_test's closed loop, and splits the server's CPU time
 (from /proc/PID/task/*/stat) into: the event loop (HTTP, multipart, JSON, small-image decoding),
 the decoder thread (engine bookkeeping, searches, and the TensorFlow ops it runs inline), the
-encoder thread, AnyIO worker threads (large-image decoding) and TensorFlow's own native threads.
+encoder thread, the domain check's statistics thread, AnyIO worker threads (large-image decoding)
+and TensorFlow's own native threads.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def thread_group(name: str | None) -> str:
         return "event loop (HTTP)"
     if name.startswith("inference-encoder"):
         return "encoder thread (continuous)"
+    if name.startswith("engine-domain-statistics"):
+        return "domain statistics thread"
     if name.startswith("inference"):
         return "decoder thread"
     if "AnyIO" in name or name.startswith("ThreadPoolExecutor") or name.startswith("asyncio"):

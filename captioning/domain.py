@@ -150,7 +150,12 @@ class DomainModel:
 
     def pooled_scores(self, pooled: np.ndarray, images: np.ndarray) -> np.ndarray:
         """The same from features already pooled (FeatureSlots.encode pools them in the graph)."""
-        ratio = np.maximum(self.distances(pooled) / self.threshold, self.statistics_ratio(image_statistics(images)))
+        return self.combined_scores(pooled, image_statistics(images))
+
+    def combined_scores(self, pooled: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+        """The same from pooled features and image_statistics() computed apart (the engine computes
+        the statistics in a thread of their own while the encoder runs)."""
+        ratio = np.maximum(self.distances(pooled) / self.threshold, self.statistics_ratio(statistics))
         return np.exp2(-np.minimum(ratio**2, 1000.0))
 
     def save(self, path: str | Path) -> None:

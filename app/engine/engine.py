@@ -55,7 +55,7 @@ class EngineClient:
         self.freeze_gc = freeze_gc
         self.request_timeout_s = request_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
-        self.runner = runner or ModelRunner(captioner, MAX_ROWS, greedy_steps=greedy_steps)
+        self.runner = runner or ModelRunner(captioner, MAX_ROWS, greedy_steps=greedy_steps, nice=inference_nice)
         self._image_shape = (captioner.config.image_size, captioner.config.image_size, 3)
         self._queue: AdmissionQueue[Request] = AdmissionQueue(max_queue_size)
         self.core = EngineCore(captioner, policy, self.runner, self._queue, inference_nice=inference_nice)
@@ -145,6 +145,7 @@ class EngineClient:
         for thread in [*self.core.threads(), self.runner.warmup_thread]:
             if thread is not None and thread.is_alive():
                 await asyncio.to_thread(thread.join)
+        self.runner.close()
 
     def _retry_after_s(self) -> float:
         backlog = len(self._queue) + self.core.slots.used

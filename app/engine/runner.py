@@ -13,16 +13,21 @@ import collections
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from app.engine import os_tuning
 from app.engine.scheduler import MAX_ROWS, Move
 from captioning.buckets import BATCH_BUCKETS, bucket_for
+from captioning.domain import image_statistics
 
 logger = logging.getLogger("app.engine")
 
 WARMUP_NICE = 19  # the background compilation of the multi-step programs
+# The domain statistics' thread runs below the event loop: at nice 0 it took CPU and the GIL from the
+# loop under overload (503s answered in seconds, not milliseconds: docs/ENGINE.md, round 5).
+STATISTICS_NICE = 10
 
 
 class FeatureSlotPool:
@@ -45,7 +50,7 @@ class FeatureSlotPool:
 
 
 class ModelRunner:
-    def __init__(self, captioner, capacity: int = MAX_ROWS, greedy_steps: int = 1):
+    def __init__(self, captioner, capacity: int = MAX_ROWS, greedy_steps: int = 1, nice: int = 0):
         if capacity > BATCH_BUCKETS[-1]:
             raise ValueError(f"capacity {capacity} exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
         # A request holds one feature slot from its encode to its end, and at least one row.
@@ -55,6 +60,19 @@ class ModelRunner:
         self.warmup_thread: threading.Thread | None = None  # compiles them after the engine is ready
         self._warmup_cancelled = threading.Event()
         self.domain = captioner.domain  # captioning.domain.DomainModel, or None
+        # The domain check's image statistics (numpy, ~0.5 ms an image) need only the pixels: a
+        # thread of their own computes them while the encoder's compiled call (which releases the
+        # GIL) runs, instead of after it on the encoder's thread, which is the engine's busiest.
+        self._statistics = (
+            None
+            if self.domain is None
+            else ThreadPoolExecutor(
+                1,
+                "engine-domain-statistics",
+                initializer=os_tuning.lower_this_thread,
+                initargs=(max(nice, STATISTICS_NICE),),
+            )
+        )
         self.free_slots = FeatureSlotPool(capacity)
         rows = bucket_for(capacity)  # a step over `used` rows reads up to the next bucket size
         self.tokens = np.zeros(rows, dtype=np.int32)
@@ -69,6 +87,11 @@ class ModelRunner:
         if self.greedy_steps_per_call > 1:
             self.warmup_thread = threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True)
             self.warmup_thread.start()
+
+    def close(self) -> None:
+        """The engine has stopped: ends the statistics thread (a stopped engine encodes nothing more)."""
+        if self._statistics is not None:
+            self._statistics.shutdown(wait=False)
 
     def cancel_warmup(self) -> None:
         """The engine is stopping: the background compilation ends after the bucket in progress
@@ -101,8 +124,9 @@ class ModelRunner:
         try:
             if len(slots) < len(images):
                 raise RuntimeError(f"{len(images)} images to encode, {len(slots)} free feature slots")
+            statistics = None if self._statistics is None else self._statistics.submit(image_statistics, images)
             pooled = self.features.encode(images, np.array(slots))
-            scores = None if self.domain is None else self.domain.pooled_scores(pooled, images)
+            scores = None if statistics is None else self.domain.combined_scores(pooled, statistics.result())
         except BaseException:
             self.free_slots.give_back(slots)
             raise

@@ -141,7 +141,7 @@ def test_bundle_extras_load_and_calibrate_the_confidence(extras_bundle, in_domai
     assert scores[0] > 0.99 and scores[1] < 0.5
 
 
-def test_the_engine_pools_in_the_graph_what_the_domain_check_pools_in_numpy(extras_bundle, in_domain_image):
+def test_the_engine_scores_the_domain_as_the_offline_check_does(extras_bundle, in_domain_image):
     """FeatureSlots.encode (the engine's path) returns pooled features; the scores from them are
     the offline path's (Captioner.domain_scores: the full grid pooled by captioning.domain)."""
     from captioning.captioner import Captioner
@@ -154,6 +154,16 @@ def test_the_engine_pools_in_the_graph_what_the_domain_check_pools_in_numpy(extr
     np.testing.assert_allclose(
         captioner.domain.pooled_scores(pooled, images), captioner.domain_scores(images), rtol=1e-4, atol=1e-6
     )
+    # The engine's runner: the image statistics in their own thread, beside the encoder's call.
+    from app.engine.runner import ModelRunner
+
+    runner = ModelRunner(captioner, 8)
+    try:
+        slots, scores = runner.encode(images)
+    finally:
+        runner.close()
+    assert len(set(slots)) == len(images)
+    np.testing.assert_allclose(scores, captioner.domain_scores(images), rtol=1e-4, atol=1e-6)
 
 
 def test_bundle_extras_are_verified(extras_bundle, tmp_path):

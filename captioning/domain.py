@@ -146,15 +146,11 @@ class DomainModel:
 
     def scores(self, features: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Encoder features [B, N, D] and the model inputs [B, S, S, 3] -> domain scores [B] in (0, 1]."""
-        return self.pooled_scores(pool_features(features), images)
-
-    def pooled_scores(self, pooled: np.ndarray, images: np.ndarray) -> np.ndarray:
-        """The same from features already pooled (FeatureSlots.encode pools them in the graph)."""
-        return self.combined_scores(pooled, image_statistics(images))
+        return self.combined_scores(pool_features(features), image_statistics(images))
 
     def combined_scores(self, pooled: np.ndarray, statistics: np.ndarray) -> np.ndarray:
-        """The same from pooled features and image_statistics() computed apart (the engine computes
-        the statistics in a thread of their own while the encoder runs)."""
+        """The same from pooled features and image_statistics() computed apart: the engine's encoder
+        pools in its graph (FeatureSlots.encode), and a thread of its own computes the statistics."""
         ratio = np.maximum(self.distances(pooled) / self.threshold, self.statistics_ratio(statistics))
         return np.exp2(-np.minimum(ratio**2, 1000.0))
 

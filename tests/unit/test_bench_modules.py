@@ -39,3 +39,27 @@ def test_the_http_floor_server_answers_an_upload_like_the_service(decode):
     assert response.json()["width" if decode else "bytes"] == (96 if decode else len(png.getvalue()))
     assert client.post("/caption").status_code == 422  # no image: FastAPI's own validation
     assert client.get("/health/ready").status_code == 200
+
+
+def test_open_loop_verdicts_compare_the_captions_served_of_the_same_arrivals():
+    """Below capacity both modes serve every arrival: a tie in work, decided by p95, not by how long
+    the last request took (captions/s). Past it, serving fewer of the same arrivals loses."""
+    from bench.harness import Outcome
+    from bench.load_test import versus_static_open
+
+    def outcome(latencies_s: list[float], refused: int, elapsed_s: float) -> Outcome:
+        result = Outcome(elapsed_s=elapsed_s)
+        for latency in latencies_s:
+            result.record(200, latency)
+        for _ in range(refused):
+            result.record(503, 0.01)
+        return result
+
+    # lower latencies, but its phase ended 10 ms later: fewer captions/s for the same 100 requests
+    quicker = outcome([0.02] * 99 + [0.03], 0, 6.01)
+    slower = outcome([0.04] * 99 + [0.05], 0, 6.00)
+    assert quicker.served_per_s < slower.served_per_s
+    assert versus_static_open("below", quicker, slower)[2]
+    assert not versus_static_open("below", slower, quicker)[2]  # same work, worse p95
+    served_fewer = outcome([0.02] * 90, 10, 6.0)
+    assert not versus_static_open("past", served_fewer, outcome([0.03] * 95, 5, 6.0))[2]

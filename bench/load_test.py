@@ -93,7 +93,7 @@ def naive_caption(encoder, decoder, image: np.ndarray, max_steps: int) -> list[i
 
     step = DecoderStep(decoder)
     features = encoder(tf.constant(image[None], tf.float32), training=False)
-    state = tf.zeros((1, features.shape[-1]))
+    state = tf.zeros((1, step.state_size))
     tokens = [START_ID]
     for _ in range(max_steps):
         log_probs, state, _ = step(tf.constant([tokens[-1]], tf.int32), state, features)

@@ -66,7 +66,9 @@ class Captioner:
         self.manifest = manifest or {}
         self.calibration = calibration  # maps raw confidence to P(correct); None: raw
         self.domain = domain  # out-of-domain detector; None: not fitted for this bundle
-        self.num_positions, self.state_size = encoder.output.shape[1], encoder.output.shape[2]
+        decoder_step = DecoderStep(decoder)
+        self.num_positions, self.feature_size = encoder.output.shape[1], encoder.output.shape[2]
+        self.state_size = decoder_step.state_size  # the feature size, or twice it with input feeding
         side = int(round(self.num_positions**0.5))
         self.grid_shape = (side, self.num_positions // side)
         size = config.image_size
@@ -77,7 +79,6 @@ class Captioner:
         self._encode_graph = tf.function(run_encoder, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         # FeatureSlots' compiled pieces. They take the slots' variable as an argument, so every
         # FeatureSlots of this model shares one trace, and one XLA compilation per batch shape.
-        decoder_step = DecoderStep(decoder)
 
         @tf.function(jit_compile=True, reduce_retracing=True)
         def step_rows(features, slot_of_row, tokens, state):
@@ -275,7 +276,7 @@ class FeatureSlots:
     def __init__(self, captioner: Captioner, capacity: int):
         self.captioner = captioner
         self.capacity = capacity
-        shape = [capacity, captioner.num_positions, captioner.state_size]
+        shape = [capacity, captioner.num_positions, captioner.feature_size]
         self._features = tf.Variable(tf.zeros(shape), trainable=False)
         # The traced function of each bucket, called directly: a tf.function call matches its
         # arguments against every trace first, which cost more host time than the step itself.

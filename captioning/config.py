@@ -20,6 +20,7 @@ class ModelConfig:
     vocab_size: int = 64  # set from the tokenizer when training starts
     max_length: int = 32  # tokens per caption, counting <start> and <end>
     dropout: float = 0.0
+    input_feeding: bool = False  # the GRU also reads the previous step's attention context (captioning.model)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

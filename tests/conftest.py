@@ -71,3 +71,11 @@ def tiny_captioner(tiny_bundle):
     from captioning.captioner import Captioner
 
     return Captioner.load(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def input_feeding_captioner(tmp_path_factory):
+    """The tiny bundle's design with input feeding: its decoder state is [GRU state, context]."""
+    from captioning.captioner import Captioner
+
+    return Captioner.load(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "fed", input_feeding=True))

@@ -31,6 +31,7 @@ class TrainConfig:
     embedding_dim: int = 128
     attention: str = "luong"
     dropout: float = 0.0
+    input_feeding: bool = False
     vocab_size: int = 1000
     min_count: int = 1
     max_length: int = 24
@@ -64,6 +65,7 @@ class TrainConfig:
             vocab_size=vocab_size,
             max_length=self.max_length,
             dropout=self.dropout,
+            input_feeding=self.input_feeding,
         )
 
 

@@ -65,7 +65,7 @@ class SelfCriticalTrainer:
         def generate(features, greedy, seed):
             rows = tf.shape(features)[0]
             tokens = tf.fill([rows], START_ID)
-            state = tf.zeros([rows, features.shape[-1]])
+            state = tf.zeros([rows, step.state_size])
             out = []
             for t in range(max_steps):
                 log_probs, state, _ = step(tokens, state, features)

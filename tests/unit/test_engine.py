@@ -248,8 +248,14 @@ def assert_same_captions(got, expected):
     np.testing.assert_allclose([c.log_prob for c in got], [c.log_prob for c in expected], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_engine_captions_equal_offline_captions_under_concurrency(tiny_captioner, mode):
+@pytest.mark.parametrize(
+    ("captioner_fixture", "mode"),
+    [("tiny_captioner", mode) for mode in MODES] + [("input_feeding_captioner", "continuous")],
+)
+def test_engine_captions_equal_offline_captions_under_concurrency(captioner_fixture, mode, request):
+    """Greedy, beam (rows reordered with their state) and sampling, mixed in one batch; with input
+    feeding too, whose state rows carry the attention context."""
+    tiny_captioner = request.getfixturevalue(captioner_fixture)
     pictures = images(28)
     options = [MIXED_OPTIONS[i % len(MIXED_OPTIONS)] for i in range(len(pictures))]
     expected = [tiny_captioner.caption([p], o)[0] for p, o in zip(pictures, options, strict=True)]

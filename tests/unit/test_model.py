@@ -10,9 +10,11 @@ from captioning.decoding import DecodeOptions
 from captioning.model import DecoderStep, build_decoder, build_encoder
 
 
+@pytest.mark.parametrize("input_feeding", [False, True])
 @pytest.mark.parametrize("attention", ["luong", "bahdanau"])
-def test_shapes_and_step_equals_teacher_forced_decoder(attention):
-    config = ModelConfig(image_size=32, attention_dim=24, embedding_dim=8, vocab_size=30, attention=attention)
+def test_shapes_and_step_equals_teacher_forced_decoder(attention, input_feeding):
+    sizes = dict(image_size=32, attention_dim=24, embedding_dim=8, vocab_size=30)
+    config = ModelConfig(**sizes, attention=attention, input_feeding=input_feeding)
     encoder = build_encoder(config)
     decoder = build_decoder(config, encoder.output.shape[1])
     images = tf.constant(np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3)), tf.float32)
@@ -23,12 +25,31 @@ def test_shapes_and_step_equals_teacher_forced_decoder(attention):
     assert logits.shape == (3, 7, 30)
 
     step = DecoderStep(decoder)
-    state = tf.zeros((3, 24))
+    assert step.state_size == (48 if input_feeding else 24)
+    state = tf.zeros((3, step.state_size))
     for t in range(7):
         log_probs, state, attention_weights = step(tokens[:, t], state, features)
         assert log_probs.shape == (3, 30) and attention_weights.shape == (3, 16)
         np.testing.assert_allclose(attention_weights.numpy().sum(axis=1), 1.0, rtol=1e-5)
         np.testing.assert_allclose(log_probs.numpy(), tf.nn.log_softmax(logits[:, t]).numpy(), atol=1e-5)
+
+
+def test_input_feeding_decoder_takes_each_images_features_once_for_its_captions():
+    """Training passes [B] features for [B*K] captions (image-major); the answer is that of the
+    features repeated K times, and the training model's is the decoder's per caption."""
+    from captioning.model import CaptionTrainingModel
+
+    config = ModelConfig(image_size=32, attention_dim=24, embedding_dim=8, vocab_size=30, input_feeding=True)
+    encoder = build_encoder(config)
+    decoder = build_decoder(config, encoder.output.shape[1])
+    images = tf.constant(np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3)), tf.float32)
+    tokens = tf.constant(np.random.default_rng(1).integers(1, 30, (3, 2, 7)), tf.int32)  # 2 captions per image
+    features = encoder(images)
+    grouped = decoder([tf.reshape(tokens, (6, 7)), features])
+    repeated = decoder([tf.reshape(tokens, (6, 7)), tf.repeat(features, 2, axis=0)])
+    np.testing.assert_allclose(grouped.numpy(), repeated.numpy(), atol=1e-5)
+    logits = CaptionTrainingModel(encoder, decoder)([images, tokens])
+    np.testing.assert_allclose(logits.numpy(), tf.reshape(repeated, (3, 2, 7, 30)).numpy(), atol=1e-5)
 
 
 def test_preprocessing_modes():
@@ -64,10 +85,13 @@ def test_greedy_batches_equal_single_image_decoding(tiny_captioner):
         assert len(caption.tokens) <= tiny_captioner.config.max_length - 2
 
 
-def test_greedy_caption_matches_an_argmax_loop_over_the_teacher_forced_decoder(tiny_captioner):
+@pytest.mark.parametrize("captioner_fixture", ["tiny_captioner", "input_feeding_captioner"])
+def test_greedy_caption_matches_an_argmax_loop_over_the_teacher_forced_decoder(captioner_fixture, request):
     """The step path (GRU cell, resident features, XLA) against the decoder model run on the whole
     prefix each time: an independent computation of the same captions."""
     from captioning.tokenizer import END_ID, START_ID
+
+    tiny_captioner = request.getfixturevalue(captioner_fixture)
 
     for seed in range(3):
         image = np.random.default_rng(seed).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)

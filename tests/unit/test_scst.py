@@ -27,13 +27,17 @@ def test_cider_d_matches_pycocoevalcap_when_idf_comes_from_the_same_images():
     assert ours.score("a red circle", REFERENCES[0]) > ours.score("a blue circle", REFERENCES[0])
 
 
-def test_a_self_critical_update_raises_the_expected_reward(tiny_bundle):
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_a_self_critical_update_raises_the_expected_reward(tiny_bundle, input_feeding, tmp_path):
     """Reward 1 for captions that say "red": after a few updates, samples say it more often,
-    i.e. the expected negative reward went down."""
+    i.e. the expected negative reward went down. With input feeding too (its state carries the context)."""
+    from conftest import make_tiny_bundle
+
     from captioning.captioner import Captioner
     from training.scst import SelfCriticalTrainer, scst_batch
 
-    captioner = Captioner.load(tiny_bundle)  # its own copy: the session-wide one stays untouched
+    bundle = make_tiny_bundle(tmp_path / "fed", input_feeding=True) if input_feeding else tiny_bundle
+    captioner = Captioner.load(bundle)  # its own copy: the session-wide one stays untouched
     size = captioner.config.image_size
     images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3)).astype(np.uint8)
     trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, learning_rate=3e-2)

@@ -171,17 +171,43 @@ class CaptionTrainingModel(keras.Model):
     """Encodes each image once and teacher-forces all its K captions against those features.
 
     inputs: images [B, S, S, 3], tokens [B, K, T] (the caption inputs: <start> w1 ... wn)
+            and, with a scene head, what each grid cell shows [B, N] (training.data.scene_targets)
     output: logits [B, K, T, V]
+
+    The scene head (`scene_classes` > 0) is an auxiliary task for the encoder, in training only: a
+    classifier on each grid cell's features names the object at that cell (or none), and its
+    cross-entropy, averaged over the cells and times `scene_loss_weight`, is added to the caption
+    loss. It asks every cell's features to say what is there, which is what the decoder's attention
+    reads; the head is not part of the saved encoder.
     """
 
-    def __init__(self, encoder: keras.Model, decoder: keras.Model, **kwargs):
+    def __init__(
+        self,
+        encoder: keras.Model,
+        decoder: keras.Model,
+        scene_classes: int = 0,
+        scene_loss_weight: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
+        self.scene_head = layers.Dense(scene_classes, name="scene_head") if scene_classes else None
+        self.scene_loss_weight = scene_loss_weight
+        self.scene_loss = keras.metrics.Mean(name="scene_loss") if scene_classes else None
 
     def call(self, inputs, training=False):
-        images, tokens = inputs
+        images, tokens, *scene_labels = inputs
         features = self.encoder(images, training=training)  # [B, N, D]
+        if self.scene_head is not None:
+            if not scene_labels:
+                raise ValueError("a training model with a scene head takes (images, tokens, scene labels)")
+            cell_loss = keras.losses.sparse_categorical_crossentropy(
+                scene_labels[0], self.scene_head(features), from_logits=True
+            )
+            error = ops.mean(cell_loss)
+            self.add_loss(self.scene_loss_weight * error)
+            self.scene_loss.update_state(error)
         # Static sizes where the batch has them, so the decoder sees a fixed caption length.
         captions_per_image = tokens.shape[1] or ops.shape(tokens)[1]
         steps = tokens.shape[2] or ops.shape(tokens)[2]

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from captioning.tokenizer import Tokenizer
 from training.datasets.base import CaptionedImage
+from training.datasets.shapes import scene_cells
 
 AUTOTUNE = tf.data.AUTOTUNE
 MIRRORED_WORDS = (("left", "right"),)  # what a left-right mirror turns into each other
@@ -77,6 +78,15 @@ def image_source(records: list[CaptionedImage], image_size: int) -> tf.data.Data
     return paths.map(lambda p: _load_image_file(p, image_size), num_parallel_calls=AUTOTUNE)
 
 
+def scene_targets(records: list[CaptionedImage], grid: int) -> np.ndarray:
+    """Each record's objects, cell by cell of the encoder's grid x grid feature map ([records,
+    grid * grid] labels, training.datasets.shapes.scene_cells): the targets of the training
+    model's scene head. Only datasets that know their scenes have them."""
+    if any(record.scene is None for record in records):
+        raise ValueError("the scene loss needs a dataset that knows each image's objects (shapes, shapes_wide)")
+    return np.stack([scene_cells(record.scene, grid) for record in records])
+
+
 IMAGE_CACHE_BYTES = 2 << 30  # decoded training images are kept in memory up to this size
 
 
@@ -92,19 +102,24 @@ def make_dataset(
     seed: int = 0,
     features=None,
     flip: bool = False,
+    scene_labels: np.ndarray | None = None,
     options: tf.data.Options | None = None,
 ) -> tf.data.Dataset:
-    """Batches of ((images or cached features, caption inputs), caption targets).
+    """Batches of ((images or cached features, caption inputs), caption targets); with
+    `scene_labels` ([records, N], scene_targets()) the inputs also carry each image's cell labels.
 
     `features` (a training.features.CachedFeatures for these records) replaces the images with
     cached backbone features: the pipeline then carries each record's cache location, shuffles
     those, and reads the features only when a batch is assembled, so the shuffle buffer stays small.
     """
+    if flip and scene_labels is not None:
+        raise ValueError("flip and scene labels cannot be combined (the labels are not mirrored)")
     if flip and features is not None:
         raise ValueError("flip needs images: cached features cannot be mirrored")
     pairs = mirror_ids(tokenizer) if flip else ()
     tokens, counts = caption_matrix(records, tokenizer, max_length)
-    captions = tf.data.Dataset.from_tensor_slices((tokens, counts))
+    scenes = () if scene_labels is None else (np.asarray(scene_labels, np.int32),)
+    captions = tf.data.Dataset.from_tensor_slices((tokens, counts, *scenes))
     if features is None:
         source, load = image_source(records, image_size), None
     else:
@@ -119,11 +134,11 @@ def make_dataset(
 
     def to_example(source_item, caption_data):
         inputs = source_item if load is None else load(source_item)
-        caption_tokens, count = caption_data
+        caption_tokens, count, *scene = caption_data
         if flip:
             inputs, caption_tokens = _maybe_mirror(inputs, caption_tokens, pairs)
         caption_in, caption_out = _choose_captions(caption_tokens, count, captions_per_image)
-        return (inputs, caption_in), caption_out
+        return (inputs, caption_in, *scene), caption_out
 
     ds = ds.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size).prefetch(AUTOTUNE)

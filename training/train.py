@@ -27,7 +27,8 @@ from captioning.artifacts import save_bundle
 from captioning.model import masked_accuracy, masked_loss
 from captioning.tokenizer import Tokenizer
 from training.config import TrainConfig, add_config_flags, build_models, config_from_args, load_records, parse_options
-from training.data import make_dataset
+from training.data import make_dataset, scene_targets
+from training.datasets.shapes import SCENE_KINDS
 from training.distribute import (
     STRATEGIES,
     cluster_size,
@@ -147,13 +148,15 @@ def compile_trainer(strategy, config: TrainConfig, model_config, encoder, decode
             trained_encoder = build_feature_encoder(encoder)  # the full encoder's head, weights shared
         else:
             trained_encoder = encoder
-        trainer = trainer_class(strategy)(trained_encoder, decoder)
+        scene_classes = 1 + len(SCENE_KINDS) if config.scene_loss_weight > 0 else 0  # 0: no object
+        trainer = trainer_class(strategy)(trained_encoder, decoder, scene_classes, config.scene_loss_weight)
         # Cosine decay to 5% over the planned run: large steps early, fine ones to settle at the end.
         learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, total_steps, alpha=0.05)
         trainer.compile(
             optimizer=keras.optimizers.Adam(learning_rate, clipnorm=config.clipnorm),
             loss=per_replica_loss(masked_loss),
-            metrics=[masked_accuracy],
+            # With the scene loss in `loss`, the caption loss alone is logged too (as masked_loss).
+            metrics=[masked_accuracy, masked_loss] if scene_classes else [masked_accuracy],
         )
         # Build the weights now: BackupAndRestore needs a built model to restore into.
         encoder_input = trained_encoder.input
@@ -161,6 +164,7 @@ def compile_trainer(strategy, config: TrainConfig, model_config, encoder, decode
             (
                 tf.zeros((1, *encoder_input.shape[1:]), encoder_input.dtype),
                 tf.zeros((1, config.captions_per_image, model_config.max_length - 1), tf.int32),
+                *([tf.zeros((1, trained_encoder.output.shape[1]), tf.int32)] if scene_classes else []),
             )
         )
     return trainer
@@ -185,10 +189,25 @@ def fit(
         seed=config.seed,
         options=distribute_options(strategy),
     )
+    scenes = {}
+    if config.scene_loss_weight > 0:
+        try:
+            grid = round(trainer.encoder.output.shape[1] ** 0.5)  # the encoder's grid is square
+            scenes = {"train": scene_targets(data.train, grid), "val": scene_targets(data.val, grid)}
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     train_ds = make_dataset(
-        data.train, data.tokenizer, shuffle=True, features=features.get("train"), flip=config.flip, **common
+        data.train,
+        data.tokenizer,
+        shuffle=True,
+        features=features.get("train"),
+        flip=config.flip,
+        scene_labels=scenes.get("train"),
+        **common,
     )
-    val_ds = make_dataset(data.val, data.tokenizer, shuffle=False, features=features.get("val"), **common)
+    val_ds = make_dataset(
+        data.val, data.tokenizer, shuffle=False, features=features.get("val"), scene_labels=scenes.get("val"), **common
+    )
 
     epochs, steps_per_epoch = config.epochs, None
     if args.max_steps:
@@ -268,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.flip and args.features_cache:
         raise SystemExit("error: --flip needs the images; cached features cannot be mirrored (drop one of them)")
+    if config.flip and config.scene_loss_weight > 0:
+        raise SystemExit("error: --flip and --scene-loss-weight cannot be combined (the scene labels are not mirrored)")
     # First, before TensorFlow does anything: multiworker sets up collective ops at start-up.
     strategy = make_strategy(args.strategy, args.devices.split(",") if args.devices else None)
     keras.utils.set_random_seed(config.seed)

@@ -221,6 +221,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, e: 
 # -------------------------------------------------------------------------------------- captions
 
 
+# The kinds of object a scene can hold, for scene_cells: (size, colour, shape); label 0 is "none".
+SCENE_KINDS = tuple((size, colour, shape) for size in SIZES for colour in COLOURS for shape in SHAPES)
+
+
+def scene_cells(scene: Scene, grid: int) -> np.ndarray:
+    """What each cell of a grid x grid division of the image shows, row by row: 1 + the index in
+    SCENE_KINDS of the object whose box holds the cell's centre, else 0 (background). An object
+    smaller than a cell still labels the cell of its own centre. The image is squeezed to a square
+    (as the model's input is), so the grid divides width and height alike: int32 [grid * grid]."""
+    width, height = scene.frame
+    centres = (np.arange(grid) + 0.5) / grid
+    xs, ys = centres * width, centres * height
+    labels = np.zeros((grid, grid), np.int32)
+    for obj in scene.objects:
+        label = 1 + SCENE_KINDS.index((obj.size, obj.colour, obj.shape))
+        rows = np.abs(ys - obj.cy) <= obj.extent
+        columns = np.abs(xs - obj.cx) <= obj.extent
+        labels[np.ix_(rows, columns)] = label
+        labels[min(int(obj.cy / height * grid), grid - 1), min(int(obj.cx / width * grid), grid - 1)] = label
+    return labels.ravel()
+
+
 def noun_phrase(count: int, colour: str, shape: str, size: str | None = None, one: bool = False) -> str:
     """ "a red circle", "an orange square", "one small blue cross", "two large red crosses"."""
     noun = plural(shape) if count > 1 else shape

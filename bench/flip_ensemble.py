@@ -20,15 +20,14 @@ import numpy as np
 from captioning.captioner import Captioner
 from captioning.decoding import DecodeOptions
 from captioning.tokenizer import END_ID, START_ID
-
-MIRRORED = ("left", "right")
+from training.data import mirror_ids
 
 
 def mirror_permutation(tokenizer) -> np.ndarray:
-    """Vocabulary index -> the index of the word a mirror turns it into (itself for most words)."""
+    """Vocabulary index -> the index of the word a mirror turns it into (itself for most words):
+    the pairs training's flip swaps (training.data.MIRRORED_WORDS)."""
     permutation = np.arange(len(tokenizer))
-    if all(word in tokenizer.ids for word in MIRRORED):
-        a, b = (tokenizer.ids[word] for word in MIRRORED)
+    for a, b in mirror_ids(tokenizer):
         permutation[a], permutation[b] = b, a
     return permutation
 

@@ -38,7 +38,9 @@ class TrainConfig:
     batch_size: int = 32
     captions_per_image: int = 5
     flip: bool = False  # random horizontal flips, with "left" and "right" swapped in the captions
-    scene_loss_weight: float = 0.0  # > 0: the encoder also learns to count the scene's objects (CaptionTrainingModel)
+    scene_loss_weight: float = (
+        0.0  # > 0: the encoder also learns to name the object at each grid cell (CaptionTrainingModel)
+    )
     epochs: int = 12
     learning_rate: float = 2e-3
     clipnorm: float = 5.0

@@ -92,6 +92,7 @@ def decode_options(query: CaptionQuery) -> DecodeOptions:
             top_k=query.top_k,
             seed=query.seed,
             return_attention=query.attention,
+            mirror_view=query.mirror_view,
         ).validate()
     except ValueError as exc:
         raise InvalidParameters(str(exc)) from None
@@ -168,6 +169,7 @@ class CaptionService:
     ) -> CaptionFields:
         """One image; raises its error. Gives up when the client disconnects (`receive`)."""
         started_at = time.perf_counter() if started_at is None else started_at
+        self._check_model_supports(options)
         (outcome,) = await self._run_all([self._caption_one(data, options, started_at)], started_at, receive)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -186,6 +188,7 @@ class CaptionService:
         passes, the captions already finished are kept and the rest are `deadline_exceeded`. If
         every image was refused for load or shutdown, that refusal is raised for the whole request."""
         started_at = time.perf_counter() if started_at is None else started_at
+        self._check_model_supports(options)
         outcomes = await self._run_all(
             [self._caption_one(data, options, started_at) for data in images], started_at, receive
         )
@@ -198,6 +201,10 @@ class CaptionService:
                 logger.error("captioning image %d failed", index, exc_info=outcome)
             results.append(outcome if isinstance(outcome, CaptionFields) else as_api_error(outcome))
         return results
+
+    def _check_model_supports(self, options: DecodeOptions) -> None:
+        if options.mirror_view and self.captioner.mirror_permutation is None:
+            raise InvalidParameters("mirror_view: this model's vocabulary cannot word a mirrored caption")
 
     async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float) -> CaptionFields:
         return await self.infer(await self.prepare(data), options, started_at=started_at)

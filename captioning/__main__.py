@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--top-k", type=int, default=10)
     caption.add_argument("--seed", type=int)
     caption.add_argument("--attention", action="store_true", help="include attention maps (JSON output)")
+    caption.add_argument(
+        "--mirror-view", action="store_true", help="decode each image with its left-right mirror (captioning/mirror.py)"
+    )
     caption.add_argument("--json", action="store_true", help="one JSON object per image")
     return parser
 
@@ -52,10 +55,12 @@ def main(argv=None) -> int:
         top_k=args.top_k,
         seed=args.seed,
         return_attention=args.attention,
+        mirror_view=args.mirror_view,
     )
     try:
         options.validate()
         captioner = Captioner.load(args.artifacts)
+        captioner.new_search(options)  # refuses what this model cannot do (a mirror view without its words)
     except (ValueError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from captioning.config import ModelConfig  # noqa: E402
 from captioning.decoding import Caption, DecodeOptions, GreedySearch, Search, new_search  # noqa: E402
 from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
 from captioning.domain import DomainModel
+from captioning.mirror import MirrorSearch, mirror_permutation  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
 from captioning.preprocess import resize_to_input  # noqa: E402
 from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E402
@@ -71,6 +72,10 @@ class Captioner:
         self.state_size = decoder_step.state_size  # the feature size, or twice it with input feeding
         side = int(round(self.num_positions**0.5))
         self.grid_shape = (side, self.num_positions // side)
+        try:  # None: the vocabulary cannot word a mirrored caption, so no mirror view
+            self.mirror_permutation: np.ndarray | None = mirror_permutation(tokenizer)
+        except ValueError:
+            self.mirror_permutation = None
         size = config.image_size
 
         def run_encoder(images):  # uint8 images -> features, inside each compiled function below
@@ -173,6 +178,16 @@ class Captioner:
         decodes needs its own."""
         return FeatureSlots(self, capacity)
 
+    def new_search(self, options: DecodeOptions) -> Search:
+        """The search for one image under `options` (validated): the strategy's, wrapped in a
+        MirrorSearch with mirror_view."""
+        search = new_search(options, self.max_steps(options))
+        if options.mirror_view:
+            if self.mirror_permutation is None:
+                raise ValueError("this model's vocabulary cannot word a mirrored caption: no mirror_view")
+            search = MirrorSearch(search, self.mirror_permutation, self.grid_shape)
+        return search
+
     def max_steps(self, options: DecodeOptions) -> int:
         """Tokens to generate at most: a caption cut at the limit has no <end>."""
         trained = self.config.max_length - 2
@@ -206,17 +221,20 @@ class Captioner:
         return self._offline_slots
 
     def _caption_batch(self, images: np.ndarray, options: DecodeOptions) -> list[list[Caption]]:
-        """Decodes a batch to completion. Image i's features sit in slot i; finished searches leave
-        the rows, so every step runs on as few rows as are still decoding."""
-        slots, width = self._slots(), options.width
+        """Decodes a batch to completion. View v of image i (captioning.mirror.views) has its features
+        in slot v * B + i; finished searches leave the rows, so every step runs on as few rows as
+        are still decoding."""
+        slots, width, count = self._slots(), options.width, len(images)
+        if options.mirror_view:
+            images = np.concatenate([images, images[:, :, ::-1]])
         slots.encode(images, np.arange(len(images)))
-        searches = [new_search(options, self.max_steps(options)) for _ in range(len(images))]
+        searches = [self.new_search(options) for _ in range(count)]
         if isinstance(searches[0], GreedySearch):
             return self._greedy_batch(slots, searches)
-        slot_of_row = np.repeat(np.arange(len(images), dtype=np.int32), width)
+        slot_of_row = np.concatenate([s.view_of_row() * count + i for i, s in enumerate(searches)]).astype(np.int32)
         state = np.zeros((len(slot_of_row), self.state_size), np.float32)
         tokens = np.concatenate([s.start_tokens() for s in searches])
-        active = list(range(len(searches)))  # the search of each width-row block, in row order
+        active = list(range(count))  # the search of each width-row block, in row order
         while active:
             log_probs, new_state, attention = slots.step(slot_of_row, tokens, state)
             kept = []

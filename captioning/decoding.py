@@ -18,6 +18,7 @@ from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
 STRATEGIES = ("greedy", "beam", "sample")
 MAX_BEAM_SIZE = 10
+MAX_VIEWS = 2  # images one search reads: the upload and its mirror (DecodeOptions.mirror_view)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class DecodeOptions:
     seed: int | None = None
     length_penalty: float = 1.0  # beam scores are log_prob / num_tokens ** length_penalty
     return_attention: bool = False
+    mirror_view: bool = False  # decode the image with its left-right mirror (captioning.mirror)
 
     def validate(self) -> DecodeOptions:
         """Raises ValueError naming the first invalid value or combination."""
@@ -62,9 +64,14 @@ class DecodeOptions:
         return self
 
     @property
+    def views(self) -> int:
+        """Images the search reads: the image, and its mirror with mirror_view."""
+        return MAX_VIEWS if self.mirror_view else 1
+
+    @property
     def width(self) -> int:
-        """Decode slots one image occupies."""
-        return {"greedy": 1, "beam": self.beam_size, "sample": self.num_captions}[self.strategy]
+        """Decoder rows one image occupies: the strategy's decode slots, once per view."""
+        return {"greedy": 1, "beam": self.beam_size, "sample": self.num_captions}[self.strategy] * self.views
 
 
 @dataclass
@@ -108,6 +115,11 @@ class Search:
     """Base class: subclasses set `width` and implement `advance`."""
 
     width: int
+    views = 1  # images it reads; captioning.mirror.MirrorSearch reads two
+
+    def view_of_row(self) -> np.ndarray:
+        """Which of the search's images each of its rows reads."""
+        return np.zeros(self.width, dtype=np.int64)
 
     def __init__(self, options: DecodeOptions, max_steps: int):
         self.options = options

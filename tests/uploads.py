@@ -157,6 +157,7 @@ _CAPTIONS = [
     "two green triangles",
     "a large yellow diamond",
     "a small purple cross is to the left of an orange circle",
+    "an orange circle is to the right of a small purple cross",
     "there are three red squares",
     "a blue circle is above a red square and there is a green triangle",
 ]

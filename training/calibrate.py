@@ -19,14 +19,14 @@ from captioning.calibration import FILE, expected_calibration_error, fit_calibra
 from captioning.decoding import DecodeOptions
 
 
-def caption_with_confidence(captioner, records, batch_size: int = 32):
-    """Greedy captions of `records` -> (texts, raw confidences, calibrated confidences)."""
+def caption_with_confidence(captioner, records, options: DecodeOptions = DecodeOptions(), batch_size: int = 32):
+    """Captions of `records` (greedy by default) -> (texts, raw confidences, calibrated confidences)."""
     from training.evaluate import load_record_image
 
     texts, raw, calibrated = [], [], []
     for start in range(0, len(records), batch_size):
         images = [captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]]
-        for best in captioner.caption(images, DecodeOptions(), batch_size):
+        for best in captioner.caption(images, options, batch_size):
             caption = best[0]
             texts.append(caption.text)
             calibrated.append(caption.confidence)

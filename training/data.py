@@ -5,7 +5,7 @@ caption targets [K, T-1]). The model encodes the image once and trains on all K 
 reference caption is used without paying for the image K times.
 
 With `flip`, half the images are mirrored left to right and the words that name a side swap in
-their captions (MIRRORED_WORDS), so every caption stays true: twice the scenes for a small dataset.
+their captions (captioning.mirror.MIRRORED_WORDS), so every caption stays true: twice the scenes for a small dataset.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from captioning.mirror import mirror_ids
 from captioning.tokenizer import Tokenizer
 from training.datasets.base import CaptionedImage
 from training.datasets.shapes import scene_cells
 
 AUTOTUNE = tf.data.AUTOTUNE
-MIRRORED_WORDS = (("left", "right"),)  # what a left-right mirror turns into each other
 
 
 def caption_matrix(records: list[CaptionedImage], tokenizer: Tokenizer, max_length: int):
@@ -38,18 +38,6 @@ def _choose_captions(tokens, count, captions_per_image: int):
     repeats = tf.random.uniform([captions_per_image], 0, count, dtype=tf.int32)
     chosen = tf.gather(tokens, tf.concat([distinct, repeats], 0)[:captions_per_image])
     return chosen[:, :-1], chosen[:, 1:]
-
-
-def mirror_ids(tokenizer: Tokenizer) -> tuple[tuple[int, int], ...]:
-    """Token id pairs of MIRRORED_WORDS, for the pairs the vocabulary has. A vocabulary with only one
-    word of a pair cannot say the mirrored caption: ValueError."""
-    pairs = []
-    for a, b in MIRRORED_WORDS:
-        if (a in tokenizer.ids) != (b in tokenizer.ids):
-            raise ValueError(f"the vocabulary has only one of {a!r} and {b!r}: mirrored captions cannot be written")
-        if a in tokenizer.ids:
-            pairs.append((tokenizer.ids[a], tokenizer.ids[b]))
-    return tuple(pairs)
 
 
 def _maybe_mirror(image, caption_tokens, pairs: tuple[tuple[int, int], ...]):

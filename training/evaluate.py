@@ -378,6 +378,9 @@ def add_parser(subparsers) -> None:
     decoding.add_argument("--temperature", type=float, default=DecodeOptions.temperature, help="sample only")
     decoding.add_argument("--top-k", type=int, default=DecodeOptions.top_k, help="sample only")
     decoding.add_argument("--seed", type=int, help="sample only")
+    decoding.add_argument(
+        "--mirror-view", action="store_true", help="decode each image with its left-right mirror (captioning.mirror)"
+    )
     decoding.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="decode slots per step")
     out = p.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.json", help="write the metrics here")
@@ -422,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
+        mirror_view=args.mirror_view,
     )
     try:
         options.validate()

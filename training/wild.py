@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from captioning.calibration import expected_calibration_error
+from captioning.decoding import DecodeOptions
 from captioning.domain import IN_DOMAIN_SCORE
 
 
-def score_records(captioner, records) -> dict:
+def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) -> dict:
     from training.calibrate import caption_with_confidence, grade
 
-    texts, _, confidence = caption_with_confidence(captioner, records)
+    texts, _, confidence = caption_with_confidence(captioner, records, options)
     correct = grade(texts, records)
     result = {
         "images": len(records),
@@ -57,7 +58,9 @@ def domain_accepted(captioner, images) -> np.ndarray | None:
     return np.concatenate(scores) >= IN_DOMAIN_SCORE
 
 
-def evaluate_wild(artifacts, per_variation: int, test_images: int, ood_per_group: int) -> dict:
+def evaluate_wild(
+    artifacts, per_variation: int, test_images: int, ood_per_group: int, mirror_view: bool = False
+) -> dict:
     from captioning.captioner import Captioner
     from training.datasets.shapes_wide import VARIATIONS, load_wide_split
     from training.ood_images import ood_groups
@@ -68,14 +71,16 @@ def evaluate_wild(artifacts, per_variation: int, test_images: int, ood_per_group
         "artifacts": str(artifacts),
         "name": captioner.manifest.get("name"),
         "calibrated": captioner.calibration is not None,
+        "decoding": {"strategy": "greedy", "mirror_view": mirror_view},
         "variations": {},
     }
+    options = DecodeOptions(mirror_view=mirror_view)
     all_correct, all_confidence = [], []
-    report["test"], correct, confidence = score_records(captioner, load_wide_split("test", test_images))
+    report["test"], correct, confidence = score_records(captioner, load_wide_split("test", test_images), options)
     print(f"test: {report['test']['grounded_accuracy']}", flush=True)
     for name in VARIATIONS:
         records = load_wide_split("test", per_variation, variation=name)
-        report["variations"][name], correct, confidence = score_records(captioner, records)
+        report["variations"][name], correct, confidence = score_records(captioner, records, options)
         all_correct.append(correct)
         all_confidence.append(confidence)
         print(f"{name}: {report['variations'][name]['grounded_accuracy']}", flush=True)
@@ -110,12 +115,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--per-variation", type=int, default=200, help="images per wild variation")
     p.add_argument("--test-images", type=int, default=1000, help="images of the standard test split")
     p.add_argument("--ood-per-group", type=int, default=40, help="generated images per non-shapes group")
+    p.add_argument(
+        "--mirror-view",
+        action="store_true",
+        help="greedy with the mirror view (captioning.mirror) instead of plain greedy",
+    )
     p.add_argument("--output", metavar="FILE.json", help="write the report here")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    report = evaluate_wild(args.artifacts, args.per_variation, args.test_images, args.ood_per_group)
+    report = evaluate_wild(args.artifacts, args.per_variation, args.test_images, args.ood_per_group, args.mirror_view)
     text = json.dumps(report, indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -32,7 +32,7 @@ from app.engine.errors import EngineError, EngineStopped, InferenceError
 from app.engine.request import Request, Result, deliver, each_failed
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, Block, SlotTable
-from captioning.decoding import GreedySearch, new_search
+from captioning.decoding import GreedySearch
 
 logger = logging.getLogger("app.engine")
 
@@ -187,9 +187,9 @@ class EngineCore:
         self._free_slots(requests)
 
     def _free_slots(self, requests: list[Request]) -> None:
-        slots = [request.feature_slot for request in requests if request.feature_slot is not None]
+        slots = [slot for request in requests for slot in request.feature_slots]
         for request in requests:
-            request.feature_slot = None
+            request.feature_slots = []
         if slots:
             self.runner.free(slots)
             if self.encoder is not None:
@@ -198,9 +198,10 @@ class EngineCore:
     def _start_searches(self, requests: list[Request]) -> None:
         """Places encoded requests into rows: allocation, search state, start tokens."""
         for request in requests:
-            request.search = new_search(request.options, self.captioner.max_steps(request.options))
+            request.search = self.captioner.new_search(request.options)
             start = self.slots.allocate(request, request.width)
-            self.runner.place(start, request.width, request.feature_slot, request.search.start_tokens())
+            slot_of_row = np.asarray(request.feature_slots)[request.search.view_of_row()]
+            self.runner.place(start, slot_of_row, request.search.start_tokens())
 
     def _place_encoded(self, now: float) -> int:
         """Continuous: the encoded requests that fit join the decode batch now."""
@@ -257,7 +258,7 @@ class EngineCore:
                 continue  # dropped, with its rows, at the next iteration
             try:
                 if advance(block):
-                    self._finish(request, request.search.results(self.captioner.tokenizer))
+                    self._finish(request, self.captioner.results(request.search))  # calibrated
                     retired.append(request)
             except Exception as exc:
                 logger.exception("decoding failed for one request")

@@ -21,6 +21,8 @@ from app.engine import os_tuning
 from app.engine.errors import InferenceError
 from app.engine.request import Request, each_failed
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue
+from captioning.decoding import MAX_VIEWS
+from captioning.mirror import views
 
 logger = logging.getLogger("app.engine")
 
@@ -35,16 +37,23 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
         metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
     started = time.perf_counter()
     try:
-        slots, domain_scores = runner.encode(np.stack([request.image for request in requests]))
+        images = [view for request in requests for view in request_views(request)]
+        slots, domain_scores = runner.encode(np.stack(images))
     except Exception as exc:
         logger.exception("encoding a batch of %d images failed", len(requests))
         return InferenceError(f"encoding the image failed: {exc}")
     metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
-    for index, (request, slot) in enumerate(zip(requests, slots, strict=True)):
-        request.feature_slot = slot
-        if domain_scores is not None:
-            request.domain_score = float(domain_scores[index])
+    first = 0
+    for request in requests:
+        request.feature_slots = slots[first : first + request.views]
+        if domain_scores is not None:  # the upload's own, not its mirror's
+            request.domain_score = float(domain_scores[first])
+        first += request.views
     return None
+
+
+def request_views(request: Request) -> list[np.ndarray]:
+    return views(request.image) if request.views == 2 else [request.image]
 
 
 class EncoderStage:
@@ -86,11 +95,13 @@ class EncoderStage:
                 break
             self.slots_freed.clear()  # before looking, so that a slot freed after the look wakes the wait
             with self.handoff:
-                count = min(self.max_batch, len(self.runner.free_slots))
-                batch = [r for r in self.queue.take(count) if not r.abandoned] if count else []
+                free = len(self.runner.free_slots)
+                taken = self.queue.take_within(free, cost=lambda r: r.views, most=self.max_batch)
+                batch = [r for r in taken if not r.abandoned]
                 self.in_flight = batch
-            if not count:
-                self.slots_freed.wait(IDLE_POLL_S)  # every slot is in use: wait for the decoder to free one
+            if not taken and free < MAX_VIEWS:
+                # Too few free slots for any request (a mirror view needs two): wait for the decoder to free some.
+                self.slots_freed.wait(IDLE_POLL_S)
                 continue
             if not batch:
                 self.queue.wait(IDLE_POLL_S)

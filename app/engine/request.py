@@ -21,6 +21,7 @@ class Request:
         "image",
         "options",
         "width",
+        "views",
         "loop",
         "future",
         "submitted",
@@ -28,14 +29,15 @@ class Request:
         "search",
         "abandoned",
         "deadline_timer",
-        "feature_slot",
+        "feature_slots",
         "domain_score",
     )
 
     def __init__(self, image, options, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
         self.image = image
         self.options = options
-        self.width = options.width
+        self.width = options.width  # decoder rows
+        self.views = options.views  # images encoded: the upload, and its mirror with mirror_view
         self.loop = loop
         self.future = future
         self.submitted = time.monotonic()
@@ -43,7 +45,7 @@ class Request:
         self.search = None
         self.abandoned = False  # set on the event loop; the threads free the request's rows and slot
         self.deadline_timer = None
-        self.feature_slot: int | None = None  # where its image features are, once encoded
+        self.feature_slots: list[int] = []  # where each view's features are, once encoded
         self.domain_score: float | None = None  # captioning.domain, from the encoder's features
 
 

@@ -53,7 +53,7 @@ class ModelRunner:
     def __init__(self, captioner, capacity: int = MAX_ROWS, greedy_steps: int = 1, nice: int = 0):
         if capacity > BATCH_BUCKETS[-1]:
             raise ValueError(f"capacity {capacity} exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
-        # A request holds one feature slot from its encode to its end, and at least one row.
+        # A request holds a feature slot per view from its encode to its end, and a row per view at least.
         self.features = captioner.feature_slots(capacity)
         self.greedy_steps_per_call = greedy_steps  # 1: greedy rows step one token per call like the others
         self.greedy_buckets: set[int] = set()  # buckets whose multi-step program is compiled
@@ -132,10 +132,11 @@ class ModelRunner:
             raise
         return slots, scores
 
-    def place(self, start: int, width: int, slot: int, start_tokens: np.ndarray) -> None:
-        """Starts a search in rows [start, start + width), all reading the image in `slot`."""
-        rows = slice(start, start + width)
-        self.slot_of_row[rows] = slot
+    def place(self, start: int, slot_of_row: np.ndarray, start_tokens: np.ndarray) -> None:
+        """Starts a search in rows [start, start + len(slot_of_row)), row start + i reading the
+        features in slot_of_row[i] (the rows of one view share its slot)."""
+        rows = slice(start, start + len(slot_of_row))
+        self.slot_of_row[rows] = slot_of_row
         self.state[rows] = 0.0
         self.tokens[rows] = start_tokens
 

@@ -278,6 +278,15 @@ class AdmissionQueue(Generic[Item]):
         with self._condition:
             return [self._items.popleft() for _ in range(min(count, len(self._items)))]
 
+    def take_within(self, budget: int, cost, most: int) -> list[Item]:
+        """Takes head items, in order, while at most `most` of them cost (cost(item)) at most `budget` in all."""
+        taken, spent = [], 0
+        with self._condition:
+            while self._items and len(taken) < most and spent + cost(self._items[0]) <= budget:
+                spent += cost(self._items[0])
+                taken.append(self._items.popleft())
+        return taken
+
     def remove_if(self, predicate) -> list[Item]:
         """Removes and returns the items for which predicate(item) is true."""
         with self._condition:

@@ -20,7 +20,7 @@ const MAX_ALPHA = 0.75;
 const $ = (id) => document.getElementById(id);
 const ui = {
   form: $("caption-form"), fileInput: $("file-input"), dropZone: $("drop-zone"),
-  strategy: $("strategy"), beamSize: $("beam-size"), numCaptions: $("num-captions"),
+  strategy: $("strategy"), beamSize: $("beam-size"), numCaptions: $("num-captions"), mirrorView: $("mirror-view"),
   beamSizeField: $("beam-size-field"), numCaptionsField: $("num-captions-field"),
   captionButton: $("caption-button"), apiKeyRow: $("api-key-row"), apiKey: $("api-key"),
   modelInfo: $("model-info"), result: $("result"), stage: $("stage"), preview: $("preview"),
@@ -232,7 +232,7 @@ function requireApiKey() {
 
 function decodingParameters() {
   const strategy = ui.strategy.value;
-  const params = new URLSearchParams({ strategy, attention: "true" });
+  const params = new URLSearchParams({ strategy, attention: "true", mirror_view: String(ui.mirrorView.checked) });
   const count = clampInput(ui.numCaptions);
   if (strategy === "beam") {
     const beamSize = clampInput(ui.beamSize);

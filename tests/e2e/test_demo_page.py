@@ -14,6 +14,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -44,7 +45,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PAGE_DEFAULTS = DecodeOptions(strategy="beam", beam_size=3, num_captions=3)  # as app/static/index.html
+PAGE_DEFAULTS = DecodeOptions(
+    strategy="beam", beam_size=3, num_captions=3, mirror_view=True
+)  # as app/static/index.html
 SCENES_TO_TRY = 20
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 375, "height": 740}
@@ -197,7 +200,9 @@ def save_screenshot(page, tmp_path, name):
     return path
 
 
-def test_upload_shows_captions_and_hovering_a_word_shows_its_heatmap(browser, server_url, bundle, scene, tmp_path):
+def test_upload_shows_captions_and_hovering_a_word_shows_its_heatmap(
+    browser, server_url, served_app, bundle, scene, tmp_path
+):
     path, shapes_scene, expected_caption = scene
     page = browser.new_page()
     page.set_viewport_size(DESKTOP)
@@ -224,6 +229,17 @@ def test_upload_shows_captions_and_hovering_a_word_shows_its_heatmap(browser, se
 
     page.mouse.move(0, 0)  # leaving the word clears the overlay
     assert heatmap_pixels_drawn(page) == 0
+
+    # Without the mirror view the page asks for plain beam search, and shows its answer.
+    page.uncheck("#mirror-view")
+    with page.expect_response(lambda r: "/caption?" in r.url) as response:
+        page.click("#caption-button")
+    assert "mirror_view=false" in response.value.url
+    page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
+    plain = served_app.state.captioner.caption(
+        [Image.open(path).convert("RGB")], replace(PAGE_DEFAULTS, mirror_view=False)
+    )
+    assert first_caption(page)[0] == plain[0][0].text
     page.close()
 
 

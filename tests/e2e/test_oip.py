@@ -139,6 +139,9 @@ def test_health_and_metadata(client):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_round_trip_matches_the_caption_route(server, client, binary):
     images = [png((200, 40, 40)), png((30, 60, 220))]
+    decoding = {"strategy": "beam", "beam_size": 3, "num_captions": 2}
+    if not binary:  # and every other /caption parameter passes through `parameters` too
+        decoding["mirror_view"] = True
     outputs = [
         tritonclient_http.InferRequestedOutput(name, binary_data=binary)
         for name in ("caption", "captions", "scores", "confidence")
@@ -148,7 +151,7 @@ def test_infer_round_trip_matches_the_caption_route(server, client, binary):
         [image_input(images, binary)],
         outputs=outputs,
         headers=auth(),
-        parameters={"strategy": "beam", "beam_size": 3, "num_captions": 2},
+        parameters=decoding,
     )
     response = result.get_response()
     assert response["model_name"] == "default" and response["model_version"] == "1"
@@ -157,7 +160,7 @@ def test_infer_round_trip_matches_the_caption_route(server, client, binary):
     assert captions.shape == (2, 2) and scores.dtype == np.float32 and scores.shape == (2, 2)
     assert confidence.shape == (2, 2) and np.all((confidence > 0) & (confidence <= 1))
     for index, image in enumerate(images):  # the same engine and decoding as POST /caption
-        expected = caption_of(server, image, strategy="beam", beam_size=3, num_captions=2)
+        expected = caption_of(server, image, **{k: str(v).lower() if v is True else v for k, v in decoding.items()})
         assert expected["model"] == {"name": "default", "version": "1"}
         texts = [c.decode() if isinstance(c, bytes) else c for c in captions[index]]
         assert texts == [c["text"] for c in expected["captions"]]

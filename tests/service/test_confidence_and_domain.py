@@ -224,6 +224,19 @@ def test_caption_reports_the_domain_and_the_setting_decides(extras_bundle, in_do
         assert {"in_domain", "domain_score"} <= set(schema["CaptionResponse"]["properties"])
 
 
+def test_the_service_answers_the_calibrated_confidence(extras_bundle, in_domain_image):
+    """/caption's confidence is the bundle's calibration applied to the search's raw confidence, as
+    the offline Captioner gives it (a regression: the engine once answered the raw one)."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    with TestClient(create_app(Settings(artifacts_dir=extras_bundle, api_key=None))) as client:
+        served = post(client, in_domain_image).json()["captions"][0]
+        offline = client.app.state.captioner.caption([in_domain_image])[0][0]
+    assert offline.confidence != pytest.approx(offline.raw_confidence, abs=1e-3)  # the calibration matters
+    assert served["confidence"] == pytest.approx(offline.confidence, abs=1e-4)
+
+
 def test_bundle_without_a_domain_model_omits_the_fields(tiny_bundle, in_domain_image):
     from app.main import create_app
     from app.settings import Settings

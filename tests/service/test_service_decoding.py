@@ -72,8 +72,13 @@ def assert_422(response, code: str, fragment: str):
             DecodeOptions(strategy="sample", num_captions=3, seed=5, temperature=0.7, top_k=4),
         ),
         ({"strategy": "greedy", "max_length": 3}, DecodeOptions(max_length=3)),
+        ({"mirror_view": "true"}, DecodeOptions(mirror_view=True)),
+        (
+            {"strategy": "beam", "beam_size": 3, "num_captions": 2, "mirror_view": "true"},
+            DecodeOptions(strategy="beam", beam_size=3, num_captions=2, mirror_view=True),
+        ),
     ],
-    ids=["greedy", "beam-n-best", "beam-1", "sample-seeded", "greedy-short"],
+    ids=["greedy", "beam-n-best", "beam-1", "sample-seeded", "greedy-short", "mirror", "mirror-beam"],
 )
 def test_engine_results_equal_offline_results(client, params, options):
     data = uploads.png(colour=(40, 160, 90), size=(30, 20))
@@ -193,6 +198,15 @@ def test_each_image_gets_its_own_result_in_order(client):
         assert result["image"]["format"] in ("PNG", "JPEG") and result["timing_ms"]["total"] > 0
 
 
+def test_a_model_that_cannot_word_a_mirrored_caption_refuses_the_mirror_view(client, monkeypatch):
+    """A vocabulary with "left" but not "right" (captioning.mirror.mirror_permutation fails and the
+    Captioner keeps None): 422 for /caption and /captions."""
+    monkeypatch.setattr(client.app.state.captioner, "mirror_permutation", None)
+    assert_422(caption(client, mirror_view="true"), "invalid_parameters", "mirrored caption")
+    assert_422(caption_many(client, [("a.png", uploads.png())], mirror_view="true"), "invalid_parameters", "mirror")
+    assert caption(client).status_code == 200
+
+
 def test_whole_request_errors_keep_the_error_shape(client):
     too_many = [(f"{i}.png", uploads.png()) for i in range(MAX_IMAGES + 1)]
     assert_422(caption_many(client, too_many), "too_many_images", f"limit is {MAX_IMAGES}")
@@ -217,6 +231,7 @@ def test_openapi_documents_the_parameters_and_the_batch_endpoint(client):
         "top_k",
         "seed",
         "attention",
+        "mirror_view",
     }
     assert {p["name"] for p in schema["paths"]["/captions"]["post"]["parameters"]} == caption_parameters
     assert "422" in schema["paths"]["/captions"]["post"]["responses"]

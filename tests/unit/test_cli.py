@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from captioning.__main__ import main
+from captioning.decoding import DecodeOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,12 +64,13 @@ def test_module_entry_point_writes_one_json_object_per_image(tiny_bundle, images
         assert best["text"] == " ".join(best["tokens"]) and len(best["attention"]) == len(best["tokens"])
 
 
-def test_text_output_matches_the_library(tiny_bundle, tiny_captioner, images, capsys):
-    assert main(["caption", str(images[0]), "--artifacts", str(tiny_bundle)]) == 0
+@pytest.mark.parametrize("flags", [[], ["--mirror-view"]], ids=["plain", "mirror-view"])
+def test_text_output_matches_the_library(tiny_bundle, tiny_captioner, images, capsys, flags):
+    assert main(["caption", str(images[0]), "--artifacts", str(tiny_bundle), *flags]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     path, confidence, text = line.split("\t")
     with Image.open(images[0]) as image:
-        (expected,) = tiny_captioner.caption([image])[0]
+        (expected,) = tiny_captioner.caption([image], DecodeOptions(mirror_view=bool(flags)))[0]
     assert (path, text) == (str(images[0]), expected.text)
     assert float(confidence) == pytest.approx(expected.confidence, abs=1e-3)
 

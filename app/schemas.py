@@ -203,6 +203,10 @@ class ModelInfo(BaseModel):
     vocabulary_size: int
     max_caption_words: int = Field(description="Longest caption the model was trained to produce.")
     feature_grid: tuple[int, int] = Field(description="Attention grid (rows, columns).")
+    mirror_view: bool = Field(
+        description="Whether the model can decode with mirror_view=true (its vocabulary has both words of each "
+        "mirrored pair, or neither)."
+    )
     dataset: DatasetInfo
     metrics: dict[str, Any] = Field(description="Evaluation results recorded in the manifest.")
     training_command: str | None = None

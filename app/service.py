@@ -203,8 +203,10 @@ class CaptionService:
         return results
 
     def _check_model_supports(self, options: DecodeOptions) -> None:
-        if options.mirror_view and self.captioner.mirror_permutation is None:
-            raise InvalidParameters("mirror_view: this model's vocabulary cannot word a mirrored caption")
+        try:
+            self.captioner.check(options)
+        except ValueError as exc:
+            raise InvalidParameters(str(exc)) from None
 
     async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float) -> CaptionFields:
         return await self.infer(await self.prepare(data), options, started_at=started_at)

@@ -132,7 +132,7 @@ def encode(pixels: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def run(artifacts: str, per_variation: int, seed: int = 2024) -> dict:
+def run(artifacts: str, per_variation: int, seed: int = 2024, mirror_view: bool = False) -> dict:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -140,7 +140,7 @@ def run(artifacts: str, per_variation: int, seed: int = 2024) -> dict:
     from training.datasets.shapes_checker import check_caption
 
     rng = np.random.default_rng(seed)
-    report = {"artifacts": artifacts, "per_variation": per_variation, "variations": {}}
+    report = {"artifacts": artifacts, "per_variation": per_variation, "mirror_view": mirror_view, "variations": {}}
     with TestClient(create_app(Settings(artifacts_dir=Path(artifacts), api_key=None))) as client:
         for variation in VARIATIONS:
             right, in_domain, examples = 0, 0, []
@@ -149,6 +149,7 @@ def run(artifacts: str, per_variation: int, seed: int = 2024) -> dict:
                 image_format = VARIATIONS[variation][4]
                 response = client.post(
                     "/caption",
+                    params={"mirror_view": str(mirror_view).lower()},
                     files={"image": ("scene", encode(pixels, image_format), f"image/{image_format.lower()}")},
                 )
                 response.raise_for_status()
@@ -179,9 +180,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", default="model_artifacts/default/3")
     parser.add_argument("--per-variation", type=int, default=60)
+    parser.add_argument("--mirror-view", action="store_true", help="ask for mirror_view=true")
     parser.add_argument("--output", help="write the JSON report here")
     args = parser.parse_args()
-    report = run(args.artifacts, args.per_variation)
+    report = run(args.artifacts, args.per_variation, mirror_view=args.mirror_view)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 

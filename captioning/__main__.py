@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     try:
         options.validate()
         captioner = Captioner.load(args.artifacts)
-        captioner.new_search(options)  # refuses what this model cannot do (a mirror view without its words)
+        captioner.check(options)  # what this model cannot do (a mirror view without its words)
     except (ValueError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

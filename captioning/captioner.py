@@ -178,13 +178,18 @@ class Captioner:
         decodes needs its own."""
         return FeatureSlots(self, capacity)
 
+    def check(self, options: DecodeOptions) -> None:
+        """ValueError for valid options this model cannot decode with (DecodeOptions.validate
+        checks the rest): a mirror view needs both words of each mirrored pair in the vocabulary."""
+        if options.mirror_view and self.mirror_permutation is None:
+            raise ValueError("mirror_view: this model's vocabulary has only one of 'left' and 'right'")
+
     def new_search(self, options: DecodeOptions) -> Search:
         """The search for one image under `options` (validated): the strategy's, wrapped in a
         MirrorSearch with mirror_view."""
+        self.check(options)
         search = new_search(options, self.max_steps(options))
         if options.mirror_view:
-            if self.mirror_permutation is None:
-                raise ValueError("this model's vocabulary cannot word a mirrored caption: no mirror_view")
             search = MirrorSearch(search, self.mirror_permutation, self.grid_shape)
         return search
 

@@ -18,7 +18,6 @@ from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
 STRATEGIES = ("greedy", "beam", "sample")
 MAX_BEAM_SIZE = 10
-MAX_VIEWS = 2  # images one search reads: the upload and its mirror (DecodeOptions.mirror_view)
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class DecodeOptions:
     @property
     def views(self) -> int:
         """Images the search reads: the image, and its mirror with mirror_view."""
-        return MAX_VIEWS if self.mirror_view else 1
+        return 2 if self.mirror_view else 1
 
     @property
     def width(self) -> int:

@@ -198,7 +198,12 @@ class EngineCore:
     def _start_searches(self, requests: list[Request]) -> None:
         """Places encoded requests into rows: allocation, search state, start tokens."""
         for request in requests:
-            request.search = self.captioner.new_search(request.options)
+            try:
+                request.search = self.captioner.new_search(request.options)
+            except ValueError as exc:  # EngineClient.submit checks first; this one request fails, not the batch
+                self._finish(request, InferenceError(str(exc)))
+                self._free_slots([request])
+                continue
             start = self.slots.allocate(request, request.width)
             slot_of_row = np.asarray(request.feature_slots)[request.search.view_of_row()]
             self.runner.place(start, slot_of_row, request.search.start_tokens())

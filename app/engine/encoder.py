@@ -21,7 +21,6 @@ from app.engine import os_tuning
 from app.engine.errors import InferenceError
 from app.engine.request import Request, each_failed
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue
-from captioning.decoding import MAX_VIEWS
 from captioning.mirror import views
 
 logger = logging.getLogger("app.engine")
@@ -88,6 +87,11 @@ class EncoderStage:
         self.encoded.wake()
         self.slots_freed.set()
 
+    def _head_needs_more_than(self, free: int) -> bool:
+        """Whether the oldest waiting request needs more feature slots (one per view) than are free."""
+        head = self.queue.head(1)
+        return bool(head) and head[0].views > free
+
     def _main(self) -> None:
         os_tuning.lower_this_thread(self.nice)
         while True:
@@ -99,9 +103,8 @@ class EncoderStage:
                 taken = self.queue.take_within(free, cost=lambda r: r.views, most=self.max_batch)
                 batch = [r for r in taken if not r.abandoned]
                 self.in_flight = batch
-            if not taken and free < MAX_VIEWS:
-                # Too few free slots for any request (a mirror view needs two): wait for the decoder to free some.
-                self.slots_freed.wait(IDLE_POLL_S)
+            if not taken and self._head_needs_more_than(free):
+                self.slots_freed.wait(IDLE_POLL_S)  # the decoder frees slots as requests finish
                 continue
             if not batch:
                 self.queue.wait(IDLE_POLL_S)

@@ -11,7 +11,7 @@ EngineCore). It lives on the event loop; the core's threads do the model work.
 
 Deadlines run on the event loop (a timer per request), so a caller gets its DeadlineExceeded on
 time even while a thread is inside a long encode; the timer, like a cancellation, marks the request
-abandoned and the core frees its rows and feature slot. Results are only ever set on the event
+abandoned and the core frees its rows and feature slots. Results are only ever set on the event
 loop, after checking that the future is not already done, so a cancelled future never receives
 one. The service asks check_admission() at the door, before a body is read, and takes a queue
 place only at submit(), once the upload is read and decoded.
@@ -117,12 +117,13 @@ class EngineClient:
         deadline_s: seconds from now the request may take, queueing included (default:
         request_timeout_s). Raises Overloaded at once when the queue is full, DeadlineExceeded,
         EngineStopped, InferenceError, or ValueError for an invalid image or options. Cancelling
-        the awaiting task cancels the request (its rows and feature slot are freed).
+        the awaiting task cancels the request (its rows and feature slots are freed).
         """
         if self.core.stopping or not self._started:
             metrics.REJECTIONS.labels(reason="stopped").inc()
             raise EngineStopped("the inference engine is not running")
         options.validate()
+        self.core.captioner.check(options)
         if image.shape != self._image_shape or image.dtype != np.uint8:
             raise ValueError(f"expected a uint8 image of shape {self._image_shape}, got {image.dtype} {image.shape}")
         loop = asyncio.get_running_loop()

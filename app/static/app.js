@@ -20,7 +20,8 @@ const MAX_ALPHA = 0.75;
 const $ = (id) => document.getElementById(id);
 const ui = {
   form: $("caption-form"), fileInput: $("file-input"), dropZone: $("drop-zone"),
-  strategy: $("strategy"), beamSize: $("beam-size"), numCaptions: $("num-captions"), mirrorView: $("mirror-view"),
+  strategy: $("strategy"), beamSize: $("beam-size"), numCaptions: $("num-captions"),
+  mirrorView: $("mirror-view"), mirrorViewField: $("mirror-view-field"),
   beamSizeField: $("beam-size-field"), numCaptionsField: $("num-captions-field"),
   captionButton: $("caption-button"), apiKeyRow: $("api-key-row"), apiKey: $("api-key"),
   modelInfo: $("model-info"), result: $("result"), stage: $("stage"), preview: $("preview"),
@@ -308,6 +309,10 @@ async function describeModel() {
       return;
     }
     const model = await response.json();
+    if (!model.mirror_view) { // a vocabulary that cannot word a mirrored caption: the option would get 422
+      ui.mirrorView.checked = false;
+      ui.mirrorViewField.hidden = true;
+    }
     ui.modelInfo.textContent = `Model ${model.name} (version ${model.version}), ` +
       `attention over a ${model.feature_grid[0]}×${model.feature_grid[1]} grid.`;
   } catch (error) {

@@ -476,6 +476,7 @@ def test_model_metadata_comes_from_the_manifest(client):
     assert info["metrics"] == {"test": {"exact_match": 0.0}}
     assert "build_tiny_bundle" in info["training_command"]
     assert info["feature_grid"] == [4, 4]
+    assert info["mirror_view"] is True  # its vocabulary has "left" and "right"
     assert "tensorflow" in info["libraries"]
 
 

@@ -200,11 +200,12 @@ def test_each_image_gets_its_own_result_in_order(client):
 
 def test_a_model_that_cannot_word_a_mirrored_caption_refuses_the_mirror_view(client, monkeypatch):
     """A vocabulary with "left" but not "right" (captioning.mirror.mirror_permutation fails and the
-    Captioner keeps None): 422 for /caption and /captions."""
+    Captioner keeps None): 422 for /caption and /captions, and /model says so for the demo page."""
     monkeypatch.setattr(client.app.state.captioner, "mirror_permutation", None)
-    assert_422(caption(client, mirror_view="true"), "invalid_parameters", "mirrored caption")
+    assert_422(caption(client, mirror_view="true"), "invalid_parameters", "mirror_view")
     assert_422(caption_many(client, [("a.png", uploads.png())], mirror_view="true"), "invalid_parameters", "mirror")
     assert caption(client).status_code == 200
+    assert client.get("/model").json()["mirror_view"] is False
 
 
 def test_whole_request_errors_keep_the_error_shape(client):

@@ -134,12 +134,23 @@ def test_the_queue_takes_what_fits_a_budget_in_order():
     assert len(queue) == 1
 
 
+def test_a_mirror_beam_of_one_is_the_mirror_greedy_answer(sided):
+    images = pictures(6, seed=10)
+    beam = DecodeOptions(strategy="beam", beam_size=1, length_penalty=0.0, mirror_view=True)
+    assert tokens_of(sided, images, beam) == tokens_of(sided, images, DecodeOptions(mirror_view=True))
+
+
+def all_free(engine) -> bool:
+    """Nothing decoding, every feature slot back in the pool."""
+    return engine.core.slots.used == 0 and len(engine.runner.free_slots) == engine.runner.features.capacity
+
+
 @pytest.mark.parametrize(
-    ("mode", "encode_ahead"), [("continuous", True), ("continuous", False), ("static", True), ("none", True)]
+    ("mode", "encode_ahead"), [("continuous", True), ("continuous", False), ("static", False), ("none", False)]
 )
 def test_the_engine_answers_as_offline_with_mirror_and_plain_requests_mixed(sided, mode, encode_ahead):
     """More mirror requests at once than the engine has feature slots (two each), between plain
-    ones: every answer is the offline one, token for token."""
+    ones: every answer is the offline one, token for token, and every slot comes back."""
     from app.engine import create_engine
     from app.settings import Settings
 
@@ -157,7 +168,9 @@ def test_the_engine_answers_as_offline_with_mirror_and_plain_requests_mixed(side
         engine = create_engine(sided, settings)
         await engine.start()
         try:
-            return await asyncio.gather(*(engine.submit(image, options) for image, options in jobs))
+            results = await asyncio.gather(*(engine.submit(image, options) for image, options in jobs))
+            assert all_free(engine)
+            return results
         finally:
             await engine.stop()
 
@@ -166,3 +179,109 @@ def test_the_engine_answers_as_offline_with_mirror_and_plain_requests_mixed(side
         offline = sided.caption([image], options)[0]
         assert [c.tokens for c in result.captions] == [c.tokens for c in offline]
         np.testing.assert_allclose([c.log_prob for c in result.captions], [c.log_prob for c in offline], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+def test_cancelled_and_expired_mirror_requests_give_back_both_slots(sided, mode):
+    from app.engine import create_engine
+    from app.engine.errors import DeadlineExceeded
+    from app.settings import Settings
+
+    beam = DecodeOptions(strategy="beam", beam_size=3, mirror_view=True)
+
+    async def serve():
+        engine = create_engine(sided, Settings(batching_mode=mode, inference_nice=0, freeze_gc=False))
+        await engine.start()
+        try:
+            tasks = [asyncio.ensure_future(engine.submit(image, beam)) for image in pictures(24, seed=12)]
+            expiring = [asyncio.ensure_future(engine.submit(image, beam, deadline_s=0.001)) for image in pictures(4)]
+            await asyncio.sleep(0.02)
+            for task in tasks[::2]:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, *expiring, return_exceptions=True)
+            for _ in range(200):  # the core frees what was abandoned at its next iteration
+                if all_free(engine):
+                    break
+                await asyncio.sleep(0.01)
+            return engine, outcomes
+        finally:
+            await engine.stop()
+
+    engine, outcomes = asyncio.run(serve())
+    assert all_free(engine)
+    cancelled = [o for o in outcomes[0:24:2] if isinstance(o, asyncio.CancelledError)]
+    assert cancelled and all(o.captions for o in outcomes[0:24:2] if o not in cancelled)  # or done before it
+    assert all(o.captions for o in outcomes[1:24:2])  # the others were answered
+    assert all(isinstance(o, DeadlineExceeded) for o in outcomes[24:])
+
+
+def test_the_engine_refuses_a_mirror_view_the_model_cannot_word(sided, monkeypatch):
+    from app.engine import create_engine
+    from app.settings import Settings
+
+    monkeypatch.setattr(sided, "mirror_permutation", None)
+
+    async def serve():
+        engine = create_engine(sided, Settings(inference_nice=0, freeze_gc=False))
+        await engine.start()
+        try:
+            with pytest.raises(ValueError, match="mirror_view"):
+                await engine.submit(pictures(1)[0], DecodeOptions(mirror_view=True))
+            return (await engine.submit(pictures(1)[0], DecodeOptions())).captions
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(serve())
+
+
+class SlotRunner:
+    """What EncoderStage needs of a ModelRunner, with `free` feature slots."""
+
+    def __init__(self, free: int):
+        from app.engine.runner import FeatureSlotPool
+
+        self.free_slots = FeatureSlotPool(free)
+
+    def encode(self, images):
+        return self.free_slots.take(len(images)), None
+
+
+def test_the_encoder_takes_a_plain_request_at_once_and_a_mirror_one_when_two_slots_are_free():
+    """Two feature slots, one held by a request being decoded. A plain request is encoded at once
+    into the other (not after the idle poll); a mirror request, which needs two, then waits until
+    the decoder frees them."""
+    import threading
+    import time
+
+    from app.engine.encoder import EncoderStage
+    from app.engine.request import Request
+
+    runner, queue = SlotRunner(2), AdmissionQueue(8)
+    decoding = runner.free_slots.take(1)
+    stage = EncoderStage(runner, queue, 8, post=lambda outcomes: None, should_exit=lambda: stop.is_set())
+    stop = threading.Event()
+    image = pictures(1)[0]
+    stage.start("test-encoder")
+    try:
+        time.sleep(0.05)  # the stage is idle, waiting
+        started = time.monotonic()
+        queue.put_nowait(Request(image, DecodeOptions(), None, None))
+        while not len(stage.encoded) and time.monotonic() - started < 2:
+            time.sleep(0.001)
+        assert len(stage.encoded) == 1 and time.monotonic() - started < 0.2
+        (plain,) = stage.encoded.take(1)
+        assert len(plain.feature_slots) == 1
+        mirror = Request(image, DecodeOptions(mirror_view=True), None, None)
+        queue.put_nowait(mirror)
+        time.sleep(0.1)
+        assert not len(stage.encoded) and len(queue) == 1  # no slot free
+        runner.free_slots.give_back(decoding + plain.feature_slots)  # the decoder finishes both
+        stage.slots_freed.set()
+        started = time.monotonic()
+        while not len(stage.encoded) and time.monotonic() - started < 2:
+            time.sleep(0.001)
+        assert stage.encoded.take(1) == [mirror] and len(mirror.feature_slots) == 2
+    finally:
+        stop.set()
+        stage.wake()
+        stage.thread.join(timeout=5)

@@ -43,6 +43,9 @@ class TrainConfig:
     )
     epochs: int = 12
     learning_rate: float = 2e-3
+    # > 0: the saved weights are an exponential moving average of the trained ones, with this momentum
+    # per step (Keras's Adam use_ema; the average replaces the weights when fit ends).
+    ema_momentum: float = 0.0
     clipnorm: float = 5.0
     patience: int = 3
     train_limit: int | None = None

@@ -153,7 +153,12 @@ def compile_trainer(strategy, config: TrainConfig, model_config, encoder, decode
         # Cosine decay to 5% over the planned run: large steps early, fine ones to settle at the end.
         learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, total_steps, alpha=0.05)
         trainer.compile(
-            optimizer=keras.optimizers.Adam(learning_rate, clipnorm=config.clipnorm),
+            optimizer=keras.optimizers.Adam(
+                learning_rate,
+                clipnorm=config.clipnorm,
+                use_ema=config.ema_momentum > 0,
+                ema_momentum=config.ema_momentum or 0.99,
+            ),
             loss=per_replica_loss(masked_loss),
             # With the scene loss in `loss`, the caption loss alone is logged too (as masked_loss).
             metrics=[masked_accuracy, masked_loss] if scene_classes else [masked_accuracy],
@@ -225,7 +230,11 @@ def fit(
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
         ),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+        # It restores the best epoch's weights when training ends, early or not; with an average to
+        # keep (ema_momentum), that would throw the average away.
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.patience, restore_best_weights=config.ema_momentum == 0
+        ),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), update_freq="epoch"),
     ]
     history = trainer.fit(

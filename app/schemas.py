@@ -109,7 +109,10 @@ class CaptionCandidate(BaseModel):
         "geometric-mean token probability, calibrated on held-out images when the model "
         "bundle has a calibration (docs/MODEL.md).",
     )
-    log_prob: float = Field(description="Summed log-probability of the generated tokens (<= 0).")
+    log_prob: float = Field(
+        description="Summed log-probability of the generated tokens (<= 0); with mirror_view, of the two views' "
+        "average, the distribution the words were chosen from."
+    )
     words: list[WordAttention] | None = Field(
         None, description="Only with attention=true: each word of `text` with its attention weights."
     )

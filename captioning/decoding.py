@@ -114,10 +114,10 @@ class Search:
     """Base class: subclasses set `width` and implement `advance`."""
 
     width: int
-    views = 1  # images it reads; captioning.mirror.MirrorSearch reads two
 
     def view_of_row(self) -> np.ndarray:
-        """Which of the search's images each of its rows reads."""
+        """Which of the search's images each of its rows reads (all the one image; a
+        captioning.mirror.MirrorSearch reads two)."""
         return np.zeros(self.width, dtype=np.int64)
 
     def __init__(self, options: DecodeOptions, max_steps: int):

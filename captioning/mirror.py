@@ -50,8 +50,6 @@ class MirrorSearch(Search):
     (view 0), rows [w, 2w) its mirror (view 1), row w + i shadowing row i. Answers are the inner
     search's."""
 
-    views = 2
-
     def __init__(self, inner: Search, permutation: np.ndarray, grid_shape: tuple[int, int]):
         self.inner = inner
         self.options = inner.options

@@ -10,18 +10,20 @@ that the caption is correct, fitted once on the validation split against the gro
 
 that is temperature scaling (1 / slope) with a bias, on the caption's mean token log-probability,
 fitted by logistic regression (Platt scaling). Both the offline Captioner and the service apply it.
+A second fit, on captions decoded with mirror_view, serves those (`Calibration.mirror_view`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 FILE = "calibration.json"
+METHOD = "platt_mean_token_log_prob"
 
 
 @dataclass(frozen=True)
@@ -29,24 +31,42 @@ class Calibration:
     slope: float
     bias: float
     fitted_on: str = ""  # e.g. "shapes_wide/val, 1000 images, greedy"
+    # Fitted on captions decoded with mirror_view (captioning.mirror), whose averaged log-probabilities
+    # are a little less sure of right answers; None: this calibration serves both.
+    mirror_view: Calibration | None = None
 
     def apply(self, raw_confidence: float) -> float:
         mean_log_prob = math.log(max(raw_confidence, 1e-12))
         z = self.slope * mean_log_prob + self.bias
         return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
 
+    def for_decoding(self, mirror_view: bool) -> Calibration:
+        return self.mirror_view if mirror_view and self.mirror_view is not None else self
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"method": "platt_mean_token_log_prob", **asdict(self)}, indent=2) + "\n")
+        values = {"method": METHOD, **_parameters(self)}
+        if self.mirror_view is not None:
+            values["mirror_view"] = _parameters(self.mirror_view)
+        Path(path).write_text(json.dumps(values, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         values = json.loads(Path(path).read_text())
-        if values.get("method") != "platt_mean_token_log_prob":
+        if values.get("method") != METHOD:
             raise ValueError(f"{path}: unknown calibration method {values.get('method')!r}")
-        slope, bias = float(values["slope"]), float(values["bias"])
-        if not (math.isfinite(slope) and math.isfinite(bias)):
-            raise ValueError(f"{path}: calibration parameters must be finite numbers")
-        return cls(slope, bias, str(values.get("fitted_on", "")))
+        mirror = values.get("mirror_view")
+        return _from_parameters(values, path, None if mirror is None else _from_parameters(mirror, path, None))
+
+
+def _parameters(calibration: Calibration) -> dict:
+    return {"slope": calibration.slope, "bias": calibration.bias, "fitted_on": calibration.fitted_on}
+
+
+def _from_parameters(values: dict, path, mirror_view: Calibration | None) -> Calibration:
+    slope, bias = float(values["slope"]), float(values["bias"])
+    if not (math.isfinite(slope) and math.isfinite(bias)):
+        raise ValueError(f"{path}: calibration parameters must be finite numbers")
+    return Calibration(slope, bias, str(values.get("fitted_on", "")), mirror_view)
 
 
 def fit_calibration(raw_confidences, correct, fitted_on: str = "", l2: float = 1e-3, steps: int = 50) -> Calibration:

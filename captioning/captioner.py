@@ -161,9 +161,10 @@ class Captioner:
         """A finished search's captions, their confidence calibrated when the bundle says how."""
         captions = search.results(self.tokenizer)
         if self.calibration is not None:
+            calibration = self.calibration.for_decoding(search.options.mirror_view)
             for caption in captions:
                 caption.raw_confidence = caption.confidence
-                caption.confidence = self.calibration.apply(caption.confidence)
+                caption.confidence = calibration.apply(caption.confidence)
         return captions
 
     def domain_scores(self, images: np.ndarray) -> np.ndarray | None:

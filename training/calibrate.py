@@ -4,7 +4,8 @@
 
 Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
 complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)
-to those labels, writes calibration.json into the bundle and adds it to the manifest. Fit it on
+to those labels, does the same for greedy captions with mirror_view (captioning.mirror), writes both
+into the bundle's calibration.json and adds it to the manifest. Fit it on
 the validation split, never on the split the evaluation reports.
 """
 
@@ -45,6 +46,10 @@ def grade(texts, records) -> np.ndarray:
 
 
 def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, options: dict | None = None) -> dict:
+    """Fits the calibration of greedy captions and, when the model can mirror, of greedy captions
+    with mirror_view, on the same images; writes calibration.json; returns a summary of each fit."""
+    import dataclasses
+
     from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
     from training.datasets.registry import load_dataset
@@ -52,19 +57,25 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
     captioner = Captioner.load(artifacts)
     records = load_dataset(dataset, split, limit=limit, **(options or {}))
-    texts, raw, _ = caption_with_confidence(captioner, records)
-    correct = grade(texts, records)
-    calibration = fit_calibration(raw, correct, fitted_on=f"{dataset}/{split}, {len(records)} images, greedy")
+    decodings = {"greedy": DecodeOptions()}
+    if captioner.mirror_permutation is not None:
+        decodings["greedy, mirror_view"] = DecodeOptions(mirror_view=True)
+    fits, summary = {}, {}
+    for name, decoding in decodings.items():
+        texts, raw, _ = caption_with_confidence(captioner, records, decoding)
+        correct = grade(texts, records)
+        fits[name] = fit_calibration(raw, correct, fitted_on=f"{dataset}/{split}, {len(records)} images, {name}")
+        fitted = np.array([fits[name].apply(c) for c in raw])
+        summary[name] = {
+            "fitted_on": fits[name].fitted_on,
+            "slope": fits[name].slope,
+            "bias": fits[name].bias,
+            "accuracy": float(correct.mean()),
+            "ece_raw": expected_calibration_error(raw, correct),
+            "ece_calibrated_in_sample": expected_calibration_error(fitted, correct),
+        }
+    calibration = dataclasses.replace(fits["greedy"], mirror_view=fits.get("greedy, mirror_view"))
     calibration.save(f"{artifacts}/{FILE}")
-    fitted = np.array([calibration.apply(c) for c in raw])
-    summary = {
-        "fitted_on": calibration.fitted_on,
-        "slope": calibration.slope,
-        "bias": calibration.bias,
-        "accuracy": float(correct.mean()),
-        "ece_raw": expected_calibration_error(raw, correct),
-        "ece_calibrated_in_sample": expected_calibration_error(fitted, correct),
-    }
     record_stage(add_files(artifacts, (FILE,)), artifacts, "calibration", summary)
     return summary
 

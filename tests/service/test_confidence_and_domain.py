@@ -14,6 +14,7 @@ from PIL import Image
 
 from captioning.artifacts import ArtifactError, add_files
 from captioning.calibration import Calibration, expected_calibration_error, fit_calibration
+from captioning.decoding import DecodeOptions
 from captioning.domain import STATISTICS, DomainModel, fit_domain, image_statistics, pool_features
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -41,6 +42,11 @@ def test_ece_of_perfect_and_overconfident_predictions():
 def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
     Calibration(2.5, -0.5, "test").save(tmp_path / "c.json")
     assert Calibration.load(tmp_path / "c.json") == Calibration(2.5, -0.5, "test")
+    both = Calibration(2.5, -0.5, "greedy", mirror_view=Calibration(3.0, 0.25, "mirror"))
+    both.save(tmp_path / "both.json")
+    assert Calibration.load(tmp_path / "both.json") == both
+    assert both.for_decoding(mirror_view=True).slope == 3.0 and both.for_decoding(mirror_view=False).slope == 2.5
+    assert Calibration(1.0, 0.0).for_decoding(mirror_view=True) == Calibration(1.0, 0.0)  # one fit serves both
     (tmp_path / "bad.json").write_text(json.dumps({"method": "magic", "slope": 1, "bias": 0}))
     with pytest.raises(ValueError, match="unknown calibration method"):
         Calibration.load(tmp_path / "bad.json")
@@ -122,7 +128,7 @@ def extras_bundle(tiny_bundle, tiny_captioner, in_domain_image, tmp_path_factory
     """The tiny bundle plus calibration.json and domain.npz, added to its manifest."""
     bundle = tmp_path_factory.mktemp("extras") / "tiny"
     shutil.copytree(tiny_bundle, bundle)
-    Calibration(slope=4.0, bias=1.0, fitted_on="test").save(bundle / "calibration.json")
+    Calibration(4.0, 1.0, "test", mirror_view=Calibration(3.0, 0.5, "test, mirror")).save(bundle / "calibration.json")
     anchored_domain(tiny_captioner, in_domain_image).save(bundle / "domain.npz")
     add_files(bundle, ("calibration.json", "domain.npz"))
     return bundle
@@ -136,6 +142,8 @@ def test_bundle_extras_load_and_calibrate_the_confidence(extras_bundle, in_domai
     caption = captioner.caption([in_domain_image])[0][0]
     assert caption.raw_confidence is not None
     assert caption.confidence == pytest.approx(Calibration(4.0, 1.0).apply(caption.raw_confidence))
+    mirrored = captioner.caption([in_domain_image], DecodeOptions(mirror_view=True))[0][0]
+    assert mirrored.confidence == pytest.approx(Calibration(3.0, 0.5).apply(mirrored.raw_confidence))
     noise = np.random.default_rng(0).integers(0, 256, in_domain_image.shape).astype(np.uint8)
     scores = captioner.domain_scores(np.stack([in_domain_image, noise]))
     assert scores[0] > 0.99 and scores[1] < 0.5
@@ -191,9 +199,11 @@ def test_bundle_extras_are_verified(extras_bundle, tmp_path):
 # --------------------------------------------------------------------------------------------- API
 
 
-def post(client, pixels: np.ndarray):
+def post(client, pixels: np.ndarray, mirror_view: bool = False):
     return client.post(
-        "/caption", files={"image": ("x.png", uploads.encode(Image.fromarray(pixels), "PNG"), "image/png")}
+        "/caption",
+        params={"mirror_view": str(mirror_view).lower()},
+        files={"image": ("x.png", uploads.encode(Image.fromarray(pixels), "PNG"), "image/png")},
     )
 
 
@@ -231,10 +241,12 @@ def test_the_service_answers_the_calibrated_confidence(extras_bundle, in_domain_
     from app.settings import Settings
 
     with TestClient(create_app(Settings(artifacts_dir=extras_bundle, api_key=None))) as client:
-        served = post(client, in_domain_image).json()["captions"][0]
-        offline = client.app.state.captioner.caption([in_domain_image])[0][0]
-    assert offline.confidence != pytest.approx(offline.raw_confidence, abs=1e-3)  # the calibration matters
-    assert served["confidence"] == pytest.approx(offline.confidence, abs=1e-4)
+        captioner = client.app.state.captioner
+        for mirror_view in (False, True):
+            served = post(client, in_domain_image, mirror_view=mirror_view).json()["captions"][0]
+            offline = captioner.caption([in_domain_image], DecodeOptions(mirror_view=mirror_view))[0][0]
+            assert offline.confidence != pytest.approx(offline.raw_confidence, abs=1e-3)  # the calibration matters
+            assert served["confidence"] == pytest.approx(offline.confidence, abs=1e-4)
 
 
 def test_bundle_without_a_domain_model_omits_the_fields(tiny_bundle, in_domain_image):

@@ -31,7 +31,7 @@ from captioning.config import ModelConfig  # noqa: E402
 from captioning.decoding import Caption, DecodeOptions, GreedySearch, Search, new_search  # noqa: E402
 from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
 from captioning.domain import DomainModel
-from captioning.mirror import MirrorSearch, mirror_permutation  # noqa: E402
+from captioning.mirror import MirrorSearch, mirror_permutation, mirrored  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
 from captioning.preprocess import resize_to_input  # noqa: E402
 from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E402
@@ -232,7 +232,7 @@ class Captioner:
         are still decoding."""
         slots, width, count = self._slots(), options.width, len(images)
         if options.mirror_view:
-            images = np.concatenate([images, images[:, :, ::-1]])
+            images = np.concatenate([images, mirrored(images)])
         slots.encode(images, np.arange(len(images)))
         searches = [self.new_search(options) for _ in range(count)]
         if isinstance(searches[0], GreedySearch):

@@ -40,9 +40,14 @@ def mirror_permutation(tokenizer: Tokenizer) -> np.ndarray:
     return permutation
 
 
+def mirrored(images: np.ndarray) -> np.ndarray:
+    """The left-right mirror of one image [S, S, 3] or of each of a batch [B, S, S, 3]."""
+    return np.ascontiguousarray(np.flip(images, axis=-2))
+
+
 def views(image: np.ndarray) -> list[np.ndarray]:
     """The two images a mirror-view search reads: [S, S, 3] -> [image, its left-right mirror]."""
-    return [image, np.ascontiguousarray(image[:, ::-1])]
+    return [image, mirrored(image)]
 
 
 class MirrorSearch(Search):
@@ -62,10 +67,6 @@ class MirrorSearch(Search):
     def finished(self) -> bool:
         return self.inner.finished
 
-    @property
-    def steps(self) -> int:
-        return self.inner.steps
-
     def view_of_row(self) -> np.ndarray:
         return np.repeat(np.arange(2), self.inner.width)
 
@@ -84,9 +85,6 @@ class MirrorSearch(Search):
             attention = attention[:w]
         tokens, parents = self.inner.advance(averaged, attention)
         return np.concatenate([tokens, self.permutation[tokens]]), np.concatenate([parents, parents + w])
-
-    def hypotheses(self):
-        return self.inner.hypotheses()
 
     def results(self, tokenizer):
         return self.inner.results(tokenizer)

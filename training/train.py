@@ -157,7 +157,7 @@ def compile_trainer(strategy, config: TrainConfig, model_config, encoder, decode
                 learning_rate,
                 clipnorm=config.clipnorm,
                 use_ema=config.ema_momentum > 0,
-                ema_momentum=config.ema_momentum or 0.99,
+                ema_momentum=config.ema_momentum,
             ),
             loss=per_replica_loss(masked_loss),
             # With the scene loss in `loss`, the caption loss alone is logged too (as masked_loss).
@@ -296,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.flip and args.features_cache:
         raise SystemExit("error: --flip needs the images; cached features cannot be mirrored (drop one of them)")
+    if not 0 <= config.ema_momentum < 1:
+        raise SystemExit(f"error: --ema-momentum must be in [0, 1) (0: off), not {config.ema_momentum}")
     if config.flip and config.scene_loss_weight > 0:
         raise SystemExit("error: --flip and --scene-loss-weight cannot be combined (the scene labels are not mirrored)")
     # First, before TensorFlow does anything: multiworker sets up collective ops at start-up.

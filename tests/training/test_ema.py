@@ -43,3 +43,9 @@ def test_the_bundle_holds_the_average_only_when_asked(tmp_path, momentum):
     else:
         assert all(trained)
     assert record["settings"]["ema_momentum"] == momentum
+
+
+@pytest.mark.parametrize("momentum", ["1.0", "-0.5"])
+def test_a_momentum_outside_zero_to_one_is_refused(tmp_path, momentum):
+    with pytest.raises(SystemExit, match="--ema-momentum must be in"):
+        main(["train", "--preset", "tiny", "--ema-momentum", momentum, "--output", str(tmp_path / "b")])

@@ -3,9 +3,11 @@
     make bench-peers          # builds bench/.peers-venv (PyTriton 0.7.0 needs numpy<2), then runs this
     python -m bench.peers --peers-python bench/.peers-venv/bin/python [--duration 6] [--repeats 2]
 
-Every server runs from the start and the phases take turns between them (as bench.load_test does),
-at 32 and 64 closed-loop clients, each level idle and with a noisy neighbour (one CPU-bound
-process beside the servers). Same client (bench.harness), same multipart PNG uploads; before the
+Each server runs alone, started for its turn and stopped after it (idle, LitServe's workers and
+Ray's daemons keep using CPU that would otherwise be taken from the server being measured); the
+servers take turns in an order that rotates from round to round. Each turn measures 32 and 64
+closed-loop clients, each level idle and with a noisy neighbour (one CPU-bound process beside
+the server). Same client (bench.harness), same multipart PNG uploads; before the
 load, every server's captions for the first images are checked against the offline captioner's.
 Server CPU is counted over each server's whole process tree (LitServe and Triton run workers in
 child processes, Ray its GCS, raylet and replica). Writes bench/PEERS.md.
@@ -154,6 +156,24 @@ def versions(python: str) -> str:
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
 
 
+SELF = "this service (continuous)"
+
+
+def start_server(name: str, args, log_path: Path):
+    if name == SELF:
+        return harness.Server("continuous", args.artifacts, {}, log_path)
+    return PeerServer(name, args.peers_python, args.artifacts, log_path)
+
+
+def pooled(old: Row | None, new: Row) -> Row:
+    if old is None:
+        return new
+    outcome = Outcome(
+        old.outcome.latencies_s + new.outcome.latencies_s, [], {}, 0, old.outcome.elapsed_s + new.outcome.elapsed_s
+    )
+    return Row(new.server, new.clients, new.neighbour, outcome, old.cpu_s + new.cpu_s)
+
+
 async def run(args) -> int:
     log_dir = REPO / "bench" / "out"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -162,44 +182,35 @@ async def run(args) -> int:
     expected, offline_per_s, offline_cpu_ms = await asyncio.to_thread(offline_reference, args.artifacts, pixels)
     print(f"offline limit {offline_per_s:.0f} captions/s, {offline_cpu_ms:.2f} ms CPU/caption", flush=True)
     load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    servers = {"this service (continuous)": harness.Server("continuous", args.artifacts, {}, log_dir / "peer-self.log")}
-    for framework in args.frameworks:
-        servers[framework] = PeerServer(framework, args.peers_python, args.artifacts, log_dir / f"peer-{framework}.log")
+    names = [SELF, *args.frameworks]
     rows: dict[tuple[str, int, bool], Row] = {}
-    matches = {}
-    try:
-        for name, server in servers.items():
-            ready = await server.wait_ready()
-            matches[name] = await check_captions(server, requests[:CHECKED_IMAGES], expected)
-            print(f"{name}: ready in {ready:.0f} s; captions equal to offline: {matches[name]:.0%}", flush=True)
-        for _ in range(args.repeats):
-            for clients in CLIENTS:
-                for neighbour in (False, True):
-                    with NoisyNeighbour() if neighbour else contextlib.nullcontext():
-                        for name, server in servers.items():
+    matches: dict[str, float] = {}
+    for round_ in range(args.repeats):
+        # Each server runs alone: idle, LitServe's workers and Ray's daemons keep using CPU
+        # (15% and 10% of a core measured here), which would tax whichever server is being measured.
+        # The order rotates from round to round, so that no server always gets the same stretch of time.
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            server = start_server(name, args, log_dir / f"peer-{name.split()[0]}-{round_}.log")
+            try:
+                ready = await server.wait_ready()
+                matches.setdefault(name, await check_captions(server, requests[:CHECKED_IMAGES], expected))
+                print(f"{name}: ready in {ready:.0f} s; captions equal to offline: {matches[name]:.0%}", flush=True)
+                for clients in CLIENTS:
+                    for neighbour in (False, True):
+                        with NoisyNeighbour() if neighbour else contextlib.nullcontext():
                             before = tree_cpu_seconds(server.process.pid)
                             outcome = await closed_loop(server.port, requests, clients, args.duration, 1.0)
                             cpu = tree_cpu_seconds(server.process.pid) - before
-                            key = (name, clients, neighbour)
-                            if key in rows:
-                                old = rows[key]
-                                outcome = Outcome(
-                                    old.outcome.latencies_s + outcome.latencies_s,
-                                    [],
-                                    {},
-                                    0,
-                                    old.outcome.elapsed_s + outcome.elapsed_s,
-                                )
-                                cpu += old.cpu_s
-                            rows[key] = Row(name, clients, neighbour, outcome, cpu)
-                            print(
-                                f"  {name:28s} {clients} clients{' + neighbour' if neighbour else ''}: "
-                                f"{outcome.served_per_s:.0f}/s",
-                                flush=True,
-                            )
-    finally:
-        for server in servers.values():
-            server.stop()
+                        key = (name, clients, neighbour)
+                        rows[key] = pooled(rows.get(key), Row(name, clients, neighbour, outcome, cpu))
+                        print(
+                            f"  {name:28s} {clients} clients{' + neighbour' if neighbour else ''}: "
+                            f"{outcome.served_per_s:.0f}/s",
+                            flush=True,
+                        )
+            finally:
+                server.stop()
     report = render(args, rows, matches, offline_per_s, offline_cpu_ms, load_before)
     args.output.write_text(report)
     print(report)
@@ -226,7 +237,7 @@ def render(args, rows, matches, offline_per_s, offline_cpu_ms, load_before) -> s
         f"- Peers' environment (bench/.peers-venv): {versions(args.peers_python)}",
         f"- Every server: the project's compiled batch captioner, batch 32, 5 ms batch wait, TensorFlow intra-op "
         f"threads = CPUs - 1; multipart PNG uploads (shapes test split); {args.duration:g} s phases after 1 s "
-        f"warm-up, {args.repeats} rounds pooled, taking turns between servers",
+        f"warm-up, {args.repeats} rounds pooled; each server runs alone for its turn, the order rotating by round",
         "- Noisy neighbour: one CPU-bound Python process at the servers' priority",
         "",
         "captions/s (p50 / p95 ms); server CPU ms per caption over the server's process tree",

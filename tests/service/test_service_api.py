@@ -543,3 +543,17 @@ def test_tampered_bundle_stops_start_up_with_a_clear_message(bundle, tmp_path, s
     missing_app = create_app(settings.model_copy(update={"artifacts_dir": tmp_path / "missing"}))
     with pytest.raises(StartupError, match="not found"), TestClient(missing_app):
         pass
+
+
+def test_startup_prepares_the_routes_without_a_logged_or_counted_request(settings, caplog):
+    """app.main.build_routes walks an unmatched path through the router before readiness; it
+    must not show up as a request in the access log or the metrics."""
+    from prometheus_client import REGISTRY
+
+    labels = {"method": "GET", "route": "unmatched", "status": "404"}
+    before = REGISTRY.get_sample_value("captioning_http_requests_total", labels) or 0.0
+    with caplog.at_level(logging.INFO, logger="app.access"), TestClient(create_app(settings)) as fresh:
+        assert fresh.get("/health/ready").status_code == 200
+    assert (REGISTRY.get_sample_value("captioning_http_requests_total", labels) or 0.0) == before
+    logged = [r.path for r in caplog.records if r.name == "app.access"]
+    assert logged == ["/health/ready"]  # the probe, and nothing from start-up

@@ -105,6 +105,18 @@ class Outcome:
         elif status == 503:
             self.rejected_s.append(latency_s)
 
+    def pooled_with(self, other: Outcome) -> Outcome:
+        """This phase's outcome and a repeat's as one: samples pooled, times and counters added."""
+        statuses = {k: self.statuses.get(k, 0) + other.statuses.get(k, 0) for k in {*self.statuses, *other.statuses}}
+        return Outcome(
+            self.latencies_s + other.latencies_s,
+            self.rejected_s + other.rejected_s,
+            statuses,
+            self.client_errors + other.client_errors,
+            self.elapsed_s + other.elapsed_s,
+            self.wall_s + other.wall_s,
+        )
+
     @property
     def total(self) -> int:
         return sum(self.statuses.values()) + self.client_errors

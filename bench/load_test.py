@@ -201,22 +201,12 @@ class Phase:
 
     def pooled_with(self, other: Phase) -> Phase:
         """This phase and a repeat of it as one: samples pooled, times and counters added."""
-        a, b = self.outcome, other.outcome
-        statuses = {k: a.statuses.get(k, 0) + b.statuses.get(k, 0) for k in {*a.statuses, *b.statuses}}
-        outcome = Outcome(
-            a.latencies_s + b.latencies_s,
-            a.rejected_s + b.rejected_s,
-            statuses,
-            a.client_errors + b.client_errors,
-            a.elapsed_s + b.elapsed_s,
-            a.wall_s + b.wall_s,
-        )
         engine = {name: self.engine[name] + other.engine[name] for name in self.engine}
         return Phase(
             self.mode,
             self.kind,
             self.load,
-            outcome,
+            self.outcome.pooled_with(other.outcome),
             self.server_cpu_s + other.server_cpu_s,
             self.client_cpu_s + other.client_cpu_s,
             engine,

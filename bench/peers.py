@@ -168,10 +168,7 @@ def start_server(name: str, args, log_path: Path):
 def pooled(old: Row | None, new: Row) -> Row:
     if old is None:
         return new
-    outcome = Outcome(
-        old.outcome.latencies_s + new.outcome.latencies_s, [], {}, 0, old.outcome.elapsed_s + new.outcome.elapsed_s
-    )
-    return Row(new.server, new.clients, new.neighbour, outcome, old.cpu_s + new.cpu_s)
+    return Row(new.server, new.clients, new.neighbour, old.outcome.pooled_with(new.outcome), old.cpu_s + new.cpu_s)
 
 
 async def run(args) -> int:

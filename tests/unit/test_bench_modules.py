@@ -1,5 +1,5 @@
 """Every benchmark module imports against the current code (they run rarely, so a rename elsewhere
-would otherwise break them silently)."""
+would otherwise break them silently), and the pieces they share work."""
 
 import importlib
 import pkgutil
@@ -63,3 +63,13 @@ def test_open_loop_verdicts_compare_the_captions_served_of_the_same_arrivals():
     assert not versus_static_open("below", slower, quicker)[2]  # same work, worse p95
     served_fewer = outcome([0.02] * 90, 10, 6.0)
     assert not versus_static_open("past", served_fewer, outcome([0.03] * 95, 5, 6.0))[2]
+
+
+def test_pooling_a_repeated_phase_keeps_every_sample_and_counter():
+    from bench.harness import Outcome
+
+    first = Outcome([0.1], [0.2], {200: 1, 503: 1}, 1, 6.0, 7.0)
+    repeat = Outcome([0.3, 0.4], [], {200: 2, 400: 1}, 0, 6.0, 6.5)
+    pooled = first.pooled_with(repeat)
+    assert pooled == Outcome([0.1, 0.3, 0.4], [0.2], {200: 3, 400: 1, 503: 1}, 1, 12.0, 13.5)
+    assert pooled.served_per_s == 3 / 12.0 and pooled.errors == 2  # the 400 and the client error

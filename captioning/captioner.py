@@ -402,6 +402,15 @@ class FeatureSlots:
             if greedy_steps is not None:
                 self.warmup_greedy(rows, greedy_steps)
 
+    def trace_greedy(self, steps: int) -> None:
+        """Traces the `steps`-step greedy program of every bucket without compiling it (~0.5 s in
+        all). XLA's persistent compilation cache keys a program by its function's name, which
+        TensorFlow numbers from a process-wide counter that every call of a compiled piece moves:
+        traced before any request, the names are the same on every start and a restart loads what
+        the last one compiled; traced while requests run, every start compiled them again."""
+        for rows in self.buckets():
+            self._function("greedy", rows, steps)
+
     def warmup_greedy(self, rows: int, steps: int) -> None:
         """Compiles the `steps`-step greedy program for one bucket (about a second each on a CPU)."""
         zeros = np.zeros(rows, np.int32)

@@ -85,6 +85,7 @@ class ModelRunner:
         bucket's is ready, steps over that many rows take one token per call."""
         self.features.warmup(greedy_steps=None)
         if self.greedy_steps_per_call > 1:
+            self.features.trace_greedy(self.greedy_steps_per_call)  # now, so the compilation cache finds them
             self.warmup_thread = threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True)
             self.warmup_thread.start()
 

@@ -32,7 +32,7 @@ cleanup() {
   set +e
   podman rm --force --ignore --time 0 captioner-ci captioner-ci-startup >/dev/null 2>&1
   if [[ -x "$WORK/tools/bin/podman-compose" ]]; then
-    "$WORK/tools/bin/podman-compose" -p "$COMPOSE_PROJECT" down -t 0 >/dev/null 2>&1
+    "$WORK/tools/bin/podman-compose" -p "$COMPOSE_PROJECT" down -v -t 0 >/dev/null 2>&1
   fi
   podman rmi --force "$IMAGE-code-change" >/dev/null 2>&1
   rm -rf "$WORK"
@@ -197,7 +197,20 @@ check_serving() {
   [[ "$uid" != 0 ]] || fail "runs as root"
   echo "runs as uid $uid"
   podman logs "$container" 2>&1 | "${PROBE[@]}" json-lines || fail "a log line is not JSON"
+  if podman logs "$container" 2>&1 | grep -q '"compilation cache off'; then fail "the compilation cache is off"; fi
 }
+
+# Waits for the background compilation of the multi-step programs; prints its seconds.
+wait_compiled() {
+  local container=$1 start=$SECONDS line
+  until line=$(podman logs "$container" 2>&1 | grep '"multi-step greedy programs ready"'); do
+    ((SECONDS - start < READY_TIMEOUT_S)) || { podman logs "$container" | tail -20; fail "$container never compiled its programs"; }
+    sleep 1
+  done
+  python3 -c 'import json, sys; print(json.loads(sys.argv[1])["seconds"])' "$line"
+}
+
+cache_entries() { podman exec "$1" sh -c 'ls /var/cache/captioning-xla | wc -l'; }
 
 # `podman stop` must end the container within STOP_BUDGET_S, with SIGTERM's exit status (never
 # SIGKILL's 137), given a stop timeout longer than the service's own drain.
@@ -219,9 +232,11 @@ check_graceful_shutdown() {
   echo "$1 shut down gracefully"
 }
 
-# Hardened as deploy/k8s/deployment.yaml runs it: read-only root with a writable /tmp only, no
-# capabilities, no privilege escalation.
-HARDENED=(--read-only --read-only-tmpfs=false --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)
+# Hardened as deploy/k8s/deployment.yaml runs it: read-only root with a writable /tmp and
+# compilation cache only (emptyDir volumes there: world-writable), no capabilities, no privilege
+# escalation.
+HARDENED=(--read-only --read-only-tmpfs=false --tmpfs /tmp --tmpfs /var/cache/captioning-xla:rw,mode=1777
+  --cap-drop ALL --security-opt no-new-privileges)
 
 check_image() {
   log "podman run (read-only root, /tmp writable, no capabilities)"
@@ -272,9 +287,26 @@ check_compose() {
   echo "published on $published"
   [[ "$published" == "127.0.0.1:$port" ]] || fail "compose publishes on $published, not loopback only"
   check_serving "$container" "$port"
+  local cold_s entries
+  cold_s=$(wait_compiled "$container")
+  entries=$(cache_entries "$container")
   stop_within_budget "$container"
   check_graceful_shutdown "$container"
+  # A new container (as after an upgrade) on the same xla-cache volume loads every program it
+  # compiled: the volume gains no entry.
+  log "podman-compose down, then up: a new container on the same compilation cache"
   "$compose" -p "$COMPOSE_PROJECT" down >/dev/null 2>&1
+  "$compose" -p "$COMPOSE_PROJECT" up -d captioner >"$WORK/compose-up.log" 2>&1 \
+    || { tail -20 "$WORK/compose-up.log"; fail "podman-compose up (again)"; }
+  container=$(podman ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" --format '{{.Names}}' | sed -n 1p)
+  wait_healthy "$container"
+  "${PROBE[@]}" caption "http://127.0.0.1:$port/caption" || fail "POST /caption (again)"
+  local warm_s
+  warm_s=$(wait_compiled "$container")
+  echo "multi-step programs: ${cold_s} s in the first container, ${warm_s} s in the second;" \
+    "cache entries: $entries, then $(cache_entries "$container")"
+  [[ "$(cache_entries "$container")" == "$entries" ]] || fail "the second container compiled programs again"
+  "$compose" -p "$COMPOSE_PROJECT" down -v -t 30 >/dev/null 2>&1
 }
 
 install_tools

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,6 +102,7 @@ class ModelRunner:
 
     def _warmup_greedy(self) -> None:
         os_tuning.lower_this_thread(WARMUP_NICE)  # requests served meanwhile come first
+        start = time.perf_counter()
         for rows in self.features.buckets():  # small buckets first: low load needs them first
             if self._warmup_cancelled.is_set():
                 return
@@ -110,6 +112,12 @@ class ModelRunner:
                 logger.exception("compiling the %d-row multi-step greedy program failed", rows)
                 return
             self.greedy_buckets.add(rows)
+        # Seconds here tell a cold start (compiling: tens of seconds under load) from one that
+        # found the compilation cache (a second or two).
+        logger.info(
+            "multi-step greedy programs ready",
+            extra={"buckets": len(self.greedy_buckets), "seconds": round(time.perf_counter() - start, 2)},
+        )
 
     def greedy_ready(self, used: int) -> bool:
         """Whether greedy_steps() over `used` rows runs a compiled multi-step program already

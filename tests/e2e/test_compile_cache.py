@@ -15,11 +15,23 @@ REPO = Path(__file__).resolve().parents[2]
 # main thread (as requests would run them) while the background thread compiles the multi-step
 # greedy programs, until it has compiled every one.
 START = """
+import logging
 import sys
 import numpy as np
 from app.engine.runner import ModelRunner
 from captioning.captioner import Captioner
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+logs = Records()
+logging.getLogger("app.engine").addHandler(logs)
+logging.getLogger("app.engine").setLevel(logging.INFO)
 captioner = Captioner.load(sys.argv[1])
 runner = ModelRunner(captioner, 8, greedy_steps=4)
 runner.warmup()
@@ -31,6 +43,9 @@ while runner.warmup_thread.is_alive():
     runner.free(slots)
 runner.warmup_thread.join()
 assert runner.greedy_buckets == set(runner.features.buckets()), runner.greedy_buckets
+# The line deploy/container-test.sh waits for, and operators read a cold or warm start from.
+(ready,) = [r for r in logs.records if r.getMessage() == "multi-step greedy programs ready"]
+assert ready.buckets == len(runner.features.buckets()) and ready.seconds >= 0
 """
 
 

@@ -147,8 +147,12 @@ def test_compose_config_is_valid_with_service_essentials():
     assert service["restart"] == "unless-stopped"
     assert service["environment"]["MODEL_REPOSITORY"] == "/srv/model_artifacts"
     assert service["environment"]["MODEL_NAME"] == "default"
-    (volume,) = service["volumes"]
-    assert volume["target"] == "/srv/model_artifacts" and volume["read_only"] is True
+    artifacts, cache = service["volumes"]
+    assert artifacts["target"] == "/srv/model_artifacts" and artifacts["read_only"] is True
+    # A named volume on the image's compilation cache, so a recreated container starts warm.
+    assert cache["type"] == "volume" and cache["source"] in config["volumes"]
+    assert f"COMPILE_CACHE_DIR={cache['target']}" in DOCKERFILE
+    assert re.search(rf"install -d -o captioner -g captioner .*{cache['target']}", DOCKERFILE)  # the user owns it
 
 
 def test_compose_stop_grace_covers_both_drains():

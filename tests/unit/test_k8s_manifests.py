@@ -14,6 +14,8 @@ from app.metrics import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
+# Where the Dockerfile points the compilation cache.
+COMPILE_CACHE_DIR = re.search(r"COMPILE_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
 KUBERNETES_VERSION = "1.33.0"  # the oldest minor the manifests promise to support; see docs/DEPLOY.md
 # KServe fields of a predictor that are not PodSpec fields (serving.kserve.io/v1beta1 PredictorSpec).
 KSERVE_PREDICTOR_FIELDS = {
@@ -94,7 +96,7 @@ def test_inference_service_predictor_is_a_valid_pod_spec():
     assert container["image"] == CONTAINER["image"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert [mount["mountPath"] for mount in container["volumeMounts"]] == ["/tmp"]
+    assert [mount["mountPath"] for mount in container["volumeMounts"]] == ["/tmp", COMPILE_CACHE_DIR]
 
 
 def test_probes_use_the_health_routes_on_the_served_port():
@@ -116,8 +118,9 @@ def test_pod_is_non_root_read_only_and_unprivileged():
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    (mount,) = CONTAINER["volumeMounts"]
-    assert mount["mountPath"] == "/tmp"  # the one writable path (Python's and TensorFlow's temp files)
+    # The only writable paths: Python's and TensorFlow's temporary files, and the compilation cache
+    # where the image points COMPILE_CACHE_DIR (unwritable, the service would run without it).
+    assert [mount["mountPath"] for mount in CONTAINER["volumeMounts"]] == ["/tmp", COMPILE_CACHE_DIR]
     assert {"cpu", "memory"} <= set(CONTAINER["resources"]["requests"]) & set(CONTAINER["resources"]["limits"])
 
 

@@ -23,6 +23,8 @@ from pydantic import ValidationError  # noqa: E402
 
 from app.logging_config import logging_config  # noqa: E402
 from app.model_repository import precheck  # noqa: E402
+from app.native_logs import close as close_native_output  # noqa: E402
+from app.native_logs import route_native_output  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from captioning.artifacts import ArtifactError  # noqa: E402
 
@@ -39,6 +41,7 @@ def main() -> int:
     except ValidationError as exc:
         print(f"invalid configuration (environment variables):\n{exc}", file=sys.stderr)
         return 2
+    route_native_output(settings.log_level)  # TensorFlow's own lines become JSON records too
     log_config = logging_config(settings.log_level)
     logging.config.dictConfig(log_config)
     # Checksums only, no TensorFlow: a broken or tampered bundle fails in a fraction of a second
@@ -61,6 +64,7 @@ def main() -> int:
             # seconds) completes; no request has been accepted yet, so there is nothing to drain.
             if not self.started:
                 logger.info("stopped during start-up", extra={"signal": signal.Signals(sig).name})
+                close_native_output()  # os._exit skips atexit: write the last lines first
                 os._exit(128 + sig)
             # The app owns the grace: requests still running when it ends get its 503 JSON. uvicorn's
             # own limit comes a little later, as a backstop (its answer would be a plain-text 500).

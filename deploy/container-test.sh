@@ -233,9 +233,10 @@ check_graceful_shutdown() {
 }
 
 # Hardened as deploy/k8s/deployment.yaml runs it: read-only root with a writable /tmp and
-# compilation cache only (emptyDir volumes there: world-writable), no capabilities, no privilege
-# escalation.
-HARDENED=(--read-only --read-only-tmpfs=false --tmpfs /tmp --tmpfs /var/cache/captioning-xla:rw,mode=1777
+# compilation cache only (emptyDir volumes there, which the pod's user can write), no
+# capabilities, no privilege escalation. Podman gives a tmpfs the image directory's mode and
+# root as owner, whatever mode= says; U makes it the container user's.
+HARDENED=(--read-only --read-only-tmpfs=false --tmpfs /tmp --tmpfs /var/cache/captioning-xla:rw,U
   --cap-drop ALL --security-opt no-new-privileges)
 
 check_image() {
@@ -303,6 +304,8 @@ check_compose() {
   "${PROBE[@]}" caption "http://127.0.0.1:$port/caption" || fail "POST /caption (again)"
   local warm_s
   warm_s=$(wait_compiled "$container")
+  # TensorFlow writes plain-text lines for each program it loads from the cache: JSON records too.
+  podman logs "$container" 2>&1 | "${PROBE[@]}" json-lines || fail "a log line is not JSON (cache loads)"
   echo "multi-step programs: ${cold_s} s in the first container, ${warm_s} s in the second;" \
     "cache entries: $entries, then $(cache_entries "$container")"
   [[ "$(cache_entries "$container")" == "$entries" ]] || fail "the second container compiled programs again"

@@ -1,0 +1,137 @@
+"""Every line the server writes to standard error is one JSON object, native libraries' included.
+
+Python's records are JSON already (app.logging_config). TensorFlow's C++ runtime and XLA write
+their own plain-text lines straight to file descriptor 2, e.g.
+
+    E0000 00:00:1796190297.539107   18245 text_format.cc:378] Error parsing text-format ...
+
+`python -m app` calls route_native_output(), which points descriptor 2 at a pipe read by a small
+child process (`python -m app.native_logs LEVEL`, standard library only): JSON lines pass through
+unchanged, and every other line becomes a record of the `native` logger, glog's level letter as
+its level and the source location as a field. A child rather than a thread of the server, so that
+a fatal line written just before an abort still reaches the log: the child reads until the pipe
+closes, which is when the server has exited. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C
+reaches the whole process group; the server decides when to stop).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from app.logging_config import JsonFormatter
+
+GLOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]\s]+)\] ?(.*)$")
+LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+# Lines TensorFlow 2.21 writes at error level for every program it loads from the compilation
+# cache, although the load works: it reads each entry as a text proto before the binary one, and
+# the compiling machine's feature list names LLVM tuning flags (+prefer-no-scatter, ...) that are
+# no instruction set. Logged at DEBUG (LOG_LEVEL=DEBUG shows them); so is absl's notice that it
+# writes to standard error before its initialisation.
+HARMLESS = (
+    "Error parsing text-format tensorflow.XlaSerializedCacheEntry",
+    "Loading XLA:CPU AOT result. Target machine feature +prefer-no-",
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+)
+DRAIN_TIMEOUT_S = 2.0  # at exit, for the child to write what the pipe still holds
+
+_route: tuple[subprocess.Popen, int] | None = None  # the child and the original stderr's descriptor
+
+
+def record_for(line: str) -> logging.LogRecord:
+    """The `native` logger's record for one plain-text line."""
+    match = GLOG_LINE.match(line)
+    if match:
+        letter, source, message = match.groups()
+        level = LEVELS[letter]
+    else:
+        source, message, level = None, line, logging.WARNING
+    if any(harmless in line for harmless in HARMLESS):
+        level = logging.DEBUG
+    record = logging.LogRecord("native", level, source or "", 0, message, None, None)
+    if source:
+        record.source = source
+    return record
+
+
+def forward(lines, out, level: int) -> None:
+    """Copies lines (bytes) to `out` (text), each as one JSON object; never raises on a bad line."""
+    formatter = JsonFormatter()
+    for raw in lines:
+        try:
+            line = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+            if not line.strip():
+                continue
+            if line.startswith("{"):  # a JSON record of the server's own logging
+                out.write(line + "\n")
+            else:
+                record = record_for(line)
+                if record.levelno >= level:
+                    out.write(formatter.format(record) + "\n")
+            out.flush()
+        except (ValueError, UnicodeError):
+            continue
+
+
+def route_native_output(level: str) -> None:
+    """Points descriptor 2 (Python's sys.stderr included) at the child; falls back to leaving it
+    alone when the child cannot start."""
+    global _route
+    if _route is not None:
+        return
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "app.native_logs", level],
+            stdin=read_end,
+            stdout=sys.stderr.fileno(),
+            close_fds=True,
+        )
+    except (OSError, ValueError, AttributeError):  # no child, or no usable stderr to give it
+        os.close(read_end)
+        os.close(write_end)
+        return
+    os.close(read_end)
+    sys.stderr.flush()
+    original = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    _route = (child, original)
+    atexit.register(close)
+
+
+def close() -> None:
+    """Gives descriptor 2 back and waits for the child to write what the pipe still holds: called
+    at exit, and before os._exit, so that the last lines (the shutdown's) are not lost."""
+    global _route
+    if _route is None:
+        return
+    child, original = _route
+    _route = None
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os.dup2(original, 2)  # the pipe's last write end closes: the child reads to the end and exits
+    os.close(original)
+    try:
+        child.wait(DRAIN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    level = logging.getLevelName(sys.argv[1].upper()) if len(sys.argv) > 1 else logging.INFO
+    forward(sys.stdin.buffer, sys.stdout, level if isinstance(level, int) else logging.INFO)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

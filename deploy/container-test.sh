@@ -212,6 +212,10 @@ wait_compiled() {
 
 cache_entries() { podman exec "$1" sh -c 'ls /var/cache/captioning-xla | wc -l'; }
 
+compose_container() {
+  podman ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" --format '{{.Names}}' | sed -n 1p
+}
+
 # `podman stop` must end the container within STOP_BUDGET_S, with SIGTERM's exit status (never
 # SIGKILL's 137), given a stop timeout longer than the service's own drain.
 stop_within_budget() {
@@ -280,7 +284,7 @@ check_compose() {
   "$compose" -p "$COMPOSE_PROJECT" up -d captioner >"$WORK/compose-up.log" 2>&1 \
     || { tail -20 "$WORK/compose-up.log"; fail "podman-compose up"; }
   local container
-  container=$(podman ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" --format '{{.Names}}' | sed -n 1p)
+  container=$(compose_container)
   [[ -n "$container" ]] || fail "no compose container"
   wait_healthy "$container"
   local published
@@ -299,16 +303,17 @@ check_compose() {
   "$compose" -p "$COMPOSE_PROJECT" down >/dev/null 2>&1
   "$compose" -p "$COMPOSE_PROJECT" up -d captioner >"$WORK/compose-up.log" 2>&1 \
     || { tail -20 "$WORK/compose-up.log"; fail "podman-compose up (again)"; }
-  container=$(podman ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" --format '{{.Names}}' | sed -n 1p)
+  container=$(compose_container)
   wait_healthy "$container"
   "${PROBE[@]}" caption "http://127.0.0.1:$port/caption" || fail "POST /caption (again)"
-  local warm_s
+  local warm_s warm_entries
   warm_s=$(wait_compiled "$container")
+  warm_entries=$(cache_entries "$container")
   # TensorFlow writes plain-text lines for each program it loads from the cache: JSON records too.
   podman logs "$container" 2>&1 | "${PROBE[@]}" json-lines || fail "a log line is not JSON (cache loads)"
   echo "multi-step programs: ${cold_s} s in the first container, ${warm_s} s in the second;" \
-    "cache entries: $entries, then $(cache_entries "$container")"
-  [[ "$(cache_entries "$container")" == "$entries" ]] || fail "the second container compiled programs again"
+    "cache entries: $entries, then $warm_entries"
+  [[ "$warm_entries" == "$entries" ]] || fail "the second container compiled programs again"
   "$compose" -p "$COMPOSE_PROJECT" down -v -t 30 >/dev/null 2>&1
 }
 

@@ -9,7 +9,7 @@ are module-level singletons: the HTTP layer and the batching engine
 the tests do) simply share them — counters keep counting across apps, which is
 what a per-process registry means.
 
-Names the engine imports: QUEUE_DEPTH, ACTIVE_SLOTS, BATCH_SIZE, ENCODE_SECONDS,
+Names the engine imports: QUEUE_DEPTH, ACTIVE_SLOTS, PROGRAMS_COMPILING, BATCH_SIZE, ENCODE_SECONDS,
 STEP_SECONDS, QUEUE_WAIT_SECONDS, REJECTIONS (label ``reason``),
 INFERENCE_SECONDS.
 """
@@ -81,6 +81,14 @@ QUEUE_DEPTH = Gauge(
 ACTIVE_SLOTS = Gauge(
     "engine_active_slots",
     "Decode slots currently occupied by an in-progress caption.",
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+PROGRAMS_COMPILING = Gauge(
+    "engine_programs_compiling",
+    "Engines still compiling their multi-step decode programs in the background after readiness "
+    "(they serve meanwhile, one token per call where a program is missing); 0 once every engine is warm.",
     namespace=_NAMESPACE,
     registry=REGISTRY,
 )

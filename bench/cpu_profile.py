@@ -92,6 +92,7 @@ async def profile(
     )
     try:
         await server.wait_ready()
+        await server.wait_warm()
         await harness.closed_loop(server.port, requests, clients, 1.0, 0.0)  # settle
         before = thread_cpu_seconds(server.process.pid)
         outcome = await harness.closed_loop(server.port, requests, clients, duration_s, 0.0)

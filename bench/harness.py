@@ -332,6 +332,20 @@ class Server:
             await asyncio.sleep(0.25)
         raise RuntimeError(f"the {self.mode} server was not ready within {SERVER_START_TIMEOUT_S} s")
 
+    async def wait_warm(self) -> float:
+        """After readiness: waits until the engine has compiled its multi-step programs in the
+        background (captioning_engine_programs_compiling is 0), so that a measurement starts on a
+        warm engine and this server's compilation does not fall on the next server's start-up.
+        Returns the seconds waited."""
+        started = time.perf_counter()
+        while time.perf_counter() - started < SERVER_START_TIMEOUT_S:
+            _, body = await http_get(self.port, "/metrics")
+            match = re.search(rb"^captioning_engine_programs_compiling ([0-9.e+-]+)$", body, re.MULTILINE)
+            if match is None or float(match.group(1)) == 0:
+                return time.perf_counter() - started
+            await asyncio.sleep(0.25)
+        raise RuntimeError(f"the {self.mode} server was still compiling after {SERVER_START_TIMEOUT_S} s")
+
     def stop(self, timeout_s: float = 60) -> tuple[int | None, float]:
         """SIGTERM, as an orchestrator would; returns (exit code, seconds to exit)."""
         started = time.perf_counter()

@@ -272,9 +272,12 @@ async def benchmark(args, requests: list[bytes], log_dir: Path) -> tuple[list[Ph
             info[mode]["ready_s"] = await server.wait_ready()
             info[mode]["rss_ready"] = rss_mib(server.process.pid)
             info[mode]["first_ms"] = await first_requests(server.port, requests[:FIRST_REQUESTS])
+            # The next server starts, and the phases begin, only once this one has compiled.
+            info[mode]["warm_s"] = info[mode]["ready_s"] + await server.wait_warm()
             print(
                 f"{mode}: ready in {info[mode]['ready_s']:.1f} s (port {server.port}); first requests "
-                f"{', '.join(f'{v:.0f}' for v in info[mode]['first_ms'])} ms",
+                f"{', '.join(f'{v:.0f}' for v in info[mode]['first_ms'])} ms; compiled after "
+                f"{info[mode]['warm_s']:.1f} s",
                 flush=True,
             )
         for repeat in range(args.repeats):
@@ -471,14 +474,16 @@ def render_report(
         "",
         "## Server lifecycle",
         "",
-        "| mode | ready after s | first requests after ready, ms | RSS after warm-up MiB | "
-        "RSS after closed loops MiB | RSS at the end MiB | up at the end | SIGTERM -> exit s | exit code |",
-        "|---|---:|---|---:|---:|---:|---|---:|---:|",
+        "| mode | ready after s | first requests after ready, ms | background compilation done after s | "
+        "RSS after warm-up MiB | RSS after closed loops MiB | RSS at the end MiB | up at the end | "
+        "SIGTERM -> exit s | exit code |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for mode, s in servers.items():
         first = ", ".join(f"{v:.0f}" for v in s["first_ms"])
         lines.append(
-            f"| {mode} | {s['ready_s']:.1f} | {first} | {s['rss_ready']:.0f} | {s['rss_loaded']:.0f} | "
+            f"| {mode} | {s['ready_s']:.1f} | {first} | {s['warm_s']:.1f} | {s['rss_ready']:.0f} | "
+            f"{s['rss_loaded']:.0f} | "
             f"{s['rss_end']:.0f} | {'yes' if s['alive'] else 'NO'} | {s['stop_s']:.1f} | {s['exit_code']} |"
         )
     lines += [
@@ -567,12 +572,19 @@ def check_targets(
         )
     )
     for p in past:
-        worst = percentile(p.outcome.rejected_s, 99)
+        # The open-loop rates are fractions of a capacity measured with few clients; a server that
+        # keeps up with the "overload" refuses nothing, which passes as long as nothing failed.
+        refused = bool(p.outcome.rejected_s)
+        worst = percentile(p.outcome.rejected_s, 99) if refused else 0.0
         checks.append(
             (
                 f"continuous, past capacity ({p.load:.0f}/s): 503 answered within 50 ms (p99), every request answered",
-                f"client p99 {worst * 1e3:.1f} ms (at the server: {server_refusals(p)} within 50 ms); "
-                f"{p.outcome.client_errors} failed on the client side",
+                (
+                    f"client p99 {worst * 1e3:.1f} ms (at the server: {server_refusals(p)} within 50 ms)"
+                    if refused
+                    else "none refused"
+                )
+                + f"; {p.outcome.client_errors} failed on the client side",
                 worst <= 0.05 and not p.outcome.client_errors,
             )
         )

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from app import metrics
 from app.engine import os_tuning
 from app.engine.scheduler import MAX_ROWS, Move
 from captioning.buckets import BATCH_BUCKETS, bucket_for
@@ -88,6 +89,7 @@ class ModelRunner:
         if self.greedy_steps_per_call > 1:
             self.features.trace_greedy(self.greedy_steps_per_call)  # now, so the compilation cache finds them
             self.warmup_thread = threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True)
+            metrics.PROGRAMS_COMPILING.inc()  # here, not in the thread: it must show before readiness does
             self.warmup_thread.start()
 
     def close(self) -> None:
@@ -101,6 +103,12 @@ class ModelRunner:
         self._warmup_cancelled.set()
 
     def _warmup_greedy(self) -> None:
+        try:
+            self._compile_greedy_programs()
+        finally:
+            metrics.PROGRAMS_COMPILING.dec()
+
+    def _compile_greedy_programs(self) -> None:
         os_tuning.lower_this_thread(WARMUP_NICE)  # requests served meanwhile come first
         start = time.perf_counter()
         for rows in self.features.buckets():  # small buckets first: low load needs them first

@@ -490,6 +490,7 @@ def test_metrics_exposes_http_and_engine_series(client):
     for name in (
         "engine_queue_depth",
         "engine_active_slots",
+        "engine_programs_compiling",
         "engine_batch_size",
         "engine_encode_seconds",
         "engine_step_seconds",

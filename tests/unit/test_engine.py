@@ -535,3 +535,35 @@ def test_submit_checks_the_image_and_options(tiny_captioner):
         await engine.stop()
 
     run(scenario())
+
+
+def test_the_compiling_gauge_is_up_from_before_readiness_until_the_background_compilation_ends(tiny_captioner):
+    """Benchmarks and operators wait on captioning_engine_programs_compiling to tell a warm engine
+    from one that still compiles its multi-step programs (and serves one token per call meanwhile)."""
+    from app import metrics
+    from app.engine.runner import ModelRunner
+
+    def compiling() -> float:
+        return metrics.REGISTRY.get_sample_value("captioning_engine_programs_compiling")
+
+    for outcome in ("done", "failed", "cancelled"):
+        runner = ModelRunner(tiny_captioner, greedy_steps=4)
+        release = threading.Event()
+
+        def compile_bucket(rows, steps, outcome=outcome, release=release):
+            release.wait(10)
+            if outcome == "failed":
+                raise RuntimeError("compilation failed")
+
+        runner.features.warmup = lambda greedy_steps=None: None
+        runner.features.trace_greedy = lambda steps: None
+        runner.features.warmup_greedy = compile_bucket
+        before = compiling()
+        runner.warmup()
+        assert compiling() == before + 1, outcome  # already up when warmup() returns: readiness comes after
+        if outcome == "cancelled":
+            runner.cancel_warmup()
+        release.set()
+        runner.warmup_thread.join(10)
+        assert compiling() == before, outcome
+        assert (runner.greedy_buckets == set(runner.features.buckets())) == (outcome == "done"), outcome

@@ -11,7 +11,9 @@ unchanged, and every other line becomes a record of the `native` logger, glog's 
 its level and the source location as a field. A child rather than a thread of the server, so that
 a fatal line written just before an abort still reaches the log: the child reads until the pipe
 closes, which is when the server has exited. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C
-reaches the whole process group; the server decides when to stop).
+reaches the whole process group; the server decides when to stop). Should it die anyway (killed,
+out of memory), a watchdog thread gives descriptor 2 back to the original stderr and says so, so the
+server's own records keep reaching the log (native lines are then plain text again).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 from app.logging_config import JsonFormatter
 
@@ -41,6 +44,7 @@ HARMLESS = (
 DRAIN_TIMEOUT_S = 2.0  # at exit, for the child to write what the pipe still holds
 
 _route: tuple[subprocess.Popen, int] | None = None  # the child and the original stderr's descriptor
+_route_lock = threading.Lock()  # close() and the watchdog: one of them gives descriptor 2 back
 
 
 def record_for(line: str) -> logging.LogRecord:
@@ -103,26 +107,49 @@ def route_native_output(level: str) -> None:
     os.close(write_end)
     _route = (child, original)
     atexit.register(close)
+    threading.Thread(target=_watch, args=(child,), name="native-log-watchdog", daemon=True).start()
+
+
+def _watch(child: subprocess.Popen) -> None:
+    """Waits for the child; if it ends while it is still the route (it was killed, not closed),
+    points descriptor 2 back at the original stderr."""
+    code = child.wait()
+    with _route_lock:
+        if _route is None or _route[0] is not child:
+            return  # close() ended it
+        _give_back()
+    logging.getLogger("app").error(
+        "the native log forwarder exited with code %s: logging straight to standard error, native lines as plain text",
+        code,
+    )
 
 
 def close() -> None:
     """Gives descriptor 2 back and waits for the child to write what the pipe still holds: called
     at exit, and before os._exit, so that the last lines (the shutdown's) are not lost."""
+    with _route_lock:
+        if _route is None:
+            return
+        child = _give_back()
+    try:
+        child.wait(DRAIN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
+def _give_back() -> subprocess.Popen:
+    """Points descriptor 2 at the original stderr again (the pipe's last write end closes, so a
+    living child reads to the end and exits); the caller holds _route_lock."""
     global _route
-    if _route is None:
-        return
     child, original = _route
     _route = None
     try:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-    os.dup2(original, 2)  # the pipe's last write end closes: the child reads to the end and exits
+    os.dup2(original, 2)
     os.close(original)
-    try:
-        child.wait(DRAIN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        child.kill()
+    return child
 
 
 def main() -> int:

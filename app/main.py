@@ -116,6 +116,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = CaptionService(settings, app.state.captioner, app.state.engine, decoder)
     await build_routes(app)
     captioner = models.default.captioner
+    from captioning.captioner import inference_device  # TensorFlow is loaded by now
+
     logger.info(
         "ready",
         extra={
@@ -123,6 +125,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "version": captioner.manifest.get("version"),
             "batching_mode": settings.batching_mode,
             "max_batch_size": settings.max_batch_size,
+            # A GPU host that says "CPU" here has a driver or CUDA problem (TensorFlow's own line
+            # about it is the `native` logger's "failed call to cuInit").
+            "device": inference_device(),
         },
     )
     poller = None

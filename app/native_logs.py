@@ -41,6 +41,9 @@ HARMLESS = (
     "Loading XLA:CPU AOT result. Target machine feature +prefer-no-",
     "All log messages before absl::InitializeLog() is called are written to STDERR",
 )
+# Lines of a CUDA build of TensorFlow on a host without a GPU: at error level, yet it runs on the
+# CPU as it should. A warning: the server's "ready" record names the device it runs on.
+NO_GPU = ("failed call to cuInit",)
 DRAIN_TIMEOUT_S = 2.0  # at exit, for the child to write what the pipe still holds
 
 _route: tuple[subprocess.Popen, int] | None = None  # the child and the original stderr's descriptor
@@ -57,6 +60,8 @@ def record_for(line: str) -> logging.LogRecord:
         source, message, level = None, line, logging.WARNING
     if any(harmless in line for harmless in HARMLESS):
         level = logging.DEBUG
+    elif any(no_gpu in line for no_gpu in NO_GPU):
+        level = min(level, logging.WARNING)
     record = logging.LogRecord("native", level, source or "", 0, message, None, None)
     if source:
         record.source = source

@@ -42,6 +42,12 @@ from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E4
 GREEDY_STEPS = 4
 
 
+def inference_device() -> str:
+    """Where the models run: "GPU:0" when TensorFlow sees a GPU (it places the work there), else "CPU"."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name.split("device:")[-1] if gpus else "CPU"
+
+
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     if array.shape[0] == rows:
         return array

@@ -569,3 +569,13 @@ def test_startup_prepares_the_routes_without_a_logged_or_counted_request(setting
     assert (REGISTRY.get_sample_value("captioning_http_requests_total", labels) or 0.0) == before
     logged = [r.path for r in caplog.records if r.name == "app.access"]
     assert logged == ["/health/ready", "/model"]  # the two requests, and nothing from start-up
+
+
+def test_the_ready_record_names_the_device_the_model_runs_on(settings, caplog):
+    """An operator can tell from the log whether a GPU host really uses its GPU."""
+    with caplog.at_level(logging.INFO, logger="app.main"), TestClient(create_app(settings)):
+        pass
+    (ready,) = [r for r in caplog.records if r.name == "app.main" and r.getMessage() == "ready"]
+    import tensorflow as tf
+
+    assert ready.device == ("GPU:0" if tf.config.list_logical_devices("GPU") else "CPU")

@@ -34,6 +34,8 @@ def test_known_harmless_errors_and_other_lines():
     assert record_for(CACHE_LOAD).levelno == logging.DEBUG  # every compilation-cache load logs it
     absl_notice = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
     assert record_for(absl_notice).levelno == logging.DEBUG
+    no_gpu = "E0000 00:00:1.1   11 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: (303)"
+    assert record_for(no_gpu).levelno == logging.WARNING  # a CUDA build on a CPU host: it runs on the CPU
     plain = record_for("Segmentation fault in something")
     assert plain.levelno == logging.WARNING and plain.getMessage() == "Segmentation fault in something"
 

@@ -56,14 +56,26 @@ def caption_request(png: bytes, upload: str = "multipart") -> bytes:
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection; enough protocol for this server's responses."""
+    """One keep-alive HTTP/1.1 connection; enough protocol for this server's responses.
+
+    Like httpx's keep-alive expiry, it does not reuse a connection idle for REUSE_IDLE_S or more:
+    uvicorn closes one idle for 5 s, and a request written as that close crosses it fails with
+    an incomplete read although the server never saw it (measured: open-loop phases lost a request
+    or four so, each on a connection idle 5.0x s)."""
+
+    REUSE_IDLE_S = 4.0
 
     def __init__(self, port: int):
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.last_used = 0.0
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.writer is not None and (
+            self.reader.at_eof() or time.perf_counter() - self.last_used >= self.REUSE_IDLE_S
+        ):
+            self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
         try:
@@ -74,6 +86,7 @@ class Connection:
             body = await self.reader.readexactly(int(length.group(1))) if length else b""
             if re.search(rb"(?i)\r\nconnection: *close", head):
                 self.close()
+            self.last_used = time.perf_counter()
             return status, body
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             self.close()
@@ -93,6 +106,11 @@ class Outcome:
     client_errors: int = 0  # connection failures, timeouts
     elapsed_s: float = 0.0  # the measured window: the phase's duration
     wall_s: float = 0.0  # the whole phase: warm-up, and draining the requests still in flight
+    client_error_kinds: dict[str, int] = field(default_factory=dict)  # exception name -> count
+
+    def client_failed(self, kind: str) -> None:
+        self.client_errors += 1
+        self.client_error_kinds[kind] = self.client_error_kinds.get(kind, 0) + 1
 
     @property
     def served_per_s(self) -> float:
@@ -115,6 +133,10 @@ class Outcome:
             self.client_errors + other.client_errors,
             self.elapsed_s + other.elapsed_s,
             self.wall_s + other.wall_s,
+            {
+                k: self.client_error_kinds.get(k, 0) + other.client_error_kinds.get(k, 0)
+                for k in {*self.client_error_kinds, *other.client_error_kinds}
+            },
         )
 
     @property
@@ -148,14 +170,15 @@ async def closed_loop(port: int, requests: list[bytes], clients: int, duration_s
                 sent = time.perf_counter()
                 if sent >= stop_at:
                     break
+                failure = None
                 try:
                     status, _ = await asyncio.wait_for(connection.request(rng.choice(requests)), 60)
-                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
                     connection.close()
-                    status = None
+                    status, failure = None, type(exc).__name__
                 if sent >= measure_from:
-                    if status is None:
-                        outcome.client_errors += 1
+                    if failure is not None:
+                        outcome.client_failed(failure)
                     else:
                         outcome.record(status, time.perf_counter() - sent)
         finally:
@@ -187,16 +210,16 @@ async def open_loop(port: int, requests: list[bytes], rate: float, duration_s: f
             connection = Connection(port)
             open_connections += 1
         else:
-            outcome.client_errors += 1
+            outcome.client_failed("too many open connections")
             return
         try:
             status, _ = await asyncio.wait_for(connection.request(rng.choice(requests)), 60)
             outcome.record(status, time.perf_counter() - scheduled)
             idle.append(connection)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
             connection.close()
             open_connections -= 1
-            outcome.client_errors += 1
+            outcome.client_failed(type(exc).__name__)
 
     tasks = []
     started = time.perf_counter()

@@ -248,7 +248,8 @@ def describe_errors(outcome: Outcome) -> str:
     reset connections, no free connection under the open-loop cap, 60 s timeouts)."""
     kinds = [f"{status}: {n}" for status, n in sorted(outcome.statuses.items()) if status not in (200, 503)]
     if outcome.client_errors:
-        kinds.append(f"client: {outcome.client_errors}")
+        named = ", ".join(f"{kind} x{count}" for kind, count in sorted(outcome.client_error_kinds.items()))
+        kinds.append(f"client: {outcome.client_errors}" + (f": {named}" if named else ""))
     return f"{outcome.errors} ({', '.join(kinds)})" if kinds else "0"
 
 

@@ -80,6 +80,7 @@ def main() -> int:
         lifespan="on",  # a failing start-up must stop the server, not be ignored
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + UVICORN_BACKSTOP_S),
         server_header=False,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     server = Server(config)
     try:

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Slowest accepted upload rate beyond BODY_TIMEOUT_S (a 10 MB body gets 200 s more).",
     )
+    keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        description="An idle keep-alive connection is closed after this long. Behind a proxy or load "
+        "balancer that pools connections, set it above the proxy's idle timeout (nginx and AWS ALB: 60 s), "
+        "or a request the proxy sends as the server closes fails as a 502.",
+    )
 
     # --- inference engine (app.engine) -------------------------------------------------------
     batching_mode: BatchingMode = Field(

@@ -60,6 +60,7 @@ def server_env(bundle: Path, port: int, **extra: str) -> dict[str, str]:
         "SHUTDOWN_GRACE_S": "3",
         "BODY_TIMEOUT_S": "1",
         "MIN_UPLOAD_BYTES_PER_S": "50000",
+        "KEEP_ALIVE_S": "2",
         "LOG_LEVEL": "INFO",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_ENABLE_ONEDNN_OPTS": "0",
@@ -102,7 +103,9 @@ def server(bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+    # Its pooled connections expire before the server's KEEP_ALIVE_S=2 closes them.
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30, limits=limits) as client:
         yield client
 
 
@@ -227,6 +230,30 @@ def test_a_body_shorter_than_its_content_length_gets_408_json(server):
     response, _ = raw_request(server.port, head, [b"--xyz\r\n"], read_timeout=10)
     assert response.startswith(b"HTTP/1.1 408"), response[:200]
     assert b'"body_timeout"' in response and time.monotonic() - started < 5
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(server):
+    """KEEP_ALIVE_S=2 on this server: kept open across a short pause, closed after a long one."""
+    request = f"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    expected = b'{"status":"alive"}'
+
+    def one_response(connection) -> bytes:
+        response = b""
+        while not response.endswith(expected):
+            more = connection.recv(65536)
+            assert more, response
+            response += more
+        return response
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(request)
+        assert one_response(connection).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        connection.sendall(request)  # still open after 1 s
+        assert one_response(connection).startswith(b"HTTP/1.1 200")
+        idle_from = time.monotonic()
+        assert connection.recv(65536) == b""  # the server closes it...
+        assert 1.5 < time.monotonic() - idle_from < 4.5  # ...after about 2 s idle
 
 
 def test_auth_metrics_and_model_over_http(server, client):

@@ -122,7 +122,7 @@ class UploadGuard:
         engine = self.engine_of(scope["app"])
         if engine is not None:
             try:
-                engine.check_admission()
+                engine.check_admission(arriving=self.uploads)
             except Exception as exc:  # the engine's Overloaded / EngineStopped
                 return as_api_error(exc)
         if self.uploads >= self.settings.max_concurrent_uploads:

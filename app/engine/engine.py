@@ -101,13 +101,15 @@ class EngineClient:
         except EngineError:
             logger.exception("the warm-up request failed")
 
-    def check_admission(self) -> None:
+    def check_admission(self, arriving: int = 0) -> None:
         """Raises what submit() would raise right now for a full queue or a stopped engine, so a
-        route can refuse before it spends time reading and decoding the upload."""
+        route can refuse before it spends time reading and decoding the upload. `arriving`: requests
+        already let in whose uploads are still being read; each will want a queue place too, so
+        they count against the room left (else they find the queue full after their upload)."""
         if self.core.stopping or not self._started:
             metrics.REJECTIONS.labels(reason="stopped").inc()
             raise EngineStopped("the inference engine is not running")
-        if len(self._queue) >= self._queue.maxsize:
+        if len(self._queue) + arriving >= self._queue.maxsize:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
 

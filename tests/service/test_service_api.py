@@ -341,7 +341,7 @@ class StandInEngine:
     def __init__(self, error: Exception):
         self.error = error
 
-    def check_admission(self):
+    def check_admission(self, arriving=0):
         pass
 
     async def submit(self, image, options, deadline_s):
@@ -369,7 +369,7 @@ def test_a_full_queue_is_refused_at_the_door_with_the_service_error_shape(client
     """app.guards.UploadGuard answers before the upload is read: nothing reaches the engine."""
 
     class FullEngine(StandInEngine):
-        def check_admission(self):
+        def check_admission(self, arriving=0):
             raise EngineOverloaded(1.5)
 
     engine = FullEngine(AssertionError("submit must not be reached"))

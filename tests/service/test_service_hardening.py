@@ -90,7 +90,7 @@ class ScriptedEngine:
     def __init__(self, *answers):
         self.answers = list(answers)
 
-    def check_admission(self):
+    def check_admission(self, arriving=0):
         pass
 
     async def submit(self, image, options, deadline_s):
@@ -267,6 +267,38 @@ def test_uploads_past_the_limit_are_refused_at_once_with_retry_after():
         return results
 
     assert asyncio.run(scenario()) == [(503, b"1"), (200, None), (200, None)]
+
+
+def test_uploads_being_read_count_against_the_room_left_in_the_queue():
+    """A request let in at the door takes its queue place only after its upload is read; the
+    door counts those still reading, so it refuses at once rather than after a read and a decode
+    that the full queue then turns away."""
+    from app.engine import Overloaded
+
+    class OnePlaceLeft:  # the real EngineClient's rule, for a queue with one free place
+        def check_admission(self, arriving=0):
+            if arriving >= 1:
+                raise Overloaded(1.0)
+
+    app = guarded_app([], settings=Settings(body_timeout_s=5))
+    app.state.engine = OnePlaceLeft()
+
+    async def scenario():
+        results = []
+
+        async def one(messages):
+            sent, _, scope, receive, send = call(app, messages)
+            scope["headers"] = KEYED
+            await app(scope, receive, send)
+            results.append(next(m for m in sent if m["type"] == "http.response.start")["status"])
+
+        slow = asyncio.create_task(one([(0.3, b"x", False)]))  # takes the last place, slowly
+        await asyncio.sleep(0.05)
+        await one([(0, b"x", False)])  # refused at the door: the place is spoken for
+        await slow
+        return results
+
+    assert asyncio.run(scenario()) == [503, 200]
 
 
 def test_requests_running_past_the_shutdown_grace_get_503_json():

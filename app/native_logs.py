@@ -132,10 +132,15 @@ def _watch(child: subprocess.Popen) -> None:
 def close() -> None:
     """Gives descriptor 2 back and waits for the child to write what the pipe still holds: called
     at exit, and before os._exit, so that the last lines (the shutdown's) are not lost."""
-    with _route_lock:
+    # Not a blocking acquire: a second signal during start-up runs this again on the same thread.
+    if not _route_lock.acquire(timeout=DRAIN_TIMEOUT_S):
+        return
+    try:
         if _route is None:
             return
         child = _give_back()
+    finally:
+        _route_lock.release()
     try:
         child.wait(DRAIN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -147,13 +152,13 @@ def _give_back() -> subprocess.Popen:
     living child reads to the end and exits); the caller holds _route_lock."""
     global _route
     child, original = _route
-    _route = None
     try:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
     os.dup2(original, 2)
     os.close(original)
+    _route = None  # after the dup2: whoever sees None finds descriptor 2 usable
     return child
 
 

@@ -362,9 +362,11 @@ class Server:
         Returns the seconds waited."""
         started = time.perf_counter()
         while time.perf_counter() - started < SERVER_START_TIMEOUT_S:
-            _, body = await http_get(self.port, "/metrics")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the {self.mode} server exited with code {self.process.returncode}")
+            status, body = await http_get(self.port, "/metrics")
             match = re.search(rb"^captioning_engine_programs_compiling ([0-9.e+-]+)$", body, re.MULTILINE)
-            if match is None or float(match.group(1)) == 0:
+            if status == 200 and (match is None or float(match.group(1)) == 0):  # None: nothing compiles
                 return time.perf_counter() - started
             await asyncio.sleep(0.25)
         raise RuntimeError(f"the {self.mode} server was still compiling after {SERVER_START_TIMEOUT_S} s")

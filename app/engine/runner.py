@@ -90,7 +90,11 @@ class ModelRunner:
             self.features.trace_greedy(self.greedy_steps_per_call)  # now, so the compilation cache finds them
             self.warmup_thread = threading.Thread(target=self._warmup_greedy, name="engine-warmup-greedy", daemon=True)
             metrics.PROGRAMS_COMPILING.inc()  # here, not in the thread: it must show before readiness does
-            self.warmup_thread.start()
+            try:
+                self.warmup_thread.start()
+            except BaseException:
+                metrics.PROGRAMS_COMPILING.dec()
+                raise
 
     def close(self) -> None:
         """The engine has stopped: ends the statistics thread (a stopped engine encodes nothing more)."""

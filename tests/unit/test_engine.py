@@ -317,6 +317,7 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
         controlled.gate.clear()
         held = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)  # the engine thread is busy encoding
+        engine.check_admission(arriving=5)  # nothing waits: uploads being read do not count
         queued = [asyncio.create_task(engine.submit(p, DecodeOptions())) for p in images(3, seed=2)[:2]]
         await asyncio.sleep(0.01)
         engine.check_admission()  # one place left...

@@ -54,6 +54,7 @@ def main() -> int:
 
     import uvicorn
 
+    from app.http_protocol import with_header_deadline
     from app.main import create_app  # imports TensorFlow
 
     app = create_app(settings)
@@ -81,6 +82,7 @@ def main() -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + UVICORN_BACKSTOP_S),
         server_header=False,
         timeout_keep_alive=settings.keep_alive_s,
+        http=with_header_deadline(settings.header_timeout_s),  # httptools, as uvicorn[standard] would pick
     )
     server = Server(config)
     try:

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Slowest accepted upload rate beyond BODY_TIMEOUT_S (a 10 MB body gets 200 s more).",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's headers must arrive within this of the connection (or of the request's "
+        "first byte); else the connection is closed (408 JSON if part of a request came). Against slowloris.",
+    )
     keep_alive_s: float = Field(
         5.0,
         gt=0,

@@ -61,6 +61,7 @@ def server_env(bundle: Path, port: int, **extra: str) -> dict[str, str]:
         "BODY_TIMEOUT_S": "1",
         "MIN_UPLOAD_BYTES_PER_S": "50000",
         "KEEP_ALIVE_S": "2",
+        "HEADER_TIMEOUT_S": "1",
         "LOG_LEVEL": "INFO",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_ENABLE_ONEDNN_OPTS": "0",
@@ -254,6 +255,43 @@ def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(server):
         idle_from = time.monotonic()
         assert connection.recv(65536) == b""  # the server closes it...
         assert 1.5 < time.monotonic() - idle_from < 4.5  # ...after about 2 s idle
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_header_timeout_s(server):
+    """HEADER_TIMEOUT_S=1 on this server (uvicorn alone would hold such a connection for ever)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        opened = time.monotonic()
+        assert connection.recv(65536) == b""  # closed, no answer: there was no request
+        assert 0.8 < time.monotonic() - opened < 3
+
+
+def test_headers_trickled_slowly_get_408_json_and_a_closed_connection(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        opened = time.monotonic()
+        connection.sendall(f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n".encode())
+        connection.setblocking(False)
+        response = b""
+        for index in range(40):  # one header line every 0.1 s: each byte "in time", the whole never
+            try:
+                response += connection.recv(65536)
+            except BlockingIOError:
+                pass
+            if response:
+                break
+            try:
+                connection.sendall(f"X-Slow-{index}: 1\r\n".encode())
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+        connection.setblocking(True)
+        while True:
+            more = connection.recv(65536)
+            if not more:
+                break
+            response += more
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "header_timeout"
+    assert 0.8 < time.monotonic() - opened < 3
 
 
 def test_auth_metrics_and_model_over_http(server, client):

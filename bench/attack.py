@@ -9,6 +9,9 @@ Phases, each against the same server (model_artifacts/default, API_KEY set):
   slowloris  256 keyless clients trickling a body at 10 B/s beside one keyed client captioning in a
              loop: the keyed client's success rate and p95; how fast each keyless client got its
              401 (its body held back)
+  idle       N connections that send nothing and N that trickle a header line each second,
+             beside one keyed client: how many the server has closed HEADER_TIMEOUT_S + 3 s later
+             (its open descriptors before, during and after), the keyed client's success
   framing    a Content-Length of 50 MB (413 before the body), a Content-Length larger than the
              body sent (408 once the body deadline passes)
   sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
@@ -284,6 +287,61 @@ async def slowloris_phase(server: Server, log: Log, slow_clients: int, seconds: 
     }
 
 
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def idle_connections_phase(server: Server, log: Log, count: int, header_timeout_s: float) -> dict:
+    """`count` silent connections and `count` that send a request line and then one header line a
+    second, never finishing; a keyed client captions meanwhile. Closed by the server = EOF read."""
+    body, content_type = multipart("image", [small_png()])
+    before = open_descriptors(server.process.pid)
+
+    async def hold(trickle: bool) -> float | None:
+        """Seconds until the server closed the connection; None if it was still open at the end."""
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        except OSError:
+            return 0.0  # not even accepted
+        opened = time.monotonic()
+        try:
+            if trickle:
+                writer.write(b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            for line in range(int(header_timeout_s) + 3):
+                if trickle:
+                    writer.write(f"X-Slow-{line}: 1\r\n".encode())
+                try:
+                    await asyncio.wait_for(reader.read(65536), 1.0)  # b"" (or a 408) once closed
+                    return time.monotonic() - opened
+                except asyncio.TimeoutError:
+                    continue
+                except OSError:
+                    return time.monotonic() - opened
+            return None
+        finally:
+            writer.close()
+
+    holders = [asyncio.ensure_future(hold(trickle)) for trickle in (False, True) for _ in range(count)]
+    await asyncio.sleep(1.0)
+    during = open_descriptors(server.process.pid)
+    keyed: list[Answer] = []
+    while not all(h.done() for h in holders):
+        keyed.append(
+            await request(server.port, "/caption", body, content_type, key=True, where="keyed", log=log, timeout=30)
+        )
+    closed = [h.result() for h in holders]
+    await asyncio.sleep(0.5)
+    return {
+        "count": count,
+        "silent_closed": sum(c is not None for c in closed[:count]),
+        "trickle_closed": sum(c is not None for c in closed[count:]),
+        "closed_after": sorted(c for c in closed if c is not None),
+        "fds": (before, during, open_descriptors(server.process.pid)),
+        "keyed": len(keyed),
+        "keyed_ok": sum(a.status == 200 for a in keyed),
+    }
+
+
 async def framing_phase(server: Server, log: Log) -> dict:
     body, content_type = multipart("image", [small_png()])
     huge = await request(
@@ -367,6 +425,8 @@ async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
 
 def table(results: dict, log: Log, args) -> str:
     memory, slow, framing, term = results["memory"], results["slowloris"], results["framing"], results["sigterm"]
+    idle = results["idle"]
+    idle_after = idle["closed_after"]
     gib = lambda value: f"{value / GIB:.2f} GiB"  # noqa: E731
     rate = slow["keyed_ok"] / max(slow["keyed"], 1)
     after = term["after"]
@@ -396,6 +456,18 @@ def table(results: dict, log: Log, args) -> str:
             f"{slow['keyless_statuses']}, {slow['keyless_p95']:.2f} s",
             "401 before the body",
         ),
+        (
+            f"{idle['count']} silent + {idle['count']} header-trickling connections: closed by the server",
+            f"{idle['silent_closed']} + {idle['trickle_closed']}"
+            + (f", after {idle_after[0]:.1f}-{idle_after[-1]:.1f} s" if idle_after else ""),
+            f"all, after HEADER_TIMEOUT_S ({args.header_timeout:g} s)",
+        ),
+        (
+            "server's open descriptors: before / with them / after",
+            " / ".join(map(str, idle["fds"])),
+            "back to before",
+        ),
+        ("keyed success beside them", f"{idle['keyed_ok']}/{idle['keyed']}", "all"),
         (
             "keyless, 9 MiB declared, body held back",
             f"{framing['keyless_held'].status} in {framing['keyless_held'].seconds:.2f} s",
@@ -438,13 +510,14 @@ def table(results: dict, log: Log, args) -> str:
 
 async def main_async(args) -> str:
     log = Log()
-    env = {"SHUTDOWN_GRACE_S": str(args.grace), "BODY_TIMEOUT_S": "10"}
+    env = {"SHUTDOWN_GRACE_S": str(args.grace), "BODY_TIMEOUT_S": "10", "HEADER_TIMEOUT_S": str(args.header_timeout)}
     server = Server(Path(args.artifacts).resolve(), env, Path(args.root).resolve())
     try:
         server.wait_ready()
         await asyncio.sleep(2)
         results = {"memory": await memory_phase(server, log, args.clients, args.images, args.settle)}
         results["slowloris"] = await slowloris_phase(server, log, args.slow, args.seconds)
+        results["idle"] = await idle_connections_phase(server, log, args.idle, args.header_timeout)
         results["framing"] = await framing_phase(server, log)
         results["sigterm"] = await sigterm_phase(server, log, 8)
     finally:
@@ -463,6 +536,8 @@ def main() -> None:
     parser.add_argument("--slow", type=int, default=256, help="slowloris phase: trickling keyless clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="slowloris phase: keyed client's run")
     parser.add_argument("--grace", type=float, default=3.0, help="SHUTDOWN_GRACE_S of the server")
+    parser.add_argument("--idle", type=int, default=400, help="idle phase: silent and trickling connections, each")
+    parser.add_argument("--header-timeout", type=float, default=10.0, help="HEADER_TIMEOUT_S of the server")
     parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

@@ -122,6 +122,8 @@ class UploadGuard:
         engine = self.engine_of(scope["app"])
         if engine is not None:
             try:
+                # Approximate by design: a /captions upload counts once but may take several places,
+                # and uploads for other versions count against the default version's queue.
                 engine.check_admission(arriving=self.uploads)
             except Exception as exc:  # the engine's Overloaded / EngineStopped
                 return as_api_error(exc)

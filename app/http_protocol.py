@@ -11,18 +11,15 @@ request had arrived (as nginx's client_header_timeout and Apache's RequestReadTi
 
 from __future__ import annotations
 
-import json
-
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.schemas import ErrorResponse
 
 
 def _timeout_answer() -> bytes:
-    body = json.dumps(
-        {
-            "error": {"code": "header_timeout", "message": "the request headers did not arrive in time"},
-            "request_id": None,
-        }
-    ).encode()
+    """The service's one error shape; no request ID: the request never reached the app."""
+    error = {"code": "header_timeout", "message": "the request headers did not arrive in time"}
+    body = ErrorResponse(error=error, request_id=None).model_dump_json().encode()
     head = (
         "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -40,7 +37,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        self._arm_header_deadline()
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_deadline()
@@ -50,12 +47,15 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._request_started = True
         if self._header_timer is None:  # a later request: its own deadline from its first byte
-            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+            self._arm_header_deadline()
 
     def on_headers_complete(self) -> None:
         self._cancel_header_deadline()
         self._request_started = False
         super().on_headers_complete()
+
+    def _arm_header_deadline(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _cancel_header_deadline(self) -> None:
         if self._header_timer is not None:

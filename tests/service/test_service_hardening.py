@@ -210,6 +210,14 @@ def run_call(app, scope_headers, messages, **kwargs):
 KEYED = [(b"x-api-key", API_KEY.encode())]
 
 
+async def answer_start(app, messages) -> dict:
+    """The http.response.start message of one keyed request with scripted body messages."""
+    sent, _, scope, receive, send = call(app, messages)
+    scope["headers"] = KEYED
+    await app(scope, receive, send)
+    return next(m for m in sent if m["type"] == "http.response.start")
+
+
 def test_a_keyless_upload_is_refused_before_its_body_is_read():
     reads = []
     status, headers, body, receives = run_call(guarded_app(reads, settings=Settings()), [], [(0, b"x" * 100, True)] * 5)
@@ -253,10 +261,7 @@ def test_uploads_past_the_limit_are_refused_at_once_with_retry_after():
         results = []
 
         async def one(messages):
-            sent, calls, scope, receive, send = call(app, messages)
-            scope["headers"] = KEYED
-            await app(scope, receive, send)
-            start = next(m for m in sent if m["type"] == "http.response.start")
+            start = await answer_start(app, messages)
             results.append((start["status"], dict(start["headers"]).get(b"retry-after")))
 
         slow = asyncio.create_task(one([(0.3, b"x", False)]))
@@ -287,10 +292,7 @@ def test_uploads_being_read_count_against_the_room_left_in_the_queue():
         results = []
 
         async def one(messages):
-            sent, _, scope, receive, send = call(app, messages)
-            scope["headers"] = KEYED
-            await app(scope, receive, send)
-            results.append(next(m for m in sent if m["type"] == "http.response.start")["status"])
+            results.append((await answer_start(app, messages))["status"])
 
         slow = asyncio.create_task(one([(0.3, b"x", False)]))  # takes the last place, slowly
         await asyncio.sleep(0.05)

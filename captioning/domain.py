@@ -7,9 +7,9 @@ that is <= 1 for an image like them:
     deviation over the N positions), scored by its Mahalanobis distance d from a Gaussian fitted to
     the training images (mean, covariance shrunk towards a scaled identity); ratio d / threshold,
     the threshold a margin over the distances of held-out validation images;
-  - image statistics of the model's 64x64 input (`image_statistics`): how much of the image stands
-    out from the background, how much of that is one of the six named colours, how busy the
-    background is, strong edges away from named colours, fine-grain (high-frequency) energy.
+  - image statistics of the model's input, after the resize (`image_statistics`): how much of the
+    image stands out from the background, how much of that is one of the six named colours, how
+    busy the background is, strong edges away from named colours, fine-grain (high-frequency) energy.
     Each has an interval spanning the training images (0.1%-99.9% quantiles, widened); the ratio
     is the largest |x - centre| / half-width.
 
@@ -44,16 +44,16 @@ NAMED_DISTANCE = 80.0  # RGB distance to a named colour that counts as that colo
 @functools.cache
 def _named_colour_table() -> np.ndarray:
     """For every 24-bit RGB value (r << 16 | g << 8 | b): is it within NAMED_DISTANCE of a named
-    colour? 16 MiB, built once (~0.3 s); a look-up per pixel is ~6x cheaper than the distances."""
-    values = np.arange(256, dtype=np.int32)
+    colour? 16 MiB, built once; a look-up per pixel is ~6x cheaper than the distances. Only the
+    cube around each colour can be within reach, so only it is computed: 0.03 s against 0.3 s for
+    the whole table per colour, on the way to the service's readiness (its first request)."""
     table = np.zeros((256, 256, 256), bool)
-    for red, green, blue in NAMED_COLOURS.astype(np.int32):
-        squared = (
-            ((values - red) ** 2)[:, None, None]
-            + ((values - green) ** 2)[None, :, None]
-            + ((values - blue) ** 2)[None, None, :]
-        )
-        table |= squared < NAMED_DISTANCE**2
+    reach = int(np.ceil(NAMED_DISTANCE)) - 1  # farther along any one channel is out of reach
+    for colour in NAMED_COLOURS.astype(np.int32):
+        low, high = np.maximum(colour - reach, 0), np.minimum(colour + reach, 255) + 1
+        red, green, blue = (np.arange(lo, hi, dtype=np.int32) - c for lo, hi, c in zip(low, high, colour))
+        squared = (red**2)[:, None, None] + (green**2)[None, :, None] + (blue**2)[None, None, :]
+        table[low[0] : high[0], low[1] : high[1], low[2] : high[2]] |= squared < NAMED_DISTANCE**2
     return table.reshape(-1)
 
 

@@ -55,3 +55,21 @@ def test_float_inputs_are_read_as_pixel_values():
     rng = np.random.default_rng(0)
     images = scenes(rng, 4, 64)
     np.testing.assert_allclose(image_statistics(images.astype(np.float32)), image_statistics(images))
+
+
+def test_named_colour_table_is_the_distance_test_for_every_colour_near_the_edge():
+    """The table is built from a cube around each named colour only: every colour just inside or
+    just outside NAMED_DISTANCE of one (the edge the cubes must not cut), and random ones, agree
+    with the plain distances."""
+    from captioning.domain import _named_colour_table
+
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(20000, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    radii = NAMED_DISTANCE + rng.uniform(-1.5, 1.5, (20000, 1))
+    near_edge = NAMED_COLOURS[rng.integers(0, 6, 20000)] + directions * radii
+    colours = np.clip(np.rint(np.concatenate([near_edge, rng.integers(0, 256, (20000, 3))])), 0, 255).astype(np.int64)
+    expected = np.linalg.norm(colours[:, None, :] - NAMED_COLOURS, axis=2).min(axis=1) < NAMED_DISTANCE
+    looked_up = _named_colour_table()[(colours[:, 0] << 16) | (colours[:, 1] << 8) | colours[:, 2]]
+    np.testing.assert_array_equal(looked_up, expected)
+    assert 0.1 < expected[:20000].mean() < 0.9  # the edge sample straddles the edge

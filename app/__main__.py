@@ -54,7 +54,7 @@ def main() -> int:
 
     import uvicorn
 
-    from app.http_protocol import with_header_deadline
+    from app.http_protocol import hardened_protocol
     from app.main import create_app  # imports TensorFlow
 
     app = create_app(settings)
@@ -82,7 +82,8 @@ def main() -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + UVICORN_BACKSTOP_S),
         server_header=False,
         timeout_keep_alive=settings.keep_alive_s,
-        http=with_header_deadline(settings.header_timeout_s),  # httptools, as uvicorn[standard] would pick
+        # httptools, as uvicorn[standard] would pick, with deadlines and limits per connection
+        http=hardened_protocol(settings.header_timeout_s, settings.max_header_bytes),
     )
     server = Server(config)
     try:

@@ -1,12 +1,35 @@
-"""uvicorn's HTTP protocol with a deadline on each request's headers (against slowloris clients).
+"""uvicorn's httptools protocol, hardened at the connection level (docs/HARDENING.md).
 
-uvicorn 0.54 arms its keep-alive timer only after a response. A connection that sends nothing, or
-that trickles a header line a byte at a time, is therefore held for ever: each one costs a file
-descriptor, and enough of them make accept() fail for every other client. Here a request's
-headers must be complete within `header_timeout_s` of the connection being made (its first
-request) or of the request's first byte (the next ones; an idle keep-alive connection is uvicorn's
-KEEP_ALIVE_S business). Past it the connection is closed, with a 408 JSON answer when part of a
-request had arrived (as nginx's client_header_timeout and Apache's RequestReadTimeout header=).
+uvicorn (0.54-0.55) watches a connection only while it waits for the next request after a
+response (its keep-alive timer), and cancels that timer on any byte received. Left as it is:
+  - a connection that sends nothing, trickles its headers, sends one stray CRLF after an answer,
+    or trickles the rest of a body that was answered before it was read (a 401, a 413 from its
+    Content-Length) is held for ever: each costs a file descriptor, and enough of them make
+    accept() fail for every other client (slowloris);
+  - the request line and headers have no size limit: httptools joins a header value's pieces as
+    they come (quadratic), so a 100 MB header stalls the event loop for seconds, and millions of
+    small headers take a gigabyte;
+  - after a pipelined request is cut off by garbage, the request still running writes to the
+    closed connection (an ERROR traceback): uvicorn marks only the newest request as disconnected;
+  - an `Upgrade` other than WebSocket (`curl --http2` offers h2c) makes httptools treat the
+    request as bodiless and stop parsing the connection: an upload arrives empty.
+
+Here:
+  - a request's headers must be complete within `header_timeout_s` of the connection being made,
+    of the request's first byte, or of any byte that arrives between requests; past it the
+    connection is closed, with a 408 JSON answer when part of a request had arrived (as nginx's
+    client_header_timeout and Apache's RequestReadTimeout header=);
+  - the rest of a body answered early must arrive within `header_timeout_s` of the answer (nginx's
+    lingering close), else the connection is closed; once it has, the connection is kept alive;
+  - more than `max_header_bytes` of request line and headers is answered 431 and the connection
+    closed (nginx, Node and h11 allow 8-64 KiB);
+  - the request running when the connection is lost is marked disconnected too;
+  - a request offering an upgrade this server does not speak is answered as HTTP/1.1 without
+    its body being lost: with a body, a 400 JSON `upgrade_not_supported` saying so; without one,
+    normally. Either way the connection then closes, since httptools reads nothing more on it;
+  - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text).
+
+An idle keep-alive connection stays uvicorn's KEEP_ALIVE_S business.
 """
 
 from __future__ import annotations
@@ -15,25 +38,41 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.schemas import ErrorResponse
 
+HTTP_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
+BAD_REQUEST_CODE = "bad_request"  # app.errors' code for a request that is not valid HTTP
 
-def _timeout_answer() -> bytes:
-    """The service's one error shape; no request ID: the request never reached the app."""
-    error = {"code": "header_timeout", "message": "the request headers did not arrive in time"}
-    body = ErrorResponse(error=error, request_id=None).model_dump_json().encode()
+
+def _answer(status: int, code: str, message: str) -> bytes:
+    """The service's one error shape, then the connection closes; no request ID: the request
+    never reached the app."""
+    body = ErrorResponse(error={"code": code, "message": message}, request_id=None).model_dump_json().encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode()
     return head + body
 
 
-TIMEOUT_ANSWER = _timeout_answer()
+TIMEOUT_ANSWER = _answer(408, "header_timeout", "the request headers did not arrive in time")
+UPGRADE_ANSWER = _answer(
+    400,
+    "upgrade_not_supported",
+    "this server speaks HTTP/1.1 only: send the request without the Upgrade header (curl: --http1.1)",
+)
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
-    header_timeout_s = 10.0  # set per server by with_header_deadline()
+def _headers_too_large_answer(limit: int) -> bytes:
+    return _answer(431, "headers_too_large", f"the request line and headers exceed {limit} bytes")
+
+
+class HardenedProtocol(HttpToolsProtocol):
+    header_timeout_s = 10.0  # both set per server by hardened_protocol()
+    max_header_bytes = 64 * 1024
     _header_timer = None
+    _header_bytes = 0  # received since the header deadline was armed
     _request_started = False  # some of a request has arrived: the deadline answers 408
+    _running = None  # the request whose ASGI task runs now (self.cycle is the newest one)
+    _drain_timer = None  # the rest of an answered request's body is being dropped until it fires
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -41,7 +80,27 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_deadline()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        running = self._running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._drain_timer is None and self._header_timer is None and self._between_requests():
+            # Bytes between requests (a stray CRLF) cancel uvicorn's keep-alive timer and may
+            # begin no request: they start a header deadline, as a new connection's first bytes do.
+            self._arm_header_deadline()
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing, so that one read holding small headers and a large body passes:
+        # headers that completed have cancelled the deadline (and reset the count).
+        if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
+            self._close_with(_headers_too_large_answer(self.max_header_bytes))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -52,25 +111,89 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_header_deadline()
         self._request_started = False
+        if self.parser.should_upgrade() and not self._should_upgrade():
+            self._unsupported_upgrade()
+            return
         super().on_headers_complete()
 
+    def _unsupported_upgrade(self) -> None:
+        # httptools skips the body of any request offering an upgrade and then stops parsing.
+        has_body = any(
+            (name == b"content-length" and value.strip() not in (b"", b"0")) or name == b"transfer-encoding"
+            for name, value in self.headers
+        )
+        if has_body:
+            self._close_with(UPGRADE_ANSWER)
+            return
+        super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.keep_alive = False  # answered, then closed: nothing more is read on it
+
+    # The parser still reports the end of a request whose upgrade was refused: no cycle to tell.
+    def on_body(self, body: bytes) -> None:
+        if self.cycle is not None:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.cycle is not None:
+            super().on_message_complete()
+        if self._drain_timer is not None:  # the answered request's body is in: a keep-alive connection again
+            self._drain_timer.cancel()
+            self._drain_timer = None
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_response_complete(self) -> None:
+        running = self._running
+        super().on_response_complete()
+        if running is not None and running.more_body and not self.transport.is_closing():
+            # Answered before its body came in whole (401, 413, 503, 408): uvicorn reads and drops
+            # the rest, and each byte of it cancels the keep-alive timer, so a client trickling a
+            # body it declared huge was held for ever. The rest must come within header_timeout_s.
+            self._drain_timer = self.loop.call_later(self.header_timeout_s, self.transport.close)
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP (a parser error)."""
+        self._close_with(_answer(400, BAD_REQUEST_CODE, msg))
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def _arm_header_deadline(self) -> None:
+        self._header_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _cancel_header_deadline(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        self._header_bytes = 0
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
+        self._close_with(TIMEOUT_ANSWER if self._request_started else b"")
+
+    def _close_with(self, answer: bytes) -> None:
+        """Answers (unless a response is being written: the bytes would land inside it) and closes."""
+        self._cancel_header_deadline()
         if self.transport.is_closing():
             return
-        if self._request_started:
-            self.transport.write(TIMEOUT_ANSWER)
+        responding = self._running is not None and not self._running.response_complete
+        if answer and not responding:
+            self.transport.write(answer)
         self.transport.close()
 
 
-def with_header_deadline(header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with this server's deadline."""
-    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
+def hardened_protocol(header_timeout_s: float, max_header_bytes: int) -> type[HardenedProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this server's limits."""
+    return type(
+        "HardenedProtocol",
+        (HardenedProtocol,),
+        {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes},
+    )

@@ -92,7 +92,13 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="A request's headers must arrive within this of the connection (or of the request's "
-        "first byte); else the connection is closed (408 JSON if part of a request came). Against slowloris.",
+        "first byte, or of any byte between requests); else the connection is closed (408 JSON if part of a "
+        "request came). Against slowloris.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request line plus headers; beyond it 431 JSON and the connection is closed.",
     )
     keep_alive_s: float = Field(
         5.0,

@@ -49,6 +49,7 @@ from captioning.decoding import DecodeOptions
 INPUT_NAME = "image"
 OUTPUTS = {"caption": "BYTES", "captions": "BYTES", "scores": "FP32", "confidence": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_VERSION_DIGITS = 18  # a version path segment longer than this names no version (int() stops at 4300)
 # Request parameters the protocol or tritonclient may send that are not decoding options.
 PROTOCOL_PARAMETERS = {"binary_data_output", "timeout", "priority", "sequence_id", "sequence_start", "sequence_end"}
 DECODING_PARAMETERS = set(CaptionQuery.model_fields)
@@ -160,7 +161,10 @@ async def _lease(request: Request, name: str, version: str | None) -> AsyncItera
     if name != models.name:
         raise ModelNotFound(f"unknown model '{name}'; this server serves '{models.name}'")
     served = models.served
-    if version is not None and (not version.isdigit() or int(version) not in served):
+    # ASCII digits only: str.isdigit() also takes "³" (int() refuses it) and "٣" (int() reads 3).
+    if version is not None and not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
+        raise ModelNotFound(f"model '{name}' has no version '{version[:40]}': versions are positive integers")
+    if version is not None and int(version) not in served:
         raise ModelNotFound(
             f"model '{name}' version '{version}' is not served (served versions: "
             f"{', '.join(map(str, sorted(served))) or 'none'})"
@@ -303,9 +307,12 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
             "invalid inference request: "
             + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         ) from None
-    unknown = [output.name for output in inference.outputs or () if output.name not in OUTPUTS]
+    names = [output.name for output in inference.outputs or ()]
+    unknown = sorted(set(names) - set(OUTPUTS))
     if unknown:  # before any inference is spent on the request
-        raise OipError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
+        raise OipError(f"unknown outputs {unknown[:5]}; this model has {list(OUTPUTS)}")
+    if len(set(names)) < len(names):  # each would be answered once more: a request could ask for 10 MB of copies
+        raise OipError(f"an output is requested more than once; this model has {list(OUTPUTS)}")
     images = input_images(inference, binary, settings)
     options = decoding(inference.parameters)
     results = await caption_images(request, images, options, settings, model)

@@ -198,3 +198,30 @@ def test_errors_have_the_protocol_shape(server, client):
         f"http://{server}/v2/models/default/infer", headers=auth(), content=b"{not json", timeout=10
     ).json()
     assert set(body) == {"error"} and isinstance(body["error"], str)
+
+
+@pytest.mark.parametrize("version", ["%C2%B3", "%D9%A3", "1" * 5000, "-1", "1.0"])
+def test_a_version_that_is_not_ascii_digits_is_404_in_the_protocol_shape(server, version):
+    """ "³" passes str.isdigit() but not int(), "٣" (Arabic-Indic 3) would read as 3, and int()
+    refuses strings of over 4300 digits: each was a 500 or another version."""
+    for path in ("", "/ready", "/infer"):
+        url = f"http://{server}/v2/models/default/versions/{version}{path}"
+        response = httpx.request("POST" if path == "/infer" else "GET", url, headers=auth(), content=b"{}", timeout=10)
+        assert response.status_code == 404, (path, response.text[:200])
+        assert set(response.json()) == {"error"}
+
+
+def test_an_output_asked_for_twice_is_refused_before_any_inference(server):
+    """Each entry was answered: 200000 copies of `scores` in a 4 MB request made an 84 MB answer."""
+    request = {
+        "inputs": [
+            {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png((1, 2, 3))).decode()]}
+        ],
+        "outputs": [{"name": "scores"}] * 1000,
+    }
+    response = httpx.post(f"http://{server}/v2/models/default/infer", headers=auth(), json=request, timeout=10)
+    assert response.status_code == 400
+    assert "more than once" in response.json()["error"]
+    request["outputs"] = [{"name": f"unknown-{index}"} for index in range(1000)]
+    response = httpx.post(f"http://{server}/v2/models/default/infer", headers=auth(), json=request, timeout=10)
+    assert response.status_code == 400 and len(response.text) < 500  # names a few, not all 1000

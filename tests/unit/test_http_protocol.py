@@ -1,0 +1,271 @@
+"""app.http_protocol under a real uvicorn server, raw sockets for clients that misbehave.
+
+A tiny ASGI app stands in for the service (no model), so each case takes well under a second:
+the deadlines here are HEADER_TIMEOUT_S=0.5 and MAX_HEADER_BYTES=4096."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from app.http_protocol import hardened_protocol
+
+HEADER_TIMEOUT_S = 0.5
+MAX_HEADER_BYTES = 4096
+KEEP_ALIVE_S = 5
+
+
+class App:
+    """GET /ok answers; POST /refuse answers 401 without reading the body; POST /echo reads the
+    body and answers its length; GET /slow answers after 0.5 s unless the client went away."""
+
+    def __init__(self):
+        self.disconnected = threading.Event()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/echo":
+            size, more = 0, True
+            while more:
+                message = await receive()
+                size += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            await self.answer(send, 200, {"received": size})
+        elif path == "/refuse":
+            await self.answer(send, 401, {"error": "no key"})
+        elif path == "/slow":
+            await receive()  # the (empty) body
+            try:
+                message = await asyncio.wait_for(receive(), 0.5)
+                if message["type"] == "http.disconnect":
+                    self.disconnected.set()
+                    return
+            except TimeoutError:
+                pass
+            await self.answer(send, 200, {"slow": True})
+        else:
+            await self.answer(send, 200, {"ok": True})
+
+    @staticmethod
+    async def answer(send, status, payload):
+        body = json.dumps(payload).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Errors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def served():
+    app = App()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        http=hardened_protocol(HEADER_TIMEOUT_S, MAX_HEADER_BYTES),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    errors = Errors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    yield app, port, errors
+    logging.getLogger("uvicorn.error").removeHandler(errors)
+    server.should_exit = True
+    thread.join(10)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def read_until_closed(connection: socket.socket, limit_s: float = 5) -> tuple[bytes, float]:
+    """Everything the server sends until it closes; and when it closed (seconds from now)."""
+    started, data = time.monotonic(), b""
+    connection.settimeout(limit_s)
+    while True:
+        try:
+            more = connection.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not more:
+            break
+        data += more
+    return data, time.monotonic() - started
+
+
+def read_answer(connection: socket.socket) -> bytes:
+    """One answer with a Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def json_body(answer: bytes) -> dict:
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_silent_connection_is_closed_after_the_header_deadline(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        data, after_s = read_until_closed(connection)
+    assert data == b""  # no request came, so no answer
+    assert 0.3 < after_s < 2
+
+
+def test_trickled_headers_get_408_json_and_a_closed_connection(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
+        for index in range(8):  # each line in time, the whole never
+            time.sleep(0.1)
+            try:
+                connection.sendall(f"X-Slow-{index}: 1\r\n".encode())
+            except OSError:
+                break
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 408"), data[:100]
+    assert json_body(data)["error"]["code"] == "header_timeout"
+
+
+def test_a_stray_crlf_after_an_answer_does_not_hold_the_connection(served):
+    """uvicorn cancels its keep-alive timer on any byte; a CRLF begins no request."""
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(connection).startswith(b"HTTP/1.1 200")
+        connection.sendall(b"\r\n")
+        data, after_s = read_until_closed(connection)
+    assert data == b""
+    assert after_s < 2  # the header deadline (0.5 s), not the keep-alive timeout (5 s) or never
+
+
+def test_the_rest_of_a_body_answered_early_must_come_in_time(served):
+    """A 401 before the body was read; a client trickling the rest of a huge declared body
+    was read and dropped for ever."""
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\nxxxx")
+        assert read_answer(connection).startswith(b"HTTP/1.1 401")
+        answered = time.monotonic()
+        closed = False
+        while time.monotonic() - answered < 4:
+            try:
+                connection.sendall(b"x" * 100)
+                time.sleep(0.05)
+            except OSError:
+                closed = True
+                break
+        if not closed:
+            closed = read_until_closed(connection, 1)[0] == b""
+    assert closed
+    assert time.monotonic() - answered < 3
+
+
+def test_a_body_answered_early_that_comes_in_whole_leaves_the_connection_usable(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        assert read_answer(connection).startswith(b"HTTP/1.1 401")
+        connection.sendall(b"0123456789")  # the rest of the body, then the next request
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(connection).startswith(b"HTTP/1.1 200")
+
+
+def test_headers_over_the_limit_get_431_json_and_a_closed_connection(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (4 * MAX_HEADER_BYTES))
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 431"), data[:100]
+    assert json_body(data)["error"]["code"] == "headers_too_large"
+
+
+def test_small_headers_and_a_large_body_in_one_write_are_not_mistaken_for_large_headers(served):
+    _, port, _ = served
+    body = b"z" * (20 * MAX_HEADER_BYTES)
+    with connect(port) as connection:
+        connection.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        answer = read_answer(connection)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert json_body(answer) == {"received": len(body)}
+
+
+def test_bytes_that_are_not_http_get_a_json_400(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 400")
+    assert json_body(data)["error"]["code"] == "bad_request"
+
+
+UPGRADE = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+
+
+def test_an_unsupported_upgrade_with_a_body_is_refused_instead_of_losing_the_body(served):
+    """What `curl --http2 http://...` sends: httptools would skip the body and stop parsing."""
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n" + UPGRADE + b"\r\nhello")
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 400")
+    assert json_body(data)["error"]["code"] == "upgrade_not_supported"
+
+
+def test_an_unsupported_upgrade_without_a_body_is_answered_then_closed(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n")
+        data, after_s = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 200") and json_body(data) == {"ok": True}
+    assert after_s < 2  # closed at once: the parser reads nothing more on this connection
+
+
+def test_garbage_after_a_pipelined_request_tells_the_running_request_and_logs_no_error(served):
+    """uvicorn marked only the newest request disconnected: the running one wrote to the closed
+    connection (an ERROR traceback) and was computed for nothing."""
+    app, port, errors = served
+    app.disconnected.clear()
+    before = len(errors.records)
+    with connect(port) as connection:
+        connection.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n")
+        data, _ = read_until_closed(connection)
+    assert app.disconnected.wait(2)  # the running request saw the disconnect
+    time.sleep(0.6)  # past when /slow would have answered
+    assert errors.records[before:] == []
+    assert b"200" not in data.split(b"\r\n", 1)[0]

@@ -64,6 +64,10 @@ class ImageTooLarge(ApiError):
     status_code, code = 422, "image_too_large"
 
 
+class ImageTooComplex(ApiError):
+    status_code, code = 422, "image_too_complex"
+
+
 class ImageTooSmall(ApiError):
     status_code, code = 422, "image_too_small"
 
@@ -270,7 +274,8 @@ _ERROR_DESCRIPTIONS = {
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF (`unsupported_image_format`), or the "
     "Content-Type is neither multipart/form-data nor an image type (`unsupported_media_type`).",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
-    "range, or no caption for the image (`no_caption`).",
+    "range, a JPEG with more than MAX_JPEG_SCANS scans (`image_too_complex`), or no caption for the image "
+    "(`no_caption`).",
     500: "Unexpected server error.",
     503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After seconds.",
     504: "The request's deadline (REQUEST_TIMEOUT_S) passed.",

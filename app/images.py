@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
+from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
 
 # Pillow format name -> the name reported to clients. MPO is how Pillow names JPEGs from cameras
 # that embed a second picture; it is a JPEG for every purpose here.
@@ -34,8 +34,6 @@ ALLOWED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 # "unsupported format" (415) rather than "not an image" (400). Checked only after Pillow, limited
 # to the allow-list, has failed to identify the bytes.
 _OTHER_IMAGE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\x00\x00\x01\x00", "ICO"),
-    (0, b"\x00\x00\x02\x00", "CUR"),
     (0, b"8BPS", "PSD"),
     (0, b"%PDF-", "PDF"),
     (0, b"%!PS", "PostScript"),
@@ -51,7 +49,12 @@ _OTHER_IMAGE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"#?RADIANCE", "Radiance HDR"),
     (0, b"\x01\xda", "SGI"),
     (0, b"SIMPLE  =", "FITS"),
+    (0, b"#define ", "XBM"),
+    (0, b"Image type:", "IM"),
+    (0, b"gimp xcf", "XCF"),
 )
+_NETPBM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7", b"PF", b"Pf"}  # PBM, PGM, PPM, PAM, PFM
+_TGA_TYPES = {1, 2, 3, 9, 10, 11}  # colour-mapped, true-colour, grey; plain or run-length encoded
 _HEIF_BRANDS = {
     b"heic": "HEIC",
     b"heix": "HEIC",
@@ -108,23 +111,37 @@ class DecodedImage:
     format: str
 
 
-def decode_upload(data: bytes, *, max_pixels: int, min_side: int, draft_size: int | None = None) -> DecodedImage:
+def decode_upload(
+    data: bytes, *, max_pixels: int, min_side: int, draft_size: int | None = None, max_jpeg_scans: int | None = None
+) -> DecodedImage:
     """Validates and decodes an uploaded image; raises an ApiError subclass on bad input.
 
     draft_size: lets JPEG decode at a reduced scale (1/2 .. 1/8) that still covers
     draft_size x draft_size, which is all the model needs and far cheaper for large photos.
     """
-    return decode_opened(open_upload(data, max_pixels=max_pixels, min_side=min_side), draft_size)
+    image = open_upload(data, max_pixels=max_pixels, min_side=min_side, max_jpeg_scans=max_jpeg_scans)
+    return decode_opened(image, draft_size)
 
 
-def open_upload(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
+def open_upload(data: bytes, *, max_pixels: int, min_side: int, max_jpeg_scans: int | None = None) -> Image.Image:
     """Identifies the format and checks the dimensions from the header alone: no pixel is decoded
-    yet (Image.open is lazy), so this is cheap, and bombs are refused before they cost memory."""
+    yet (Image.open is lazy), so this is cheap, and bombs are refused before they cost memory.
+
+    max_jpeg_scans: a JPEG with more scans is refused. A progressive JPEG's decoder walks every
+    block of the image once per scan, and libjpeg only warns about scans that carry no data, so
+    a few MB of 12-byte scan headers cost minutes of CPU (libjpeg-turbo's TurboJPEG API has a scan
+    limit for this; encoders write about ten)."""
     if not data:
         raise InvalidImage("the uploaded file is empty")
-    image = _open(data)
+    image = _open(data, max_pixels)
     # Pixel count and shortest side do not change under rotation, so the header size decides.
     _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
+    if max_jpeg_scans is not None and ALLOWED_FORMATS[image.format] == "JPEG":
+        # Every 0xFF inside entropy-coded data is followed by 0x00 or a restart marker, so each
+        # FF DA is a scan (an embedded thumbnail's adds one).
+        scans = data.count(b"\xff\xda")
+        if scans > max_jpeg_scans:
+            raise ImageTooComplex(f"the JPEG has {scans} scans; the limit is {max_jpeg_scans}")
     return image
 
 
@@ -162,13 +179,34 @@ def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedI
 
 def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
     """Peak bytes decode_opened(image, draft_size) holds, from the header alone: the decoded
-    frame, plus the full-size converted copy for modes that cannot be reduced as they are."""
+    frame, plus the full-size converted copy for modes that cannot be reduced as they are (a
+    keyed transparent colour makes any mode an RGBA copy first), plus, for a progressive JPEG,
+    the decoder's coefficients of the whole image at full size (draft mode scales the output, not
+    them: 2 bytes per coefficient, 64 per block of each component)."""
     width, height = image.size
+    full = width * height
+    coefficients = 0
+    if ALLOWED_FORMATS.get(image.format) == "JPEG" and image.info.get("progressive"):
+        coefficients = int(2 * _jpeg_samples_per_pixel(image) * full)
     if draft_size and ALLOWED_FORMATS.get(image.format) == "JPEG":
         scale = min(width // draft_size, height // draft_size)  # as JpegImageFile.draft picks it
         scale = next((s for s in (8, 4, 2) if scale >= s), 1)
         width, height = -(-width // scale), -(-height // scale)
-    return width * height * _PEAK_BYTES_PER_PIXEL.get(image.mode, 8)
+    per_pixel = _PEAK_BYTES_PER_PIXEL.get(image.mode, 8)
+    if "transparency" in image.info and image.mode not in ("P", "PA"):  # P's entry counts its RGBA copy
+        per_pixel += 5  # the RGBA copy and a one-byte mask (measured: 5.8 bytes a pixel for L, 9.2 for RGB)
+    return width * height * per_pixel + coefficients
+
+
+def _jpeg_samples_per_pixel(image: Image.Image) -> float:
+    """Component samples per pixel from the SOF's sampling factors (3 for 4:4:4 colour, 1.5 for
+    4:2:0, 1 for grey); 4 when Pillow gives no layers."""
+    layers = getattr(image, "layer", None) or []
+    try:
+        most = max(h * v for _, h, v, _ in layers)
+        return sum(h * v for _, h, v, _ in layers) / most
+    except (ValueError, TypeError, ZeroDivisionError):
+        return 4.0
 
 
 def _reduce(image: Image.Image, draft_size: int) -> Image.Image:
@@ -186,11 +224,11 @@ def _reduce(image: Image.Image, draft_size: int) -> Image.Image:
     return image.reduce(factor)
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=_PILLOW_OPENERS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from None
+    except Image.DecompressionBombError:  # Pillow's own bound, far above MAX_IMAGE_PIXELS: the same answer
+        raise ImageTooLarge(f"the image has more pixels than the limit of {max_pixels}") from None
     except UnidentifiedImageError:
         other = sniff_other_image_format(data)
         if other:
@@ -209,7 +247,22 @@ def sniff_other_image_format(data: bytes) -> str | None:
             return name
     if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         return _HEIF_BRANDS[data[8:12]]
-    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    # ICO and CUR start as a true-colour TGA often does (00 00 01|02 00): they also count images.
+    if data[:2] == b"\x00\x00" and data[2:4] in (b"\x01\x00", b"\x02\x00") and data[4:6] != b"\x00\x00":
+        return "ICO" if data[2] == 1 else "CUR"
+    if data[:2] in _NETPBM and data[2:3].isspace():
+        return "Netpbm"
+    if (
+        data[:1] == b"\x0a"
+        and data[1:2] in (b"\x00", b"\x02", b"\x03", b"\x04", b"\x05")
+        and data[2:3] in (b"\x00", b"\x01")
+    ):
+        return "PCX"
+    if data[-18:] == b"TRUEVISION-XFILE.\x00" or (
+        len(data) > 18 and data[1] in (0, 1) and data[2] in _TGA_TYPES and data[16] in (8, 15, 16, 24, 32)
+    ):
+        return "TGA"
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!--", b"<!doctype svg")) and b"<svg" in head):
         return "SVG"
     return None

@@ -131,7 +131,12 @@ class CaptionService:
         settings, size = self.settings, self.captioner.config.image_size
 
         def header():
-            return open_upload(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+            return open_upload(
+                data,
+                max_pixels=settings.max_image_pixels,
+                min_side=settings.min_image_side,
+                max_jpeg_scans=settings.max_jpeg_scans,
+            )
 
         def decode(image) -> tuple[DecodedImage, np.ndarray]:
             decoded = decode_opened(image, draft_size=size)

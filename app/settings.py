@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image file.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width*height, checked before decoding.")
     min_image_side: int = Field(8, ge=1, description="Smallest accepted width and height.")
+    max_jpeg_scans: int = Field(
+        100, ge=1, description="Most scans in a JPEG (a progressive decode walks the image once per scan)."
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per /caption request, queueing included.")
     decode_concurrency: int = Field(4, ge=1, description="Worker threads decoding uploads (a bounded pool).")
     max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")

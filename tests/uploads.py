@@ -145,6 +145,16 @@ def bomb_png() -> bytes:
     return encode(Image.new("1", (10000, 10000), 0), "PNG", optimize=True)
 
 
+def many_scan_jpeg(size=(256, 256), scans: int = 2000) -> bytes:
+    """A progressive JPEG whose first scan header is repeated with no data after it: libjpeg only
+    warns, and walks every block of the image once per scan, so the decode's cost is blocks x
+    scans (an audit's 9 MB file at 1024x1024 took 110 s)."""
+    data = encode(noise(size), "JPEG", progressive=True, quality=90)
+    end = data.index(b"\xff\xda")  # the first scan's header: length-prefixed, data after it
+    header = data[end : end + 2 + struct.unpack(">H", data[end + 2 : end + 4])[0]]
+    return data[:-2] + header * scans + b"\xff\xd9"
+
+
 def mean_colour(pixels: np.ndarray) -> tuple[int, ...]:
     return tuple(int(round(v)) for v in pixels.reshape(-1, 3).mean(axis=0))
 

@@ -353,6 +353,20 @@ def test_decode_cost_is_known_from_the_header_and_weighted_by_bit_depth():
     assert decode_bytes(jpeg, 32) == 250 * 188 * 4  # draft mode decodes at 1/8
 
 
+def test_decode_cost_counts_a_keyed_transparent_colour_and_progressive_coefficients():
+    """Measured by an audit, 4 at once: a 38 kB grey PNG with tRNS at 6300x6300 took 232 MB each
+    (charged 38 MB before), a 482 kB progressive 4:4:4 JPEG at 6000x6000 about 210 MB (2 MB)."""
+    keyed = Image.new("L", (2000, 1500))
+    keyed.info["transparency"] = 0
+    grey = open_upload(uploads.encode(keyed, "PNG", transparency=0), max_pixels=10**8, min_side=1)
+    assert "transparency" in grey.info
+    assert decode_bytes(grey, 32) == 2000 * 1500 * (1 + 5)  # the grey frame, its RGBA copy and a mask
+    for subsampling, samples in ((0, 3), (2, 1.5)):  # 4:4:4 and 4:2:0
+        data = uploads.encode(uploads.solid(size=(2000, 1500)), "JPEG", progressive=True, subsampling=subsampling)
+        jpeg = open_upload(data, max_pixels=10**8, min_side=1)
+        assert decode_bytes(jpeg, 32) == 250 * 188 * 4 + int(2 * samples * 2000 * 1500)
+
+
 def test_large_images_are_reduced_before_colour_conversion_and_keep_their_level():
     data = uploads.encode(Image.new("I;16", (1600, 1200), 40000), "PNG")
     decoded = decode_upload(data, max_pixels=10**8, min_side=1, draft_size=32)

@@ -7,7 +7,7 @@ import pytest
 import uploads
 from PIL import Image
 
-from app.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
+from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
 from app.images import decode_upload, sniff_other_image_format, to_rgb
 
 LIMITS = {"max_pixels": 40_000_000, "min_side": 8}
@@ -118,6 +118,13 @@ def test_undecodable_bytes_are_invalid_images(data, message):
     [
         (uploads.ico(), "ICO"),
         (uploads.SVG, "SVG"),
+        (b"<!-- " + b"x" * 2000 + b" -->" + uploads.SVG, "SVG"),  # the <svg> tag after 1 kB
+        (uploads.encode(uploads.solid(), "TGA"), "TGA"),  # starts 00 00 02 00, as a CUR file does
+        (uploads.encode(uploads.solid(), "PPM"), "Netpbm"),
+        (uploads.encode(uploads.solid(mode="L"), "PPM"), "Netpbm"),  # PGM
+        (uploads.encode(uploads.solid(), "PCX"), "PCX"),
+        (uploads.encode(uploads.solid(mode="1"), "XBM"), "XBM"),
+        (uploads.encode(uploads.solid(), "IM"), "IM"),
         (b"%PDF-1.7\n...", "PDF"),
         (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC"),
     ],
@@ -153,3 +160,22 @@ def test_limits_are_configurable():
     with pytest.raises(ImageTooSmall, match="at least 8"):
         decode(uploads.png(size=(7, 100)))
     assert decode(uploads.png(size=(8, 8))).width == 8
+
+
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding(monkeypatch):
+    """Each scan is a pass over every block (10 real scans and 2000 empty ones here)."""
+    bomb = uploads.many_scan_jpeg(scans=2000)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels were decoded"))
+    with pytest.raises(ImageTooComplex, match="2010 scans; the limit is 100"):
+        decode(bomb, max_jpeg_scans=100)
+
+
+def test_ordinary_progressive_and_baseline_jpegs_are_within_the_scan_limit():
+    for options in ({"progressive": True}, {}):
+        data = uploads.encode(uploads.noise(), "JPEG", **options)
+        assert pixels_of(decode(data, max_jpeg_scans=20)).shape == (64, 64, 3)
+
+
+def test_pillows_own_bomb_limit_is_answered_with_the_services_limit():
+    with pytest.raises(ImageTooLarge, match="limit of 40000000"):
+        decode(uploads.png_header_only(60000, 60000))

@@ -9,9 +9,11 @@ Phases, each against the same server (model_artifacts/default, API_KEY set):
   slowloris  256 keyless clients trickling a body at 10 B/s beside one keyed client captioning in a
              loop: the keyed client's success rate and p95; how fast each keyless client got its
              401 (its body held back)
-  idle       N connections that send nothing and N that trickle a header line each second,
-             beside one keyed client: how many the server has closed HEADER_TIMEOUT_S + 3 s later
-             (its open descriptors before, during and after), the keyed client's success
+  idle       N connections of each kind that holds a connection without a request to wait for
+             (HOLD_KINDS: silent; trickling a header line a second; a CRLF a second after an answer;
+             trickling the rest of a body answered 401), beside one keyed client: how many the
+             server has closed HEADER_TIMEOUT_S + 3 s later (its open descriptors before, during and
+             after), the keyed client's success
   framing    a Content-Length of 50 MB (413 before the body), a Content-Length larger than the
              body sent (408 once the body deadline passes)
   sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
@@ -291,13 +293,21 @@ def open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+HOLD_KINDS = {  # how each connection of the idle phase tries to stay open without a request the server must answer
+    "silent": "send nothing",
+    "headers": "a request line, then a header line a second",
+    "crlf": "a request answered, then a CRLF a second",
+    "body": "a keyless POST declaring 9 MiB, answered 401, then 100 body bytes a second",
+}
+
+
 async def idle_connections_phase(server: Server, log: Log, count: int, header_timeout_s: float) -> dict:
-    """`count` silent connections and `count` that send a request line and then one header line a
-    second, never finishing; a keyed client captions meanwhile. Closed by the server = EOF read."""
+    """`count` connections of each HOLD_KINDS kind, never finishing a request the server would
+    have to wait for; a keyed client captions meanwhile. Closed by the server = EOF read."""
     body, content_type = multipart("image", [small_png()])
     before = open_descriptors(server.process.pid)
 
-    async def hold(trickle: bool) -> float | None:
+    async def hold(kind: str) -> float | None:
         """Seconds until the server closed the connection; None if it was still open at the end."""
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -305,11 +315,20 @@ async def idle_connections_phase(server: Server, log: Log, count: int, header_ti
             return 0.0  # not even accepted
         opened = time.monotonic()
         try:
-            if trickle:
+            if kind == "headers":
                 writer.write(b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            elif kind in ("crlf", "body"):
+                writer.write(
+                    b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                    if kind == "crlf"
+                    else b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9437184\r\n\r\n"
+                )
+                status, is_json, _ = await read_answer(reader, 10)
+                log.add(Answer(status, is_json, time.monotonic() - opened, f"idle-{kind}"))
+                opened = time.monotonic()  # from the answer on
             for line in range(int(header_timeout_s) + 3):
-                if trickle:
-                    writer.write(f"X-Slow-{line}: 1\r\n".encode())
+                if kind != "silent":
+                    writer.write({"headers": f"X-Slow-{line}: 1\r\n".encode(), "crlf": b"\r\n"}.get(kind, b"x" * 100))
                 try:
                     await asyncio.wait_for(reader.read(65536), 1.0)  # b"" (or a 408) once closed
                     return time.monotonic() - opened
@@ -318,24 +337,26 @@ async def idle_connections_phase(server: Server, log: Log, count: int, header_ti
                 except OSError:
                     return time.monotonic() - opened
             return None
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return time.monotonic() - opened
         finally:
             writer.close()
 
-    holders = [asyncio.ensure_future(hold(trickle)) for trickle in (False, True) for _ in range(count)]
+    holders = {kind: [asyncio.ensure_future(hold(kind)) for _ in range(count)] for kind in HOLD_KINDS}
+    everyone = [h for group in holders.values() for h in group]
     await asyncio.sleep(1.0)
     during = open_descriptors(server.process.pid)
     keyed: list[Answer] = []
-    while not all(h.done() for h in holders):
+    while not all(h.done() for h in everyone):
         keyed.append(
             await request(server.port, "/caption", body, content_type, key=True, where="keyed", log=log, timeout=30)
         )
-    closed = [h.result() for h in holders]
+    closed = {kind: [h.result() for h in group] for kind, group in holders.items()}
     await asyncio.sleep(0.5)
     return {
         "count": count,
-        "silent_closed": sum(c is not None for c in closed[:count]),
-        "trickle_closed": sum(c is not None for c in closed[count:]),
-        "closed_after": sorted(c for c in closed if c is not None),
+        "closed": {kind: sum(c is not None for c in times) for kind, times in closed.items()},
+        "closed_after": sorted(c for times in closed.values() for c in times if c is not None),
         "fds": (before, during, open_descriptors(server.process.pid)),
         "keyed": len(keyed),
         "keyed_ok": sum(a.status == 200 for a in keyed),
@@ -457,10 +478,11 @@ def table(results: dict, log: Log, args) -> str:
             "401 before the body",
         ),
         (
-            f"{idle['count']} silent + {idle['count']} header-trickling connections: closed by the server",
-            f"{idle['silent_closed']} + {idle['trickle_closed']}"
+            f"{idle['count']} connections of each kind ({'; '.join(f'{k}: {v}' for k, v in HOLD_KINDS.items())}): "
+            "closed by the server",
+            " + ".join(f"{idle['closed'][kind]}" for kind in HOLD_KINDS)
             + (f", after {idle_after[0]:.1f}-{idle_after[-1]:.1f} s" if idle_after else ""),
-            f"all, after HEADER_TIMEOUT_S ({args.header_timeout:g} s)",
+            f"all, HEADER_TIMEOUT_S ({args.header_timeout:g} s) after their last request or answer",
         ),
         (
             "server's open descriptors: before / with them / after",
@@ -536,7 +558,7 @@ def main() -> None:
     parser.add_argument("--slow", type=int, default=256, help="slowloris phase: trickling keyless clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="slowloris phase: keyed client's run")
     parser.add_argument("--grace", type=float, default=3.0, help="SHUTDOWN_GRACE_S of the server")
-    parser.add_argument("--idle", type=int, default=400, help="idle phase: silent and trickling connections, each")
+    parser.add_argument("--idle", type=int, default=200, help="idle phase: connections of each HOLD_KINDS kind")
     parser.add_argument("--header-timeout", type=float, default=10.0, help="HEADER_TIMEOUT_S of the server")
     parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")
     args = parser.parse_args()

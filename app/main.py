@@ -173,7 +173,15 @@ async def build_routes(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="Image captioning service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Image captioning service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # A path with a trailing slash is a 404 JSON like any unknown path, not an empty 307 whose
+        # Location is built from the client's Host header.
+        redirect_slashes=False,
+    )
     app.state.settings = settings
     app.state.captioner = None
     app.state.engine = None

@@ -1,4 +1,5 @@
-"""Liveness and readiness probes. Neither touches the model nor needs an API key."""
+"""Liveness and readiness probes. Neither touches the model nor needs an API key. Both answer HEAD
+too (FastAPI adds it to no route): some load balancers probe with it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from app.schemas import HealthStatus
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", response_model=HealthStatus, summary="The process is up and serving HTTP")
+@router.api_route(
+    "/live", methods=["GET", "HEAD"], response_model=HealthStatus, summary="The process is up and serving HTTP"
+)
 async def live() -> HealthStatus:
     return HealthStatus(status="alive")
 
 
-@router.get(
+@router.api_route(
     "/ready",
+    methods=["GET", "HEAD"],
     response_model=HealthStatus,
     responses=error_responses(503),
     summary="Model loaded, warmed up and the inference worker running",

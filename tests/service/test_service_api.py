@@ -104,6 +104,14 @@ def assert_error(response, status: int, code: str):
 def test_health_live_and_ready(client):
     assert client.get("/health/live").json() == {"status": "alive"}
     assert client.get("/health/ready").json() == {"status": "ready"}
+    for path in ("/health/live", "/health/ready"):  # load balancers that probe with HEAD
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b""
+
+
+def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(client):
+    response = client.post("/caption/", files={"image": ("a.png", uploads.png())}, headers={"Host": "evil.example"})
+    assert_error(response, 404, "not_found")
 
 
 def test_ready_is_503_before_start_up_but_live_is_200(settings):

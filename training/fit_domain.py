@@ -19,7 +19,7 @@ import numpy as np
 from captioning.domain import FILE, STATISTICS, fit_domain, image_statistics, pool_features
 
 
-def pooled_features(captioner, records, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(captioner, records, frame: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(pooled encoder features, image statistics) of the records' model inputs."""
     from training.evaluate import load_record_image
 
@@ -27,12 +27,12 @@ def pooled_features(captioner, records, batch_size: int = 64) -> tuple[np.ndarra
     for start in range(0, len(records), batch_size):
         images = np.stack([captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]])
         pooled.append(pool_features(captioner.encode(images)))
-        statistics.append(image_statistics(images))
+        statistics.append(image_statistics(images, frame))
     return np.concatenate(pooled), np.concatenate(statistics)
 
 
 def fit_domain_for_bundle(
-    artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float, margin: float
+    artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float, margin: float, frame: int
 ) -> dict:
     from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
@@ -42,9 +42,10 @@ def fit_domain_for_bundle(
     drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
     captioner = Captioner.load(artifacts)
     options = {"resize_to": captioner.config.image_size} if dataset in RESIZING_LOADERS else {}
-    train, train_statistics = pooled_features(captioner, load_dataset(dataset, "train", limit=train_limit, **options))
-    val, val_statistics = pooled_features(captioner, load_dataset(dataset, "val", limit=val_limit))  # drawn size
-    model = fit_domain(train, val, train_statistics, quantile=quantile, margin=margin)
+    train_records = load_dataset(dataset, "train", limit=train_limit, **options)
+    train, train_statistics = pooled_features(captioner, train_records, frame)
+    val, val_statistics = pooled_features(captioner, load_dataset(dataset, "val", limit=val_limit), frame)  # drawn size
+    model = fit_domain(train, val, train_statistics, quantile=quantile, margin=margin, frame=frame)
     model.save(f"{artifacts}/{FILE}")
     ratio = np.maximum(model.distances(val) / model.threshold, model.statistics_ratio(val_statistics))
     summary = {
@@ -53,6 +54,7 @@ def fit_domain_for_bundle(
         "threshold": model.threshold,
         "quantile": quantile,
         "margin": margin,
+        "frame": frame,
         "statistics": dict(
             zip(STATISTICS, zip(model.statistics_low.tolist(), model.statistics_high.tolist(), strict=False))
         ),
@@ -77,12 +79,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-limit", type=int, default=1000, help="validation images that set the threshold")
     p.add_argument("--quantile", type=float, default=0.995, help="of the validation distances")
     p.add_argument("--margin", type=float, default=1.5, help="threshold = margin x that quantile")
+    p.add_argument(
+        "--frame",
+        type=int,
+        default=3,
+        help="pixels at each edge of the model input the image statistics leave out (a thin border, a "
+        "screenshot's frame); 3 of 96 is about 3%%",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     summary = fit_domain_for_bundle(
-        args.artifacts, args.dataset, args.train_limit, args.val_limit, args.quantile, args.margin
+        args.artifacts, args.dataset, args.train_limit, args.val_limit, args.quantile, args.margin, args.frame
     )
     print(json.dumps(summary, indent=2))
     return 0

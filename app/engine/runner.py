@@ -22,7 +22,6 @@ from app import metrics
 from app.engine import os_tuning
 from app.engine.scheduler import MAX_ROWS, Move
 from captioning.buckets import BATCH_BUCKETS, bucket_for
-from captioning.domain import image_statistics
 
 logger = logging.getLogger("app.engine")
 
@@ -145,7 +144,9 @@ class ModelRunner:
         try:
             if len(slots) < len(images):
                 raise RuntimeError(f"{len(images)} images to encode, {len(slots)} free feature slots")
-            statistics = None if self._statistics is None else self._statistics.submit(image_statistics, images)
+            statistics = (
+                None if self._statistics is None else self._statistics.submit(self.domain.image_statistics, images)
+            )
             pooled = self.features.encode(images, np.array(slots))
             scores = None if statistics is None else self.domain.combined_scores(pooled, statistics.result())
         except BaseException:

@@ -83,6 +83,29 @@ def test_domain_score_is_high_in_domain_and_low_far_away(tmp_path):
     assert np.allclose(loaded.scores(*probe), model.scores(*probe))
 
 
+def test_a_frame_left_out_of_the_statistics_makes_a_thin_border_harmless(tmp_path):
+    """A screenshot's 1-px black border made an audit's drawings 0/24 in domain: the background,
+    read from the outer 2 px, came out mid-grey. Fitted with frame=3, the border is left out."""
+    rng = np.random.default_rng(2)
+    scenes = scene_like(rng, 20, background=250)
+    framed = scenes.copy()
+    framed[:, 0], framed[:, -1], framed[:, :, 0], framed[:, :, -1] = 0, 0, 0, 0
+    np.testing.assert_allclose(image_statistics(framed, frame=3), image_statistics(scenes, frame=3))
+    assert not np.allclose(image_statistics(framed), image_statistics(scenes))
+    features = np.maximum(rng.normal(1.0, 1.0, (500, 16, 8)), 0)
+    pooled = pool_features(features)
+    model = fit_domain(pooled, pooled, image_statistics(scene_like(rng, 300, 250), 3), frame=3)
+    assert (model.scores(features[:20], framed) >= 0.5).all()
+    model.save(tmp_path / "framed.npz")
+    assert DomainModel.load(tmp_path / "framed.npz").frame == 3
+    unframed = DomainModel(model.mean, model.precision, model.threshold, model.statistics_low, model.statistics_high)
+    np.savez(  # a domain.npz written before the frame existed: read as frame 0
+        tmp_path / "old.npz",
+        **{k: v for k, v in np.load(tmp_path / "framed.npz").items() if k != "frame"},
+    )
+    assert DomainModel.load(tmp_path / "old.npz").frame == unframed.frame == 0
+
+
 def test_image_statistics_tell_a_scene_from_text_like_strokes():
     rng = np.random.default_rng(3)
     scene = image_statistics(scene_like(rng, 1))[0]

@@ -13,12 +13,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+# The HTTP stack at the container's locked versions (deploy/requirements-serve.txt): app/http_protocol.py
+# subclasses uvicorn's protocol, so the tests must run on the uvicorn that ships. The rest floats, so
+# that other Pythons than the image's 3.11 still resolve. (pip takes no extras in a constraints file.)
+HTTP_STACK := uvicorn|httptools|h11|starlette|fastapi|python-multipart
+$(VENV)/constraints.txt: deploy/requirements-serve.txt | $(BIN)/python
+	grep -E '^($(HTTP_STACK))(\[|==)' $< | sed 's/\[[a-z,]*\]//' > $@
+
+$(VENV)/.runtime: pyproject.toml $(VENV)/constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
+$(VENV)/.dev: pyproject.toml $(VENV)/constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -27,7 +27,9 @@ Here:
   - a request offering an upgrade this server does not speak is answered as HTTP/1.1 without
     its body being lost: with a body, a 400 JSON `upgrade_not_supported` saying so; without one,
     normally. Either way the connection then closes, since httptools reads nothing more on it;
-  - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text).
+  - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text);
+  - a transfer coding other than chunked (`gzip, chunked`) gets 501 JSON, as RFC 9112 asks, instead
+    of the app being handed the still-encoded bytes.
 
 An idle keep-alive connection stays uvicorn's KEEP_ALIVE_S business.
 """
@@ -38,7 +40,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.schemas import ErrorResponse
 
-HTTP_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
+HTTP_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+}
 BAD_REQUEST_CODE = "bad_request"  # app.errors' code for a request that is not valid HTTP
 
 
@@ -58,6 +65,13 @@ UPGRADE_ANSWER = _answer(
     400,
     "upgrade_not_supported",
     "this server speaks HTTP/1.1 only: send the request without the Upgrade header (curl: --http1.1)",
+)
+
+
+CODING_ANSWER = _answer(
+    501,
+    "transfer_coding_not_supported",
+    "the only transfer coding this server reads is chunked (RFC 9112: gzip, deflate or compress are not decoded)",
 )
 
 
@@ -113,6 +127,10 @@ class HardenedProtocol(HttpToolsProtocol):
         self._request_started = False
         if self.parser.should_upgrade() and not self._should_upgrade():
             self._unsupported_upgrade()
+            return
+        if any(name == b"transfer-encoding" and value.strip().lower() != b"chunked" for name, value in self.headers):
+            # httptools reads "gzip, chunked" as chunked and hands the app the still-compressed bytes.
+            self._close_with(CODING_ANSWER)
             return
         super().on_headers_complete()
 

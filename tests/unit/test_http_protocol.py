@@ -269,3 +269,19 @@ def test_garbage_after_a_pipelined_request_tells_the_running_request_and_logs_no
     time.sleep(0.6)  # past when /slow would have answered
     assert errors.records[before:] == []
     assert b"200" not in data.split(b"\r\n", 1)[0]
+
+
+def test_a_transfer_coding_other_than_chunked_is_501_not_handed_on_still_encoded(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 501"), data[:100]
+    assert json_body(data)["error"]["code"] == "transfer_coding_not_supported"
+    with connect(port) as connection:  # plain chunked is read as before
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        assert json_body(read_answer(connection)) == {"received": 5}

@@ -7,7 +7,8 @@ The training data comes from training/datasets/shapes_wide.py; grading the model
 renderer's pictures would reward learning its quirks. This script draws scenes its own way:
 scikit-image's rasterisers (skimage.draw: disk, polygon, rectangle; hard edges), its own colour
 values (web-style named colours, not the renderer's), its own layout (objects on a jittered
-grid) and its own backgrounds, and sends each one as a PNG or JPEG upload to POST /caption of the
+grid) and its own backgrounds, with what drawing programs and screenshots add (a 1-px border, a line of
+text, a transparent background, CSS's named colours), and sends each one as a PNG or JPEG upload to POST /caption of the
 app (in process, the real route and decoder). The caption is graded by the shapes checker against
 the scene this script drew, with "small"/"large" as the model card defines them (object width
 10-16% / 24-36% of the image's longer side). Needs scikit-image (a dev dependency).
@@ -47,6 +48,30 @@ VARIATIONS = {
     "noisy background, 480x360 JPEG": (480, 360, "noisy", None, "JPEG"),
 }
 SIZE_SHARE = {"small": (0.11, 0.15), "large": (0.26, 0.33)}
+# What drawing programs and screenshots add to a picture (added after the scene is drawn).
+VARIATIONS.update(
+    {
+        "white 256 px, a black 1-px border": (256, 256, "white", None, "PNG"),
+        "a screenshot: white 800x600, black 1-px border, a line of text": (800, 600, "white", None, "PNG"),
+        "transparent background (RGBA PNG), 256 px": (256, 256, "white", None, "PNG"),
+        "CSS named colours (#FF0000, #008000, #0000FF, ...), white 256 px": (256, 256, "white", None, "PNG"),
+    }
+)
+FINISH = {
+    "white 256 px, a black 1-px border": "border",
+    "a screenshot: white 800x600, black 1-px border, a line of text": "screenshot",
+    "transparent background (RGBA PNG), 256 px": "transparent",
+}
+# The colour names of CSS, SVG and matplotlib: further from the training colours than this program's own.
+CSS_COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "purple": (128, 0, 128),
+    "orange": (255, 165, 0),
+}
+PALETTE = {"CSS named colours (#FF0000, #008000, #0000FF, ...), white 256 px": CSS_COLOURS}
 
 
 def draw_shape(canvas: np.ndarray, shape: str, cx: float, cy: float, half: float, colour) -> None:
@@ -119,16 +144,34 @@ def draw_scene(variation: str, rng):
         cx = (column + 0.5) * cell_w + rng.uniform(-slack_x, slack_x)
         cy = (row + 0.5) * cell_h + rng.uniform(-slack_y, slack_y)
         shape, colour = SHAPES[rng.integers(5)], list(COLOURS)[rng.integers(6)]
-        draw_shape(pixels, shape, cx, cy, half, COLOURS[colour])
+        draw_shape(pixels, shape, cx, cy, half, PALETTE.get(variation, COLOURS)[colour])
         objects.append(ShapeObject(shape, colour, size, round(cx, 1), round(cy, 1), round(half, 1)))
     if not objects:
         return draw_scene(variation, rng)
     return pixels, Scene(min(width, height), tuple(objects), kind, width=width, height=height)
 
 
-def encode(pixels: np.ndarray, image_format: str) -> bytes:
+def finish(pixels: np.ndarray, variation: str) -> Image.Image:
+    """The drawn scene as the file's picture: a border, a line of text or a transparent background."""
+    kind = FINISH.get(variation)
+    if kind in ("border", "screenshot"):
+        pixels = pixels.copy()
+        pixels[[0, -1]] = 0
+        pixels[:, [0, -1]] = 0
+    image = Image.fromarray(pixels)
+    if kind == "screenshot":
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(image).text((8, image.height - 16), "Drawn with SketchPad - example.com", fill=(110, 110, 110))
+    if kind == "transparent":  # the white background becomes transparent (the objects are never white)
+        alpha = np.where((pixels == 255).all(axis=2), 0, 255).astype(np.uint8)
+        image = Image.fromarray(np.dstack([pixels, alpha]), "RGBA")
+    return image
+
+
+def encode(image: Image.Image, image_format: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, image_format, **({"quality": 75} if image_format == "JPEG" else {}))
+    image.save(buffer, image_format, **({"quality": 75} if image_format == "JPEG" else {}))
     return buffer.getvalue()
 
 
@@ -150,7 +193,13 @@ def run(artifacts: str, per_variation: int, seed: int = 2024, mirror_view: bool 
                 response = client.post(
                     "/caption",
                     params={"mirror_view": str(mirror_view).lower()},
-                    files={"image": ("scene", encode(pixels, image_format), f"image/{image_format.lower()}")},
+                    files={
+                        "image": (
+                            "scene",
+                            encode(finish(pixels, variation), image_format),
+                            f"image/{image_format.lower()}",
+                        )
+                    },
                 )
                 response.raise_for_status()
                 body = response.json()

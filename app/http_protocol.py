@@ -12,7 +12,8 @@ response (its keep-alive timer), and cancels that timer on any byte received. Le
   - after a pipelined request is cut off by garbage, the request still running writes to the
     closed connection (an ERROR traceback): uvicorn marks only the newest request as disconnected;
   - an `Upgrade` other than WebSocket (`curl --http2` offers h2c) makes httptools treat the
-    request as bodiless and stop parsing the connection: an upload arrives empty.
+    request as bodiless and stop parsing the connection: an upload arrives empty;
+  - `Transfer-Encoding: gzip, chunked` is read as chunked: the app gets the compressed bytes.
 
 Here:
   - a request's headers must be complete within `header_timeout_s` of the connection being made,
@@ -66,8 +67,6 @@ UPGRADE_ANSWER = _answer(
     "upgrade_not_supported",
     "this server speaks HTTP/1.1 only: send the request without the Upgrade header (curl: --http1.1)",
 )
-
-
 CODING_ANSWER = _answer(
     501,
     "transfer_coding_not_supported",

@@ -209,7 +209,10 @@ def _describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     parts = []
     for error in errors[:5]:
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body",)) or "request"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        message = error.get("msg", "invalid")
+        if "Expected UploadFile" in message:  # FastAPI's words for a text field where a file belongs
+            message = "must be a file (a form part with a filename), not a text field"
+        parts.append(f"{where}: {message}")
     more = len(errors) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 

@@ -109,6 +109,12 @@ def test_health_live_and_ready(client):
         assert response.status_code == 200 and response.content == b""
 
 
+def test_a_text_field_where_the_image_belongs_is_named_plainly(client):
+    response = client.post("/caption", data={"image": "hello"}, headers={"X-API-Key": API_KEY})
+    message = assert_error(response, 422, "validation_error")["error"]["message"]
+    assert message == "image: must be a file (a form part with a filename), not a text field"
+
+
 def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(client):
     response = client.post("/caption/", files={"image": ("a.png", uploads.png())}, headers={"Host": "evil.example"})
     assert_error(response, 404, "not_found")

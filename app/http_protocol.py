@@ -78,6 +78,22 @@ def _headers_too_large_answer(limit: int) -> bytes:
     return _answer(431, "headers_too_large", f"the request line and headers exceed {limit} bytes")
 
 
+def _refusal(answer: bytes):
+    """An ASGI app that gives `answer` (status line, headers with connection: close, body). A request
+    refused once its headers are complete runs it as its own request: after the requests pipelined
+    before it have been answered, never in the middle of their answers."""
+    head, body = answer.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
+
+    async def refuse(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
+
+
 class HardenedProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0  # both set per server by hardened_protocol()
     max_header_bytes = 64 * 1024
@@ -86,6 +102,8 @@ class HardenedProtocol(HttpToolsProtocol):
     _request_started = False  # some of a request has arrived: the deadline answers 408
     _running = None  # the request whose ASGI task runs now (self.cycle is the newest one)
     _drain_timer = None  # the rest of an answered request's body is being dropped until it fires
+    _trailer_bytes = 0  # of the current chunked body's trailers
+    _upgrade_refused = False  # a bodiless request offered an upgrade: answered, then closed
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -103,6 +121,8 @@ class HardenedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrade_refused:  # the parser reads nothing more: the answer goes out, then the connection closes
+            return
         if self._drain_timer is None and self._header_timer is None and self._between_requests():
             # Bytes between requests (a stray CRLF) cancel uvicorn's keep-alive timer and may
             # begin no request: they start a header deadline, as a new connection's first bytes do.
@@ -115,23 +135,62 @@ class HardenedProtocol(HttpToolsProtocol):
         if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
             self._close_with(_headers_too_large_answer(self.max_header_bytes))
 
+    # Parser callbacks. Once this class has refused a request and closed, httptools still parses
+    # the rest of the read: none of it may start another request or reach a running one.
+
     def on_message_begin(self) -> None:
+        if self.transport.is_closing():
+            return
+        # A keep-alive timer left from dropping an answered body must not cut this request off.
+        self._unset_keepalive_if_required()
         super().on_message_begin()
         self._request_started = True
         if self._header_timer is None:  # a later request: its own deadline from its first byte
             self._arm_header_deadline()
 
+    def on_url(self, url: bytes) -> None:
+        if not self.transport.is_closing():
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if not self._request_started:
+            # A trailer after a chunked body: uvicorn would append it to the running request's
+            # headers, with no limit. ASGI has no trailers; they are counted and dropped.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self.max_header_bytes:
+                self._close_with(_headers_too_large_answer(self.max_header_bytes))
+            return
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self.transport.is_closing():
+            return
         self._cancel_header_deadline()
         self._request_started = False
+        self._trailer_bytes = 0
         if self.parser.should_upgrade() and not self._should_upgrade():
             self._unsupported_upgrade()
             return
-        if any(name == b"transfer-encoding" and value.strip().lower() != b"chunked" for name, value in self.headers):
+        # Exact, whatever the reads: a block that completed within one read was not counted.
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_header_bytes:
+            self._refuse(_headers_too_large_answer(self.max_header_bytes))
+        elif any(
+            name == b"transfer-encoding" and value.strip(b" ").lower() != b"chunked" for name, value in self.headers
+        ):
             # httptools reads "gzip, chunked" as chunked and hands the app the still-compressed bytes.
-            self._close_with(CODING_ANSWER)
-            return
-        super().on_headers_complete()
+            self._refuse(CODING_ANSWER)
+        else:
+            super().on_headers_complete()
+
+    def _refuse(self, answer: bytes) -> None:
+        """This request gets `answer` in its turn, then the connection closes."""
+        app, self.app = self.app, _refusal(answer)
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def _unsupported_upgrade(self) -> None:
         # httptools skips the body of any request offering an upgrade and then stops parsing.
@@ -139,20 +198,21 @@ class HardenedProtocol(HttpToolsProtocol):
             (name == b"content-length" and value.strip() not in (b"", b"0")) or name == b"transfer-encoding"
             for name, value in self.headers
         )
+        self._upgrade_refused = True  # nothing more is read on this connection: answered, then closed
         if has_body:
-            self._close_with(UPGRADE_ANSWER)
+            self._refuse(UPGRADE_ANSWER)
             return
         super().on_headers_complete()
         if self.cycle is not None:
-            self.cycle.keep_alive = False  # answered, then closed: nothing more is read on it
+            self.cycle.keep_alive = False
 
-    # The parser still reports the end of a request whose upgrade was refused: no cycle to tell.
+    # After a refused upgrade with a body the parser still reports the request's end: no cycle to tell.
     def on_body(self, body: bytes) -> None:
-        if self.cycle is not None:
+        if self.cycle is not None and not self.transport.is_closing():
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self.cycle is not None:
+        if self.cycle is not None and not self.transport.is_closing():
             super().on_message_complete()
         if self._drain_timer is not None:  # the answered request's body is in: a keep-alive connection again
             self._drain_timer.cancel()
@@ -182,8 +242,8 @@ class HardenedProtocol(HttpToolsProtocol):
         self._running = cycle
         super()._start_asgi_task(cycle, app)
 
-    def _arm_header_deadline(self) -> None:
-        self._header_bytes = 0
+    def _arm_header_deadline(self, count_from: int = 0) -> None:
+        self._header_bytes = count_from
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _cancel_header_deadline(self) -> None:
@@ -194,6 +254,10 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
+        if self.flow is not None and self.flow.read_paused:
+            # The server itself stopped reading (a pipelined request waits its turn): not the client's fault.
+            self._arm_header_deadline(count_from=self._header_bytes)
+            return
         self._close_with(TIMEOUT_ANSWER if self._request_started else b"")
 
     def _close_with(self, answer: bytes) -> None:

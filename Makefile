@@ -13,10 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# The HTTP stack at the container's locked versions (deploy/requirements-serve.txt): app/http_protocol.py
-# subclasses uvicorn's protocol, so the tests must run on the uvicorn that ships. The rest floats, so
-# that other Pythons than the image's 3.11 still resolve. (pip takes no extras in a constraints file.)
-HTTP_STACK := uvicorn|httptools|h11|starlette|fastapi|python-multipart
+# The HTTP stack (uvicorn with its parser, event loop and WebSocket library, Starlette, FastAPI) at
+# the container's locked versions (deploy/requirements-serve.txt): app/http_protocol.py subclasses
+# uvicorn's protocol, so the tests must run on what ships. The rest floats, so that other Pythons
+# than the image's 3.11 still resolve. (pip takes no extras in a constraints file.)
+HTTP_STACK := uvicorn|httptools|h11|uvloop|websockets|starlette|fastapi|python-multipart
 $(VENV)/constraints.txt: deploy/requirements-serve.txt | $(BIN)/python
 	grep -E '^($(HTTP_STACK))(\[|==)' $< | sed 's/\[[a-z,]*\]//' > $@
 

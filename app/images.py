@@ -9,6 +9,7 @@ it in a worker thread.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,11 +50,11 @@ _OTHER_IMAGE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"#?RADIANCE", "Radiance HDR"),
     (0, b"\x01\xda", "SGI"),
     (0, b"SIMPLE  =", "FITS"),
-    (0, b"#define ", "XBM"),
     (0, b"Image type:", "IM"),
     (0, b"gimp xcf", "XCF"),
 )
 _NETPBM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7", b"PF", b"Pf"}  # PBM, PGM, PPM, PAM, PFM
+_NETPBM_HEADER = re.compile(rb"(\s+(#[^\n]*\n)?)+(\d+\s+\d+|WIDTH)")  # a width and a height (PAM: keywords)
 _TGA_TYPES = {1, 2, 3, 9, 10, 11}  # colour-mapped, true-colour, grey; plain or run-length encoded
 _HEIF_BRANDS = {
     b"heic": "HEIC",
@@ -134,15 +135,61 @@ def open_upload(data: bytes, *, max_pixels: int, min_side: int, max_jpeg_scans: 
     if not data:
         raise InvalidImage("the uploaded file is empty")
     image = _open(data, max_pixels)
+    image._upload_bytes = data  # for decode_bytes, which reads a JPEG's scan layout from them
     # Pixel count and shortest side do not change under rotation, so the header size decides.
     _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
-    if max_jpeg_scans is not None and ALLOWED_FORMATS[image.format] == "JPEG":
-        # Every 0xFF inside entropy-coded data is followed by 0x00 or a restart marker, so each
-        # FF DA is a scan (an embedded thumbnail's adds one).
-        scans = data.count(b"\xff\xda")
+    # Every FF DA in the file is counted first (a bound from above, at C speed: every scan's marker
+    # is one); only past the limit are the segments walked, since FF DA also turns up in metadata
+    # and in what phones append after the picture (a motion photo's video).
+    if (
+        max_jpeg_scans is not None
+        and ALLOWED_FORMATS[image.format] == "JPEG"
+        and data.count(b"\xff\xda") > max_jpeg_scans
+    ):
+        scans = jpeg_layout(data)[0]
         if scans > max_jpeg_scans:
             raise ImageTooComplex(f"the JPEG has {scans} scans; the limit is {max_jpeg_scans}")
     return image
+
+
+def jpeg_layout(data: bytes, first_only: bool = False) -> tuple[int, int]:
+    """(scans, components of the first scan) of a JPEG's first picture, walking its marker segments
+    from SOI to EOI: metadata segments are skipped by their length, and a scan's entropy-coded data
+    runs to the next marker (an FF followed by neither 00 nor a restart marker). `first_only`:
+    stop at the first scan. A damaged file is walked as far as it goes; Pillow judges the rest."""
+    position, scans, first_components, end = 2, 0, 0, len(data)
+    while position + 4 <= end and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker != 0xDA:
+            position += 2 + length
+            continue
+        scans += 1
+        if scans == 1:
+            first_components = data[position + 4]
+            if first_only:
+                break
+        position += 2 + length
+        while True:  # the scan's entropy-coded data
+            position = data.find(b"\xff", position)
+            if position < 0 or position + 1 >= end:
+                return scans, first_components
+            following = data[position + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                position += 2
+            elif following == 0xFF:
+                position += 1
+            else:
+                break
+    return scans, first_components
 
 
 def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedImage:
@@ -180,13 +227,13 @@ def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedI
 def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
     """Peak bytes decode_opened(image, draft_size) holds, from the header alone: the decoded
     frame, plus the full-size converted copy for modes that cannot be reduced as they are (a
-    keyed transparent colour makes any mode an RGBA copy first), plus, for a progressive JPEG,
-    the decoder's coefficients of the whole image at full size (draft mode scales the output, not
-    them: 2 bytes per coefficient, 64 per block of each component)."""
+    keyed transparent colour makes any mode an RGBA copy first), plus, for a progressive JPEG or
+    one with a scan per component, the decoder's coefficients of the whole image at full size (draft
+    mode scales the output, not them: 2 bytes per coefficient, 64 per block of each component)."""
     width, height = image.size
     full = width * height
     coefficients = 0
-    if ALLOWED_FORMATS.get(image.format) == "JPEG" and image.info.get("progressive"):
+    if ALLOWED_FORMATS.get(image.format) == "JPEG" and _whole_image_coefficients(image):
         coefficients = int(2 * _jpeg_samples_per_pixel(image) * full)
     if draft_size and ALLOWED_FORMATS.get(image.format) == "JPEG":
         scale = min(width // draft_size, height // draft_size)  # as JpegImageFile.draft picks it
@@ -196,6 +243,18 @@ def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
     if "transparency" in image.info and image.mode not in ("P", "PA"):  # P's entry counts its RGBA copy
         per_pixel += 5  # the RGBA copy and a one-byte mask (measured: 5.8 bytes a pixel for L, 9.2 for RGB)
     return width * height * per_pixel + coefficients
+
+
+def _whole_image_coefficients(image: Image.Image) -> bool:
+    """Whether libjpeg keeps the coefficients of the whole image: a progressive file, or a
+    sequential one whose first scan does not hold every component (one scan per component)."""
+    if image.info.get("progressive"):
+        return True
+    layers = getattr(image, "layer", None) or []
+    data = getattr(image, "_upload_bytes", None)
+    if data is None or len(layers) < 2:
+        return False
+    return jpeg_layout(data, first_only=True)[1] < len(layers)
 
 
 def _jpeg_samples_per_pixel(image: Image.Image) -> float:
@@ -250,7 +309,7 @@ def sniff_other_image_format(data: bytes) -> str | None:
     # ICO and CUR start as a true-colour TGA often does (00 00 01|02 00): they also count images.
     if data[:2] == b"\x00\x00" and data[2:4] in (b"\x01\x00", b"\x02\x00") and data[4:6] != b"\x00\x00":
         return "ICO" if data[2] == 1 else "CUR"
-    if data[:2] in _NETPBM and data[2:3].isspace():
+    if data[:2] in _NETPBM and _NETPBM_HEADER.match(data, 2):
         return "Netpbm"
     if (
         data[:1] == b"\x0a"
@@ -262,6 +321,8 @@ def sniff_other_image_format(data: bytes) -> str | None:
         len(data) > 18 and data[1] in (0, 1) and data[2] in _TGA_TYPES and data[16] in (8, 15, 16, 24, 32)
     ):
         return "TGA"
+    if re.match(rb"#define \w+_width \d+", data):  # XBM; a C header's #define is not one
+        return "XBM"
     head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!--", b"<!doctype svg")) and b"<svg" in head):
         return "SVG"

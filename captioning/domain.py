@@ -180,7 +180,7 @@ class DomainModel:
             low, high = data["statistics_low"], data["statistics_high"]
             frame = int(data["frame"]) if "frame" in data.files else 0
         if (
-            not 0 <= frame < 16
+            not 0 <= frame < MAX_FRAME
             or mean.ndim != 1
             or precision.shape != (mean.size, mean.size)
             or not threshold > 0
@@ -199,6 +199,7 @@ class DomainModel:
 
 
 IN_DOMAIN_SCORE = 0.5
+MAX_FRAME = 16  # pixels at each edge the statistics may leave out
 
 
 def fit_domain(
@@ -218,6 +219,8 @@ def fit_domain(
     [statistics_quantile, 1 - statistics_quantile] interval widened by `widen` of its width each
     way, except below the foreground share: an image with nothing standing out has no objects.
     `frame`: what train_statistics were computed with (image_statistics), kept with the model."""
+    if not 0 <= frame < MAX_FRAME:
+        raise ValueError(f"frame must be in [0, {MAX_FRAME}), got {frame}")
     train_pooled = np.asarray(train_pooled, np.float64)
     if train_pooled.ndim != 2 or train_pooled.shape[0] < 2:
         raise ValueError("need pooled features of at least two training images")

@@ -155,6 +155,36 @@ def many_scan_jpeg(size=(256, 256), scans: int = 2000) -> bytes:
     return data[:-2] + header * scans + b"\xff\xd9"
 
 
+def flat_grey_jpeg(size: int = 64, interleaved: bool = True) -> bytes:
+    """A flat baseline JPEG of three full-resolution components, written by hand: in one scan, or
+    one scan per component (non-interleaved), which makes libjpeg keep the whole image's
+    coefficients as a progressive file does. Every block is DC 0 and end-of-block."""
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    def blocks_data(blocks: int) -> bytes:  # per block: DC category 0 ("00"), EOB ("1010")
+        bits = "001010" * blocks
+        bits += "1" * (-len(bits) % 8)
+        return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+    dc_bits, dc_values = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], bytes(range(12))
+    ac_bits = [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 0x7D]
+    ac_values = bytes([0x01, 0x02, 0x03, 0x00, 0x04, 0x11, 0x05, 0x12, 0x21, 0x31, 0x41, 0x06, 0x13, 0x51, 0x61, 0x07])
+    ac_values += bytes(range(0x08, 0x08 + 162 - 16))  # any distinct symbols: only EOB (0x00) is used
+    data = b"\xff\xd8" + segment(0xDB, b"\x00" + bytes([1] * 64))
+    data += segment(0xC0, struct.pack(">BHHB", 8, size, size, 3) + b"".join(bytes([i, 0x11, 0]) for i in (1, 2, 3)))
+    data += segment(0xC4, b"\x00" + bytes(dc_bits) + dc_values) + segment(0xC4, b"\x10" + bytes(ac_bits) + ac_values)
+    blocks = (size // 8) ** 2
+    if interleaved:
+        data += segment(0xDA, b"\x03" + b"".join(bytes([i, 0]) for i in (1, 2, 3)) + b"\x00\x3f\x00")
+        data += blocks_data(3 * blocks)
+    else:
+        for component in (1, 2, 3):
+            data += segment(0xDA, b"\x01" + bytes([component, 0]) + b"\x00\x3f\x00") + blocks_data(blocks)
+    return data + b"\xff\xd9"
+
+
 def mean_colour(pixels: np.ndarray) -> tuple[int, ...]:
     return tuple(int(round(v)) for v in pixels.reshape(-1, 3).mean(axis=0))
 

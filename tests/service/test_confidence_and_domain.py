@@ -183,7 +183,7 @@ def test_the_engine_scores_the_domain_as_the_offline_check_does(extras_bundle, i
     pooled = captioner.feature_slots(8).encode(images, np.arange(len(images)))
     np.testing.assert_allclose(pooled, pool_features(captioner.encode(images)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        captioner.domain.combined_scores(pooled, image_statistics(images)),
+        captioner.domain.combined_scores(pooled, captioner.domain.image_statistics(images)),
         captioner.domain_scores(images),
         rtol=1e-4,
         atol=1e-6,

@@ -22,7 +22,7 @@ from app.decode_pool import DecodePool
 from app.engine import Overloaded, Result
 from app.errors import install_exception_handlers
 from app.guards import Shutdown, ShutdownGuard, UploadGuard
-from app.images import decode_bytes, decode_upload, open_upload
+from app.images import decode_bytes, decode_opened, decode_upload, open_upload
 from app.metrics import REGISTRY
 from app.settings import Settings
 from captioning.decoding import Caption
@@ -399,3 +399,13 @@ def test_a_decode_keeps_its_budget_until_its_thread_finishes_even_when_cancelled
     asyncio.run(scenario())
     assert order == ["first start", "first end", "second start", "second end"]
     pool.shutdown()
+
+
+def test_a_jpeg_with_a_scan_per_component_is_charged_its_whole_image_coefficients():
+    """A review found the hole the progressive rows closed open for this layout too: a flat
+    6000x6000 file of three scans took 209 MB to decode, charged 2 MB."""
+    one_scan = open_upload(uploads.flat_grey_jpeg(512), max_pixels=10**8, min_side=1)
+    three_scans = open_upload(uploads.flat_grey_jpeg(512, interleaved=False), max_pixels=10**8, min_side=1)
+    assert decode_bytes(one_scan, 32) == 64 * 64 * 4  # draft 1/8, nothing more
+    assert decode_bytes(three_scans, 32) == 64 * 64 * 4 + 2 * 3 * 512 * 512
+    assert np.asarray(decode_opened(three_scans, 32).image).std() == 0  # and it decodes (flat)

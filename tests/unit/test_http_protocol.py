@@ -132,13 +132,19 @@ def read_answer(connection: socket.socket) -> bytes:
     """One answer with a Content-Length body."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
+        more = connection.recv(65536)
+        if not more:
+            raise ConnectionError(f"closed before an answer: {data[:100]!r}")
+        data += more
     head, body = data.split(b"\r\n\r\n", 1)
     length = int(
         next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
     )
     while len(body) < length:
-        body += connection.recv(65536)
+        more = connection.recv(65536)
+        if not more:
+            raise ConnectionError("closed in the middle of an answer")
+        body += more
     return head + b"\r\n\r\n" + body
 
 

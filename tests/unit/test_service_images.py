@@ -137,6 +137,16 @@ def test_other_image_formats_are_unsupported_not_invalid(data, name):
 
 def test_text_is_not_mistaken_for_an_image_format():
     assert sniff_other_image_format(uploads.TEXT) is None
+    for text in (b"P1 is the first item\n", b"P3 notes\n", b"#define LIMIT 10\n#include <stdio.h>\n"):
+        assert sniff_other_image_format(text) is None, text
+
+
+def test_a_jpeg_with_data_after_its_picture_is_not_counted_as_scans():
+    """Phones append a video after the picture (motion photos); FF DA turns up in any such data
+    about once every 64 kB. Only the picture's own scans count."""
+    data = uploads.jpeg(size=(64, 48)) + np.random.default_rng(0).integers(0, 256, 2_000_000, np.uint8).tobytes()
+    assert data.count(b"\xff\xda") > 20
+    assert pixels_of(decode(data, max_jpeg_scans=20)).shape == (48, 64, 3)
 
 
 def test_decompression_bomb_is_refused_from_the_header(monkeypatch):

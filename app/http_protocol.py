@@ -37,6 +37,8 @@ An idle keep-alive connection stays uvicorn's KEEP_ALIVE_S business.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.schemas import ErrorResponse
@@ -50,48 +52,58 @@ HTTP_REASONS = {
 BAD_REQUEST_CODE = "bad_request"  # app.errors' code for a request that is not valid HTTP
 
 
-def _answer(status: int, code: str, message: str) -> bytes:
-    """The service's one error shape, then the connection closes; no request ID: the request
-    never reached the app."""
-    body = ErrorResponse(error={"code": code, "message": message}, request_id=None).model_dump_json().encode()
-    head = (
-        f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode()
-    return head + body
+@dataclass(frozen=True)
+class Refusal:
+    """An error answer of the service's one shape, given below the app (no request ID: the request
+    never reached it); the connection closes after it."""
+
+    status: int
+    code: str
+    message: str
+
+    def _parts(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        body = ErrorResponse(error={"code": self.code, "message": self.message}, request_id=None)
+        payload = body.model_dump_json().encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"connection", b"close"),
+        ]
+        return payload, headers
+
+    def raw(self) -> bytes:
+        """The bytes, written to the transport at once (no request of the connection is running)."""
+        payload, headers = self._parts()
+        head = f"HTTP/1.1 {self.status} {HTTP_REASONS[self.status]}\r\n".encode()
+        return head + b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n" + payload
+
+    def app(self):
+        """An ASGI app that gives it. A request refused once its headers are complete runs it as its
+        own request: after the requests pipelined before it are answered, never inside their answers."""
+        payload, headers = self._parts()
+
+        async def refuse(scope, receive, send) -> None:
+            await send({"type": "http.response.start", "status": self.status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+
+        return refuse
 
 
-TIMEOUT_ANSWER = _answer(408, "header_timeout", "the request headers did not arrive in time")
-UPGRADE_ANSWER = _answer(
+HEADER_TIMEOUT = Refusal(408, "header_timeout", "the request headers did not arrive in time")
+UPGRADE_NOT_SUPPORTED = Refusal(
     400,
     "upgrade_not_supported",
     "this server speaks HTTP/1.1 only: send the request without the Upgrade header (curl: --http1.1)",
 )
-CODING_ANSWER = _answer(
+CODING_NOT_SUPPORTED = Refusal(
     501,
     "transfer_coding_not_supported",
     "the only transfer coding this server reads is chunked (RFC 9112: gzip, deflate or compress are not decoded)",
 )
 
 
-def _headers_too_large_answer(limit: int) -> bytes:
-    return _answer(431, "headers_too_large", f"the request line and headers exceed {limit} bytes")
-
-
-def _refusal(answer: bytes):
-    """An ASGI app that gives `answer` (status line, headers with connection: close, body). A request
-    refused once its headers are complete runs it as its own request: after the requests pipelined
-    before it have been answered, never in the middle of their answers."""
-    head, body = answer.split(b"\r\n\r\n", 1)
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    headers = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
-
-    async def refuse(scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    return refuse
+def _headers_too_large(limit: int) -> Refusal:
+    return Refusal(431, "headers_too_large", f"the request line and headers exceed {limit} bytes")
 
 
 class HardenedProtocol(HttpToolsProtocol):
@@ -111,9 +123,7 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_deadline()
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-            self._drain_timer = None
+        self._cancel_drain()
         running = self._running
         if running is not None and not running.response_complete:
             running.disconnected = True
@@ -133,7 +143,7 @@ class HardenedProtocol(HttpToolsProtocol):
         # Checked after parsing, so that one read holding small headers and a large body passes:
         # headers that completed have cancelled the deadline (and reset the count).
         if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
-            self._close_with(_headers_too_large_answer(self.max_header_bytes))
+            self._close_with(_headers_too_large(self.max_header_bytes))
 
     # Parser callbacks. Once this class has refused a request and closed, httptools still parses
     # the rest of the read: none of it may start another request or reach a running one.
@@ -160,7 +170,7 @@ class HardenedProtocol(HttpToolsProtocol):
             # headers, with no limit. ASGI has no trailers; they are counted and dropped.
             self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > self.max_header_bytes:
-                self._close_with(_headers_too_large_answer(self.max_header_bytes))
+                self._close_with(_headers_too_large(self.max_header_bytes))
             return
         super().on_header(name, value)
 
@@ -175,18 +185,18 @@ class HardenedProtocol(HttpToolsProtocol):
             return
         # Exact, whatever the reads: a block that completed within one read was not counted.
         if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_header_bytes:
-            self._refuse(_headers_too_large_answer(self.max_header_bytes))
+            self._refuse(_headers_too_large(self.max_header_bytes))
         elif any(
             name == b"transfer-encoding" and value.strip(b" ").lower() != b"chunked" for name, value in self.headers
         ):
             # httptools reads "gzip, chunked" as chunked and hands the app the still-compressed bytes.
-            self._refuse(CODING_ANSWER)
+            self._refuse(CODING_NOT_SUPPORTED)
         else:
             super().on_headers_complete()
 
-    def _refuse(self, answer: bytes) -> None:
-        """This request gets `answer` in its turn, then the connection closes."""
-        app, self.app = self.app, _refusal(answer)
+    def _refuse(self, refusal: Refusal) -> None:
+        """This request gets `refusal` in its turn, then the connection closes."""
+        app, self.app = self.app, refusal.app()
         try:
             super().on_headers_complete()
         finally:
@@ -200,7 +210,7 @@ class HardenedProtocol(HttpToolsProtocol):
         )
         self._upgrade_refused = True  # nothing more is read on this connection: answered, then closed
         if has_body:
-            self._refuse(UPGRADE_ANSWER)
+            self._refuse(UPGRADE_NOT_SUPPORTED)
             return
         super().on_headers_complete()
         if self.cycle is not None:
@@ -215,8 +225,7 @@ class HardenedProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.transport.is_closing():
             super().on_message_complete()
         if self._drain_timer is not None:  # the answered request's body is in: a keep-alive connection again
-            self._drain_timer.cancel()
-            self._drain_timer = None
+            self._cancel_drain()
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -231,12 +240,17 @@ class HardenedProtocol(HttpToolsProtocol):
             # body it declared huge was held for ever. The rest must come within header_timeout_s.
             self._drain_timer = self.loop.call_later(self.header_timeout_s, self.transport.close)
 
+    def _cancel_drain(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP (a parser error)."""
-        self._close_with(_answer(400, BAD_REQUEST_CODE, msg))
+        self._close_with(Refusal(400, BAD_REQUEST_CODE, msg))
 
     def _start_asgi_task(self, cycle, app) -> None:
         self._running = cycle
@@ -258,16 +272,16 @@ class HardenedProtocol(HttpToolsProtocol):
             # The server itself stopped reading (a pipelined request waits its turn): not the client's fault.
             self._arm_header_deadline(count_from=self._header_bytes)
             return
-        self._close_with(TIMEOUT_ANSWER if self._request_started else b"")
+        self._close_with(HEADER_TIMEOUT if self._request_started else None)
 
-    def _close_with(self, answer: bytes) -> None:
+    def _close_with(self, refusal: Refusal | None) -> None:
         """Answers (unless a response is being written: the bytes would land inside it) and closes."""
         self._cancel_header_deadline()
         if self.transport.is_closing():
             return
         responding = self._running is not None and not self._running.response_complete
-        if answer and not responding:
-            self.transport.write(answer)
+        if refusal is not None and not responding:
+            self.transport.write(refusal.raw())
         self.transport.close()
 
 

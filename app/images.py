@@ -135,7 +135,6 @@ def open_upload(data: bytes, *, max_pixels: int, min_side: int, max_jpeg_scans: 
     if not data:
         raise InvalidImage("the uploaded file is empty")
     image = _open(data, max_pixels)
-    image._upload_bytes = data  # for decode_bytes, which reads a JPEG's scan layout from them
     # Pixel count and shortest side do not change under rotation, so the header size decides.
     _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
     # Every FF DA in the file is counted first (a bound from above, at C speed: every scan's marker
@@ -224,8 +223,9 @@ def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedI
     return DecodedImage(rgb, width, height, format_name)
 
 
-def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
-    """Peak bytes decode_opened(image, draft_size) holds, from the header alone: the decoded
+def decode_bytes(image: Image.Image, data: bytes, draft_size: int | None = None) -> int:
+    """Peak bytes decode_opened(image, draft_size) holds, from the header alone (`image` as
+    open_upload(data) gave it; a JPEG's scan layout is read from `data`): the decoded
     frame, plus the full-size converted copy for modes that cannot be reduced as they are (a
     keyed transparent colour makes any mode an RGBA copy first), plus, for a progressive JPEG or
     one with a scan per component, the decoder's coefficients of the whole image at full size (draft
@@ -233,7 +233,7 @@ def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
     width, height = image.size
     full = width * height
     coefficients = 0
-    if ALLOWED_FORMATS.get(image.format) == "JPEG" and _whole_image_coefficients(image):
+    if ALLOWED_FORMATS.get(image.format) == "JPEG" and _whole_image_coefficients(image, data):
         coefficients = int(2 * _jpeg_samples_per_pixel(image) * full)
     if draft_size and ALLOWED_FORMATS.get(image.format) == "JPEG":
         scale = min(width // draft_size, height // draft_size)  # as JpegImageFile.draft picks it
@@ -245,16 +245,13 @@ def decode_bytes(image: Image.Image, draft_size: int | None = None) -> int:
     return width * height * per_pixel + coefficients
 
 
-def _whole_image_coefficients(image: Image.Image) -> bool:
+def _whole_image_coefficients(image: Image.Image, data: bytes) -> bool:
     """Whether libjpeg keeps the coefficients of the whole image: a progressive file, or a
     sequential one whose first scan does not hold every component (one scan per component)."""
     if image.info.get("progressive"):
         return True
     layers = getattr(image, "layer", None) or []
-    data = getattr(image, "_upload_bytes", None)
-    if data is None or len(layers) < 2:
-        return False
-    return jpeg_layout(data, first_only=True)[1] < len(layers)
+    return len(layers) > 1 and jpeg_layout(data, first_only=True)[1] < len(layers)
 
 
 def _jpeg_samples_per_pixel(image: Image.Image) -> float:

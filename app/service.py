@@ -147,7 +147,7 @@ class CaptionService:
         if small and image.width * image.height <= INLINE_DECODE_MAX_PIXELS:
             decoded, pixels = decode(image)
         else:
-            decoded, pixels = await self.decoder.run(decode_bytes(image, size), decode, image)
+            decoded, pixels = await self.decoder.run(decode_bytes(image, data, size), decode, image)
         return Prepared(decoded, pixels, (time.perf_counter() - started) * 1000)
 
     async def infer(self, prepared: Prepared, options: DecodeOptions, *, started_at: float) -> CaptionFields:

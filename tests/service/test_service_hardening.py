@@ -347,10 +347,11 @@ def test_decode_cost_is_known_from_the_header_and_weighted_by_bit_depth():
     big16 = uploads.encode(Image.new("I;16", (2000, 1500)), "PNG")
     rgb = uploads.encode(Image.new("RGB", (2000, 1500)), "PNG")
     header16 = open_upload(big16, max_pixels=10**8, min_side=1)
-    assert decode_bytes(header16, 32) == 2000 * 1500 * 6  # decoded I;16 plus its 32-bit copy for reduce
-    assert decode_bytes(open_upload(rgb, max_pixels=10**8, min_side=1), 32) == 2000 * 1500 * 4
-    jpeg = open_upload(uploads.jpeg(size=(2000, 1500)), max_pixels=10**8, min_side=1)
-    assert decode_bytes(jpeg, 32) == 250 * 188 * 4  # draft mode decodes at 1/8
+    assert decode_bytes(header16, big16, 32) == 2000 * 1500 * 6  # decoded I;16 plus its 32-bit copy for reduce
+    assert decode_bytes(open_upload(rgb, max_pixels=10**8, min_side=1), rgb, 32) == 2000 * 1500 * 4
+    baseline = uploads.jpeg(size=(2000, 1500))
+    jpeg = open_upload(baseline, max_pixels=10**8, min_side=1)
+    assert decode_bytes(jpeg, baseline, 32) == 250 * 188 * 4  # draft mode decodes at 1/8
 
 
 def test_decode_cost_counts_a_keyed_transparent_colour_and_progressive_coefficients():
@@ -358,13 +359,14 @@ def test_decode_cost_counts_a_keyed_transparent_colour_and_progressive_coefficie
     (charged 38 MB before), a 482 kB progressive 4:4:4 JPEG at 6000x6000 about 210 MB (2 MB)."""
     keyed = Image.new("L", (2000, 1500))
     keyed.info["transparency"] = 0
-    grey = open_upload(uploads.encode(keyed, "PNG", transparency=0), max_pixels=10**8, min_side=1)
+    keyed_png = uploads.encode(keyed, "PNG", transparency=0)
+    grey = open_upload(keyed_png, max_pixels=10**8, min_side=1)
     assert "transparency" in grey.info
-    assert decode_bytes(grey, 32) == 2000 * 1500 * (1 + 5)  # the grey frame, its RGBA copy and a mask
+    assert decode_bytes(grey, keyed_png, 32) == 2000 * 1500 * (1 + 5)  # the grey frame, its RGBA copy and a mask
     for subsampling, samples in ((0, 3), (2, 1.5)):  # 4:4:4 and 4:2:0
         data = uploads.encode(uploads.solid(size=(2000, 1500)), "JPEG", progressive=True, subsampling=subsampling)
         jpeg = open_upload(data, max_pixels=10**8, min_side=1)
-        assert decode_bytes(jpeg, 32) == 250 * 188 * 4 + int(2 * samples * 2000 * 1500)
+        assert decode_bytes(jpeg, data, 32) == 250 * 188 * 4 + int(2 * samples * 2000 * 1500)
 
 
 def test_large_images_are_reduced_before_colour_conversion_and_keep_their_level():
@@ -404,8 +406,9 @@ def test_a_decode_keeps_its_budget_until_its_thread_finishes_even_when_cancelled
 def test_a_jpeg_with_a_scan_per_component_is_charged_its_whole_image_coefficients():
     """A review found the hole the progressive rows closed open for this layout too: a flat
     6000x6000 file of three scans took 209 MB to decode, charged 2 MB."""
-    one_scan = open_upload(uploads.flat_grey_jpeg(512), max_pixels=10**8, min_side=1)
-    three_scans = open_upload(uploads.flat_grey_jpeg(512, interleaved=False), max_pixels=10**8, min_side=1)
-    assert decode_bytes(one_scan, 32) == 64 * 64 * 4  # draft 1/8, nothing more
-    assert decode_bytes(three_scans, 32) == 64 * 64 * 4 + 2 * 3 * 512 * 512
+    one_scan_data, three_scans_data = uploads.flat_grey_jpeg(512), uploads.flat_grey_jpeg(512, interleaved=False)
+    one_scan = open_upload(one_scan_data, max_pixels=10**8, min_side=1)
+    three_scans = open_upload(three_scans_data, max_pixels=10**8, min_side=1)
+    assert decode_bytes(one_scan, one_scan_data, 32) == 64 * 64 * 4  # draft 1/8, nothing more
+    assert decode_bytes(three_scans, three_scans_data, 32) == 64 * 64 * 4 + 2 * 3 * 512 * 512
     assert np.asarray(decode_opened(three_scans, 32).image).std() == 0  # and it decodes (flat)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, File, Request, UploadFile
@@ -41,10 +42,10 @@ def service_ready(request: Request) -> bool:
     return bool(engine is not None and engine.ready and not state.stopping)
 
 
-async def get_served(request: Request) -> AsyncIterator[ServedModel]:
-    """The model version this request runs on: the default (highest served) version, leased
-    until the response is made, so that a hot swap lets the request finish on this version.
-    get_captioner and get_engine share it (FastAPI resolves it once per request)."""
+@asynccontextmanager
+async def leased_default(request: Request) -> AsyncIterator[ServedModel]:
+    """The model version a request runs on: the default (highest served) version, leased until the
+    response is made, so that a hot swap lets the request finish on this version."""
     models = getattr(request.app.state, "models", None)
     if models is None:
         raise NotReady("the model is not loaded yet", NOT_READY_RETRY_AFTER_S)
@@ -53,6 +54,11 @@ async def get_served(request: Request) -> AsyncIterator[ServedModel]:
         yield served
     finally:
         served.release()
+
+
+async def get_served(request: Request) -> AsyncIterator[ServedModel]:
+    async with leased_default(request) as served:
+        yield served
 
 
 async def get_captioner(served: Annotated[ServedModel, Depends(get_served)]):
@@ -72,8 +78,11 @@ def service_for(request: Request, served: ServedModel) -> CaptionService:
     return service.for_model(served.captioner, served.engine)
 
 
-async def get_service(request: Request, served: Annotated[ServedModel, Depends(get_served)]) -> CaptionService:
-    return service_for(request, served)
+async def get_service(request: Request) -> AsyncIterator[CaptionService]:
+    """The caption service over the leased default version. One dependency, not two: FastAPI's
+    per-request cost grows with each node of the dependency tree, and this is the hot route's."""
+    async with leased_default(request) as served:
+        yield service_for(request, served)
 
 
 Service = Annotated[CaptionService, Depends(get_service)]
@@ -98,12 +107,18 @@ async def get_image_bytes(
         File(description="The image file. Required in a multipart body; absent when the body is the image."),
     ] = None,
 ) -> bytes:
-    """POST /caption's image: the multipart field `image`, or the whole body when the Content-Type is
-    an image type or application/octet-stream, or absent (HTTP libraries send none for raw bytes).
-    A raw body skips the multipart parser and its temporary file. Whatever the type, the bytes
-    decide the format. Needs no model: a slow body holds no model version's lease."""
+    """POST /caption's image: the multipart field `image` (exactly one: with two, one would be
+    captioned and the other silently ignored), or the whole body when the Content-Type is an image
+    type or application/octet-stream, or absent (HTTP libraries send none for raw bytes). A raw body
+    skips the multipart parser and its temporary file. Whatever the type, the bytes decide the
+    format. Needs no model: a slow body holds no model version's lease."""
     limit = settings.max_upload_bytes
     if image is not None:
+        sent = (await request.form()).getlist("image")  # the form FastAPI parsed: Starlette keeps it
+        if len(sent) > 1:
+            raise DuplicateField(
+                f"the form has {len(sent)} `image` fields; send exactly one (use POST /captions for several images)"
+            )
         return await read_upload(image, limit)
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if not (is_raw_image(media_type) or media_type == ""):
@@ -122,22 +137,6 @@ async def get_image_bytes(
 
 
 ImageBytes = Annotated[bytes, Depends(get_image_bytes)]
-
-
-def one_file_per_field(*names: str):
-    """A dependency refusing a form that repeats one of `names` (422 naming it): otherwise one of
-    the files would be captioned and the other silently ignored."""
-
-    async def check(request: Request) -> None:
-        form = await request.form()  # already parsed for the route: Starlette keeps it
-        for name in names:
-            if len(form.getlist(name)) > 1:
-                raise DuplicateField(
-                    f"the form has {len(form.getlist(name))} `{name}` fields; send exactly one "
-                    f"(use POST /captions for several images)"
-                )
-
-    return Depends(check)
 
 
 def api_key_accepted(headers: Headers, settings: Settings) -> bool:

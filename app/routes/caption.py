@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
-from app.dependencies import ImageBytes, Service, one_file_per_field
+from app.dependencies import ImageBytes, Service
 from app.errors import ApiError, TooManyImages, error_responses
 from app.schemas import BatchCaptionResponse, CaptionQuery, CaptionResponse, ErrorDetail, ImageCaptioned, ImageFailed
 from app.service import decode_options, read_upload
@@ -46,7 +46,6 @@ PARAMETERS_NOTE = (
         f"{FORMATS_NOTE} "
         f"{PARAMETERS_NOTE} {DOMAIN_NOTE}"
     ),
-    dependencies=[one_file_per_field("image")],
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -123,6 +123,13 @@ async def get_image_bytes(
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if not (is_raw_image(media_type) or media_type == ""):
         if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            if media_type == "multipart/form-data" and not await request.form():
+                # The multipart parser keeps only parts that ended: a body cut short (a client or
+                # proxy that stopped early) arrives as a form with nothing in it.
+                raise MissingImage(
+                    "image: Field required; the form holds no complete part: the body is empty or ends "
+                    "before its closing boundary (--BOUNDARY--), so the upload may have been cut short"
+                )
             raise MissingImage(f"image: Field required ({RAW_UPLOAD_HINT})")
         raise UnsupportedMediaType(f"Content-Type {media_type} is not accepted: {RAW_UPLOAD_HINT}")
     try:

@@ -115,6 +115,17 @@ def test_a_text_field_where_the_image_belongs_is_named_plainly(client):
     assert message == "image: must be a file (a form part with a filename), not a text field"
 
 
+def test_a_form_cut_before_its_closing_boundary_is_named_as_such(client):
+    part = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + uploads.png()
+    headers = {"Content-Type": "multipart/form-data; boundary=XyZ", "X-API-Key": API_KEY}
+    cut = client.post("/caption", content=part + b"\r\n", headers=headers)
+    assert "closing boundary" in assert_error(cut, 422, "validation_error")["error"]["message"]
+    # A complete form without the field keeps the plain hint.
+    other = client.post("/caption", content=part.replace(b'"image"', b'"photo"') + b"\r\n--XyZ--\r\n", headers=headers)
+    message = assert_error(other, 422, "validation_error")["error"]["message"]
+    assert message.startswith("image: Field required (send the image as the multipart field")
+
+
 def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(client):
     response = client.post("/caption/", files={"image": ("a.png", uploads.png())}, headers={"Host": "evil.example"})
     assert_error(response, 404, "not_found")

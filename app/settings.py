@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request line plus headers; beyond it 431 JSON and the connection is closed.",
     )
+    max_pipelined_requests: int = Field(
+        32,
+        ge=1,
+        description="Requests a connection may send ahead of their answers (HTTP pipelining) beyond the running "
+        "one; the next gets 503 JSON `too_many_pipelined` in its turn and the connection closes after it.",
+    )
     keep_alive_s: float = Field(
         5.0,
         gt=0,

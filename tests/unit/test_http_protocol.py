@@ -1,7 +1,7 @@
 """app.http_protocol under a real uvicorn server, raw sockets for clients that misbehave.
 
 A tiny ASGI app stands in for the service (no model), so each case takes well under a second:
-the deadlines here are HEADER_TIMEOUT_S=0.5 and MAX_HEADER_BYTES=4096."""
+the limits here are HEADER_TIMEOUT_S=0.5, MAX_HEADER_BYTES=4096 and MAX_PIPELINED=4."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from app.http_protocol import hardened_protocol
 
 HEADER_TIMEOUT_S = 0.5
 MAX_HEADER_BYTES = 4096
+MAX_PIPELINED = 4
 KEEP_ALIVE_S = 1  # shorter than /sleep
 
 
@@ -30,6 +31,7 @@ class App:
         self.disconnected = threading.Event()
         self.calls: list[str] = []
         self.headers_seen: list[int] = []  # how many headers each /echo request's scope held
+        self.ok_calls = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -60,6 +62,7 @@ class App:
                 pass
             await self.answer(send, 200, {"slow": True})
         else:
+            self.ok_calls += 1
             await self.answer(send, 200, {"ok": True})
 
     @staticmethod
@@ -92,7 +95,7 @@ def served():
         lifespan="off",
         log_level="warning",
         timeout_keep_alive=KEEP_ALIVE_S,
-        http=hardened_protocol(HEADER_TIMEOUT_S, MAX_HEADER_BYTES),
+        http=hardened_protocol(HEADER_TIMEOUT_S, MAX_HEADER_BYTES, MAX_PIPELINED),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -386,3 +389,33 @@ def test_bytes_after_a_refused_upgrade_do_not_lose_its_answer(served):
         time.sleep(0.1)
         connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")  # the parser reads no more on it
         assert answers_until_closed(connection) == [b"HTTP/1.1 200"]
+
+
+def test_pipelined_requests_within_the_limit_are_all_answered_on_a_connection_kept_alive(served):
+    _, port, _ = served
+    ok = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(port) as connection:
+        connection.sendall(b"GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n" + ok * MAX_PIPELINED)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 1 + MAX_PIPELINED or not data.endswith(b"}"):
+            more = connection.recv(65536)
+            assert more, f"closed after {data.count(b'HTTP/1.1 ')} answers"
+            data += more
+        assert data.count(b"HTTP/1.1 200") == 1 + MAX_PIPELINED
+        connection.sendall(ok)
+        assert read_answer(connection).startswith(b"HTTP/1.1 200")
+
+
+def test_a_client_pipelining_without_reading_gets_a_bounded_queue_then_503_and_a_close(served):
+    """uvicorn parsed every pipelined request as it arrived and queued each with its state until
+    its turn: thousands a connection, never read, held gigabytes and stalled the event loop."""
+    app, port, _ = served
+    app.ok_calls = 0
+    with connect(port) as connection:
+        connection.sendall(b"GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        time.sleep(1.5)  # the client reads nothing while /sleep runs and the queue is served
+        data, _ = read_until_closed(connection)
+    statuses = [data[i : i + 12] for i in range(len(data)) if data.startswith(b"HTTP/1.1 ", i)]
+    assert statuses == [b"HTTP/1.1 200"] * (1 + MAX_PIPELINED) + [b"HTTP/1.1 503"]
+    assert json.loads(data.rsplit(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_pipelined"
+    assert app.ok_calls == MAX_PIPELINED  # nothing after the refusal ran

@@ -212,6 +212,8 @@ def _describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         message = error.get("msg", "invalid")
         if "Expected UploadFile" in message:  # FastAPI's words for a text field where a file belongs
             message = "must be a file (a form part with a filename), not a text field"
+        elif error.get("type") == "extra_forbidden":
+            message = "unknown parameter (see the operation's parameters in /openapi.json)"
         parts.append(f"{where}: {message}")
     more = len(errors) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

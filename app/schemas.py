@@ -43,6 +43,10 @@ class CaptionQuery(BaseModel):
     strategy=sample).
     """
 
+    # An unknown parameter is refused (422), as OIP refuses one: a typo (`num_caption=3`) silently
+    # ignored would answer something other than what was asked.
+    model_config = ConfigDict(extra="forbid")
+
     strategy: Literal["greedy", "beam", "sample"] = Field(
         "greedy",
         description="greedy: the most likely word at each step, one caption; beam: beam search "

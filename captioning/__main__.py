@@ -10,11 +10,22 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-DEFAULT_ARTIFACTS = "model_artifacts/default/1"
+DEFAULT_ARTIFACTS = "model_artifacts/default"  # the model the service serves by default (its highest version)
+
+
+def bundle_path(path: str) -> Path:
+    """A bundle, or a model's directory of versions (1/, 2/, ...): then its highest version, as the
+    service's default policy (latest:1) serves."""
+    path = Path(path)
+    if (path / "manifest.json").is_file() or not path.is_dir():
+        return path
+    versions = [entry for entry in path.iterdir() if entry.is_dir() and entry.name.isdigit()]
+    return max(versions, key=lambda entry: int(entry.name)) if versions else path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     caption = commands.add_parser("caption", help="caption image files")
     caption.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
-    caption.add_argument("--artifacts", default=os.environ.get("ARTIFACTS_DIR", DEFAULT_ARTIFACTS))
+    caption.add_argument(
+        "--artifacts",
+        default=os.environ.get("ARTIFACTS_DIR", DEFAULT_ARTIFACTS),
+        help="a bundle, or a model's directory of versions (its highest version is used); "
+        "default: $ARTIFACTS_DIR, else %(default)s",
+    )
     caption.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="greedy")
     caption.add_argument("--beam-size", type=int, default=3)
     caption.add_argument("--num-captions", type=int, default=1)
@@ -59,7 +75,7 @@ def main(argv=None) -> int:
     )
     try:
         options.validate()
-        captioner = Captioner.load(args.artifacts)
+        captioner = Captioner.load(bundle_path(args.artifacts))
         captioner.check(options)  # what this model cannot do (a mirror view without its words)
     except (ValueError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)

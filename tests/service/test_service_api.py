@@ -126,6 +126,13 @@ def test_a_form_cut_before_its_closing_boundary_is_named_as_such(client):
     assert message.startswith("image: Field required (send the image as the multipart field")
 
 
+def test_an_unknown_query_parameter_is_refused_not_ignored(client):
+    """A typo (num_caption for num_captions) used to be ignored: one caption came back, not three."""
+    response = post_image(client, uploads.png(), params={"strategy": "beam", "num_caption": 3})
+    message = assert_error(response, 422, "validation_error")["error"]["message"]
+    assert message.startswith("query.num_caption: unknown parameter")
+
+
 def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(client):
     response = client.post("/caption/", files={"image": ("a.png", uploads.png())}, headers={"Host": "evil.example"})
     assert_error(response, 404, "not_found")

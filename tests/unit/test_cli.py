@@ -91,3 +91,17 @@ def test_invalid_options_exit_2_before_loading_anything(images, options, capsys)
 def test_missing_bundle_exits_2(images, capsys):
     assert main(["caption", str(images[0]), "--artifacts", "/nonexistent/bundle"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_model_directory_means_its_highest_version_as_the_service_serves(tiny_bundle, tmp_path):
+    from captioning.__main__ import DEFAULT_ARTIFACTS, bundle_path
+
+    model = tmp_path / "default"
+    for version in ("1", "2", "10", ".staging-11"):
+        (model / version).mkdir(parents=True)
+    assert bundle_path(str(model)) == model / "10"  # numerically highest, a staging copy ignored
+    assert bundle_path(str(tiny_bundle)) == Path(tiny_bundle)  # a bundle is itself
+    # The default is the served model, not one pinned version of it.
+    assert bundle_path(str(ROOT / DEFAULT_ARTIFACTS)) == max(
+        (p for p in (ROOT / DEFAULT_ARTIFACTS).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )

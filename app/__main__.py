@@ -83,7 +83,12 @@ def main() -> int:
         server_header=False,
         timeout_keep_alive=settings.keep_alive_s,
         # httptools, as uvicorn[standard] would pick, with deadlines and limits per connection
-        http=hardened_protocol(settings.header_timeout_s, settings.max_header_bytes, settings.max_pipelined_requests),
+        http=hardened_protocol(
+            settings.header_timeout_s,
+            settings.max_header_bytes,
+            settings.max_pipelined_requests,
+            settings.send_timeout_s,
+        ),
     )
     server = Server(config)
     try:

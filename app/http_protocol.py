@@ -14,6 +14,9 @@ response (its keep-alive timer), and cancels that timer on any byte received. Le
   - an `Upgrade` other than WebSocket (`curl --http2` offers h2c) makes httptools treat the
     request as bodiless and stop parsing the connection: an upload arrives empty;
   - `Transfer-Encoding: gzip, chunked` is read as chunked: the app gets the compressed bytes;
+  - an answer the client does not read waits in the write buffer for ever: the connection, its
+    buffered bytes (megabytes for a beam search with attention over 16 images) and the request's
+    task stay until the client leaves;
   - pipelined requests are parsed as fast as they arrive, each queued with its own request state
     until its turn: a client that sends thousands of small requests on a connection and never
     reads the answers makes the server hold them all (100 such connections took it from 0.85 to
@@ -35,6 +38,8 @@ Here:
   - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text);
   - a transfer coding other than chunked (`gzip, chunked`) gets 501 JSON, as RFC 9112 asks, instead
     of the app being handed the still-encoded bytes;
+  - while the write buffer is full it must shrink within `send_timeout_s` (no progress for that
+    long: nginx's send_timeout), else the connection is aborted and the request cancelled;
   - at most `max_pipelined` requests wait behind the running one on a connection: the next gets
     503 JSON `too_many_pipelined` in its turn, and nothing after it is read (the connection closes
     after that answer; RFC 9112 lets a pipelining client send again what was not answered).
@@ -44,6 +49,9 @@ An idle keep-alive connection stays uvicorn's KEEP_ALIVE_S business.
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -124,15 +132,18 @@ def _too_many_pipelined(limit: int) -> Refusal:
 
 
 class HardenedProtocol(HttpToolsProtocol):
-    header_timeout_s = 10.0  # all three set per server by hardened_protocol()
+    header_timeout_s = 10.0  # all four set per server by hardened_protocol()
     max_header_bytes = 64 * 1024
     max_pipelined = 32
+    send_timeout_s = 30.0
     _header_timer = None
     _header_bytes = 0  # received since the header deadline was armed
     _request_started = False  # some of a request has arrived: the deadline answers 408
     _running = None  # the request whose ASGI task runs now (self.cycle is the newest one)
     _drain_timer = None  # the rest of an answered request's body is being dropped until it fires
     _trailer_bytes = 0  # of the current chunked body's trailers
+    _send_timer = None  # armed while the write buffer is over its high-water mark
+    _send_buffered = 0  # its size when the timer was armed
     _read_no_more = False  # a request was refused in its turn, or offered an upgrade: answered, then closed
 
     def connection_made(self, transport) -> None:
@@ -142,6 +153,7 @@ class HardenedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc) -> None:
         self._cancel_header_deadline()
         self._cancel_drain()
+        self._cancel_send_deadline()
         running = self._running
         if running is not None and not running.response_complete:
             running.disconnected = True
@@ -267,6 +279,47 @@ class HardenedProtocol(HttpToolsProtocol):
             # body it declared huge was held for ever. The rest must come within header_timeout_s.
             self._drain_timer = self.loop.call_later(self.header_timeout_s, self.transport.close)
 
+    # The transport calls these when its write buffer crosses its high and low water marks.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_send_deadline()
+
+    def resume_writing(self) -> None:
+        self._cancel_send_deadline()
+        super().resume_writing()
+
+    def _arm_send_deadline(self) -> None:
+        self._cancel_send_deadline()
+        self._send_buffered = self._unsent()
+        self._send_timer = self.loop.call_later(self.send_timeout_s, self._check_sending)
+
+    def _unsent(self) -> int:
+        """Bytes the client has not taken: the transport's buffer, plus the kernel's send queue (its
+        buffers hold megabytes, so a client reading steadily can leave the first alone for a while)."""
+        queued = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and hasattr(termios, "TIOCOUTQ"):
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return self.transport.get_write_buffer_size() + queued
+
+    def _check_sending(self) -> None:
+        self._send_timer = None
+        if not self.transport.get_write_buffer_size():  # emptied as the timer fired
+            return
+        if self._unsent() < self._send_buffered:
+            self._arm_send_deadline()  # the client reads, however slowly: another period
+            return
+        # Nothing left the buffer: close() would wait for it to empty, which never happens.
+        self.transport.abort()
+
+    def _cancel_send_deadline(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
     def _cancel_drain(self) -> None:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
@@ -306,16 +359,29 @@ class HardenedProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         if self.transport.is_closing():
             return
-        responding = self._running is not None and not self._running.response_complete
-        if refusal is not None and not responding:
+        running = self._running
+        if refusal is not None and running is not None and not running.response_complete:
+            if running.response_started:
+                refusal = None
+            else:
+                # A body that breaks the framing while its request runs (a bad chunk size): nothing of
+                # that request's answer has gone out, so the refusal takes its place, and the request
+                # is told the connection has gone (it would otherwise write into a closed one).
+                running.disconnected = True
+                running.message_event.set()
+        if refusal is not None:
             self.transport.write(refusal.raw())
         self.transport.close()
 
 
-def hardened_protocol(header_timeout_s: float, max_header_bytes: int, max_pipelined: int) -> type[HardenedProtocol]:
+def hardened_protocol(
+    header_timeout_s: float, max_header_bytes: int, max_pipelined: int, send_timeout_s: float
+) -> type[HardenedProtocol]:
     """The protocol class for uvicorn.Config(http=...), with this server's limits."""
-    return type(
-        "HardenedProtocol",
-        (HardenedProtocol,),
-        {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes, "max_pipelined": max_pipelined},
-    )
+    limits = {
+        "header_timeout_s": header_timeout_s,
+        "max_header_bytes": max_header_bytes,
+        "max_pipelined": max_pipelined,
+        "send_timeout_s": send_timeout_s,
+    }
+    return type("HardenedProtocol", (HardenedProtocol,), limits)

@@ -381,6 +381,19 @@ class ModelManager:
             "model version loaded",
             extra={**labels, "load_s": round(loaded - started, 3), "warmup_s": round(warmed - loaded, 3)},
         )
+        # Both are optional stages of training (docs/TRAINING.md); a bundle without them serves, but less is said.
+        if captioner.domain is None:
+            logger.warning(
+                "this model version has no out-of-domain check: answers carry no in_domain or domain_score "
+                "(python -m training fit-domain adds one)",
+                extra=labels,
+            )
+        if captioner.calibration is None:
+            logger.warning(
+                "this model version's confidence is not calibrated: it is the raw geometric-mean token "
+                "probability (python -m training calibrate fits one)",
+                extra=labels,
+            )
         report.loaded.append(version)
         return ServedModel(
             self.name,

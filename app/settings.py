@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request line plus headers; beyond it 431 JSON and the connection is closed.",
     )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="While an answer fills the connection's write buffer, the client must take some of it within "
+        "this; else the connection is aborted (nginx's send_timeout).",
+    )
     max_pipelined_requests: int = Field(
         32,
         ge=1,

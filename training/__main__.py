@@ -20,7 +20,13 @@ def main(argv=None) -> int:
         command.add_parser(subparsers)
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest
-    return args.func(args)
+    from captioning.artifacts import ArtifactError
+
+    try:
+        return args.func(args)
+    except ArtifactError as error:  # a missing or tampered bundle: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ textures      sine gratings, wood-like rings and fine checkerboards
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
@@ -75,6 +77,10 @@ def photographs() -> list[tuple[str, np.ndarray]]:
     try:
         import skimage.data as data
     except ImportError:
+        warnings.warn(
+            "no photographs among the out-of-domain images: scikit-image is not installed (the training extra)",
+            stacklevel=2,
+        )
         return []
     found = []
     for name in PHOTOGRAPHS:

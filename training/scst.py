@@ -1,6 +1,6 @@
 """`python -m training finetune-scst`: self-critical sequence training (Rennie et al. 2017).
 
-    python -m training finetune-scst --artifacts model_artifacts/shapeworld --output model_artifacts/shapeworld/2 \\
+    python -m training finetune-scst --artifacts model_artifacts/shapeworld/1 --output model_artifacts/shapeworld/2 \\
         --dataset coco --data annotations_file=.../captions_train.json --data images_dir=.../images
 
 Fine-tunes a trained bundle for the caption metric instead of word-level likelihood. For each

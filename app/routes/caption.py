@@ -77,8 +77,9 @@ async def create_caption(
     responses=error_responses(400, 408, 413, 422, 503, 504),
     summary="Caption several images",
     description="Upload images as the repeated multipart field `images` (at least one, at most "
-    "MAX_IMAGES_PER_REQUEST; the upload limit applies to the whole body). Each image gets one result, in upload "
-    "order: its captions, or its own error (the codes of POST /caption) without failing the others; when the "
+    "MAX_IMAGES_PER_REQUEST). MAX_UPLOAD_BYTES applies to each file and, with 16 KiB for the multipart framing, "
+    "to the whole body: a body over it is refused whole (413) while it streams in. Each image gets one result, "
+    "in upload order: its captions, or its own error (the codes of POST /caption) without failing the others; when the "
     "request's deadline passes, the captions already finished are returned and the rest are marked "
     f"`deadline_exceeded`. If every image is refused for load, the answer is 503 with Retry-After. {FORMATS_NOTE} "
     f"{PARAMETERS_NOTE}",

@@ -1,7 +1,7 @@
 """app.http_protocol under a real uvicorn server, raw sockets for clients that misbehave.
 
 A tiny ASGI app stands in for the service (no model), so each case takes well under a second:
-the limits here are HEADER_TIMEOUT_S=0.5, MAX_HEADER_BYTES=4096 and MAX_PIPELINED=4."""
+the limits here are HEADER_TIMEOUT_S=0.5, MAX_HEADER_BYTES=4096, MAX_PIPELINED=4 and SEND_TIMEOUT_S=0.5."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from app.http_protocol import hardened_protocol
 HEADER_TIMEOUT_S = 0.5
 MAX_HEADER_BYTES = 4096
 MAX_PIPELINED = 4
+SEND_TIMEOUT_S = 0.5
+BIG_ANSWER = 32 * 2**20  # more than the kernel's socket buffers hold
 KEEP_ALIVE_S = 1  # shorter than /sleep
 
 
@@ -45,6 +47,11 @@ class App:
                 size += len(message.get("body", b""))
                 more = message.get("more_body", False)
             await self.answer(send, 200, {"received": size})
+        elif path == "/big":
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % BIG_ANSWER)]}
+            )
+            await send({"type": "http.response.body", "body": b"a" * BIG_ANSWER})
         elif path == "/refuse":
             await self.answer(send, 401, {"error": "no key"})
         elif path == "/sleep":  # longer than the header deadline and the keep-alive timeout below
@@ -95,7 +102,7 @@ def served():
         lifespan="off",
         log_level="warning",
         timeout_keep_alive=KEEP_ALIVE_S,
-        http=hardened_protocol(HEADER_TIMEOUT_S, MAX_HEADER_BYTES, MAX_PIPELINED),
+        http=hardened_protocol(HEADER_TIMEOUT_S, MAX_HEADER_BYTES, MAX_PIPELINED, SEND_TIMEOUT_S),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -419,3 +426,42 @@ def test_a_client_pipelining_without_reading_gets_a_bounded_queue_then_503_and_a
     assert statuses == [b"HTTP/1.1 200"] * (1 + MAX_PIPELINED) + [b"HTTP/1.1 503"]
     assert json.loads(data.rsplit(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_pipelined"
     assert app.ok_calls == MAX_PIPELINED  # nothing after the refusal ran
+
+
+def test_an_answer_the_client_does_not_read_ends_the_connection_after_the_send_deadline(served):
+    """uvicorn waited for ever on a full write buffer: the connection and the buffered answer stayed."""
+    with socket.socket() as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.connect(("127.0.0.1", served[1]))
+        connection.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(4 * SEND_TIMEOUT_S)  # reads nothing
+        data, _ = read_until_closed(connection, limit_s=5)
+    assert data.startswith(b"HTTP/1.1 200") and len(data) < BIG_ANSWER  # cut off, not delivered
+
+
+def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer(served):
+    with connect(served[1]) as connection:
+        connection.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, reads = b"", 0
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < BIG_ANSWER:
+            reads += 1
+            if reads % 32 == 0:
+                time.sleep(0.1)  # about 2 MB a pause: slow, but never a whole deadline without reading
+            more = connection.recv(65536)
+            assert more, f"closed after {len(data)} bytes"
+            data += more
+    assert data.startswith(b"HTTP/1.1 200")
+
+
+def test_a_chunked_body_that_breaks_its_framing_gets_a_json_400_not_silence(served):
+    """The parser's error came while the request ran, and nothing was answered before the close."""
+    _, port, _ = served
+    start = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for broken in (b"zz\r\nhello\r\n0\r\n\r\n", b"3\r\nhello\r\n0\r\n\r\n", b"5\nhello\n0\n\n"):
+        with connect(port) as connection:
+            connection.sendall(start)
+            time.sleep(0.1)  # the request is running, waiting for its body
+            connection.sendall(broken)
+            data, _ = read_until_closed(connection)
+        assert data.startswith(b"HTTP/1.1 400"), (broken, data[:80])
+        assert json_body(data)["error"]["code"] == "bad_request"

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per /caption request, queueing included.")
     decode_concurrency: int = Field(4, ge=1, description="Worker threads decoding uploads (a bounded pool).")
     max_images_per_request: int = Field(16, ge=1, description="Most images in one POST /captions request.")
+    oip_max_json_items: int = Field(
+        4096,
+        ge=64,
+        description="Most JSON values (counted by commas) in an OIP inference request's JSON; more is 400 before it "
+        "is parsed (millions of empty values in a 10 MB body stalled the event loop for seconds).",
+    )
     out_of_domain: Literal["caption", "reject"] = Field(
         "caption",
         description="Images the model's domain check flags: captioned anyway (flagged in_domain=false) "

@@ -225,3 +225,24 @@ def test_an_output_asked_for_twice_is_refused_before_any_inference(server):
     request["outputs"] = [{"name": f"unknown-{index}"} for index in range(1000)]
     response = httpx.post(f"http://{server}/v2/models/default/infer", headers=auth(), json=request, timeout=10)
     assert response.status_code == 400 and len(response.text) < 500  # names a few, not all 1000
+
+
+def test_millions_of_empty_values_are_refused_before_they_are_parsed(server):
+    """3.5 million empty strings (or lists, or zero-length binary elements) in a 10 MB body were all
+    built as Python objects on the event loop before the count met the shape: seconds of stall."""
+    url = f"http://{server}/v2/models/default/infer"
+    many = '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"data":[' + ",".join(['""'] * 200_000) + "]}]}"
+    response = httpx.post(url, headers={**auth(), "Content-Type": "application/json"}, content=many, timeout=10)
+    assert response.status_code == 400 and "values" in response.json()["error"]
+    header = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":%d}}]}'
+    binary = b"\0\0\0\0" * 500_000  # half a million zero-length elements
+    header %= len(binary)
+    started = time.monotonic()
+    response = httpx.post(
+        url,
+        headers={**auth(), "Inference-Header-Content-Length": str(len(header))},
+        content=header + binary,
+        timeout=10,
+    )
+    assert response.status_code == 400 and "holds 2 elements" in response.json()["error"]  # counted to 1 past
+    assert time.monotonic() - started < 2

@@ -11,6 +11,7 @@ import logging.config
 import math
 import os
 import signal
+import socket
 import sys
 
 # numpy's BLAS (the engine's out-of-domain distance, a [B, 512] x [512, 512] product per encoded
@@ -39,7 +40,10 @@ def main() -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid configuration (environment variables):\n{exc}", file=sys.stderr)
+        print("invalid configuration (environment variables):", file=sys.stderr)
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "?"  # the variable, as set
+            print(f"  {name}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
         return 2
     route_native_output(settings.log_level)  # TensorFlow's own lines become JSON records too
     log_config = logging_config(settings.log_level)
@@ -51,6 +55,16 @@ def main() -> int:
     except (ArtifactError, ValueError) as exc:
         logger.critical("cannot start: %s", exc)
         return 1
+
+    # The port is checked before the model is loaded and warmed (seconds): a port in use is a
+    # configuration mistake, better told at once. (uvicorn binds it again once start-up is done.)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        logger.critical("cannot start: %s:%d cannot be bound (%s)", settings.host, settings.port, exc.strerror or exc)
+        return STARTUP_FAILURE
 
     import uvicorn
 

@@ -371,6 +371,34 @@ def test_broken_bundle_exits_non_zero_with_a_clear_message(bundle, tmp_path):
     assert "decoder.keras does not match its sha256" in line["message"]
 
 
+def test_a_port_in_use_is_reported_before_the_model_is_loaded(bundle):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            env=server_env(bundle, taken.getsockname()[1]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 3
+    (line,) = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
+    assert line["level"] == "CRITICAL" and "cannot be bound" in line["message"]
+    assert time.monotonic() - started < 15  # no TensorFlow import, no warm-up
+
+
+def test_invalid_settings_are_named_as_the_variables_set(bundle):
+    env = server_env(bundle, free_port(), OUT_OF_DOMAIN="maybe", MAX_UPLOAD_BYTES="lots")
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "OUT_OF_DOMAIN='maybe'" in result.stderr and "MAX_UPLOAD_BYTES='lots'" in result.stderr
+
+
 def test_sigterm_shuts_down_gracefully(server, client):
     """Last in the module: it stops the shared server. A request still running when the grace
     (SHUTDOWN_GRACE_S=3) ends gets the app's 503 JSON, not the server's plain-text 500."""

@@ -17,6 +17,8 @@ response (its keep-alive timer), and cancels that timer on any byte received. Le
   - an answer the client does not read waits in the write buffer for ever: the connection, its
     buffered bytes (megabytes for a beam search with attention over 16 images) and the request's
     task stay until the client leaves;
+  - chunk extensions (`5;name=value`) reach neither the app nor any limit: a client can stream
+    gigabytes of them inside one request;
   - pipelined requests are parsed as fast as they arrive, each queued with its own request state
     until its turn: a client that sends thousands of small requests on a connection and never
     reads the answers makes the server hold them all (100 such connections took it from 0.85 to
@@ -40,6 +42,8 @@ Here:
     of the app being handed the still-encoded bytes;
   - while the write buffer is full it must shrink within `send_timeout_s` (no progress for that
     long: nginx's send_timeout), else the connection is aborted and the request cancelled;
+  - a chunked body's framing (sizes, extensions, line ends) may not outgrow its data or
+    `max_header_bytes`, whichever is larger: past it, 400 JSON and the connection closes;
   - at most `max_pipelined` requests wait behind the running one on a connection: the next gets
     503 JSON `too_many_pipelined` in its turn, and nothing after it is read (the connection closes
     after that answer; RFC 9112 lets a pipelining client send again what was not answered).
@@ -118,6 +122,13 @@ CODING_NOT_SUPPORTED = Refusal(
 )
 
 
+CHUNK_FRAMING_TOO_LARGE = Refusal(
+    400,
+    BAD_REQUEST_CODE,
+    "the chunked body's framing (chunk sizes and extensions) outgrew its data and the header limit",
+)
+
+
 def _headers_too_large(limit: int) -> Refusal:
     return Refusal(431, "headers_too_large", f"the request line and headers exceed {limit} bytes")
 
@@ -144,6 +155,10 @@ class HardenedProtocol(HttpToolsProtocol):
     _trailer_bytes = 0  # of the current chunked body's trailers
     _send_timer = None  # armed while the write buffer is over its high-water mark
     _send_buffered = 0  # its size when the timer was armed
+    _chunked_body = False  # the parser is inside a chunked request body
+    _body_bytes = 0  # its data so far
+    _framing_bytes = 0  # its other bytes (chunk sizes, extensions, line ends), counted per read
+    _body_this_read = 0
     _read_no_more = False  # a request was refused in its turn, or offered an upgrade: answered, then closed
 
     def connection_made(self, transport) -> None:
@@ -169,7 +184,13 @@ class HardenedProtocol(HttpToolsProtocol):
             self._arm_header_deadline()
         if self._header_timer is not None:
             self._header_bytes += len(data)
+        in_chunked_body, self._body_this_read = self._chunked_body, 0
         super().data_received(data)
+        if in_chunked_body and self._chunked_body:  # this read lay wholly inside one chunked body
+            self._framing_bytes += len(data) - self._body_this_read
+            if self._framing_bytes > max(self.max_header_bytes, self._body_bytes):
+                self._close_with(CHUNK_FRAMING_TOO_LARGE)
+                return
         # Checked after parsing, so that one read holding small headers and a large body passes:
         # headers that completed have cancelled the deadline (and reset the count).
         if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
@@ -230,6 +251,8 @@ class HardenedProtocol(HttpToolsProtocol):
             self._refuse(CODING_NOT_SUPPORTED)
         else:
             super().on_headers_complete()
+            self._chunked_body = any(name == b"transfer-encoding" for name, _ in self.headers)
+            self._body_bytes = self._framing_bytes = 0
 
     def _refuse(self, refusal: Refusal) -> None:
         """This request gets `refusal` in its turn, then the connection closes; nothing after it is read."""
@@ -257,10 +280,13 @@ class HardenedProtocol(HttpToolsProtocol):
     # After a refusal the rest of the read lands on the refused request (bounded by the read) and
     # goes with it; after a refused upgrade with a body the parser still reports its end.
     def on_body(self, body: bytes) -> None:
+        self._body_this_read += len(body)
+        self._body_bytes += len(body)
         if self.cycle is not None and not self.transport.is_closing():
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._chunked_body = False
         if self.cycle is not None and not self.transport.is_closing():
             super().on_message_complete()
         if self._drain_timer is not None:  # the answered request's body is in: a keep-alive connection again

@@ -465,3 +465,26 @@ def test_a_chunked_body_that_breaks_its_framing_gets_a_json_400_not_silence(serv
             data, _ = read_until_closed(connection)
         assert data.startswith(b"HTTP/1.1 400"), (broken, data[:80])
         assert json_body(data)["error"]["code"] == "bad_request"
+
+
+def test_chunk_extensions_cannot_outgrow_the_data_and_the_header_limit(served):
+    """Extensions reached no limit: one connection streamed gigabytes of them inside one request."""
+    _, port, _ = served
+    start = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with connect(port) as connection:
+        connection.sendall(start)
+        try:
+            for _ in range(64):  # 5 bytes of data a chunk, 1 KiB of extension
+                connection.sendall(b"5;e=" + b"x" * 1024 + b"\r\nhello\r\n")
+                time.sleep(0.005)
+        except OSError:
+            pass  # closed by the server: what this test wants
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 400") and json_body(data)["error"]["code"] == "bad_request"
+    # Small chunks with ordinary framing are data, whatever their number.
+    with connect(port) as connection:
+        connection.sendall(start)
+        for _ in range(50):
+            connection.sendall(b"".join(b"10\r\n" + b"a" * 16 + b"\r\n" for _ in range(40)))
+        connection.sendall(b"0\r\n\r\n")
+        assert json_body(read_answer(connection)) == {"received": 50 * 40 * 16}

@@ -59,12 +59,16 @@ class UploadGuard:
         self.uploads = 0  # bodies being read now (event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS or matched_route(scope) is None:
+        route = matched_route(scope) if scope["type"] == "http" and scope["method"] in BODY_METHODS else None
+        if route is None:
             await self.app(scope, receive, send)
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await api_error_response(Request(scope), refusal)(scope, receive, send)
+            # A route family with an error shape of its own (OIP's {"error": "..."}) answers in it.
+            answer = getattr(route, "error_response", None)
+            response = answer(refusal) if answer is not None else api_error_response(Request(scope), refusal)
+            await response(scope, receive, send)
             return
         self.uploads += 1
         holding = True

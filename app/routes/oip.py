@@ -79,6 +79,11 @@ def oip_errors(*status_codes: int) -> dict:
 class OipRoute(APIRoute):
     """Renders every error of these routes, auth and validation included, as {"error": "..."}."""
 
+    @staticmethod
+    def error_response(error: ApiError) -> JSONResponse:
+        """Also used by app.guards for what it refuses before the route runs (401, 503)."""
+        return oip_error(error.status_code, error.message, error.headers)
+
     def get_route_handler(self):
         handler = super().get_route_handler()
 
@@ -86,7 +91,7 @@ class OipRoute(APIRoute):
             try:
                 return await handler(request)
             except ApiError as exc:
-                return oip_error(exc.status_code, exc.message, exc.headers)
+                return self.error_response(exc)
             except RequestValidationError as exc:
                 return oip_error(
                     400, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])

@@ -198,6 +198,9 @@ def test_errors_have_the_protocol_shape(server, client):
         f"http://{server}/v2/models/default/infer", headers=auth(), content=b"{not json", timeout=10
     ).json()
     assert set(body) == {"error"} and isinstance(body["error"], str)
+    # So is a refusal given before the route runs (the key, checked before the body is read).
+    keyless = httpx.post(f"http://{server}/v2/models/default/infer", content=b"{}", timeout=10)
+    assert keyless.status_code == 401 and set(keyless.json()) == {"error"}
 
 
 @pytest.mark.parametrize("version", ["%C2%B3", "%D9%A3", "1" * 5000, "-1", "1.0"])

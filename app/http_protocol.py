@@ -257,6 +257,9 @@ class HardenedProtocol(HttpToolsProtocol):
     def _refuse(self, refusal: Refusal) -> None:
         """This request gets `refusal` in its turn, then the connection closes; nothing after it is read."""
         self._read_no_more = True
+        # uvicorn parses the target into the scope, and httptools fails on one of 64 KiB or more:
+        # that error would replace the refusal. The refusal's answer does not read the scope.
+        self.url = b"/"
         app, self.app = self.app, refusal.app()
         try:
             super().on_headers_complete()

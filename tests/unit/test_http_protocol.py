@@ -488,3 +488,12 @@ def test_chunk_extensions_cannot_outgrow_the_data_and_the_header_limit(served):
             connection.sendall(b"".join(b"10\r\n" + b"a" * 16 + b"\r\n" for _ in range(40)))
         connection.sendall(b"0\r\n\r\n")
         assert json_body(read_answer(connection)) == {"received": 50 * 40 * 16}
+
+
+def test_a_request_target_too_long_for_the_url_parser_still_gets_431(served):
+    """httptools' URL parser fails at 64 KiB; its error replaced the 431 with uvicorn's 400."""
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"GET /ok?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 431")

@@ -14,7 +14,7 @@ import math
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -230,7 +230,28 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(request, 422, "validation_error", _describe_validation_errors(list(exc.errors())))
+    errors = list(exc.errors())
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    form_fields = _form_fields(getattr(request.scope.get("route"), "dependant", None))
+    missing_parts = [e["loc"][-1] for e in errors if e.get("type") == "missing" and e["loc"][-1] in form_fields]
+    if missing_parts and media_type != "multipart/form-data":
+        # A form's parts are missing because the body is not a form at all (JSON, a raw image): say that.
+        parts = ", ".join(f"`{part}`" for part in missing_parts)
+        error = UnsupportedMediaType(
+            f"Content-Type {media_type or '(none)'} is not accepted here: send a multipart form with {parts}"
+        )
+        return api_error_response(request, error)
+    return error_response(request, 422, "validation_error", _describe_validation_errors(errors))
+
+
+def _form_fields(dependant) -> set[str]:
+    """The names of the form (and file) fields a route and its dependencies read."""
+    if dependant is None:
+        return set()
+    names = {field.alias for field in dependant.body_params if isinstance(field.field_info, params.Form)}
+    for sub in dependant.dependencies:
+        names |= _form_fields(sub)
+    return names
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

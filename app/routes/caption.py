@@ -74,7 +74,7 @@ async def create_caption(
     "/captions",
     response_model=BatchCaptionResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 408, 413, 422, 503, 504),
+    responses=error_responses(400, 408, 413, 415, 422, 503, 504),
     summary="Caption several images",
     description="Upload images as the repeated multipart field `images` (at least one, at most "
     "MAX_IMAGES_PER_REQUEST). MAX_UPLOAD_BYTES applies to each file and, with 16 KiB for the multipart framing, "

@@ -133,6 +133,17 @@ def test_an_unknown_query_parameter_is_refused_not_ignored(client):
     assert message.startswith("query.num_caption: unknown parameter")
 
 
+def test_captions_with_a_body_that_is_not_a_form_is_415_naming_the_field(client):
+    """It was 422 'images: Field required', with no word about the body's type."""
+    for content_type, body in (("application/json", b'{"images": []}'), ("image/png", uploads.png())):
+        response = client.post("/captions", content=body, headers={"Content-Type": content_type, "X-API-Key": API_KEY})
+        message = assert_error(response, 415, "unsupported_media_type")["error"]["message"]
+        assert content_type in message and "`images`" in message
+    # A form without the field is still the 422 of a missing field.
+    form = client.post("/captions", files={"photo": ("a.png", uploads.png())}, headers={"X-API-Key": API_KEY})
+    assert_error(form, 422, "validation_error")
+
+
 def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(client):
     response = client.post("/caption/", files={"image": ("a.png", uploads.png())}, headers={"Host": "evil.example"})
     assert_error(response, 404, "not_found")

@@ -276,6 +276,11 @@ class ModelManager:
         model._drained.clear()
         return model
 
+    @property
+    def refused(self) -> dict[int, str]:
+        """Versions on disk that were refused and are not tried again until their files change, and why."""
+        return {version: reason for version, (_, reason) in sorted(self._refused.items())}
+
     async def start(self) -> None:
         report = await self.reload()
         if not self._served:

@@ -39,7 +39,10 @@ class ReloadResult(BaseModel):
     served: list[int] = Field(description="Versions served after the reload; the highest answers unversioned requests.")
     loaded: list[int]
     unloaded: list[int] = Field(description="Retired; each finishes its in-flight requests, then frees its memory.")
-    refused: dict[int, str] = Field(description="Versions that failed verification, loading or warm-up, and why.")
+    refused: dict[int, str] = Field(
+        description="Versions that failed verification, loading or warm-up, and why: in this reload, or earlier "
+        "with their files unchanged since (they are not tried again until the files change)."
+    )
 
 
 @router.post(
@@ -76,5 +79,5 @@ async def reload_models(
         served=report.served,
         loaded=report.loaded,
         unloaded=report.unloaded,
-        refused=report.refused,
+        refused={**models.refused, **report.refused},
     )

@@ -122,6 +122,7 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         assert list(report.refused) == [3] and "sha256" in report.refused[3]
         assert list(models.served) == [2] and loads(3, "refused") == 1.0
         assert (await models.reload()).refused == {}  # not retried while its files are unchanged
+        assert list(models.refused) == [3]  # but still known, for POST /admin/reload's answer
         assert loads(3, "refused") == 1.0
 
         # A version that verifies but fails warm-up (config says 48 px, the encoder takes 32) is refused too.

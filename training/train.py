@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output", required=True, help="artifact bundle directory to write")
-    p.add_argument("--run-dir", help="checkpoints and TensorBoard logs (default: runs/<name>)")
+    p.add_argument("--run-dir", help="checkpoints and TensorBoard logs; unset: runs/<the preset's name>")
     p.add_argument("--max-steps", type=int, help="stop after this many training steps (quick runs)")
     p.add_argument(
         "--features-cache",
@@ -108,6 +108,8 @@ class Data:
 
 
 def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
+    # Generated datasets draw every image first (about 5 minutes for the default preset's 24000).
+    print(f"loading {config.dataset} (train_limit {config.train_limit}, val_limit {config.val_limit}) ...", flush=True)
     train_options = parse_options(args.data)
     val_options = {**train_options, **parse_options(args.val_data)}
     train_records = load_records(config, "train", train_options)

@@ -65,7 +65,7 @@ async def create_caption(
     query: Annotated[CaptionQuery, Query()],
     service: Service,
 ) -> CaptionResponse:
-    options = decode_options(query)
+    options = decode_options(query, once_each(request))
     fields = await service.caption(data, options, started_at=request.state.started_at, receive=request.receive)
     return CaptionResponse(**dict(fields), request_id=request.state.request_id)
 
@@ -90,7 +90,7 @@ async def create_captions(
     query: Annotated[CaptionQuery, Query()],
     service: Service,
 ) -> BatchCaptionResponse:
-    options = decode_options(query)
+    options = decode_options(query, once_each(request))
     limit = service.settings.max_images_per_request
     if len(images) > limit:
         raise TooManyImages(f"{len(images)} images sent; the limit is {limit} per request")
@@ -101,6 +101,12 @@ async def create_captions(
         for index, (upload, outcome) in enumerate(zip(images, outcomes, strict=True))
     ]
     return BatchCaptionResponse(results=results, request_id=request.state.request_id)
+
+
+def once_each(request: Request) -> list[str]:
+    """Query parameters given more than once (FastAPI would keep the last value without a word)."""
+    params = request.query_params
+    return sorted({name for name in params if len(params.getlist(name)) > 1})
 
 
 def _image_result(index: int, filename: str | None, outcome) -> ImageCaptioned | ImageFailed:

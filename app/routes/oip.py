@@ -164,7 +164,8 @@ async def _lease(request: Request, name: str, version: str | None) -> AsyncItera
     if models is None:
         raise NotReady("the model is not loaded yet", 5)
     if name != models.name:
-        raise ModelNotFound(f"unknown model '{name}'; this server serves '{models.name}'")
+        shown = name if len(name) <= 64 else name[:64] + "..."  # the path is the client's: not echoed whole
+        raise ModelNotFound(f"unknown model '{shown}'; this server serves '{models.name}'")
     served = models.served
     # ASCII digits only: str.isdigit() also takes "³" (int() refuses it) and "٣" (int() reads 3).
     if version is not None and not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
@@ -375,7 +376,7 @@ def input_images(inference: InferenceRequest, binary: bytes, settings: Settings)
         raise TooManyImages(f"{count} images sent; the limit is {settings.max_images_per_request} per request")
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != len(binary):
+        if type(size) is not int or size != len(binary):  # not isinstance: True is an int too
             raise OipError(f"binary_data_size of '{INPUT_NAME}' is {size}, but {len(binary)} bytes follow the JSON")
         elements = deserialize_bytes(binary, most=count)
     elif binary:

@@ -144,6 +144,11 @@ def test_captions_with_a_body_that_is_not_a_form_is_415_naming_the_field(client)
     assert_error(form, 422, "validation_error")
 
 
+def test_a_parameter_given_twice_is_refused_not_resolved_silently(client):
+    response = post_image(client, uploads.png(), params=[("strategy", "beam"), ("strategy", "sample")])
+    assert "given more than once: strategy" in assert_error(response, 422, "invalid_parameters")["error"]["message"]
+
+
 def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(client):
     response = client.post("/caption/", files={"image": ("a.png", uploads.png())}, headers={"Host": "evil.example"})
     assert_error(response, 404, "not_found")

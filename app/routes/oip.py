@@ -350,10 +350,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON inference header and the binary tensor data after it."""
     if header_length is None:
         return body, b""
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise OipError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    # ASCII digits only (int() also takes "+5", "1_0" and " 7 "), and few of them.
+    if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 18):
+        raise OipError(f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}")
+    length = int(header_length)
     if not 0 <= length <= len(body):
         raise OipError(f"{HEADER_LENGTH} is {length}, but the body has {len(body)} bytes")
     return body[:length], body[length:]

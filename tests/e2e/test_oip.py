@@ -249,3 +249,14 @@ def test_millions_of_empty_values_are_refused_before_they_are_parsed(server):
     )
     assert response.status_code == 400 and "holds 2 elements" in response.json()["error"]  # counted to 1 past
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("length", [b"+5", b"1_0", "٣".encode(), b"9" * 5000])
+def test_the_header_length_must_be_plain_digits(server, length):
+    response = httpx.post(
+        f"http://{server}/v2/models/default/infer",
+        headers={**auth(), "Inference-Header-Content-Length": length},
+        content=b'{"inputs": []}' + b"x" * 20,
+        timeout=10,
+    )
+    assert response.status_code == 400 and "must be an integer" in response.json()["error"]

@@ -233,7 +233,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = list(exc.errors())
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     form_fields = _form_fields(getattr(request.scope.get("route"), "dependant", None))
-    missing_parts = [e["loc"][-1] for e in errors if e.get("type") == "missing" and e["loc"][-1] in form_fields]
+    missing_parts = [
+        e["loc"][-1]
+        for e in errors
+        if e.get("type") == "missing" and e["loc"][:1] == ("body",) and e["loc"][-1] in form_fields
+    ]
     if missing_parts and media_type != "multipart/form-data":
         # A form's parts are missing because the body is not a form at all (JSON, a raw image): say that.
         parts = ", ".join(f"`{part}`" for part in missing_parts)

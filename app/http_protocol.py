@@ -40,10 +40,11 @@ Here:
   - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text);
   - a transfer coding other than chunked (`gzip, chunked`) gets 501 JSON, as RFC 9112 asks, instead
     of the app being handed the still-encoded bytes;
-  - while the write buffer is full it must shrink within `send_timeout_s` (no progress for that
-    long: nginx's send_timeout), else the connection is aborted and the request cancelled;
-  - a chunked body's framing (sizes, extensions, line ends) may not outgrow its data or
-    `max_header_bytes`, whichever is larger: past it, 400 JSON and the connection closes;
+  - while an answer waits in the write buffer (over its high-water mark, or left there when the
+    response completed), the bytes the client has not taken must shrink within `send_timeout_s`
+    (nginx's send_timeout), else the connection is aborted and the request cancelled;
+  - a chunked body's framing (sizes, extensions, line ends) may not exceed `max_header_bytes` plus
+    8 bytes per byte of data: past it, 400 JSON and the connection closes;
   - at most `max_pipelined` requests wait behind the running one on a connection: the next gets
     503 JSON `too_many_pipelined` in its turn, and nothing after it is read (the connection closes
     after that answer; RFC 9112 lets a pipelining client send again what was not answered).
@@ -122,6 +123,9 @@ CODING_NOT_SUPPORTED = Refusal(
 )
 
 
+# A chunked body's framing may reach MAX_HEADER_BYTES plus this many bytes per data byte: 1-byte
+# chunks take 5 ("1\r\nX\r\n"), so any real sender fits; an endless extension does not.
+FRAMING_PER_DATA_BYTE = 8
 CHUNK_FRAMING_TOO_LARGE = Refusal(
     400,
     BAD_REQUEST_CODE,
@@ -159,6 +163,7 @@ class HardenedProtocol(HttpToolsProtocol):
     _body_bytes = 0  # its data so far
     _framing_bytes = 0  # its other bytes (chunk sizes, extensions, line ends), counted per read
     _body_this_read = 0
+    _requests_seen = 0  # so that a read spanning two requests is not counted as one body's framing
     _read_no_more = False  # a request was refused in its turn, or offered an upgrade: answered, then closed
 
     def connection_made(self, transport) -> None:
@@ -184,17 +189,23 @@ class HardenedProtocol(HttpToolsProtocol):
             self._arm_header_deadline()
         if self._header_timer is not None:
             self._header_bytes += len(data)
-        in_chunked_body, self._body_this_read = self._chunked_body, 0
+        in_chunked_body, requests_seen, self._body_this_read = self._chunked_body, self._requests_seen, 0
         super().data_received(data)
-        if in_chunked_body and self._chunked_body:  # this read lay wholly inside one chunked body
+        if in_chunked_body and self._chunked_body and self._requests_seen == requests_seen:
+            # This read lay wholly inside one chunked body: what is not data is framing.
             self._framing_bytes += len(data) - self._body_this_read
-            if self._framing_bytes > max(self.max_header_bytes, self._body_bytes):
+            if self._framing_bytes > self.max_header_bytes + FRAMING_PER_DATA_BYTE * self._body_bytes:
                 self._close_with(CHUNK_FRAMING_TOO_LARGE)
                 return
         # Checked after parsing, so that one read holding small headers and a large body passes:
         # headers that completed have cancelled the deadline (and reset the count).
         if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
             self._close_with(_headers_too_large(self.max_header_bytes))
+
+    def _should_upgrade(self) -> bool:
+        # The service has no WebSocket routes: every upgrade takes the refused-upgrade path, so the
+        # limits above apply to it too (uvicorn would hand the connection to its WebSocket protocol).
+        return False
 
     # Parser callbacks. Once this class has refused a request, httptools still parses the rest of
     # the read: none of it may start another request or reach a running one.
@@ -234,16 +245,14 @@ class HardenedProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         self._request_started = False
         self._trailer_bytes = 0
-        if self.parser.should_upgrade() and not self._should_upgrade():
-            self._unsupported_upgrade()
-            return
-        if len(self.pipeline) >= self.max_pipelined:
-            # Each waiting request holds its state (and any body read so far) until its turn.
-            self._refuse(_too_many_pipelined(self.max_pipelined))
-            return
         # Exact, whatever the reads: a block that completed within one read was not counted.
         if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_header_bytes:
             self._refuse(_headers_too_large(self.max_header_bytes))
+        elif len(self.pipeline) >= self.max_pipelined:
+            # Each waiting request holds its state (and any body read so far) until its turn.
+            self._refuse(_too_many_pipelined(self.max_pipelined))
+        elif self.parser.should_upgrade():  # _should_upgrade() is always False here
+            self._unsupported_upgrade()
         elif any(
             name == b"transfer-encoding" and value.strip(b" ").lower() != b"chunked" for name, value in self.headers
         ):
@@ -251,6 +260,7 @@ class HardenedProtocol(HttpToolsProtocol):
             self._refuse(CODING_NOT_SUPPORTED)
         else:
             super().on_headers_complete()
+            self._requests_seen += 1
             self._chunked_body = any(name == b"transfer-encoding" for name, _ in self.headers)
             self._body_bytes = self._framing_bytes = 0
 
@@ -301,6 +311,10 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         running = self._running
+        # An answer left in the buffer, below the high-water mark (so writing never paused), must
+        # still be taken: the keep-alive close would otherwise wait for it for ever.
+        if self._send_timer is None and self.transport.get_write_buffer_size():
+            self._arm_send_deadline()
         super().on_response_complete()
         if running is not None and running.more_body and not self.transport.is_closing():
             # Answered before its body came in whole (401, 413, 503, 408): uvicorn reads and drops
@@ -311,11 +325,11 @@ class HardenedProtocol(HttpToolsProtocol):
     # The transport calls these when its write buffer crosses its high and low water marks.
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._arm_send_deadline()
+        if self._send_timer is None:
+            self._arm_send_deadline()
 
     def resume_writing(self) -> None:
-        self._cancel_send_deadline()
-        super().resume_writing()
+        super().resume_writing()  # the deadline stays: under the high-water mark is not empty
 
     def _arm_send_deadline(self) -> None:
         self._cancel_send_deadline()
@@ -341,7 +355,7 @@ class HardenedProtocol(HttpToolsProtocol):
         if self._unsent() < self._send_buffered:
             self._arm_send_deadline()  # the client reads, however slowly: another period
             return
-        # Nothing left the buffer: close() would wait for it to empty, which never happens.
+        # Nothing was taken for a whole period: close() would wait for the buffer to empty for ever.
         self.transport.abort()
 
     def _cancel_send_deadline(self) -> None:
@@ -390,14 +404,14 @@ class HardenedProtocol(HttpToolsProtocol):
             return
         running = self._running
         if refusal is not None and running is not None and not running.response_complete:
-            if running.response_started:
-                refusal = None
-            else:
-                # A body that breaks the framing while its request runs (a bad chunk size): nothing of
-                # that request's answer has gone out, so the refusal takes its place, and the request
-                # is told the connection has gone (it would otherwise write into a closed one).
+            if running is self.cycle and running.more_body and not running.response_started:
+                # The running request's own body broke (a bad chunk size): nothing of its answer has
+                # gone out, so the refusal takes its place, and the request is told the connection
+                # has gone (it would otherwise write into a closed one).
                 running.disconnected = True
                 running.message_event.set()
+            else:  # the fault is a later request's: an answer now would read as the running one's
+                refusal = None
         if refusal is not None:
             self.transport.write(refusal.raw())
         self.transport.close()

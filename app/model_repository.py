@@ -104,7 +104,7 @@ def scan_versions(model_dir: Path) -> dict[int, Path]:
         return {}
     versions = {}
     for entry in model_dir.iterdir():
-        if entry.is_dir() and entry.name.isdigit() and int(entry.name) >= 1:
+        if entry.is_dir() and entry.name.isascii() and entry.name.isdigit() and int(entry.name) >= 1:  # not '³'
             versions.setdefault(int(entry.name), entry)
     return versions
 

@@ -112,8 +112,8 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="While an answer fills the connection's write buffer, the client must take some of it within "
-        "this; else the connection is aborted (nginx's send_timeout).",
+        description="While an answer waits in the connection's write buffer, the client must take some of it "
+        "within this; else the connection is aborted (nginx's send_timeout).",
     )
     max_pipelined_requests: int = Field(
         32,

@@ -15,16 +15,16 @@ from pathlib import Path
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-DEFAULT_ARTIFACTS = "model_artifacts/default"  # the model the service serves by default (its highest version)
+DEFAULT_ARTIFACTS = "model_artifacts/default"  # the service's default model; its highest version, as latest:1 picks
 
 
 def bundle_path(path: str) -> Path:
     """A bundle, or a model's directory of versions (1/, 2/, ...): then its highest version, as the
-    service's default policy (latest:1) serves."""
+    service's default policy (latest:1) picks (a pin or a refused version is the service's business)."""
     path = Path(path)
     if (path / "manifest.json").is_file() or not path.is_dir():
         return path
-    versions = [entry for entry in path.iterdir() if entry.is_dir() and entry.name.isdigit()]
+    versions = [entry for entry in path.iterdir() if entry.is_dir() and entry.name.isascii() and entry.name.isdigit()]
     return max(versions, key=lambda entry: int(entry.name)) if versions else path
 
 

@@ -238,7 +238,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         for e in errors
         if e.get("type") == "missing" and e["loc"][:1] == ("body",) and e["loc"][-1] in form_fields
     ]
-    if missing_parts and media_type != "multipart/form-data":
+    if missing_parts and media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         # A form's parts are missing because the body is not a form at all (JSON, a raw image): say that.
         parts = ", ".join(f"`{part}`" for part in missing_parts)
         error = UnsupportedMediaType(

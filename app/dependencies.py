@@ -14,6 +14,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 
 from app.errors import (
+    FORM_MEDIA_TYPES,
     NOT_READY_RETRY_AFTER_S,
     ClientDisconnected,
     DuplicateField,
@@ -22,6 +23,7 @@ from app.errors import (
     Unauthorized,
     UnsupportedMediaType,
     UploadTooLarge,
+    body_media_type,
 )
 from app.model_repository import ServedModel
 from app.service import CaptionService, read_upload
@@ -120,9 +122,9 @@ async def get_image_bytes(
                 f"the form has {len(sent)} `image` fields; send exactly one (use POST /captions for several images)"
             )
         return await read_upload(image, limit)
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    media_type = body_media_type(request)
     if not (is_raw_image(media_type) or media_type == ""):
-        if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if media_type in FORM_MEDIA_TYPES:
             if media_type == "multipart/form-data" and not await request.form():
                 # The multipart parser keeps only parts that ended: a body cut short (a client or
                 # proxy that stopped early) arrives as a form with nothing in it.

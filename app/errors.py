@@ -231,14 +231,14 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    media_type = body_media_type(request)
     form_fields = _form_fields(getattr(request.scope.get("route"), "dependant", None))
     missing_parts = [
         e["loc"][-1]
         for e in errors
         if e.get("type") == "missing" and e["loc"][:1] == ("body",) and e["loc"][-1] in form_fields
     ]
-    if missing_parts and media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if missing_parts and media_type not in FORM_MEDIA_TYPES:
         # A form's parts are missing because the body is not a form at all (JSON, a raw image): say that.
         parts = ", ".join(f"`{part}`" for part in missing_parts)
         error = UnsupportedMediaType(
@@ -246,6 +246,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         )
         return api_error_response(request, error)
     return error_response(request, 422, "validation_error", _describe_validation_errors(errors))
+
+
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def body_media_type(request: Request) -> str:
+    """The request body's media type, lower case, without parameters ("" when none is given)."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 def _form_fields(dependant) -> set[str]:

@@ -157,8 +157,8 @@ class HardenedProtocol(HttpToolsProtocol):
     _running = None  # the request whose ASGI task runs now (self.cycle is the newest one)
     _drain_timer = None  # the rest of an answered request's body is being dropped until it fires
     _trailer_bytes = 0  # of the current chunked body's trailers
-    _send_timer = None  # armed while the write buffer is over its high-water mark
-    _send_buffered = 0  # its size when the timer was armed
+    _send_timer = None  # armed while an answer waits in the write buffer
+    _send_buffered = 0  # the bytes not taken (_unsent) when it was armed
     _chunked_body = False  # the parser is inside a chunked request body
     _body_bytes = 0  # its data so far
     _framing_bytes = 0  # its other bytes (chunk sizes, extensions, line ends), counted per read
@@ -322,14 +322,12 @@ class HardenedProtocol(HttpToolsProtocol):
             # body it declared huge was held for ever. The rest must come within header_timeout_s.
             self._drain_timer = self.loop.call_later(self.header_timeout_s, self.transport.close)
 
-    # The transport calls these when its write buffer crosses its high and low water marks.
+    # The transport calls this when its write buffer crosses the high-water mark. The deadline
+    # outlives resume_writing (under the low-water mark is not empty): _check_sending ends it.
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
             self._arm_send_deadline()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()  # the deadline stays: under the high-water mark is not empty
 
     def _arm_send_deadline(self) -> None:
         self._cancel_send_deadline()

@@ -41,7 +41,7 @@ import anyio
 
 from app import metrics
 from app.errors import NotReady
-from captioning.artifacts import MANIFEST, ArtifactError, verify_bundle
+from captioning.artifacts import MANIFEST, ArtifactError, is_bundle, scan_versions, verify_bundle
 
 logger = logging.getLogger("app.models")
 
@@ -91,22 +91,6 @@ class VersionPolicy:
         if self.kind == "specific":
             return "specific:" + ",".join(map(str, self.versions))
         return "all"
-
-
-def is_bundle(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
-
-
-def scan_versions(model_dir: Path) -> dict[int, Path]:
-    """The version directories of a model: integer names (1, 2, ...); anything else is ignored,
-    so a copy in progress can be staged as e.g. `.tmp-3` and renamed into place."""
-    if not model_dir.is_dir():
-        return {}
-    versions = {}
-    for entry in model_dir.iterdir():
-        if entry.is_dir() and entry.name.isascii() and entry.name.isdigit() and int(entry.name) >= 1:  # not '³'
-            versions.setdefault(int(entry.name), entry)
-    return versions
 
 
 def fingerprint(bundle: Path) -> tuple:

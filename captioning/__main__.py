@@ -21,11 +21,11 @@ DEFAULT_ARTIFACTS = "model_artifacts/default"  # the service's default model; it
 def bundle_path(path: str) -> Path:
     """A bundle, or a model's directory of versions (1/, 2/, ...): then its highest version, as the
     service's default policy (latest:1) picks (a pin or a refused version is the service's business)."""
+    from captioning.artifacts import is_bundle, scan_versions
+
     path = Path(path)
-    if (path / "manifest.json").is_file() or not path.is_dir():
-        return path
-    versions = [entry for entry in path.iterdir() if entry.is_dir() and entry.name.isascii() and entry.name.isdigit()]
-    return max(versions, key=lambda entry: int(entry.name)) if versions else path
+    versions = {} if is_bundle(path) else scan_versions(path)
+    return versions[max(versions)] if versions else path
 
 
 def _parser() -> argparse.ArgumentParser:

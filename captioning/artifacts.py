@@ -30,6 +30,23 @@ class ArtifactError(RuntimeError):
     """The bundle is missing, incomplete, tampered with, or from an incompatible version."""
 
 
+def is_bundle(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def scan_versions(model_dir: Path) -> dict[int, Path]:
+    """The version directories of a model (`model_artifacts/<name>/<version>/`): integer names (1,
+    2, ...); anything else is ignored, so a copy in progress can be staged as e.g. `.tmp-3` and
+    renamed into place."""
+    if not model_dir.is_dir():
+        return {}
+    versions = {}
+    for entry in model_dir.iterdir():
+        if entry.is_dir() and entry.name.isascii() and entry.name.isdigit() and int(entry.name) >= 1:  # not '³'
+            versions.setdefault(int(entry.name), entry)
+    return versions
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

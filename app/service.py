@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,12 +74,9 @@ class Prepared:
     decode_ms: float
 
 
-def decode_options(query: CaptionQuery, repeated: Sequence[str] = ()) -> DecodeOptions:
-    """Query parameters -> DecodeOptions; contradictory or impossible combinations, and parameters
-    given more than once (`repeated`), raise InvalidParameters (422). Only parameters the client
-    actually sent count as given."""
-    if repeated:
-        raise InvalidParameters(f"given more than once: {', '.join(repeated)} (send each parameter once)")
+def decode_options(query: CaptionQuery) -> DecodeOptions:
+    """Query parameters -> DecodeOptions; contradictory or impossible combinations raise
+    InvalidParameters (422). Only parameters the client actually sent count as given."""
     for name in sorted(query.model_fields_set & STRATEGY_ONLY_PARAMETERS.keys()):
         if STRATEGY_ONLY_PARAMETERS[name] != query.strategy:
             raise InvalidParameters(

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
 from app.dependencies import ImageBytes, Service
-from app.errors import ApiError, TooManyImages, error_responses
+from app.errors import ApiError, InvalidParameters, TooManyImages, error_responses
 from app.schemas import BatchCaptionResponse, CaptionQuery, CaptionResponse, ErrorDetail, ImageCaptioned, ImageFailed
 from app.service import decode_options, read_upload
 
@@ -65,7 +65,8 @@ async def create_caption(
     query: Annotated[CaptionQuery, Query()],
     service: Service,
 ) -> CaptionResponse:
-    options = decode_options(query, once_each(request))
+    check_once_each(request)
+    options = decode_options(query)
     fields = await service.caption(data, options, started_at=request.state.started_at, receive=request.receive)
     return CaptionResponse(**dict(fields), request_id=request.state.request_id)
 
@@ -90,7 +91,8 @@ async def create_captions(
     query: Annotated[CaptionQuery, Query()],
     service: Service,
 ) -> BatchCaptionResponse:
-    options = decode_options(query, once_each(request))
+    check_once_each(request)
+    options = decode_options(query)
     limit = service.settings.max_images_per_request
     if len(images) > limit:
         raise TooManyImages(f"{len(images)} images sent; the limit is {limit} per request")
@@ -103,10 +105,12 @@ async def create_captions(
     return BatchCaptionResponse(results=results, request_id=request.state.request_id)
 
 
-def once_each(request: Request) -> list[str]:
-    """Query parameters given more than once (FastAPI would keep the last value without a word)."""
+def check_once_each(request: Request) -> None:
+    """Refuses query parameters given more than once (FastAPI would keep the last value without a word)."""
     params = request.query_params
-    return sorted({name for name in params if len(params.getlist(name)) > 1})
+    repeated = sorted({name for name in params if len(params.getlist(name)) > 1})
+    if repeated:
+        raise InvalidParameters(f"given more than once: {', '.join(repeated)} (send each parameter once)")
 
 
 def _image_result(index: int, filename: str | None, outcome) -> ImageCaptioned | ImageFailed:

@@ -49,7 +49,15 @@ from captioning.decoding import DecodeOptions
 INPUT_NAME = "image"
 OUTPUTS = {"caption": "BYTES", "captions": "BYTES", "scores": "FP32", "confidence": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
-MAX_VERSION_DIGITS = 18  # a version path segment longer than this names no version (int() stops at 4300)
+MAX_DIGITS = 18  # a version or a header length longer than this is refused (int() stops at 4300)
+
+
+def plain_number(text: str) -> bool:
+    """ASCII digits, and few of them: int() also takes "+5", "1_0", " 7 " and Arabic digits, and
+    str.isdigit() takes "³", which int() refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS
+
+
 # Request parameters the protocol or tritonclient may send that are not decoding options.
 PROTOCOL_PARAMETERS = {"binary_data_output", "timeout", "priority", "sequence_id", "sequence_start", "sequence_end"}
 DECODING_PARAMETERS = set(CaptionQuery.model_fields)
@@ -167,8 +175,7 @@ async def _lease(request: Request, name: str, version: str | None) -> AsyncItera
         shown = name if len(name) <= 64 else name[:64] + "..."  # the path is the client's: not echoed whole
         raise ModelNotFound(f"unknown model '{shown}'; this server serves '{models.name}'")
     served = models.served
-    # ASCII digits only: str.isdigit() also takes "³" (int() refuses it) and "٣" (int() reads 3).
-    if version is not None and not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
+    if version is not None and not plain_number(version):
         raise ModelNotFound(f"model '{name}' has no version '{version[:40]}': versions are positive integers")
     if version is not None and int(version) not in served:
         raise ModelNotFound(
@@ -350,8 +357,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON inference header and the binary tensor data after it."""
     if header_length is None:
         return body, b""
-    # ASCII digits only (int() also takes "+5", "1_0" and " 7 "), and few of them.
-    if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 18):
+    if not plain_number(header_length):
         raise OipError(f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}")
     length = int(header_length)
     if not 0 <= length <= len(body):

@@ -38,6 +38,9 @@ Here:
     its body being lost: with a body, a 400 JSON `upgrade_not_supported` saying so; without one,
     normally. Either way the connection then closes, since httptools reads nothing more on it;
   - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text);
+  - an HTTP/1.1 request without a Host header, with two, or with one that is not a host[:port]
+    gets 400 JSON, as RFC 9112 section 3.2 requires (uvicorn passes all three on, and a proxy
+    in front may have read another Host than the one the app sees);
   - a transfer coding other than chunked (`gzip, chunked`) gets 501 JSON, as RFC 9112 asks, instead
     of the app being handed the still-encoded bytes;
   - while an answer waits in the write buffer (over its high-water mark, or left there when the
@@ -55,6 +58,7 @@ An idle keep-alive connection stays uvicorn's KEEP_ALIVE_S business.
 from __future__ import annotations
 
 import fcntl
+import re
 import struct
 import termios
 from dataclasses import dataclass
@@ -121,6 +125,21 @@ CODING_NOT_SUPPORTED = Refusal(
     "transfer_coding_not_supported",
     "the only transfer coding this server reads is chunked (RFC 9112: gzip, deflate or compress are not decoded)",
 )
+
+BAD_HOST = Refusal(
+    400,
+    BAD_REQUEST_CODE,
+    "an HTTP/1.1 request needs exactly one Host header, holding host or host:port (RFC 9112 section 3.2)",
+)
+# RFC 3986's host (an IP literal in brackets, or a reg-name, which may be empty) and optional port.
+HOST_VALUE = re.compile(rb"(\[[0-9A-Za-z:.%_~-]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]*)?")
+
+
+def _host_is_valid(headers: list[tuple[bytes, bytes]], http_version: str) -> bool:
+    hosts = [value for name, value in headers if name == b"host"]
+    if not hosts:
+        return http_version == "1.0"
+    return len(hosts) == 1 and HOST_VALUE.fullmatch(hosts[0].strip(b" \t")) is not None
 
 
 # A chunked body's framing may reach MAX_HEADER_BYTES plus this many bytes per data byte: 1-byte
@@ -248,6 +267,8 @@ class HardenedProtocol(HttpToolsProtocol):
         # Exact, whatever the reads: a block that completed within one read was not counted.
         if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_header_bytes:
             self._refuse(_headers_too_large(self.max_header_bytes))
+        elif not _host_is_valid(self.headers, self.parser.get_http_version()):
+            self._refuse(BAD_HOST)
         elif len(self.pipeline) >= self.max_pipelined:
             # Each waiting request holds its state (and any body read so far) until its turn.
             self._refuse(_too_many_pipelined(self.max_pipelined))

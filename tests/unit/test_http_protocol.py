@@ -547,3 +547,36 @@ def test_a_read_that_ends_one_chunked_body_and_starts_others_is_not_counted_as_f
             assert more, f"closed after {data[:200]!r}"
             data += more
     assert data.count(b"HTTP/1.1 200") == 4
+
+
+@pytest.mark.parametrize(
+    "host_lines",
+    [b"", b"Host: a\r\nHost: b\r\n", b"Host: a b/c\r\n", b"Host: user@a\r\n"],
+    ids=["missing", "twice", "not-a-host", "userinfo"],
+)
+def test_an_http11_request_needs_exactly_one_valid_host(served, host_lines):
+    app, port, _ = served
+    calls = app.ok_calls
+    with connect(port) as connection:
+        connection.sendall(b"GET /ok HTTP/1.1\r\n" + host_lines + b"\r\n")
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 400"), data[:100]
+    assert "Host header" in json_body(data)["error"]["message"]
+    assert app.ok_calls == calls  # refused before the app
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /ok HTTP/1.1\r\nHost: 10.0.0.7:8000\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: [::1]:8000\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: captioner.default.svc.cluster.local\r\n",
+        b"GET /ok HTTP/1.1\r\nHost:\r\n",  # RFC 9112: empty when the target has no authority
+        b"GET /ok HTTP/1.0\r\n",  # HTTP/1.0 has no Host requirement
+    ],
+)
+def test_the_hosts_clients_send_are_accepted(served, request_head):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(request_head + b"\r\n")
+        assert read_answer(connection).startswith(b"HTTP/1.1 200")

@@ -280,6 +280,8 @@ class HardenedProtocol(HttpToolsProtocol):
             # httptools reads "gzip, chunked" as chunked and hands the app the still-compressed bytes.
             self._refuse(CODING_NOT_SUPPORTED)
         else:
+            if self.parser.get_http_version() == "1.0":
+                self.expect_100_continue = False  # RFC 9110 section 10.1.1: HTTP/1.0 knows no 100
             super().on_headers_complete()
             self._requests_seen += 1
             self._chunked_body = any(name == b"transfer-encoding" for name, _ in self.headers)

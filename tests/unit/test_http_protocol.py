@@ -580,3 +580,21 @@ def test_the_hosts_clients_send_are_accepted(served, request_head):
     with connect(port) as connection:
         connection.sendall(request_head + b"\r\n")
         assert read_answer(connection).startswith(b"HTTP/1.1 200")
+
+
+def test_an_http10_request_expecting_100_continue_gets_no_interim_answer(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"POST /echo HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc")
+        data, _ = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 200"), data[:100]  # no "100 Continue" first
+    assert json_body(data) == {"received": 3}
+
+
+def test_an_http11_request_expecting_100_continue_gets_it(served):
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        assert connection.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        connection.sendall(b"abc")
+        assert json_body(read_answer(connection)) == {"received": 3}

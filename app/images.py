@@ -12,10 +12,10 @@ import io
 import re
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
+from captioning.preprocess import DECODE_ERRORS, UnsupportedPixelMode, upright_rgb
 
 # Pillow format name -> the name reported to clients. MPO is how Pillow names JPEGs from cameras
 # that embed a second picture; it is a JPEG for every purpose here.
@@ -69,38 +69,11 @@ _HEIF_BRANDS = {
 }
 
 # Bytes per pixel held at the peak of decode_opened for each mode (Pillow stores 1, L and P in one
-# byte, I;16 in two, every other mode in four); modes _reduce converts first count both copies.
+# byte, I;16 in two, every other mode in four); modes that captioning.preprocess.reduce_towards
+# converts first count both copies.
 _PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "PA": 8, "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6, "I": 4, "F": 4}
 _PEAK_BYTES_PER_PIXEL.update(
     dict.fromkeys(("LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"), 4)
-)
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-_HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-
-# Decoding untrusted bytes can fail inside Pillow's plugins in many ways; each of them means
-# "this is not a valid image", never a server error.
-_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    TypeError,
-    EOFError,
-    IndexError,
-    KeyError,
-    ZeroDivisionError,
-    AttributeError,
-    OverflowError,
-    RuntimeError,
 )
 
 
@@ -192,33 +165,19 @@ def jpeg_layout(data: bytes, first_only: bool = False) -> tuple[int, int]:
 
 
 def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedImage:
-    """Decodes an image from open_upload (the first frame of an animation), applies its EXIF
-    orientation and converts it to RGB.
-
-    draft_size (the model's input side): the picture is brought down towards it as early as
-    possible, so that no full-size copy is made after the decode itself: JPEG decodes at 1/2..1/8
-    scale (draft mode), anything else is box-reduced (Image.reduce) to no less than twice that
-    side, and only then are colour conversion and EXIF rotation done, on the small copy. The
-    full-size image is dropped as soon as the small one exists. decode_bytes() is the peak memory
-    this takes, known from the header."""
+    """Decodes an image from open_upload into the upright RGB picture the model sees
+    (captioning.preprocess.upright_rgb, the path training and evaluation share), or raises the
+    client error. draft_size (the model's input side) brings large pictures down early, so that no
+    full-size copy is made after the decode itself; decode_bytes() is the peak memory this takes,
+    known from the header."""
     format_name = ALLOWED_FORMATS[image.format]
-    width, height = image.size
     try:
-        if draft_size and format_name == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        image.load()  # the first frame of an animation
-        orientation = _orientation(image)
-        if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-            width, height = height, width
-        if draft_size:
-            image = _reduce(image, draft_size)
-        rgb = to_rgb(image)
-        del image
-        if orientation in _TRANSPOSE:
-            rgb = rgb.transpose(_TRANSPOSE[orientation])
+        rgb, width, height = upright_rgb(image, draft_size)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
-    except _DECODE_ERRORS as exc:
+    except UnsupportedPixelMode as exc:
+        raise UnsupportedImageFormat(str(exc)) from None
+    except DECODE_ERRORS as exc:
         raise InvalidImage(f"the {format_name} image could not be decoded: {_reason(exc)}") from None
     return DecodedImage(rgb, width, height, format_name)
 
@@ -265,21 +224,6 @@ def _jpeg_samples_per_pixel(image: Image.Image) -> float:
         return 4.0
 
 
-def _reduce(image: Image.Image, draft_size: int) -> Image.Image:
-    """A box-reduced copy whose shorter side stays at least 2 * draft_size (so the model-size resize
-    that follows sees what it would have seen from the full image), or the image itself."""
-    factor = min(image.size) // (2 * draft_size)
-    if factor < 2:
-        return image
-    if image.mode in ("P", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")  # averaging palette indices or a keyed colour would be wrong
-    elif image.mode == "1":
-        image = image.convert("L")
-    elif image.mode.startswith("I;16"):  # Image.reduce has no 16-bit modes; back to 16 bits after
-        return image.convert("I").reduce(factor).convert("I;16")
-    return image.reduce(factor)
-
-
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=_PILLOW_OPENERS)
@@ -292,7 +236,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
                 f"{other} images are not supported; send one of {ALLOWED_FORMAT_NAMES}"
             ) from None
         raise InvalidImage(f"the upload is not a recognisable image ({ALLOWED_FORMAT_NAMES})") from None
-    except _DECODE_ERRORS as exc:  # a known signature with a broken header
+    except DECODE_ERRORS as exc:  # a known signature with a broken header
         raise InvalidImage(f"the image header could not be read: {_reason(exc)}") from None
 
 
@@ -326,14 +270,6 @@ def sniff_other_image_format(data: bytes) -> str | None:
     return None
 
 
-def _orientation(image: Image.Image) -> int:
-    # Only after load(): for PNG, reading EXIF means reading past the pixel data.
-    try:
-        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
-    except (*_DECODE_ERRORS,):  # unreadable EXIF: the picture itself is still fine
-        return 1
-
-
 def _check_dimensions(width: int, height: int, *, max_pixels: int, min_side: int) -> None:
     if width * height > max_pixels:
         raise ImageTooLarge(
@@ -341,45 +277,6 @@ def _check_dimensions(width: int, height: int, *, max_pixels: int, min_side: int
         )
     if min(width, height) < min_side:
         raise ImageTooSmall(f"the image is {width}x{height}; both sides must be at least {min_side} pixels")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB. Transparency is composited on white (a transparent PNG's hidden
-    pixels are often black, which would change the picture); 16-bit and float data are rescaled
-    to 8 bits rather than clipped."""
-    mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
-        return image
-    if mode in _HIGH_BIT_DEPTH_MODES:
-        return _to_8_bit_grey(image).convert("RGB")
-    try:
-        if mode in _ALPHA_MODES or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    except ValueError as exc:  # e.g. LAB has no RGB conversion in Pillow
-        raise UnsupportedImageFormat(f"images with pixel mode {mode} are not supported: {exc}") from None
-
-
-def _to_8_bit_grey(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer or float grey -> 8 bits, in float32 and in place: one working copy of
-    the (by now reduced) picture, never a float64 one."""
-    values = np.asarray(image, dtype=np.float32)
-    if not values.flags.writeable:
-        values = values.copy()
-    np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    peak = float(values.max()) if values.size else 0.0
-    if image.mode == "F":
-        scale = 255.0 if peak <= 1.0 else (1.0 if peak <= 255.0 else 255.0 / peak)
-    elif image.mode == "I":
-        scale = 1.0 if peak <= 255 else (255.0 / 65535.0 if peak <= 65535 else 255.0 / peak)
-    else:  # I;16 variants: full 16-bit range
-        scale = 255.0 / 65535.0
-    values *= scale
-    np.rint(values, out=values)
-    np.clip(values, 0, 255, out=values)
-    return Image.fromarray(values.astype(np.uint8), "L")
 
 
 def _reason(exc: BaseException) -> str:

@@ -28,12 +28,12 @@ def main() -> int:
     from captioning.captioner import Captioner
     from training.calibrate import grade
     from training.datasets.shapes_wide import load_wide_split
-    from training.evaluate import load_record_image
+    from training.evaluate import record_input
 
     captioner = Captioner.load(args.artifacts)
     captioner.warmup()
     records = load_wide_split("test", args.images)
-    images = [captioner.prepare(load_record_image(record)) for record in records]
+    images = [record_input(captioner, record) for record in records]
     settings = {"greedy": DecodeOptions(), "greedy, mirror_view": DecodeOptions(mirror_view=True)}
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in settings}
     answers = {}

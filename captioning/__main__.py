@@ -56,11 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from captioning.artifacts import ArtifactError
     from captioning.captioner import Captioner
     from captioning.decoding import DecodeOptions
+    from captioning.preprocess import load_image_file
 
     options = DecodeOptions(
         strategy=args.strategy,
@@ -83,8 +84,8 @@ def main(argv=None) -> int:
     status = 0
     for path in args.images:
         try:
-            with Image.open(path) as image:
-                pixels = captioner.prepare(ImageOps.exif_transpose(image))
+            # read exactly as the service reads the same file uploaded
+            pixels = load_image_file(path, captioner.config.image_size, Image.MAX_IMAGE_PIXELS)
         except (OSError, ValueError) as exc:  # missing, unreadable, or not an image
             print(f"{path}: error: {exc}", file=sys.stderr)
             status = 1

@@ -5,6 +5,7 @@ demo-samples."""
 
 import argparse
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -21,12 +22,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest
     from captioning.artifacts import ArtifactError
+    from training.datasets.errors import DatasetFormatError, DatasetOptionError
 
     try:
         return args.func(args)
-    except ArtifactError as error:  # a missing or tampered bundle: one line, not a traceback
+    except (ArtifactError, DatasetFormatError, DatasetOptionError, FileNotFoundError) as error:
+        # a missing or tampered bundle, a malformed dataset file, a misspelt option: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # An image file cut short inside the input pipeline reaches here wrapped by TensorFlow;
+        # its own message (captioning.preprocess.load_image_file) names the file.
+        unreadable = UNREADABLE_IMAGE.search(str(error))
+        if unreadable is None:
+            raise
+        message = unreadable.group(0).rpartition("ValueError: ")[2]  # without TensorFlow's prefix
+        print(f"error: {message}: fix or remove it from the dataset", file=sys.stderr)
+        return 2
+
+
+UNREADABLE_IMAGE = re.compile(r"[^\n]*: not a readable image: [^\n]*")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from captioning.decoding import DecodeOptions
 
 def caption_with_confidence(captioner, records, options: DecodeOptions = DecodeOptions(), batch_size: int = 32):
     """Captions of `records` (greedy by default) -> (texts, raw confidences, calibrated confidences)."""
-    from training.evaluate import load_record_image
+    from training.evaluate import record_input
 
     texts, raw, calibrated = [], [], []
     for start in range(0, len(records), batch_size):
-        images = [captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]]
+        images = [record_input(captioner, r) for r in records[start : start + batch_size]]
         for best in captioner.caption(images, options, batch_size):
             caption = best[0]
             texts.append(caption.text)

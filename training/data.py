@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from captioning.mirror import mirror_ids
+from captioning.preprocess import load_image_file
 from captioning.tokenizer import Tokenizer
 from training.datasets.base import CaptionedImage
 from training.datasets.shapes import scene_cells
@@ -53,9 +55,16 @@ def _maybe_mirror(image, caption_tokens, pairs: tuple[tuple[int, int], ...]):
 
 
 def _load_image_file(path, image_size: int):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size), antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    # Pillow, through the service's own path (captioning.preprocess), not tf.io.decode_image: that
+    # ignores EXIF orientation, keeps the hidden pixels of transparent images, decodes JPEG with
+    # another IDCT and resizes with another filter, so the model would train on other pixels than
+    # it is served.
+    def load(file_path) -> np.ndarray:  # bytes, or a 0-d array of them when called eagerly
+        return load_image_file(np.asarray(file_path).item().decode(), image_size, Image.MAX_IMAGE_PIXELS)
+
+    image = tf.numpy_function(load, [path], tf.uint8, stateful=False)
+    image.set_shape((image_size, image_size, 3))
+    return image
 
 
 def image_source(records: list[CaptionedImage], image_size: int) -> tf.data.Dataset:

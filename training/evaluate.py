@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from captioning.decoding import STRATEGIES, DecodeOptions
+from captioning.preprocess import DECODE_ERRORS, load_image_file, upright_rgb
 from training.datasets.base import SPLITS, CaptionedImage
-from training.gallery import GalleryRow, write_gallery
+from training.gallery import THUMBNAIL_SIDE, GalleryRow, write_gallery
 from training.metrics import CaptionScorer, leave_one_out_metrics
 
 DEFAULT_BATCH_SIZE = 32
@@ -63,14 +64,23 @@ METRIC_LABELS = {
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def load_record_image(record: CaptionedImage) -> np.ndarray | Image.Image:
-    """The record's pixels, or its file upright (EXIF orientation applied, as the service does)."""
+def record_input(captioner, record: CaptionedImage) -> np.ndarray:
+    """The model's input for a record: its pixels, or its file read exactly as the service reads
+    the same bytes uploaded (captioning.preprocess), so what is measured is what is served."""
+    if record.pixels is not None:
+        return captioner.prepare(record.pixels)
+    return load_image_file(record.path, captioner.config.image_size, Image.MAX_IMAGE_PIXELS)
+
+
+def display_image(record: CaptionedImage) -> np.ndarray | Image.Image:
+    """The record's picture for the gallery: upright, transparency on white, brought down towards
+    the gallery's thumbnail side."""
     if record.pixels is not None:
         return record.pixels
     try:
         with Image.open(record.path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
+            return upright_rgb(image, draft_size=THUMBNAIL_SIDE)[0]
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as error:
         raise ValueError(f"{record.path}: cannot read image {record.image_id!r}: {error}") from error
 
 
@@ -85,7 +95,7 @@ def generate_captions(
     report_progress = _progress_reporter(len(records)) if progress else None
     captions: list[str] = []
     for start in range(0, len(records), batch_size):
-        images = [captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]]
+        images = [record_input(captioner, r) for r in records[start : start + batch_size]]
         captions.extend(best[0].text if best else "" for best in captioner.caption(images, options, batch_size))
         if report_progress is not None:
             report_progress(len(captions))
@@ -269,7 +279,7 @@ def gallery_rows(records: list[CaptionedImage], result: dict, limit: int) -> lis
         rows.append(
             GalleryRow(
                 image_id=record.image_id,
-                image=load_record_image(record),
+                image=display_image(record),
                 generated=image["generated"],
                 references=image["references"],
                 correct=image.get("correct"),

@@ -21,11 +21,11 @@ from captioning.domain import FILE, STATISTICS, fit_domain, image_statistics, po
 
 def pooled_features(captioner, records, frame: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(pooled encoder features, image statistics) of the records' model inputs."""
-    from training.evaluate import load_record_image
+    from training.evaluate import record_input
 
     pooled, statistics = [], []
     for start in range(0, len(records), batch_size):
-        images = np.stack([captioner.prepare(load_record_image(r)) for r in records[start : start + batch_size]])
+        images = np.stack([record_input(captioner, r) for r in records[start : start + batch_size]])
         pooled.append(pool_features(captioner.encode(images)))
         statistics.append(image_statistics(images, frame))
     return np.concatenate(pooled), np.concatenate(statistics)

@@ -160,7 +160,7 @@ def finetune(args) -> dict:
     from captioning.domain import FILE as DOMAIN_FILE
     from training.config import parse_options
     from training.datasets.registry import RESIZING_LOADERS, load_dataset
-    from training.evaluate import load_record_image
+    from training.evaluate import record_input
 
     keras.utils.set_random_seed(args.seed)
     captioner = Captioner.load(args.artifacts)
@@ -177,14 +177,14 @@ def finetune(args) -> dict:
         raise SystemExit("error: --eval-every must be at least 1")
     dev_records = records[len(records) - args.dev_images :] if args.dev_images else []
     records = records[: len(records) - len(dev_records)]
-    images = np.stack([captioner.prepare(load_record_image(r)) for r in records])
+    images = np.stack([record_input(captioner, r) for r in records])
     references = [list(r.captions) for r in records]
     scenes = [r.scene for r in records] if all(r.scene is not None for r in records) else None
     reward = make_reward(references, scenes, references, args.grounded_weight)
     trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, args.learning_rate, args.clipnorm)
     dev = None
     if dev_records:
-        dev_images = np.stack([captioner.prepare(load_record_image(r)) for r in dev_records])
+        dev_images = np.stack([record_input(captioner, r) for r in dev_records])
         dev_features = np.concatenate(
             [
                 captioner.encode(dev_images[i : i + BATCH_BUCKETS[-1]])

@@ -11,7 +11,7 @@ from PIL import Image
 
 from training.datasets.caption_list import load_caption_list
 from training.datasets.coco import load_coco
-from training.datasets.errors import DatasetFormatError
+from training.datasets.errors import DatasetFormatError, DatasetOptionError
 from training.datasets.flickr8k import load_flickr8k
 from training.datasets.karpathy import load_karpathy
 from training.datasets.registry import LOADERS, load_dataset
@@ -436,3 +436,27 @@ def test_registry_maps_names_to_loader_functions():
         "list": load_caption_list,
     }
     assert {name: LOADERS[name] for name in expected} == expected
+
+
+def test_misspelt_missing_and_boolean_options_are_named_not_type_errors(karpathy_coco, tmp_path):
+    split_file, root = karpathy_coco
+    with pytest.raises(DatasetOptionError, match=r"unknown option\(s\) annotation_file.*missing annotations_file"):
+        load_dataset("coco", "val", annotation_file="x.json", images_dir=tmp_path)
+    with pytest.raises(DatasetOptionError, match="takes --data split_file=..., images_root=..., restval_as_train="):
+        load_dataset("karpathy", "train", split_file=split_file)
+    with_restval = load_dataset("karpathy", "train", split_file=split_file, images_root=root, restval_as_train="true")
+    without = load_dataset("karpathy", "train", split_file=split_file, images_root=root, restval_as_train="false")
+    assert len(without) < len(with_restval)  # the text "false" is false, not a truthy string
+    with pytest.raises(DatasetOptionError, match="'maybe' is not true or false"):
+        load_dataset("karpathy", "train", split_file=split_file, images_root=root, restval_as_train="maybe")
+
+
+def test_files_that_are_not_readable_images_are_skipped_with_a_warning(tmp_path, caplog):
+    write_image(tmp_path / "good.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    lines = [f'{{"image": "{name}", "caption": "a {name}"}}' for name in ("good.png", "empty.jpg", "text.jpg")]
+    records = load_dataset("list", "train", list_file=write_lines(tmp_path / "list.jsonl", lines))
+    assert [r.image_id for r in records] == ["good.png"]
+    (warning,) = skip_warnings(caplog)
+    assert "skipped 2 of 3 images whose file is not a readable image" in warning and "empty.jpg" in warning

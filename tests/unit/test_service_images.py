@@ -8,7 +8,8 @@ import uploads
 from PIL import Image
 
 from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
-from app.images import decode_upload, sniff_other_image_format, to_rgb
+from app.images import decode_upload, sniff_other_image_format
+from captioning.preprocess import to_rgb
 
 LIMITS = {"max_pixels": 40_000_000, "min_side": 8}
 

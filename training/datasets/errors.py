@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from training.datasets.base import SPLITS, CaptionedImage
 
 logger = logging.getLogger("training.datasets")
@@ -32,6 +34,10 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an obj
 
 class DatasetFormatError(ValueError):
     """A dataset file is malformed; the message names the file and the line or key path."""
+
+
+class DatasetOptionError(ValueError):
+    """A dataset named or configured wrongly (unknown name, misspelt or missing option)."""
 
 
 def check_split(split: str) -> None:
@@ -100,13 +106,17 @@ def usable_records(
 ) -> list[CaptionedImage]:
     """Turn candidates into records, in order, stopping once `limit` records are collected.
 
-    Captions are stripped and blank ones dropped; a candidate left with no caption, or whose image
-    file does not exist, is skipped. Each kind of skip is logged as one warning naming `source`.
+    Captions are stripped and blank ones dropped; a candidate left with no caption, whose image
+    file does not exist, or whose file is not an image Pillow can open (from its header: an empty
+    file, a text file, a format Pillow lacks, more pixels than Pillow's decompression-bomb limit)
+    is skipped. Each kind of skip is logged as one warning naming `source`. A file whose header
+    reads but whose pixels do not (cut short) stops training with its name when it is decoded.
     With a limit, only the candidates looked at before reaching it are checked and counted.
     """
     records: list[CaptionedImage] = []
     without_captions: list[str] = []
     missing_images: list[str] = []
+    unreadable_images: list[str] = []
     examined = 0
     for candidate in candidates:
         if limit is not None and len(records) >= limit:
@@ -117,6 +127,8 @@ def usable_records(
             without_captions.append(candidate.image_id)
         elif not candidate.path.is_file():
             missing_images.append(str(candidate.path))
+        elif (problem := image_header_problem(candidate.path)) is not None:
+            unreadable_images.append(f"{candidate.path} ({problem})")
         else:
             records.append(
                 CaptionedImage(
@@ -128,7 +140,20 @@ def usable_records(
             )
     _warn_skipped(source, split, examined, "with no captions", without_captions)
     _warn_skipped(source, split, examined, "whose image file is missing", missing_images)
+    _warn_skipped(source, split, examined, "whose file is not a readable image", unreadable_images)
     return records
+
+
+def image_header_problem(path: Path) -> str | None:
+    """Why the file cannot be an image the model reads, judged from its header alone (cheap:
+    Pillow opens lazily); None when it looks fine."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                return f"{image.width}x{image.height} is more than {Image.MAX_IMAGE_PIXELS} pixels"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return str(exc).strip() or type(exc).__name__
+    return None
 
 
 def _warn_skipped(source: str, split: str, examined: int, reason: str, skipped: list[str]) -> None:

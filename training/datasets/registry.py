@@ -35,19 +35,20 @@ arguments, plus its own options, and returning list[CaptionedImage].
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from training.datasets.base import CaptionedImage
 from training.datasets.caption_list import load_caption_list
 from training.datasets.coco import load_coco
-from training.datasets.errors import DatasetFormatError
+from training.datasets.errors import DatasetFormatError, DatasetOptionError
 from training.datasets.flickr8k import load_flickr8k
 from training.datasets.karpathy import load_karpathy
 from training.datasets.shapes import load_split as _load_shapes_split
 from training.datasets.shapes_wide import load_wide_split
 
-__all__ = ["LOADERS", "DatasetFormatError", "load_dataset"]
+__all__ = ["LOADERS", "DatasetFormatError", "DatasetOptionError", "load_dataset"]
 
 DatasetLoader = Callable[..., list[CaptionedImage]]
 
@@ -94,5 +95,33 @@ def load_dataset(name: str, split: str, *, limit: int | None = None, **options: 
     """Load `split` of the dataset called `name`; `options` go to its loader (see above)."""
     loader = LOADERS.get(name)
     if loader is None:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(LOADERS))}")
-    return loader(split=split, limit=limit, **options)
+        raise DatasetOptionError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(LOADERS))}")
+    return loader(split=split, limit=limit, **checked_options(name, loader, options))
+
+
+def checked_options(name: str, loader: DatasetLoader, options: dict[str, Any]) -> dict[str, Any]:
+    """The options, checked against what the loader takes (a misspelt or missing one is named, not
+    a TypeError), booleans read from the command line's text ("false" is not true)."""
+    takes = {key: p for key, p in inspect.signature(loader).parameters.items() if key not in ("split", "limit")}
+    unknown = [key for key in options if key not in takes]
+    needed = [key for key, p in takes.items() if p.default is inspect.Parameter.empty and key not in options]
+    if unknown or needed:
+        problems = [f"unknown option(s) {', '.join(unknown)}"] if unknown else []
+        problems += [f"missing {', '.join(needed)}"] if needed else []
+        raise DatasetOptionError(
+            f"dataset {name!r}: {'; '.join(problems)} (it takes --data {', '.join(f'{key}=...' for key in takes)};"
+            " the number of images is --train-limit / --val-limit)"
+        )
+    return {
+        key: _boolean(name, key, value) if isinstance(takes[key].default, bool) and isinstance(value, str) else value
+        for key, value in options.items()
+    }
+
+
+def _boolean(name: str, key: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise DatasetOptionError(f"dataset {name!r}: {key}={value!r} is not true or false")

@@ -169,9 +169,13 @@ def save_bundle(
     training: dict,
     metrics: dict | None = None,
 ) -> dict:
-    """Writes the four bundle files and their manifest; returns the manifest."""
+    """Writes the four bundle files and their manifest; returns the manifest. Optional files
+    already in the directory (a calibration, a domain check) were fitted to whatever model was
+    written there before: they are removed, never vouched for by the new manifest."""
     bundle = Path(bundle)
     bundle.mkdir(parents=True, exist_ok=True)
+    for optional in OPTIONAL_FILES:
+        (bundle / optional).unlink(missing_ok=True)
     encoder.save(bundle / "encoder.keras")
     decoder.save(bundle / "decoder.keras")
     tokenizer.save(bundle / "vocab.json")

@@ -143,6 +143,12 @@ class Captioner:
             domain = DomainModel.load(bundle / DOMAIN_FILE) if DOMAIN_FILE in manifest["files"] else None
         except (ValueError, OSError, KeyError) as exc:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
+        pooled_size = 2 * encoder.output.shape[-1]  # captioning.domain.pool_features: mean and deviation
+        if domain is not None and domain.mean.size != pooled_size:
+            raise ArtifactError(
+                f"{bundle}: {DOMAIN_FILE} was fitted to another encoder ({domain.mean.size} pooled features, "
+                f"this one gives {pooled_size}): run `python -m training fit-domain` on this bundle"
+            )
         return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain)
 
     # --- the pieces a scheduler drives -------------------------------------------------------

@@ -155,7 +155,7 @@ def make_reward(references: list[list[str]], scenes: list | None, corpus: list[l
 
 
 def finetune(args) -> dict:
-    from captioning.artifacts import OPTIONAL_FILES, add_files, save_bundle
+    from captioning.artifacts import add_files, save_bundle
     from captioning.captioner import Captioner
     from captioning.domain import FILE as DOMAIN_FILE
     from training.config import parse_options
@@ -254,14 +254,11 @@ def finetune(args) -> dict:
         if best[1] == 0:
             print("warning: no step beat the starting model on the held-out images; it is written unchanged")
     output = Path(args.output)
-    # The encoder is frozen, so its domain model still holds; the calibration does not (run
-    # `calibrate` again). Both are set aside first: save_bundle vouches for whatever optional
-    # files lie in the directory, and in place that would include the stale calibration.
+    # The encoder is frozen, so its domain model still holds and is carried over; the calibration
+    # does not (run `calibrate` again), and save_bundle removes any optional file it finds.
     domain_bytes = (
         (Path(args.artifacts) / DOMAIN_FILE).read_bytes() if DOMAIN_FILE in manifest.get("files", {}) else None
     )
-    for name in OPTIONAL_FILES:
-        (output / name).unlink(missing_ok=True)
     save_bundle(
         output,
         captioner.encoder,

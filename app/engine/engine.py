@@ -27,7 +27,7 @@ import numpy as np
 from app import metrics
 from app.engine import os_tuning
 from app.engine.core import EngineCore
-from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, Overloaded
+from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
 from app.engine.request import Request, Result
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, QueueFull
@@ -95,11 +95,13 @@ class EngineClient:
 
     async def _first_request(self) -> None:
         """One blank image through the whole path (queue, encoder stage, core, delivery) before
-        readiness, so that no client's request is the first to run each piece."""
+        readiness, so that no client's request is the first to run each piece. A model that cannot
+        caption it would fail every request: the error goes to the caller (the model repository
+        refuses the version) instead of an engine that says it is ready."""
         try:
             await self.submit(np.zeros(self._image_shape, np.uint8), DecodeOptions(max_length=2))
-        except EngineError:
-            logger.exception("the warm-up request failed")
+        except EngineError as exc:
+            raise InferenceError(f"the warm-up request failed: {exc}") from exc
 
     def check_admission(self, arriving: int = 0) -> None:
         """Raises what submit() would raise right now for a full queue or a stopped engine, so a

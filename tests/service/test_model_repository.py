@@ -196,3 +196,30 @@ def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path,
 
     no_key = TestClient(create_app(Settings(model_repository=repository)))  # lifespan not run: no model needed
     assert no_key.post("/admin/reload").json()["error"]["code"] == "admin_disabled"
+
+
+def test_a_version_whose_warm_up_request_fails_is_refused_not_served(tmp_path, tiny_bundle, monkeypatch):
+    # A model that loads and compiles but cannot caption even a blank image would fail every request;
+    # the engine used to log the warm-up's failure and say it was ready.
+    from captioning.captioner import Captioner
+
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+
+    def broken(self, search):
+        raise ValueError("operands could not be broadcast together")
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        add_version(repository, tiny_bundle, 2)
+        with monkeypatch.context() as patched:
+            patched.setattr(Captioner, "results", broken)
+            report = await models.reload()
+        assert list(report.refused) == [2] and "the warm-up request failed" in report.refused[2]
+        assert list(models.served) == [1]
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    asyncio.run(scenario())

@@ -2,12 +2,15 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from captioning.artifacts import ArtifactError, update_metrics, verify_bundle
+from captioning.artifacts import ArtifactError, add_files, save_bundle, update_metrics, verify_bundle
 from captioning.captioner import Captioner
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -65,3 +68,22 @@ def test_incompatible_version_is_refused(bundle_copy):
 def test_metrics_update_keeps_bundle_valid(bundle_copy):
     update_metrics(bundle_copy, {"bleu_4": 0.5})
     assert verify_bundle(bundle_copy)["metrics"] == {"bleu_4": 0.5}
+
+
+def test_a_model_saved_over_another_drops_the_earlier_models_fitted_files(bundle_copy, tiny_captioner):
+    # An earlier model's calibration and domain check, as `calibrate` / `fit-domain` leave them.
+    (bundle_copy / "calibration.json").write_text('{"temperature": 2.0}')
+    (bundle_copy / "domain.npz").write_bytes(b"fitted to other weights")
+    add_files(bundle_copy, ("calibration.json", "domain.npz"))
+    c = tiny_captioner
+    manifest = save_bundle(bundle_copy, c.encoder, c.decoder, c.tokenizer, c.config, name="n", version="2", training={})
+    assert set(manifest["files"]) == {"encoder.keras", "decoder.keras", "vocab.json", "config.json"}
+    assert not (bundle_copy / "calibration.json").exists() and not (bundle_copy / "domain.npz").exists()
+    assert Captioner.load(bundle_copy).calibration is None
+
+
+def test_a_domain_check_fitted_to_another_encoder_is_refused_at_load(bundle_copy):
+    shutil.copy(ROOT / "model_artifacts/default/3/domain.npz", bundle_copy / "domain.npz")  # 512 pooled features
+    add_files(bundle_copy, ("domain.npz",))
+    with pytest.raises(ArtifactError, match="domain.npz was fitted to another encoder"):
+        Captioner.load(bundle_copy)

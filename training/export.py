@@ -28,6 +28,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from captioning.artifacts import ArtifactError
 from captioning.captioner import Captioner
 from captioning.model import DecoderStep
 from captioning.tokenizer import END_ID, PAD_ID, START_ID
@@ -127,15 +128,30 @@ class CaptionerModule(tf.Module):
 
 
 def export(artifacts: Path, output: Path) -> Path:
-    """Verifies and loads the bundle, writes the SavedModel to `output` (replacing it) with the
-    bundle's manifest under assets.extra/, and returns `output`."""
+    """Verifies and loads the bundle, writes the SavedModel to `output` with the bundle's manifest
+    under assets.extra/, and returns `output`. An earlier export there is replaced; anything else
+    there is left alone and refused. Written beside `output` first and renamed into place, so a TF
+    Serving watching the folder never loads half a model."""
+    output, artifacts = Path(output), Path(artifacts)
+    if output.resolve() == artifacts.resolve() or artifacts.resolve() in output.resolve().parents:
+        raise ArtifactError(f"--output {output} is the bundle itself or inside it: export to another directory")
+    if output.exists() and (
+        not output.is_dir() or (any(output.iterdir()) and not (output / "saved_model.pb").is_file())
+    ):
+        raise ArtifactError(
+            f"--output {output} exists and is not an earlier export (no saved_model.pb): give a new or empty "
+            "directory, e.g. exported/captioner/1 (nothing was written)"
+        )
     captioner = Captioner.load(artifacts)
     module = CaptionerModule(captioner)
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve.get_concrete_function()})
+    (staging / "assets.extra").mkdir(exist_ok=True)
+    (staging / "assets.extra" / "manifest.json").write_text(json.dumps(captioner.manifest, indent=2) + "\n")
     if output.exists():
         shutil.rmtree(output)
-    tf.saved_model.save(module, str(output), signatures={SIGNATURE: module.serve.get_concrete_function()})
-    (output / "assets.extra").mkdir(exist_ok=True)
-    (output / "assets.extra" / "manifest.json").write_text(json.dumps(captioner.manifest, indent=2) + "\n")
+    staging.rename(output)
     return output
 
 

@@ -84,3 +84,19 @@ def test_export_captions_like_the_service_in_a_fresh_process(exported, tiny_capt
     assert len({caption for caption in served["caption"]}) > 1 and all(served["caption"])  # a real comparison
     np.testing.assert_allclose(served["log_prob"], [c.log_prob for c in expected], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(served["confidence"], [c.confidence for c in expected], rtol=1e-4, atol=1e-4)
+
+
+def test_export_never_deletes_what_is_not_an_earlier_export(tmp_path, tiny_bundle):
+    from captioning.artifacts import ArtifactError
+    from training.export import export
+
+    models = tmp_path / "models"
+    (models / "1").mkdir(parents=True)
+    (models / "README.md").write_text("my notes")
+    with pytest.raises(ArtifactError, match="is not an earlier export"):
+        export(tiny_bundle, models)  # a typo for models/2: it used to rmtree models/
+    assert (models / "README.md").read_text() == "my notes" and (models / "1").is_dir()
+    with pytest.raises(ArtifactError, match="the bundle itself or inside it"):
+        export(tiny_bundle, tiny_bundle)
+    with pytest.raises(ArtifactError, match="the bundle itself or inside it"):
+        export(tiny_bundle, tiny_bundle / "exported")

@@ -126,7 +126,9 @@ class Captioner:
         self._offline_lock = threading.Lock()
 
     @classmethod
-    def load(cls, bundle: str | Path) -> Captioner:
+    def load(cls, bundle: str | Path, fitted_stages: bool = True) -> Captioner:
+        """The verified bundle. fitted_stages=False leaves its calibration and domain check unread
+        (still verified): what `calibrate` and `fit-domain` use, since they fit those anew."""
         bundle = Path(bundle)
         manifest = verify_bundle(bundle)
         try:
@@ -138,9 +140,10 @@ class Captioner:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
         if len(tokenizer) != config.vocab_size:
             raise ArtifactError(f"{bundle}: vocabulary has {len(tokenizer)} words, config says {config.vocab_size}")
+        listed = set(manifest["files"]) if fitted_stages else set()
         try:  # optional stages; verify_bundle has checked every file the manifest lists
-            calibration = Calibration.load(bundle / CALIBRATION_FILE) if CALIBRATION_FILE in manifest["files"] else None
-            domain = DomainModel.load(bundle / DOMAIN_FILE) if DOMAIN_FILE in manifest["files"] else None
+            calibration = Calibration.load(bundle / CALIBRATION_FILE) if CALIBRATION_FILE in listed else None
+            domain = DomainModel.load(bundle / DOMAIN_FILE) if DOMAIN_FILE in listed else None
         except (ValueError, OSError, KeyError) as exc:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
         pooled_size = 2 * encoder.output.shape[-1]  # captioning.domain.pool_features: mean and deviation

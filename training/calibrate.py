@@ -54,8 +54,7 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     from captioning.captioner import Captioner
     from training.datasets.registry import load_dataset
 
-    drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
-    captioner = Captioner.load(artifacts)
+    captioner = Captioner.load(artifacts, fitted_stages=False)  # raw confidences: the old fit plays no part
     records = load_dataset(dataset, split, limit=limit, **(options or {}))
     decodings = {"greedy": DecodeOptions()}
     if captioner.mirror_permutation is not None:
@@ -75,6 +74,7 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
             "ece_calibrated_in_sample": expected_calibration_error(fitted, correct),
         }
     calibration = dataclasses.replace(fits["greedy"], mirror_view=fits.get("greedy, mirror_view"))
+    drop_file(artifacts, FILE)  # only now: a run that fails earlier leaves the bundle as it was
     calibration.save(f"{artifacts}/{FILE}")
     record_stage(add_files(artifacts, (FILE,)), artifacts, "calibration", summary)
     return summary
@@ -87,8 +87,11 @@ def record_stage(manifest: dict, artifacts, stage: str, summary: dict) -> None:
         f.write(json.dumps(manifest, indent=2) + "\n")
 
 
+SCENE_DATASETS = ("shapes", "shapes_wide")  # the grounded checker needs each image's scene
+
+
 def add_parser(subparsers) -> None:
-    from training.datasets.registry import LOADERS
+    from training.datasets.base import SPLITS
 
     p = subparsers.add_parser(
         "calibrate",
@@ -97,13 +100,21 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory (calibration.json is added)")
-    p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
-    p.add_argument("--split", default="val", help="default: val (never the split you report)")
+    p.add_argument(
+        "--dataset",
+        choices=SCENE_DATASETS,
+        default="shapes_wide",
+        help="a dataset whose scenes the grounded checker knows: it decides which captions are right",
+    )
+    p.add_argument("--split", choices=SPLITS, default="val", help="never the split you report")
     p.add_argument("--limit", type=int, default=1000, help="images to fit on")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="dataset loader option")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    summary = calibrate_bundle(args.artifacts, args.dataset, args.split, args.limit)
+    from training.config import parse_options
+
+    summary = calibrate_bundle(args.artifacts, args.dataset, args.split, args.limit, parse_options(args.data))
     print(json.dumps(summary, indent=2))
     return 0

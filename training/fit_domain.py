@@ -32,20 +32,33 @@ def pooled_features(captioner, records, frame: int, batch_size: int = 64) -> tup
 
 
 def fit_domain_for_bundle(
-    artifacts, dataset: str, train_limit: int, val_limit: int, quantile: float, margin: float, frame: int
+    artifacts,
+    dataset: str,
+    train_limit: int,
+    val_limit: int,
+    quantile: float,
+    margin: float,
+    frame: int,
+    train_options: dict | None = None,
+    val_options: dict | None = None,
 ) -> dict:
     from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
     from training.calibrate import record_stage
     from training.datasets.registry import RESIZING_LOADERS, load_dataset
 
-    drop_file(artifacts, FILE)  # fitted anew: the old one must not shape the new fit
-    captioner = Captioner.load(artifacts)
-    options = {"resize_to": captioner.config.image_size} if dataset in RESIZING_LOADERS else {}
-    train_records = load_dataset(dataset, "train", limit=train_limit, **options)
+    # Without the bundle's current domain check: it is fitted anew, and may be one fitted to another
+    # encoder, which Captioner.load refuses.
+    captioner = Captioner.load(artifacts, fitted_stages=False)
+    train_options = dict(train_options or {})
+    if dataset in RESIZING_LOADERS:
+        train_options.setdefault("resize_to", captioner.config.image_size)
+    train_records = load_dataset(dataset, "train", limit=train_limit, **train_options)
+    val_records = load_dataset(dataset, "val", limit=val_limit, **(val_options or {}))  # generated: drawn size
     train, train_statistics = pooled_features(captioner, train_records, frame)
-    val, val_statistics = pooled_features(captioner, load_dataset(dataset, "val", limit=val_limit), frame)  # drawn size
+    val, val_statistics = pooled_features(captioner, val_records, frame)
     model = fit_domain(train, val, train_statistics, quantile=quantile, margin=margin, frame=frame)
+    drop_file(artifacts, FILE)  # only now: a run that fails earlier leaves the bundle as it was
     model.save(f"{artifacts}/{FILE}")
     ratio = np.maximum(model.distances(val) / model.threshold, model.statistics_ratio(val_statistics))
     summary = {
@@ -75,6 +88,14 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory (domain.npz is added)")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="dataset loader option")
+    p.add_argument(
+        "--val-data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="loader option for the validation split only (e.g. COCO's val annotations file)",
+    )
     p.add_argument("--train-limit", type=int, default=8000, help="training images to fit the Gaussian on")
     p.add_argument("--val-limit", type=int, default=1000, help="validation images that set the threshold")
     p.add_argument("--quantile", type=float, default=0.995, help="of the validation distances")
@@ -90,8 +111,19 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from training.config import parse_options
+
+    train_options = parse_options(args.data)
     summary = fit_domain_for_bundle(
-        args.artifacts, args.dataset, args.train_limit, args.val_limit, args.quantile, args.margin, args.frame
+        args.artifacts,
+        args.dataset,
+        args.train_limit,
+        args.val_limit,
+        args.quantile,
+        args.margin,
+        args.frame,
+        train_options,
+        {**train_options, **parse_options(args.val_data)},
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -118,6 +118,17 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
         (c for r in train_records for c in r.captions), max_size=config.vocab_size, min_count=config.min_count
     )
     print(f"train: {len(train_records)} images, val: {len(val_records)} images, vocabulary: {len(tokenizer)} words")
+    trained_on = {r.path or r.image_id for r in train_records}
+    seen = sum((r.path or r.image_id) in trained_on for r in val_records)
+    if seen:
+        # A COCO file is one split, and a list without a split column is whatever split is asked:
+        # without --val-data both splits are the same file, and "validation" measures memory.
+        print(
+            f"warning: {seen} of the {len(val_records)} validation images are training images, so validation "
+            "loss, early stopping and --evaluate-split val measure the training set: give the validation "
+            "file with --val-data (e.g. --val-data annotations_file=captions_val2014.json)",
+            file=sys.stderr,
+        )
     return Data(train_records, val_records, tokenizer, train_options, val_options)
 
 

@@ -279,3 +279,18 @@ def test_bundle_without_a_domain_model_omits_the_fields(tiny_bundle, in_domain_i
     with TestClient(create_app(Settings(artifacts_dir=tiny_bundle, api_key=None))) as client:
         body = post(client, in_domain_image).json()
         assert "in_domain" not in body and "domain_score" not in body
+
+
+def test_calibrate_and_fit_domain_that_fail_leave_the_bundle_as_it_was(extras_bundle, tmp_path, capsys):
+    # They used to delete the file they refit before loading anything: a typo in an option lost it.
+    from captioning.artifacts import verify_bundle
+    from training.__main__ import main
+
+    bundle = shutil.copytree(extras_bundle, tmp_path / "bundle")
+    before = verify_bundle(bundle)["files"]
+    assert main(["fit-domain", "--artifacts", str(bundle), "--dataset", "list", "--data", "listfile=x.csv"]) == 2
+    assert "unknown option(s) listfile" in capsys.readouterr().err
+    assert main(["calibrate", "--artifacts", str(bundle), "--dataset", "shapes", "--data", "size=64"]) == 2
+    assert verify_bundle(bundle)["files"] == before  # both files still there and vouched for
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--artifacts", str(bundle), "--split", "dev"])  # not a split: argparse refuses

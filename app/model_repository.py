@@ -136,11 +136,15 @@ def precheck(settings) -> list[int]:
     policy = VersionPolicy.parse(settings.model_version_policy) if source.reloadable else VersionPolicy("all")
     errors, good = [], []
     for version in sorted(versions, reverse=True):
+        if policy.kind == "specific" and version not in policy.versions:
+            continue  # never served: not worth hashing
         try:
             verify_bundle(versions[version])
             good.append(version)
         except ArtifactError as exc:
             errors.append(str(exc))
+        if policy.kind == "latest" and len(good) == policy.count:
+            break  # the older versions would not be served
     if not policy.select(good):
         raise ArtifactError(
             "no loadable version for policy "
@@ -234,6 +238,7 @@ class ModelManager:
         self._served: MappingProxyType[int, ServedModel] = MappingProxyType({})
         self._refused: dict[int, tuple[tuple, str]] = {}  # version -> (fingerprint, reason)
         self._lock = asyncio.Lock()
+        self._pinning = 0  # reloads with a new policy waiting for, or holding, the lock
         self._retiring: set[asyncio.Task] = set()
 
     @property
@@ -278,65 +283,82 @@ class ModelManager:
     async def reload(self, policy: VersionPolicy | None = None) -> ReloadReport:
         """Brings the served set in line with the repository and the policy (a new policy replaces
         the configured one until the next restart: a rollback pin)."""
-        async with self._lock:
-            previous_policy = self.policy
+        if policy is not None:
+            self._pinning += 1  # a poll's pass already loading stands down for it (below)
+        try:
+            async with self._lock:
+                return await self._reload(policy)
+        finally:
             if policy is not None:
-                if not self.source.reloadable:
-                    raise ValueError("ARTIFACTS_DIR names one bundle: there are no versions to choose from")
-                self.policy = policy
-            report = ReloadReport()
-            replaced: list[ServedModel] = []  # retired only after the swap: until then they serve
-            on_disk = self.source.versions()
-            current = dict(self._served)
-            # Forget refusals whose files changed since (a fixed or re-copied version is retried).
-            for version in list(self._refused):
-                if version not in on_disk or fingerprint(on_disk[version]) != self._refused[version][0]:
-                    del self._refused[version]
-            # A served version whose files were changed into something unloadable keeps serving
-            # from memory; a refused version that is not served is out of the running.
-            loadable = [v for v in on_disk if v not in self._refused or v in current]
-            while True:  # load the wanted versions, best first; a refused one lets the next in line in
-                wanted = self.policy.select(loadable)
-                missing = [
-                    v
-                    for v in wanted
-                    if v not in self._refused
-                    and (v not in current or current[v].fingerprint != fingerprint(on_disk[v]))
-                ]
-                if not missing:
-                    break
-                version = missing[0]
-                loaded = await self._load(version, on_disk[version], report)
-                if loaded is None:
-                    if version not in current:
-                        loadable.remove(version)
-                    continue
-                if version in current:
-                    report.unloaded.append(version)  # replaced in place by changed files
-                    replaced.append(current[version])
-                current[version] = loaded
-            keep = set(self.policy.select(loadable))
-            if self._served and not keep & current.keys():
-                # Never swap to nothing: a pin to a missing version, or an emptied repository.
-                for version, model in current.items():
-                    if model is not self._served.get(version):
+                self._pinning -= 1
+
+    async def _reload(self, policy: VersionPolicy | None) -> ReloadReport:
+        """reload()'s work, under its lock."""
+        previous_policy = self.policy
+        if policy is not None:
+            if not self.source.reloadable:
+                raise ValueError("ARTIFACTS_DIR names one bundle: there are no versions to choose from")
+            self.policy = policy
+        report = ReloadReport()
+        replaced: list[ServedModel] = []  # retired only after the swap: until then they serve
+        on_disk = self.source.versions()
+        current = dict(self._served)
+        # Forget refusals whose files changed since (a fixed or re-copied version is retried).
+        for version in list(self._refused):
+            if version not in on_disk or fingerprint(on_disk[version]) != self._refused[version][0]:
+                del self._refused[version]
+        # A served version whose files were changed into something unloadable keeps serving
+        # from memory; a refused version that is not served is out of the running.
+        loadable = [v for v in on_disk if v not in self._refused or v in current]
+        while True:  # load the wanted versions, best first; a refused one lets the next in line in
+            wanted = self.policy.select(loadable)
+            missing = [
+                v
+                for v in wanted
+                if v not in self._refused and (v not in current or current[v].fingerprint != fingerprint(on_disk[v]))
+            ]
+            if not missing:
+                break
+            version = missing[0]
+            loaded = await self._load(version, on_disk[version], report)
+            if policy is None and self._pinning:
+                # A rollback pin arrived while this poll loaded a version (tens of seconds): it must
+                # not go live first. What this pass loaded is dropped; the pin decides next.
+                for model in [loaded, *current.values()]:
+                    if model is not None and model is not self._served.get(model.version):
                         self._retire(model)
-                self.policy = previous_policy
-                raise NoServableVersion(
-                    f"no version of {self.name!r} matches policy {policy or self.policy} and "
-                    f"loads (on disk: {sorted(on_disk)}); still serving {sorted(self._served)}"
-                )
-            if policy is not None:
-                logger.info("version policy changed", extra={"model": self.name, "policy": str(policy)})
-            for version in sorted(set(current) - keep):
-                report.unloaded.append(version)
-                replaced.append(current.pop(version))
-            if current.keys() != self._served.keys() or any(current[v] is not self._served[v] for v in current):
-                self._swap(current)
-            for model in replaced:
-                self._retire(model)
-            report.served = sorted(self._served)
-            return report
+                report.served = sorted(self._served)
+                return report
+            if loaded is None:
+                if version not in current:
+                    loadable.remove(version)
+                continue
+            if version in current:
+                report.unloaded.append(version)  # replaced in place by changed files
+                replaced.append(current[version])
+            current[version] = loaded
+        keep = set(self.policy.select(loadable))
+        if self._served and not keep & current.keys():
+            # Never swap to nothing: a pin to a missing version, or an emptied repository.
+            for version, model in current.items():
+                if model is not self._served.get(version):
+                    self._retire(model)
+            self.policy = previous_policy
+            raise NoServableVersion(
+                f"no version of {self.name!r} matches policy {policy or self.policy} and "
+                f"loads (on disk: {sorted(on_disk)}); still serving {sorted(self._served)}"
+            )
+        if policy is not None:
+            logger.info("version policy changed", extra={"model": self.name, "policy": str(policy)})
+        for version in sorted(set(current) - keep):
+            report.unloaded.append(version)
+            replaced.append(current.pop(version))
+        if current.keys() != self._served.keys() or any(current[v] is not self._served[v] for v in current):
+            self._swap(current)
+        for model in replaced:
+            self._retire(model)
+        report.served = sorted(self._served)
+        return report
 
     async def _load(self, version: int, path: Path, report: ReloadReport) -> ServedModel | None:
         """Verifies, loads and warms one version beside the served ones; None (logged) if it fails."""
@@ -457,10 +479,18 @@ class ModelManager:
 
     async def poll(self, interval_s: float) -> None:
         """Reloads every interval_s seconds, forever (a task cancelled at shutdown)."""
+        said = None
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.reload()
+                said = None
+            except NoServableVersion as exc:
+                # Serving goes on from memory (a pinned version's directory removed, the repository
+                # emptied): said once when it starts, not with a traceback every poll.
+                if str(exc) != said:
+                    logger.warning("model repository: %s", exc, extra={"model": self.name})
+                said = str(exc)
             except Exception:
                 logger.exception("model repository poll failed")
 

@@ -36,15 +36,21 @@ def is_bundle(path: Path) -> bool:
 
 def scan_versions(model_dir: Path) -> dict[int, Path]:
     """The version directories of a model (`model_artifacts/<name>/<version>/`): integer names (1,
-    2, ...); anything else is ignored, so a copy in progress can be staged as e.g. `.tmp-3` and
-    renamed into place."""
+    2, ...; is_version_name); anything else is ignored, so a copy in progress can be staged as e.g.
+    `.tmp-3` and renamed into place."""
     if not model_dir.is_dir():
         return {}
     versions = {}
     for entry in model_dir.iterdir():
-        if entry.is_dir() and entry.name.isascii() and entry.name.isdigit() and int(entry.name) >= 1:  # not '³'
-            versions.setdefault(int(entry.name), entry)
+        if entry.is_dir() and is_version_name(entry.name):
+            versions[int(entry.name)] = entry
     return versions
+
+
+def is_version_name(name: str) -> bool:
+    """1 to 18 ASCII digits without a leading zero ("017" would be a second 17; 19 digits cannot be
+    asked for by the APIs); not '³', which isdigit() accepts."""
+    return name.isascii() and name.isdigit() and not name.startswith("0") and len(name) <= 18
 
 
 def sha256_of(path: Path) -> str:
@@ -118,9 +124,16 @@ def drop_file(bundle: str | Path, name: str) -> None:
 
 
 def verify_bundle(bundle: str | Path, adding: tuple[str, ...] = ()) -> dict:
-    """Returns the manifest if every file is present and matches its checksum; else ArtifactError.
-    `adding`: optional files about to be added to the manifest (add_files), not yet vouched for."""
-    bundle = Path(bundle)
+    """Returns the manifest if every file is present and matches its checksum; else ArtifactError,
+    also for a file that cannot be read (permissions). `adding`: optional files about to be added
+    to the manifest (add_files), not yet vouched for."""
+    try:
+        return _verify_bundle(Path(bundle), adding)
+    except OSError as exc:
+        raise ArtifactError(f"{bundle}: cannot read the bundle: {exc}") from None
+
+
+def _verify_bundle(bundle: Path, adding: tuple[str, ...]) -> dict:
     if not bundle.is_dir():
         raise ArtifactError(f"artifacts directory not found: {bundle}")
     manifest_path = bundle / MANIFEST
@@ -152,6 +165,9 @@ def verify_bundle(bundle: str | Path, adding: tuple[str, ...] = ()) -> dict:
         path = bundle / name
         if not path.is_file():
             raise ArtifactError(f"{path} is missing from the bundle")
+        size = path.stat().st_size
+        if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:  # cheaper than hashing gigabytes
+            raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry['bytes']}: changed or incomplete")
         if sha256_of(path) != entry.get("sha256"):
             raise ArtifactError(f"{path} does not match its sha256 in the manifest: the file was changed or corrupted")
     return manifest

@@ -16,6 +16,7 @@ import pytest
 from app import metrics
 from app.model_repository import ModelManager, NoServableVersion, Source, VersionPolicy, precheck, scan_versions
 from app.settings import Settings
+from captioning import artifacts
 from captioning.artifacts import ArtifactError, write_manifest
 from captioning.decoding import DecodeOptions
 
@@ -38,9 +39,9 @@ def test_settings_refuse_a_malformed_policy():
 
 def test_only_integer_directories_are_versions(tmp_path, tiny_bundle):
     model = tmp_path / "default"
-    for name in ("1", "10", ".tmp-3", "latest", "0"):
+    for name in ("1", "10", ".tmp-3", "latest", "0", "017", "3\u00b3", "1" * 19, "9" * 18):
         (model / name).mkdir(parents=True)
-    assert sorted(scan_versions(model)) == [1, 10]
+    assert sorted(scan_versions(model)) == [1, 10, int("9" * 18)]  # "017" is not a second 17
 
 
 def test_artifacts_dir_keeps_serving_one_bundle_or_one_model_directory(tmp_path, tiny_bundle):
@@ -57,10 +58,26 @@ def test_precheck_names_the_problem_without_tensorflow(tmp_path, tiny_bundle):
     corrupt = tmp_path / "default" / "1"
     shutil.copytree(tiny_bundle, corrupt)
     (corrupt / "decoder.keras").write_bytes(b"truncated")
-    with pytest.raises(ArtifactError, match="sha256"):
+    with pytest.raises(ArtifactError, match="decoder.keras has 9 bytes, the manifest says"):
         precheck(Settings(model_repository=tmp_path))
     shutil.copytree(tiny_bundle, tmp_path / "default" / "2")
     assert precheck(Settings(model_repository=tmp_path)) == [2]
+
+
+def test_an_unreadable_version_is_refused_and_the_others_still_start(tmp_path, tiny_bundle, monkeypatch):
+    for version in (1, 2):
+        shutil.copytree(tiny_bundle, tmp_path / "default" / str(version))
+    real = artifacts.sha256_of
+
+    def sha256_of(path):  # as for a file the service's user may not read (chmod 000, another owner)
+        if "/2/" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(artifacts, "sha256_of", sha256_of)
+    with pytest.raises(ArtifactError, match="cannot read the bundle: .*Permission denied"):
+        artifacts.verify_bundle(tmp_path / "default" / "2")
+    assert precheck(Settings(model_repository=tmp_path)) == [1]  # it used to raise PermissionError
 
 
 # --- hot reload, on real engines ---------------------------------------------------------------
@@ -119,7 +136,7 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         broken = add_version(repository, tiny_bundle, 3)
         (broken / "encoder.keras").write_bytes(b"not a model")
         report = await models.reload()
-        assert list(report.refused) == [3] and "sha256" in report.refused[3]
+        assert list(report.refused) == [3] and "the manifest says" in report.refused[3]
         assert list(models.served) == [2] and loads(3, "refused") == 1.0
         assert (await models.reload()).refused == {}  # not retried while its files are unchanged
         assert list(models.refused) == [3]  # but still known, for POST /admin/reload's answer
@@ -219,6 +236,41 @@ def test_a_version_whose_warm_up_request_fails_is_refused_not_served(tmp_path, t
             report = await models.reload()
         assert list(report.refused) == [2] and "the warm-up request failed" in report.refused[2]
         assert list(models.served) == [1]
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    asyncio.run(scenario())
+
+
+def test_a_rollback_pin_during_a_polls_load_wins_and_the_new_version_never_serves(tmp_path, tiny_bundle):
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        real_load, loading, go_on = models._load, asyncio.Event(), asyncio.Event()
+
+        async def slow_load(version, path, report):  # a warm-up of tens of seconds, held open
+            loading.set()
+            await go_on.wait()
+            return await real_load(version, path, report)
+
+        models._load = slow_load
+        add_version(repository, tiny_bundle, 2)  # a bad release lands; the poll starts loading it
+        poll = asyncio.create_task(models.reload())
+        await loading.wait()
+        served_during = []
+        pin = asyncio.create_task(models.reload(VersionPolicy.parse("specific:1")))  # the operator rolls back
+        await asyncio.sleep(0.05)
+        go_on.set()
+        while not pin.done():
+            served_during.append(sorted(models.served))
+            await asyncio.sleep(0.01)
+        await poll
+        assert (await pin).served == [1]
+        assert all(versions == [1] for versions in served_during) and list(models.served) == [1]
         await models.stop(1)
         await models.wait_unloaded()
 

@@ -7,7 +7,8 @@ The `serving_default` signature takes encoded images and returns greedy captions
     image_bytes  string [B]   JPEG / PNG / GIF / BMP bytes (TF Serving REST: {"b64": "..."})
       -> caption     string  [B]   the greedy caption, as POST /caption's `caption`
          log_prob    float32 [B]   summed token log-probability (`captions[0].log_prob`)
-         confidence  float32 [B]   geometric-mean token probability
+         confidence  float32 [B]   calibrated as the service's when the bundle has a calibration,
+                                   else the geometric-mean token probability
 
 Preprocessing matches the service's: the first frame, transparency composited on white, grey
 made RGB, a bilinear resize to the model's size (antialiased when shrinking, as Pillow's is) and
@@ -48,6 +49,10 @@ class CaptionerModule(tf.Module):
         self.image_size = captioner.config.image_size
         self.state_size = captioner.state_size
         self.max_steps = captioner.config.max_length - 2  # as Captioner.max_steps with no limit asked
+        # The bundle's calibration of greedy captions (Platt scaling of the mean token log-probability,
+        # captioning.calibration), so that `confidence` means what the service's does.
+        calibration = captioner.calibration
+        self.calibration = None if calibration is None else (float(calibration.slope), float(calibration.bias))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(self, image_bytes):
@@ -58,11 +63,12 @@ class CaptionerModule(tf.Module):
         )
         features = self.encoder(tf.cast(images, tf.float32), training=False)
         ids, log_prob, lengths = self._greedy(features)
-        return {
-            "caption": self._text(ids),
-            "log_prob": log_prob,
-            "confidence": tf.exp(log_prob / tf.cast(tf.maximum(lengths, 1), tf.float32)),
-        }
+        mean_log_prob = log_prob / tf.cast(tf.maximum(lengths, 1), tf.float32)
+        confidence = tf.exp(mean_log_prob)
+        if self.calibration is not None:
+            slope, bias = self.calibration
+            confidence = tf.sigmoid(slope * tf.maximum(mean_log_prob, tf.math.log(1e-12)) + bias)
+        return {"caption": self._text(ids), "log_prob": log_prob, "confidence": confidence}
 
     def _decode(self, data):
         # uint8 [H, W, C], C in 1..4. JPEG with the accurate IDCT, Pillow's (decode_image's fast one

@@ -100,3 +100,26 @@ def test_export_never_deletes_what_is_not_an_earlier_export(tmp_path, tiny_bundl
         export(tiny_bundle, tiny_bundle)
     with pytest.raises(ArtifactError, match="the bundle itself or inside it"):
         export(tiny_bundle, tiny_bundle / "exported")
+
+
+def test_a_calibrated_bundle_exports_the_services_calibrated_confidence(tmp_path, tiny_bundle):
+    import shutil
+
+    import tensorflow as tf
+
+    from captioning.artifacts import add_files
+    from captioning.calibration import Calibration
+    from captioning.captioner import Captioner
+    from training.export import export
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "calibrated")
+    Calibration(4.0, 1.5, "test").save(bundle / "calibration.json")
+    add_files(bundle, ("calibration.json",))
+    captioner = Captioner.load(bundle)
+    images = [encoded(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(3)]
+    serve = tf.saved_model.load(str(export(bundle, tmp_path / "exported" / "1"))).signatures["serving_default"]
+    exported = serve(image_bytes=tf.constant(images))["confidence"].numpy()
+    pixels = [captioner.prepare(decode_upload(image, max_pixels=10**7, min_side=8).image) for image in images]
+    expected = [captions[0] for captions in captioner.caption(pixels, DecodeOptions())]
+    assert all(c.raw_confidence is not None and c.confidence != c.raw_confidence for c in expected)
+    np.testing.assert_allclose(exported, [c.confidence for c in expected], rtol=1e-4, atol=1e-4)

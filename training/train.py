@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from captioning.artifacts import save_bundle
 from captioning.model import masked_accuracy, masked_loss
-from captioning.tokenizer import Tokenizer
+from captioning.tokenizer import Tokenizer, standardize
 from training.config import TrainConfig, add_config_flags, build_models, config_from_args, load_records, parse_options
 from training.data import make_dataset, scene_targets
 from training.datasets.shapes import SCENE_KINDS
@@ -118,6 +118,14 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
         (c for r in train_records for c in r.captions), max_size=config.vocab_size, min_count=config.min_count
     )
     print(f"train: {len(train_records)} images, val: {len(val_records)} images, vocabulary: {len(tokenizer)} words")
+    longest = config.max_length - 2  # <start> and <end> take two of the positions
+    cut = sum(len(standardize(c).split()) > longest for r in train_records for c in r.captions)
+    if cut:
+        print(
+            f"warning: {cut} training captions are longer than {longest} words and are cut to that "
+            "(--max-length sets the limit, in tokens with <start> and <end>)",
+            file=sys.stderr,
+        )
     trained_on = {r.path or r.image_id for r in train_records}
     seen = sum((r.path or r.image_id) in trained_on for r in val_records)
     if seen:

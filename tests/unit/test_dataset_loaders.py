@@ -460,3 +460,31 @@ def test_files_that_are_not_readable_images_are_skipped_with_a_warning(tmp_path,
     assert [r.image_id for r in records] == ["good.png"]
     (warning,) = skip_warnings(caplog)
     assert "skipped 2 of 3 images whose file is not a readable image" in warning and "empty.jpg" in warning
+
+
+def test_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(flickr8k, tmp_path):
+    # Notepad, PowerShell and Excel start UTF-8 text with a BOM; it used to hide the first image.
+    text_dir, images_dir = flickr8k
+    for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt"):
+        path = text_dir / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert [r.image_id for r in load_flickr8k(text_dir, images_dir, "train")] == ["2_b", "1_a"]
+
+    write_image(tmp_path / "x.jpg")
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"image": "x.jpg", "caption": "An x."}\r\n')
+    assert [r.captions for r in load_caption_list(jsonl, "train")] == [["An x."]]
+    coco = tmp_path / "captions.json"
+    coco.write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [
+        {"image_id": 1, "id": 1, "caption": "An x."}]}).encode())  # fmt: skip
+    assert len(load_coco(coco, tmp_path, "train")) == 1
+
+
+def test_csv_headers_as_spreadsheets_write_them(tmp_path):
+    write_image(tmp_path / "x.jpg")
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text('Image , Caption\nx.jpg,"An x, drawn."\n', encoding="utf-8")
+    assert [r.captions for r in load_caption_list(csv_file, "train")] == [["An x, drawn."]]
+    csv_file.write_text("image;caption\nx.jpg;An x.\n", encoding="utf-8")
+    with pytest.raises(DatasetFormatError, match="separated by ';'"):
+        load_caption_list(csv_file, "train")

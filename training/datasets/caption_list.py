@@ -117,7 +117,7 @@ def _merge_by_image(list_file: Path, entries: Iterator[_ListEntry], split: str) 
 
 
 def _read_jsonl(path: Path) -> Iterator[_ListEntry]:
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as PowerShell writes
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -168,12 +168,16 @@ def _read_csv(path: Path) -> Iterator[_ListEntry]:
     # utf-8-sig: spreadsheet programs often start CSV files with a byte-order mark.
     with open(path, encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file)
-        columns = reader.fieldnames
-        if columns is None:
+        if reader.fieldnames is None:
             raise DatasetFormatError(f"{path}:1: empty file, expected a header row")
+        # "Image", " caption ": header names as spreadsheets write them
+        columns = reader.fieldnames = [column.strip().lower() for column in reader.fieldnames]
         absent = [column for column in REQUIRED_CSV_COLUMNS if column not in columns]
         if absent:
-            raise DatasetFormatError(f"{path}:1: header lacks column(s) {', '.join(absent)}; got {', '.join(columns)}")
+            hint = "; the fields seem separated by ';' (save as comma-separated)" if ";" in ",".join(columns) else ""
+            raise DatasetFormatError(
+                f"{path}:1: header lacks column(s) {', '.join(absent)}; got {', '.join(columns)}{hint}"
+            )
         has_split_column = "split" in columns
         try:
             for row in reader:

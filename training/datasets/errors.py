@@ -54,7 +54,7 @@ def check_limit(limit: int | None) -> None:
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning decode errors into `DatasetFormatError` with the line number."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as some editors write
             return json.load(file)
     except json.JSONDecodeError as error:
         raise DatasetFormatError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None

@@ -67,7 +67,7 @@ def load_flickr8k(
 
 def _read_captions(path: Path) -> dict[str, list[str]]:
     captions_by_image: dict[str, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as Notepad writes
         for line_number, line in enumerate(file, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -85,7 +85,7 @@ def _read_captions(path: Path) -> dict[str, list[str]]:
 def _read_split_list(path: Path) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as Notepad writes
         for line_number, line in enumerate(file, start=1):
             name = line.strip()
             if not name:

@@ -93,6 +93,17 @@ class VersionPolicy:
         return "all"
 
 
+SETTLE_S = 5.0  # a version whose newest file is younger than this is still being copied in
+
+
+def _being_written(bundle: Path) -> bool:
+    try:
+        newest = max((p.stat().st_mtime for p in bundle.iterdir() if p.is_file()), default=bundle.stat().st_mtime)
+    except OSError:
+        return False  # verification will say what is wrong
+    return time.time() - newest < SETTLE_S
+
+
 def fingerprint(bundle: Path) -> tuple:
     """Names, sizes and modification times of a bundle's files: changes when a file does."""
     try:
@@ -239,6 +250,7 @@ class ModelManager:
         self._refused: dict[int, tuple[tuple, str]] = {}  # version -> (fingerprint, reason)
         self._lock = asyncio.Lock()
         self._pinning = 0  # reloads with a new policy waiting for, or holding, the lock
+        self._settling: dict[int, tuple] = {}  # versions left for their files to settle, as last seen
         self._retiring: set[asyncio.Task] = set()
 
     @property
@@ -280,19 +292,21 @@ class ModelManager:
                 + (f": {reasons}" if reasons else ": no version directories")
             )
 
-    async def reload(self, policy: VersionPolicy | None = None) -> ReloadReport:
+    async def reload(self, policy: VersionPolicy | None = None, settle: bool = False) -> ReloadReport:
         """Brings the served set in line with the repository and the policy (a new policy replaces
-        the configured one until the next restart: a rollback pin)."""
+        the configured one until the next restart: a rollback pin). settle (the poll's passes): a
+        version with a file written in the last SETTLE_S seconds is left for the next pass, so that
+        a copy in progress (`cp -r` into place) is not refused with an error at every poll."""
         if policy is not None:
             self._pinning += 1  # a poll's pass already loading stands down for it (below)
         try:
             async with self._lock:
-                return await self._reload(policy)
+                return await self._reload(policy, settle)
         finally:
             if policy is not None:
                 self._pinning -= 1
 
-    async def _reload(self, policy: VersionPolicy | None) -> ReloadReport:
+    async def _reload(self, policy: VersionPolicy | None, settle: bool) -> ReloadReport:
         """reload()'s work, under its lock."""
         previous_policy = self.policy
         if policy is not None:
@@ -310,6 +324,13 @@ class ModelManager:
         # A served version whose files were changed into something unloadable keeps serving
         # from memory; a refused version that is not served is out of the running.
         loadable = [v for v in on_disk if v not in self._refused or v in current]
+        if settle:
+            for version in [v for v in loadable if v not in current and _being_written(on_disk[v])]:
+                loadable.remove(version)
+                if self._settling.get(version) != fingerprint(on_disk[version]):
+                    logger.info("model version still being written: loaded once its files settle",
+                                extra={"model": self.name, "version": str(version)})  # fmt: skip
+                    self._settling[version] = fingerprint(on_disk[version])
         while True:  # load the wanted versions, best first; a refused one lets the next in line in
             wanted = self.policy.select(loadable)
             missing = [
@@ -483,7 +504,7 @@ class ModelManager:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.reload()
+                await self.reload(settle=True)
                 said = None
             except NoServableVersion as exc:
                 # Serving goes on from memory (a pinned version's directory removed, the repository

@@ -275,3 +275,30 @@ def test_a_rollback_pin_during_a_polls_load_wins_and_the_new_version_never_serve
         await models.wait_unloaded()
 
     asyncio.run(scenario())
+
+
+def test_a_poll_leaves_a_version_still_being_copied_for_a_later_pass(tmp_path, tiny_bundle):
+    import os
+
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        copying = repository / "default" / "2"
+        copying.mkdir()
+        shutil.copy(tiny_bundle / "manifest.json", copying)  # `cp -r` has written one file so far
+        report = await models.reload(settle=True)
+        assert report.refused == {} and list(models.served) == [1]  # no refusal, no ERROR, no alert
+        for path in tiny_bundle.iterdir():
+            shutil.copy(path, copying)
+        for path in copying.iterdir():  # the copy finished a while ago
+            os.utime(path, (time.time() - 60, time.time() - 60))
+        report = await models.reload(settle=True)
+        assert report.loaded == [2] and list(models.served) == [2]
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    asyncio.run(scenario())

@@ -207,7 +207,7 @@ def test_bundle_extras_are_verified(extras_bundle, tmp_path):
     shutil.copytree(extras_bundle, tampered)
     with open(tampered / "domain.npz", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ArtifactError, match="domain.npz does not match its sha256"):
+    with pytest.raises(ArtifactError, match=r"domain.npz has \d+ bytes, the manifest says"):
         Captioner.load(tampered)
 
     unlisted = tmp_path / "unlisted"

@@ -33,7 +33,7 @@ from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
 from captioning.domain import DomainModel
 from captioning.mirror import MirrorSearch, mirror_permutation, mirrored  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
-from captioning.preprocess import resize_to_input  # noqa: E402
+from captioning.preprocess import model_input  # noqa: E402
 from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E402
 
 # Greedy decoder steps per compiled call (FeatureSlots.greedy_steps): the host's bookkeeping and
@@ -157,7 +157,9 @@ class Captioner:
     # --- the pieces a scheduler drives -------------------------------------------------------
 
     def prepare(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """Any PIL image or HxWx3 uint8 array -> the model's uint8 input [S, S, 3]."""
+        """Any PIL image or HxWx3 uint8 array -> the model's uint8 input [S, S, 3], by the service's
+        path for an upload of the same pixels (captioning.preprocess: the early box reduction of
+        a large picture, then the one resize)."""
         size = self.config.image_size
         if isinstance(image, np.ndarray):
             if image.shape == (size, size, 3) and image.dtype == np.uint8:
@@ -165,7 +167,7 @@ class Captioner:
             image = Image.fromarray(np.asarray(image, dtype=np.uint8))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return np.asarray(resize_to_input(image, size), dtype=np.uint8)
+        return model_input(image, size)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, S, S, 3] -> features [B, N, D], padded to a bucket internally."""

@@ -78,6 +78,12 @@ def resize_to_input(image: Image.Image, size: int) -> Image.Image:
     return image
 
 
+def model_input(image: Image.Image, size: int) -> np.ndarray:
+    """An upright RGB picture -> the model's uint8 input [size, size, 3]: the early box reduction
+    of a large picture (a no-op after upright_rgb's), then the one resize."""
+    return np.asarray(resize_to_input(reduce_towards(image, size), size), dtype=np.uint8)
+
+
 def load_image_file(path: str | Path, size: int, max_pixels: int) -> np.ndarray:
     """An image file -> the model's uint8 input [size, size, 3], exactly as the service would see
     the same bytes uploaded. ValueError naming the file when it is not a readable image."""
@@ -86,7 +92,7 @@ def load_image_file(path: str | Path, size: int, max_pixels: int) -> np.ndarray:
             if image.width * image.height > max_pixels:
                 raise ValueError(f"{image.width}x{image.height} is more than {max_pixels} pixels")
             rgb, _, _ = upright_rgb(image, draft_size=size)
-        return np.asarray(resize_to_input(rgb, size), dtype=np.uint8)
+        return model_input(rgb, size)
     except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
         reason = str(exc).strip() or type(exc).__name__
         raise ValueError(f"{path}: not a readable image: {reason}") from None

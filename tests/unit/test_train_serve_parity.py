@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app.images import decode_upload
-from captioning.preprocess import load_image_file, resize_to_input
+from captioning.preprocess import load_image_file, model_input
 from training.data import image_source
 from training.datasets.base import CaptionedImage
 from training.evaluate import record_input
@@ -80,7 +80,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def served(path: Path) -> np.ndarray:
     decoded = decode_upload(path.read_bytes(), max_pixels=40_000_000, min_side=8, draft_size=SIZE)
-    return np.asarray(resize_to_input(decoded.image, SIZE), np.uint8)
+    return model_input(decoded.image, SIZE)  # what Captioner.prepare does with it
 
 
 @pytest.mark.parametrize("name", list(FILES))

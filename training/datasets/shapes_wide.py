@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from captioning.preprocess import resize_to_input
+from captioning.preprocess import model_input
 from training.datasets.base import CaptionedImage
 from training.datasets.shapes import (
     COLOUR_JITTER,
@@ -234,8 +234,9 @@ def _paint(image: np.ndarray, obj: ShapeObject, fill: np.ndarray, supersample: i
 
 
 def resize_for_model(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The same resize the Captioner applies to an upload (captioning.captioner.Captioner.prepare)."""
-    return np.asarray(resize_to_input(Image.fromarray(pixels), size), np.uint8)
+    """What the service makes of an upload of these pixels (captioning.captioner.Captioner.prepare:
+    the early box reduction of a large picture, then the one resize)."""
+    return model_input(Image.fromarray(pixels), size)
 
 
 def make_wide_example(

@@ -488,3 +488,12 @@ def test_csv_headers_as_spreadsheets_write_them(tmp_path):
     csv_file.write_text("image;caption\nx.jpg;An x.\n", encoding="utf-8")
     with pytest.raises(DatasetFormatError, match="separated by ';'"):
         load_caption_list(csv_file, "train")
+
+
+def test_coco_ids_written_as_text_in_one_place_and_numbers_in_the_other_match(tmp_path):
+    write_image(tmp_path / "a.jpg")
+    annotations = write_json(tmp_path / "captions.json", {
+        "images": [{"id": "100000", "file_name": "a.jpg"}],
+        "annotations": [{"image_id": 100000, "id": 1, "caption": "An a."}]})  # fmt: skip
+    (record,) = load_coco(annotations, tmp_path, "train")
+    assert (record.image_id, record.captions) == ("100000", ["An a."])

@@ -55,21 +55,23 @@ def load_coco(
     images = json_field(data, "images", list, annotations_file)
     annotations = json_field(data, "annotations", list, annotations_file)
 
-    candidates: dict[int | str, ImageCandidate] = {}
+    candidates: dict[str, ImageCandidate] = {}
     for index, image in enumerate(images):
         where = f"images[{index}]"
-        coco_id = json_field(image, "id", (int, str), annotations_file, where)
+        raw_id = json_field(image, "id", (int, str), annotations_file, where)
+        coco_id = str(raw_id)  # 7 and "7" are one id (files written by other tools mix them)
         file_name = json_field(image, "file_name", str, annotations_file, where)
         if coco_id in candidates:
-            raise DatasetFormatError(f"{annotations_file}: {where}.id: duplicate id {coco_id!r}")
-        candidates[coco_id] = ImageCandidate(str(coco_id), images_dir / file_name, captions=[])
+            raise DatasetFormatError(f"{annotations_file}: {where}.id: duplicate id {raw_id!r}")
+        candidates[coco_id] = ImageCandidate(coco_id, images_dir / file_name, captions=[])
 
     for index, annotation in enumerate(annotations):
         where = f"annotations[{index}]"
-        coco_id = json_field(annotation, "image_id", (int, str), annotations_file, where)
+        raw_id = json_field(annotation, "image_id", (int, str), annotations_file, where)
+        coco_id = str(raw_id)
         caption = json_field(annotation, "caption", str, annotations_file, where)
         if coco_id not in candidates:
-            raise DatasetFormatError(f"{annotations_file}: {where}.image_id: {coco_id!r} is not the id of any image")
+            raise DatasetFormatError(f"{annotations_file}: {where}.image_id: {raw_id!r} is not the id of any image")
         candidates[coco_id].captions.append(caption)
 
     return usable_records(candidates.values(), split, limit=limit, source=f"coco {annotations_file.name}")

@@ -497,3 +497,9 @@ def test_coco_ids_written_as_text_in_one_place_and_numbers_in_the_other_match(tm
         "annotations": [{"image_id": 100000, "id": 1, "caption": "An a."}]})  # fmt: skip
     (record,) = load_coco(annotations, tmp_path, "train")
     assert (record.image_id, record.captions) == ("100000", ["An a."])
+
+
+def test_numeric_options_from_the_command_line_are_read_or_named():
+    assert len(load_dataset("shapes", "val", limit=2, image_size="32", max_objects="1")) == 2
+    with pytest.raises(DatasetOptionError, match="image_size='big' is not a whole number"):
+        load_dataset("shapes", "val", limit=2, image_size="big")

@@ -101,7 +101,7 @@ def load_dataset(name: str, split: str, *, limit: int | None = None, **options: 
 
 def checked_options(name: str, loader: DatasetLoader, options: dict[str, Any]) -> dict[str, Any]:
     """The options, checked against what the loader takes (a misspelt or missing one is named, not
-    a TypeError), booleans read from the command line's text ("false" is not true)."""
+    a TypeError), booleans and numbers read from the command line's text ("false" is not true)."""
     takes = {key: p for key, p in inspect.signature(loader).parameters.items() if key not in ("split", "limit")}
     unknown = [key for key in options if key not in takes]
     needed = [key for key, p in takes.items() if p.default is inspect.Parameter.empty and key not in options]
@@ -112,10 +112,21 @@ def checked_options(name: str, loader: DatasetLoader, options: dict[str, Any]) -
             f"dataset {name!r}: {'; '.join(problems)} (it takes --data {', '.join(f'{key}=...' for key in takes)};"
             " the number of images is --train-limit / --val-limit)"
         )
-    return {
-        key: _boolean(name, key, value) if isinstance(takes[key].default, bool) and isinstance(value, str) else value
-        for key, value in options.items()
-    }
+    return {key: _typed(name, key, value, takes[key].default) for key, value in options.items()}
+
+
+def _typed(name: str, key: str, value: Any, default: Any) -> Any:
+    """A command-line string as the type of the option's default (bool, int); other values as given."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(default, bool):
+        return _boolean(name, key, value)
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise DatasetOptionError(f"dataset {name!r}: {key}={value!r} is not a whole number") from None
+    return value
 
 
 def _boolean(name: str, key: str, value: str) -> bool:

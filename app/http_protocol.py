@@ -75,6 +75,7 @@ HTTP_REASONS = {
     503: "Service Unavailable",
 }
 BAD_REQUEST_CODE = "bad_request"  # app.errors' code for a request that is not valid HTTP
+ANSWERED_BELOW_APP = "answered_below_app"  # request state key: (status, code) this protocol gave in the app's place
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,9 @@ class HardenedProtocol(HttpToolsProtocol):
                 # has gone (it would otherwise write into a closed one).
                 running.disconnected = True
                 running.message_event.set()
+                # For the access log and metrics: the client got this, not the 499 the app will
+                # answer into the closed connection (app.middleware.RequestContextMiddleware).
+                running.scope.setdefault("state", {})[ANSWERED_BELOW_APP] = (refusal.status, refusal.code)
             else:  # the fault is a later request's: an answer now would read as the running one's
                 refusal = None
         if refusal is not None:

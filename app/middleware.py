@@ -17,6 +17,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import UploadTooLarge, error_response
+from app.http_protocol import ANSWERED_BELOW_APP
 from app.metrics import HTTP_ERRORS, HTTP_IN_FLIGHT, HTTP_REQUEST_SECONDS, HTTP_REQUESTS
 
 access_logger = logging.getLogger("app.access")
@@ -89,6 +90,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_request_id)
         finally:
             HTTP_IN_FLIGHT.dec()
+            if ANSWERED_BELOW_APP in state:  # the connection's framing broke: the protocol answered
+                status, state["error_code"] = state[ANSWERED_BELOW_APP]
             elapsed = time.perf_counter() - started
             route = route_label(scope)
             labels = {"route": route, "method": scope["method"], "status": str(status)}

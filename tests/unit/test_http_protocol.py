@@ -6,6 +6,7 @@ the limits here are HEADER_TIMEOUT_S=0.5, MAX_HEADER_BYTES=4096, MAX_PIPELINED=4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -92,6 +93,16 @@ class Errors(logging.Handler):
 @pytest.fixture(scope="module")
 def served():
     app = App()
+    with running(app) as port:
+        errors = Errors()
+        logging.getLogger("uvicorn.error").addHandler(errors)
+        yield app, port, errors
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+
+
+@contextlib.contextmanager
+def running(app):
+    """A real uvicorn server with this module's limits; yields its port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -111,12 +122,11 @@ def served():
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started
-    errors = Errors()
-    logging.getLogger("uvicorn.error").addHandler(errors)
-    yield app, port, errors
-    logging.getLogger("uvicorn.error").removeHandler(errors)
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def connect(port: int) -> socket.socket:
@@ -598,3 +608,22 @@ def test_an_http11_request_expecting_100_continue_gets_it(served):
         assert connection.recv(100).startswith(b"HTTP/1.1 100 Continue")
         connection.sendall(b"abc")
         assert json_body(read_answer(connection)) == {"received": 3}
+
+
+def test_the_access_log_and_metrics_count_the_servers_answer_not_a_client_that_left(caplog):
+    # The app answers the request whose framing broke 499 (client gone) into the closed connection;
+    # the client got the protocol's 400, and that is what the log and the error metric must say.
+    from app.middleware import RequestContextMiddleware
+
+    with running(RequestContextMiddleware(App())) as port, caplog.at_level(logging.INFO, "app.access"):
+        with connect(port) as connection:
+            connection.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            time.sleep(0.1)
+            connection.sendall(b"zz\r\nhello\r\n0\r\n\r\n")
+            data, _ = read_until_closed(connection)
+        deadline = time.monotonic() + 5
+        while not [r for r in caplog.records if r.getMessage() == "request"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert data.startswith(b"HTTP/1.1 400")
+    (logged,) = [r for r in caplog.records if r.getMessage() == "request"]
+    assert logged.status == 400

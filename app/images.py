@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
-from captioning.preprocess import DECODE_ERRORS, UnsupportedPixelMode, upright_rgb
+from captioning.preprocess import DECODE_ERRORS, PILLOW_FORMATS, UnsupportedPixelMode, upright_rgb
 
 # Pillow format name -> the name reported to clients. MPO is how Pillow names JPEGs from cameras
 # that embed a second picture; it is a JPEG for every purpose here.
@@ -28,7 +28,7 @@ ALLOWED_FORMATS = {
     "BMP": "BMP",
     "TIFF": "TIFF",
 }
-_PILLOW_OPENERS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # the JPEG opener also yields MPO
+_PILLOW_OPENERS = list(PILLOW_FORMATS)  # training reads the same formats
 ALLOWED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
 # Signatures of image formats we recognise but do not accept, so that a HEIC photo or an SVG gets

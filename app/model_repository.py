@@ -101,7 +101,7 @@ def _being_written(bundle: Path) -> bool:
         newest = max((p.stat().st_mtime for p in bundle.iterdir() if p.is_file()), default=bundle.stat().st_mtime)
     except OSError:
         return False  # verification will say what is wrong
-    return time.time() - newest < SETTLE_S
+    return 0 <= time.time() - newest < SETTLE_S  # a time in the future (clock skew) says nothing
 
 
 def fingerprint(bundle: Path) -> tuple:
@@ -250,7 +250,7 @@ class ModelManager:
         self._refused: dict[int, tuple[tuple, str]] = {}  # version -> (fingerprint, reason)
         self._lock = asyncio.Lock()
         self._pinning = 0  # reloads with a new policy waiting for, or holding, the lock
-        self._settling: dict[int, tuple] = {}  # versions left for their files to settle, as last seen
+        self._settling: set[int] = set()  # versions a copy was still writing at the last pass
         self._retiring: set[asyncio.Task] = set()
 
     @property
@@ -324,35 +324,43 @@ class ModelManager:
         # A served version whose files were changed into something unloadable keeps serving
         # from memory; a refused version that is not served is out of the running.
         loadable = [v for v in on_disk if v not in self._refused or v in current]
+        # Versions a copy is still writing (the poll's passes only): a new one waits for a later
+        # pass, a served one keeps serving from memory until its new files settle.
+        settling = {v for v in loadable if _being_written(on_disk[v])} if settle else set()
         if settle:
-            for version in [v for v in loadable if v not in current and _being_written(on_disk[v])]:
-                loadable.remove(version)
-                if self._settling.get(version) != fingerprint(on_disk[version]):
-                    logger.info("model version still being written: loaded once its files settle",
-                                extra={"model": self.name, "version": str(version)})  # fmt: skip
-                    self._settling[version] = fingerprint(on_disk[version])
+            for version in settling - self._settling:  # said once per copy
+                labels = {"model": self.name, "version": str(version)}
+                logger.info("model version still being written: left for a later pass", extra=labels)
+            self._settling = settling
+        loadable = [v for v in loadable if v not in settling or v in current]
         while True:  # load the wanted versions, best first; a refused one lets the next in line in
+            if policy is None and self._pinning:
+                # A rollback pin is waiting: it must not find a version this poll put live first.
+                # What this pass loaded is dropped (its load still counts in the metrics); the pin decides.
+                for model in current.values():
+                    if model is not self._served.get(model.version):
+                        self._retire(model)
+                report.loaded, report.unloaded, report.served = [], [], sorted(self._served)
+                return report
             wanted = self.policy.select(loadable)
             missing = [
                 v
                 for v in wanted
-                if v not in self._refused and (v not in current or current[v].fingerprint != fingerprint(on_disk[v]))
+                if v not in self._refused
+                and v not in settling
+                and (v not in current or current[v].fingerprint != fingerprint(on_disk[v]))
             ]
             if not missing:
                 break
             version = missing[0]
             loaded = await self._load(version, on_disk[version], report)
-            if policy is None and self._pinning:
-                # A rollback pin arrived while this poll loaded a version (tens of seconds): it must
-                # not go live first. What this pass loaded is dropped; the pin decides next.
-                for model in [loaded, *current.values()]:
-                    if model is not None and model is not self._served.get(model.version):
-                        self._retire(model)
-                report.served = sorted(self._served)
-                return report
             if loaded is None:
                 if version not in current:
                     loadable.remove(version)
+                continue
+            if policy is None and self._pinning:
+                self._retire(loaded)  # not yet in `current`: the check at the loop's top retires the rest
+                report.loaded.remove(version)
                 continue
             if version in current:
                 report.unloaded.append(version)  # replaced in place by changed files

@@ -46,10 +46,9 @@ FLOORS = ("http", "decode")
 
 def create_floor_app(decode: bool, image_size: int):
     """A FastAPI app with the service's upload route shape and no model."""
-    import numpy as np
     from PIL import Image
 
-    from captioning.preprocess import resize_to_input
+    from captioning.preprocess import model_input
 
     app = FastAPI()
     answer = {"captions": [{"text": "there is a red circle", "confidence": 0.9}], "in_domain": True}
@@ -63,7 +62,7 @@ def create_floor_app(decode: bool, image_size: int):
         data = await image.read()
         if decode:
             with Image.open(io.BytesIO(data)) as opened:
-                pixels = np.asarray(resize_to_input(opened.convert("RGB"), image_size), dtype=np.uint8)
+                pixels = model_input(opened.convert("RGB"), image_size)
             return {**answer, "width": int(pixels.shape[1])}
         return {**answer, "bytes": len(data)}
 

@@ -40,17 +40,20 @@ def scan_versions(model_dir: Path) -> dict[int, Path]:
     `.tmp-3` and renamed into place."""
     if not model_dir.is_dir():
         return {}
-    versions = {}
-    for entry in model_dir.iterdir():
+    versions: dict[int, Path] = {}
+    for entry in sorted(model_dir.iterdir(), key=lambda e: e.name):
         if entry.is_dir() and is_version_name(entry.name):
-            versions[int(entry.name)] = entry
+            number = int(entry.name)
+            # "17" and "0017" are one version: the plain name wins, whatever the listing order.
+            if number not in versions or entry.name == str(number):
+                versions[number] = entry
     return versions
 
 
 def is_version_name(name: str) -> bool:
-    """1 to 18 ASCII digits without a leading zero ("017" would be a second 17; 19 digits cannot be
-    asked for by the APIs); not '³', which isdigit() accepts."""
-    return name.isascii() and name.isdigit() and not name.startswith("0") and len(name) <= 18
+    """ASCII digits (leading zeros allowed, as TF Serving reads "0001"), a positive number of at
+    most 18 digits (the APIs cannot address more); not '³', which isdigit() accepts."""
+    return name.isascii() and name.isdigit() and int(name) >= 1 and len(name.lstrip("0")) <= 18
 
 
 def sha256_of(path: Path) -> str:

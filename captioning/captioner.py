@@ -149,8 +149,8 @@ class Captioner:
         pooled_size = 2 * encoder.output.shape[-1]  # captioning.domain.pool_features: mean and deviation
         if domain is not None and domain.mean.size != pooled_size:
             raise ArtifactError(
-                f"{bundle}: {DOMAIN_FILE} was fitted to another encoder ({domain.mean.size} pooled features, "
-                f"this one gives {pooled_size}): run `python -m training fit-domain` on this bundle"
+                f"{bundle}: {DOMAIN_FILE} was fitted to an encoder of another width ({domain.mean.size} pooled "
+                f"features, this one gives {pooled_size}): run `python -m training fit-domain` on this bundle"
             )
         return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain)
 

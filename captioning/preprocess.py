@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
+# The formats read, as Pillow names them (its JPEG opener also yields MPO, cameras' JPEG with a
+# second picture). Anything else, EPS (which would run Ghostscript) included, is not opened.
+PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
 TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -85,10 +89,12 @@ def model_input(image: Image.Image, size: int) -> np.ndarray:
 
 
 def load_image_file(path: str | Path, size: int, max_pixels: int) -> np.ndarray:
-    """An image file -> the model's uint8 input [size, size, 3], exactly as the service would see
-    the same bytes uploaded. ValueError naming the file when it is not a readable image."""
+    """An image file -> the model's uint8 input [size, size, 3], decoded and resized as the service
+    decodes and resizes an upload of the same bytes (its guards for untrusted uploads, the memory
+    budget and the limits of its settings, are its own). ValueError naming the file when it is not
+    a readable image of PILLOW_FORMATS."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=PILLOW_FORMATS) as image:
             if image.width * image.height > max_pixels:
                 raise ValueError(f"{image.width}x{image.height} is more than {max_pixels} pixels")
             rgb, _, _ = upright_rgb(image, draft_size=size)

@@ -137,7 +137,8 @@ def export(artifacts: Path, output: Path) -> Path:
     """Verifies and loads the bundle, writes the SavedModel to `output` with the bundle's manifest
     under assets.extra/, and returns `output`. An earlier export there is replaced; anything else
     there is left alone and refused. Written beside `output` first and renamed into place, so a TF
-    Serving watching the folder never loads half a model."""
+    Serving watching the folder never loads half a model (an earlier export is renamed aside just
+    before: two renames, not a deletion, in between)."""
     output, artifacts = Path(output), Path(artifacts)
     if output.resolve() == artifacts.resolve() or artifacts.resolve() in output.resolve().parents:
         raise ArtifactError(f"--output {output} is the bundle itself or inside it: export to another directory")
@@ -155,9 +156,14 @@ def export(artifacts: Path, output: Path) -> Path:
     tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve.get_concrete_function()})
     (staging / "assets.extra").mkdir(exist_ok=True)
     (staging / "assets.extra" / "manifest.json").write_text(json.dumps(captioner.manifest, indent=2) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    if output.exists():  # the earlier export steps aside, so the folder is never missing for long
+        retired = output.with_name(f".{output.name}.replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(output)
     return output
 
 

@@ -53,7 +53,9 @@ from training.config import add_config_flags, build_models, config_from_args, lo
 from training.data import AUTOTUNE, image_source
 from training.datasets.base import CaptionedImage
 
-CACHE_FORMAT = 1
+# 2: files decoded by the service's path (captioning.preprocess), not tf.io.decode_image: features
+# cached by format 1 came from other pixels and must not be reused.
+CACHE_FORMAT = 2
 SHARD_BYTES = 256 << 20  # rows are written in shards of about this size
 MAX_SHARD_ROWS = 8192
 FILE_HASHES = "file_hashes.json"

@@ -33,6 +33,10 @@ from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, QueueFull
 from captioning.decoding import DecodeOptions
 
+# The warm-up request's own deadline: a short REQUEST_TIMEOUT_S on a slow machine must not make a
+# good model fail its warm-up and be refused.
+WARM_UP_DEADLINE_S = 120.0
+
 logger = logging.getLogger("app.engine")
 
 
@@ -99,7 +103,10 @@ class EngineClient:
         caption it would fail every request: the error goes to the caller (the model repository
         refuses the version) instead of an engine that says it is ready."""
         try:
-            await self.submit(np.zeros(self._image_shape, np.uint8), DecodeOptions(max_length=2))
+            blank = np.zeros(self._image_shape, np.uint8)
+            await self.submit(
+                blank, DecodeOptions(max_length=2), deadline_s=max(self.request_timeout_s, WARM_UP_DEADLINE_S)
+            )
         except EngineError as exc:
             raise InferenceError(f"the warm-up request failed: {exc}") from exc
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import shutil
 import time
 import weakref
@@ -39,9 +40,11 @@ def test_settings_refuse_a_malformed_policy():
 
 def test_only_integer_directories_are_versions(tmp_path, tiny_bundle):
     model = tmp_path / "default"
-    for name in ("1", "10", ".tmp-3", "latest", "0", "017", "3\u00b3", "1" * 19, "9" * 18):
+    for name in ("1", "10", ".tmp-3", "latest", "0", "0017", "017", "17", "0004", "3\u00b3", "1" * 19, "9" * 18):
         (model / name).mkdir(parents=True)
-    assert sorted(scan_versions(model)) == [1, 10, int("9" * 18)]  # "017" is not a second 17
+    versions = scan_versions(model)
+    assert sorted(versions) == [1, 4, 10, 17, int("9" * 18)]
+    assert (versions[4].name, versions[17].name) == ("0004", "17")  # of 17, 017 and 0017: the plain name
 
 
 def test_artifacts_dir_keeps_serving_one_bundle_or_one_model_directory(tmp_path, tiny_bundle):
@@ -78,6 +81,42 @@ def test_an_unreadable_version_is_refused_and_the_others_still_start(tmp_path, t
     with pytest.raises(ArtifactError, match="cannot read the bundle: .*Permission denied"):
         artifacts.verify_bundle(tmp_path / "default" / "2")
     assert precheck(Settings(model_repository=tmp_path)) == [1]  # it used to raise PermissionError
+
+
+def test_precheck_hashes_only_the_versions_the_policy_could_serve(tmp_path, tiny_bundle, monkeypatch):
+    from app import model_repository
+
+    for version in (1, 2, 3):
+        shutil.copytree(tiny_bundle, tmp_path / "default" / str(version))
+    checked = []
+    real = model_repository.verify_bundle
+    monkeypatch.setattr(model_repository, "verify_bundle", lambda path: checked.append(path.name) or real(path))
+    assert precheck(Settings(model_repository=tmp_path)) == [3] and checked == ["3"]  # latest:1
+    checked.clear()
+    assert precheck(Settings(model_repository=tmp_path, model_version_policy="specific:1")) == [1]
+    assert checked == ["1"]
+
+
+def test_a_poll_says_once_that_it_serves_from_memory(tmp_path, tiny_bundle, caplog):
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        shutil.rmtree(repository / "default" / "1")  # the only version's directory, removed while served
+        poll = asyncio.create_task(models.poll(0.01))
+        await asyncio.sleep(0.3)
+        poll.cancel()
+        assert list(models.served) == [1]
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    with caplog.at_level(logging.WARNING, "app"):
+        asyncio.run(scenario())
+    said = [r for r in caplog.records if "matches policy" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING and not said[0].exc_info
 
 
 # --- hot reload, on real engines ---------------------------------------------------------------
@@ -268,7 +307,8 @@ def test_a_rollback_pin_during_a_polls_load_wins_and_the_new_version_never_serve
         while not pin.done():
             served_during.append(sorted(models.served))
             await asyncio.sleep(0.01)
-        await poll
+        stood_down = await poll
+        assert stood_down.loaded == [] and stood_down.served == [1]  # it loaded 2, but 2 never served
         assert (await pin).served == [1]
         assert all(versions == [1] for versions in served_during) and list(models.served) == [1]
         await models.stop(1)
@@ -298,6 +338,38 @@ def test_a_poll_leaves_a_version_still_being_copied_for_a_later_pass(tmp_path, t
             os.utime(path, (time.time() - 60, time.time() - 60))
         report = await models.reload(settle=True)
         assert report.loaded == [2] and list(models.served) == [2]
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    asyncio.run(scenario())
+
+
+def test_a_served_version_recopied_in_place_keeps_serving_until_its_files_settle(tmp_path, tiny_bundle):
+    import os
+
+    repository = tmp_path / "models"
+    served_dir = add_version(repository, tiny_bundle, 1)
+    an_hour_ago = time.time() - 3600
+    for path in served_dir.iterdir():
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        first = models.served[1]
+        # `cp -r new/. default/1/` over the served version: the manifest is new, the encoder half written.
+        shutil.copy(tiny_bundle / "manifest.json", served_dir)
+        encoder = (tiny_bundle / "encoder.keras").read_bytes()
+        (served_dir / "encoder.keras").write_bytes(encoder[: len(encoder) // 2])
+        report = await models.reload(settle=True)
+        assert report.refused == {} and models.served[1] is first and loads(1, "refused") == 0.0
+        (served_dir / "encoder.keras").write_bytes(encoder)
+        in_an_hour = time.time() + 3600  # a clock running ahead (NFS, a tar made elsewhere) says nothing
+        for path in served_dir.iterdir():
+            os.utime(path, (in_an_hour, in_an_hour))
+        report = await models.reload(settle=True)
+        assert report.loaded == [1] and models.served[1] is not first  # the settled copy, reloaded in place
         await models.stop(1)
         await models.wait_unloaded()
 

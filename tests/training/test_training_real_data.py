@@ -305,3 +305,20 @@ def test_chief_and_cluster_size_follow_tf_config(monkeypatch):
         "TF_CONFIG", json.dumps({"cluster": {"chief": ["c:1"], **cluster}, "task": {"type": "worker", "index": 0}})
     )
     assert not is_chief() and cluster_size() == 3
+
+
+def test_an_image_cut_short_stops_training_with_its_name_in_one_line(tmp_path, capsys):
+    good = make_example("train", 0).pixels
+    for name in ("0", "1", "2", "3", "v"):
+        Image.fromarray(good).save(tmp_path / f"{name}.png")
+    whole = (tmp_path / "0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])  # its header reads: not skipped up front
+    lines = [f'{{"image": "{i}.png", "caption": "a red circle", "split": "train"}}' for i in range(4)]
+    lines += ['{"image": "cut.png", "caption": "a red circle", "split": "train"}']
+    lines += ['{"image": "v.png", "caption": "a red circle", "split": "val"}']
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["train", "--preset", "tiny", "--dataset", "list", "--data", f"list_file={tmp_path / 'list.jsonl'}"]
+    argv += ["--max-steps", "2", "--output", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--fresh"]
+    assert main(argv) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "cut.png: not a readable image" in error and "Traceback" not in error

@@ -85,5 +85,5 @@ def test_a_model_saved_over_another_drops_the_earlier_models_fitted_files(bundle
 def test_a_domain_check_fitted_to_another_encoder_is_refused_at_load(bundle_copy):
     shutil.copy(ROOT / "model_artifacts/default/3/domain.npz", bundle_copy / "domain.npz")  # 512 pooled features
     add_files(bundle_copy, ("domain.npz",))
-    with pytest.raises(ArtifactError, match="domain.npz was fitted to another encoder"):
+    with pytest.raises(ArtifactError, match="domain.npz was fitted to an encoder of another width"):
         Captioner.load(bundle_copy)

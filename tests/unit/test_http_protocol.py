@@ -580,6 +580,7 @@ def test_an_http11_request_needs_exactly_one_valid_host(served, host_lines):
     [
         b"GET /ok HTTP/1.1\r\nHost: 10.0.0.7:8000\r\n",
         b"GET /ok HTTP/1.1\r\nHost: [::1]:8000\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: [fe80::1%25eth0]:8000\r\n",  # an IPv6 zone id (RFC 6874)
         b"GET /ok HTTP/1.1\r\nHost: captioner.default.svc.cluster.local\r\n",
         b"GET /ok HTTP/1.1\r\nHost:\r\n",  # RFC 9112: empty when the target has no authority
         b"GET /ok HTTP/1.0\r\n",  # HTTP/1.0 has no Host requirement

@@ -23,6 +23,7 @@ from typing import Any
 
 from PIL import Image
 
+from captioning.preprocess import DECODE_ERRORS, PILLOW_FORMATS
 from training.datasets.base import SPLITS, CaptionedImage
 
 logger = logging.getLogger("training.datasets")
@@ -148,10 +149,10 @@ def image_header_problem(path: Path) -> str | None:
     """Why the file cannot be an image the model reads, judged from its header alone (cheap:
     Pillow opens lazily); None when it looks fine."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=PILLOW_FORMATS) as image:
             if image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 return f"{image.width}x{image.height} is more than {Image.MAX_IMAGE_PIXELS} pixels"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
         return str(exc).strip() or type(exc).__name__
     return None
 

@@ -41,7 +41,7 @@ import anyio
 
 from app import metrics
 from app.errors import NotReady
-from captioning.artifacts import MANIFEST, ArtifactError, is_bundle, scan_versions, verify_bundle
+from captioning.artifacts import MANIFEST, ArtifactError, bundle_digest, is_bundle, scan_versions, verify_bundle
 
 logger = logging.getLogger("app.models")
 
@@ -419,7 +419,12 @@ class ModelManager:
         metrics.MODEL_LOAD_SECONDS.labels(**labels, phase="warmup").set(warmed - loaded)
         logger.info(
             "model version loaded",
-            extra={**labels, "load_s": round(loaded - started, 3), "warmup_s": round(warmed - loaded, 3)},
+            extra={
+                **labels,
+                "load_s": round(loaded - started, 3),
+                "warmup_s": round(warmed - loaded, 3),
+                "digest": bundle_digest(captioner.manifest),
+            },
         )
         # Both are optional stages of training (docs/TRAINING.md); a bundle without them serves, but less is said.
         if captioner.domain is None:

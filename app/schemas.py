@@ -205,6 +205,10 @@ class ModelInfo(BaseModel):
     version: str = Field(description="The repository version that answers (the bundle's own with ARTIFACTS_DIR).")
     bundle: ModelRef | None = Field(None, description="The name and version the bundle's manifest records.")
     created: str | None = None
+    digest: str = Field(
+        description="sha256 of the bundle's file checksums: the same for the same weights whatever their name "
+        "or version, different when any file differs (two versions, or a version re-pointed, told apart)."
+    )
     backbone: str
     image_size: int
     vocabulary_size: int

@@ -95,6 +95,14 @@ def write_manifest(bundle: str | Path, *, name: str, version: str, training: dic
     return manifest
 
 
+def bundle_digest(manifest: dict) -> str:
+    """One checksum of everything the manifest vouches for (each file's name and sha256): equal for
+    the same weights under any name or version, different if any file differs."""
+    files = manifest.get("files") or {}
+    lines = "".join(f"{name}:{files[name].get('sha256', '')}\n" for name in sorted(files))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
 def update_metrics(bundle: str | Path, metrics: dict) -> dict:
     """Records evaluation results; the manifest is not among the checksummed files, so this is safe."""
     manifest = verify_bundle(bundle)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from app.dependencies import get_captioner
 from app.errors import error_responses
 from app.schemas import DatasetInfo, ModelInfo
+from captioning.artifacts import bundle_digest
 
 router = APIRouter(tags=["model"])
 
@@ -27,6 +28,7 @@ def describe_model(captioner) -> ModelInfo:
         version=str(manifest.get("version", "unknown")),
         bundle=manifest.get("bundle"),
         created=manifest.get("created"),
+        digest=bundle_digest(manifest),
         backbone=config.backbone,
         image_size=config.image_size,
         vocabulary_size=config.vocab_size,

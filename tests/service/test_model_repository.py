@@ -232,12 +232,14 @@ def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path,
         assert caption_version(client) == "1"
         info = client.get("/model", headers=key).json()
         assert (info["name"], info["version"]) == ("default", "1") and info["bundle"]["name"] == "tiny-random"
+        first_digest = info["digest"]
         add_version(repository, tiny_bundle, 2)
         deadline = time.monotonic() + 120
         while client.get("/model", headers=key).json()["version"] != "2":  # the poll loads and swaps it
             assert time.monotonic() < deadline, "version 2 was not picked up by the poll"
             time.sleep(0.2)
         assert caption_version(client) == "2"
+        assert client.get("/model", headers=key).json()["digest"] == first_digest  # the same files as version 1
         exported = client.get("/metrics").text
         assert 'captioning_model_requests_total{model="default",outcome="ok",version="2"} 1.0' in exported
         assert 'captioning_model_served{model="default",version="2"} 1.0' in exported

@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning.artifacts import ArtifactError, add_files, save_bundle, update_metrics, verify_bundle
+from captioning.artifacts import (
+    ArtifactError,
+    add_files,
+    bundle_digest,
+    save_bundle,
+    update_metrics,
+    verify_bundle,
+)
 from captioning.captioner import Captioner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,3 +94,11 @@ def test_a_domain_check_fitted_to_another_encoder_is_refused_at_load(bundle_copy
     add_files(bundle_copy, ("domain.npz",))
     with pytest.raises(ArtifactError, match="domain.npz was fitted to an encoder of another width"):
         Captioner.load(bundle_copy)
+
+
+def test_the_digest_names_the_weights_not_the_label():
+    third, second = (verify_bundle(ROOT / "model_artifacts/default" / v) for v in ("3", "2"))
+    assert (third["name"], third["version"]) == (second["name"], second["version"])  # one label, two models
+    assert bundle_digest(third) != bundle_digest(second)
+    assert bundle_digest(third) == bundle_digest({**third, "name": "renamed", "version": "9"})
+    assert bundle_digest(third).startswith("sha256:") and len(bundle_digest(third)) == 71

@@ -319,34 +319,9 @@ def test_a_rollback_pin_during_a_polls_load_wins_and_the_new_version_never_serve
     asyncio.run(scenario())
 
 
-def test_a_poll_leaves_a_version_still_being_copied_for_a_later_pass(tmp_path, tiny_bundle):
-    import os
-
-    repository = tmp_path / "models"
-    add_version(repository, tiny_bundle, 1)
-    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
-
-    async def scenario():
-        models = ModelManager(settings)
-        await models.start()
-        copying = repository / "default" / "2"
-        copying.mkdir()
-        shutil.copy(tiny_bundle / "manifest.json", copying)  # `cp -r` has written one file so far
-        report = await models.reload(settle=True)
-        assert report.refused == {} and list(models.served) == [1]  # no refusal, no ERROR, no alert
-        for path in tiny_bundle.iterdir():
-            shutil.copy(path, copying)
-        for path in copying.iterdir():  # the copy finished a while ago
-            os.utime(path, (time.time() - 60, time.time() - 60))
-        report = await models.reload(settle=True)
-        assert report.loaded == [2] and list(models.served) == [2]
-        await models.stop(1)
-        await models.wait_unloaded()
-
-    asyncio.run(scenario())
-
-
-def test_a_served_version_recopied_in_place_keeps_serving_until_its_files_settle(tmp_path, tiny_bundle):
+def test_a_poll_leaves_files_still_being_copied_for_a_later_pass(tmp_path, tiny_bundle):
+    """`cp -r` into place: a new version waits, a served version re-copied in place keeps serving from
+    memory; neither is refused (no ERROR, no refused-load count) until the copy settles."""
     import os
 
     repository = tmp_path / "models"
@@ -354,24 +329,38 @@ def test_a_served_version_recopied_in_place_keeps_serving_until_its_files_settle
     an_hour_ago = time.time() - 3600
     for path in served_dir.iterdir():
         os.utime(path, (an_hour_ago, an_hour_ago))
-    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+    settings = Settings(
+        model_repository=repository,
+        model_version_policy="all",
+        model_poll_interval_s=0,
+        max_batch_size=8,
+        shutdown_grace_s=5,
+    )
 
     async def scenario():
         models = ModelManager(settings)
         await models.start()
         first = models.served[1]
-        # `cp -r new/. default/1/` over the served version: the manifest is new, the encoder half written.
-        shutil.copy(tiny_bundle / "manifest.json", served_dir)
+        refused_before = loads(1, "refused"), loads(2, "refused")  # the registry is the process's
+        new_dir = repository / "default" / "2"
+        new_dir.mkdir()
+        shutil.copy(tiny_bundle / "manifest.json", new_dir)  # the copy of version 2 has written one file so far
+        shutil.copy(tiny_bundle / "manifest.json", served_dir)  # and version 1 is being re-copied over itself
         encoder = (tiny_bundle / "encoder.keras").read_bytes()
         (served_dir / "encoder.keras").write_bytes(encoder[: len(encoder) // 2])
         report = await models.reload(settle=True)
-        assert report.refused == {} and models.served[1] is first and loads(1, "refused") == 0.0
+        assert report.refused == {} and list(models.served) == [1] and models.served[1] is first
+        assert (loads(1, "refused"), loads(2, "refused")) == refused_before
+
+        for path in tiny_bundle.iterdir():  # both copies finish
+            shutil.copy(path, new_dir)
         (served_dir / "encoder.keras").write_bytes(encoder)
         in_an_hour = time.time() + 3600  # a clock running ahead (NFS, a tar made elsewhere) says nothing
-        for path in served_dir.iterdir():
+        for path in [*new_dir.iterdir(), *served_dir.iterdir()]:
             os.utime(path, (in_an_hour, in_an_hour))
         report = await models.reload(settle=True)
-        assert report.loaded == [1] and models.served[1] is not first  # the settled copy, reloaded in place
+        assert sorted(report.loaded) == [1, 2] and sorted(models.served) == [1, 2]
+        assert models.served[1] is not first  # the settled copy, reloaded in place
         await models.stop(1)
         await models.wait_unloaded()
 

@@ -28,7 +28,6 @@ ALLOWED_FORMATS = {
     "BMP": "BMP",
     "TIFF": "TIFF",
 }
-_PILLOW_OPENERS = list(PILLOW_FORMATS)  # training reads the same formats
 ALLOWED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
 # Signatures of image formats we recognise but do not accept, so that a HEIC photo or an SVG gets
@@ -226,7 +225,7 @@ def _jpeg_samples_per_pixel(image: Image.Image) -> float:
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data), formats=_PILLOW_OPENERS)
+        return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)  # training reads the same formats
     except Image.DecompressionBombError:  # Pillow's own bound, far above MAX_IMAGE_PIXELS: the same answer
         raise ImageTooLarge(f"the image has more pixels than the limit of {max_pixels}") from None
     except UnidentifiedImageError:

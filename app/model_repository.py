@@ -97,11 +97,11 @@ SETTLE_S = 5.0  # a version whose newest file is younger than this is still bein
 
 
 def _being_written(bundle: Path) -> bool:
-    try:
-        newest = max((p.stat().st_mtime for p in bundle.iterdir() if p.is_file()), default=bundle.stat().st_mtime)
+    try:  # an empty directory: as old as the directory itself
+        newest_ns = max((mtime_ns for _, _, mtime_ns in fingerprint(bundle)), default=bundle.stat().st_mtime_ns)
     except OSError:
         return False  # verification will say what is wrong
-    return 0 <= time.time() - newest < SETTLE_S  # a time in the future (clock skew) says nothing
+    return 0 <= time.time() - newest_ns / 1e9 < SETTLE_S  # a time in the future (clock skew) says nothing
 
 
 def fingerprint(bundle: Path) -> tuple:

@@ -93,12 +93,17 @@ def load_image_file(path: str | Path, size: int, max_pixels: int) -> np.ndarray:
     decodes and resizes an upload of the same bytes (its guards for untrusted uploads, the memory
     budget and the limits of its settings, are its own). ValueError naming the file when it is not
     a readable image of PILLOW_FORMATS."""
+    return model_input(open_upright(path, size, max_pixels), size)
+
+
+def open_upright(path: str | Path, draft_size: int, max_pixels: int) -> Image.Image:
+    """An image file -> its upright RGB picture, brought down towards draft_size (upright_rgb).
+    ValueError naming the file when it is not a readable image of PILLOW_FORMATS."""
     try:
         with Image.open(path, formats=PILLOW_FORMATS) as image:
             if image.width * image.height > max_pixels:
                 raise ValueError(f"{image.width}x{image.height} is more than {max_pixels} pixels")
-            rgb, _, _ = upright_rgb(image, draft_size=size)
-        return model_input(rgb, size)
+            return upright_rgb(image, draft_size)[0]
     except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
         reason = str(exc).strip() or type(exc).__name__
         raise ValueError(f"{path}: not a readable image: {reason}") from None

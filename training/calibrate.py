@@ -91,6 +91,7 @@ SCENE_DATASETS = ("shapes", "shapes_wide")  # the grounded checker needs each im
 
 
 def add_parser(subparsers) -> None:
+    from training.config import add_data_flags
     from training.datasets.base import SPLITS
 
     p = subparsers.add_parser(
@@ -108,7 +109,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--split", choices=SPLITS, default="val", help="never the split you report")
     p.add_argument("--limit", type=int, default=1000, help="images to fit on")
-    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="dataset loader option")
+    add_data_flags(p, "dataset loader option, as for train")
     p.set_defaults(func=run)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from captioning.backbones import get_backbone
 from captioning.config import ModelConfig
 from captioning.model import build_decoder, build_encoder
-from training.datasets.registry import LOADERS, RESIZING_LOADERS, load_dataset
+from training.datasets.registry import LOADERS, RESIZING_LOADERS, load_dataset, read_boolean
 from training.presets import PRESETS
 
 
@@ -76,11 +76,10 @@ class TrainConfig:
 
 
 def _boolean(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+    try:
+        return read_boolean(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flag_type(field: dataclasses.Field):
@@ -93,6 +92,20 @@ def _flag_type(field: dataclasses.Field):
 TUNABLE = [f for f in dataclasses.fields(TrainConfig) if f.name != "trainable_backbone"]
 
 
+def add_data_flags(p, help: str, val_data: bool = False) -> None:
+    """--data KEY=VALUE, repeatable (read by parse_options); with val_data, --val-data for the
+    validation split only. `p`: a parser or an argument group."""
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help=help)
+    if val_data:
+        p.add_argument(
+            "--val-data",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="loader option for the validation split only (e.g. COCO's val annotations file)",
+        )
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide the data and the model (shared by `train` and `extract-features`)."""
     p.add_argument(
@@ -103,20 +116,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         "40 minutes on 2 cores); tiny: a one-minute smoke test; reference: InceptionResNetV2 for COCO-style data "
         "(needs --dataset); shapeworld: the ShapeWorld benchmark (training/presets.py)",
     )
-    p.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dataset loader option, e.g. annotations_file=... (see training/datasets/registry.py)",
-    )
-    p.add_argument(
-        "--val-data",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="loader option for the validation split only (e.g. COCO's val annotations file)",
-    )
+    add_data_flags(p, "dataset loader option, e.g. annotations_file=... (see training/datasets/registry.py)", True)
     p.add_argument("--freeze-backbone", action="store_true", help="do not train the backbone")
     p.add_argument(
         "--train-backbone",

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from captioning.decoding import STRATEGIES, DecodeOptions
-from captioning.preprocess import DECODE_ERRORS, load_image_file, upright_rgb
+from captioning.preprocess import load_image_file, open_upright
 from training.datasets.base import SPLITS, CaptionedImage
 from training.gallery import THUMBNAIL_SIDE, GalleryRow, write_gallery
 from training.metrics import CaptionScorer, leave_one_out_metrics
@@ -77,11 +77,7 @@ def display_image(record: CaptionedImage) -> np.ndarray | Image.Image:
     the gallery's thumbnail side."""
     if record.pixels is not None:
         return record.pixels
-    try:
-        with Image.open(record.path) as image:
-            return upright_rgb(image, draft_size=THUMBNAIL_SIDE)[0]
-    except (*DECODE_ERRORS, Image.DecompressionBombError) as error:
-        raise ValueError(f"{record.path}: cannot read image {record.image_id!r}: {error}") from error
+    return open_upright(record.path, THUMBNAIL_SIDE, Image.MAX_IMAGE_PIXELS)
 
 
 def generate_captions(
@@ -358,6 +354,7 @@ def evaluate_bundle(
 
 
 def add_parser(subparsers) -> None:
+    from training.config import add_data_flags
     from training.datasets.registry import LOADERS
 
     p = subparsers.add_parser(
@@ -373,13 +370,7 @@ def add_parser(subparsers) -> None:
     data = p.add_argument_group("dataset files")
     for option, description in DATASET_PATH_FLAGS.items():
         data.add_argument("--" + option.replace("_", "-"), dest=option, metavar="PATH", help=description)
-    data.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other loader option, as for `train` (e.g. max_objects=4 for shapes)",
-    )
+    add_data_flags(data, "any other loader option, as for `train` (e.g. max_objects=4 for shapes)")
     decoding = p.add_argument_group("decoding")
     decoding.add_argument("--strategy", choices=STRATEGIES, default="greedy", help="default: greedy")
     decoding.add_argument("--beam-size", type=int, default=DecodeOptions.beam_size)

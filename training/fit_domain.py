@@ -78,6 +78,7 @@ def fit_domain_for_bundle(
 
 
 def add_parser(subparsers) -> None:
+    from training.config import add_data_flags
     from training.datasets.registry import LOADERS
 
     p = subparsers.add_parser(
@@ -88,14 +89,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory (domain.npz is added)")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
-    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="dataset loader option")
-    p.add_argument(
-        "--val-data",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="loader option for the validation split only (e.g. COCO's val annotations file)",
-    )
+    add_data_flags(p, "dataset loader option, as for train", val_data=True)
     p.add_argument("--train-limit", type=int, default=8000, help="training images to fit the Gaussian on")
     p.add_argument("--val-limit", type=int, default=1000, help="validation images that set the threshold")
     p.add_argument("--quantile", type=float, default=0.995, help="of the validation distances")

@@ -277,6 +277,7 @@ def finetune(args) -> dict:
 
 
 def add_parser(subparsers) -> None:
+    from training.config import add_data_flags
     from training.datasets.registry import LOADERS
 
     p = subparsers.add_parser(
@@ -288,7 +289,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--artifacts", required=True, help="the trained bundle to start from")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes_wide")
-    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="loader option, as for train")
+    add_data_flags(p, "loader option, as for train")
     p.add_argument("--train-limit", type=int, help="training images to sample batches from")
     p.add_argument("--steps", type=int, default=HYPER_PARAMETERS["steps"])
     p.add_argument("--batch-size", type=int, default=HYPER_PARAMETERS["batch_size"], help="images per step")

@@ -120,7 +120,10 @@ def _typed(name: str, key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         return value
     if isinstance(default, bool):
-        return _boolean(name, key, value)
+        try:
+            return read_boolean(value.strip())
+        except ValueError:
+            raise DatasetOptionError(f"dataset {name!r}: {key}={value!r} is not true or false") from None
     if isinstance(default, int):
         try:
             return int(value)
@@ -129,10 +132,10 @@ def _typed(name: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _boolean(name: str, key: str, value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("true", "1", "yes", "on"):
+def read_boolean(text: str) -> bool:
+    """The command line's words for true and false (also --flags of TrainConfig); ValueError otherwise."""
+    if text.lower() in ("true", "1", "yes", "on"):
         return True
-    if text in ("false", "0", "no", "off"):
+    if text.lower() in ("false", "0", "no", "off"):
         return False
-    raise DatasetOptionError(f"dataset {name!r}: {key}={value!r} is not true or false")
+    raise ValueError(f"expected true or false, not {text!r}")

@@ -4,6 +4,7 @@ finishing on the version they started on, refusal of broken versions, rollback b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -97,28 +98,6 @@ def test_precheck_hashes_only_the_versions_the_policy_could_serve(tmp_path, tiny
     assert checked == ["1"]
 
 
-def test_a_poll_says_once_that_it_serves_from_memory(tmp_path, tiny_bundle, caplog):
-    repository = tmp_path / "models"
-    add_version(repository, tiny_bundle, 1)
-    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
-
-    async def scenario():
-        models = ModelManager(settings)
-        await models.start()
-        shutil.rmtree(repository / "default" / "1")  # the only version's directory, removed while served
-        poll = asyncio.create_task(models.poll(0.01))
-        await asyncio.sleep(0.3)
-        poll.cancel()
-        assert list(models.served) == [1]
-        await models.stop(1)
-        await models.wait_unloaded()
-
-    with caplog.at_level(logging.WARNING, "app"):
-        asyncio.run(scenario())
-    said = [r for r in caplog.records if "matches policy" in r.getMessage()]
-    assert len(said) == 1 and said[0].levelno == logging.WARNING and not said[0].exc_info
-
-
 # --- hot reload, on real engines ---------------------------------------------------------------
 
 
@@ -128,6 +107,25 @@ def add_version(repository, tiny_bundle, version: int):
     shutil.copytree(tiny_bundle, staging)
     staging.rename(repository / "default" / str(version))
     return repository / "default" / str(version)
+
+
+def repository_settings(repository, **overrides) -> Settings:
+    """A repository reloaded by hand (no poll), small batches, a short drain."""
+    return Settings(
+        model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5, **overrides
+    )
+
+
+@contextlib.asynccontextmanager
+async def started(settings: Settings):
+    """A started ModelManager, stopped and unloaded afterwards."""
+    models = ModelManager(settings)
+    await models.start()
+    try:
+        yield models
+    finally:
+        await models.stop(1)
+        await models.wait_unloaded()
 
 
 def served_gauge(version: int) -> float | None:
@@ -263,22 +261,19 @@ def test_a_version_whose_warm_up_request_fails_is_refused_not_served(tmp_path, t
 
     repository = tmp_path / "models"
     add_version(repository, tiny_bundle, 1)
-    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+    settings = repository_settings(repository)
 
     def broken(self, search):
         raise ValueError("operands could not be broadcast together")
 
     async def scenario():
-        models = ModelManager(settings)
-        await models.start()
-        add_version(repository, tiny_bundle, 2)
-        with monkeypatch.context() as patched:
-            patched.setattr(Captioner, "results", broken)
-            report = await models.reload()
-        assert list(report.refused) == [2] and "the warm-up request failed" in report.refused[2]
-        assert list(models.served) == [1]
-        await models.stop(1)
-        await models.wait_unloaded()
+        async with started(settings) as models:
+            add_version(repository, tiny_bundle, 2)
+            with monkeypatch.context() as patched:
+                patched.setattr(Captioner, "results", broken)
+                report = await models.reload()
+            assert list(report.refused) == [2] and "the warm-up request failed" in report.refused[2]
+            assert list(models.served) == [1]
 
     asyncio.run(scenario())
 
@@ -286,35 +281,32 @@ def test_a_version_whose_warm_up_request_fails_is_refused_not_served(tmp_path, t
 def test_a_rollback_pin_during_a_polls_load_wins_and_the_new_version_never_serves(tmp_path, tiny_bundle):
     repository = tmp_path / "models"
     add_version(repository, tiny_bundle, 1)
-    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, shutdown_grace_s=5)
+    settings = repository_settings(repository)
 
     async def scenario():
-        models = ModelManager(settings)
-        await models.start()
-        real_load, loading, go_on = models._load, asyncio.Event(), asyncio.Event()
+        async with started(settings) as models:
+            real_load, loading, go_on = models._load, asyncio.Event(), asyncio.Event()
 
-        async def slow_load(version, path, report):  # a warm-up of tens of seconds, held open
-            loading.set()
-            await go_on.wait()
-            return await real_load(version, path, report)
+            async def slow_load(version, path, report):  # a warm-up of tens of seconds, held open
+                loading.set()
+                await go_on.wait()
+                return await real_load(version, path, report)
 
-        models._load = slow_load
-        add_version(repository, tiny_bundle, 2)  # a bad release lands; the poll starts loading it
-        poll = asyncio.create_task(models.reload())
-        await loading.wait()
-        served_during = []
-        pin = asyncio.create_task(models.reload(VersionPolicy.parse("specific:1")))  # the operator rolls back
-        await asyncio.sleep(0.05)
-        go_on.set()
-        while not pin.done():
-            served_during.append(sorted(models.served))
-            await asyncio.sleep(0.01)
-        stood_down = await poll
-        assert stood_down.loaded == [] and stood_down.served == [1]  # it loaded 2, but 2 never served
-        assert (await pin).served == [1]
-        assert all(versions == [1] for versions in served_during) and list(models.served) == [1]
-        await models.stop(1)
-        await models.wait_unloaded()
+            models._load = slow_load
+            add_version(repository, tiny_bundle, 2)  # a bad release lands; the poll starts loading it
+            poll = asyncio.create_task(models.reload())
+            await loading.wait()
+            served_during = []
+            pin = asyncio.create_task(models.reload(VersionPolicy.parse("specific:1")))  # the operator rolls back
+            await asyncio.sleep(0.05)
+            go_on.set()
+            while not pin.done():
+                served_during.append(sorted(models.served))
+                await asyncio.sleep(0.01)
+            stood_down = await poll
+            assert stood_down.loaded == [] and stood_down.served == [1]  # it loaded 2, but 2 never served
+            assert (await pin).served == [1]
+            assert all(versions == [1] for versions in served_during) and list(models.served) == [1]
 
     asyncio.run(scenario())
 
@@ -329,39 +321,49 @@ def test_a_poll_leaves_files_still_being_copied_for_a_later_pass(tmp_path, tiny_
     an_hour_ago = time.time() - 3600
     for path in served_dir.iterdir():
         os.utime(path, (an_hour_ago, an_hour_ago))
-    settings = Settings(
-        model_repository=repository,
-        model_version_policy="all",
-        model_poll_interval_s=0,
-        max_batch_size=8,
-        shutdown_grace_s=5,
-    )
+    settings = repository_settings(repository, model_version_policy="all")
 
     async def scenario():
-        models = ModelManager(settings)
-        await models.start()
-        first = models.served[1]
-        refused_before = loads(1, "refused"), loads(2, "refused")  # the registry is the process's
-        new_dir = repository / "default" / "2"
-        new_dir.mkdir()
-        shutil.copy(tiny_bundle / "manifest.json", new_dir)  # the copy of version 2 has written one file so far
-        shutil.copy(tiny_bundle / "manifest.json", served_dir)  # and version 1 is being re-copied over itself
-        encoder = (tiny_bundle / "encoder.keras").read_bytes()
-        (served_dir / "encoder.keras").write_bytes(encoder[: len(encoder) // 2])
-        report = await models.reload(settle=True)
-        assert report.refused == {} and list(models.served) == [1] and models.served[1] is first
-        assert (loads(1, "refused"), loads(2, "refused")) == refused_before
+        async with started(settings) as models:
+            first = models.served[1]
+            refused_before = loads(1, "refused"), loads(2, "refused")  # the registry is the process's
+            new_dir = repository / "default" / "2"
+            new_dir.mkdir()
+            shutil.copy(tiny_bundle / "manifest.json", new_dir)  # the copy of version 2 has written one file so far
+            shutil.copy(tiny_bundle / "manifest.json", served_dir)  # and version 1 is being re-copied over itself
+            encoder = (tiny_bundle / "encoder.keras").read_bytes()
+            (served_dir / "encoder.keras").write_bytes(encoder[: len(encoder) // 2])
+            report = await models.reload(settle=True)
+            assert report.refused == {} and list(models.served) == [1] and models.served[1] is first
+            assert (loads(1, "refused"), loads(2, "refused")) == refused_before
 
-        for path in tiny_bundle.iterdir():  # both copies finish
-            shutil.copy(path, new_dir)
-        (served_dir / "encoder.keras").write_bytes(encoder)
-        in_an_hour = time.time() + 3600  # a clock running ahead (NFS, a tar made elsewhere) says nothing
-        for path in [*new_dir.iterdir(), *served_dir.iterdir()]:
-            os.utime(path, (in_an_hour, in_an_hour))
-        report = await models.reload(settle=True)
-        assert sorted(report.loaded) == [1, 2] and sorted(models.served) == [1, 2]
-        assert models.served[1] is not first  # the settled copy, reloaded in place
-        await models.stop(1)
-        await models.wait_unloaded()
+            for path in tiny_bundle.iterdir():  # both copies finish
+                shutil.copy(path, new_dir)
+            (served_dir / "encoder.keras").write_bytes(encoder)
+            in_an_hour = time.time() + 3600  # a clock running ahead (NFS, a tar made elsewhere) says nothing
+            for path in [*new_dir.iterdir(), *served_dir.iterdir()]:
+                os.utime(path, (in_an_hour, in_an_hour))
+            report = await models.reload(settle=True)
+            assert sorted(report.loaded) == [1, 2] and sorted(models.served) == [1, 2]
+            assert models.served[1] is not first  # the settled copy, reloaded in place
 
     asyncio.run(scenario())
+
+
+def test_a_poll_says_once_that_it_serves_from_memory(tmp_path, tiny_bundle, caplog):
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    settings = repository_settings(repository)
+
+    async def scenario():
+        async with started(settings) as models:
+            shutil.rmtree(repository / "default" / "1")  # the only version's directory, removed while served
+            poll = asyncio.create_task(models.poll(0.01))
+            await asyncio.sleep(0.3)
+            poll.cancel()
+            assert list(models.served) == [1]
+
+    with caplog.at_level(logging.WARNING, "app"):
+        asyncio.run(scenario())
+    said = [r for r in caplog.records if "matches policy" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING and not said[0].exc_info

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI
 
 from app.decode_pool import DecodePool, limit_malloc_arenas
 from app.dependencies import api_key_accepted, require_api_key
+from app.engine import os_tuning
 from app.errors import error_responses, install_exception_handlers
 from app.guards import Shutdown, ShutdownGuard, UploadGuard
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
@@ -48,14 +49,14 @@ class StartupError(RuntimeError):
 
 def configure_inference_threads(threads: int) -> None:
     """Sets TensorFlow's intra-op thread count: `threads`, or with 0 one fewer than the CPUs this
-    process may use, so that the model never competes with the event loop for the last core.
+    process may use (its affinity and its container's CPU quota), so that the model never competes
+    with the event loop for the last core.
     Only possible before TensorFlow runs its first op; later (a second app in one process) the
     count already set stays, with a warning."""
     import tensorflow as tf
 
     if threads == 0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cpus - 1)
+        threads = max(1, os_tuning.usable_cpus() - 1)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError:
@@ -64,6 +65,12 @@ def configure_inference_threads(threads: int) -> None:
             logger.warning(
                 "TensorFlow is already running with %s intra-op threads; %d not applied", current or "default", threads
             )
+
+
+def tf_intra_op_threads() -> int:
+    import tensorflow as tf
+
+    return tf.config.threading.get_intra_op_parallelism_threads()
 
 
 def configure_compile_cache(directory: Path | None) -> None:
@@ -128,6 +135,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # A GPU host that says "CPU" here has a driver or CUDA problem (TensorFlow's own line
             # about it is the `native` logger's "failed call to cuInit").
             "device": inference_device(),
+            "inference_threads": tf_intra_op_threads(),
         },
     )
     poller = None

@@ -138,7 +138,10 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="Admitted requests waiting; beyond it 503 + Retry-After.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish in-flight requests on SIGTERM.")
     inference_threads: int = Field(
-        0, ge=0, description="TensorFlow intra-op threads; 0: one fewer than the CPUs, leaving one to the event loop."
+        0,
+        ge=0,
+        description="TensorFlow intra-op threads; 0: one fewer than the CPUs this process may use (its affinity and "
+        "its container's CPU quota, rounded up), leaving one to the event loop.",
     )
     max_encode_batch: int = Field(
         32, ge=1, description="Continuous batching: most images per encoder call (capped at MAX_BATCH_SIZE)."

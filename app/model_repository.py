@@ -439,6 +439,13 @@ class ModelManager:
                 "probability (python -m training calibrate fits one)",
                 extra=labels,
             )
+        training_warnings = (captioner.manifest.get("training") or {}).get("warnings") or []
+        if training_warnings:
+            logger.warning(
+                "this model version was trained with warnings about its data (GET /model lists them): %s",
+                "; ".join(map(str, training_warnings)),
+                extra=labels,
+            )
         report.loaded.append(version)
         return ServedModel(
             self.name,

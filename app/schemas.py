@@ -221,4 +221,9 @@ class ModelInfo(BaseModel):
     dataset: DatasetInfo
     metrics: dict[str, Any] = Field(description="Evaluation results recorded in the manifest.")
     training_command: str | None = None
+    training_warnings: list[str] = Field(
+        default_factory=list,
+        description="What training warned about its data (skipped records, cut captions, validation images that "
+        "are training images), as recorded in the manifest.",
+    )
     libraries: dict[str, str] = Field(default_factory=dict)

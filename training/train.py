@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -105,6 +106,18 @@ class Data:
     tokenizer: Tokenizer
     train_options: dict
     val_options: dict
+    warnings: list[str]  # about the data, printed and kept in the manifest (`training.warnings`)
+
+
+class _CollectWarnings(logging.Handler):
+    """Keeps the dataset loaders' warnings (skipped records) for the manifest; they print as well."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
@@ -112,8 +125,15 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     print(f"loading {config.dataset} (train_limit {config.train_limit}, val_limit {config.val_limit}) ...", flush=True)
     train_options = parse_options(args.data)
     val_options = {**train_options, **parse_options(args.val_data)}
-    train_records = load_records(config, "train", train_options)
-    val_records = load_records(config, "val", val_options)
+    collected = _CollectWarnings()
+    dataset_logger = logging.getLogger("training.datasets")
+    dataset_logger.addHandler(collected)
+    try:
+        train_records = load_records(config, "train", train_options)
+        val_records = load_records(config, "val", val_options)
+    finally:
+        dataset_logger.removeHandler(collected)
+    warnings = collected.messages
     tokenizer = Tokenizer.build(
         (c for r in train_records for c in r.captions), max_size=config.vocab_size, min_count=config.min_count
     )
@@ -121,23 +141,23 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     longest = config.max_length - 2  # <start> and <end> take two of the positions
     cut = sum(len(standardize(c).split()) > longest for r in train_records for c in r.captions)
     if cut:
-        print(
-            f"warning: {cut} training captions are longer than {longest} words and are cut to that "
-            "(--max-length sets the limit, in tokens with <start> and <end>)",
-            file=sys.stderr,
+        warnings.append(
+            f"{cut} training captions are longer than {longest} words and are cut to that "
+            "(--max-length sets the limit, in tokens with <start> and <end>)"
         )
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
     trained_on = {r.path or r.image_id for r in train_records}
     seen = sum((r.path or r.image_id) in trained_on for r in val_records)
     if seen:
         # A COCO file is one split, and a list without a split column is whatever split is asked:
         # without --val-data both splits are the same file, and "validation" measures memory.
-        print(
-            f"warning: {seen} of the {len(val_records)} validation images are training images, so validation "
+        warnings.append(
+            f"{seen} of the {len(val_records)} validation images are training images, so validation "
             "loss, early stopping and --evaluate-split val measure the training set: give the validation "
-            "file with --val-data (e.g. --val-data annotations_file=captions_val2014.json)",
-            file=sys.stderr,
+            "file with --val-data (e.g. --val-data annotations_file=captions_val2014.json)"
         )
-    return Data(train_records, val_records, tokenizer, train_options, val_options)
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
+    return Data(train_records, val_records, tokenizer, train_options, val_options, warnings)
 
 
 def cached_features(config: TrainConfig, model_config, encoder, data: Data, args: argparse.Namespace) -> dict:
@@ -302,6 +322,7 @@ def run_record(
         "seconds": round(time.time() - started, 1),
         "replicas": strategy.num_replicas_in_sync,
         "features_cache": bool(features),
+        "warnings": data.warnings,
     }
 
 

@@ -38,5 +38,6 @@ def describe_model(captioner) -> ModelInfo:
         dataset=DatasetInfo(**dataset) if isinstance(dataset, dict) else DatasetInfo(name=str(dataset)),
         metrics=manifest.get("metrics") or {},
         training_command=manifest.get("training_command") or training.get("command"),
+        training_warnings=[str(warning) for warning in training.get("warnings") or []],
         libraries={str(k): str(v) for k, v in (manifest.get("libraries") or {}).items()},
     )

@@ -322,3 +322,29 @@ def test_an_image_cut_short_stops_training_with_its_name_in_one_line(tmp_path, c
     assert main(argv) == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "cut.png: not a readable image" in error and "Traceback" not in error
+
+
+def test_what_training_warned_about_its_data_is_kept_in_the_manifest_and_served(tmp_path, capsys):
+    """Skipped records and a validation split made of training images are printed, recorded in the
+    manifest's `training.warnings`, and listed by GET /model's schema, long after the terminal is gone."""
+    from app.routes.model import describe_model
+
+    good = make_example("train", 0).pixels
+    for name in ("0", "1", "2", "3"):
+        Image.fromarray(good).save(tmp_path / f"{name}.png")
+    # No split column: without --val-data, validation is the same list.
+    lines = [f'{{"image": "{i}.png", "caption": "a red circle"}}' for i in range(4)]
+    lines += ['{"image": "gone.png", "caption": "a red circle"}']
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    bundle = tmp_path / "out"
+    argv = ["train", "--preset", "tiny", "--dataset", "list", "--data", f"list_file={tmp_path / 'list.jsonl'}"]
+    argv += ["--max-steps", "1", "--output", str(bundle), "--run-dir", str(tmp_path / "run"), "--fresh"]
+    assert main(argv) == 0
+    assert "4 of the 4 validation images are training images" in capsys.readouterr().err
+
+    warnings = verify_bundle(bundle)["training"]["warnings"]
+    assert len(warnings) == 3, warnings
+    for split, warning in zip(("train", "val"), warnings):
+        assert f"({split}): skipped 1 of 5 images whose image file is missing" in warning and "gone.png" in warning
+    assert warnings[2].startswith("4 of the 4 validation images are training images")
+    assert describe_model(Captioner.load(bundle)).training_warnings == warnings

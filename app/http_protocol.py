@@ -11,8 +11,9 @@ response (its keep-alive timer), and cancels that timer on any byte received. Le
     small headers take a gigabyte;
   - after a pipelined request is cut off by garbage, the request still running writes to the
     closed connection (an ERROR traceback): uvicorn marks only the newest request as disconnected;
-  - an `Upgrade` other than WebSocket (`curl --http2` offers h2c) makes httptools treat the
-    request as bodiless and stop parsing the connection: an upload arrives empty;
+  - an `Upgrade` offer (`curl --http2` and Java's default HttpClient offer h2c on every request)
+    makes httptools treat the request as bodiless and stop parsing the connection: an upload
+    arrives empty, and nothing after it is read;
   - `Transfer-Encoding: gzip, chunked` is read as chunked: the app gets the compressed bytes;
   - an answer the client does not read waits in the write buffer for ever: the connection, its
     buffered bytes (megabytes for a beam search with attention over 16 images) and the request's
@@ -34,9 +35,9 @@ Here:
   - more than `max_header_bytes` of request line and headers is answered 431 and the connection
     closed (nginx, Node and h11 allow 8-64 KiB);
   - the request running when the connection is lost is marked disconnected too;
-  - a request offering an upgrade this server does not speak is answered as HTTP/1.1 without
-    its body being lost: with a body, a 400 JSON `upgrade_not_supported` saying so; without one,
-    normally. Either way the connection then closes, since httptools reads nothing more on it;
+  - an upgrade offer is ignored, as RFC 9110 section 7.8 lets a server do: a new parser reads the
+    request again without the offer, then its body and the rest of the connection; the request
+    is answered in HTTP/1.1 and the connection kept alive as usual;
   - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text);
   - an HTTP/1.1 request without a Host header, with two, or with one that is not a host[:port]
     gets 400 JSON, as RFC 9112 section 3.2 requires (uvicorn passes all three on, and a proxy
@@ -63,6 +64,7 @@ import struct
 import termios
 from dataclasses import dataclass
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.schemas import ErrorResponse
@@ -116,11 +118,6 @@ class Refusal:
 
 
 HEADER_TIMEOUT = Refusal(408, "header_timeout", "the request headers did not arrive in time")
-UPGRADE_NOT_SUPPORTED = Refusal(
-    400,
-    "upgrade_not_supported",
-    "this server speaks HTTP/1.1 only: send the request without the Upgrade header (curl: --http1.1)",
-)
 CODING_NOT_SUPPORTED = Refusal(
     501,
     "transfer_coding_not_supported",
@@ -184,7 +181,8 @@ class HardenedProtocol(HttpToolsProtocol):
     _framing_bytes = 0  # its other bytes (chunk sizes, extensions, line ends), counted per read
     _body_this_read = 0
     _requests_seen = 0  # so that a read spanning two requests is not counted as one body's framing
-    _read_no_more = False  # a request was refused in its turn, or offered an upgrade: answered, then closed
+    _read_no_more = False  # a request was refused in its turn: answered, then closed
+    _offer_head: bytes | None = None  # an upgrade offer's head without the offer, for the next parser
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -210,7 +208,7 @@ class HardenedProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_bytes += len(data)
         in_chunked_body, requests_seen, self._body_this_read = self._chunked_body, self._requests_seen, 0
-        super().data_received(data)
+        self._feed(data)
         if in_chunked_body and self._chunked_body and self._requests_seen == requests_seen:
             # This read lay wholly inside one chunked body: what is not data is framing.
             self._framing_bytes += len(data) - self._body_this_read
@@ -222,9 +220,27 @@ class HardenedProtocol(HttpToolsProtocol):
         if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
             self._close_with(_headers_too_large(self.max_header_bytes))
 
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's parsing of a read, continued past an upgrade offer."""
+        if self._read_no_more:
+            return
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as offer:
+            # httptools stops for good at an upgrade offer, right after its headers, and skips its
+            # body. A new parser reads the request again without the offer: its head (from
+            # on_headers_complete), then its body and whatever follows on the connection.
+            head, self._offer_head = self._offer_head, None
+            self.parser = httptools.HttpRequestParser(self)
+            if head is not None:  # None: refused, nothing more is read
+                self._feed(head + data[offer.args[0] :])
+
     def _should_upgrade(self) -> bool:
-        # The service has no WebSocket routes: every upgrade takes the refused-upgrade path, so the
-        # limits above apply to it too (uvicorn would hand the connection to its WebSocket protocol).
+        # The service has no WebSocket routes: every upgrade offer is ignored (answered in HTTP/1.1
+        # under this protocol's limits) instead of uvicorn handing the connection to its WebSocket protocol.
         return False
 
     # Parser callbacks. Once this class has refused a request, httptools still parses the rest of
@@ -273,8 +289,6 @@ class HardenedProtocol(HttpToolsProtocol):
         elif len(self.pipeline) >= self.max_pipelined:
             # Each waiting request holds its state (and any body read so far) until its turn.
             self._refuse(_too_many_pipelined(self.max_pipelined))
-        elif self.parser.should_upgrade():  # _should_upgrade() is always False here
-            self._unsupported_upgrade()
         elif any(
             name == b"transfer-encoding" and value.strip(b" ").lower() != b"chunked" for name, value in self.headers
         ):
@@ -283,10 +297,33 @@ class HardenedProtocol(HttpToolsProtocol):
         else:
             if self.parser.get_http_version() == "1.0":
                 self.expect_100_continue = False  # RFC 9110 section 10.1.1: HTTP/1.0 knows no 100
+            if self.parser.should_upgrade():
+                # Ignored, as RFC 9110 section 7.8 allows: the request starts when a new parser
+                # has read it again without the offer (_feed).
+                self._offer_head = self._head_without_upgrade()
+                return
             super().on_headers_complete()
             self._requests_seen += 1
             self._chunked_body = any(name == b"transfer-encoding" for name, _ in self.headers)
             self._body_bytes = self._framing_bytes = 0
+
+    def _head_without_upgrade(self) -> bytes:
+        """The request line and headers as received, less `Upgrade`, `HTTP2-Settings` and those
+        tokens of `Connection`."""
+        method, version = self.parser.get_method(), self.parser.get_http_version().encode()
+        lines = [method + b" " + self.url + b" HTTP/" + version]
+        for name, value in self.headers:
+            if name in (b"upgrade", b"http2-settings"):
+                continue
+            if name == b"connection":
+                tokens = [
+                    t.strip() for t in value.split(b",") if t.strip().lower() not in (b"upgrade", b"http2-settings")
+                ]
+                if not tokens:
+                    continue
+                value = b", ".join(tokens)
+            lines.append(name + b": " + value)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def _refuse(self, refusal: Refusal) -> None:
         """This request gets `refusal` in its turn, then the connection closes; nothing after it is read."""
@@ -300,20 +337,6 @@ class HardenedProtocol(HttpToolsProtocol):
         finally:
             self.app = app
 
-    def _unsupported_upgrade(self) -> None:
-        # httptools skips the body of any request offering an upgrade and then stops parsing.
-        has_body = any(
-            (name == b"content-length" and value.strip() not in (b"", b"0")) or name == b"transfer-encoding"
-            for name, value in self.headers
-        )
-        if has_body:
-            self._refuse(UPGRADE_NOT_SUPPORTED)
-            return
-        self._read_no_more = True  # httptools reads nothing more on this connection: answered, then closed
-        super().on_headers_complete()
-        if self.cycle is not None:
-            self.cycle.keep_alive = False
-
     # After a refusal the rest of the read lands on the refused request (bounded by the read) and
     # goes with it; after a refused upgrade with a body the parser still reports its end.
     def on_body(self, body: bytes) -> None:
@@ -323,6 +346,8 @@ class HardenedProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._offer_head is not None:
+            return  # httptools ending an upgrade offer at its headers: it is read again (_feed)
         self._chunked_body = False
         if self.cycle is not None and not self.transport.is_closing():
             super().on_message_complete()

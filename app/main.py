@@ -179,6 +179,32 @@ async def build_routes(app: FastAPI) -> None:
     await app.router(scope, receive, send)
 
 
+def mark_binary_strings(app: FastAPI) -> None:
+    """Adds `format: binary` beside each `contentMediaType: application/octet-stream` of the OpenAPI
+    document (FastAPI's 3.1 form of a file): OpenAPI 3.1 allows both, and SDK generators
+    (openapi-python-client, openapi-typescript) read only the first as a file; without it they
+    type the image as text and send it as a text part."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            _add_binary_format(build())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _add_binary_format(node) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "string" and node.get("contentMediaType") == "application/octet-stream":
+            node.setdefault("format", "binary")
+        for value in node.values():
+            _add_binary_format(value)
+    elif isinstance(node, list):
+        for value in node:
+            _add_binary_format(value)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
@@ -199,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shutdown = Shutdown()
 
     install_exception_handlers(app)
+    mark_binary_strings(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(demo.router)  # the page is public; the API calls it makes need the key

@@ -52,7 +52,12 @@ class CaptionQuery(BaseModel):
         description="greedy: the most likely word at each step, one caption; beam: beam search "
         "with length normalisation, n-best; sample: top-k sampling with temperature, n independent samples.",
     )
-    beam_size: int = Field(3, ge=1, le=MAX_CAPTIONS, description="Beams kept (strategy=beam only).")
+    # beam_size, temperature and top_k declare no default here: a client or SDK that sends every
+    # parameter's declared default (Swagger UI's "Try it out", openapi-python-client) would send a
+    # beam_size with strategy=greedy, which is refused. Their defaults are DecodeOptions'.
+    beam_size: int | None = Field(
+        None, ge=1, le=MAX_CAPTIONS, description="Beams kept (strategy=beam only; default 3)."
+    )
     num_captions: int = Field(
         1,
         ge=1,
@@ -65,13 +70,15 @@ class CaptionQuery(BaseModel):
         le=MAX_CAPTION_WORDS,
         description="Most words in a caption; capped at what the model was trained for.",
     )
-    temperature: float = Field(
-        1.0,
+    temperature: float | None = Field(
+        None,
         ge=MIN_TEMPERATURE,
         le=MAX_TEMPERATURE,
-        description="Sharpens (<1) or flattens (>1) the sampling distribution (strategy=sample only).",
+        description="Sharpens (<1) or flattens (>1) the sampling distribution (strategy=sample only; default 1.0).",
     )
-    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Sample from the k likeliest words (strategy=sample only).")
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_TOP_K, description="Sample from the k likeliest words (strategy=sample only; default 10)."
+    )
     seed: int | None = Field(
         None,
         ge=0,

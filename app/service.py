@@ -82,17 +82,16 @@ def decode_options(query: CaptionQuery) -> DecodeOptions:
             raise InvalidParameters(
                 f"{name} applies to strategy={STRATEGY_ONLY_PARAMETERS[name]} only, not strategy={query.strategy}"
             )
+    strategy_parameters = {name: getattr(query, name) for name in STRATEGY_ONLY_PARAMETERS}
     try:
         return DecodeOptions(
             strategy=query.strategy,
-            beam_size=query.beam_size,
             num_captions=query.num_captions,
             max_length=query.max_length,
-            temperature=query.temperature,
-            top_k=query.top_k,
-            seed=query.seed,
             return_attention=query.attention,
             mirror_view=query.mirror_view,
+            # Absent: DecodeOptions' defaults (the schema declares none, see CaptionQuery).
+            **{name: value for name, value in strategy_parameters.items() if value is not None},
         ).validate()
     except ValueError as exc:
         raise InvalidParameters(str(exc)) from None

@@ -270,23 +270,39 @@ def test_bytes_that_are_not_http_get_a_json_400(served):
 UPGRADE = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
 
 
-def test_an_unsupported_upgrade_with_a_body_is_refused_instead_of_losing_the_body(served):
-    """What `curl --http2 http://...` sends: httptools would skip the body and stop parsing."""
+def test_an_upgrade_offer_with_a_body_is_answered_in_http_1_1_with_its_body_and_kept_alive(served):
+    """What `curl --http2 http://...` and Java's default HttpClient send on every request: httptools
+    would skip the body and read nothing more on the connection."""
     _, port, _ = served
     with connect(port) as connection:
         connection.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n" + UPGRADE + b"\r\nhello")
-        data, _ = read_until_closed(connection)
-    assert data.startswith(b"HTTP/1.1 400")
-    assert json_body(data)["error"]["code"] == "upgrade_not_supported"
+        assert json_body(read_answer(connection)) == {"received": 5}
+        # The body in several reads, the next request in the last one's tail.
+        connection.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n" + UPGRADE + b"\r\nhel")
+        time.sleep(0.1)
+        connection.sendall(b"lo ")
+        time.sleep(0.1)
+        connection.sendall(b"worldGET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = read_answer(connection)
+        while answers.count(b"HTTP/1.1 200") < 2:
+            answers += read_answer(connection)
+        assert b'{"received": 11}' in answers and b'{"ok": true}' in answers
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n")  # and without a body
+        assert json_body(read_answer(connection)) == {"ok": True}
 
 
-def test_an_unsupported_upgrade_without_a_body_is_answered_then_closed(served):
-    _, port, _ = served
+def test_an_upgrade_offer_with_a_chunked_body_is_read_too(served):
+    """Java's HttpClient streams a multipart body built with ofByteArrays as chunks, with the offer."""
+    app, port, _ = served
     with connect(port) as connection:
-        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n")
-        data, after_s = read_until_closed(connection)
-    assert data.startswith(b"HTTP/1.1 200") and json_body(data) == {"ok": True}
-    assert after_s < 2  # closed at once: the parser reads nothing more on this connection
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + UPGRADE + b"\r\n5\r\nhello\r\n"
+        )
+        time.sleep(0.1)
+        connection.sendall(b"6\r\n world\r\n0\r\n\r\n")
+        assert json_body(read_answer(connection)) == {"received": 11}
+    # The request the app saw is the one sent, less the offer.
+    assert app.headers_seen[-1] == 2  # host and transfer-encoding: no upgrade, http2-settings or connection
 
 
 def test_garbage_after_a_pipelined_request_tells_the_running_request_and_logs_no_error(served):
@@ -399,13 +415,13 @@ def test_nothing_after_a_refused_request_in_the_same_read_runs(served):
     assert app.calls == []
 
 
-def test_bytes_after_a_refused_upgrade_do_not_lose_its_answer(served):
+def test_requests_pipelined_behind_an_upgrade_offer_are_answered_in_turn(served):
     _, port, _ = served
     with connect(port) as connection:
         connection.sendall(b"GET /sleep HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n")
         time.sleep(0.1)
-        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")  # the parser reads no more on it
-        assert answers_until_closed(connection) == [b"HTTP/1.1 200"]
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answers_until_closed(connection) == [b"HTTP/1.1 200"] * 2
 
 
 def test_pipelined_requests_within_the_limit_are_all_answered_on_a_connection_kept_alive(served):
@@ -524,7 +540,7 @@ def test_an_answer_the_client_stops_taking_midway_ends_the_connection_too(served
     assert taken + len(data) < BIG_ANSWER
 
 
-def test_a_websocket_upgrade_takes_the_refused_upgrade_path_and_its_limits(served):
+def test_a_websocket_upgrade_offer_is_answered_in_http_1_1_under_the_limits(served):
     """uvicorn handed a WebSocket upgrade to its WebSocket protocol, past the limits of this one."""
     _, port, _ = served
     websocket = (
@@ -533,7 +549,9 @@ def test_a_websocket_upgrade_takes_the_refused_upgrade_path_and_its_limits(serve
     )
     with connect(port) as connection:
         connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n" + websocket + b"\r\n")
-        assert answers_until_closed(connection) == [b"HTTP/1.1 200"]  # answered as HTTP/1.1, then closed
+        assert read_answer(connection).startswith(b"HTTP/1.1 200")  # not 101: answered as HTTP/1.1
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answers_until_closed(connection) == [b"HTTP/1.1 200"]  # the connection went on
     with connect(port) as connection:
         connection.sendall(b"GET /ok?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n" + websocket + b"\r\n")
         assert answers_until_closed(connection) == [b"HTTP/1.1 431"]

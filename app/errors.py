@@ -96,6 +96,12 @@ class UnsupportedMediaType(ApiError):
     status_code, code = 415, "unsupported_media_type"
 
 
+class UnsupportedContentEncoding(ApiError):
+    """A compressed request body (Content-Encoding: gzip, deflate, br, ...)."""
+
+    status_code, code = 415, "unsupported_content_encoding"
+
+
 class NoCaption(ApiError):
     """The model produced no word for this image, even with min_length (say, only <pad> tokens)."""
 
@@ -193,10 +199,20 @@ def request_id_of(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
 
+# The Open Inference Protocol's routes (app.routes.oip) answer errors in its own shape,
+# {"error": "message"}: tritonclient and KServe clients show that string to their users.
+OIP_PREFIX = "/v2"
+
+
 def error_response(
     request: Request, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     request.scope.setdefault("state", {})["error_code"] = code  # for the error counter (app.middleware)
+    path = request.scope.get("path", "")
+    if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
+        # Also what escapes the OIP routes' own handling: the engine's errors (a full queue, a
+        # deadline), an unknown /v2 path or method.
+        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
     body = ErrorResponse(error={"code": code, "message": message}, request_id=request_id_of(request))
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
@@ -310,7 +326,8 @@ _ERROR_DESCRIPTIONS = {
     409: "The reload was refused; nothing changed.",
     413: "The upload is larger than MAX_UPLOAD_BYTES.",
     415: "The image format is not one of JPEG, PNG, WebP, GIF, BMP, TIFF (`unsupported_image_format`), or the "
-    "Content-Type is neither multipart/form-data nor an image type (`unsupported_media_type`).",
+    "Content-Type is neither multipart/form-data nor an image type (`unsupported_media_type`), or the body is "
+    "compressed (`unsupported_content_encoding`: send it without Content-Encoding).",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
     "range, a JPEG with more than MAX_JPEG_SCANS scans (`image_too_complex`), or no caption for the image "
     "(`no_caption`).",

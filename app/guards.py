@@ -30,6 +30,7 @@ from app.errors import (
     NotReady,
     TooManyUploads,
     Unauthorized,
+    UnsupportedContentEncoding,
     api_error_response,
     as_api_error,
     error_response,
@@ -121,8 +122,16 @@ class UploadGuard:
             done_reading()
 
     def _refusal(self, scope: Scope):
-        if not self.key_accepted(Headers(scope=scope)):
+        headers = Headers(scope=scope)
+        if not self.key_accepted(headers):
             return Unauthorized()
+        coding = headers.get("content-encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            # Read as it is, a gzipped image is "not an image" and gzipped JSON "invalid JSON".
+            return UnsupportedContentEncoding(
+                f"Content-Encoding {coding} is not decoded by this service: send the body uncompressed "
+                "(RFC 9110 section 15.5.16)"
+            )
         engine = self.engine_of(scope["app"])
         if engine is not None:
             try:

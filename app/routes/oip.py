@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.dependencies import get_settings, service_for, service_ready
-from app.errors import ApiError, InvalidParameters, NotReady, TooManyImages, UploadTooLarge
+from app.errors import OIP_PREFIX, ApiError, InvalidParameters, NotReady, TooManyImages, UploadTooLarge
 from app.model_repository import ServedModel
 from app.schemas import CaptionFields, CaptionQuery
 from app.service import decode_options
@@ -110,8 +110,8 @@ class OipRoute(APIRoute):
         return oip_handler
 
 
-public_router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OipRoute)
-router = APIRouter(prefix="/v2/models", tags=["open inference protocol"], route_class=OipRoute)
+public_router = APIRouter(prefix=OIP_PREFIX, tags=["open inference protocol"], route_class=OipRoute)
+router = APIRouter(prefix=f"{OIP_PREFIX}/models", tags=["open inference protocol"], route_class=OipRoute)
 
 
 def protected(options: dict) -> dict:
@@ -320,9 +320,9 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
     try:
         inference = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
+        problems = ((".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()[:5])
         raise OipError(
-            "invalid inference request: "
-            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+            "invalid inference request: " + "; ".join(f"{where}: {what}" if where else what for where, what in problems)
         ) from None
     names = [output.name for output in inference.outputs or ()]
     unknown = sorted(set(names) - set(OUTPUTS))

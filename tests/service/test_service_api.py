@@ -413,6 +413,50 @@ def test_engine_errors_map_to_statuses(client, error, status, code):
         assert response.headers["retry-after"] == "3"  # rounded up
 
 
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(EngineOverloaded(2.2), 503), (EngineDeadlineExceeded("late"), 504), (InferenceError("boom"), 500)],
+)
+def test_engine_errors_on_the_inference_protocol_have_its_error_shape(client, error, status):
+    """tritonclient shows the protocol's {"error": "message"} string; the engine's errors escaped the
+    OIP routes' handling and came back in /caption's shape (a dict where it expects the message)."""
+    import base64
+
+    name = client.get("/v2/models/default").json()["name"]
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(uploads.png()).decode()]}
+    with stand_in_engine(client.app, StandInEngine(error)):
+        response = client.post(f"/v2/models/{name}/infer", json={"inputs": [image]})
+    assert response.status_code == status, response.json()
+    assert isinstance(response.json()["error"], str) and set(response.json()) == {"error"}
+
+
+def test_a_compressed_body_is_415_naming_the_coding_in_each_routes_shape(client):
+    """Read as it was, a gzipped PNG was "not a recognisable image" and tritonclient's compressed
+    JSON "Invalid JSON": the header was ignored."""
+    import gzip
+
+    squeezed = gzip.compress(uploads.png())
+    response = client.post(
+        "/caption", content=squeezed, headers={"Content-Type": "image/png", "Content-Encoding": "gzip"}
+    )
+    assert "Content-Encoding gzip" in assert_error(response, 415, "unsupported_content_encoding")["error"]["message"]
+    response = client.post(
+        "/v2/models/default/infer", content=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"}
+    )
+    assert response.status_code == 415 and "Content-Encoding gzip" in response.json()["error"]
+    plain = client.post(
+        "/caption", content=uploads.png(), headers={"Content-Type": "image/png", "Content-Encoding": "identity"}
+    )
+    assert plain.status_code == 200
+
+
+def test_unknown_inference_protocol_paths_and_methods_have_its_error_shape(client):
+    for response in (client.get("/v2/repository/index"), client.get("/v2/models/x/config"), client.put("/v2")):
+        assert response.status_code in (404, 405)
+        assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)
+    assert client.get("/v2x").json()["error"]["code"] == "not_found"  # not the protocol's path
+
+
 def test_a_full_queue_is_refused_at_the_door_with_the_service_error_shape(client):
     """app.guards.UploadGuard answers before the upload is read: nothing reaches the engine."""
 

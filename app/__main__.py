@@ -50,9 +50,19 @@ def main() -> int:
     logging.config.dictConfig(log_config)
     # Checksums only, no TensorFlow: a broken or tampered bundle fails in a fraction of a second
     # with one clear line. The lifespan verifies again (and loads) for other entry points.
+    # SIGHUP's default action ends the process at once, dropping every request in flight; operators
+    # and supervisors send it expecting a reload (nginx) or nothing. The model repository reloads by
+    # its poll or POST /admin/reload; a stop is SIGTERM (drains) or SIGINT.
+    signal.signal(
+        signal.SIGHUP,
+        lambda *_: logger.warning(
+            "SIGHUP ignored: SIGTERM stops the service (after in-flight requests); POST /admin/reload "
+            "or the repository poll loads new model versions"
+        ),
+    )
     try:
         precheck(settings)
-    except (ArtifactError, ValueError) as exc:
+    except (ArtifactError, ValueError, OSError) as exc:  # OSError: a repository it may not read
         logger.critical("cannot start: %s", exc)
         return 1
 

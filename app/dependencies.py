@@ -132,6 +132,12 @@ async def get_image_bytes(
                     "image: Field required; the form holds no complete part: the body is empty or ends "
                     "before its closing boundary (--BOUNDARY--), so the upload may have been cut short"
                 )
+            if media_type == "application/x-www-form-urlencoded":
+                # What curl --data-binary, wget --post-file, urllib and axios send raw bytes as.
+                raise MissingImage(
+                    "the body is application/x-www-form-urlencoded (the default Content-Type of curl "
+                    f"--data-binary, wget --post-file and urllib for raw bytes), not an image: {RAW_UPLOAD_HINT}"
+                )
             raise MissingImage(f"image: Field required ({RAW_UPLOAD_HINT})")
         raise UnsupportedMediaType(f"Content-Type {media_type} is not accepted: {RAW_UPLOAD_HINT}")
     try:

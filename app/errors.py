@@ -10,7 +10,10 @@ Starlette's HTTP exceptions (404, 405, ...) and anything unexpected go through t
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
+import tempfile
 from http import HTTPStatus
 from typing import Any
 
@@ -21,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
 from app.schemas import ErrorResponse
+
+logger = logging.getLogger("app.errors")
 
 # Seconds a client should wait before asking a service that is starting or stopping again.
 NOT_READY_RETRY_AFTER_S = 5
@@ -227,7 +232,7 @@ def _describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body",)) or "request"
         message = error.get("msg", "invalid")
         if "Expected UploadFile" in message:  # FastAPI's words for a text field where a file belongs
-            message = "must be a file (a form part with a filename), not a text field"
+            message = f"must be a file (a form part with a filename), not a text field: {FILE_PART_HINT}"
         elif error.get("type") == "extra_forbidden":
             message = "unknown parameter (see the operation's parameters in /openapi.json)"
         parts.append(f"{where}: {message}")
@@ -239,9 +244,38 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return api_error_response(request, as_api_error(exc))
 
 
+FILE_PART_HINT = (
+    "send the image as a file part, with a filename (requests: files={'image': ('photo.png', data)}; "
+    "form-data: append('image', buffer, 'photo.png'); curl: -F image=@photo.png)"
+)
+# Starlette's words for a broken form, and what the client should do about it.
+_FORM_PROBLEMS = {
+    "Missing boundary in multipart.": "the multipart Content-Type has no boundary: let the HTTP library set "
+    "the Content-Type of a form, which adds it (with fetch or axios and FormData, set no Content-Type)",
+    "Invalid multipart data.": "the multipart body is not valid: its lines must end with CRLF (\\r\\n) and "
+    "its parts start with --BOUNDARY, as the Content-Type's boundary says",
+}
+
+
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        # Form files over 1 MB are spooled to the temporary directory (Starlette): a full /tmp is
+        # the server's problem, not a malformed body.
+        logger.error("no space left for an upload's temporary file: %s", cause, extra={"tmp": tempfile.gettempdir()})
+        return error_response(
+            request, 507, "insufficient_storage", "the server has no room for the upload now; retry later"
+        )
+    if exc.status_code == 400 and message in _FORM_PROBLEMS:
+        message = _FORM_PROBLEMS[message]
+    elif exc.status_code == 400 and message.startswith("Part exceeded maximum size"):
+        # A part without a filename is a text field, which Starlette caps at 1 MB: here, an image
+        # sent without a filename (as requests' (None, data) and form-data's append(name, buffer) do).
+        return error_response(
+            request, 422, "validation_error", f"a form part without a filename is a text field: {FILE_PART_HINT}"
+        )
     return error_response(request, exc.status_code, code, message, dict(exc.headers or {}))
 
 
@@ -334,4 +368,5 @@ _ERROR_DESCRIPTIONS = {
     500: "Unexpected server error.",
     503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After seconds.",
     504: "The request's deadline (REQUEST_TIMEOUT_S) passed.",
+    507: "No room in the temporary directory for the upload (form files over 1 MB are spooled there).",
 }

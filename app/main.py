@@ -22,9 +22,9 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 
+from app import resources
 from app.decode_pool import DecodePool, limit_malloc_arenas
 from app.dependencies import api_key_accepted, require_api_key
-from app.engine import os_tuning
 from app.errors import error_responses, install_exception_handlers
 from app.guards import Shutdown, ShutdownGuard, UploadGuard
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
@@ -56,7 +56,7 @@ def configure_inference_threads(threads: int) -> None:
     import tensorflow as tf
 
     if threads == 0:
-        threads = max(1, os_tuning.usable_cpus() - 1)
+        threads = max(1, resources.usable_cpus() - 1)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError:
@@ -117,7 +117,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except ArtifactError as exc:
         logger.critical("cannot start: %s", exc)
         raise StartupError(f"cannot load the model bundle: {exc}") from None
-    decoder = DecodePool(settings.decode_concurrency, settings.decode_memory_mb * 2**20)
+    memory_limit, resident = resources.cgroup_memory_limit(), resources.resident_bytes()
+    budget = resources.decode_budget(settings.decode_memory_mb * 2**20, memory_limit, resident)
+    if budget < settings.decode_memory_mb * 2**20:
+        logger.warning(
+            "DECODE_MEMORY_MB lowered to fit the memory limit: uploads that need more to decode are refused",
+            extra={
+                "memory_limit_mb": memory_limit // 2**20,
+                "resident_mb": resident // 2**20,
+                "decode_memory_mb": budget // 2**20,
+                "configured_mb": settings.decode_memory_mb,
+            },
+        )
+    decoder = DecodePool(settings.decode_concurrency, budget)
     app.state.models = models
     # The default version's service; ModelManager swaps it with the version (app.dependencies.service_for).
     app.state.service = CaptionService(settings, app.state.captioner, app.state.engine, decoder)
@@ -136,6 +148,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # about it is the `native` logger's "failed call to cuInit").
             "device": inference_device(),
             "inference_threads": tf_intra_op_threads(),
+            "decode_memory_mb": budget // 2**20,
+            "memory_limit_mb": memory_limit // 2**20 if memory_limit is not None else None,
         },
     )
     poller = None

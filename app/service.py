@@ -30,6 +30,7 @@ from app.engine import DeadlineExceeded, EngineError, EngineStopped, Overloaded
 from app.errors import (
     ApiError,
     ClientDisconnected,
+    ImageTooLarge,
     InvalidParameters,
     NoCaption,
     OutOfDomain,
@@ -146,7 +147,14 @@ class CaptionService:
         if small and image.width * image.height <= INLINE_DECODE_MAX_PIXELS:
             decoded, pixels = decode(image)
         else:
-            decoded, pixels = await self.decoder.run(decode_bytes(image, data, size), decode, image)
+            cost, budget = decode_bytes(image, data, size), self.decoder.budget.capacity
+            if cost > budget:
+                raise ImageTooLarge(
+                    f"decoding this {image.width}x{image.height} image takes about {-(-cost // 2**20)} MiB, more "
+                    f"than the decode memory budget of {budget // 2**20} MiB (DECODE_MEMORY_MB, lower under a "
+                    "container memory limit): send a smaller image"
+                )
+            decoded, pixels = await self.decoder.run(cost, decode, image)
         return Prepared(decoded, pixels, (time.perf_counter() - started) * 1000)
 
     async def infer(self, prepared: Prepared, options: DecodeOptions, *, started_at: float) -> CaptionFields:

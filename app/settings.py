@@ -74,7 +74,9 @@ class Settings(BaseSettings):
         512,
         ge=1,
         description="Memory budget for decoding, weighted by each image's pixels and bit depth "
-        "(known from its header); decodes past it wait. One image larger than the budget decodes alone.",
+        "(known from its header); decodes past it wait, and one image larger than the whole budget is refused "
+        "(422 image_too_large). Under a container memory limit it is lowered to what the limit leaves once "
+        "twice the warmed-up process is counted (at least 32 MiB); the ready log record says what applies.",
     )
     malloc_arenas: int = Field(
         0,

@@ -1,4 +1,5 @@
-"""A SIGTERM while `python -m app` is still loading or warming up the model stops it at once.
+"""A SIGTERM while `python -m app` is still loading or warming up the model stops it at once; a SIGHUP
+is ignored.
 
 uvicorn defers signals until its lifespan start-up has finished, which made `podman stop` during
 the warm-up (8-50 s) wait that long. deploy/container-test.sh checks the image the same way."""
@@ -40,6 +41,12 @@ def test_sigterm_during_model_load_exits_within_seconds(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while '"loading model"' not in log_path.read_text():  # the lifespan start-up is under way
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        # A SIGHUP (a supervisor's "reload", `docker kill -s HUP`) is logged and ignored: its default
+        # action ended the process at once, dropping every request in flight.
+        process.send_signal(signal.SIGHUP)
+        while '"SIGHUP ignored' not in log_path.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
             time.sleep(0.05)
         stopped_at = time.monotonic()

@@ -412,3 +412,21 @@ def test_a_jpeg_with_a_scan_per_component_is_charged_its_whole_image_coefficient
     assert decode_bytes(one_scan, one_scan_data, 32) == 64 * 64 * 4  # draft 1/8, nothing more
     assert decode_bytes(three_scans, three_scans_data, 32) == 64 * 64 * 4 + 2 * 3 * 512 * 512
     assert np.asarray(decode_opened(three_scans, 32).image).std() == 0  # and it decodes (flat)
+
+
+def test_an_image_that_needs_more_than_the_whole_decode_budget_is_refused(client):
+    """It used to decode alone, past the budget: under a container's memory limit (which lowers the
+    budget, app.resources) that is how one small PNG of many pixels got the container OOM-killed."""
+    service = client.app.state.service
+    saved = service.decoder
+    service.decoder = DecodePool(threads=1, budget_bytes=2**20)
+    try:
+        message = error_of(
+            client.post("/caption", files={"image": ("big.png", uploads.png(size=(1500, 1000)))}),
+            422,
+            "image_too_large",
+        )["message"]
+        assert "1500x1000" in message and "decode memory budget of 1 MiB" in message
+        assert client.post("/caption", files={"image": ("small.png", uploads.png(size=(200, 200)))}).status_code == 200
+    finally:
+        service.decoder = saved

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from app.engine.os_tuning import cgroup_cpu_quota, usable_cpus
+from app.resources import MIN_DECODE_BUDGET, cgroup_cpu_quota, cgroup_memory_limit, decode_budget, usable_cpus
 
 
 def write(path, text):
@@ -57,3 +57,25 @@ def test_usable_cpus_is_the_quota_rounded_up_never_more_than_the_affinity(tmp_pa
     assert usable_cpus(tmp_path / "cg", tmp_path / "proc") == affinity
     write(tmp_path / "cg" / "cpu.max", "max 100000\n")
     assert usable_cpus(tmp_path / "cg", tmp_path / "proc") == affinity
+
+
+def test_memory_limit_v2_v1_and_none(tmp_path):
+    write(tmp_path / "proc", "0::/\n")
+    write(tmp_path / "cg" / "memory.max", "536870912\n")  # docker run --memory=512m
+    assert cgroup_memory_limit(tmp_path / "cg", tmp_path / "proc") == 512 * 2**20
+    write(tmp_path / "cg" / "memory.max", "max\n")
+    assert cgroup_memory_limit(tmp_path / "cg", tmp_path / "proc") is None
+    write(tmp_path / "proc1", "9:memory:/docker/abc\n")
+    write(tmp_path / "cg1" / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+    write(tmp_path / "cg1" / "memory" / "docker" / "abc" / "memory.limit_in_bytes", "1073741824\n")
+    assert cgroup_memory_limit(tmp_path / "cg1", tmp_path / "proc1") == 2**30
+    write(tmp_path / "cg1" / "memory" / "docker" / "abc" / "memory.limit_in_bytes", "9223372036854771712\n")
+    assert cgroup_memory_limit(tmp_path / "cg1", tmp_path / "proc1") is None
+
+
+def test_the_decode_budget_fits_under_a_memory_limit_and_never_grows():
+    mib = 2**20
+    assert decode_budget(512 * mib, None, 400 * mib) == 512 * mib  # no limit: as configured
+    assert decode_budget(512 * mib, 2048 * mib, 420 * mib) == 512 * mib  # the Kubernetes manifests' 2 GiB
+    assert decode_budget(512 * mib, 1024 * mib, 412 * mib) == 200 * mib  # 1 GiB: 1024 - 2 x 412
+    assert decode_budget(512 * mib, 512 * mib, 412 * mib) == MIN_DECODE_BUDGET  # what is left is less than nothing

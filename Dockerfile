@@ -53,10 +53,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 # The compilation cache's directory is the service user's, so a volume mounted on it (compose's
 # xla-cache) starts with that owner and a new container loads its compiled programs instead of
 # compiling them under load (docs/DEPLOY.md). Without a volume it lives and dies with the container.
+# Group root with the owner's rights: OpenShift runs images as an arbitrary UID in group 0.
 RUN groupadd --system --gid 10001 captioner \
     && useradd --system --uid 10001 --gid captioner --create-home --home-dir /home/captioner \
        --shell /usr/sbin/nologin captioner \
-    && install -d -o captioner -g captioner -m 0750 /var/cache/captioning-xla
+    && install -d -o captioner -g 0 -m 0770 /var/cache/captioning-xla
 COPY --from=deps /usr/bin/tini-static /usr/bin/tini
 COPY --from=deps /opt/venv /opt/venv
 # Owned by root and read-only to the service: a compromised process cannot alter the model or code.

@@ -26,7 +26,7 @@ from app.logging_config import logging_config  # noqa: E402
 from app.model_repository import precheck  # noqa: E402
 from app.native_logs import close as close_native_output  # noqa: E402
 from app.native_logs import route_native_output  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from app.settings import Settings, misspelt_settings  # noqa: E402
 from captioning.artifacts import ArtifactError  # noqa: E402
 
 logger = logging.getLogger("app")
@@ -48,6 +48,8 @@ def main() -> int:
     route_native_output(settings.log_level)  # TensorFlow's own lines become JSON records too
     log_config = logging_config(settings.log_level)
     logging.config.dictConfig(log_config)
+    for variable, setting in misspelt_settings(os.environ):
+        logger.warning("%s is not a setting and is ignored; did you mean %s?", variable, setting)
     # Checksums only, no TensorFlow: a broken or tampered bundle fails in a fraction of a second
     # with one clear line. The lifespan verifies again (and loads) for other entry points.
     # SIGHUP's default action ends the process at once, dropping every request in flight; operators

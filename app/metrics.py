@@ -73,7 +73,7 @@ HTTP_IN_FLIGHT = Gauge(
 
 QUEUE_DEPTH = Gauge(
     "engine_queue_depth",
-    "Requests admitted and waiting for a decode slot or a batch.",
+    "Requests admitted and not yet decoding: queued, being encoded, or encoded and waiting for a decode slot.",
     namespace=_NAMESPACE,
     registry=REGISTRY,
 )

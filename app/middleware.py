@@ -99,17 +99,17 @@ class RequestContextMiddleware:
             if status >= 400:
                 HTTP_ERRORS.labels(route=route, code=state.get("error_code", "unknown")).inc()
             HTTP_REQUEST_SECONDS.labels(**labels).observe(elapsed)
-            access_logger.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "route": route,
-                    "path": scope["path"],
-                    "status": status,
-                    "latency_ms": round(elapsed * 1000, 2),
-                    "request_id": request_id,
-                },
-            )
+            fields = {
+                "method": scope["method"],
+                "route": route,
+                "path": scope["path"],
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 2),
+                "request_id": request_id,
+            }
+            if status >= 400:  # why, as the error counter has it: the logs alone can tell refusals apart
+                fields["error_code"] = state.get("error_code", "unknown")
+            access_logger.info("request", extra=fields)
 
 
 class UploadLimitMiddleware:

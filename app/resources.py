@@ -39,11 +39,15 @@ def cgroup_memory_limit(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PRO
 
 
 def resident_bytes() -> int | None:
-    """This process's resident memory (Linux), None elsewhere."""
+    """This process's anonymous resident memory (Linux), None elsewhere: what a memory limit must
+    hold. File-backed pages (TensorFlow's libraries, about 380 MB of the RSS) can be dropped and
+    read again under pressure, so they are left out."""
     try:
-        return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
+        status = Path("/proc/self/status").read_text()
+    except OSError:
         return None
+    found = re.search(r"RssAnon:\s+(\d+)", status) or re.search(r"VmRSS:\s+(\d+)", status)
+    return int(found.group(1)) * 1024 if found else None
 
 
 def _tightest(root: Path, proc_cgroup: Path, controller: str, read_v2: Callable, read_v1: Callable):
@@ -112,8 +116,8 @@ MIN_DECODE_BUDGET = 32 * 2**20  # room for ordinary uploads (a 12-megapixel phot
 
 
 def decode_budget(configured: int, limit: int | None, resident: int | None) -> int:
-    """DECODE_MEMORY_MB, lowered to fit under a memory limit: what the limit leaves once the process
-    as it is now (the model loaded and warmed up) is counted twice, once more for serving (the
+    """DECODE_MEMORY_MB, lowered to fit under a memory limit: what the limit leaves once the process's
+    anonymous memory as it is now (the model loaded and warmed up) is counted twice, once more for serving (the
     engine's batches, a second version loaded during a hot swap). Never under MIN_DECODE_BUDGET."""
     if limit is None or resident is None:
         return configured

@@ -7,6 +7,8 @@ variable. See the README's configuration table for the same list with defaults.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -76,7 +78,8 @@ class Settings(BaseSettings):
         description="Memory budget for decoding, weighted by each image's pixels and bit depth "
         "(known from its header); decodes past it wait, and one image larger than the whole budget is refused "
         "(422 image_too_large). Under a container memory limit it is lowered to what the limit leaves once "
-        "twice the warmed-up process is counted (at least 32 MiB); the ready log record says what applies.",
+        "twice the warmed-up process's anonymous memory is counted (at least 32 MiB); the ready log record says "
+        "what applies.",
     )
     malloc_arenas: int = Field(
         0,
@@ -187,3 +190,19 @@ class Settings(BaseSettings):
     def _empty_key_means_none(cls, value: object) -> object:
         # `API_KEY=` in a compose file or .env means "no key", not "the empty key".
         return None if isinstance(value, str) and not value.strip() else value
+
+
+def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it resembles) for environment variables that are not settings but
+    nearly spell one (`MAX_UPLOAD_BYTE`): ignored as they are, the setting keeps its default
+    without a word."""
+    names = [name.upper() for name in Settings.model_fields]
+    found = []
+    for variable in environ:
+        upper = variable.upper()
+        if upper in names:
+            continue
+        close = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
+        if close:
+            found.append((variable, close[0]))
+    return sorted(found)

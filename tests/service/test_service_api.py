@@ -650,7 +650,12 @@ def test_each_request_logs_one_structured_line(client, caplog):
     line = json.loads(JsonFormatter().format(record))
     assert line["route"] == "/caption" and line["status"] == 200 and line["method"] == "POST"
     assert line["request_id"] == "log-check-1" == response.headers["x-request-id"]
-    assert line["latency_ms"] > 0 and line["level"] == "INFO"
+    assert line["latency_ms"] > 0 and line["level"] == "INFO" and "error_code" not in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        post_image(client, b"not an image")
+    (record,) = [r for r in caplog.records if r.name == "app.access"]
+    assert json.loads(JsonFormatter().format(record))["error_code"] == "invalid_image"  # why, in the log alone
 
 
 # --- start-up ----------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def test_compose_config_is_valid_with_service_essentials():
     # A named volume on the image's compilation cache, so a recreated container starts warm.
     assert cache["type"] == "volume" and cache["source"] in config["volumes"]
     assert f"COMPILE_CACHE_DIR={cache['target']}" in DOCKERFILE
-    assert re.search(rf"install -d -o captioner -g captioner .*{cache['target']}", DOCKERFILE)  # the user owns it
+    # The user owns it; group root with the same rights, for an arbitrary UID in group 0 (OpenShift).
+    assert re.search(rf"install -d -o captioner -g 0 -m 0770 {cache['target']}", DOCKERFILE)
 
 
 def test_compose_stop_grace_covers_both_drains():

@@ -492,6 +492,9 @@ def test_the_encoder_sleeps_while_every_feature_slot_is_taken(tiny_captioner):
             if len(engine.runner.free_slots) == 0 and engine.queue_depth == 8:
                 break
         assert len(engine.runner.free_slots) == 0 and engine.queue_depth == 8
+        # The queue-depth gauge (what the HPA scales on) counts the encoded requests waiting for a
+        # decode slot too, not only the 8 still queued.
+        assert engine.core._waiting() == MAX_ROWS + 8 - engine.core.slots.used > 8
         before = thread_cpu_seconds("inference-encoder")
         await asyncio.sleep(0.5)
         spent = thread_cpu_seconds("inference-encoder") - before

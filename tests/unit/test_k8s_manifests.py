@@ -143,12 +143,22 @@ def test_service_pdb_and_hpa_point_at_the_deployment():
 
 
 def test_hpa_queue_metric_is_exported_and_served_by_the_adapter_rule():
+    """The base HPA has CPU only: one that cannot read a metric never scales down. The adapter's
+    overlay adds the queue metric, which the service exports and the adapter's rule serves."""
     hpa = RESOURCES["HorizontalPodAutoscaler"]["spec"]
-    kinds = {metric["type"]: metric for metric in hpa["metrics"]}
-    assert kinds["Resource"]["resource"]["name"] == "cpu"
-    queue_metric = kinds["Pods"]["pods"]["metric"]["name"]
+    assert [metric["resource"]["name"] for metric in hpa["metrics"]] == ["cpu"]
+    overlay = load(K8S.parent / "k8s-adapter" / "kustomization.yaml")[0]
+    assert overlay["resources"] == ["../k8s"]
+    (patch,) = overlay["patches"]
+    assert patch["target"] == {
+        "kind": "HorizontalPodAutoscaler",
+        "name": RESOURCES["HorizontalPodAutoscaler"]["metadata"]["name"],
+    }
+    (operation,) = yaml.safe_load(patch["patch"])
+    assert (operation["op"], operation["path"], operation["value"]["type"]) == ("add", "/spec/metrics/-", "Pods")
+    queue_metric = operation["value"]["pods"]["metric"]["name"]
     assert queue_metric in EXPORTED_METRICS
-    adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    adapter = yaml.safe_load((K8S.parent / "k8s-adapter" / "values.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
     assert rule["name"]["as"] == queue_metric
     assert re.fullmatch(rule["name"]["matches"], queue_metric)
@@ -159,3 +169,16 @@ def test_prometheus_annotations_match_the_port():
     annotations = POD["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(CONTAINER["ports"][0]["containerPort"])
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_tmp_holds_every_upload_the_service_admits_at_once():
+    """Starlette spools form files over 1 MB to /tmp; a pod whose emptyDir outgrows its sizeLimit is
+    evicted, dropping every request it serves."""
+    from app.settings import Settings
+
+    defaults = Settings()
+    units = {"Mi": 2**20, "Gi": 2**30}
+    for pod in (POD["spec"], INFERENCE_SERVICE["spec"]["predictor"]):
+        (tmp,) = [volume for volume in pod["volumes"] if volume["name"] == "tmp"]
+        size = tmp["emptyDir"]["sizeLimit"]
+        assert int(size[:-2]) * units[size[-2:]] >= defaults.max_concurrent_uploads * defaults.max_upload_bytes

@@ -50,3 +50,22 @@ def test_the_readme_documents_no_setting_that_does_not_exist():
 def test_every_setting_has_a_description():
     undescribed = [name for name, field in Settings.model_fields.items() if not field.description]
     assert undescribed == []
+
+
+def test_variables_that_nearly_spell_a_setting_are_named_with_the_setting():
+    from app.settings import misspelt_settings
+
+    environ = {
+        "MAX_UPLOAD_BYTE": "1000",  # a letter short
+        "inference_thread": "1",
+        "MAX_UPLOAD_BYTES": "5",  # right
+        "PATH": "/usr/bin",
+        "HOSTNAME": "pod-1",
+        "PWD": "/srv",
+        "KUBERNETES_SERVICE_PORT": "443",
+        "PYTHONPATH": "/srv",
+    }
+    assert misspelt_settings(environ) == [
+        ("MAX_UPLOAD_BYTE", "MAX_UPLOAD_BYTES"),
+        ("inference_thread", "INFERENCE_THREADS"),
+    ]

@@ -268,7 +268,10 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
         return error_response(
             request, 507, "insufficient_storage", "the server has no room for the upload now; retry later"
         )
-    if exc.status_code == 400 and message in _FORM_PROBLEMS:
+    allowed = next((value for name, value in (exc.headers or {}).items() if name.lower() == "allow"), None)
+    if exc.status_code == 405 and allowed:
+        message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+    elif exc.status_code == 400 and message in _FORM_PROBLEMS:
         message = _FORM_PROBLEMS[message]
     elif exc.status_code == 400 and message.startswith("Part exceeded maximum size"):
         # A part without a filename is a text field, which Starlette caps at 1 MB: here, an image

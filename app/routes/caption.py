@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
+from urllib.parse import unquote
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
@@ -99,7 +101,7 @@ async def create_captions(
     data = [await read_upload(upload, service.settings.max_upload_bytes) for upload in images]
     outcomes = await service.caption_many(data, options, started_at=request.state.started_at, receive=request.receive)
     results = [
-        _image_result(index, upload.filename, outcome)
+        _image_result(index, part_filename(upload), outcome)
         for index, (upload, outcome) in enumerate(zip(images, outcomes, strict=True))
     ]
     return BatchCaptionResponse(results=results, request_id=request.state.request_id)
@@ -111,6 +113,23 @@ def check_once_each(request: Request) -> None:
     repeated = sorted({name for name in params if len(params.getlist(name)) > 1})
     if repeated:
         raise InvalidParameters(f"given more than once: {', '.join(repeated)} (send each parameter once)")
+
+
+# RFC 6266 / 5987: filename*=UTF-8''%C3%BC.png beside filename (aiohttp sends the plain one
+# percent-encoded too). Starlette reads only the plain one.
+EXTENDED_FILENAME = re.compile(r"""filename\*\s*=\s*([\w.-]+)'[^']*'([^;\s]+)""", re.IGNORECASE)
+
+
+def part_filename(upload: UploadFile) -> str | None:
+    """The part's file name, from filename* where the client sent one (it wins over filename)."""
+    extended = EXTENDED_FILENAME.search(upload.headers.get("content-disposition", ""))
+    if extended:
+        charset, encoded = extended.groups()
+        try:
+            return unquote(encoded, encoding=charset, errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    return upload.filename
 
 
 def _image_result(index: int, filename: str | None, outcome) -> ImageCaptioned | ImageFailed:

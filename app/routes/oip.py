@@ -25,6 +25,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -475,14 +476,23 @@ def deserialize_bytes(raw: bytes, most: int | None = None) -> list[bytes]:
     return elements
 
 
+# A browser's FileReader.readAsDataURL() gives "data:image/png;base64,...".
+DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+;base64,", re.ASCII)
+
+
 def _from_base64(element: Any) -> bytes:
+    """Standard base64 (RFC 4648), also as a data URL or wrapped in lines, as `base64` without -w0
+    and MIME encoders write it; other characters are refused, not skipped."""
     if not isinstance(element, str):
         raise OipError(f"in JSON, each '{INPUT_NAME}' element must be the image's base64 string")
+    prefix = DATA_URL.match(element)
+    text = "".join((element[prefix.end() :] if prefix else element).split())
     try:
-        return base64.b64decode(element, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise OipError(
-            f"an '{INPUT_NAME}' element is not valid base64 (send the image base64-encoded, or use binary data)"
+            f"an '{INPUT_NAME}' element is not valid base64 (standard alphabet with + and /, padded with =; send "
+            "the image base64-encoded, or use binary data)"
         ) from None
 
 

@@ -405,7 +405,10 @@ def test_file_just_over_the_limit_is_413_even_within_the_framing_allowance(clien
 def test_unknown_route_and_method_use_the_error_shape(client):
     assert_error(client.get("/nope"), 404, "not_found")
     response = client.get("/caption")
-    assert_error(response, 405, "method_not_allowed")
+    assert (
+        assert_error(response, 405, "method_not_allowed")["error"]["message"]
+        == "GET is not allowed on /caption; use POST"
+    )
     assert response.headers["allow"] == "POST"
 
 
@@ -477,6 +480,25 @@ def test_a_compressed_body_is_415_naming_the_coding_in_each_routes_shape(client)
         "/caption", content=uploads.png(), headers={"Content-Type": "image/png", "Content-Encoding": "identity"}
     )
     assert plain.status_code == 200
+
+
+def test_inference_protocol_base64_as_encoders_and_browsers_write_it(client):
+    """GNU base64 without -w0 and MIME encoders wrap lines; FileReader.readAsDataURL() adds a data URL
+    prefix: both were refused as "not valid base64"."""
+    import base64
+
+    data = uploads.png()
+    plain = base64.b64encode(data).decode()
+
+    def infer(text):
+        image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [text]}
+        return client.post("/v2/models/default/infer", json={"inputs": [image]})
+
+    expected = infer(plain).json()["outputs"]
+    assert infer(base64.encodebytes(data).decode()).json()["outputs"] == expected  # wrapped at 76
+    assert infer("data:image/png;base64," + plain).json()["outputs"] == expected
+    refused = infer(base64.urlsafe_b64encode(b"\xfb\xff" + data).decode())
+    assert refused.status_code == 400 and "standard alphabet" in refused.json()["error"]
 
 
 def test_unknown_inference_protocol_paths_and_methods_have_its_error_shape(client):

@@ -260,3 +260,18 @@ def test_the_schema_marks_files_and_raw_bodies_binary_for_sdk_generators(client)
     raw = schema["paths"]["/caption"]["post"]["requestBody"]["content"]["application/octet-stream"]["schema"]
     for node in (form, many, raw):
         assert node["type"] == "string" and node["format"] == "binary", node
+
+
+def test_a_utf8_file_name_sent_as_filename_star_comes_back_decoded(client):
+    """aiohttp sends filename="%C3%BC..." and filename*=utf-8''%C3%BC...: the plain one came back
+    percent-encoded, so results could not be matched to files by name."""
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="images"; filename="%C3%BCn%C3%AF.png"; '
+        b"filename*=utf-8''%C3%BCn%C3%AF%20%281%29.png\r\nContent-Type: image/png\r\n\r\n"
+        + uploads.png()
+        + b'\r\n--B\r\nContent-Disposition: form-data; name="images"; filename="plain.png"\r\n\r\n'
+        + uploads.png()
+        + b"\r\n--B--\r\n"
+    )
+    response = client.post("/captions", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert [r["filename"] for r in response.json()["results"]] == ["ünï (1).png", "plain.png"]

@@ -6,6 +6,7 @@
 
 const API_KEY_STORAGE = "captioning.apiKey";
 const MAX_STAGE_HEIGHT_PX = 480; // tall images are narrowed so the picture stays on screen
+const REQUEST_TIMEOUT_MS = 60000; // the page gives up on an answer after this long (see caption())
 // "Inferno"-like colour map: dark purple for little attention through orange to pale yellow.
 const COLOUR_STOPS = [
   [0.0, [0, 0, 4]],
@@ -267,6 +268,10 @@ async function caption() {
   if (state.request) state.request.abort();
   const request = new AbortController();
   state.request = request;
+  // A proxy that holds the request would leave "Captioning…" for ever; the service's own deadline
+  // (REQUEST_TIMEOUT_S, 30 s by default) answers well before this.
+  let timedOut = false;
+  const timer = setTimeout(() => { timedOut = true; request.abort(); }, REQUEST_TIMEOUT_MS);
   clearResult();
   ui.status.textContent = "Captioning…";
   ui.result.setAttribute("aria-busy", "true");
@@ -285,10 +290,15 @@ async function caption() {
     }
     showCaptions(await response.json());
   } catch (error) {
-    if (error.name === "AbortError") return; // a newer request replaced this one
     ui.status.textContent = "";
+    if (timedOut) {
+      showError(`The captioning service did not answer within ${REQUEST_TIMEOUT_MS / 1000} s. Try again later.`);
+      return;
+    }
+    if (error.name === "AbortError") return; // a newer request replaced this one
     showError("Could not reach the captioning service. Check your connection and try again.");
   } finally {
+    clearTimeout(timer);
     if (state.request === request) {
       state.request = null;
       ui.result.removeAttribute("aria-busy");
@@ -428,7 +438,10 @@ function setUp() {
     describeModel();
   });
 
-  ui.fileInput.addEventListener("change", () => chooseFile(ui.fileInput.files[0]));
+  ui.fileInput.addEventListener("change", () => {
+    chooseFile(ui.fileInput.files[0]);
+    ui.fileInput.value = ""; // so that choosing the same file again (after an error) captions it again
+  });
   ["dragenter", "dragover"].forEach((type) => ui.dropZone.addEventListener(type, (event) => {
     event.preventDefault();
     ui.dropZone.classList.add("is-dragging");
@@ -436,9 +449,19 @@ function setUp() {
   ["dragleave", "drop"].forEach((type) => ui.dropZone.addEventListener(type, () => {
     ui.dropZone.classList.remove("is-dragging");
   }));
-  ui.dropZone.addEventListener("drop", (event) => {
+  // A file dropped anywhere on the page is taken: the browser's own action would open it in place
+  // of the page, losing the result.
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => {
     event.preventDefault();
     chooseFile(event.dataTransfer.files[0]);
+  });
+  // A pasted image (a screenshot copied to the clipboard) too.
+  document.addEventListener("paste", (event) => {
+    const file = [...event.clipboardData.files].find((item) => item.type.startsWith("image/"));
+    if (!file) return;
+    event.preventDefault();
+    chooseFile(file);
   });
 
   ui.strategy.addEventListener("change", updateOptionFields);

@@ -344,3 +344,40 @@ def test_a_drawing_on_the_pad_is_captioned(browser, server_url, bundle):
         assert verdict.correct, f"{text!r} for a large red circle and a small blue square: {verdict}"
         assert not page.locator("#domain-warning").is_visible()
     page.close()
+
+
+def test_a_file_chosen_again_dropped_anywhere_or_pasted_is_captioned(browser, server_url, scene):
+    """Choosing the same file again sent nothing (the input kept its value), a drop outside the drop
+    zone made the browser open the image in place of the page, and a pasted image was ignored."""
+    path, _, _ = scene
+    page = browser.new_page()
+    sent = []
+    page.on("request", lambda request: sent.append(request.url) if "/caption?" in request.url else None)
+
+    def wait_for_requests(count):
+        deadline = time.monotonic() + CAPTION_TIMEOUT_MS / 1000
+        while len(sent) < count:
+            assert time.monotonic() < deadline, f"{len(sent)} caption requests, expected {count}"
+            page.wait_for_timeout(50)
+        page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
+
+    upload_and_wait(page, server_url, path)
+    page.set_input_files("#file-input", str(path))  # the same file again
+    wait_for_requests(2)
+    handled = page.evaluate("""async () => {
+        const blob = await (await fetch("/static/samples/dark.png")).blob();
+        const transfer = () => {
+            const data = new DataTransfer();
+            data.items.add(new File([blob], "given.png", { type: "image/png" }));
+            return data;
+        };
+        const drop = new DragEvent("drop", { dataTransfer: transfer(), bubbles: true, cancelable: true });
+        document.querySelector("h1").dispatchEvent(drop);  // outside the drop zone
+        const paste = new ClipboardEvent("paste", { clipboardData: transfer(), bubbles: true, cancelable: true });
+        document.body.dispatchEvent(paste);
+        return [drop.defaultPrevented, paste.defaultPrevented];
+    }""")
+    assert handled == [True, True]
+    wait_for_requests(4)
+    assert "given.png" in page.locator("#preview").get_attribute("alt")
+    page.close()

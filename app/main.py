@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from app import resources
 from app.decode_pool import DecodePool, limit_malloc_arenas
@@ -30,6 +31,7 @@ from app.guards import Shutdown, ShutdownGuard, UploadGuard
 from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
 from app.model_repository import ModelManager
 from app.routes import admin, caption, demo, health, metrics, model, oip
+from app.routes.oip import HEADER_LENGTH
 from app.service import CaptionService
 from app.settings import Settings
 from captioning.artifacts import ArtifactError
@@ -266,4 +268,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(ShutdownGuard, shutdown_of=lambda app: app.state.shutdown)
     app.add_middleware(RequestContextMiddleware)
+    origins = [origin.strip() for origin in (settings.cors_origins or "").split(",") if origin.strip()]
+    if origins:
+        # Outermost: a preflight is answered before any guard, and every answer (refusals included)
+        # carries the headers a browser needs to show it to the page.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "HEAD"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", HEADER_LENGTH],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     return app

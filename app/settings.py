@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, /caption and /model require it (Authorization: Bearer or X-API-Key)."
     )
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated origins whose web pages may call the API from a browser (CORS), e.g. "
+        "https://app.example.com; * for any. Unset: none (same-origin pages, such as the demo page, need none).",
+    )
 
     # --- request limits ----------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image file.")

@@ -727,3 +727,28 @@ def test_the_ready_record_names_the_device_the_model_runs_on(settings, caplog):
     import tensorflow as tf
 
     assert ready.device == ("GPU:0" if tf.config.list_logical_devices("GPU") else "CPU")
+
+
+def test_cors_is_off_by_default_and_answers_the_origins_it_is_given(settings):
+    """A web front end on another origin: its preflight (with the key header) was 405 and its answers
+    had no Access-Control-Allow-Origin, so the browser threw them away."""
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "x-api-key",
+    }
+    with TestClient(create_app(settings)) as plain:
+        assert plain.options("/caption", headers=preflight).status_code == 405
+    allowed = settings.model_copy(update={"cors_origins": "https://app.example.com, https://other.example"})
+    with TestClient(create_app(allowed)) as client:
+        answer = client.options("/caption", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://app.example.com"
+        refused = client.post("/caption", content=b"x", headers={"Origin": "https://app.example.com"})
+        assert (
+            refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example.com"
+        )
+        assert (
+            "access-control-allow-origin"
+            not in client.options("/caption", headers={**preflight, "Origin": "https://evil.example"}).headers
+        )

@@ -153,7 +153,8 @@ MODEL_SERVED = Gauge(
 
 MODEL_REQUESTS = Counter(
     "model_requests",
-    "Images submitted to a model version's engine, by outcome (ok or error).",
+    "Images submitted to a model version's engine, by outcome: ok, error (the model or engine failed), "
+    "cancelled (the client left), refused (overloaded or stopping) or deadline.",
     labelnames=("model", "version", "outcome"),
     namespace=_NAMESPACE,
     registry=REGISTRY,

@@ -40,6 +40,7 @@ from types import MappingProxyType
 import anyio
 
 from app import metrics
+from app.engine import DeadlineExceeded, EngineStopped, Overloaded
 from app.errors import NotReady
 from captioning.artifacts import MANIFEST, ArtifactError, bundle_digest, is_bundle, scan_versions, verify_bundle
 
@@ -212,11 +213,20 @@ class VersionedEngine:
 
     async def submit(self, image, options, deadline_s: float | None = None):
         started = time.perf_counter()
-        outcome = "error"
+        outcome = "error"  # the model or engine failed: what a version's error ratio should count
         try:
             result = await self._engine.submit(image, options, deadline_s=deadline_s)
             outcome = "ok"
             return result
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the client left, or its other images' deadline passed
+            raise
+        except (Overloaded, EngineStopped):
+            outcome = "refused"
+            raise
+        except DeadlineExceeded:
+            outcome = "deadline"
+            raise
         finally:
             metrics.MODEL_REQUESTS.labels(**self._labels, outcome=outcome).inc()
             if outcome == "ok":

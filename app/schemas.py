@@ -72,6 +72,7 @@ class CaptionQuery(BaseModel):
     )
     temperature: float | None = Field(
         None,
+        allow_inf_nan=False,
         ge=MIN_TEMPERATURE,
         le=MAX_TEMPERATURE,
         description="Sharpens (<1) or flattens (>1) the sampling distribution (strategy=sample only; default 1.0).",
@@ -83,7 +84,7 @@ class CaptionQuery(BaseModel):
         None,
         ge=0,
         le=MAX_SEED,
-        description="Makes sampling repeatable (strategy=sample only); random when absent.",
+        description="Makes sampling repeatable (strategy=sample only; 0 to 4294967295); random when absent.",
     )
     attention: bool = Field(
         False,

@@ -198,7 +198,8 @@ class CaptionService:
         """Several images, each decoded and submitted on its own (the engine batches them with each
         other and with other requests), each with its own outcome, in order. When the deadline
         passes, the captions already finished are kept and the rest are `deadline_exceeded`. If
-        every image was refused for load or shutdown, that refusal is raised for the whole request."""
+        every image was refused for load or shutdown, that refusal is raised for the whole request;
+        if none was captioned and each was refused or ran out of time, the deadline is."""
         started_at = time.perf_counter() if started_at is None else started_at
         self._check_model_supports(options)
         outcomes = await self._run_all(
@@ -207,6 +208,10 @@ class CaptionService:
         refused = [o for o in outcomes if isinstance(o, (Overloaded, EngineStopped))]
         if outcomes and len(refused) == len(outcomes):
             raise refused[0]
+        if outcomes and all(isinstance(o, (Overloaded, EngineStopped, DeadlineExceeded)) for o in outcomes):
+            # No image was captioned and none for a fault of its own: the request's answer is the
+            # deadline's 504, as /caption's would be (a 200 with nothing in it read as success).
+            raise next(o for o in outcomes if isinstance(o, DeadlineExceeded))
         results: list[CaptionFields | ApiError] = []
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, BaseException) and not isinstance(outcome, (ApiError, EngineError)):
@@ -246,7 +251,10 @@ class CaptionService:
                 pending -= done
         finally:
             await _cancel(*tasks, *([disconnect] if disconnect else []))
-        return [_outcome(task) for task in tasks]
+            # Retrieved here too, for when the client left: a task that had failed (an invalid
+            # image) would otherwise be logged as "Task exception was never retrieved".
+            outcomes = [_outcome(task) for task in tasks]
+        return outcomes
 
     def _shape(self, result, prepared: Prepared, options: DecodeOptions, started_at: float) -> CaptionFields:
         grid = None

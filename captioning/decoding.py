@@ -220,10 +220,18 @@ class SampleSearch(Search):
         tokens = np.full(self.width, END_ID, dtype=np.int32)
         k = min(self.options.top_k, log_probs.shape[1])
         allowed = self._without_early_end(log_probs, self.samples)
+        if allowed is log_probs:
+            allowed = log_probs.copy()
+        # <pad> and <start> are not words: drawn (a high temperature with a large top_k gives them
+        # weight), they count in the score and vanish from the text, an empty caption at worst.
+        allowed[:, [PAD_ID, START_ID]] = -np.inf
         for row, hyp in enumerate(self.samples):
             if hyp.ended:
                 continue
-            candidates = np.argpartition(-allowed[row], k - 1)[:k]
+            # In token order: the draw then depends only on which tokens are the k likeliest, not
+            # on the order argpartition returns them in, which two programs' log-probabilities a
+            # rounding error apart (the service's batched step, the offline one) can change.
+            candidates = np.sort(np.argpartition(-allowed[row], k - 1)[:k])
             logits = allowed[row, candidates] / self.options.temperature
             weights = np.exp(logits - logits.max())
             token = int(self.rng.choice(candidates, p=weights / weights.sum()))

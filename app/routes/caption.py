@@ -84,7 +84,8 @@ async def create_caption(
     "to the whole body: a body over it is refused whole (413) while it streams in. Each image gets one result, "
     "in upload order: its captions, or its own error (the codes of POST /caption) without failing the others; when the "
     "request's deadline passes, the captions already finished are returned and the rest are marked "
-    f"`deadline_exceeded`. If every image is refused for load, the answer is 503 with Retry-After. {FORMATS_NOTE} "
+    "`deadline_exceeded`. If every image is refused for load, the answer is 503 with Retry-After; if no image "
+    f"was captioned and each was refused or ran out of time, 504. {FORMATS_NOTE} "
     f"{PARAMETERS_NOTE}",
 )
 async def create_captions(

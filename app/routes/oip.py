@@ -38,9 +38,18 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.dependencies import get_settings, service_for, service_ready
-from app.errors import OIP_PREFIX, ApiError, InvalidParameters, NotReady, TooManyImages, UploadTooLarge
+from app.errors import (
+    OIP_PREFIX,
+    ApiError,
+    ClientDisconnected,
+    InvalidParameters,
+    NotReady,
+    TooManyImages,
+    UploadTooLarge,
+)
 from app.model_repository import ServedModel
 from app.schemas import CaptionFields, CaptionQuery
 from app.service import decode_options
@@ -313,7 +322,11 @@ async def infer_version(
 async def run_inference(request: Request, model: ServedModel, settings: Settings) -> Response:
     if not (service_ready(request) and model.engine.ready):
         raise NotReady("the model is not ready", 5)
-    header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # as on /caption: a 499 in the log and metrics, not a 500 and a traceback
+        raise ClientDisconnected("the client disconnected while sending the request") from None
+    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     if header.count(b",") >= settings.oip_max_json_items:
         # Parsing builds a Python object per value, on the event loop: 3.5 million empty ones in a
         # 10 MB body stalled it for seconds. A real request holds a few dozen (images are strings).
@@ -409,7 +422,9 @@ def decoding(parameters: dict[str, Any]) -> DecodeOptions:
     if given.get("attention"):
         raise InvalidParameters("attention is not available through this protocol; use POST /caption")
     try:
-        query = CaptionQuery(**given)
+        # Strict: JSON has types, and `"seed": true` or `"max_length": 1.0` is a client's mistake,
+        # not seed 1 (a query string's values are all text, so /caption parses them as FastAPI does).
+        query = CaptionQuery.model_validate(given, strict=True)
     except ValidationError as exc:
         raise InvalidParameters(
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])

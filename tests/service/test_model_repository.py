@@ -367,3 +367,37 @@ def test_a_poll_says_once_that_it_serves_from_memory(tmp_path, tiny_bundle, capl
         asyncio.run(scenario())
     said = [r for r in caplog.records if "matches policy" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING and not said[0].exc_info
+
+
+def test_a_version_counts_clients_leaving_and_refusals_apart_from_its_errors():
+    """A client hanging up was counted as the version's error: a version's error ratio (a canary's
+    comparison after a swap) followed its clients, not its model."""
+    from app.engine import DeadlineExceeded, InferenceError, Overloaded
+    from app.model_repository import VersionedEngine
+
+    class Raising:
+        def __init__(self, error):
+            self.error = error
+
+        async def submit(self, image, options, deadline_s=None):
+            raise self.error
+
+    def count(outcome):
+        return (
+            metrics.REGISTRY.get_sample_value(
+                "captioning_model_requests_total", {"model": "audit", "version": "9", "outcome": outcome}
+            )
+            or 0
+        )
+
+    cases = [
+        (asyncio.CancelledError(), "cancelled"),
+        (Overloaded(1.0), "refused"),
+        (DeadlineExceeded("late"), "deadline"),
+        (InferenceError("boom"), "error"),
+    ]
+    for error, outcome in cases:
+        before = count(outcome)
+        with pytest.raises(type(error)):
+            asyncio.run(VersionedEngine(Raising(error), "audit", 9).submit(None, DecodeOptions()))
+        assert count(outcome) == before + 1, outcome

@@ -292,6 +292,26 @@ def test_a_client_leaving_during_a_raw_body_is_not_a_server_error(settings):
         asyncio.run(get_image_bytes(Request(scope, receive), settings, None))
 
 
+def test_a_client_leaving_during_an_inference_protocol_body_is_499_not_500(client):
+    """It was an unhandled ClientDisconnect: a 500, an ERROR traceback, and a 5xx alert fed by clients."""
+    messages = [{"type": "http.request", "body": b'{"inputs": [', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", b"1000")]
+    headers.append((b"x-api-key", API_KEY.encode()))
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/v2/models/default/infer"}
+    scope.update(headers=headers, query_string=b"", scheme="http", server=("x", 80), client=("c", 1), root_path="")
+    scope["app"] = client.app
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+
+
 def test_body_of_another_type_is_415(client):
     for content_type in ("application/json", "text/plain"):
         response = client.post("/caption", content=b'{"image": "x"}', headers={"Content-Type": content_type})
@@ -499,6 +519,23 @@ def test_inference_protocol_base64_as_encoders_and_browsers_write_it(client):
     assert infer("data:image/png;base64," + plain).json()["outputs"] == expected
     refused = infer(base64.urlsafe_b64encode(b"\xfb\xff" + data).decode())
     assert refused.status_code == 400 and "standard alphabet" in refused.json()["error"]
+
+
+def test_inference_protocol_parameters_must_have_their_json_type(client):
+    import base64
+
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(uploads.png()).decode()]}
+
+    def infer(parameters):
+        return client.post("/v2/models/default/infer", json={"inputs": [image], "parameters": parameters})
+
+    for wrong in ({"strategy": "sample", "seed": True}, {"strategy": "beam", "beam_size": "3"}, {"max_length": 1.0}):
+        assert infer(wrong).status_code == 422, wrong
+    assert infer({"strategy": "sample", "temperature": 2, "seed": 7}).status_code == 200  # an int for a float
+    nan = client.post(
+        "/caption", params={"strategy": "sample", "temperature": "nan"}, files={"image": ("a.png", uploads.png())}
+    )
+    assert "finite" in assert_error(nan, 422, "validation_error")["error"]["message"]
 
 
 def test_unknown_inference_protocol_paths_and_methods_have_its_error_shape(client):

@@ -136,6 +136,20 @@ def test_captions_deadline_keeps_finished_captions_and_marks_the_rest(client):
     assert not second["ok"] and second["error"]["code"] == "deadline_exceeded"
 
 
+def test_captions_with_nothing_captioned_for_load_or_time_is_504_not_an_empty_200(client):
+    """A 200 whose every result was deadline_exceeded or overloaded read as success to retry policies."""
+    with engine_swapped(client.app, ScriptedEngine(Overloaded(1.0), "hang"), request_timeout_s=0.3):
+        response = client.post("/captions", files=[("images", ("a.png", uploads.png()))] * 2)
+    error_of(response, 504, "deadline_exceeded")
+    # An image refused for its own fault keeps the per-image answer: the client has something to fix.
+    with engine_swapped(client.app, ScriptedEngine("hang"), request_timeout_s=0.3):
+        response = client.post(
+            "/captions", files=[("images", ("a.png", uploads.png())), ("images", ("b.txt", uploads.TEXT))]
+        )
+    assert response.status_code == 200
+    assert [r["error"]["code"] for r in response.json()["results"]] == ["deadline_exceeded", "invalid_image"]
+
+
 def test_captions_with_one_refused_image_answers_the_others(client):
     with engine_swapped(client.app, ScriptedEngine("a red circle", Overloaded(1.0))):
         response = client.post("/captions", files=[("images", ("a.png", uploads.png()))] * 2)

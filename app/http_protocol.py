@@ -221,22 +221,24 @@ class HardenedProtocol(HttpToolsProtocol):
             self._close_with(_headers_too_large(self.max_header_bytes))
 
     def _feed(self, data: bytes) -> None:
-        """uvicorn's parsing of a read, continued past an upgrade offer."""
-        if self._read_no_more:
-            return
-        self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.send_400_response("Invalid HTTP request received.")
-        except httptools.HttpParserUpgrade as offer:
-            # httptools stops for good at an upgrade offer, right after its headers, and skips its
-            # body. A new parser reads the request again without the offer: its head (from
-            # on_headers_complete), then its body and whatever follows on the connection.
-            head, self._offer_head = self._offer_head, None
-            self.parser = httptools.HttpRequestParser(self)
-            if head is not None:  # None: refused, nothing more is read
-                self._feed(head + data[offer.args[0] :])
+        """uvicorn's parsing of a read, continued past upgrade offers."""
+        while data and not self._read_no_more:
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserError:
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            except httptools.HttpParserUpgrade as offer:
+                # httptools stops for good at an upgrade offer, right after its headers, and skips
+                # its body. A new parser reads the request again without the offer: its head (from
+                # on_headers_complete), then its body and whatever follows on the connection.
+                head, self._offer_head = self._offer_head, None
+                self.parser = httptools.HttpRequestParser(self)
+                if head is None:  # refused: nothing more is read
+                    return
+                data = head + data[offer.args[0] :]
 
     def _should_upgrade(self) -> bool:
         # The service has no WebSocket routes: every upgrade offer is ignored (answered in HTTP/1.1

@@ -415,6 +415,17 @@ def test_nothing_after_a_refused_request_in_the_same_read_runs(served):
     assert app.calls == []
 
 
+def test_many_upgrade_offers_in_one_read_stay_under_the_pipelining_limit(served):
+    """Each offer is read again by a new parser: a read full of them must meet the same limit as
+    any pipelined requests, not an unbounded chain of re-reads."""
+    _, port, _ = served
+    offer = b"GET /sleep HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n"
+    with connect(port) as connection:
+        connection.sendall(offer * 2000)
+        answers = answers_until_closed(connection)
+    assert answers == [b"HTTP/1.1 200"] * (1 + MAX_PIPELINED) + [b"HTTP/1.1 503"]
+
+
 def test_requests_pipelined_behind_an_upgrade_offer_are_answered_in_turn(served):
     _, port, _ = served
     with connect(port) as connection:

@@ -261,7 +261,7 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         # Form files over 1 MB are spooled to the temporary directory (Starlette): a full /tmp is
         # the server's problem, not a malformed body.
         logger.error("no space left for an upload's temporary file: %s", cause, extra={"tmp": tempfile.gettempdir()})

@@ -125,7 +125,7 @@ class UploadGuard:
         headers = Headers(scope=scope)
         if not self.key_accepted(headers):
             return Unauthorized()
-        coding = headers.get("content-encoding", "").strip().lower()
+        coding = ", ".join(headers.getlist("content-encoding")).strip().lower()
         if coding not in ("", "identity"):
             # Read as it is, a gzipped image is "not an image" and gzipped JSON "invalid JSON".
             return UnsupportedContentEncoding(

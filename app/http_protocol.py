@@ -37,7 +37,8 @@ Here:
   - the request running when the connection is lost is marked disconnected too;
   - an upgrade offer is ignored, as RFC 9110 section 7.8 lets a server do: a new parser reads the
     request again without the offer, then its body and the rest of the connection; the request
-    is answered in HTTP/1.1 and the connection kept alive as usual;
+    is answered in HTTP/1.1 and the connection kept alive as usual; CONNECT, which
+    httptools always treats as one, gets 405 JSON;
   - bytes that are not HTTP get the service's JSON 400 `bad_request` (uvicorn's is plain text);
   - an HTTP/1.1 request without a Host header, with two, or with one that is not a host[:port]
     gets 400 JSON, as RFC 9112 section 3.2 requires (uvicorn passes all three on, and a proxy
@@ -71,6 +72,7 @@ from app.schemas import ErrorResponse
 
 HTTP_REASONS = {
     400: "Bad Request",
+    405: "Method Not Allowed",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
@@ -118,6 +120,9 @@ class Refusal:
 
 
 HEADER_TIMEOUT = Refusal(408, "header_timeout", "the request headers did not arrive in time")
+# httptools treats CONNECT as an upgrade offer (the connection becomes a tunnel), and rebuilding its
+# head cannot change that: it is refused, not re-read.
+CONNECT_NOT_SUPPORTED = Refusal(405, "method_not_allowed", "CONNECT is not supported: this is not a proxy")
 CODING_NOT_SUPPORTED = Refusal(
     501,
     "transfer_coding_not_supported",
@@ -228,16 +233,21 @@ class HardenedProtocol(HttpToolsProtocol):
                 self.parser.feed_data(data)
                 return
             except httptools.HttpParserError:
-                self.send_400_response("Invalid HTTP request received.")
+                message = "Invalid HTTP request received."
+                self.logger.warning(message)
+                self.send_400_response(message)
                 return
             except httptools.HttpParserUpgrade as offer:
                 # httptools stops for good at an upgrade offer, right after its headers, and skips
                 # its body. A new parser reads the request again without the offer: its head (from
                 # on_headers_complete), then its body and whatever follows on the connection.
                 head, self._offer_head = self._offer_head, None
-                self.parser = httptools.HttpRequestParser(self)
-                if head is None:  # refused: nothing more is read
+                if head is None:  # refused (CONNECT included): nothing more is read
                     return
+                self.parser = httptools.HttpRequestParser(self)
+                # As uvicorn sets up its own parser: bytes after a request that closes the
+                # connection (Connection: close, HTTP/1.0) do not cost that request its answer.
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
                 data = head + data[offer.args[0] :]
 
     def _should_upgrade(self) -> bool:
@@ -300,6 +310,9 @@ class HardenedProtocol(HttpToolsProtocol):
             if self.parser.get_http_version() == "1.0":
                 self.expect_100_continue = False  # RFC 9110 section 10.1.1: HTTP/1.0 knows no 100
             if self.parser.should_upgrade():
+                if self.parser.get_method() == b"CONNECT":
+                    self._refuse(CONNECT_NOT_SUPPORTED)
+                    return
                 # Ignored, as RFC 9110 section 7.8 allows: the request starts when a new parser
                 # has read it again without the offer (_feed).
                 self._offer_head = self._head_without_upgrade()
@@ -340,7 +353,7 @@ class HardenedProtocol(HttpToolsProtocol):
             self.app = app
 
     # After a refusal the rest of the read lands on the refused request (bounded by the read) and
-    # goes with it; after a refused upgrade with a body the parser still reports its end.
+    # goes with it.
     def on_body(self, body: bytes) -> None:
         self._body_this_read += len(body)
         self._body_bytes += len(body)

@@ -110,7 +110,8 @@ class Data:
 
 
 class _CollectWarnings(logging.Handler):
-    """Keeps the dataset loaders' warnings (skipped records) for the manifest; they print as well."""
+    """Keeps the dataset loaders' warnings (skipped records) for the manifest, and prints them as
+    the run's other warnings are (a handler of its own would otherwise silence logging's fallback)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -118,6 +119,7 @@ class _CollectWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
 
 
 def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
@@ -128,11 +130,13 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     collected = _CollectWarnings()
     dataset_logger = logging.getLogger("training.datasets")
     dataset_logger.addHandler(collected)
+    dataset_logger.propagate = False  # printed once, by the collector
     try:
         train_records = load_records(config, "train", train_options)
         val_records = load_records(config, "val", val_options)
     finally:
         dataset_logger.removeHandler(collected)
+        dataset_logger.propagate = True
     warnings = collected.messages
     tokenizer = Tokenizer.build(
         (c for r in train_records for c in r.captions), max_size=config.vocab_size, min_count=config.min_count

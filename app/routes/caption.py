@@ -118,7 +118,7 @@ def check_once_each(request: Request) -> None:
 
 # RFC 6266 / 5987: filename*=UTF-8''%C3%BC.png beside filename (aiohttp sends the plain one
 # percent-encoded too). Starlette reads only the plain one.
-EXTENDED_FILENAME = re.compile(r"""filename\*\s*=\s*([\w.-]+)'[^']*'([^;\s]+)""", re.IGNORECASE)
+EXTENDED_FILENAME = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*([\w.-]+)'[^']*'([^;\s]+)""", re.IGNORECASE)
 
 
 def part_filename(upload: UploadFile) -> str | None:

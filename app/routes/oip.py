@@ -501,7 +501,9 @@ def _from_base64(element: Any) -> bytes:
     if not isinstance(element, str):
         raise OipError(f"in JSON, each '{INPUT_NAME}' element must be the image's base64 string")
     prefix = DATA_URL.match(element)
-    text = "".join((element[prefix.end() :] if prefix else element).split())
+    # Line breaks only (str.replace runs in C, as fast as the decode): a space or any other
+    # character outside the alphabet is still refused.
+    text = (element[prefix.end() :] if prefix else element).replace("\r", "").replace("\n", "")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -451,8 +451,11 @@ function setUp() {
   }));
   // A file dropped anywhere on the page is taken: the browser's own action would open it in place
   // of the page, losing the result.
-  document.addEventListener("dragover", (event) => event.preventDefault());
+  // (Files only: dragged text still lands in the API-key field.)
+  const carriesFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  document.addEventListener("dragover", (event) => { if (carriesFiles(event)) event.preventDefault(); });
   document.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return;
     event.preventDefault();
     chooseFile(event.dataTransfer.files[0]);
   });

@@ -340,7 +340,9 @@ def test_what_training_warned_about_its_data_is_kept_in_the_manifest_and_served(
     argv = ["train", "--preset", "tiny", "--dataset", "list", "--data", f"list_file={tmp_path / 'list.jsonl'}"]
     argv += ["--max-steps", "1", "--output", str(bundle), "--run-dir", str(tmp_path / "run"), "--fresh"]
     assert main(argv) == 0
-    assert "4 of the 4 validation images are training images" in capsys.readouterr().err
+    printed = capsys.readouterr().err
+    assert "4 of the 4 validation images are training images" in printed
+    assert printed.count("skipped 1 of 5 images whose image file is missing") == 2  # train and val, once each
 
     warnings = verify_bundle(bundle)["training"]["warnings"]
     assert len(warnings) == 3, warnings

@@ -415,6 +415,27 @@ def test_nothing_after_a_refused_request_in_the_same_read_runs(served):
     assert app.calls == []
 
 
+def test_connect_is_refused_not_read_again_for_ever(served):
+    """httptools treats every CONNECT as an upgrade offer, whatever its headers: re-read without the
+    offer, it was an offer again, without end."""
+    _, port, _ = served
+    with connect(port) as connection:
+        connection.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        data, after_s = read_until_closed(connection)
+    assert data.startswith(b"HTTP/1.1 405") and json_body(data)["error"]["code"] == "method_not_allowed"
+    assert after_s < 2
+
+
+def test_bytes_after_a_closing_request_behind_an_upgrade_offer_do_not_cost_it_its_answer(served):
+    """The parser that reads an offer again is as lenient as uvicorn's own about data after a
+    request that closes the connection."""
+    _, port, _ = served
+    with connect(port) as connection:
+        offer = b"Connection: close, Upgrade\r\nUpgrade: h2c\r\n"
+        connection.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n" + offer + b"\r\nGARBAGE")
+        assert answers_until_closed(connection) == [b"HTTP/1.1 200"]
+
+
 def test_many_upgrade_offers_in_one_read_stay_under_the_pipelining_limit(served):
     """Each offer is read again by a new parser: a read full of them must meet the same limit as
     any pipelined requests, not an unbounded chain of re-reads."""

@@ -176,9 +176,13 @@ def test_tmp_holds_every_upload_the_service_admits_at_once():
     evicted, dropping every request it serves."""
     from app.settings import Settings
 
-    defaults = Settings()
     units = {"Mi": 2**20, "Gi": 2**30}
     for pod in (POD["spec"], INFERENCE_SERVICE["spec"]["predictor"]):
+        (container,) = pod["containers"]
+        configured = {name.lower(): value for name, value in env(container).items() if value is not None}
+        settings = Settings(
+            **{k: v for k, v in configured.items() if k in ("max_concurrent_uploads", "max_upload_bytes")}
+        )
         (tmp,) = [volume for volume in pod["volumes"] if volume["name"] == "tmp"]
         size = tmp["emptyDir"]["sizeLimit"]
-        assert int(size[:-2]) * units[size[-2:]] >= defaults.max_concurrent_uploads * defaults.max_upload_bytes
+        assert int(size[:-2]) * units[size[-2:]] >= settings.max_concurrent_uploads * settings.max_upload_bytes

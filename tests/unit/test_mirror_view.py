@@ -91,13 +91,14 @@ def test_offline_mirror_view_is_the_averaged_decoding(sided):
     [
         DecodeOptions(mirror_view=True),
         DecodeOptions(strategy="beam", beam_size=3, num_captions=3, mirror_view=True),
-        DecodeOptions(strategy="sample", num_captions=2, seed=4, mirror_view=True),
     ],
-    ids=["greedy", "beam", "sample"],
+    ids=["greedy", "beam"],
 )
 def test_an_image_and_its_mirror_get_mirrored_captions(sided, options):
     """Views swapped, words swapped: the mirrored image's captions are the image's with left and
-    right exchanged, for every strategy (sampling with the same seed draws the same)."""
+    right exchanged. Not for seeded sampling since round 17: its draw takes the top-k words in
+    vocabulary order (so that a rounding difference between two programs cannot reorder them), in
+    which "left" and "right" keep their places when their probabilities trade."""
     images = pictures(5, seed=8)
     swap = {"left": "right", "right": "left"}
     plain = tokens_of(sided, images, options)

@@ -52,10 +52,16 @@ async def leased_default(request: Request) -> AsyncIterator[ServedModel]:
     if models is None:
         raise NotReady("the model is not loaded yet", NOT_READY_RETRY_AFTER_S)
     served = models.acquire()
+    note_version(request, served)
     try:
         yield served
     finally:
         served.release()
+
+
+def note_version(request: Request, served: ServedModel) -> None:
+    """For the access log: which version answered (during a hot swap, two serve at once)."""
+    request.scope.setdefault("state", {})["model_version"] = served.version
 
 
 async def get_served(request: Request) -> AsyncIterator[ServedModel]:

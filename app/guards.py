@@ -66,10 +66,8 @@ class UploadGuard:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            # A route family with an error shape of its own (OIP's {"error": "..."}) answers in it.
-            answer = getattr(route, "error_response", None)
-            response = answer(refusal) if answer is not None else api_error_response(Request(scope), refusal)
-            await response(scope, receive, send)
+            # In the route family's own shape (app.errors.error_response: OIP's under /v2).
+            await api_error_response(Request(scope), refusal)(scope, receive, send)
             return
         self.uploads += 1
         holding = True

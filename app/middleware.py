@@ -22,6 +22,15 @@ from app.metrics import HTTP_ERRORS, HTTP_IN_FLIGHT, HTTP_REQUEST_SECONDS, HTTP_
 
 access_logger = logging.getLogger("app.access")
 
+# The methods a label may name; the parser accepts 34 (PROPFIND, MKCOL, ...), and a scan sending
+# each to each route made series that never expire.
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHOD_LABELS else "other"
+
+
 REQUEST_ID_HEADER = "X-Request-ID"
 # Client-chosen IDs are echoed into logs and headers, so only a safe, bounded alphabet is taken.
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -94,7 +103,7 @@ class RequestContextMiddleware:
                 status, state["error_code"] = state[ANSWERED_BELOW_APP]
             elapsed = time.perf_counter() - started
             route = route_label(scope)
-            labels = {"route": route, "method": scope["method"], "status": str(status)}
+            labels = {"route": route, "method": method_label(scope["method"]), "status": str(status)}
             HTTP_REQUESTS.labels(**labels).inc()
             if status >= 400:
                 HTTP_ERRORS.labels(route=route, code=state.get("error_code", "unknown")).inc()
@@ -107,6 +116,8 @@ class RequestContextMiddleware:
                 "latency_ms": round(elapsed * 1000, 2),
                 "request_id": request_id,
             }
+            if "model_version" in state:
+                fields["model_version"] = state["model_version"]
             if status >= 400:  # why, as the error counter has it: the logs alone can tell refusals apart
                 fields["error_code"] = state.get("error_code", "unknown")
             access_logger.info("request", extra=fields)

@@ -34,13 +34,13 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.dependencies import get_settings, service_for, service_ready
+from app.dependencies import get_settings, note_version, service_for, service_ready
 from app.errors import (
     OIP_PREFIX,
     ApiError,
@@ -49,6 +49,9 @@ from app.errors import (
     NotReady,
     TooManyImages,
     UploadTooLarge,
+    api_error_response,
+    error_response,
+    http_error_code,
 )
 from app.model_repository import ServedModel
 from app.schemas import CaptionFields, CaptionQuery
@@ -81,10 +84,6 @@ class ModelNotFound(ApiError):
     status_code, code = 404, "not_found"
 
 
-def oip_error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
-
-
 class OipErrorBody(BaseModel):
     error: str
 
@@ -95,12 +94,8 @@ def oip_errors(*status_codes: int) -> dict:
 
 
 class OipRoute(APIRoute):
-    """Renders every error of these routes, auth and validation included, as {"error": "..."}."""
-
-    @staticmethod
-    def error_response(error: ApiError) -> JSONResponse:
-        """Also used by app.guards for what it refuses before the route runs (401, 503)."""
-        return oip_error(error.status_code, error.message, error.headers)
+    """Answers every error of these routes, validation included, in the protocol's shape (which
+    app.errors.error_response gives any path under /v2), with its error code counted and logged."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -109,13 +104,13 @@ class OipRoute(APIRoute):
             try:
                 return await handler(request)
             except ApiError as exc:
-                return self.error_response(exc)
+                return api_error_response(request, exc)
             except RequestValidationError as exc:
-                return oip_error(
-                    400, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
-                )
+                message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
+                return error_response(request, 400, "bad_request", message)
             except StarletteHTTPException as exc:
-                return oip_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+                code = http_error_code(exc.status_code)
+                return error_response(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
         return oip_handler
 
@@ -193,6 +188,7 @@ async def _lease(request: Request, name: str, version: str | None) -> AsyncItera
             f"{', '.join(map(str, sorted(served))) or 'none'})"
         )
     model = models.acquire(int(version) if version is not None else None)
+    note_version(request, model)
     try:
         yield model
     finally:

@@ -714,7 +714,43 @@ def test_each_request_logs_one_structured_line(client, caplog):
     with caplog.at_level(logging.INFO, logger="app.access"):
         post_image(client, b"not an image")
     (record,) = [r for r in caplog.records if r.name == "app.access"]
-    assert json.loads(JsonFormatter().format(record))["error_code"] == "invalid_image"  # why, in the log alone
+    line = json.loads(JsonFormatter().format(record))
+    assert line["error_code"] == "invalid_image"  # why, in the log alone
+    assert line["model_version"] == 1  # which version answered (two serve during a hot swap)
+
+
+def test_inference_protocol_errors_are_counted_and_logged_by_code(client, caplog):
+    """They were all `unknown`: the protocol's error shape was made without the request."""
+    from app.metrics import REGISTRY
+
+    route = "/v2/models/{model_name}/infer"
+
+    def count(code):
+        return REGISTRY.get_sample_value("captioning_http_errors_total", {"route": route, "code": code}) or 0
+
+    before = {
+        code: count(code) for code in ("unauthorized", "bad_request", "not_found", "unsupported_content_encoding")
+    }
+    client.post("/v2/models/default/infer", json={}, headers={"X-API-Key": "wrong"})
+    client.post("/v2/models/default/infer", content=b"{not json")
+    client.post("/v2/models/nope/infer", json={})
+    client.post("/v2/models/default/infer", content=b"x", headers={"Content-Encoding": "br"})
+    assert {code: count(code) - before[code] for code in before} == dict.fromkeys(before, 1)
+
+
+def test_unusual_methods_share_one_metrics_label(client):
+    """A scan with every method the parser accepts made a series per method and route, for ever."""
+    from app.metrics import REGISTRY
+
+    for method in ("PROPFIND", "MKCOL", "LOCK"):
+        client.request(method, "/caption")
+    families = {
+        sample.labels["method"]
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if "method" in sample.labels
+    }
+    assert "other" in families and not {"PROPFIND", "MKCOL", "LOCK"} & families
 
 
 # --- start-up ----------------------------------------------------------------------------------------

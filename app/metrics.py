@@ -95,7 +95,7 @@ PROGRAMS_COMPILING = Gauge(
 
 BATCH_SIZE = Histogram(
     "engine_batch_size",
-    "Number of images per encoder batch / sequences per decode step.",
+    "Rows (caption sequences) per decoder step.",
     buckets=_BATCH_BUCKETS,
     namespace=_NAMESPACE,
     registry=REGISTRY,

@@ -116,8 +116,9 @@ class RequestContextMiddleware:
                 "latency_ms": round(elapsed * 1000, 2),
                 "request_id": request_id,
             }
-            if "model_version" in state:
-                fields["model_version"] = state["model_version"]
+            for key in ("model_version", "image_errors"):  # set by the routes (app.dependencies, /captions)
+                if key in state:
+                    fields[key] = state[key]
             if status >= 400:  # why, as the error counter has it: the logs alone can tell refusals apart
                 fields["error_code"] = state.get("error_code", "unknown")
             access_logger.info("request", extra=fields)

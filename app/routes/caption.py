@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Annotated
 from urllib.parse import unquote
 
@@ -105,6 +106,9 @@ async def create_captions(
         _image_result(index, part_filename(upload), outcome)
         for index, (upload, outcome) in enumerate(zip(images, outcomes, strict=True))
     ]
+    failed = Counter(result.error.code for result in results if isinstance(result, ImageFailed))
+    if failed:  # for the access log: a 200 whose images failed is otherwise invisible there
+        request.state.image_errors = dict(failed)
     return BatchCaptionResponse(results=results, request_id=request.state.request_id)
 
 

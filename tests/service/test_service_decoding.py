@@ -275,3 +275,13 @@ def test_a_utf8_file_name_sent_as_filename_star_comes_back_decoded(client):
     )
     response = client.post("/captions", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
     assert [r["filename"] for r in response.json()["results"]] == ["ünï (1).png", "plain.png"]
+
+
+def test_the_access_record_of_a_batch_names_its_failed_images(client, caplog):
+    """A 200 whose images failed left no trace of them in the log."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        caption_many(client, [("a.png", uploads.png()), ("b.txt", uploads.TEXT), ("c.txt", uploads.TEXT)])
+    (record,) = [r for r in caplog.records if r.name == "app.access"]
+    assert record.status == 200 and record.image_errors == {"invalid_image": 2}

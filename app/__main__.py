@@ -50,8 +50,6 @@ def main() -> int:
     logging.config.dictConfig(log_config)
     for variable, setting in misspelt_settings(os.environ):
         logger.warning("%s is not a setting and is ignored; did you mean %s?", variable, setting)
-    # Checksums only, no TensorFlow: a broken or tampered bundle fails in a fraction of a second
-    # with one clear line. The lifespan verifies again (and loads) for other entry points.
     # SIGHUP's default action ends the process at once, dropping every request in flight; operators
     # and supervisors send it expecting a reload (nginx) or nothing. The model repository reloads by
     # its poll or POST /admin/reload; a stop is SIGTERM (drains) or SIGINT.
@@ -62,6 +60,8 @@ def main() -> int:
             "or the repository poll loads new model versions"
         ),
     )
+    # Checksums only, no TensorFlow: a broken or tampered bundle fails in a fraction of a second
+    # with one clear line. The lifespan verifies again (and loads) for other entry points.
     try:
         precheck(settings)
     except (ArtifactError, ValueError, OSError) as exc:  # OSError: a repository it may not read

@@ -257,12 +257,8 @@ _FORM_PROBLEMS = {
 }
 
 
-def http_error_code(status: int) -> str:
-    return _HTTP_CODES.get(status, "http_error")
-
-
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = http_error_code(exc.status_code)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     cause = exc.__cause__
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -109,17 +109,16 @@ class Data:
     warnings: list[str]  # about the data, printed and kept in the manifest (`training.warnings`)
 
 
-class _CollectWarnings(logging.Handler):
-    """Keeps the dataset loaders' warnings (skipped records) for the manifest, and prints them as
-    the run's other warnings are (a handler of its own would otherwise silence logging's fallback)."""
+class _WarningsTo(logging.Handler):
+    """Hands the dataset loaders' warnings (skipped records) to `warn`, as the run's own warnings
+    are (a handler of its own would otherwise silence logging's fallback, which printed them)."""
 
-    def __init__(self):
+    def __init__(self, warn):
         super().__init__(logging.WARNING)
-        self.messages: list[str] = []
+        self.warn = warn
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        print(f"warning: {record.getMessage()}", file=sys.stderr)
+        self.warn(record.getMessage())
 
 
 def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
@@ -127,17 +126,22 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     print(f"loading {config.dataset} (train_limit {config.train_limit}, val_limit {config.val_limit}) ...", flush=True)
     train_options = parse_options(args.data)
     val_options = {**train_options, **parse_options(args.val_data)}
-    collected = _CollectWarnings()
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:  # printed now, and kept for the manifest
+        warnings.append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    handler = _WarningsTo(warn)
     dataset_logger = logging.getLogger("training.datasets")
-    dataset_logger.addHandler(collected)
-    dataset_logger.propagate = False  # printed once, by the collector
+    dataset_logger.addHandler(handler)
+    dataset_logger.propagate = False  # printed once, by warn()
     try:
         train_records = load_records(config, "train", train_options)
         val_records = load_records(config, "val", val_options)
     finally:
-        dataset_logger.removeHandler(collected)
+        dataset_logger.removeHandler(handler)
         dataset_logger.propagate = True
-    warnings = collected.messages
     tokenizer = Tokenizer.build(
         (c for r in train_records for c in r.captions), max_size=config.vocab_size, min_count=config.min_count
     )
@@ -145,22 +149,20 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     longest = config.max_length - 2  # <start> and <end> take two of the positions
     cut = sum(len(standardize(c).split()) > longest for r in train_records for c in r.captions)
     if cut:
-        warnings.append(
+        warn(
             f"{cut} training captions are longer than {longest} words and are cut to that "
             "(--max-length sets the limit, in tokens with <start> and <end>)"
         )
-        print(f"warning: {warnings[-1]}", file=sys.stderr)
     trained_on = {r.path or r.image_id for r in train_records}
     seen = sum((r.path or r.image_id) in trained_on for r in val_records)
     if seen:
         # A COCO file is one split, and a list without a split column is whatever split is asked:
         # without --val-data both splits are the same file, and "validation" measures memory.
-        warnings.append(
+        warn(
             f"{seen} of the {len(val_records)} validation images are training images, so validation "
             "loss, early stopping and --evaluate-split val measure the training set: give the validation "
             "file with --val-data (e.g. --val-data annotations_file=captions_val2014.json)"
         )
-        print(f"warning: {warnings[-1]}", file=sys.stderr)
     return Data(train_records, val_records, tokenizer, train_options, val_options, warnings)
 
 

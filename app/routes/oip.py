@@ -37,7 +37,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app.dependencies import get_settings, note_version, service_for, service_ready
@@ -49,9 +48,7 @@ from app.errors import (
     NotReady,
     TooManyImages,
     UploadTooLarge,
-    api_error_response,
     error_response,
-    http_error_code,
 )
 from app.model_repository import ServedModel
 from app.schemas import CaptionFields, CaptionQuery
@@ -94,8 +91,9 @@ def oip_errors(*status_codes: int) -> dict:
 
 
 class OipRoute(APIRoute):
-    """Answers every error of these routes, validation included, in the protocol's shape (which
-    app.errors.error_response gives any path under /v2), with its error code counted and logged."""
+    """Answers a request that fails validation with the protocol's 400, not FastAPI's 422. Every
+    other error of these routes reaches the app's handlers, whose app.errors.error_response gives
+    the protocol's shape to any path under /v2, with its error code counted and logged."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -103,16 +101,16 @@ class OipRoute(APIRoute):
         async def oip_handler(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as exc:
-                return api_error_response(request, exc)
             except RequestValidationError as exc:
-                message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
-                return error_response(request, 400, "bad_request", message)
-            except StarletteHTTPException as exc:
-                code = http_error_code(exc.status_code)
-                return error_response(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+                return error_response(request, 400, "bad_request", describe_problems(exc.errors()))
 
         return oip_handler
+
+
+def describe_problems(errors) -> str:
+    """pydantic's errors as one line: "where: what; ..." (the first five; "what" alone at the top level)."""
+    problems = ((".".join(map(str, e.get("loc", ()))), e.get("msg")) for e in list(errors)[:5])
+    return "; ".join(f"{where}: {what}" if where else what for where, what in problems)
 
 
 public_router = APIRouter(prefix=OIP_PREFIX, tags=["open inference protocol"], route_class=OipRoute)
@@ -330,10 +328,7 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
     try:
         inference = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
-        problems = ((".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()[:5])
-        raise OipError(
-            "invalid inference request: " + "; ".join(f"{where}: {what}" if where else what for where, what in problems)
-        ) from None
+        raise OipError(f"invalid inference request: {describe_problems(exc.errors())}") from None
     names = [output.name for output in inference.outputs or ()]
     unknown = sorted(set(names) - set(OUTPUTS))
     if unknown:  # before any inference is spent on the request
@@ -422,9 +417,7 @@ def decoding(parameters: dict[str, Any]) -> DecodeOptions:
         # not seed 1 (a query string's values are all text, so /caption parses them as FastAPI does).
         query = CaptionQuery.model_validate(given, strict=True)
     except ValidationError as exc:
-        raise InvalidParameters(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        ) from None
+        raise InvalidParameters(describe_problems(exc.errors())) from None
     return decode_options(query)
 
 

@@ -145,7 +145,12 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, le=64, description="Decode slots / images per batch.")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="Static batching: wait this long to fill a batch.")
-    max_queue_size: int = Field(256, ge=1, description="Admitted requests waiting; beyond it 503 + Retry-After.")
+    max_queue_size: int = Field(
+        256,
+        ge=1,
+        description="Admitted requests waiting for a decode row (queued, or encoded ahead in continuous mode); "
+        "beyond it 503 + Retry-After.",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish in-flight requests on SIGTERM.")
     inference_threads: int = Field(
         0,

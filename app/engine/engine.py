@@ -120,8 +120,8 @@ class EngineClient:
         if self.core.stopping or not self._started:
             metrics.REJECTIONS.labels(reason="stopped").inc()
             raise EngineStopped("the inference engine is not running")
-        waiting = len(self._queue)
-        if waiting >= self._queue.maxsize or (waiting and waiting + arriving >= self._queue.maxsize):
+        waiting = self.core.waiting()
+        if waiting >= self._queue.maxsize or (len(self._queue) and waiting + arriving >= self._queue.maxsize):
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
 
@@ -143,6 +143,8 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         request = Request(image, options, loop, loop.create_future())
         try:
+            if self.core.waiting() >= self._queue.maxsize:
+                raise QueueFull
             self._queue.put_nowait(request)
         except QueueFull:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
@@ -163,7 +165,7 @@ class EngineClient:
         self.runner.close()
 
     def _retry_after_s(self) -> float:
-        backlog = len(self._queue) + self.core.slots.used
+        backlog = self.core.waiting() + self.core.slots.used
         return max(1.0, backlog / max(self.policy.max_slots, 1) * self.core.seconds_per_request)
 
     def _expire(self, request: Request) -> None:

@@ -317,15 +317,16 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
         controlled.gate.clear()
         held = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions()))
         await asyncio.to_thread(controlled.encode_entered.wait, 5)  # the engine thread is busy encoding
-        engine.check_admission(arriving=5)  # nothing waits: uploads being read do not count
-        queued = [asyncio.create_task(engine.submit(p, DecodeOptions())) for p in images(3, seed=2)[:2]]
+        engine.check_admission(arriving=5)  # nothing queued: uploads being read do not count
+        # The request being encoded has not started decoding: it takes one of the three places.
+        queued = [asyncio.create_task(engine.submit(images(3, seed=2)[0], DecodeOptions()))]
         await asyncio.sleep(0.01)
         engine.check_admission()  # one place left...
         with pytest.raises(Overloaded):
             engine.check_admission(arriving=1)  # ...already spoken for by an upload being read
-        queued.append(asyncio.create_task(engine.submit(images(3, seed=2)[2], DecodeOptions())))
+        queued.append(asyncio.create_task(engine.submit(images(3, seed=2)[1], DecodeOptions())))
         await asyncio.sleep(0.01)
-        assert engine.queue_depth == 3
+        assert engine.queue_depth == 2 and engine.core.waiting() == 3
         with pytest.raises(Overloaded):
             engine.check_admission()  # what app.guards.UploadGuard asks before the upload is read
         started = time.perf_counter()
@@ -339,7 +340,7 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
         await engine.stop()
         return results
 
-    assert len(run(scenario())) == 4
+    assert len(run(scenario())) == 3
 
 
 def test_deadline_fails_waiting_and_active_requests_and_frees_their_slots(tiny_captioner):
@@ -494,7 +495,7 @@ def test_the_encoder_sleeps_while_every_feature_slot_is_taken(tiny_captioner):
         assert len(engine.runner.free_slots) == 0 and engine.queue_depth == 8
         # The queue-depth gauge (what the HPA scales on) counts the encoded requests waiting for a
         # decode slot too, not only the 8 still queued.
-        assert engine.core._waiting() == MAX_ROWS + 8 - engine.core.slots.used > 8
+        assert engine.core.waiting() == MAX_ROWS + 8 - engine.core.slots.used > 8
         before = thread_cpu_seconds("inference-encoder")
         await asyncio.sleep(0.5)
         spent = thread_cpu_seconds("inference-encoder") - before

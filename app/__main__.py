@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import typing
 
 # numpy's BLAS (the engine's out-of-domain distance, a [B, 512] x [512, 512] product per encoded
 # batch) must not start a second thread pool beside TensorFlow's: on 2 cores its spinning threads
@@ -26,7 +27,7 @@ from app.logging_config import logging_config  # noqa: E402
 from app.model_repository import precheck  # noqa: E402
 from app.native_logs import close as close_native_output  # noqa: E402
 from app.native_logs import route_native_output  # noqa: E402
-from app.settings import Settings, misspelt_settings  # noqa: E402
+from app.settings import LogLevel, Settings, misspelt_settings  # noqa: E402
 from captioning.artifacts import ArtifactError  # noqa: E402
 
 logger = logging.getLogger("app")
@@ -40,10 +41,15 @@ def main() -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print("invalid configuration (environment variables):", file=sys.stderr)
-        for error in exc.errors():
-            name = "_".join(str(part) for part in error["loc"]).upper() or "?"  # the variable, as set
-            print(f"  {name}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
+        # One JSON record like every other line, so a log collector keeps it whole.
+        level = os.environ.get("LOG_LEVEL", "INFO").upper()
+        logging.config.dictConfig(logging_config(level if level in typing.get_args(LogLevel) else "INFO"))
+        problems = [
+            # the variable as it is set, its value, and what is wrong with it
+            f"{'_'.join(str(part) for part in error['loc']).upper() or '?'}={error.get('input')!r}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        logger.critical("cannot start: invalid configuration: %s", "; ".join(problems), extra={"problems": problems})
         return 2
     route_native_output(settings.log_level)  # TensorFlow's own lines become JSON records too
     log_config = logging_config(settings.log_level)

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.logging_config import LOGGED_WITH_REQUEST_ID
 from app.schemas import ErrorResponse
 
 logger = logging.getLogger("app.errors")
@@ -320,7 +321,17 @@ def _form_fields(dependant) -> set[str]:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette's ServerErrorMiddleware calls this, then re-raises so the server logs the traceback.
+    # Starlette's ServerErrorMiddleware calls this, then re-raises, and uvicorn logs the traceback
+    # without the request's ID; logged here with it, uvicorn's copy is dropped
+    # (app.logging_config.DropRepeatedTraceback).
+    logger.error(
+        "unhandled error while handling %s %s",
+        request.method,
+        request.url.path,
+        exc_info=exc,
+        extra={"request_id": request_id_of(request), "path": request.url.path},
+    )
+    setattr(exc, LOGGED_WITH_REQUEST_ID, True)
     return error_response(
         request,
         500,

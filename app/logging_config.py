@@ -19,6 +19,8 @@ from typing import Any
 _RECORD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 # uvicorn adds a colourised duplicate of its message; it means nothing in JSON.
 _DROPPED_EXTRAS = {"color_message"}
+# Set on an exception whose traceback the app logged with the request's ID (app.errors).
+LOGGED_WITH_REQUEST_ID = "_logged_with_request_id"
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,18 +39,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class DropRepeatedTraceback(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" record for an exception the app's handler
+    already logged with the request's ID (app.errors): one traceback per failure, the one that can
+    be joined to the access record. Any other exception uvicorn reports is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, LOGGED_WITH_REQUEST_ID, False)
+
+
 def logging_config(level: str = "INFO") -> dict[str, Any]:
     """A logging.config.dictConfig dictionary."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
+        "filters": {"repeated_traceback": {"()": DropRepeatedTraceback}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             # uvicorn's own handlers would print a second, plain-text copy.
             "uvicorn": {"handlers": [], "propagate": True, "level": level},
-            "uvicorn.error": {"handlers": [], "propagate": True, "level": level},
+            "uvicorn.error": {"handlers": [], "propagate": True, "level": level, "filters": ["repeated_traceback"]},
             # app.access replaces uvicorn's access log (one line per request, with request id).
             "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
             # TensorFlow's Python logger is chatty at INFO.

@@ -73,7 +73,8 @@ HTTP_IN_FLIGHT = Gauge(
 
 QUEUE_DEPTH = Gauge(
     "engine_queue_depth",
-    "Requests admitted and not yet decoding: queued, being encoded, or encoded and waiting for a decode slot.",
+    "Requests admitted and not yet decoding: queued, being encoded, or encoded and waiting for a decode slot "
+    "(every version the process serves; what MAX_QUEUE_SIZE bounds per version).",
     namespace=_NAMESPACE,
     registry=REGISTRY,
 )
@@ -146,6 +147,15 @@ INFERENCE_SECONDS = Histogram(
 MODEL_SERVED = Gauge(
     "model_served",
     "1 for each model version currently served (the highest answers unversioned requests).",
+    labelnames=("model", "version"),
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
+MODEL_REFUSED = Gauge(
+    "model_refused",
+    "1 for each model version in the repository that was refused (verification, loading or warm-up "
+    "failed) and is not tried again until its files change; the versions before it keep serving.",
     labelnames=("model", "version"),
     namespace=_NAMESPACE,
     registry=REGISTRY,

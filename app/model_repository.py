@@ -331,6 +331,7 @@ class ModelManager:
         for version in list(self._refused):
             if version not in on_disk or fingerprint(on_disk[version]) != self._refused[version][0]:
                 del self._refused[version]
+                metrics.MODEL_REFUSED.remove(self.name, str(version))
         # A served version whose files were changed into something unloadable keeps serving
         # from memory; a refused version that is not served is out of the running.
         loadable = [v for v in on_disk if v not in self._refused or v in current]
@@ -422,6 +423,7 @@ class ModelManager:
             self._refused[version] = (prints, reason)
             report.refused[version] = reason
             metrics.MODEL_LOADS.labels(**labels, result="refused").inc()
+            metrics.MODEL_REFUSED.labels(**labels).set(1)
             return None
         warmed = time.perf_counter()
         metrics.MODEL_LOADS.labels(**labels, result="loaded").inc()

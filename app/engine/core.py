@@ -36,6 +36,21 @@ from captioning.decoding import GreedySearch
 
 logger = logging.getLogger("app.engine")
 
+# Every running core in the process: two while a new model version takes over from the old one.
+# The gauges are read from them when Prometheus scrapes, so two versions add up instead of each
+# overwriting the other's figure.
+_RUNNING: set[EngineCore] = set()
+_RUNNING_LOCK = threading.Lock()  # cores come and go on their own threads while a scrape reads them
+
+
+def _running() -> list[EngineCore]:
+    with _RUNNING_LOCK:
+        return list(_RUNNING)
+
+
+metrics.QUEUE_DEPTH.set_function(lambda: sum(core.waiting() for core in _running()))
+metrics.ACTIVE_SLOTS.set_function(lambda: sum(core.slots.used for core in _running()))
+
 
 class EngineCore:
     def __init__(
@@ -81,6 +96,8 @@ class EngineCore:
             target=self._main, args=(loop, warmed_up), name=f"inference-{self.policy.name}", daemon=True
         )
         self.thread.start()
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
 
     def start_encoder(self) -> None:
         if self.encoder is not None:
@@ -120,6 +137,8 @@ class EngineCore:
             self.runner.warmup()
         except Exception as exc:
             logger.exception("engine warm-up failed")
+            with _RUNNING_LOCK:
+                _RUNNING.discard(self)
             loop.call_soon_threadsafe(report, exc)
             return
         os_tuning.lower_model_threads(self.inference_nice)
@@ -135,8 +154,8 @@ class EngineCore:
                 self._fail_active(InferenceError("the inference engine failed"))
             self._flush()
         self._flush()
-        metrics.QUEUE_DEPTH.set(0)
-        metrics.ACTIVE_SLOTS.set(0)
+        with _RUNNING_LOCK:
+            _RUNNING.discard(self)
         logger.info("inference engine stopped")
 
     def _iterate(self) -> bool:
@@ -159,8 +178,6 @@ class EngineCore:
         elif not admitted:
             source = self.encoder.encoded if self.encoder is not None else self.queue
             source.wait(IDLE_POLL_S if wait_s is None else min(wait_s, IDLE_POLL_S))
-        metrics.QUEUE_DEPTH.set(self.waiting())
-        metrics.ACTIVE_SLOTS.set(self.slots.used)
         return True
 
     def waiting(self) -> int:

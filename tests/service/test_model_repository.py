@@ -132,6 +132,10 @@ def served_gauge(version: int) -> float | None:
     return metrics.REGISTRY.get_sample_value("captioning_model_served", {"model": "default", "version": str(version)})
 
 
+def refused_gauge(version: int) -> float | None:
+    return metrics.REGISTRY.get_sample_value("captioning_model_refused", {"model": "default", "version": str(version)})
+
+
 def loads(version: int, result: str) -> float:
     return (
         metrics.REGISTRY.get_sample_value(
@@ -186,6 +190,12 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         write_manifest(misfit, name="misfit", version="4", training={})
         report = await models.reload()
         assert list(report.refused) == [4] and list(models.served) == [2]
+        # What the CaptioningModelVersionRefused alert reads; a refused version that leaves the
+        # repository (or whose files change) is forgotten.
+        assert refused_gauge(3) == 1.0 and refused_gauge(4) == 1.0 and refused_gauge(2) is None
+        shutil.rmtree(broken)
+        assert (await models.reload()).refused == {} and list(models.refused) == [4]
+        assert refused_gauge(3) is None and refused_gauge(4) == 1.0
 
         # Rollback: pin version 1. A pin to a missing version changes nothing.
         report = await models.reload(VersionPolicy.parse("specific:1"))

@@ -577,3 +577,40 @@ def test_the_compiling_gauge_is_up_from_before_readiness_until_the_background_co
         runner.warmup_thread.join(10)
         assert compiling() == before, outcome
         assert (runner.greedy_buckets == set(runner.features.buckets())) == (outcome == "done"), outcome
+
+
+def test_the_engine_gauges_add_up_every_running_engine(tiny_captioner):
+    """Two versions run side by side during a swap: the queue-depth and active-slot gauges (what
+    the autoscaler and dashboards read) are their sum, not whichever engine wrote last."""
+    from app.metrics import REGISTRY
+
+    def gauges() -> tuple[float, float]:
+        return tuple(REGISTRY.get_sample_value(f"captioning_engine_{name}") for name in ("queue_depth", "active_slots"))
+
+    controlled = [ControlledCaptioner(tiny_captioner), ControlledCaptioner(tiny_captioner)]
+
+    async def scenario():
+        before = gauges()
+        engines = [await started_engine(c, settings()) for c in controlled]
+        for c in controlled:
+            c.step_gate.clear()
+        tasks = [
+            asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2)))
+            for engine, count in zip(engines, (3, 5))
+            for p in images(count, seed=count)
+        ]
+        for _ in range(500):  # until every request is placed in its engine's rows
+            await asyncio.sleep(0.01)
+            if [e.core.slots.used for e in engines] == [3, 5]:
+                break
+        held = gauges()
+        for c in controlled:
+            c.step_gate.set()
+        await asyncio.gather(*tasks)
+        for engine in engines:
+            await engine.stop()
+        return before, held, gauges()
+
+    before, held, after = run(scenario())
+    assert held == (before[0], before[1] + 8)
+    assert after == before

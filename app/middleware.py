@@ -97,6 +97,10 @@ class RequestContextMiddleware:
         HTTP_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_with_request_id)
+        except Exception:
+            # A bug: Starlette's outermost middleware answers 500 (app.errors) after this record.
+            state.setdefault("error_code", "internal_error")
+            raise
         finally:
             HTTP_IN_FLIGHT.dec()
             if ANSWERED_BELOW_APP in state:  # the connection's framing broke: the protocol answered

@@ -30,7 +30,7 @@ def failing_app() -> FastAPI:
 
 
 def test_an_unexpected_error_is_a_json_500_logged_once_with_the_request_id(caplog):
-    with TestClient(failing_app(), raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
+    with TestClient(failing_app(), raise_server_exceptions=False) as client, caplog.at_level(logging.INFO):
         response = client.get("/fails", headers={"X-Request-ID": "trace-me-1"})
 
     assert response.status_code == 500
@@ -38,6 +38,8 @@ def test_an_unexpected_error_is_a_json_500_logged_once_with_the_request_id(caplo
         "error": {"code": "internal_error", "message": "the server failed to handle the request"},
         "request_id": "trace-me-1",
     }
+    (access,) = [r for r in caplog.records if r.name == "app.access"]
+    assert (access.status, access.error_code, access.request_id) == (500, "internal_error", "trace-me-1")
     (record,) = [r for r in caplog.records if r.name == "app.errors"]
     assert record.request_id == "trace-me-1" and record.path == "/fails"
     assert record.exc_info[0] is RuntimeError

@@ -10,6 +10,7 @@ Starlette's HTTP exceptions (404, 405, ...) and anything unexpected go through t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -324,14 +325,16 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette's ServerErrorMiddleware calls this, then re-raises, and uvicorn logs the traceback
     # without the request's ID; logged here with it, uvicorn's copy is dropped
     # (app.logging_config.DropRepeatedTraceback).
+    path = request.scope.get("path", "")
     logger.error(
         "unhandled error while handling %s %s",
         request.method,
-        request.url.path,
+        path,
         exc_info=exc,
-        extra={"request_id": request_id_of(request), "path": request.url.path},
+        extra={"request_id": request_id_of(request), "path": path},
     )
-    setattr(exc, LOGGED_WITH_REQUEST_ID, True)
+    with contextlib.suppress(AttributeError, TypeError):  # an exception type without a __dict__
+        setattr(exc, LOGGED_WITH_REQUEST_ID, True)
     return error_response(
         request,
         500,

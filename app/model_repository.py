@@ -28,6 +28,7 @@ version does not count, so with latest:1 a broken new version leaves the previou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -331,7 +332,7 @@ class ModelManager:
         for version in list(self._refused):
             if version not in on_disk or fingerprint(on_disk[version]) != self._refused[version][0]:
                 del self._refused[version]
-                metrics.MODEL_REFUSED.remove(self.name, str(version))
+                self._forget_refused_gauge(version)
         # A served version whose files were changed into something unloadable keeps serving
         # from memory; a refused version that is not served is out of the running.
         loadable = [v for v in on_disk if v not in self._refused or v in current]
@@ -552,6 +553,12 @@ class ModelManager:
         await asyncio.gather(*(model.engine.stop(grace_s) for model in served.values()))
         for task in list(self._retiring):
             task.cancel()
+        for version in self._refused:
+            self._forget_refused_gauge(version)
+
+    def _forget_refused_gauge(self, version: int) -> None:
+        with contextlib.suppress(KeyError):  # another manager of the same name may have removed it
+            metrics.MODEL_REFUSED.remove(self.name, str(version))
 
 
 def _name_captioner(captioner, name: str, version: int, from_repository: bool) -> None:

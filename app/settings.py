@@ -148,8 +148,8 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         256,
         ge=1,
-        description="Admitted requests waiting for a decode row (queued, or encoded ahead in continuous mode); "
-        "beyond it 503 + Retry-After.",
+        description="Admitted requests not yet decoding (queued, being encoded or encoded ahead), per served "
+        "model version; beyond it 503 + Retry-After.",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish in-flight requests on SIGTERM.")
     inference_threads: int = Field(

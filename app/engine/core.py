@@ -95,9 +95,9 @@ class EngineCore:
         self.thread = threading.Thread(
             target=self._main, args=(loop, warmed_up), name=f"inference-{self.policy.name}", daemon=True
         )
-        self.thread.start()
-        with _RUNNING_LOCK:
+        with _RUNNING_LOCK:  # before the thread runs: a warm-up that fails at once removes it again
             _RUNNING.add(self)
+        self.thread.start()
 
     def start_encoder(self) -> None:
         if self.encoder is not None:
@@ -188,7 +188,13 @@ class EngineCore:
         static's), and the gauge read 0 with 64 clients waiting 3 s."""
         if self.encoder is None:
             return len(self.queue)
-        return len(self.queue) + len(self.encoder.encoded) + len(self.encoder.in_flight)
+        with self.encoder.handoff:  # the encoder moves requests between the three under it
+            return len(self.queue) + len(self.encoder.encoded) + len(self.encoder.in_flight)
+
+    def behind(self) -> bool:
+        """Whether admitted requests wait for a decode row (queued, or encoded ahead): the engine is
+        not keeping up with arrivals. The batch being encoded alone does not count."""
+        return bool(len(self.queue) or (self.encoder is not None and len(self.encoder.encoded)))
 
     def _encoder_should_exit(self) -> bool:
         return self.stopping and (time.monotonic() >= self.stop_deadline or self._nothing_left())

@@ -113,15 +113,15 @@ class EngineClient:
     def check_admission(self, arriving: int = 0) -> None:
         """Raises what submit() would raise right now for a full queue or a stopped engine, so a
         route can refuse before it spends time reading and decoding the upload. `arriving`: requests
-        already let in whose uploads are still being read. While requests wait in the queue (the
-        engine is behind), each of those will want a place too, so they count against the room
-        left, else they find the queue full after their upload; an empty queue (the engine keeps
-        up) counts them not at all, so slow uploads never make an idle engine refuse."""
+        already let in whose uploads are still being read. While requests wait for a decode row
+        (the engine is behind), each of those will want a place too, so they count against the room
+        left, else they find the queue full after their upload; an engine that keeps up counts them
+        not at all, so slow uploads never make an idle engine refuse."""
         if self.core.stopping or not self._started:
             metrics.REJECTIONS.labels(reason="stopped").inc()
             raise EngineStopped("the inference engine is not running")
         waiting = self.core.waiting()
-        if waiting >= self._queue.maxsize or (len(self._queue) and waiting + arriving >= self._queue.maxsize):
+        if waiting >= self._queue.maxsize or (self.core.behind() and waiting + arriving >= self._queue.maxsize):
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
 

@@ -614,3 +614,36 @@ def test_the_engine_gauges_add_up_every_running_engine(tiny_captioner):
     before, held, after = run(scenario())
     assert held == (before[0], before[1] + 8)
     assert after == before
+
+
+def test_requests_encoded_ahead_count_as_the_engine_being_behind_at_the_door(tiny_captioner):
+    """Continuous mode: with the decoder busy, requests the encoder already took out of the queue
+    still wait for a row, so uploads being read count against the room left (else they are let
+    in, read, and refused by submit())."""
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = await started_engine(controlled, settings(max_queue_size=4))
+        controlled.step_gate.clear()
+        decoding = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(max_length=2)))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if engine.core.slots.used:
+                break
+        waiting = [asyncio.create_task(engine.submit(p, DecodeOptions(max_length=2))) for p in images(2, seed=4)]
+        for _ in range(500):  # both encoded, out of the queue, waiting for the stuck decoder
+            await asyncio.sleep(0.01)
+            if len(engine.core.encoder.encoded) == 2:
+                break
+        assert engine.queue_depth == 0 and engine.core.waiting() == 2 and engine.core.behind()
+        engine.check_admission(arriving=1)  # room for one more upload
+        with pytest.raises(Overloaded):
+            engine.check_admission(arriving=2)
+        controlled.step_gate.set()
+        results = await asyncio.gather(decoding, *waiting)
+        assert not engine.core.behind()
+        engine.check_admission(arriving=10)  # caught up: uploads being read do not count
+        await engine.stop()
+        return results
+
+    assert all(result.captions for result in run(scenario()))

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.errors import install_exception_handlers
-from app.logging_config import DropRepeatedTraceback
+from app.logging_config import DropRepeatedTraceback, logging_config
 from app.middleware import RequestContextMiddleware
 
 
@@ -43,7 +43,10 @@ def test_an_unexpected_error_is_a_json_500_logged_once_with_the_request_id(caplo
     (record,) = [r for r in caplog.records if r.name == "app.errors"]
     assert record.request_id == "trace-me-1" and record.path == "/fails"
     assert record.exc_info[0] is RuntimeError
-    # uvicorn then reports the same exception, re-raised by Starlette, without the ID: dropped.
+    # uvicorn then reports the same exception, re-raised by Starlette, without the ID: the service's
+    # logging configuration drops it.
+    uvicorn_error = logging_config()["loggers"]["uvicorn.error"]
+    assert [logging_config()["filters"][name]["()"] for name in uvicorn_error["filters"]] == [DropRepeatedTraceback]
     repeated = logging.LogRecord(
         "uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI application", (), record.exc_info
     )

@@ -10,6 +10,7 @@ a few bucket sizes so that each shape is compiled once, at warm-up, not on a liv
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -55,6 +56,71 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, padding])
 
 
+class DecoderPrograms:
+    """The decoder's compiled programs (one step; several greedy steps), with its weights as arguments.
+
+    XLA keeps every program it compiles for as long as the process lives (TensorFlow offers no way
+    to evict one), keyed by the traced function. Traced anew for each Captioner, a service that
+    swapped model versions grew by about 54 MiB a swap. One DecoderPrograms per decoder
+    architecture (`shared`) is traced on the first decoder of that architecture and run with any
+    such decoder's weights: a swap between versions of one architecture compiles nothing new,
+    and its warm-up finds every program compiled.
+    """
+
+    _shared: dict[str, DecoderPrograms] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, decoder: keras.Model, vocab_size: int) -> DecoderPrograms:
+        # Same configuration and variable shapes, same programs. Not the variables' paths: Keras
+        # numbers some per process (a second load's seed generator is "seed_generator_1").
+        key = json.dumps(
+            [decoder.get_config(), vocab_size, [(list(v.shape), v.dtype) for v in decoder.variables]],
+            sort_keys=True,
+            default=str,
+        )
+        with cls._shared_lock:
+            if key not in cls._shared:
+                cls._shared[key] = cls(decoder, vocab_size)
+            return cls._shared[key]
+
+    def __init__(self, template: keras.Model, vocab_size: int):
+        # The template's layers give the programs their code; inside them every read of one of its
+        # variables returns the weight passed in its place (Keras's StatelessScope), so the traced
+        # graph holds no weights of its own. The template is kept: its variables are the keys.
+        decoder_step = DecoderStep(template)
+        self.state_size = decoder_step.state_size
+        variables = list(template.variables)
+
+        def with_weights(weights):
+            return keras.StatelessScope(state_mapping=list(zip(variables, weights)))
+
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def step_rows(weights, features, slot_of_row, tokens, state):
+            with with_weights(weights):
+                return decoder_step(tokens, state, tf.gather(features, slot_of_row))
+
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def greedy_rows(weights, features, slot_of_row, tokens, state, words, min_words, steps):
+            # `steps` greedy steps in one XLA program, the argmax taken in the graph exactly as
+            # GreedySearch takes it: <end> ruled out while a row has fewer than min_words words.
+            with with_weights(weights):
+                rows_features = tf.gather(features, slot_of_row)
+                end_column = tf.range(vocab_size) == END_ID
+                chosen, chosen_log_probs, attentions = [], [], []
+                for _ in range(steps):
+                    log_probs, state, attention = decoder_step(tokens, state, rows_features)
+                    early_end = (words < min_words)[:, None] & end_column[None, :]
+                    tokens = tf.argmax(tf.where(early_end, -np.inf, log_probs), axis=1, output_type=tf.int32)
+                    words += tf.cast((tokens != PAD_ID) & (tokens != START_ID) & (tokens != END_ID), tf.int32)
+                    chosen.append(tokens)
+                    chosen_log_probs.append(tf.gather(log_probs, tokens, batch_dims=1))
+                    attentions.append(attention)
+                return tf.stack(chosen), tf.stack(chosen_log_probs), tf.stack(attentions), state
+
+        self.step_rows, self.greedy_rows = step_rows, greedy_rows
+
+
 class Captioner:
     def __init__(
         self,
@@ -73,9 +139,11 @@ class Captioner:
         self.manifest = manifest or {}
         self.calibration = calibration  # maps raw confidence to P(correct); None: raw
         self.domain = domain  # out-of-domain detector; None: not fitted for this bundle
-        decoder_step = DecoderStep(decoder)
+        self.decoder_programs = DecoderPrograms.shared(decoder, config.vocab_size)
+        # The weights as the programs take them: the runtime's variables, in the programs' order.
+        self.decoder_weights = [variable.value for variable in decoder.variables]
         self.num_positions, self.feature_size = encoder.output.shape[1], encoder.output.shape[2]
-        self.state_size = decoder_step.state_size  # the feature size, or twice it with input feeding
+        self.state_size = self.decoder_programs.state_size  # the feature size, or twice it with input feeding
         side = int(round(self.num_positions**0.5))
         self.grid_shape = (side, self.num_positions // side)
         try:  # None: the vocabulary cannot word a mirrored caption, so no mirror view
@@ -89,11 +157,8 @@ class Captioner:
 
         self._encode_graph = tf.function(run_encoder, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         # FeatureSlots' compiled pieces. They take the slots' variable as an argument, so every
-        # FeatureSlots of this model shares one trace, and one XLA compilation per batch shape.
-
-        @tf.function(jit_compile=True, reduce_retracing=True)
-        def step_rows(features, slot_of_row, tokens, state):
-            return decoder_step(tokens, state, tf.gather(features, slot_of_row))
+        # FeatureSlots of this model shares one trace; the decoder's two also take its weights,
+        # so every Captioner of this architecture shares them (DecoderPrograms).
 
         @tf.function(reduce_retracing=True)
         def encode_into(features, images, slots):
@@ -104,24 +169,7 @@ class Captioner:
             mean, variance = tf.nn.moments(encoded, axes=[1])
             return tf.concat([mean, tf.sqrt(variance)], axis=1)
 
-        @tf.function(jit_compile=True, reduce_retracing=True)
-        def greedy_rows(features, slot_of_row, tokens, state, words, min_words, steps):
-            # `steps` greedy steps in one XLA program, the argmax taken in the graph exactly as
-            # GreedySearch takes it: <end> ruled out while a row has fewer than min_words words.
-            rows_features = tf.gather(features, slot_of_row)
-            end_column = tf.range(config.vocab_size) == END_ID
-            chosen, chosen_log_probs, attentions = [], [], []
-            for _ in range(steps):
-                log_probs, state, attention = decoder_step(tokens, state, rows_features)
-                early_end = (words < min_words)[:, None] & end_column[None, :]
-                tokens = tf.argmax(tf.where(early_end, -np.inf, log_probs), axis=1, output_type=tf.int32)
-                words += tf.cast((tokens != PAD_ID) & (tokens != START_ID) & (tokens != END_ID), tf.int32)
-                chosen.append(tokens)
-                chosen_log_probs.append(tf.gather(log_probs, tokens, batch_dims=1))
-                attentions.append(attention)
-            return tf.stack(chosen), tf.stack(chosen_log_probs), tf.stack(attentions), state
-
-        self._step_rows, self._encode_into, self._greedy_rows = step_rows, encode_into, greedy_rows
+        self._encode_into = encode_into
         self._offline_slots: FeatureSlots | None = None  # caption()'s own, made on first use
         self._offline_lock = threading.Lock()
 
@@ -329,11 +377,16 @@ class FeatureSlots:
             state_size, size = self.captioner.state_size, self.captioner.config.image_size
             row_ids = tf.TensorSpec([rows], tf.int32)
             if kind == "step":
-                traced = self.captioner._step_rows.get_concrete_function(
-                    self._features, row_ids, row_ids, tf.TensorSpec([rows, state_size], tf.float32)
+                traced = self.captioner.decoder_programs.step_rows.get_concrete_function(
+                    self.captioner.decoder_weights,
+                    self._features,
+                    row_ids,
+                    row_ids,
+                    tf.TensorSpec([rows, state_size], tf.float32),
                 )
             elif kind == "greedy":
-                traced = self.captioner._greedy_rows.get_concrete_function(
+                traced = self.captioner.decoder_programs.greedy_rows.get_concrete_function(
+                    self.captioner.decoder_weights,
                     self._features,
                     row_ids,
                     row_ids,
@@ -366,6 +419,7 @@ class FeatureSlots:
         rows = len(tokens)
         bucket = bucket_for(rows)
         log_probs, new_state, attention = self._function("step", bucket)(
+            self.captioner.decoder_weights,
             self._features,
             tf.constant(_pad_rows(np.asarray(slot_of_row, np.int32), bucket)),
             tf.constant(_pad_rows(np.asarray(tokens, np.int32), bucket)),
@@ -390,6 +444,7 @@ class FeatureSlots:
         rows = len(tokens)
         bucket = bucket_for(rows)
         chosen, log_probs, attention, new_state = self._function("greedy", bucket, steps)(
+            self.captioner.decoder_weights,
             self._features,
             tf.constant(_pad_rows(np.asarray(slot_of_row, np.int32), bucket)),
             tf.constant(_pad_rows(np.asarray(tokens, np.int32), bucket)),

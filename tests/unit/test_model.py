@@ -124,3 +124,37 @@ def test_invalid_decode_options_are_rejected():
     ]:
         with pytest.raises(ValueError):
             bad.validate()
+
+
+def test_captioners_of_one_architecture_share_compiled_programs_and_each_runs_its_own_weights(tiny_captioner, tmp_path):
+    """A second version of a model (same design, other weights) reuses the first one's XLA programs,
+    so a swap compiles nothing new; what each computes is still its own decoder's."""
+    from captioning.captioner import Captioner
+    from captioning.tokenizer import END_ID, START_ID
+    from tests.conftest import make_tiny_bundle
+
+    other = Captioner.load(make_tiny_bundle(tmp_path / "other", seed=8))
+    assert other.decoder_programs is tiny_captioner.decoder_programs
+
+    images = np.random.default_rng(11).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    slot_ids = np.arange(4)
+    tokens = np.full(4, START_ID, np.int32)
+    state = np.zeros((4, tiny_captioner.state_size), np.float32)
+    log_probs = {}
+    for captioner in (tiny_captioner, other):
+        slots = captioner.feature_slots(8)
+        slots.encode(images, slot_ids)
+        log_probs[captioner], _, _ = slots.step(slot_ids, tokens, state)
+        expected, _, _ = DecoderStep(captioner.decoder)(tokens, state, captioner.encode(images))
+        np.testing.assert_allclose(log_probs[captioner], np.asarray(expected), atol=1e-5)
+        # The multi-step greedy program too: the captions of an argmax loop over this decoder.
+        for image, (caption,) in zip(images, captioner.caption(list(images))):
+            features, prefix = captioner.encode(image[None]), [START_ID]
+            for _ in range(captioner.max_steps(DecodeOptions())):
+                logits = captioner.decoder([np.array([prefix], np.int32), features], training=False)
+                token = int(np.argmax(np.asarray(logits)[0, -1]))
+                if token == END_ID:
+                    break
+                prefix.append(token)
+            assert caption.tokens == captioner.tokenizer.decode(prefix[1:])
+    assert not np.allclose(log_probs[tiny_captioner], log_probs[other], atol=1e-3)

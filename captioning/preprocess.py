@@ -9,6 +9,7 @@ pixel limits from the header, memory budget); a mismatch here would be train/ser
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def model_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resize_to_input(reduce_towards(image, size), size), dtype=np.uint8)
 
 
-def load_image_file(path: str | Path, size: int, max_pixels: int) -> np.ndarray:
+def load_image_file(path: str | Path | io.BytesIO, size: int, max_pixels: int) -> np.ndarray:
     """An image file -> the model's uint8 input [size, size, 3], decoded and resized as the service
     decodes and resizes an upload of the same bytes (its guards for untrusted uploads, the memory
     budget and the limits of its settings, are its own). ValueError naming the file when it is not
@@ -96,7 +97,7 @@ def load_image_file(path: str | Path, size: int, max_pixels: int) -> np.ndarray:
     return model_input(open_upright(path, size, max_pixels), size)
 
 
-def open_upright(path: str | Path, draft_size: int, max_pixels: int) -> Image.Image:
+def open_upright(path: str | Path | io.BytesIO, draft_size: int, max_pixels: int) -> Image.Image:
     """An image file -> its upright RGB picture, brought down towards draft_size (upright_rgb).
     ValueError naming the file when it is not a readable image of PILLOW_FORMATS."""
     try:

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import inspect
+import io
 import json
 import sys
 import time
@@ -65,8 +66,11 @@ METRIC_LABELS = {
 
 
 def record_input(captioner, record: CaptionedImage) -> np.ndarray:
-    """The model's input for a record: its pixels, or its file read exactly as the service reads
-    the same bytes uploaded (captioning.preprocess), so what is measured is what is served."""
+    """The model's input for a record: its file (on disk, or the JPEG a generated picture is held
+    as) read exactly as the service reads the same bytes uploaded (captioning.preprocess), or its
+    pixels as from a lossless upload, so what is measured is what is served."""
+    if record.encoded is not None:
+        return load_image_file(io.BytesIO(record.encoded), captioner.config.image_size, Image.MAX_IMAGE_PIXELS)
     if record.pixels is not None:
         return captioner.prepare(record.pixels)
     return load_image_file(record.path, captioner.config.image_size, Image.MAX_IMAGE_PIXELS)

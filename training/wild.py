@@ -28,6 +28,7 @@ from captioning.domain import IN_DOMAIN_SCORE
 
 def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) -> dict:
     from training.calibrate import caption_with_confidence, grade
+    from training.evaluate import record_input
 
     texts, _, confidence = caption_with_confidence(captioner, records, options)
     correct = grade(texts, records)
@@ -37,7 +38,7 @@ def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) 
         "ece": round(expected_calibration_error(confidence, correct), 4),
         "mean_confidence": round(float(confidence.mean()), 4),
     }
-    accepted = domain_accepted(captioner, [r.pixels for r in records])
+    accepted = domain_accepted(captioner, [record_input(captioner, r) for r in records])
     if accepted is not None:
         result["accepted_in_domain"] = round(float(accepted.mean()), 4)
     result["wrong_examples"] = [

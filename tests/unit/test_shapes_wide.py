@@ -94,7 +94,7 @@ def test_objects_are_drawn_in_their_colour_on_any_background():
     obj = ShapeObject("square", "blue", "large", 100.0, 80.0, 30.0)
     scene = Scene(160, (obj,), "", width=200, height=160)
     for tone in ((0.0, 5.0), (250.0, 255.0)):
-        pixels = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, tone=tone)).astype(int)
+        pixels = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, tone=tone))[0].astype(int)
         assert pixels.shape == (160, 200, 3)
         assert np.abs(pixels[80, 100] - np.array(RGB["blue"])).max() <= 12
 
@@ -102,8 +102,8 @@ def test_objects_are_drawn_in_their_colour_on_any_background():
 def test_hard_edges_have_two_tones_and_anti_aliasing_blends():
     obj = ShapeObject("circle", "red", "large", 40.0, 40.0, 20.0)
     scene = Scene(80, (obj,), "")
-    hard = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, anti_alias_probability=0.0))
-    soft = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, anti_alias_probability=1.0))
+    hard = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, anti_alias_probability=0.0))[0]
+    soft = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, anti_alias_probability=1.0))[0]
     # a hard-edged circle on a plain background has only the background and the fill colours
     assert len(np.unique(hard.reshape(-1, 3), axis=0)) == 2
     assert len(np.unique(soft.reshape(-1, 3), axis=0)) > 5
@@ -111,13 +111,13 @@ def test_hard_edges_have_two_tones_and_anti_aliasing_blends():
 
 def test_jpeg_blur_and_noise_change_the_pixels():
     scene = generate_wide_scene(np.random.default_rng(3), dataclasses.replace(PLAIN, long_side=(200, 200)))
-    clean = render_wide(scene, np.random.default_rng(0), PLAIN).astype(int)
+    clean = render_wide(scene, np.random.default_rng(0), PLAIN)[0].astype(int)
     for change in (
         dict(jpeg_probability=1.0, jpeg_quality=(20, 20)),
         dict(blur_probability=1.0),
         dict(noise_probability=1.0),
     ):
-        degraded = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, **change)).astype(int)
+        degraded = render_wide(scene, np.random.default_rng(0), dataclasses.replace(PLAIN, **change))[0].astype(int)
         assert degraded.shape == clean.shape and np.abs(degraded - clean).mean() > 0.3, change
 
 

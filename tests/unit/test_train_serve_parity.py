@@ -109,3 +109,35 @@ def test_an_unreadable_file_is_named(tmp_path):
     cut.write_bytes(_saved(_left_red(200, 200), "JPEG")[:400])
     with pytest.raises(ValueError, match="cut.jpg: not a readable image"):
         load_image_file(cut, SIZE, Image.MAX_IMAGE_PIXELS)
+
+
+def test_a_generated_jpeg_picture_is_read_as_its_upload_would_be():
+    """The wide renderer's JPEG pictures reach the model as the service reads their file (JPEG
+    decoded at reduced scale), in training data and in evaluation alike, not as a resize of their
+    full-size decode, which gives other pixels."""
+    import dataclasses
+
+    from training.datasets import shapes_wide
+
+    settings = dataclasses.replace(shapes_wide.TRAINING, long_side=(400, 640), jpeg_probability=1.0)
+    scene = shapes_wide.generate_wide_scene(np.random.default_rng(5), settings)
+    pixels, encoded = shapes_wide.render_wide(scene, np.random.default_rng(6), settings)
+    expected = model_input(decode_upload(encoded, max_pixels=40_000_000, min_side=8, draft_size=SIZE).image, SIZE)
+    assert not np.array_equal(model_input(Image.fromarray(pixels), SIZE), expected)  # the two differ here
+
+    record = CaptionedImage("x", ["a caption"], "test", pixels=pixels, encoded=encoded)
+    evaluated = record_input(SimpleNamespace(config=SimpleNamespace(image_size=SIZE)), record)
+    trained = shapes_wide.resize_for_model(pixels, encoded, SIZE)
+    for model_pixels in (evaluated, trained):
+        np.testing.assert_array_equal(model_pixels, expected)
+
+
+def test_generated_jpeg_examples_carry_their_file_until_stored_at_the_model_size():
+    from training.datasets.shapes_wide import make_wide_example
+
+    drawn = make_wide_example("test", 0, variation="jpeg")
+    stored = make_wide_example("test", 0, variation="jpeg", resize_to=SIZE)
+    assert drawn.encoded is not None and drawn.encoded[:2] == b"\xff\xd8"
+    assert stored.encoded is None and stored.pixels.shape == (SIZE, SIZE, 3)
+    evaluated = record_input(SimpleNamespace(config=SimpleNamespace(image_size=SIZE)), drawn)
+    np.testing.assert_array_equal(evaluated, stored.pixels)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from captioning.preprocess import model_input
+from captioning.preprocess import load_image_file, model_input
 from training.datasets.base import CaptionedImage
 from training.datasets.shapes import (
     COLOUR_JITTER,
@@ -144,8 +144,12 @@ def _place(rng, settings: WideSettings, width, height, long, others) -> ShapeObj
 # ---------------------------------------------------------------------------------------- pixels
 
 
-def render_wide(scene: Scene, rng: np.random.Generator, settings: WideSettings = TRAINING) -> np.ndarray:
-    """uint8 [height, width, 3]: background, objects, then blur, noise and JPEG as drawn."""
+def render_wide(
+    scene: Scene, rng: np.random.Generator, settings: WideSettings = TRAINING
+) -> tuple[np.ndarray, bytes | None]:
+    """(uint8 [height, width, 3], JPEG file or None): background, objects, then blur, noise and
+    JPEG as drawn. When JPEG compression is drawn, the pixels are the file's full-size decode and
+    the file is returned too: the model's input is read from it (model_input_of)."""
     width, height = scene.frame
     long = max(width, height)
     image = _background(rng, settings, width, height, [RGB[o.colour] for o in scene.objects])
@@ -164,8 +168,8 @@ def render_wide(scene: Scene, rng: np.random.Generator, settings: WideSettings =
     if rng.random() < settings.jpeg_probability:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, "JPEG", quality=int(rng.integers(*settings.jpeg_quality, endpoint=True)))
-        pixels = np.asarray(Image.open(buffer).convert("RGB"), np.uint8)
-    return pixels
+        return np.asarray(Image.open(buffer).convert("RGB"), np.uint8), buffer.getvalue()
+    return pixels, None
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -233,9 +237,11 @@ def _paint(image: np.ndarray, obj: ShapeObject, fill: np.ndarray, supersample: i
 # -------------------------------------------------------------------------------------- examples
 
 
-def resize_for_model(pixels: np.ndarray, size: int) -> np.ndarray:
-    """What the service makes of an upload of these pixels (captioning.captioner.Captioner.prepare:
-    the early box reduction of a large picture, then the one resize)."""
+def resize_for_model(pixels: np.ndarray, encoded: bytes | None, size: int) -> np.ndarray:
+    """What the service makes of an upload of this picture: of its JPEG file when it has one
+    (decoded at reduced scale, captioning.preprocess), else of a lossless file of its pixels."""
+    if encoded is not None:
+        return load_image_file(io.BytesIO(encoded), size, Image.MAX_IMAGE_PIXELS)
     return model_input(Image.fromarray(pixels), size)
 
 
@@ -255,11 +261,16 @@ def make_wide_example(
         settings, seed, image_id = TRAINING, [SPLIT_ID[split], index], f"shapes-wide-{split}-{index:06d}"
     scene_rng, pixel_rng, caption_rng = np.random.default_rng(seed).spawn(3)
     scene = generate_wide_scene(scene_rng, settings, max_objects)
-    pixels = render_wide(scene, pixel_rng, settings)
-    if resize_to is not None:
-        pixels = resize_for_model(pixels, resize_to)
+    pixels, encoded = render_wide(scene, pixel_rng, settings)
+    if resize_to is not None:  # stored as the model's input: the file, if any, has been read
+        pixels, encoded = resize_for_model(pixels, encoded, resize_to), None
     return CaptionedImage(
-        image_id=image_id, captions=write_captions(scene, caption_rng), split=split, pixels=pixels, scene=scene
+        image_id=image_id,
+        captions=write_captions(scene, caption_rng),
+        split=split,
+        pixels=pixels,
+        scene=scene,
+        encoded=encoded,
     )
 
 

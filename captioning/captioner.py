@@ -93,7 +93,7 @@ class DecoderPrograms:
         variables = list(template.variables)
 
         def with_weights(weights):
-            return keras.StatelessScope(state_mapping=list(zip(variables, weights)))
+            return keras.StatelessScope(state_mapping=list(zip(variables, weights, strict=True)))
 
         @tf.function(jit_compile=True, reduce_retracing=True)
         def step_rows(weights, features, slot_of_row, tokens, state):

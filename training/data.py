@@ -69,6 +69,8 @@ def _load_image_file(path, image_size: int):
 
 def image_source(records: list[CaptionedImage], image_size: int) -> tf.data.Dataset:
     """Pixels for every record, in order: held in memory, or decoded from files in parallel."""
+    if any(r.encoded is not None for r in records):  # its pixels are not what the service would read
+        raise ValueError("records that carry their JPEG file are read by record_input; store them at the model's size")
     if all(r.pixels is not None for r in records):
         return tf.data.Dataset.from_tensor_slices(np.stack([r.pixels for r in records]))
     paths = tf.data.Dataset.from_tensor_slices([str(r.path) for r in records])

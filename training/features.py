@@ -143,14 +143,7 @@ def image_hashes(records: list[CaptionedImage], cache_root: Path, verbose: int =
             if n % 256 == 0 or n == len(stale):
                 progress.update(n)
         _write_json_atomically(memo_path, memo)
-    return [
-        memo[os.path.abspath(r.path)][2]
-        if r.path is not None
-        else hashlib.sha256(r.encoded).hexdigest()
-        if r.encoded is not None  # the model's input is read from the file, not the pixels
-        else _sha256_pixels(r.pixels)
-        for r in records
-    ]
+    return [memo[os.path.abspath(r.path)][2] if r.path is not None else _sha256_pixels(r.pixels) for r in records]
 
 
 def _write_json_atomically(path: Path, data) -> None:

@@ -9,7 +9,7 @@ For the standard test split and every wild variation of the wide shapes dataset
 error of the calibrated confidence against that correctness, and the share the domain check
 accepts. Then, for images that are not shapes scenes (training/ood_images.py: scikit-image's
 photographs, noise, smooth random fields, text, textures), the share the domain check flags.
-Images go through Captioner.prepare, the resize the service applies to every upload.
+Images go through training.evaluate.record_input: the service's path for an upload of the same file.
 """
 
 from __future__ import annotations

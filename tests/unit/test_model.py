@@ -158,3 +158,29 @@ def test_captioners_of_one_architecture_share_compiled_programs_and_each_runs_it
                 prefix.append(token)
             assert caption.tokens == captioner.tokenizer.decode(prefix[1:])
     assert not np.allclose(log_probs[tiny_captioner], log_probs[other], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", [{}, {"input_feeding": True, "attention": "bahdanau"}])
+def test_shared_programs_compute_with_each_versions_own_weights(variant, tmp_path):
+    from captioning.captioner import Captioner
+    from captioning.tokenizer import START_ID
+    from tests.conftest import make_tiny_bundle
+
+    first = Captioner.load(make_tiny_bundle(tmp_path / "first", seed=7, **variant))
+    second = Captioner.load(make_tiny_bundle(tmp_path / "second", seed=8, **variant))
+    assert second.decoder_programs is first.decoder_programs
+    rng = np.random.default_rng(0)
+    for variable in second.decoder.variables:  # every weight its own, biases and layer norm included
+        if "float" in str(variable.dtype):
+            variable.assign(rng.normal(0.0, 0.3, variable.shape).astype(variable.dtype))
+    images = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    slot_ids, tokens = np.arange(4), np.full(4, START_ID, np.int32)
+    for captioner in (second, first):  # the second traces first: either may be the template's
+        state = rng.normal(0.0, 1.0, (4, captioner.state_size)).astype(np.float32)
+        slots = captioner.feature_slots(8)
+        slots.encode(images, slot_ids)
+        log_probs, new_state, _ = slots.step(slot_ids, tokens, state)
+        expected, expected_state, _ = DecoderStep(captioner.decoder)(tokens, state, captioner.encode(images))
+        np.testing.assert_allclose(log_probs, np.asarray(expected), atol=1e-5)
+        np.testing.assert_allclose(new_state, np.asarray(expected_state), atol=1e-5)
+        assert not slots._function("step", 8).captured_inputs  # no weights baked into the program

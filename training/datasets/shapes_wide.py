@@ -149,7 +149,7 @@ def render_wide(
 ) -> tuple[np.ndarray, bytes | None]:
     """(uint8 [height, width, 3], JPEG file or None): background, objects, then blur, noise and
     JPEG as drawn. When JPEG compression is drawn, the pixels are the file's full-size decode and
-    the file is returned too: the model's input is read from it (model_input_of)."""
+    the file is returned too: the model's input is read from it (resize_for_model)."""
     width, height = scene.frame
     long = max(width, height)
     image = _background(rng, settings, width, height, [RGB[o.colour] for o in scene.objects])

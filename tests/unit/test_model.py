@@ -89,22 +89,27 @@ def test_greedy_batches_equal_single_image_decoding(tiny_captioner):
 def test_greedy_caption_matches_an_argmax_loop_over_the_teacher_forced_decoder(captioner_fixture, request):
     """The step path (GRU cell, resident features, XLA) against the decoder model run on the whole
     prefix each time: an independent computation of the same captions."""
-    from captioning.tokenizer import END_ID, START_ID
-
     tiny_captioner = request.getfixturevalue(captioner_fixture)
 
     for seed in range(3):
         image = np.random.default_rng(seed).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
-        features = tiny_captioner.encode(image)
-        prefix = [START_ID]
-        for _ in range(tiny_captioner.max_steps(DecodeOptions())):
-            logits = tiny_captioner.decoder([np.array([prefix], np.int32), features], training=False)
-            token = int(np.argmax(np.asarray(logits)[0, -1]))
-            if token == END_ID:
-                break
-            prefix.append(token)
         (caption,) = tiny_captioner.caption(list(image))[0]
-        assert caption.tokens == tiny_captioner.tokenizer.decode(prefix[1:])
+        assert caption.tokens == argmax_caption(tiny_captioner, image)
+
+
+def argmax_caption(captioner, image):
+    """The greedy caption of one image [1, S, S, 3] by the teacher-forced decoder model, run on the
+    whole prefix at each word: an independent computation of what the step path decodes."""
+    from captioning.tokenizer import END_ID, START_ID
+
+    features, prefix = captioner.encode(image), [START_ID]
+    for _ in range(captioner.max_steps(DecodeOptions())):
+        logits = captioner.decoder([np.array([prefix], np.int32), features], training=False)
+        token = int(np.argmax(np.asarray(logits)[0, -1]))
+        if token == END_ID:
+            break
+        prefix.append(token)
+    return captioner.tokenizer.decode(prefix[1:])
 
 
 def test_max_length_limits_words(tiny_captioner):
@@ -130,7 +135,7 @@ def test_captioners_of_one_architecture_share_compiled_programs_and_each_runs_it
     """A second version of a model (same design, other weights) reuses the first one's XLA programs,
     so a swap compiles nothing new; what each computes is still its own decoder's."""
     from captioning.captioner import Captioner
-    from captioning.tokenizer import END_ID, START_ID
+    from captioning.tokenizer import START_ID
     from tests.conftest import make_tiny_bundle
 
     other = Captioner.load(make_tiny_bundle(tmp_path / "other", seed=8))
@@ -149,14 +154,7 @@ def test_captioners_of_one_architecture_share_compiled_programs_and_each_runs_it
         np.testing.assert_allclose(log_probs[captioner], np.asarray(expected), atol=1e-5)
         # The multi-step greedy program too: the captions of an argmax loop over this decoder.
         for image, (caption,) in zip(images, captioner.caption(list(images))):
-            features, prefix = captioner.encode(image[None]), [START_ID]
-            for _ in range(captioner.max_steps(DecodeOptions())):
-                logits = captioner.decoder([np.array([prefix], np.int32), features], training=False)
-                token = int(np.argmax(np.asarray(logits)[0, -1]))
-                if token == END_ID:
-                    break
-                prefix.append(token)
-            assert caption.tokens == captioner.tokenizer.decode(prefix[1:])
+            assert caption.tokens == argmax_caption(captioner, image[None])
     assert not np.allclose(log_probs[tiny_captioner], log_probs[other], atol=1e-3)
 
 

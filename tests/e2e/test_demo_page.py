@@ -270,6 +270,29 @@ def test_an_api_error_is_shown_readably(browser, server_url, tmp_path):
     page.close()
 
 
+def test_a_service_that_never_answers_is_given_up_on_after_60_s(browser, server_url, scene):
+    """A proxy that holds the request would leave "Captioning..." for ever: the page gives up after
+    REQUEST_TIMEOUT_MS (app.js), says so, and is ready for the next image. The page's clock is
+    Playwright's, moved on by hand; the held request is never answered."""
+    page = browser.new_page()
+    page.clock.install()
+    held = []
+    page.route("**/caption?**", lambda route: held.append(route))  # neither fulfilled nor continued: it hangs
+    page.goto(server_url)
+    page.set_input_files("#file-input", str(scene[0]))
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Captioning')")
+    assert held, "the page sent no caption request"
+    page.clock.run_for(59_000)
+    assert page.locator("#error").is_hidden()
+    page.clock.run_for(2_000)
+    alert = page.locator("#error")
+    alert.wait_for(state="visible", timeout=5_000)
+    assert "did not answer within 60 s" in alert.inner_text()
+    assert page.locator("#status").inner_text() == ""
+    assert page.locator("#result").get_attribute("aria-busy") is None
+    page.close()
+
+
 def test_when_the_service_wants_a_key_the_page_asks_for_it_and_sends_it(browser, server_url, scene):
     page = browser.new_page()
     unauthorised = {"error": {"code": "unauthorized", "message": "a valid API key is required"}, "request_id": "x"}

@@ -39,12 +39,12 @@ RUN python -m venv --without-pip /opt/venv \
        -exec strip --strip-unneeded {} +
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
+# No TF_ENABLE_ONEDNN_OPTS: `python -m app` sets it from ENCODER_PRECISION (oneDNN for bfloat16).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/srv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    TF_ENABLE_ONEDNN_OPTS=0 \
     HOST=0.0.0.0 \
     PORT=8000 \
     MODEL_REPOSITORY=/srv/model_artifacts \

@@ -27,6 +27,7 @@ from app.logging_config import logging_config  # noqa: E402
 from app.model_repository import precheck  # noqa: E402
 from app.native_logs import close as close_native_output  # noqa: E402
 from app.native_logs import route_native_output  # noqa: E402
+from app.resources import encoder_precision, onednn_flag  # noqa: E402
 from app.settings import LogLevel, Settings, misspelt_settings  # noqa: E402
 from captioning.artifacts import ArtifactError  # noqa: E402
 
@@ -56,6 +57,10 @@ def main() -> int:
     logging.config.dictConfig(log_config)
     for variable, setting in misspelt_settings(os.environ):
         logger.warning("%s is not a setting and is ignored; did you mean %s?", variable, setting)
+    # TensorFlow reads this once, on import (below): bfloat16 convolutions need oneDNN, float32 is
+    # served as it was trained and evaluated (oneDNN off). A GPU is only known after the import;
+    # there `auto` serves float32 and oneDNN does not matter.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", onednn_flag(encoder_precision(settings.encoder_precision)))
     # SIGHUP's default action ends the process at once, dropping every request in flight; operators
     # and supervisors send it expecting a reload (nginx) or nothing. The model repository reloads by
     # its poll or POST /admin/reload; a stop is SIGTERM (drains) or SIGINT.

@@ -150,6 +150,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # about it is the `native` logger's "failed call to cuInit").
             "device": inference_device(),
             "inference_threads": tf_intra_op_threads(),
+            "encoder_precision": captioner.encoder_precision,
             "decode_memory_mb": budget // 2**20,
             "memory_limit_mb": memory_limit // 2**20 if memory_limit is not None else None,
         },

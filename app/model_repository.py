@@ -31,8 +31,10 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ import anyio
 from app import metrics
 from app.engine import DeadlineExceeded, EngineStopped, Overloaded
 from app.errors import NotReady
+from app.resources import encoder_precision
 from captioning.artifacts import MANIFEST, ArtifactError, bundle_digest, is_bundle, scan_versions, verify_bundle
 
 logger = logging.getLogger("app.models")
@@ -403,15 +406,24 @@ class ModelManager:
 
     async def _load(self, version: int, path: Path, report: ReloadReport) -> ServedModel | None:
         """Verifies, loads and warms one version beside the served ones; None (logged) if it fails."""
-        from captioning.captioner import Captioner  # TensorFlow: only once a model is loaded
+        from captioning.captioner import Captioner, inference_device  # TensorFlow: only once a model is loaded
 
         labels = {"model": self.name, "version": str(version)}
         prints = fingerprint(path)
-        logger.info("loading model version", extra={**labels, "path": str(path)})
+        precision = encoder_precision(self.settings.encoder_precision, gpu=inference_device() != "CPU")
+        if precision == "bfloat16" and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+            logger.warning(
+                "ENCODER_PRECISION=bfloat16 with TF_ENABLE_ONEDNN_OPTS=0: TensorFlow emulates bfloat16 without "
+                "oneDNN, slower than float32; unset TF_ENABLE_ONEDNN_OPTS (python -m app turns it on for bfloat16)",
+                extra=labels,
+            )
+        logger.info("loading model version", extra={**labels, "path": str(path), "encoder_precision": precision})
         started = time.perf_counter()
         engine = None
         try:
-            captioner = await anyio.to_thread.run_sync(Captioner.load, path)
+            captioner = await anyio.to_thread.run_sync(
+                functools.partial(Captioner.load, path, encoder_precision=precision)
+            )
             loaded = time.perf_counter()
             _name_captioner(captioner, self.name, version, self.source.reloadable)
             engine = self._create_engine(captioner)

@@ -122,3 +122,34 @@ def decode_budget(configured: int, limit: int | None, resident: int | None) -> i
     if limit is None or resident is None:
         return configured
     return max(MIN_DECODE_BUDGET, min(configured, limit - 2 * resident))
+
+
+# --- the encoder's arithmetic (captioning.inference) ------------------------------------------------
+
+PROC_CPUINFO = Path("/proc/cpuinfo")
+ENCODER_PRECISIONS = ("float32", "bfloat16")
+
+
+def native_bfloat16(cpuinfo: Path = PROC_CPUINFO) -> bool:
+    """Whether this machine's CPU computes bfloat16 natively (Linux's flags avx512_bf16 or amx_bf16)."""
+    text = _read(cpuinfo) or ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.partition(":")[2].split()) & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def encoder_precision(setting: str, gpu: bool = False, cpuinfo: Path = PROC_CPUINFO) -> str:
+    """ENCODER_PRECISION resolved: "auto" is bfloat16 on a CPU with native bfloat16 and no GPU (not
+    measured on one), else float32; the others are what they say."""
+    if setting in ENCODER_PRECISIONS:
+        return setting
+    if setting != "auto":
+        raise ValueError(f"unknown encoder precision {setting!r}; expected auto or one of {ENCODER_PRECISIONS}")
+    return "bfloat16" if not gpu and native_bfloat16(cpuinfo) else "float32"
+
+
+def onednn_flag(precision: str) -> str:
+    """TF_ENABLE_ONEDNN_OPTS for an encoder precision: oneDNN runs bfloat16 convolutions natively;
+    float32 is served as it was trained and evaluated, without it."""
+    return "1" if precision == "bfloat16" else "0"

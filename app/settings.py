@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     encode_ahead: bool = Field(
         True, description="Continuous batching: encode images in a thread of their own (else inline, before a step)."
     )
+    encoder_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="The image encoder's arithmetic, its batch normalisation folded into the convolutions either way: "
+        "bfloat16 about halves the encoder's time on CPUs with native bfloat16 (AVX512_BF16, AMX) and rarely changes "
+        "a caption; auto: bfloat16 on such a CPU without a GPU, else float32 (app.resources.encoder_precision).",
+    )
     inference_nice: int = Field(
         0, ge=0, le=19, description="Nice value of the model's threads (0: same priority as the event loop)."
     )
@@ -188,7 +194,7 @@ class Settings(BaseSettings):
     def _empty_path_means_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("log_level", "batching_mode", mode="before")
+    @field_validator("log_level", "batching_mode", "encoder_precision", mode="before")
     @classmethod
     def _normalise_case(cls, value: object, info) -> object:
         if not isinstance(value, str):

@@ -307,6 +307,19 @@ async def engine_counters(port: int) -> dict[str, float]:
     return counters
 
 
+def encoder_like_the_service(extra_env: dict[str, str]) -> str:
+    """The encoder precision a server started with `extra_env` will use (ENCODER_PRECISION, auto:
+    this CPU decides), made explicit in this process's environment with the oneDNN switch that
+    goes with it, so that an in-process reference (the offline limit) and every server started
+    from here (peers included) run the same encoder. Call before TensorFlow is imported."""
+    from app.resources import encoder_precision, onednn_flag
+
+    precision = encoder_precision(extra_env.get("ENCODER_PRECISION", os.environ.get("ENCODER_PRECISION", "auto")))
+    os.environ["ENCODER_PRECISION"] = precision
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", onednn_flag(precision))
+    return precision
+
+
 class Server:
     """`python -m app` in one batching mode, on a free loopback port."""
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `python -m app` sets it, for the in-process engine
 
 import numpy as np  # noqa: E402
@@ -52,6 +51,7 @@ from bench.harness import (  # noqa: E402
     caption_request,
     closed_loop,
     cpu_seconds,
+    encoder_like_the_service,
     engine_counters,
     load_images,
     open_loop,
@@ -108,7 +108,9 @@ def naive_caption(encoder, decoder, image: np.ndarray, max_steps: int) -> list[i
     return tokens[1:]
 
 
-def measure_references(artifacts: Path, pixels: list[np.ndarray], quick: bool, threads: int) -> References:
+def measure_references(
+    artifacts: Path, pixels: list[np.ndarray], quick: bool, threads: int, encoder_precision: str
+) -> References:
     """In this process, at the service's TensorFlow thread setting (`threads`, 0: as the service
     chooses), so that the offline limit is the ceiling of the same configuration."""
     import tensorflow as tf
@@ -119,7 +121,7 @@ def measure_references(artifacts: Path, pixels: list[np.ndarray], quick: bool, t
 
     configure_inference_threads(threads)
 
-    captioner = Captioner.load(artifacts)
+    captioner = Captioner.load(artifacts, encoder_precision=encoder_precision)  # the service's encoder
     captioner.warmup()
     pixels = [captioner.prepare(image) for image in pixels]  # at the model's input size, as the service resizes
     options = DecodeOptions()
@@ -365,7 +367,12 @@ async def main_async(args) -> int:
     if not args.skip_references:
         print("references (in-process, no server running) ...", flush=True)
         references = await asyncio.to_thread(
-            measure_references, args.artifacts, pixels, args.quick, int(dict(args.env).get("INFERENCE_THREADS", 0))
+            measure_references,
+            args.artifacts,
+            pixels,
+            args.quick,
+            int(dict(args.env).get("INFERENCE_THREADS", 0)),
+            args.encoder_precision,
         )
         print(
             f"  one image {references.one_image_ms:.1f} ms; offline {references.offline_per_s:.0f} captions/s "
@@ -415,7 +422,9 @@ def render_report(
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores (shared by server and client); "
         f"load average (1/5/15 min) before the run {args.load_before}, after it {load_average()}",
         f"- Model: `{args.artifacts.relative_to(REPO) if args.artifacts.is_relative_to(REPO) else args.artifacts}`; "
-        f"images: {args.images} PNGs of the shapes test split (64x64); greedy decoding",
+        f"images: {args.images} PNGs of the shapes test split (64x64); greedy decoding; encoder precision "
+        f"{args.encoder_precision} (TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}), the servers' "
+        "and the in-process references' alike",
         f"- Phases: {args.duration:g} s each (closed loop after {args.warmup:g} s of warm-up; {args.repeats} rounds, "
         "pooled); all modes' servers run throughout and the phases take turns between them; server settings "
         f"are the service defaults{' plus ' + ', '.join(f'{k}={v}' for k, v in args.env) if args.env else ''}",
@@ -722,6 +731,7 @@ def parse_args(argv: list[str] | None = None):
     args.warmup = 1.0
     args.env = [tuple(item.split("=", 1)) for item in args.env]
     args.artifacts = args.artifacts.resolve()
+    args.encoder_precision = encoder_like_the_service(dict(args.env))
     args.load_before = load_average()
     return args
 

@@ -30,7 +30,8 @@ def load_captioner(artifacts: str):
     tf.config.threading.set_intra_op_parallelism_threads(max(1, cpus - 1))
     from captioning.captioner import Captioner
 
-    captioner = Captioner.load(artifacts)
+    # The service's encoder: bench.peers sets ENCODER_PRECISION (and oneDNN) for every server alike.
+    captioner = Captioner.load(artifacts, encoder_precision=os.environ.get("ENCODER_PRECISION"))
     captioner.warmup()
     return captioner
 

@@ -135,7 +135,7 @@ def offline_reference(artifacts: Path, pixels) -> tuple[list[str], float, float]
     from captioning.captioner import Captioner
 
     configure_inference_threads(0)
-    captioner = Captioner.load(artifacts)
+    captioner = Captioner.load(artifacts, encoder_precision=os.environ["ENCODER_PRECISION"])  # as every server
     captioner.warmup()
     texts = [c[0].text for c in captioner.caption(pixels[:CHECKED_IMAGES])]
     best, best_cpu = 0.0, 0.0
@@ -237,8 +237,9 @@ def render(args, rows, matches, offline_per_s, offline_cpu_ms, load_before) -> s
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, shared by the servers, the client and the neighbour; "
         f"load average before {load_before}, after {' / '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- Peers' environment (bench/.peers-venv): {versions(args.peers_python)}",
-        f"- Every server: the project's compiled batch captioner, batch 32, 5 ms batch wait, TensorFlow intra-op "
-        f"threads = CPUs - 1; multipart PNG uploads (shapes test split); {args.duration:g} s phases after 1 s "
+        f"- Every server: the project's compiled batch captioner, its encoder in {os.environ['ENCODER_PRECISION']} "
+        f"(TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}), batch 32, 5 ms batch wait, TensorFlow "
+        f"intra-op threads = CPUs - 1; multipart PNG uploads (shapes test split); {args.duration:g} s phases after 1 s "
         f"warm-up, {args.repeats} rounds pooled; each server runs alone for its turn, the order rotating by round",
         "- Noisy neighbour: one CPU-bound Python process at the servers' priority",
         "",
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.frameworks = [f for f in args.frameworks.split(",") if f]
     args.artifacts = args.artifacts.resolve()
+    harness.encoder_like_the_service({})  # every server and the offline reference: one encoder
     args.command = "python -m bench.peers" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     return asyncio.run(run(args))
 

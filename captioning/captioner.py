@@ -32,6 +32,7 @@ from captioning.config import ModelConfig  # noqa: E402
 from captioning.decoding import Caption, DecodeOptions, GreedySearch, Search, new_search  # noqa: E402
 from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
 from captioning.domain import DomainModel
+from captioning.inference import inference_encoder
 from captioning.mirror import MirrorSearch, mirror_permutation, mirrored  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
 from captioning.preprocess import model_input  # noqa: E402
@@ -131,8 +132,10 @@ class Captioner:
         manifest: dict | None = None,
         calibration: Calibration | None = None,
         domain: DomainModel | None = None,
+        encoder_precision: str | None = None,
     ):
         self.encoder = encoder
+        self.encoder_precision = encoder_precision  # None: the encoder as trained (captioning.inference)
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.config = config
@@ -174,9 +177,11 @@ class Captioner:
         self._offline_lock = threading.Lock()
 
     @classmethod
-    def load(cls, bundle: str | Path, fitted_stages: bool = True) -> Captioner:
+    def load(cls, bundle: str | Path, fitted_stages: bool = True, encoder_precision: str | None = None) -> Captioner:
         """The verified bundle. fitted_stages=False leaves its calibration and domain check unread
-        (still verified): what `calibrate` and `fit-domain` use, since they fit those anew."""
+        (still verified): what `calibrate` and `fit-domain` use, since they fit those anew.
+        encoder_precision "float32" or "bfloat16" serves the encoder rewritten for inference
+        (captioning.inference); None keeps it as trained, as training and export need it."""
         bundle = Path(bundle)
         manifest = verify_bundle(bundle)
         try:
@@ -200,7 +205,9 @@ class Captioner:
                 f"{bundle}: {DOMAIN_FILE} was fitted to an encoder of another width ({domain.mean.size} pooled "
                 f"features, this one gives {pooled_size}): run `python -m training fit-domain` on this bundle"
             )
-        return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain)
+        if encoder_precision is not None:
+            encoder = inference_encoder(encoder, encoder_precision)
+        return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain, encoder_precision)
 
     # --- the pieces a scheduler drives -------------------------------------------------------
 

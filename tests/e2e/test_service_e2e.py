@@ -48,8 +48,11 @@ def free_port() -> int:
 
 
 def server_env(bundle: Path, port: int, **extra: str) -> dict[str, str]:
+    # TF_ENABLE_ONEDNN_OPTS as a user's shell has it: unset, so `python -m app` chooses it from
+    # ENCODER_PRECISION (tests/conftest.py sets it for the test process itself).
+    inherited = {name: value for name, value in os.environ.items() if name != "TF_ENABLE_ONEDNN_OPTS"}
     return {
-        **os.environ,
+        **inherited,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "HOST": "127.0.0.1",
         "PORT": str(port),
@@ -65,7 +68,6 @@ def server_env(bundle: Path, port: int, **extra: str) -> dict[str, str]:
         "HEADER_TIMEOUT_S": "1",
         "LOG_LEVEL": "INFO",
         "TF_CPP_MIN_LOG_LEVEL": "3",
-        "TF_ENABLE_ONEDNN_OPTS": "0",
         **extra,
     }
 
@@ -292,6 +294,17 @@ def test_auth_metrics_and_model_over_http(server, client):
     )
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'route="/caption"' in metrics and "captioning_engine_inference_seconds_count" in metrics
+
+
+def test_the_encoder_precision_is_chosen_for_this_cpu_and_named(server):
+    """ENCODER_PRECISION=auto (the default): bfloat16 where the CPU has it natively, then served
+    through oneDNN (no warning that it is emulated); the ready record names the choice."""
+    from app.resources import encoder_precision
+
+    lines = server.log_lines()
+    (ready,) = [line for line in lines if line.get("message") == "ready"]
+    assert ready["encoder_precision"] == encoder_precision("auto")
+    assert not [line for line in lines if "emulates bfloat16" in line.get("message", "")]
 
 
 def test_each_request_logs_one_json_line(server, client):

@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: install install-dev serve test test-fast lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack bench-peers container-test lock clean

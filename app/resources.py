@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -139,14 +139,18 @@ def native_bfloat16(cpuinfo: Path = PROC_CPUINFO) -> bool:
     return False
 
 
-def encoder_precision(setting: str, gpu: bool = False, cpuinfo: Path = PROC_CPUINFO) -> str:
-    """ENCODER_PRECISION resolved: "auto" is bfloat16 on a CPU with native bfloat16 and no GPU (not
-    measured on one), else float32; the others are what they say."""
+def encoder_precision(
+    setting: str, gpu: bool = False, cpuinfo: Path = PROC_CPUINFO, environ: Mapping[str, str] = os.environ
+) -> str:
+    """ENCODER_PRECISION resolved: "auto" is bfloat16 on a CPU with native bfloat16, with no GPU (not
+    measured on one) and oneDNN not turned off (TF_ENABLE_ONEDNN_OPTS=0: bfloat16 would be emulated,
+    slower than float32), else float32; the others are what they say."""
     if setting in ENCODER_PRECISIONS:
         return setting
     if setting != "auto":
         raise ValueError(f"unknown encoder precision {setting!r}; expected auto or one of {ENCODER_PRECISIONS}")
-    return "bfloat16" if not gpu and native_bfloat16(cpuinfo) else "float32"
+    onednn_off = environ.get("TF_ENABLE_ONEDNN_OPTS") == "0"
+    return "bfloat16" if not gpu and not onednn_off and native_bfloat16(cpuinfo) else "float32"
 
 
 def onednn_flag(precision: str) -> str:

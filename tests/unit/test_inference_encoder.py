@@ -118,7 +118,9 @@ def test_unknown_precisions_are_refused(encoder):
 def test_auto_picks_bfloat16_only_where_the_cpu_has_it(tmp_path, flags, gpu, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-    assert encoder_precision("auto", gpu=gpu, cpuinfo=cpuinfo) == expected
+    assert encoder_precision("auto", gpu=gpu, cpuinfo=cpuinfo, environ={}) == expected
     assert encoder_precision("float32", cpuinfo=cpuinfo) == "float32"
     assert encoder_precision("bfloat16", gpu=True, cpuinfo=cpuinfo) == "bfloat16"  # asked for: given
-    assert encoder_precision("auto", cpuinfo=tmp_path / "missing") == "float32"
+    assert encoder_precision("auto", cpuinfo=tmp_path / "missing", environ={}) == "float32"
+    # oneDNN turned off by hand: bfloat16 would be emulated, slower than float32.
+    assert encoder_precision("auto", cpuinfo=cpuinfo, environ={"TF_ENABLE_ONEDNN_OPTS": "0"}) == "float32"

@@ -410,7 +410,14 @@ class NoisyNeighbour:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> NoisyNeighbour:
-        code = f"import time\nend = time.monotonic() + {NEIGHBOUR_MAX_S}\nwhile time.monotonic() < end:\n    pass\n"
+        # It also ends when the benchmark that started it is gone (killed: __exit__ never ran), which
+        # it checks every ~10 ms; a forgotten neighbour had skewed a later run (round 20).
+        code = (
+            f"import os, time\nparent, end = os.getppid(), time.monotonic() + {NEIGHBOUR_MAX_S}\n"
+            "while time.monotonic() < end and os.getppid() == parent:\n"
+            "    for _ in range(100_000):\n"
+            "        pass\n"
+        )
         self.process = subprocess.Popen([sys.executable, "-c", code])
         return self
 

@@ -73,3 +73,48 @@ def test_pooling_a_repeated_phase_keeps_every_sample_and_counter():
     pooled = first.pooled_with(repeat)
     assert pooled == Outcome([0.1, 0.3, 0.4], [0.2], {200: 3, 400: 1, 503: 1}, 1, 12.0, 13.5)
     assert pooled.served_per_s == 3 / 12.0 and pooled.errors == 2  # the 400 and the client error
+
+
+def test_a_noisy_neighbour_ends_with_the_benchmark_that_started_it_even_when_killed(tmp_path):
+    """A benchmark killed by a signal never runs NoisyNeighbour.__exit__; its neighbour used to spin
+    on for an hour and skew the next run (round 20)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pid_file = tmp_path / "neighbour.pid"
+    root = Path(bench.__file__).resolve().parents[1]
+    code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from bench.harness import NoisyNeighbour\n"
+        "with NoisyNeighbour() as neighbour:\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(neighbour.process.pid))\n"
+        "    time.sleep(60)\n"
+    )
+    benchmark = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the neighbour did not start"
+        time.sleep(0.05)
+    neighbour = int(pid_file.read_text())
+    benchmark.send_signal(signal.SIGKILL)
+    benchmark.wait(10)
+    deadline = time.monotonic() + 5
+    try:
+        while True:
+            try:
+                with open(f"/proc/{neighbour}/stat") as stat:
+                    if stat.read().split(")")[-1].split()[0] == "Z":
+                        break  # exited, a zombie until init reaps it
+            except FileNotFoundError:
+                break  # reaped: gone
+            assert time.monotonic() < deadline, "the neighbour outlived its benchmark"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(neighbour, signal.SIGKILL)  # never leave one spinning, whatever the outcome

@@ -15,9 +15,9 @@
   app.resources.encoder_precision). TensorFlow runs them through oneDNN only with
   TF_ENABLE_ONEDNN_OPTS on, which `python -m app` sets for bfloat16.
 
-Measured on default/3 (docs/ENGINE.md, round 20): the CNN 1.9-2.2 -> 1.05-1.2 ms an image at
-batches of 8-32 (folded, bfloat16); greedy captions graded the same on 3798 of 3800 test and wild
-images, the domain check's decisions unchanged.
+Measured on default/3 (docs/ENGINE.md, round 20): the whole encoder 2.6 ms an image as trained
+(float32, oneDNN off) against 1.1-1.2 folded in bfloat16, at batches of 8-32; greedy captions of the
+test and wild splits: 3 of 3800 verdicts changed, the domain check's decisions none.
 
 Training, export and evaluation use the trained encoder (Captioner.load without a precision):
 a folded encoder has no BatchNormalization layers to train or save.

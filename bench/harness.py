@@ -411,9 +411,10 @@ class NoisyNeighbour:
 
     def __enter__(self) -> NoisyNeighbour:
         # It also ends when the benchmark that started it is gone (killed: __exit__ never ran), which
-        # it checks every ~10 ms; a forgotten neighbour had skewed a later run (round 20).
+        # it checks every ~10 ms; a forgotten neighbour had skewed a later run (round 20). The parent's
+        # pid is passed in, not read at its start: the parent may already be gone by then.
         code = (
-            f"import os, time\nparent, end = os.getppid(), time.monotonic() + {NEIGHBOUR_MAX_S}\n"
+            f"import os, time\nparent, end = {os.getpid()}, time.monotonic() + {NEIGHBOUR_MAX_S}\n"
             "while time.monotonic() < end and os.getppid() == parent:\n"
             "    for _ in range(100_000):\n"
             "        pass\n"

@@ -34,7 +34,6 @@ import ctypes.util
 import functools
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,12 +410,6 @@ class ModelManager:
         labels = {"model": self.name, "version": str(version)}
         prints = fingerprint(path)
         precision = encoder_precision(self.settings.encoder_precision, gpu=inference_device() != "CPU")
-        if precision == "bfloat16" and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
-            logger.warning(
-                "ENCODER_PRECISION=bfloat16 with TF_ENABLE_ONEDNN_OPTS=0: TensorFlow emulates bfloat16 without "
-                "oneDNN, slower than float32; unset TF_ENABLE_ONEDNN_OPTS (python -m app turns it on for bfloat16)",
-                extra=labels,
-            )
         logger.info("loading model version", extra={**labels, "path": str(path), "encoder_precision": precision})
         started = time.perf_counter()
         engine = None

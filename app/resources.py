@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from captioning.config import ENCODER_PRECISIONS
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 UNLIMITED_V1 = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
@@ -127,7 +129,6 @@ def decode_budget(configured: int, limit: int | None, resident: int | None) -> i
 # --- the encoder's arithmetic (captioning.inference) ------------------------------------------------
 
 PROC_CPUINFO = Path("/proc/cpuinfo")
-ENCODER_PRECISIONS = ("float32", "bfloat16")
 
 
 def native_bfloat16(cpuinfo: Path = PROC_CPUINFO) -> bool:

@@ -7,6 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+# How an encoder may be served (captioning.inference); here, free of TensorFlow, so that the service
+# can resolve its ENCODER_PRECISION setting before TensorFlow is imported (app.resources).
+ENCODER_PRECISIONS = ("float32", "bfloat16")
+
 
 @dataclass
 class ModelConfig:

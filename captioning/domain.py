@@ -97,11 +97,11 @@ def _statistics(pixels: np.ndarray) -> np.ndarray:
     background = np.median(ring, axis=1)
     # The distance channel by channel, in place: 6x faster than an einsum over the channel axis
     # (which numpy runs as a naive loop) and the same float32 sums, bit for bit.
-    from_background = None
+    from_background = np.zeros(image.shape[:3], np.float32)
     for channel in range(3):
         offset = image[..., channel] - background[:, channel, None, None]
         offset *= offset
-        from_background = offset if from_background is None else np.add(from_background, offset, out=from_background)
+        from_background += offset
     np.sqrt(from_background, out=from_background)
     foreground = from_background > FOREGROUND_DISTANCE
 

@@ -25,10 +25,16 @@ a folded encoder has no BatchNormalization layers to train or save.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import keras
 import numpy as np
 
-PRECISIONS = ("float32", "bfloat16")
+from captioning.config import ENCODER_PRECISIONS
+
+logger = logging.getLogger("captioning.inference")
+
 HEAD = "encoder_head"  # captioning.model.build_encoder_head: stays float32 whatever the precision
 _FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
@@ -47,8 +53,13 @@ class FoldedNorm(keras.layers.Layer):
 def inference_encoder(encoder: keras.Model, precision: str = "float32") -> keras.Model:
     """A copy of the trained `encoder` with every foldable batch normalisation folded and its
     backbone (every nested model but the head) computing in `precision`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown encoder precision {precision!r}; expected one of {PRECISIONS}")
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}; expected one of {ENCODER_PRECISIONS}")
+    if precision == "bfloat16" and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        logger.warning(
+            "encoder precision bfloat16 with TF_ENABLE_ONEDNN_OPTS=0: TensorFlow emulates bfloat16 without "
+            "oneDNN, slower than float32; unset TF_ENABLE_ONEDNN_OPTS (python -m app turns it on for bfloat16)"
+        )
     folds = _foldable_pairs(encoder)
     policy = "mixed_bfloat16" if precision == "bfloat16" else None
 

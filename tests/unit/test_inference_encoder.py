@@ -124,3 +124,17 @@ def test_auto_picks_bfloat16_only_where_the_cpu_has_it(tmp_path, flags, gpu, exp
     assert encoder_precision("auto", cpuinfo=tmp_path / "missing", environ={}) == "float32"
     # oneDNN turned off by hand: bfloat16 would be emulated, slower than float32.
     assert encoder_precision("auto", cpuinfo=cpuinfo, environ={"TF_ENABLE_ONEDNN_OPTS": "0"}) == "float32"
+
+
+def test_bfloat16_without_onednn_is_warned_about_wherever_the_encoder_is_loaded(encoder, monkeypatch, caplog):
+    """The service, a benchmark or a script: bfloat16 with oneDNN turned off is emulated, slower than float32."""
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    with caplog.at_level("WARNING", logger="captioning.inference"):
+        inference_encoder(encoder, "bfloat16")
+    assert any("emulates bfloat16" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    with caplog.at_level("WARNING", logger="captioning.inference"):
+        inference_encoder(encoder, "bfloat16")
+        inference_encoder(encoder, "float32")
+    assert not caplog.records

@@ -34,7 +34,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from fastapi import FastAPI, File, UploadFile  # noqa: E402 - at module level: the route's annotations name them
 
-from bench.harness import REPO, Server, caption_request, closed_loop, cpu_seconds, load_images  # noqa: E402
+from bench.harness import (  # noqa: E402
+    REPO,
+    Server,
+    caption_request,
+    closed_loop,
+    cpu_seconds,
+    encoder_like_the_service,
+    load_images,
+)
 from bench.load_test import measure_references  # noqa: E402
 from captioning.config import ModelConfig  # noqa: E402
 
@@ -99,6 +107,12 @@ class Row:
     cpu_ms: list[float] = field(default_factory=list)  # server CPU per request at 32 clients
 
 
+def in_process_references(artifacts: Path, pixels: list):
+    """bench.load_test's references (so that the two tables mean the same thing), with the encoder
+    the service started next will run (ENCODER_PRECISION resolved before TensorFlow loads)."""
+    return measure_references(artifacts, pixels, True, 0, encoder_like_the_service({}))
+
+
 async def measure(row: Row, requests: list[bytes], duration_s: float) -> None:
     one = await closed_loop(row.server.port, requests, 1, duration_s, 1.0)
     row.one_client_ms.append(statistics.median(one.latencies_s) * 1e3)
@@ -116,8 +130,7 @@ async def run(args) -> int:
     pixels, pngs = load_images(256)
     requests = [caption_request(png) for png in pngs]
     print("in-process references ...", flush=True)
-    # The load benchmark's references (bench.load_test), so that the two tables mean the same thing.
-    references = await asyncio.to_thread(measure_references, args.artifacts, pixels, True, 0)
+    references = await asyncio.to_thread(in_process_references, args.artifacts, pixels)
     single_ms, offline_cpu_ms = references.one_image_ms, references.offline_cpu_ms
     image_size = ModelConfig.load(args.artifacts / "config.json").image_size  # the floor resizes as the service does
     rows: list[Row] = []

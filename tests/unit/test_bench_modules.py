@@ -118,3 +118,69 @@ def test_a_noisy_neighbour_ends_with_the_benchmark_that_started_it_even_when_kil
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(neighbour, signal.SIGKILL)  # never leave one spinning, whatever the outcome
+
+
+@pytest.mark.parametrize(
+    ("answers", "waits"),
+    [
+        ([(404, b"")], False),  # no /metrics at all: a model-less floor server, nothing compiles
+        ([(200, b"other_series 1\n")], False),  # metrics without the gauge: nothing compiles
+        (
+            [(200, b"captioning_engine_programs_compiling 1\n")] * 3
+            + [(200, b"captioning_engine_programs_compiling 0\n")],
+            True,
+        ),
+    ],
+)
+def test_wait_warm_waits_for_the_compilation_and_not_for_a_server_without_metrics(answers, waits):
+    """Server.wait_warm waits while the engine's programs compile; a server with no /metrics (the
+    HTTP floors of bench.http_floor) has nothing to wait for (it had waited 300 s and failed)."""
+    import asyncio
+    import types
+
+    from bench import harness
+
+    async def scenario() -> tuple[float, int]:
+        asked = 0
+
+        async def answer(reader, writer):
+            nonlocal asked
+            await reader.readuntil(b"\r\n\r\n")
+            status, body = answers[min(asked, len(answers) - 1)]
+            asked += 1
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+            await writer.drain()
+            writer.close()
+
+        listener = await asyncio.start_server(answer, harness.HOST, 0)
+        server = harness.Server.__new__(harness.Server)  # no process: only the port is asked
+        server.mode, server.port = "floor", listener.sockets[0].getsockname()[1]
+        server.process = types.SimpleNamespace(poll=lambda: None)
+        async with listener:
+            waited = await asyncio.wait_for(server.wait_warm(), 10)
+        return waited, asked
+
+    waited, asked = asyncio.run(scenario())
+    assert asked == (len(answers) if waits else 1)
+    assert (waited >= 0.5) == waits  # three 0.25 s pauses before the gauge read 0
+
+
+def test_http_floor_asks_for_the_references_as_load_test_defines_them(monkeypatch):
+    """bench.http_floor calls bench.load_test's measure_references, whose signature grew a
+    parameter once without http_floor following (a TypeError after the servers' start-up)."""
+    import inspect
+    from pathlib import Path
+
+    from bench import http_floor, load_test
+
+    bound = {}
+    monkeypatch.setenv("ENCODER_PRECISION", "float32")
+    monkeypatch.setattr(
+        http_floor,
+        "measure_references",
+        lambda *args, **kwargs: bound.update(
+            inspect.signature(load_test.measure_references).bind(*args, **kwargs).arguments
+        ),
+    )
+    http_floor.in_process_references(Path("bundle"), [])
+    assert bound["encoder_precision"] == "float32" and bound["threads"] == 0

@@ -2,7 +2,8 @@
 
     python -m bench.mirror_view [--artifacts model_artifacts/default/3] [--images 512] [--rounds 3]
 
-`Captioner.caption` on the same shapes test images at batch 32, the two settings taking turns for
+`Captioner.caption` with the service's encoder (ENCODER_PRECISION resolved as the service resolves
+it) on the same shapes test images at batch 32, the two settings taking turns for
 `--rounds` rounds (this machine is shared: only an interleaved comparison means something), then
 the grounded accuracy of each on those images. Prints one table: captions/s and CPU ms per caption
 (medians over the rounds), grounded accuracy. The per-variation accuracy is
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import time
 
+from bench.harness import encoder_like_the_service
 from captioning.decoding import DecodeOptions
 
 
@@ -25,12 +27,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    precision = encoder_like_the_service({})  # before TensorFlow loads: the oneDNN switch goes with it
     from captioning.captioner import Captioner
     from training.calibrate import grade
     from training.datasets.shapes_wide import load_wide_split
     from training.evaluate import record_input
 
-    captioner = Captioner.load(args.artifacts)
+    captioner = Captioner.load(args.artifacts, encoder_precision=precision)
     captioner.warmup()
     records = load_wide_split("test", args.images)
     images = [record_input(captioner, record) for record in records]

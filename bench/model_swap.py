@@ -187,7 +187,10 @@ async def main_async(args) -> int:
         run.mark("v2 dropped")
         stage(args.v2, model_dir, 2)
         peak = run.rss["version 1 serving"]
+        deadline = time.perf_counter() + SERVER_START_TIMEOUT_S
         while not any(s.version == "2" for s in run.samples[-8:]):
+            if server.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f"version 2 never answered within {SERVER_START_TIMEOUT_S} s; see {log.name}")
             peak = max(peak, rss_mib(server.pid))
             await asyncio.sleep(0.1)
         run.mark("v2 first answer")

@@ -379,8 +379,8 @@ class Server:
                 raise RuntimeError(f"the {self.mode} server exited with code {self.process.returncode}")
             status, body = await http_get(self.port, "/metrics")
             match = re.search(rb"^captioning_engine_programs_compiling ([0-9.e+-]+)$", body, re.MULTILINE)
-            nothing_compiles = status == 404 or (status == 200 and match is None)  # 404: no metrics (a floor)
-            if nothing_compiles or (status == 200 and float(match.group(1)) == 0):
+            # 404: no /metrics at all (bench.http_floor's model-less servers); None: nothing compiles.
+            if status == 404 or (status == 200 and (match is None or float(match.group(1)) == 0)):
                 return time.perf_counter() - started
             await asyncio.sleep(0.25)
         raise RuntimeError(f"the {self.mode} server was still compiling after {SERVER_START_TIMEOUT_S} s")

@@ -299,11 +299,12 @@ def test_auth_metrics_and_model_over_http(server, client):
 def test_the_encoder_precision_is_chosen_for_this_cpu_and_named(server):
     """ENCODER_PRECISION=auto (the default): bfloat16 where the CPU has it natively, then served
     through oneDNN (no warning that it is emulated); the ready record names the choice."""
-    from app.resources import native_bfloat16
+    from app.resources import encoder_precision
 
     lines = server.log_lines()
     (ready,) = [line for line in lines if line.get("message") == "ready"]
-    assert ready["encoder_precision"] == ("bfloat16" if native_bfloat16() else "float32")
+    # The server runs without this process's TF_ENABLE_ONEDNN_OPTS=0 (server_env drops it).
+    assert ready["encoder_precision"] == encoder_precision("auto", environ={})
     assert not [line for line in lines if "emulates bfloat16" in line.get("message", "")]
 
 

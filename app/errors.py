@@ -160,6 +160,7 @@ def as_api_error(exc: BaseException) -> ApiError:
             str(exc) or "the request deadline passed while waiting for inference",
             status_code=504,
             code="deadline_exceeded",
+            headers=None if exc.retry_after_s is None else retry_after(exc.retry_after_s),
         )
     if isinstance(exc, EngineStopped):
         return NotReady("the service is shutting down", NOT_READY_RETRY_AFTER_S)
@@ -357,9 +358,13 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     documented: dict[int | str, dict[str, Any]] = {}
     for status in status_codes:
         entry: dict[str, Any] = {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
-        if status == 503:
+        if status in (503, 504):
             entry["headers"] = {
-                "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying (on a 504: only when the request waited "
+                    "for the model the whole time, behind a backlog).",
+                    "schema": {"type": "integer"},
+                }
             }
         if status == 401:
             entry["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
@@ -384,6 +389,6 @@ _ERROR_DESCRIPTIONS = {
     "(`no_caption`).",
     500: "Unexpected server error.",
     503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After seconds.",
-    504: "The request's deadline (REQUEST_TIMEOUT_S) passed.",
+    504: "The request's deadline (REQUEST_TIMEOUT_S) passed; with Retry-After when it passed in the queue.",
     507: "No room in the temporary directory for the upload (form files over 1 MB are spooled there).",
 }

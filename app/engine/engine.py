@@ -171,7 +171,14 @@ class EngineClient:
     def _expire(self, request: Request) -> None:
         if not request.future.done():
             metrics.REJECTIONS.labels(reason="deadline").inc()
-            request.future.set_exception(DeadlineExceeded("the request's deadline passed"))
+            if request.admitted:  # being captioned: the model, not a queue, took the time
+                request.future.set_exception(DeadlineExceeded("the request's deadline passed"))
+            else:
+                request.future.set_exception(
+                    DeadlineExceeded(
+                        "the request's deadline passed while it waited for the model", self._retry_after_s()
+                    )
+                )
 
     def _on_done(self, request: Request) -> None:
         request.deadline_timer.cancel()

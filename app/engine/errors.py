@@ -20,7 +20,13 @@ class Overloaded(EngineError):
 
 
 class DeadlineExceeded(EngineError):
-    """The request's deadline passed before its captions were ready."""
+    """The request's deadline passed before its captions were ready. When it passed while the request
+    still waited for the model (a backlog, as with Overloaded), `retry_after_s` is the engine's
+    estimate of that backlog; otherwise None."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class EngineStopped(EngineError):

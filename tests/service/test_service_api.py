@@ -449,20 +449,20 @@ class StandInEngine:
 
 
 @pytest.mark.parametrize(
-    ("error", "status", "code"),
+    ("error", "status", "code", "retry_after"),
     [
-        (EngineOverloaded(2.2), 503, "overloaded"),
-        (EngineDeadlineExceeded("late"), 504, "deadline_exceeded"),
-        (EngineStopped("stopping"), 503, "not_ready"),
-        (InferenceError("boom"), 500, "inference_failed"),
+        (EngineOverloaded(2.2), 503, "overloaded", "3"),  # whole seconds, rounded up
+        (EngineDeadlineExceeded("late"), 504, "deadline_exceeded", None),
+        (EngineDeadlineExceeded("late, in the queue", 4.1), 504, "deadline_exceeded", "5"),
+        (EngineStopped("stopping"), 503, "not_ready", "5"),
+        (InferenceError("boom"), 500, "inference_failed", None),
     ],
 )
-def test_engine_errors_map_to_statuses(client, error, status, code):
+def test_engine_errors_map_to_statuses(client, error, status, code, retry_after):
     with stand_in_engine(client.app, StandInEngine(error)):
         response = post_image(client, uploads.png())
     assert_error(response, status, code)
-    if isinstance(error, EngineOverloaded):
-        assert response.headers["retry-after"] == "3"  # rounded up
+    assert response.headers.get("retry-after") == retry_after
 
 
 @pytest.mark.parametrize(

@@ -353,10 +353,14 @@ def test_deadline_fails_waiting_and_active_requests_and_frees_their_slots(tiny_c
         await asyncio.to_thread(controlled.encode_entered.wait, 5)
         waiting = asyncio.create_task(engine.submit(images(1, seed=1)[0], DecodeOptions(), deadline_s=0.2))
         started = time.perf_counter()
+        late = []
         for task in (active, waiting):
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(DeadlineExceeded) as raised:
                 await task
+            late.append(raised.value)
         assert time.perf_counter() - started < 0.5  # on time, although the engine thread is stuck
+        # Only the one that waited behind the stuck batch says when to come back (the 504's Retry-After).
+        assert late[0].retry_after_s is None and late[1].retry_after_s >= 1
         controlled.gate.set()
         result = await engine.submit(images(1, seed=2)[0], DecodeOptions())  # the engine goes on
         for _ in range(100):

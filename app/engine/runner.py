@@ -26,12 +26,10 @@ from captioning.buckets import BATCH_BUCKETS, bucket_for
 logger = logging.getLogger("app.engine")
 
 WARMUP_NICE = 19  # the background compilation of the multi-step programs
-# The domain check's image statistics (numpy, about 0.3 ms an image) need only the pixels. For a
-# batch of at most this many images (a nearly idle engine) a thread of their own computes them while
-# the encoder's compiled call runs; for a larger one, the encoding thread computes them after the
-# call. The thread runs below the event loop's priority (at nice 0 it took the loop's CPU under
-# overload), so when the cores were full the encoder waited for it: docs/ENGINE.md, round 22.
-STATISTICS_BESIDE_THE_CALL_UP_TO = 1
+# The domain statistics' thread runs below the event loop: at nice 0 it took CPU and the GIL from the
+# loop under overload (503s answered in seconds, not milliseconds: docs/ENGINE.md, round 5). Under
+# full load the encoder then waits for this starved thread; round 22 measured the statistics on the
+# encoding thread instead: better in an idle overload, worse beside a CPU-bound neighbour.
 STATISTICS_NICE = 10
 
 
@@ -65,6 +63,9 @@ class ModelRunner:
         self.warmup_thread: threading.Thread | None = None  # compiles them after the engine is ready
         self._warmup_cancelled = threading.Event()
         self.domain = captioner.domain  # captioning.domain.DomainModel, or None
+        # The domain check's image statistics (numpy, ~0.5 ms an image) need only the pixels: a
+        # thread of their own computes them while the encoder's compiled call (which releases the
+        # GIL) runs, instead of after it on the encoder's thread, which is the engine's busiest.
         self._statistics = (
             None
             if self.domain is None
@@ -145,13 +146,11 @@ class ModelRunner:
         try:
             if len(slots) < len(images):
                 raise RuntimeError(f"{len(images)} images to encode, {len(slots)} free feature slots")
-            lone = self.domain is not None and len(images) <= STATISTICS_BESIDE_THE_CALL_UP_TO
-            beside = self._statistics.submit(self.domain.image_statistics, images) if lone else None
+            statistics = (
+                None if self._statistics is None else self._statistics.submit(self.domain.image_statistics, images)
+            )
             pooled = self.features.encode(images, np.array(slots))
-            scores = None
-            if self.domain is not None:
-                statistics = beside.result() if beside else self.domain.image_statistics(images)
-                scores = self.domain.combined_scores(pooled, statistics)
+            scores = None if statistics is None else self.domain.combined_scores(pooled, statistics.result())
         except BaseException:
             self.free_slots.give_back(slots)
             raise

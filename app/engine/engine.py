@@ -172,13 +172,12 @@ class EngineClient:
         if not request.future.done():
             metrics.REJECTIONS.labels(reason="deadline").inc()
             if request.admitted:  # being captioned: the model, not a queue, took the time
-                request.future.set_exception(DeadlineExceeded("the request's deadline passed"))
-            else:
-                request.future.set_exception(
-                    DeadlineExceeded(
-                        "the request's deadline passed while it waited for the model", self._retry_after_s()
-                    )
+                late = DeadlineExceeded("the request's deadline passed")
+            else:  # a backlog: say when to come back, as Overloaded does
+                late = DeadlineExceeded(
+                    "the request's deadline passed while it waited for the model", self._retry_after_s()
                 )
+            request.future.set_exception(late)
 
     def _on_done(self, request: Request) -> None:
         request.deadline_timer.cancel()

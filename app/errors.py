@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.engine import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
 from app.logging_config import LOGGED_WITH_REQUEST_ID
@@ -264,6 +265,10 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     cause = exc.__cause__
+    if isinstance(cause, ClientDisconnect):
+        # FastAPI parses a form before the route runs and turns a client that left mid-body into
+        # a 400: here it is logged and counted as what it is, as the raw-body and /v2 paths do.
+        return api_error_response(request, ClientDisconnected("the client disconnected while sending the form"))
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         # Form files over 1 MB are spooled to the temporary directory (Starlette): a full /tmp is
         # the server's problem, not a malformed body.

@@ -312,6 +312,30 @@ def test_a_client_leaving_during_an_inference_protocol_body_is_499_not_500(clien
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
 
 
+@pytest.mark.parametrize("path", ["/caption", "/captions"])
+def test_a_client_leaving_during_a_form_is_499_not_400(client, path):
+    """FastAPI parses the form before the route and made the disconnect a 400 bad_request: the
+    logs and the error counter blamed the client's request for the client leaving."""
+    head = b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    messages = [{"type": "http.request", "body": head + b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"x"), (b"content-type", b"multipart/form-data; boundary=XX"), (b"content-length", b"1000")]
+    headers.append((b"x-api-key", API_KEY.encode()))
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path}
+    scope.update(headers=headers, query_string=b"", scheme="http", server=("x", 80), client=("c", 1), root_path="")
+    scope["app"] = client.app
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert json.loads(sent[1]["body"])["error"]["code"] == "client_closed_request"
+
+
 def test_body_of_another_type_is_415(client):
     for content_type in ("application/json", "text/plain"):
         response = client.post("/caption", content=b'{"image": "x"}', headers={"Content-Type": content_type})

@@ -3,7 +3,8 @@
     bundle/
       encoder.keras  decoder.keras  vocab.json  config.json
       manifest.json   format version, sha256 of every file, creation time, training command,
-                      dataset, library versions, evaluation metrics
+                      dataset, library versions, evaluation metrics, and the models' known
+                      answer on a probe image (captioning.known_answer)
 
 The manifest is checked before any file is parsed, so a truncated or tampered bundle fails with a
 clear message instead of a stack trace from deep inside Keras. Models load with safe_mode=True
@@ -12,11 +13,15 @@ clear message instead of a stack trace from deep inside Keras. Models load with 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import platform
 from pathlib import Path
+
+from captioning import known_answer
+from captioning.known_answer import KEY as KNOWN_ANSWER
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -77,9 +82,22 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def write_manifest(bundle: str | Path, *, name: str, version: str, training: dict, metrics: dict | None = None) -> dict:
-    """Checksums every bundle file and writes manifest.json; returns the manifest."""
+def write_manifest(
+    bundle: str | Path,
+    *,
+    name: str,
+    version: str,
+    training: dict,
+    metrics: dict | None = None,
+    known_answer: dict | None = None,
+) -> dict:
+    """Checksums every bundle file and writes manifest.json; returns the manifest. Without a new
+    `known_answer` (captioning.known_answer) the one already in the bundle's manifest is kept: a
+    manifest rewritten over swapped weights still holds the answer the old ones gave."""
     bundle = Path(bundle)
+    if known_answer is None and (bundle / MANIFEST).is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            known_answer = json.loads((bundle / MANIFEST).read_text()).get(KNOWN_ANSWER)
     names = BUNDLE_FILES + tuple(f for f in OPTIONAL_FILES if (bundle / f).is_file())
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -91,6 +109,8 @@ def write_manifest(bundle: str | Path, *, name: str, version: str, training: dic
         "libraries": library_versions(),
         "metrics": metrics or {},
     }
+    if known_answer is not None:
+        manifest[KNOWN_ANSWER] = known_answer
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -107,6 +127,14 @@ def update_metrics(bundle: str | Path, metrics: dict) -> dict:
     """Records evaluation results; the manifest is not among the checksummed files, so this is safe."""
     manifest = verify_bundle(bundle)
     manifest["metrics"] = metrics
+    (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def record_known_answer(bundle: str | Path, answer: dict) -> dict:
+    """Records the models' known answer (captioning.known_answer) in a verified bundle's manifest."""
+    manifest = verify_bundle(bundle)
+    manifest[KNOWN_ANSWER] = answer
     (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -207,4 +235,5 @@ def save_bundle(
     decoder.save(bundle / "decoder.keras")
     tokenizer.save(bundle / "vocab.json")
     config.save(bundle / "config.json")
-    return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics)
+    answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length)
+    return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics, known_answer=answer)

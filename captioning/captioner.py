@@ -11,6 +11,7 @@ a few bucket sizes so that each shape is compiled once, at warm-up, not on a liv
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import captioning.backbones  # noqa: E402,F401  (registers the custom layers for safe loading)
+from captioning import known_answer  # noqa: E402
 from captioning.artifacts import ArtifactError, verify_bundle  # noqa: E402
 from captioning.buckets import BATCH_BUCKETS, bucket_for  # noqa: E402
 from captioning.calibration import FILE as CALIBRATION_FILE  # noqa: E402
@@ -43,6 +45,8 @@ from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E4
 # call cost less per token; a row that ends mid-call wastes at most GREEDY_STEPS - 1 steps. 8 since
 # the encoder got cheaper (docs/ENGINE.md, round 20): 4 had beaten 1 and 2 before that.
 GREEDY_STEPS = 8
+
+logger = logging.getLogger(__name__)
 
 
 def inference_device() -> str:
@@ -206,8 +210,34 @@ class Captioner:
                 f"{bundle}: {DOMAIN_FILE} was fitted to an encoder of another width ({domain.mean.size} pooled "
                 f"features, this one gives {pooled_size}): run `python -m training fit-domain` on this bundle"
             )
+        size = config.image_size
+        if tuple(encoder.inputs[0].shape[1:]) != (size, size, 3):
+            raise ArtifactError(
+                f"{bundle}: the encoder takes images {tuple(encoder.inputs[0].shape[1:])}, config.json says "
+                f"{size}x{size}: the config is not this model's"
+            )
+        if tuple(decoder.inputs[1].shape[1:]) != tuple(encoder.output.shape[1:]):
+            raise ArtifactError(
+                f"{bundle}: the decoder takes features {tuple(decoder.inputs[1].shape[1:])}, the encoder gives "
+                f"{tuple(encoder.output.shape[1:])}: the two files come from different models"
+            )
         if encoder_precision is not None:
             encoder = inference_encoder(encoder, encoder_precision)
+        # After the rewrite, so the encoder that will serve is the one checked.
+        if known_answer.KEY in manifest:
+            try:
+                known_answer.check(encoder, decoder, config.image_size, manifest[known_answer.KEY])
+            except known_answer.KnownAnswerMismatch as exc:
+                raise ArtifactError(
+                    f"{bundle}: {exc}: the encoder and decoder were not trained together, or a file was replaced "
+                    "and the manifest rewritten"
+                ) from None
+        else:
+            logger.warning(
+                "%s: the manifest records no known answer, so its encoder and decoder are not checked against "
+                "each other (bundles written before round 23; captioning.known_answer)",
+                bundle,
+            )
         return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain, encoder_precision)
 
     # --- the pieces a scheduler drives -------------------------------------------------------

@@ -183,7 +183,7 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         assert list(models.refused) == [3]  # but still known, for POST /admin/reload's answer
         assert loads(3, "refused") == 1.0
 
-        # A version that verifies but fails warm-up (config says 48 px, the encoder takes 32) is refused too.
+        # A version whose config does not fit its encoder (48 px, the encoder takes 32) is refused too.
         misfit = add_version(repository, tiny_bundle, 4)
         config = json.loads((misfit / "config.json").read_text())
         (misfit / "config.json").write_text(json.dumps({**config, "image_size": 48}))

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_bundle
 
+from captioning import known_answer
 from captioning.artifacts import (
     ArtifactError,
     add_files,
@@ -14,6 +16,7 @@ from captioning.artifacts import (
     save_bundle,
     update_metrics,
     verify_bundle,
+    write_manifest,
 )
 from captioning.captioner import Captioner
 
@@ -94,6 +97,44 @@ def test_a_domain_check_fitted_to_another_encoder_is_refused_at_load(bundle_copy
     add_files(bundle_copy, ("domain.npz",))
     with pytest.raises(ArtifactError, match="domain.npz was fitted to an encoder of another width"):
         Captioner.load(bundle_copy)
+
+
+def test_a_saved_bundle_records_its_known_answer_and_every_precision_passes_it(tiny_bundle):
+    answer = verify_bundle(tiny_bundle)[known_answer.KEY]
+    assert answer["tokens"] and len(answer["log_probs"]) in (len(answer["tokens"]), len(answer["tokens"]) + 1)
+    for precision in (None, "float32", "bfloat16"):
+        Captioner.load(tiny_bundle, encoder_precision=precision)  # raises if the check fails
+
+
+def test_a_decoder_from_another_model_is_refused_under_a_rewritten_manifest(tmp_path):
+    """Two ShapeWorld versions share every shape: their files swap without a Keras error, the
+    checksums are rewritten, and every caption would be nonsense."""
+    bundle = shutil.copytree(ROOT / "model_artifacts/shapeworld/3", tmp_path / "swapped")
+    shutil.copy(ROOT / "model_artifacts/shapeworld/4/decoder.keras", bundle / "decoder.keras")
+    write_manifest(bundle, name="swapped", version="3", training={})  # keeps the known answer
+    verify_bundle(bundle)  # the checksums alone are content
+    with pytest.raises(ArtifactError, match="away from the manifest.s known answer .*not trained together"):
+        Captioner.load(bundle, encoder_precision="bfloat16")
+
+
+def test_a_decoder_for_another_feature_grid_is_refused(bundle_copy, tmp_path):
+    other = make_tiny_bundle(tmp_path / "wider", image_size=64)  # an 8x8 grid against the copy's 4x4
+    shutil.copy(other / "decoder.keras", bundle_copy / "decoder.keras")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest[known_answer.KEY]  # so the shape check, not the known answer, must catch it
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, name="wider", version="1", training={})
+    with pytest.raises(ArtifactError, match=r"the decoder takes features \(64, 32\), the encoder gives \(16, 32\)"):
+        Captioner.load(bundle_copy)
+
+
+def test_a_bundle_without_a_known_answer_loads_and_says_it_is_unchecked(bundle_copy, caplog):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest[known_answer.KEY]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="captioning.captioner"):
+        Captioner.load(bundle_copy)
+    assert "records no known answer" in caplog.text
 
 
 def test_the_digest_names_the_weights_not_the_label():

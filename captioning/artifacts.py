@@ -235,5 +235,5 @@ def save_bundle(
     decoder.save(bundle / "decoder.keras")
     tokenizer.save(bundle / "vocab.json")
     config.save(bundle / "config.json")
-    answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length)
+    answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length, config.vocab_size)
     return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics, known_answer=answer)

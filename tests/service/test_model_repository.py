@@ -145,6 +145,30 @@ def loads(version: int, result: str) -> float:
     )
 
 
+def test_a_version_with_a_decoder_from_another_model_is_refused_and_the_served_one_stays(tmp_path, tiny_bundle):
+    """Swapped in with the checksums rewritten, the files verify; the manifest's known answer does not."""
+    from conftest import make_tiny_bundle
+
+    repository = tmp_path / "models"
+    add_version(repository, tiny_bundle, 1)
+    staging = shutil.copytree(tiny_bundle, repository / "default" / ".staging-2")
+    shutil.copy(make_tiny_bundle(tmp_path / "other", seed=8) / "decoder.keras", staging / "decoder.keras")
+    write_manifest(staging, name="swapped", version="2", training={})
+    settings = Settings(model_repository=repository, model_poll_interval_s=0, max_batch_size=8, request_timeout_s=20)
+
+    async def scenario():
+        models = ModelManager(settings)
+        await models.start()
+        staging.rename(repository / "default" / "2")
+        report = await models.reload()
+        assert list(report.refused) == [2] and "known answer" in report.refused[2]
+        assert list(models.served) == [1] and loads(2, "refused") == 1.0
+        await models.stop(1)
+        await models.wait_unloaded()
+
+    asyncio.run(scenario())
+
+
 def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
     repository = tmp_path / "models"
     add_version(repository, tiny_bundle, 1)

@@ -266,9 +266,9 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     cause = exc.__cause__
     if isinstance(cause, ClientDisconnect):
-        # FastAPI parses a form before the route runs and turns a client that left mid-body into
-        # a 400: here it is logged and counted as what it is, as the raw-body and /v2 paths do.
-        return api_error_response(request, ClientDisconnected("the client disconnected while sending the form"))
+        # FastAPI parses a form (or a JSON body) before the route runs and turns a client that left
+        # mid-body into a 400: here it is logged and counted as what it is, as the raw-body and /v2 paths do.
+        return api_error_response(request, ClientDisconnected("the client disconnected while sending the request body"))
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         # Form files over 1 MB are spooled to the temporary directory (Starlette): a full /tmp is
         # the server's problem, not a malformed body.

@@ -89,15 +89,15 @@ def write_manifest(
     version: str,
     training: dict,
     metrics: dict | None = None,
-    known_answer: dict | None = None,
+    answer: dict | None = None,
 ) -> dict:
     """Checksums every bundle file and writes manifest.json; returns the manifest. Without a new
-    `known_answer` (captioning.known_answer) the one already in the bundle's manifest is kept: a
-    manifest rewritten over swapped weights still holds the answer the old ones gave."""
+    `answer` (the models' known answer, captioning.known_answer) the one already in the bundle's
+    manifest is kept: a manifest rewritten over swapped weights still holds the old ones' answer."""
     bundle = Path(bundle)
-    if known_answer is None and (bundle / MANIFEST).is_file():
+    if answer is None and (bundle / MANIFEST).is_file():
         with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            known_answer = json.loads((bundle / MANIFEST).read_text()).get(KNOWN_ANSWER)
+            answer = json.loads((bundle / MANIFEST).read_text()).get(KNOWN_ANSWER)
     names = BUNDLE_FILES + tuple(f for f in OPTIONAL_FILES if (bundle / f).is_file())
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -109,8 +109,8 @@ def write_manifest(
         "libraries": library_versions(),
         "metrics": metrics or {},
     }
-    if known_answer is not None:
-        manifest[KNOWN_ANSWER] = known_answer
+    if answer is not None:
+        manifest[KNOWN_ANSWER] = answer
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -131,11 +131,24 @@ def update_metrics(bundle: str | Path, metrics: dict) -> dict:
     return manifest
 
 
-def record_known_answer(bundle: str | Path, answer: dict) -> dict:
-    """Records the models' known answer (captioning.known_answer) in a verified bundle's manifest."""
+def record_known_answer(bundle: str | Path) -> dict:
+    """Computes the known answer (captioning.known_answer) of a verified bundle's models, as
+    trained, and records it in its manifest: for bundles written before there was one."""
+    import keras
+
+    import captioning.backbones  # noqa: F401  (registers the custom layers for safe loading)
+    import captioning.model  # noqa: F401
+    from captioning.config import ModelConfig
+
+    bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    manifest[KNOWN_ANSWER] = answer
-    (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    config = ModelConfig.load(bundle / "config.json")
+    encoder = keras.saving.load_model(bundle / "encoder.keras", compile=False, safe_mode=True)
+    decoder = keras.saving.load_model(bundle / "decoder.keras", compile=False, safe_mode=True)
+    manifest[KNOWN_ANSWER] = known_answer.compute(
+        encoder, decoder, config.image_size, config.max_length, config.vocab_size
+    )
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -236,4 +249,4 @@ def save_bundle(
     tokenizer.save(bundle / "vocab.json")
     config.save(bundle / "config.json")
     answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length, config.vocab_size)
-    return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics, known_answer=answer)
+    return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics, answer=answer)

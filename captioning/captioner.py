@@ -216,6 +216,11 @@ class Captioner:
                 f"{bundle}: the encoder takes images {tuple(encoder.inputs[0].shape[1:])}, config.json says "
                 f"{size}x{size}: the config is not this model's"
             )
+        if decoder.output.shape[-1] != config.vocab_size:
+            raise ArtifactError(
+                f"{bundle}: the decoder predicts {decoder.output.shape[-1]} words, config.json and the vocabulary "
+                f"say {config.vocab_size}: the decoder is another model's"
+            )
         if tuple(decoder.inputs[1].shape[1:]) != tuple(encoder.output.shape[1:]):
             raise ArtifactError(
                 f"{bundle}: the decoder takes features {tuple(decoder.inputs[1].shape[1:])}, the encoder gives "

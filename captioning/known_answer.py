@@ -62,6 +62,8 @@ def compute(encoder, decoder, image_size: int, max_length: int, vocab_size: int)
     and its log-probability."""
     tokens = probe_tokens(max_length, vocab_size)
     rows = _log_probs(decoder, _features(encoder, image_size), tokens)
+    if not np.all(np.isfinite(rows)):
+        raise ValueError("the model's log-probabilities on the probe are not finite: its weights hold NaN or inf")
     targets = [int(word) for word in rows.argmax(axis=-1)]
     return {
         "tokens": tokens,
@@ -72,16 +74,21 @@ def compute(encoder, decoder, image_size: int, max_length: int, vocab_size: int)
 
 def check(encoder, decoder, image_size: int, answer: dict) -> None:
     """KnownAnswerMismatch unless the models score the recorded answer within TOLERANCE."""
-    tokens = [int(token) for token in answer["tokens"]]
-    targets = [int(word) for word in answer["targets"]]
-    recorded = np.asarray(answer["log_probs"], dtype=np.float64)
+    import tensorflow as tf
+
     try:
+        tokens = [int(token) for token in answer["tokens"]]
+        targets = [int(word) for word in answer["targets"]]
+        recorded = np.asarray(answer["log_probs"], dtype=np.float64)
         rows = _log_probs(decoder, _features(encoder, image_size), tokens)
         got = rows[np.arange(len(targets)), targets]
-    except (ValueError, IndexError) as exc:  # another feature grid, or another vocabulary
+    except (ValueError, IndexError, KeyError, TypeError, tf.errors.InvalidArgumentError) as exc:
+        # a malformed record, another feature grid, or ids beyond this decoder's vocabulary
         raise KnownAnswerMismatch(f"the models cannot score the recorded answer ({exc})") from None
-    worst = float(np.max(np.abs(got - recorded)))
-    if worst > TOLERANCE:
+    if not np.all(np.isfinite(got)):
+        raise KnownAnswerMismatch("on the probe the models' log-probabilities are not finite: NaN or inf weights")
+    worst = float(np.max(np.abs(got - recorded), initial=0.0))
+    if not worst <= TOLERANCE:  # also when the record itself holds NaN
         raise KnownAnswerMismatch(
             f"on the probe the models score the recorded words {worst:.2f} nats away from the manifest's "
             f"known answer (at most {TOLERANCE} allowed)"

@@ -128,6 +128,34 @@ def test_a_decoder_for_another_feature_grid_is_refused(bundle_copy, tmp_path):
         Captioner.load(bundle_copy)
 
 
+def test_weights_that_turned_nan_are_refused_and_never_recorded(bundle_copy):
+    import keras
+
+    decoder = keras.saving.load_model(bundle_copy / "decoder.keras", compile=False, safe_mode=True)
+    kernel, bias = decoder.get_layer("logits").get_weights()
+    decoder.get_layer("logits").set_weights([kernel, np.full_like(bias, np.nan)])
+    decoder.save(bundle_copy / "decoder.keras")
+    write_manifest(bundle_copy, name="nan", version="1", training={})
+    with pytest.raises(ArtifactError, match="not finite"):  # NaN compares false with any tolerance
+        Captioner.load(bundle_copy)
+    config = json.loads((bundle_copy / "config.json").read_text())
+    encoder = keras.saving.load_model(bundle_copy / "encoder.keras", compile=False, safe_mode=True)
+    with pytest.raises(ValueError, match="not finite"):
+        known_answer.compute(encoder, decoder, config["image_size"], config["max_length"], config["vocab_size"])
+
+
+def test_a_decoder_of_another_vocabulary_or_a_malformed_answer_is_refused(bundle_copy, tmp_path):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, known_answer.KEY: {"tokens": [4]}}))
+    with pytest.raises(ArtifactError, match="cannot score the recorded answer"):
+        Captioner.load(bundle_copy)
+    other = make_tiny_bundle(tmp_path / "other", captions=["one two three four five six seven eight nine ten"])
+    shutil.copy(other / "decoder.keras", bundle_copy / "decoder.keras")
+    write_manifest(bundle_copy, name="other", version="1", training={})
+    with pytest.raises(ArtifactError, match="the decoder predicts 14 words"):
+        Captioner.load(bundle_copy)
+
+
 def test_a_bundle_without_a_known_answer_loads_and_says_it_is_unchecked(bundle_copy, caplog):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     del manifest[known_answer.KEY]

@@ -133,7 +133,8 @@ def update_metrics(bundle: str | Path, metrics: dict) -> dict:
 
 def record_known_answer(bundle: str | Path) -> dict:
     """Computes the known answer (captioning.known_answer) of a verified bundle's models, as
-    trained, and records it in its manifest: for bundles written before there was one."""
+    trained, and records it in its manifest: for bundles written before there was one. A bundle
+    that has one is refused: a new answer would bless whatever files are there now."""
     import keras
 
     import captioning.backbones  # noqa: F401  (registers the custom layers for safe loading)
@@ -142,6 +143,8 @@ def record_known_answer(bundle: str | Path) -> dict:
 
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
+    if KNOWN_ANSWER in manifest:
+        raise ArtifactError(f"{bundle}: the manifest has a known answer already; Captioner.load checks it")
     config = ModelConfig.load(bundle / "config.json")
     encoder = keras.saving.load_model(bundle / "encoder.keras", compile=False, safe_mode=True)
     decoder = keras.saving.load_model(bundle / "decoder.keras", compile=False, safe_mode=True)

@@ -231,7 +231,7 @@ class Captioner:
         # After the rewrite, so the encoder that will serve is the one checked.
         if known_answer.KEY in manifest:
             try:
-                known_answer.check(encoder, decoder, config.image_size, manifest[known_answer.KEY])
+                known_answer.check(encoder, decoder, size, manifest[known_answer.KEY])
             except known_answer.KnownAnswerMismatch as exc:
                 raise ArtifactError(
                     f"{bundle}: {exc}: the encoder and decoder were not trained together, or a file was replaced "

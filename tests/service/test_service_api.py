@@ -292,9 +292,10 @@ def test_a_client_leaving_during_a_raw_body_is_not_a_server_error(settings):
         asyncio.run(get_image_bytes(Request(scope, receive), settings, None))
 
 
-def test_a_client_leaving_during_an_inference_protocol_body_is_499_not_500(client):
-    """It was an unhandled ClientDisconnect: a 500, an ERROR traceback, and a 5xx alert fed by clients."""
-    messages = [{"type": "http.request", "body": b'{"inputs": [', "more_body": True}, {"type": "http.disconnect"}]
+def leave_mid_body(client, path: str, content_type: bytes, body_start: bytes) -> list[dict]:
+    """Drives the app as a client that sends the start of a 1000-byte body and disconnects; the
+    ASGI messages the app sent back."""
+    messages = [{"type": "http.request", "body": body_start, "more_body": True}, {"type": "http.disconnect"}]
     sent = []
 
     async def receive():
@@ -303,12 +304,18 @@ def test_a_client_leaving_during_an_inference_protocol_body_is_499_not_500(clien
     async def send(message):
         sent.append(message)
 
-    headers = [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", b"1000")]
+    headers = [(b"host", b"x"), (b"content-type", content_type), (b"content-length", b"1000")]
     headers.append((b"x-api-key", API_KEY.encode()))
-    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/v2/models/default/infer"}
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path}
     scope.update(headers=headers, query_string=b"", scheme="http", server=("x", 80), client=("c", 1), root_path="")
     scope["app"] = client.app
     client.portal.call(client.app, scope, receive, send)
+    return sent
+
+
+def test_a_client_leaving_during_an_inference_protocol_body_is_499_not_500(client):
+    """It was an unhandled ClientDisconnect: a 500, an ERROR traceback, and a 5xx alert fed by clients."""
+    sent = leave_mid_body(client, "/v2/models/default/infer", b"application/json", b'{"inputs": [')
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
 
 
@@ -317,21 +324,7 @@ def test_a_client_leaving_during_a_form_is_499_not_400(client, path):
     """FastAPI parses the form before the route and made the disconnect a 400 bad_request: the
     logs and the error counter blamed the client's request for the client leaving."""
     head = b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
-    messages = [{"type": "http.request", "body": head + b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}]
-    sent = []
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    headers = [(b"host", b"x"), (b"content-type", b"multipart/form-data; boundary=XX"), (b"content-length", b"1000")]
-    headers.append((b"x-api-key", API_KEY.encode()))
-    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path}
-    scope.update(headers=headers, query_string=b"", scheme="http", server=("x", 80), client=("c", 1), root_path="")
-    scope["app"] = client.app
-    client.portal.call(client.app, scope, receive, send)
+    sent = leave_mid_body(client, path, b"multipart/form-data; boundary=XX", head + b"\x89PNG")
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert json.loads(sent[1]["body"])["error"]["code"] == "client_closed_request"
 

@@ -13,6 +13,7 @@ from captioning.artifacts import (
     ArtifactError,
     add_files,
     bundle_digest,
+    record_known_answer,
     save_bundle,
     update_metrics,
     verify_bundle,
@@ -158,11 +159,15 @@ def test_a_decoder_of_another_vocabulary_or_a_malformed_answer_is_refused(bundle
 
 def test_a_bundle_without_a_known_answer_loads_and_says_it_is_unchecked(bundle_copy, caplog):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    del manifest[known_answer.KEY]
+    saved = manifest.pop(known_answer.KEY)
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level("WARNING", logger="captioning.captioner"):
         Captioner.load(bundle_copy)
     assert "records no known answer" in caplog.text
+    # record_known_answer adds the answer the bundle was saved with, and never replaces one.
+    assert record_known_answer(bundle_copy)[known_answer.KEY] == saved
+    with pytest.raises(ArtifactError, match="has a known answer already"):
+        record_known_answer(bundle_copy)
 
 
 def test_the_digest_names_the_weights_not_the_label():

@@ -82,12 +82,13 @@ def check(encoder, decoder, image_size: int, answer: dict) -> None:
         recorded = np.asarray(answer["log_probs"], dtype=np.float64)
         rows = _log_probs(decoder, _features(encoder, image_size), tokens)
         got = rows[np.arange(len(targets)), targets]
+        distances = np.abs(got - recorded)  # inside: targets and log_probs of different lengths
     except (ValueError, IndexError, KeyError, TypeError, tf.errors.InvalidArgumentError) as exc:
         # a malformed record, another feature grid, or ids beyond this decoder's vocabulary
         raise KnownAnswerMismatch(f"the models cannot score the recorded answer ({exc})") from None
     if not np.all(np.isfinite(got)):
         raise KnownAnswerMismatch("on the probe the models' log-probabilities are not finite: NaN or inf weights")
-    worst = float(np.max(np.abs(got - recorded), initial=0.0))
+    worst = float(np.max(distances, initial=0.0))
     if not worst <= TOLERANCE:  # also when the record itself holds NaN
         raise KnownAnswerMismatch(
             f"on the probe the models score the recorded words {worst:.2f} nats away from the manifest's "

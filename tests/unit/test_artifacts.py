@@ -150,6 +150,10 @@ def test_a_decoder_of_another_vocabulary_or_a_malformed_answer_is_refused(bundle
     (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, known_answer.KEY: {"tokens": [4]}}))
     with pytest.raises(ArtifactError, match="cannot score the recorded answer"):
         Captioner.load(bundle_copy)
+    short = {**manifest[known_answer.KEY], "log_probs": manifest[known_answer.KEY]["log_probs"][:-1]}
+    (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, known_answer.KEY: short}))
+    with pytest.raises(ArtifactError, match="cannot score the recorded answer"):  # was a bare ValueError
+        Captioner.load(bundle_copy)
     other = make_tiny_bundle(tmp_path / "other", captions=["one two three four five six seven eight nine ten"])
     shutil.copy(other / "decoder.keras", bundle_copy / "decoder.keras")
     write_manifest(bundle_copy, name="other", version="1", training={})

@@ -131,10 +131,9 @@ def update_metrics(bundle: str | Path, metrics: dict) -> dict:
     return manifest
 
 
-def record_known_answer(bundle: str | Path) -> dict:
-    """Computes the known answer (captioning.known_answer) of a verified bundle's models, as
-    trained, and records it in its manifest: for bundles written before there was one. A bundle
-    that has one is refused: a new answer would bless whatever files are there now."""
+def load_models(bundle: str | Path):
+    """(ModelConfig, encoder, decoder) of a bundle verify_bundle has passed, loaded safely (no
+    Lambda layers, no arbitrary code); ArtifactError when a file does not load."""
     import keras
 
     import captioning.backbones  # noqa: F401  (registers the custom layers for safe loading)
@@ -142,12 +141,24 @@ def record_known_answer(bundle: str | Path) -> dict:
     from captioning.config import ModelConfig
 
     bundle = Path(bundle)
+    try:
+        config = ModelConfig.load(bundle / "config.json")
+        encoder = keras.saving.load_model(bundle / "encoder.keras", compile=False, safe_mode=True)
+        decoder = keras.saving.load_model(bundle / "decoder.keras", compile=False, safe_mode=True)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
+    return config, encoder, decoder
+
+
+def record_known_answer(bundle: str | Path) -> dict:
+    """Computes the known answer (captioning.known_answer) of a verified bundle's models, as
+    trained, and records it in its manifest: for bundles written before there was one. A bundle
+    that has one is refused: a new answer would bless whatever files are there now."""
+    bundle = Path(bundle)
     manifest = verify_bundle(bundle)
     if KNOWN_ANSWER in manifest:
         raise ArtifactError(f"{bundle}: the manifest has a known answer already; Captioner.load checks it")
-    config = ModelConfig.load(bundle / "config.json")
-    encoder = keras.saving.load_model(bundle / "encoder.keras", compile=False, safe_mode=True)
-    decoder = keras.saving.load_model(bundle / "decoder.keras", compile=False, safe_mode=True)
+    config, encoder, decoder = load_models(bundle)
     manifest[KNOWN_ANSWER] = known_answer.compute(
         encoder, decoder, config.image_size, config.max_length, config.vocab_size
     )

@@ -24,9 +24,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import captioning.backbones  # noqa: E402,F401  (registers the custom layers for safe loading)
 from captioning import known_answer  # noqa: E402
-from captioning.artifacts import ArtifactError, verify_bundle  # noqa: E402
+from captioning.artifacts import ArtifactError, load_models, verify_bundle  # noqa: E402
 from captioning.buckets import BATCH_BUCKETS, bucket_for  # noqa: E402
 from captioning.calibration import FILE as CALIBRATION_FILE  # noqa: E402
 from captioning.calibration import Calibration
@@ -189,11 +188,9 @@ class Captioner:
         (captioning.inference); None keeps it as trained, as training and export need it."""
         bundle = Path(bundle)
         manifest = verify_bundle(bundle)
+        config, encoder, decoder = load_models(bundle)
         try:
-            config = ModelConfig.load(bundle / "config.json")
             tokenizer = Tokenizer.load(bundle / "vocab.json")
-            encoder = keras.saving.load_model(bundle / "encoder.keras", compile=False, safe_mode=True)
-            decoder = keras.saving.load_model(bundle / "decoder.keras", compile=False, safe_mode=True)
         except (ValueError, OSError, KeyError, TypeError) as exc:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
         if len(tokenizer) != config.vocab_size:

@@ -174,6 +174,19 @@ def test_a_bundle_without_a_known_answer_loads_and_says_it_is_unchecked(bundle_c
         record_known_answer(bundle_copy)
 
 
+def test_a_listed_file_that_does_not_load_is_an_artifact_error_for_either_door(bundle_copy):
+    # A manifest rewritten over a file Keras cannot read passes the checksums; loading must still
+    # fail as an ArtifactError, from Captioner.load and from record_known_answer.
+    (bundle_copy / "decoder.keras").write_bytes(b"not a keras archive")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest[known_answer.KEY]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, name="broken", version="1", training={})
+    for door in (Captioner.load, record_known_answer):
+        with pytest.raises(ArtifactError, match="could not load the bundle"):
+            door(bundle_copy)
+
+
 def test_the_digest_names_the_weights_not_the_label():
     third, second = (verify_bundle(ROOT / "model_artifacts/default" / v) for v in ("3", "2"))
     assert (third["name"], third["version"]) == (second["name"], second["version"])  # one label, two models

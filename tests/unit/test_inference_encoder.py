@@ -38,10 +38,15 @@ def with_trained_statistics(model: keras.Model, seed: int = 0) -> keras.Model:
     return model
 
 
+@pytest.fixture(scope="module", params=["small_cnn", "small_cnn_deep"])
+def backbone(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def encoder():
+def encoder(backbone):
     keras.utils.set_random_seed(3)
-    return with_trained_statistics(build_encoder(ModelConfig(image_size=32, attention_dim=16)))
+    return with_trained_statistics(build_encoder(ModelConfig(backbone=backbone, image_size=32, attention_dim=16)))
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +54,12 @@ def images():
     return np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
 
 
-def test_folding_gives_the_trained_features_without_a_batch_norm(encoder, images):
+def test_folding_gives_the_trained_features_without_a_batch_norm(encoder, backbone, images):
     expected = np.asarray(encoder(images, training=False))
     folded = inference_encoder(encoder, "float32")
-    assert count(encoder, keras.layers.BatchNormalization) == 6
-    assert count(folded, keras.layers.BatchNormalization) == 0 and count(folded, FoldedNorm) == 6
+    norms = {"small_cnn": 6, "small_cnn_deep": 8}[backbone]  # one per convolution
+    assert count(encoder, keras.layers.BatchNormalization) == norms
+    assert count(folded, keras.layers.BatchNormalization) == 0 and count(folded, FoldedNorm) == norms
     np.testing.assert_allclose(np.asarray(folded(images, training=False)), expected, rtol=1e-4, atol=1e-5)
     # The trained encoder is left as it was (training and export still need its batch norms).
     np.testing.assert_array_equal(np.asarray(encoder(images, training=False)), expected)
@@ -86,11 +92,11 @@ def test_a_convolution_read_twice_keeps_its_batch_norm():
     )
 
 
-def test_bfloat16_runs_the_backbone_in_bfloat16_and_the_head_in_float32(encoder, images):
+def test_bfloat16_runs_the_backbone_in_bfloat16_and_the_head_in_float32(encoder, backbone, images):
     expected = np.asarray(encoder(images, training=False))
     half = inference_encoder(encoder, "bfloat16")
-    backbone, head = half.get_layer("small_cnn"), half.get_layer("encoder_head")
-    assert {layer.compute_dtype for layer in backbone.layers[1:]} == {"bfloat16"}
+    convolutions, head = half.get_layer(backbone), half.get_layer("encoder_head")
+    assert {layer.compute_dtype for layer in convolutions.layers[1:]} == {"bfloat16"}
     assert {layer.compute_dtype for layer in head.layers} == {"float32"}
     assert {w.dtype for w in half.weights} == {"float32"}  # bfloat16 arithmetic, float32 weights
     features = half(images, training=False)

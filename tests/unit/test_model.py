@@ -67,6 +67,7 @@ def test_every_backbone_has_its_own_preprocessing():
     modes = {name: spec.preprocessing for name, spec in BACKBONES.items()}
     assert modes == {
         "small_cnn": "unit",
+        "small_cnn_deep": "unit",
         "inception_resnet_v2": "tf",
         "efficientnet_b0": "raw",
         "mobilenet_v3_small": "raw",

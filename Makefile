@@ -34,8 +34,10 @@ install-dev: $(VENV)/.dev
 serve: $(VENV)/.runtime
 	$(BIN)/python -m app
 
+# Two worker processes (pytest-xdist): on this project's 2-core machine the suite took 280 and 324 s
+# so, against 437 s in one process, measured one after another. `pytest -n 0` runs it in one process.
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # The layers one at a time: unit (model core, engine, policies, manifests; under a minute), training,
 # service (the app in-process), e2e (real servers, Chromium, Prometheus, fresh processes).

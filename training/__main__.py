@@ -1,7 +1,7 @@
 """python -m training COMMAND --help
 
-Commands: train, extract-features, evaluate, calibrate, fit-domain, evaluate-wild, finetune-scst, export,
-demo-samples."""
+Commands: train, extract-features, evaluate, calibrate, fit-domain, evaluate-wild, probe-features,
+finetune-scst, export, demo-samples."""
 
 import argparse
 import os
@@ -13,11 +13,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-    from training import calibrate, demo_samples, evaluate, export, features, fit_domain, scst, train, wild
+    from training import calibrate, demo_samples, evaluate, export, features, fit_domain, probe, scst, train, wild
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     subparsers = parser.add_subparsers(required=True, dest="command")
-    for command in (train, features, evaluate, calibrate, fit_domain, wild, scst, demo_samples, export):
+    for command in (train, features, evaluate, calibrate, fit_domain, wild, probe, scst, demo_samples, export):
         command.add_parser(subparsers)
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest

@@ -38,7 +38,7 @@ def with_trained_statistics(model: keras.Model, seed: int = 0) -> keras.Model:
     return model
 
 
-@pytest.fixture(scope="module", params=["small_cnn", "small_cnn_deep"])
+@pytest.fixture(scope="module", params=["small_cnn", "small_cnn_deep", "small_cnn_fullres"])
 def backbone(request) -> str:
     return request.param
 
@@ -57,7 +57,7 @@ def images():
 def test_folding_gives_the_trained_features_without_a_batch_norm(encoder, backbone, images):
     expected = np.asarray(encoder(images, training=False))
     folded = inference_encoder(encoder, "float32")
-    norms = {"small_cnn": 6, "small_cnn_deep": 8}[backbone]  # one per convolution
+    norms = {"small_cnn": 6, "small_cnn_deep": 8, "small_cnn_fullres": 7}[backbone]  # one per convolution
     assert count(encoder, keras.layers.BatchNormalization) == norms
     assert count(folded, keras.layers.BatchNormalization) == 0 and count(folded, FoldedNorm) == norms
     np.testing.assert_allclose(np.asarray(folded(images, training=False)), expected, rtol=1e-4, atol=1e-5)

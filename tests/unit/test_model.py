@@ -68,6 +68,7 @@ def test_every_backbone_has_its_own_preprocessing():
     assert modes == {
         "small_cnn": "unit",
         "small_cnn_deep": "unit",
+        "small_cnn_fullres": "unit",
         "inception_resnet_v2": "tf",
         "efficientnet_b0": "raw",
         "mobilenet_v3_small": "raw",

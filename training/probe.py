@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning.buckets import BATCH_BUCKETS
 from training.datasets.shapes import COLOURS, SHAPES
 from training.datasets.shapes_wide import VARIATIONS
 
@@ -70,12 +71,13 @@ def fit_probe(windows: np.ndarray, shapes: np.ndarray, colours: np.ndarray, epoc
 
 
 def encode(captioner, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([captioner.encode(images[i : i + 64]) for i in range(0, len(images), 64)])
+    step = BATCH_BUCKETS[-1]  # Captioner.encode takes at most the largest bucket at a time
+    return np.concatenate([captioner.encode(images[i : i + step]) for i in range(0, len(images), step)])
 
 
 def score_set(captioner, probe, records) -> dict:
     """The probe's reading of each object and scene beside the captioner's verdict per scene."""
-    from training.datasets.shapes_checker import check_caption
+    from training.calibrate import grade
 
     images = np.stack([record.pixels for record in records])
     scenes = [record.scene for record in records]
@@ -86,7 +88,7 @@ def score_set(captioner, probe, records) -> dict:
     read = np.ones(len(records), bool)
     np.logical_and.at(read, scene_of, shape_right & colour_right)
     captions = [captions[0].text for captions in captioner.caption(images)]
-    right = np.array([check_caption(text, scene).correct for text, scene in zip(captions, scenes)])
+    right = grade(captions, records).astype(bool)
     return {
         "images": len(records),
         "objects": len(shapes),

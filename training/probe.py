@@ -107,11 +107,15 @@ def probe_features(bundle, train: int, per_variation: int, test_images: int, var
 
     captioner = Captioner.load(bundle)
     size = captioner.config.image_size
-    # resize_to gives exactly the service's input for each picture (shapes_wide.resize_for_model)
-    training = [make_wide_example("train", i, resize_to=size) for i in range(train)]
-    windows, shapes, colours, _ = object_windows(
-        encode(captioner, np.stack([r.pixels for r in training])), [r.scene for r in training]
-    )
+    # resize_to gives exactly the service's input for each picture (shapes_wide.resize_for_model);
+    # the pictures go straight into one array, so that they are held once.
+    pictures, scenes = np.empty((train, size, size, 3), np.uint8), []
+    for i in range(train):
+        record = make_wide_example("train", i, resize_to=size)
+        pictures[i] = record.pixels
+        scenes.append(record.scene)
+    windows, shapes, colours, _ = object_windows(encode(captioner, pictures), scenes)
+    del pictures
     probe = fit_probe(windows, shapes, colours, epochs)
     report = {"artifacts": str(bundle), "probe_trained_on": f"shapes_wide/train, {train} images, {len(shapes)} objects"}
     test = [make_wide_example("test", i, resize_to=size) for i in range(test_images)]

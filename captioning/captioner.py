@@ -258,9 +258,13 @@ class Captioner:
         return model_input(image, size)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [B, S, S, 3] -> features [B, N, D], padded to a bucket internally."""
-        rows = images.shape[0]
-        return self._encode_graph(_pad_rows(images, bucket_for(rows))).numpy()[:rows]
+        """uint8 [B, S, S, 3] -> features [B, N, D], any B: in chunks of the largest batch bucket,
+        each padded to a bucket internally."""
+        step = BATCH_BUCKETS[-1]
+        chunks = [images[start : start + step] for start in range(0, max(len(images), 1), step)]
+        return np.concatenate(
+            [self._encode_graph(_pad_rows(chunk, bucket_for(len(chunk)))).numpy()[: len(chunk)] for chunk in chunks]
+        )
 
     def results(self, search: Search) -> list[Caption]:
         """A finished search's captions, their confidence calibrated when the bundle says how."""

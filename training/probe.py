@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.buckets import BATCH_BUCKETS
-from training.datasets.shapes import COLOURS, SHAPES
+from training.datasets.shapes import COLOURS, SHAPES, centre_cell
 from training.datasets.shapes_wide import VARIATIONS
 
 DEFAULT_VARIATIONS = ("standard", "tiny_objects", "low_resolution", "jpeg")
@@ -41,10 +40,8 @@ def object_windows(features: np.ndarray, scenes, radius: int = 1):
     padded[:, radius : radius + grid, radius : radius + grid] = features.reshape(count, grid, grid, depth)
     windows, shapes, colours, scene_of = [], [], [], []
     for index, scene in enumerate(scenes):
-        frame_width, frame_height = scene.frame
         for obj in scene.objects:
-            column = min(grid - 1, int(obj.cx / frame_width * grid))
-            row = min(grid - 1, int(obj.cy / frame_height * grid))
+            row, column = centre_cell(obj, scene.frame, grid)
             windows.append(padded[index, row : row + width, column : column + width].reshape(-1))
             shapes.append(SHAPES.index(obj.shape))
             colours.append(COLOURS.index(obj.colour))
@@ -70,18 +67,13 @@ def fit_probe(windows: np.ndarray, shapes: np.ndarray, colours: np.ndarray, epoc
     return probe
 
 
-def encode(captioner, images: np.ndarray) -> np.ndarray:
-    step = BATCH_BUCKETS[-1]  # Captioner.encode takes at most the largest bucket at a time
-    return np.concatenate([captioner.encode(images[i : i + step]) for i in range(0, len(images), step)])
-
-
 def score_set(captioner, probe, records) -> dict:
     """The probe's reading of each object and scene beside the captioner's verdict per scene."""
     from training.calibrate import grade
 
     images = np.stack([record.pixels for record in records])
     scenes = [record.scene for record in records]
-    windows, shapes, colours, scene_of = object_windows(encode(captioner, images), scenes)
+    windows, shapes, colours, scene_of = object_windows(captioner.encode(images), scenes)
     shape_logits, colour_logits = probe.predict(windows, batch_size=512, verbose=0)
     shape_right = shape_logits.argmax(1) == shapes
     colour_right = colour_logits.argmax(1) == colours
@@ -114,7 +106,7 @@ def probe_features(bundle, train: int, per_variation: int, test_images: int, var
         record = make_wide_example("train", i, resize_to=size)
         pictures[i] = record.pixels
         scenes.append(record.scene)
-    windows, shapes, colours, _ = object_windows(encode(captioner, pictures), scenes)
+    windows, shapes, colours, _ = object_windows(captioner.encode(pictures), scenes)
     del pictures
     probe = fit_probe(windows, shapes, colours, epochs)
     report = {"artifacts": str(bundle), "probe_trained_on": f"shapes_wide/train, {train} images, {len(shapes)} objects"}

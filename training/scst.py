@@ -34,7 +34,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioning.buckets import BATCH_BUCKETS
 from captioning.model import DecoderStep
 from captioning.tokenizer import END_ID, PAD_ID, START_ID
 
@@ -185,12 +184,7 @@ def finetune(args) -> dict:
     dev = None
     if dev_records:
         dev_images = np.stack([record_input(captioner, r) for r in dev_records])
-        dev_features = np.concatenate(
-            [
-                captioner.encode(dev_images[i : i + BATCH_BUCKETS[-1]])
-                for i in range(0, len(dev_images), BATCH_BUCKETS[-1])
-            ]
-        )
+        dev_features = captioner.encode(dev_images)
         dev_scenes = [r.scene for r in dev_records] if scenes is not None else None
         dev_reward = make_reward([list(r.captions) for r in dev_records], dev_scenes, references, args.grounded_weight)
         dev = {"features": dev_features, "reward": dev_reward, "curve": []}

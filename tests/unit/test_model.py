@@ -184,3 +184,14 @@ def test_shared_programs_compute_with_each_versions_own_weights(variant, tmp_pat
         np.testing.assert_allclose(log_probs, np.asarray(expected), atol=1e-5)
         np.testing.assert_allclose(new_state, np.asarray(expected_state), atol=1e-5)
         assert not slots._function("step", 8).captured_inputs  # no weights baked into the program
+
+
+def test_encode_takes_more_images_than_the_largest_batch_bucket(tiny_captioner):
+    from captioning.buckets import BATCH_BUCKETS
+
+    size = tiny_captioner.config.image_size
+    images = np.random.default_rng(0).integers(0, 255, (BATCH_BUCKETS[-1] + 3, size, size, 3), dtype=np.uint8)
+    features = tiny_captioner.encode(images)
+    assert features.shape[0] == len(images)
+    np.testing.assert_allclose(features[-3:], tiny_captioner.encode(images[-3:]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features[:2], tiny_captioner.encode(images[:2]), rtol=1e-5, atol=1e-6)

@@ -225,6 +225,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, e: 
 SCENE_KINDS = tuple((size, colour, shape) for size in SIZES for colour in COLOURS for shape in SHAPES)
 
 
+def centre_cell(obj: ShapeObject, frame: tuple[int, int], grid: int) -> tuple[int, int]:
+    """(row, column) of the cell of a grid x grid division of a width x height frame that holds
+    the object's centre."""
+    width, height = frame
+    return min(int(obj.cy / height * grid), grid - 1), min(int(obj.cx / width * grid), grid - 1)
+
+
 def scene_cells(scene: Scene, grid: int) -> np.ndarray:
     """What each cell of a grid x grid division of the image shows, row by row: 1 + the index in
     SCENE_KINDS of the object whose box holds the cell's centre, else 0 (background). An object
@@ -239,7 +246,7 @@ def scene_cells(scene: Scene, grid: int) -> np.ndarray:
         rows = np.abs(ys - obj.cy) <= obj.extent
         columns = np.abs(xs - obj.cx) <= obj.extent
         labels[np.ix_(rows, columns)] = label
-        labels[min(int(obj.cy / height * grid), grid - 1), min(int(obj.cx / width * grid), grid - 1)] = label
+        labels[centre_cell(obj, scene.frame, grid)] = label
     return labels.ravel()
 
 

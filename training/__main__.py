@@ -9,10 +9,18 @@ import re
 import sys
 
 # Set before TensorFlow is imported, so chosen from the command line. oneDNN's kernels make a training
-# step of the default preset 1.25x faster on a 2-core AVX2 CPU, and 1.8x with the full-resolution stem
-# (docs/TRAINING.md), but the other commands' inference-sized calls slower (evaluate-wild 22 s against 18 s).
+# step of the default preset 1.25x faster on this project's 2-core CPU, 1.8x with the full-resolution
+# stem (docs/TRAINING.md), and the other commands' inference-sized calls slower (evaluate-wild 22 s
+# against 18 s).
 ONEDNN_COMMANDS = ("train",)
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if sys.argv[1:2] and sys.argv[1] in ONEDNN_COMMANDS else "0")
+
+
+def onednn_setting(argv: list[str]) -> str:
+    """TF_ENABLE_ONEDNN_OPTS for a command line (the arguments after `python -m training`)."""
+    return "1" if argv[:1] and argv[0] in ONEDNN_COMMANDS else "0"
+
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", onednn_setting(sys.argv[1:]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -53,7 +53,7 @@ lint: $(VENV)/.dev
 # Reproduces the committed default model (docs/MODEL.md): teacher-forced training on the wide-domain
 # shapes data, self-critical fine-tuning, confidence calibration and the out-of-domain detector,
 # then the evaluation. DEFAULT_BUNDLE is the one place the Makefile names it.
-DEFAULT_BUNDLE ?= model_artifacts/default/3
+DEFAULT_BUNDLE ?= model_artifacts/default/4
 train-default: $(VENV)/.dev
 	$(BIN)/python -m training train --preset default --output runs/default/trained --run-dir runs/default --fresh
 	$(BIN)/python -m training finetune-scst --artifacts runs/default/trained --output $(DEFAULT_BUNDLE) \

@@ -1,6 +1,6 @@
 """Shapes scenes drawn by ANOTHER program, sent through the real service: is the model right?
 
-    python -m bench.crosscheck --artifacts model_artifacts/default/3 --per-variation 60 \\
+    python -m bench.crosscheck --artifacts model_artifacts/default/4 --per-variation 60 \\
         --output docs/crosscheck-other-renderer.json
 
 The training data comes from training/datasets/shapes_wide.py; grading the model only on that
@@ -227,7 +227,7 @@ def run(artifacts: str, per_variation: int, seed: int = 2024, mirror_view: bool 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", default="model_artifacts/default/3")
+    parser.add_argument("--artifacts", default="model_artifacts/default/4")
     parser.add_argument("--per-variation", type=int, default=60)
     parser.add_argument("--mirror-view", action="store_true", help="ask for mirror_view=true")
     parser.add_argument("--output", help="write the JSON report here")

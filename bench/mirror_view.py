@@ -1,6 +1,6 @@
 """What the mirror view costs and buys: greedy decoding with and without it, in process.
 
-    python -m bench.mirror_view [--artifacts model_artifacts/default/3] [--images 512] [--rounds 3]
+    python -m bench.mirror_view [--artifacts model_artifacts/default/4] [--images 512] [--rounds 3]
 
 `Captioner.caption` with the service's encoder (ENCODER_PRECISION resolved as the service resolves
 it) on the same shapes test images at batch 32, the two settings taking turns for
@@ -22,7 +22,7 @@ from captioning.decoding import DecodeOptions
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mirror_view", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", default="model_artifacts/default/3")
+    parser.add_argument("--artifacts", default="model_artifacts/default/4")
     parser.add_argument("--images", type=int, default=512, help="shapes_wide test images")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """The library API: load a bundle, caption images, and the encode/step pieces a scheduler needs.
 
-    captioner = Captioner.load("model_artifacts/default/3")
+    captioner = Captioner.load("model_artifacts/default/4")
     captioner.caption(images)                  # offline: n-best captions per image
     slots = captioner.feature_slots(64)        # for a scheduler: encode into slots, step rows
 

@@ -1,6 +1,6 @@
 """`python -m training evaluate-wild`: the default model's report card on images it was not drawn for.
 
-    python -m training evaluate-wild --artifacts model_artifacts/default/3 --per-variation 200 \\
+    python -m training evaluate-wild --artifacts model_artifacts/default/4 --per-variation 200 \\
         --output docs/default-model-wild.json
 
 For the standard test split and every wild variation of the wide shapes dataset

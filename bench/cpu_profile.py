@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument(
-        "--artifacts", type=Path, default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "3"
+        "--artifacts", type=Path, default=Path(__file__).resolve().parent.parent / "model_artifacts" / "default" / "4"
     )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(

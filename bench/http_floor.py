@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return serve()
     parser = argparse.ArgumentParser(prog="python -m bench.http_floor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "3")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     return asyncio.run(run(parser.parse_args(argv)))

@@ -691,7 +691,7 @@ def row(p: Phase, ms, closed: bool) -> str:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter phases and references (~3 minutes)")
-    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "3")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "4")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from continuous,static,none")
     parser.add_argument("--clients", default=",".join(map(str, CLOSED_LOOP_CLIENTS)))
     parser.add_argument(

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         default=str(REPO / "bench" / ".peers-venv" / "bin" / "python"),
     )
     parser.add_argument("--frameworks", default="litserve,pytriton,ray")
-    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "3")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "model_artifacts" / "default" / "4")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "PEERS.md")

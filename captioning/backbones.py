@@ -67,7 +67,7 @@ def _small_cnn(image_size: int, weights: str | None, deep: bool = False, full_re
 
     `deep` (the `small_cnn_deep` backbone) adds a second 3x3 conv to the last two stages: about
     1.5x the multiply-adds and 1.17x the training step. Three runs of the default recipe with it
-    scored within the spread of `small_cnn`'s, so the default preset keeps `small_cnn` (docs/MODEL.md).
+    scored within the spread of `small_cnn`'s, so it did not replace it (docs/MODEL.md).
 
     `full_res_stem` (the `small_cnn_fullres` backbone, the default preset's) puts a 16-channel 3x3
     conv at the input's resolution before the first stride-2 one, so a 10 px object is seen whole

@@ -8,10 +8,11 @@ import os
 import re
 import sys
 
-# Set before TensorFlow is imported, so chosen from the command line. oneDNN's kernels make a training
-# step of the default preset 1.25x faster on this project's 2-core CPU, 1.8x with the full-resolution
-# stem (docs/TRAINING.md), and the other commands' inference-sized calls slower (evaluate-wild 22 s
-# against 18 s).
+# Set before TensorFlow is imported, so chosen from the process's own command line (an in-process
+# main(["train", ...]) gets whatever its host chose). oneDNN's kernels make a training step 1.8x faster
+# on this project's 2-core CPU with the default preset's small_cnn_fullres, 1.25x with small_cnn
+# (docs/TRAINING.md); evaluate-wild was slower with them (22 s against 18 s), and the other commands
+# were not measured, so they keep them off.
 ONEDNN_COMMANDS = ("train",)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -327,6 +328,8 @@ def run_record(
         "epoch_seconds": timer.seconds,
         "seconds": round(time.time() - started, 1),
         "replicas": strategy.num_replicas_in_sync,
+        # The two settings round differently, so a run is reproduced only under the same one.
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0",
         "features_cache": bool(features),
         "warnings": data.warnings,
     }

@@ -1,6 +1,9 @@
 """A tiny training run on the shapes dataset: the loss goes down and the bundle loads."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -83,3 +86,15 @@ def test_only_the_train_command_turns_onednn_on():
     assert onednn_setting(["train", "--preset", "default", "--output", "b"]) == "1"
     for argv in (["evaluate-wild", "--artifacts", "b"], ["finetune-scst"], ["--help"], []):
         assert onednn_setting(argv) == "0", argv
+
+
+def test_python_m_training_train_sets_onednn_before_tensorflow_loads(tmp_path):
+    # The module-level line, not only the rule: its own command line decides, in a fresh process.
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    probe = "import sys; sys.argv = ['training'] + sys.argv[1:]; import os, training.__main__; "
+    probe += "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], 'tensorflow' in sys.modules)"
+    for command, expected in (("train", "1 False"), ("evaluate", "0 False")):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, command], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
+        )
+        assert result.stdout.split("\n")[0] == expected, result

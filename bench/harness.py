@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+# The committed default model; benches default to its highest version, the one the service serves.
+DEFAULT_MODEL = REPO / "model_artifacts" / "default"
 HOST = "127.0.0.1"
 BOUNDARY = "benchboundary7d3f"
 MAX_OPEN_CONNECTIONS = 1024

@@ -10,22 +10,11 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 DEFAULT_ARTIFACTS = "model_artifacts/default"  # the service's default model; its highest version, as latest:1 picks
-
-
-def bundle_path(path: str) -> Path:
-    """A bundle, or a model's directory of versions (1/, 2/, ...): then its highest version, as the
-    service's default policy (latest:1) picks (a pin or a refused version is the service's business)."""
-    from captioning.artifacts import is_bundle, scan_versions
-
-    path = Path(path)
-    versions = {} if is_bundle(path) else scan_versions(path)
-    return versions[max(versions)] if versions else path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +47,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from PIL import Image
 
-    from captioning.artifacts import ArtifactError
+    from captioning.artifacts import ArtifactError, bundle_path
     from captioning.captioner import Captioner
     from captioning.decoding import DecodeOptions
     from captioning.preprocess import load_image_file

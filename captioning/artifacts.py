@@ -55,6 +55,14 @@ def scan_versions(model_dir: Path) -> dict[int, Path]:
     return versions
 
 
+def bundle_path(path: str | Path) -> Path:
+    """A bundle, or a model's directory of versions (1/, 2/, ...): then its highest version, as the
+    service's default policy (latest:1) picks (a pin or a refused version is the service's business)."""
+    path = Path(path)
+    versions = {} if is_bundle(path) else scan_versions(path)
+    return versions[max(versions)] if versions else path
+
+
 def is_version_name(name: str) -> bool:
     """ASCII digits (leading zeros allowed, as TF Serving reads "0001"), a positive number of at
     most 18 digits (the APIs cannot address more); not '³', which isdigit() accepts."""

@@ -94,7 +94,8 @@ def test_missing_bundle_exits_2(images, capsys):
 
 
 def test_a_model_directory_means_its_highest_version_as_the_service_serves(tiny_bundle, tmp_path):
-    from captioning.__main__ import DEFAULT_ARTIFACTS, bundle_path
+    from captioning.__main__ import DEFAULT_ARTIFACTS
+    from captioning.artifacts import bundle_path
 
     model = tmp_path / "default"
     for version in ("1", "2", "10", ".staging-11"):

@@ -138,5 +138,11 @@ def test_loader_resizes_for_training_and_keeps_drawn_size_for_evaluation():
         load_dataset("shapes_wide", "test", limit=1, variation="nope")
 
 
+def test_first_starts_the_loader_at_an_index_so_a_later_stage_can_draw_unseen_images():
+    later = load_dataset("shapes_wide", "train", limit=2, first="24000")
+    assert [r.image_id for r in later] == ["shapes-wide-train-024000", "shapes-wide-train-024001"]
+    assert np.array_equal(later[1].pixels, make_wide_example("train", 24001).pixels)
+
+
 def test_settings_are_plain_ranges():
     assert isinstance(VARIATIONS["jpeg"], WideSettings) and VARIATIONS["standard"] is TRAINING

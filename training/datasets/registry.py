@@ -21,7 +21,8 @@ Names and the options each loader takes (besides `split` and `limit`):
     "shapes"    image_size, max_objects   the embedded generated dataset (no files needed)
     "shapes_wide"  variation, max_objects, resize_to   the same grammar drawn wide (any background,
                                   64-640 px, JPEG, ...; training/datasets/shapes_wide.py);
-                                  `variation=NAME` gives a wild evaluation set
+                                  `variation=NAME` gives a wild evaluation set; `first=N`
+                                  starts at example N (past 24000: images no run trained on)
     "list"      list_file         a .jsonl/.ndjson or .csv caption list; without a split column
                                   the whole file is `split`
 
@@ -67,6 +68,7 @@ def load_shapes_wide(
     variation: str | None = None,
     max_objects: int | str = 3,
     resize_to: int | str | None = None,
+    first: int | str = 0,
 ) -> list[CaptionedImage]:
     """The wide-domain shapes dataset; training passes resize_to=<model input size> itself."""
     return load_wide_split(
@@ -75,6 +77,7 @@ def load_shapes_wide(
         variation=variation or None,
         max_objects=int(max_objects),
         resize_to=int(resize_to) if resize_to else None,
+        first=int(first),
     )
 
 

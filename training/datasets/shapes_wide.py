@@ -280,8 +280,10 @@ def load_wide_split(
     variation: str | None = None,
     max_objects: int = 3,
     resize_to: int | None = None,
+    first: int = 0,
 ) -> list[CaptionedImage]:
-    """The first `size` examples (default: SPLIT_SIZES[split]); `resize_to` stores them at the
-    model's input size (training holds thousands in memory), else at their drawn size."""
+    """`size` examples (default: SPLIT_SIZES[split]) from index `first` on; `resize_to` stores them
+    at the model's input size (training holds thousands in memory), else at their drawn size.
+    Every index is its own seed, so `first` past a run's training images draws ones it never saw."""
     count = SPLIT_SIZES.get(split, 1000) if size is None else size
-    return [make_wide_example(split, i, variation, max_objects, resize_to) for i in range(count)]
+    return [make_wide_example(split, i, variation, max_objects, resize_to) for i in range(first, first + count)]

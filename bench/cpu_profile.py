@@ -108,15 +108,14 @@ async def profile(
 
 
 def main() -> int:
-    from bench.harness import DEFAULT_MODEL
-    from captioning.artifacts import bundle_path
+    from bench.harness import DEFAULT_BUNDLE
 
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="continuous")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--artifacts", type=Path, default=bundle_path(DEFAULT_MODEL))
+    parser.add_argument("--artifacts", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--upload",

@@ -226,11 +226,10 @@ def run(artifacts: str, per_variation: int, seed: int = 2024, mirror_view: bool 
 
 
 def main() -> None:
-    from bench.harness import DEFAULT_MODEL
-    from captioning.artifacts import bundle_path
+    from bench.harness import DEFAULT_BUNDLE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", default=str(bundle_path(DEFAULT_MODEL)))
+    parser.add_argument("--artifacts", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--per-variation", type=int, default=60)
     parser.add_argument("--mirror-view", action="store_true", help="ask for mirror_view=true")
     parser.add_argument("--output", help="write the JSON report here")

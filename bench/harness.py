@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from captioning.artifacts import bundle_path
+
 REPO = Path(__file__).resolve().parent.parent
-# The committed default model; benches default to its highest version, the one the service serves.
-DEFAULT_MODEL = REPO / "model_artifacts" / "default"
+# The committed default model's highest version, the one the service serves: the benches' default.
+DEFAULT_BUNDLE = bundle_path(REPO / "model_artifacts" / "default")
 HOST = "127.0.0.1"
 BOUNDARY = "benchboundary7d3f"
 MAX_OPEN_CONNECTIONS = 1024

@@ -35,7 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from fastapi import FastAPI, File, UploadFile  # noqa: E402 - at module level: the route's annotations name them
 
 from bench.harness import (  # noqa: E402
-    DEFAULT_MODEL,
+    DEFAULT_BUNDLE,
     REPO,
     Server,
     caption_request,
@@ -45,7 +45,6 @@ from bench.harness import (  # noqa: E402
     load_images,
 )
 from bench.load_test import measure_references  # noqa: E402
-from captioning.artifacts import bundle_path  # noqa: E402
 from captioning.config import ModelConfig  # noqa: E402
 
 FLOORS = ("http", "decode")
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return serve()
     parser = argparse.ArgumentParser(prog="python -m bench.http_floor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", type=Path, default=bundle_path(DEFAULT_MODEL))
+    parser.add_argument("--artifacts", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     return asyncio.run(run(parser.parse_args(argv)))

@@ -41,7 +41,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `python -m app` sets it
 import numpy as np  # noqa: E402
 
 from bench.harness import (  # noqa: E402
-    DEFAULT_MODEL,
+    DEFAULT_BUNDLE,
     ENGINE_SERIES,
     REFUSAL_SERIES,
     REPO,
@@ -59,7 +59,6 @@ from bench.harness import (  # noqa: E402
     percentile,
     rss_mib,
 )
-from captioning.artifacts import bundle_path  # noqa: E402
 
 MODES = ("continuous", "static", "none")
 CLOSED_LOOP_CLIENTS = (1, 8, 32, 64)
@@ -693,7 +692,7 @@ def row(p: Phase, ms, closed: bool) -> str:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter phases and references (~3 minutes)")
-    parser.add_argument("--artifacts", type=Path, default=bundle_path(DEFAULT_MODEL))
+    parser.add_argument("--artifacts", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from continuous,static,none")
     parser.add_argument("--clients", default=",".join(map(str, CLOSED_LOOP_CLIENTS)))
     parser.add_argument(

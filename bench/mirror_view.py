@@ -16,14 +16,13 @@ import argparse
 import statistics
 import time
 
-from bench.harness import DEFAULT_MODEL, encoder_like_the_service
-from captioning.artifacts import bundle_path
+from bench.harness import DEFAULT_BUNDLE, encoder_like_the_service
 from captioning.decoding import DecodeOptions
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mirror_view", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", default=str(bundle_path(DEFAULT_MODEL)))
+    parser.add_argument("--artifacts", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--images", type=int, default=512, help="shapes_wide test images")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

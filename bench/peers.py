@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import harness
-from bench.harness import DEFAULT_MODEL, REPO, NoisyNeighbour, Outcome, closed_loop, percentile
-from captioning.artifacts import bundle_path
+from bench.harness import DEFAULT_BUNDLE, REPO, NoisyNeighbour, Outcome, closed_loop, percentile
 
 CLIENTS = (32, 64)
 CHECKED_IMAGES = 8
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         default=str(REPO / "bench" / ".peers-venv" / "bin" / "python"),
     )
     parser.add_argument("--frameworks", default="litserve,pytriton,ray")
-    parser.add_argument("--artifacts", type=Path, default=bundle_path(DEFAULT_MODEL))
+    parser.add_argument("--artifacts", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "PEERS.md")

@@ -28,10 +28,12 @@ def load_captioner(artifacts: str):
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     tf.config.threading.set_intra_op_parallelism_threads(max(1, cpus - 1))
+    from captioning.artifacts import bundle_path
     from captioning.captioner import Captioner
 
     # The service's encoder: bench.peers sets ENCODER_PRECISION (and oneDNN) for every server alike.
-    captioner = Captioner.load(artifacts, encoder_precision=os.environ.get("ENCODER_PRECISION"))
+    # A model's directory of versions (the default) means its highest version, as the service serves.
+    captioner = Captioner.load(bundle_path(artifacts), encoder_precision=os.environ.get("ENCODER_PRECISION"))
     captioner.warmup()
     return captioner
 

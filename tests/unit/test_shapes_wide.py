@@ -11,6 +11,7 @@ from training.datasets.registry import load_dataset
 from training.datasets.shapes import RGB, Scene, ShapeObject, relation_holds
 from training.datasets.shapes_checker import check_caption
 from training.datasets.shapes_wide import (
+    SMALL_CORNER,
     TRAINING,
     VARIATIONS,
     WideSettings,
@@ -142,6 +143,28 @@ def test_first_starts_the_loader_at_an_index_so_a_later_stage_can_draw_unseen_im
     later = load_dataset("shapes_wide", "train", limit=2, first="24000")
     assert [r.image_id for r in later] == ["shapes-wide-train-024000", "shapes-wide-train-024001"]
     assert np.array_equal(later[1].pixels, make_wide_example("train", 24001).pixels)
+
+
+def test_small_corner_draws_its_share_of_training_images_from_the_corner_and_leaves_evaluation_alone():
+    plain = load_dataset("shapes_wide", "train", limit=40)
+    mixed = load_dataset("shapes_wide", "train", limit=40, small_corner="0.5")
+    corner = [m for m in mixed if "-small-" in m.image_id]
+    assert 10 <= len(corner) <= 30  # about half, decided per index
+    for before, after in zip(plain, mixed):
+        if "-small-" not in after.image_id:  # the other images are the plain split's, pixel for pixel
+            assert after.image_id == before.image_id and np.array_equal(after.pixels, before.pixels)
+    for record in corner:
+        width, height = record.scene.frame
+        assert max(width, height) <= SMALL_CORNER.long_side[1]
+        for obj in record.scene.objects:
+            if obj.size == "small":
+                assert 2 * obj.extent / max(width, height) <= 0.12 + 1e-3 or 2 * obj.extent <= 6.2
+        assert check_caption(record.captions[0], record.scene).correct
+    for split in ("val", "test"):
+        evaluation = load_dataset("shapes_wide", split, limit=6, small_corner="1")
+        assert [r.image_id for r in evaluation] == [f"shapes-wide-{split}-{i:06d}" for i in range(6)]
+    with pytest.raises(ValueError, match="small_corner"):
+        load_dataset("shapes_wide", "train", limit=1, small_corner="1.5")
 
 
 def test_settings_are_plain_ranges():

@@ -22,7 +22,9 @@ Names and the options each loader takes (besides `split` and `limit`):
     "shapes_wide"  variation, max_objects, resize_to   the same grammar drawn wide (any background,
                                   64-640 px, JPEG, ...; training/datasets/shapes_wide.py);
                                   `variation=NAME` gives a wild evaluation set; `first=N`
-                                  starts at example N (past 24000: images no run trained on)
+                                  starts at example N (past 24000: images no run trained on);
+                                  `small_corner=SHARE` draws that share of the train split
+                                  from the small-object corner (validation and test: never)
     "list"      list_file         a .jsonl/.ndjson or .csv caption list; without a split column
                                   the whole file is `split`
 
@@ -69,6 +71,7 @@ def load_shapes_wide(
     max_objects: int | str = 3,
     resize_to: int | str | None = None,
     first: int | str = 0,
+    small_corner: float | str = 0.0,
 ) -> list[CaptionedImage]:
     """The wide-domain shapes dataset; training passes resize_to=<model input size> itself."""
     return load_wide_split(
@@ -78,6 +81,7 @@ def load_shapes_wide(
         max_objects=int(max_objects),
         resize_to=int(resize_to) if resize_to else None,
         first=int(first),
+        small_corner=float(small_corner),
     )
 
 

@@ -13,6 +13,9 @@ image draws its own:
   - degradations: Gaussian blur, pixel noise and JPEG compression, each now and then.
 
 Splits: train / val / test draw from the training distribution (`TRAINING`) with their own seeds.
+Loader option `small_corner=SHARE` draws that share of the *training* split's images from
+`SMALL_CORNER` instead, the corner of the same ranges where the default model errs most (small
+objects in small pictures); validation and test always draw `TRAINING`.
 A *wild* variation (`VARIATIONS`, loader option `variation=NAME`) pins one factor to its hard end
 (a light background, tiny objects, heavy JPEG, ...) and draws everything else as training does,
 from a seed no training split uses.
@@ -86,8 +89,13 @@ VARIATIONS: dict[str, WideSettings] = {
     "hard_edges": dataclasses.replace(TRAINING, anti_alias_probability=0.0),
 }
 
+# The same ranges' hardest corner for a 96 px model: the smallest objects, in pictures whose objects
+# were 6-30 px when drawn (docs/MODEL.md, "The three variations under 0.95, by the picture's size").
+SMALL_CORNER = dataclasses.replace(TRAINING, small_fraction=(0.10, 0.12), long_side=(64, 256))
+
 SPLIT_ID = {"train": 11, "val": 12, "test": 13}  # apart from shapes.py's 1-3
 WILD_ID = 14
+CORNER_ID = 15  # the seed of each training image's draw between TRAINING and SMALL_CORNER
 SPLIT_SIZES = {"train": 24000, "val": 1000, "test": 1000}
 MIN_CONTRAST = 110.0  # RGB distance between the background and every object colour in the scene
 TEXTURE_AMPLITUDE = (6.0, 22.0)  # textures stay faint next to an object's contrast
@@ -246,9 +254,17 @@ def resize_for_model(pixels: np.ndarray, encoded: bytes | None, size: int) -> np
 
 
 def make_wide_example(
-    split: str, index: int, variation: str | None = None, max_objects: int = 3, resize_to: int | None = None
+    split: str,
+    index: int,
+    variation: str | None = None,
+    max_objects: int = 3,
+    resize_to: int | None = None,
+    small_corner: float = 0.0,
 ) -> CaptionedImage:
-    """Example `index` of `split`, or of wild variation `variation` (split then only names it)."""
+    """Example `index` of `split`, or of wild variation `variation` (split then only names it);
+    `small_corner` is the chance that a training example is drawn from SMALL_CORNER."""
+    if not 0.0 <= small_corner <= 1.0:
+        raise ValueError(f"small_corner is a share in [0, 1], not {small_corner}")
     if variation is not None:
         if variation not in VARIATIONS:
             raise ValueError(f"unknown variation {variation!r}; expected one of {tuple(VARIATIONS)}")
@@ -259,6 +275,8 @@ def make_wide_example(
         if split not in SPLIT_ID:
             raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_ID)}")
         settings, seed, image_id = TRAINING, [SPLIT_ID[split], index], f"shapes-wide-{split}-{index:06d}"
+        if split == "train" and small_corner and np.random.default_rng([CORNER_ID, index]).random() < small_corner:
+            settings, image_id = SMALL_CORNER, f"shapes-wide-{split}-small-{index:06d}"
     scene_rng, pixel_rng, caption_rng = np.random.default_rng(seed).spawn(3)
     scene = generate_wide_scene(scene_rng, settings, max_objects)
     pixels, encoded = render_wide(scene, pixel_rng, settings)
@@ -281,9 +299,13 @@ def load_wide_split(
     max_objects: int = 3,
     resize_to: int | None = None,
     first: int = 0,
+    small_corner: float = 0.0,
 ) -> list[CaptionedImage]:
     """`size` examples (default: SPLIT_SIZES[split]) from index `first` on; `resize_to` stores them
     at the model's input size (training holds thousands in memory), else at their drawn size.
     Every index is its own seed, so `first` past a run's training images draws ones it never saw."""
     count = SPLIT_SIZES.get(split, 1000) if size is None else size
-    return [make_wide_example(split, i, variation, max_objects, resize_to) for i in range(first, first + count)]
+    return [
+        make_wide_example(split, i, variation, max_objects, resize_to, small_corner)
+        for i in range(first, first + count)
+    ]

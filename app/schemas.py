@@ -97,6 +97,14 @@ class CaptionQuery(BaseModel):
         "errors on small and degraded objects for twice the compute (docs/MODEL.md); for models whose "
         "scenes mean the same mirrored, as the default model's do.",
     )
+    grounded: bool = Field(
+        False,
+        description="Rerank the candidates of a beam search (or of sampling) by the model's own reading of the "
+        "image: a classifier on each cell of its feature grid names the object there, and captions that "
+        "contradict that reading, or leave one of its objects out, go after those that do not. The default "
+        "model's captions are right more often this way (docs/MODEL.md, 'Grounded reranking'); it needs "
+        "strategy=beam (or sample) and a model with a scene head (GET /model: grounded).",
+    )
 
 
 # Parameters that only mean something for one strategy: giving one explicitly with another
@@ -127,6 +135,11 @@ class CaptionCandidate(BaseModel):
     )
     words: list[WordAttention] | None = Field(
         None, description="Only with attention=true: each word of `text` with its attention weights."
+    )
+    agrees_with_scene: bool | None = Field(
+        None,
+        description="Only with grounded=true: whether nothing in the caption contradicts the model's own reading "
+        "of the image's objects, and it names all of them.",
     )
 
 
@@ -225,6 +238,9 @@ class ModelInfo(BaseModel):
     mirror_view: bool = Field(
         description="Whether the model can decode with mirror_view=true (its vocabulary has both words of each "
         "mirrored pair, or neither)."
+    )
+    grounded: bool = Field(
+        description="Whether the model can decode with grounded=true (its bundle has a scene head, scene_head.npz)."
     )
     dataset: DatasetInfo
     metrics: dict[str, Any] = Field(description="Evaluation results recorded in the manifest.")

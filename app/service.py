@@ -91,6 +91,7 @@ def decode_options(query: CaptionQuery) -> DecodeOptions:
             max_length=query.max_length,
             return_attention=query.attention,
             mirror_view=query.mirror_view,
+            grounded=query.grounded,
             # Absent: DecodeOptions' defaults (the schema declares none, see CaptionQuery).
             **{name: value for name, value in strategy_parameters.items() if value is not None},
         ).validate()
@@ -292,7 +293,13 @@ def _candidate(caption) -> CaptionCandidate:
             WordAttention(word=word, attention=weights)
             for word, weights in zip(caption.tokens, caption.attention, strict=True)
         ]
-    return CaptionCandidate(text=caption.text, confidence=caption.confidence, log_prob=caption.log_prob, words=words)
+    return CaptionCandidate(
+        text=caption.text,
+        confidence=caption.confidence,
+        log_prob=caption.log_prob,
+        words=words,
+        agrees_with_scene=caption.agrees_with_scene,
+    )
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

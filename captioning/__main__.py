@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument(
         "--mirror-view", action="store_true", help="decode each image with its left-right mirror (captioning/mirror.py)"
     )
+    caption.add_argument(
+        "--grounded",
+        action="store_true",
+        help="rerank the beam by the model's own reading of the scene (captioning/grounding.py; --strategy beam)",
+    )
     caption.add_argument("--json", action="store_true", help="one JSON object per image")
     return parser
 
@@ -62,6 +67,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         return_attention=args.attention,
         mirror_view=args.mirror_view,
+        grounded=args.grounded,
     )
     try:
         options.validate()

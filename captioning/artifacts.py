@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 BUNDLE_FILES = ("encoder.keras", "decoder.keras", "vocab.json", "config.json")
 # Written by later training stages when there is something to fit them on (training/calibrate.py,
 # training/fit_domain.py); checksummed like the rest when present.
-OPTIONAL_FILES = ("calibration.json", "domain.npz")
+OPTIONAL_FILES = ("calibration.json", "domain.npz", "scene_head.npz")
 
 
 class ArtifactError(RuntimeError):
@@ -258,10 +258,12 @@ def save_bundle(
     version: str,
     training: dict,
     metrics: dict | None = None,
+    scene_head=None,
 ) -> dict:
     """Writes the four bundle files and their manifest; returns the manifest. Optional files
     already in the directory (a calibration, a domain check) were fitted to whatever model was
-    written there before: they are removed, never vouched for by the new manifest."""
+    written there before: they are removed, never vouched for by the new manifest. scene_head
+    (captioning.grounding.SceneHead, trained with this encoder) is written as scene_head.npz."""
     bundle = Path(bundle)
     bundle.mkdir(parents=True, exist_ok=True)
     for optional in OPTIONAL_FILES:
@@ -270,5 +272,7 @@ def save_bundle(
     decoder.save(bundle / "decoder.keras")
     tokenizer.save(bundle / "vocab.json")
     config.save(bundle / "config.json")
+    if scene_head is not None:
+        scene_head.save(bundle / "scene_head.npz")
     answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length, config.vocab_size)
     return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics, answer=answer)

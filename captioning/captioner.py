@@ -1,6 +1,6 @@
 """The library API: load a bundle, caption images, and the encode/step pieces a scheduler needs.
 
-    captioner = Captioner.load("model_artifacts/default/4")
+    captioner = Captioner.load("model_artifacts/default/5")
     captioner.caption(images)                  # offline: n-best captions per image
     slots = captioner.feature_slots(64)        # for a scheduler: encode into slots, step rows
 
@@ -33,6 +33,8 @@ from captioning.config import ModelConfig  # noqa: E402
 from captioning.decoding import Caption, DecodeOptions, GreedySearch, Search, new_search  # noqa: E402
 from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
 from captioning.domain import DomainModel
+from captioning.grounding import FILE as SCENE_HEAD_FILE
+from captioning.grounding import SceneHead, read_scene, rerank
 from captioning.inference import inference_encoder
 from captioning.mirror import MirrorSearch, mirror_permutation, mirrored  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
@@ -137,6 +139,7 @@ class Captioner:
         calibration: Calibration | None = None,
         domain: DomainModel | None = None,
         encoder_precision: str | None = None,
+        scene_head: SceneHead | None = None,
     ):
         self.encoder = encoder
         self.encoder_precision = encoder_precision  # None: the encoder as trained (captioning.inference)
@@ -146,6 +149,7 @@ class Captioner:
         self.manifest = manifest or {}
         self.calibration = calibration  # maps raw confidence to P(correct); None: raw
         self.domain = domain  # out-of-domain detector; None: not fitted for this bundle
+        self.scene_head = scene_head  # the cell classifier of grounded decoding; None: the bundle has none
         self.decoder_programs = DecoderPrograms.shared(decoder, config.vocab_size)
         # The weights as the programs take them: the runtime's variables, in the programs' order.
         self.decoder_weights = [variable.value for variable in decoder.variables]
@@ -167,6 +171,10 @@ class Captioner:
         # FeatureSlots of this model shares one trace; the decoder's two also take its weights,
         # so every Captioner of this architecture shares them (DecoderPrograms).
 
+        cell_classifier = None
+        if scene_head is not None:
+            cell_classifier = (tf.constant(scene_head.weights), tf.constant(scene_head.bias))
+
         @tf.function(reduce_retracing=True)
         def encode_into(features, images, slots):
             encoded = run_encoder(images)[: tf.shape(slots)[0]]
@@ -174,7 +182,11 @@ class Captioner:
             # What the domain check needs of them (captioning.domain.pool_features), pooled here:
             # [B, 2D] leaves the runtime instead of the [B, N, D] grid, and numpy does not pool it.
             mean, variance = tf.nn.moments(encoded, axes=[1])
-            return tf.concat([mean, tf.sqrt(variance)], axis=1)
+            pooled = tf.concat([mean, tf.sqrt(variance)], axis=1)
+            if cell_classifier is None:
+                return pooled, tf.zeros([tf.shape(encoded)[0], 0], tf.int32)
+            weights, bias = cell_classifier  # grounded decoding's reading of each cell: [B, N] labels
+            return pooled, tf.argmax(tf.einsum("bnd,dk->bnk", encoded, weights) + bias, axis=-1, output_type=tf.int32)
 
         self._encode_into = encode_into
         self._offline_slots: FeatureSlots | None = None  # caption()'s own, made on first use
@@ -199,8 +211,15 @@ class Captioner:
         try:  # optional stages; verify_bundle has checked every file the manifest lists
             calibration = Calibration.load(bundle / CALIBRATION_FILE) if CALIBRATION_FILE in listed else None
             domain = DomainModel.load(bundle / DOMAIN_FILE) if DOMAIN_FILE in listed else None
+            # Trained with the encoder, not fitted after it: read whatever the stage.
+            scene_head = SceneHead.load(bundle / SCENE_HEAD_FILE) if SCENE_HEAD_FILE in manifest["files"] else None
         except (ValueError, OSError, KeyError) as exc:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
+        if scene_head is not None and scene_head.feature_size != encoder.output.shape[-1]:
+            raise ArtifactError(
+                f"{bundle}: {SCENE_HEAD_FILE} reads features of {scene_head.feature_size} values, the encoder "
+                f"gives {encoder.output.shape[-1]}: the two files come from different models"
+            )
         pooled_size = 2 * encoder.output.shape[-1]  # captioning.domain.pool_features: mean and deviation
         if domain is not None and domain.mean.size != pooled_size:
             raise ArtifactError(
@@ -240,7 +259,7 @@ class Captioner:
                 "each other (bundles written before round 23; captioning.known_answer)",
                 bundle,
             )
-        return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain, encoder_precision)
+        return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain, encoder_precision, scene_head)
 
     # --- the pieces a scheduler drives -------------------------------------------------------
 
@@ -266,9 +285,15 @@ class Captioner:
             [self._encode_graph(_pad_rows(chunk, bucket_for(len(chunk)))).numpy()[: len(chunk)] for chunk in chunks]
         )
 
-    def results(self, search: Search) -> list[Caption]:
-        """A finished search's captions, their confidence calibrated when the bundle says how."""
+    def results(self, search: Search, scene_cells: np.ndarray | None = None) -> list[Caption]:
+        """A finished search's captions, their confidence calibrated when the bundle says how; with
+        grounded decoding, reranked by the scene its cells show (scene_cells: FeatureSlots.encode's
+        labels of the image, captioning.grounding)."""
         captions = search.results(self.tokenizer)
+        if search.options.grounded:
+            if scene_cells is None:
+                raise ValueError("grounded decoding needs the image's scene cells")
+            captions = rerank(captions, read_scene(scene_cells, self.grid_shape))[: search.options.num_captions]
         if self.calibration is not None:
             calibration = self.calibration.for_decoding(search.options.mirror_view)
             for caption in captions:
@@ -293,6 +318,8 @@ class Captioner:
         checks the rest): a mirror view needs both words of each mirrored pair in the vocabulary."""
         if options.mirror_view and self.mirror_permutation is None:
             raise ValueError("mirror_view: this model's vocabulary has only one of 'left' and 'right'")
+        if options.grounded and self.scene_head is None:
+            raise ValueError("grounded: this model has no scene head (trained without --scene-loss-weight)")
 
     def new_search(self, options: DecodeOptions) -> Search:
         """The search for one image under `options` (validated): the strategy's, wrapped in a
@@ -342,7 +369,7 @@ class Captioner:
         slots, width, count = self._slots(), options.width, len(images)
         if options.mirror_view:
             images = np.concatenate([images, mirrored(images)])
-        slots.encode(images, np.arange(len(images)))
+        _, cells = slots.encode(images, np.arange(len(images)))
         searches = [self.new_search(options) for _ in range(count)]
         if isinstance(searches[0], GreedySearch):
             return self._greedy_batch(slots, searches)
@@ -364,7 +391,7 @@ class Captioner:
                 survivors = (np.arange(width) + np.array(kept, dtype=np.int64)[:, None] * width).ravel()
                 slot_of_row, tokens, state = slot_of_row[survivors], tokens[survivors], state[survivors]
                 active = [active[n] for n in kept]
-        return [self.results(search) for search in searches]
+        return [self.results(search, None if cells is None else cells[i]) for i, search in enumerate(searches)]
 
     def _greedy_batch(self, slots: FeatureSlots, searches: list[GreedySearch]) -> list[list[Caption]]:
         """_caption_batch for greedy searches: GREEDY_STEPS steps per call (FeatureSlots.greedy_steps)."""
@@ -446,14 +473,15 @@ class FeatureSlots:
             self._traced[(kind, rows, steps)] = traced
         return traced
 
-    def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> np.ndarray:
+    def encode(self, images: np.ndarray, slot_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Encodes uint8 images [B, S, S, 3] as one batch (padded to a bucket) into the given slots;
-        returns their pooled features [B, 2D] (captioning.domain.pool_features, for the domain score)."""
+        returns their pooled features [B, 2D] (captioning.domain.pool_features, for the domain score)
+        and, when the model has a scene head, each image's cell labels [B, N] (captioning.grounding)."""
         bucket = bucket_for(len(images))
-        encoded = self._function("encode", bucket)(
+        pooled, cells = self._function("encode", bucket)(
             self._features, tf.constant(_pad_rows(images, bucket)), tf.constant(np.asarray(slot_ids, np.int32))
         )
-        return encoded.numpy()
+        return pooled.numpy(), (cells.numpy() if self.captioner.scene_head is not None else None)
 
     def step(
         self, slot_of_row: np.ndarray, tokens: np.ndarray, state: np.ndarray

@@ -33,6 +33,7 @@ class DecodeOptions:
     length_penalty: float = 1.0  # beam scores are log_prob / num_tokens ** length_penalty
     return_attention: bool = False
     mirror_view: bool = False  # decode the image with its left-right mirror (captioning.mirror)
+    grounded: bool = False  # rerank the candidates by the model's own reading of the scene (captioning.grounding)
 
     def validate(self) -> DecodeOptions:
         """Raises ValueError naming the first invalid value or combination."""
@@ -48,6 +49,8 @@ class DecodeOptions:
             raise ValueError("num_captions must be at least 1")
         if self.strategy == "greedy" and self.num_captions != 1:
             raise ValueError("greedy decoding gives one caption; use strategy=beam or sample for more")
+        if self.strategy == "greedy" and self.grounded:
+            raise ValueError("grounded reranks several candidates; use strategy=beam (or sample)")
         if self.strategy == "beam":
             if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
                 raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
@@ -81,6 +84,7 @@ class Caption:
     confidence: float  # geometric-mean token probability, in [0, 1]; calibrated by Captioner.results
     attention: list[list[float]] | None = None  # per word: weights over the feature grid
     raw_confidence: float | None = None  # the geometric mean, kept when `confidence` is calibrated
+    agrees_with_scene: bool | None = None  # grounded decoding: nothing in it contradicts the model's reading
 
 
 _NOT_WORDS = (PAD_ID, START_ID, END_ID)
@@ -137,8 +141,10 @@ class Search:
         raise NotImplementedError
 
     def results(self, tokenizer) -> list[Caption]:
+        """The num_captions best captions; with grounded, every candidate (one per slot), for the
+        reranking to choose from (Captioner.results)."""
         captions = []
-        for hyp in self.hypotheses()[: self.options.num_captions]:
+        for hyp in self.hypotheses()[: self.width if self.options.grounded else self.options.num_captions]:
             words = tokenizer.decode(hyp.token_ids)
             attention = None
             if self.options.return_attention:

@@ -1,6 +1,6 @@
 """`python -m training calibrate`: fit the bundle's confidence calibration on a split with scenes.
 
-    python -m training calibrate --artifacts model_artifacts/default/4 --dataset shapes_wide --split val
+    python -m training calibrate --artifacts model_artifacts/default/5 --dataset shapes_wide --split val
 
 Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
 complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)
@@ -36,7 +36,7 @@ def caption_with_confidence(captioner, records, options: DecodeOptions = DecodeO
 
 
 def grade(texts, records) -> np.ndarray:
-    from training.datasets.shapes_checker import check_caption
+    from captioning.scene_checker import check_caption
 
     if any(r.scene is None for r in records):
         raise ValueError(

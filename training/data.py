@@ -16,9 +16,9 @@ from PIL import Image
 
 from captioning.mirror import mirror_ids
 from captioning.preprocess import load_image_file
+from captioning.scenes import scene_cells
 from captioning.tokenizer import Tokenizer
 from training.datasets.base import CaptionedImage
-from training.datasets.shapes import scene_cells
 
 AUTOTUNE = tf.data.AUTOTUNE
 

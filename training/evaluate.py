@@ -188,7 +188,7 @@ def evaluate(
 
 def _grade_with_checker(records: list[CaptionedImage], images: list[dict]) -> float:
     """Adds the checker's verdict to each image's result; returns the share judged correct."""
-    from training.datasets.shapes_checker import check_caption
+    from captioning.scene_checker import check_caption
 
     for record, image in zip(records, images):
         verdict = check_caption(image["generated"], record.scene)
@@ -203,7 +203,7 @@ def _grade_with_checker(records: list[CaptionedImage], images: list[dict]) -> fl
 
 def _reference_grounded_accuracy(records: list[CaptionedImage]) -> float:
     """The share of reference captions the checker accepts: 1.0 unless the dataset or checker is off."""
-    from training.datasets.shapes_checker import check_caption
+    from captioning.scene_checker import check_caption
 
     verdicts = [check_caption(caption, r.scene).correct for r in records for caption in r.captions]
     return sum(verdicts) / len(verdicts)

@@ -1,6 +1,6 @@
 """`python -m training probe-features`: do a bundle's image features still say what each object is?
 
-    python -m training probe-features --artifacts model_artifacts/default/4 --train 12000 \\
+    python -m training probe-features --artifacts model_artifacts/default/5 --train 12000 \\
         --per-variation 600 --output probe.json
 
 When captions name the wrong shape, this tells whether the shape was lost in the encoder or in the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.datasets.shapes import COLOURS, SHAPES, centre_cell
+from captioning.scenes import COLOURS, SHAPES, centre_cell
 from training.datasets.shapes_wide import VARIATIONS
 
 DEFAULT_VARIATIONS = ("standard", "tiny_objects", "low_resolution", "jpeg")

@@ -141,7 +141,7 @@ def make_reward(references: list[list[str]], scenes: list | None, corpus: list[l
 
     cider = CiderD(corpus)
     if grounded_weight and scenes is not None:
-        from training.datasets.shapes_checker import check_caption
+        from captioning.scene_checker import check_caption
 
         def reward(i: int, text: str) -> float:
             return cider.score(text, references[i]) + grounded_weight * check_caption(text, scenes[i]).correct
@@ -262,6 +262,7 @@ def finetune(args) -> dict:
         name=manifest.get("name", "captioner") + "-scst",
         version=time.strftime("%Y%m%d"),
         training=training,
+        scene_head=captioner.scene_head,  # trained with the encoder, which SCST leaves as it is
     )
     if domain_bytes is not None:
         (output / DOMAIN_FILE).write_bytes(domain_bytes)

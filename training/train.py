@@ -26,11 +26,12 @@ import keras
 import tensorflow as tf
 
 from captioning.artifacts import save_bundle
+from captioning.grounding import SceneHead
 from captioning.model import masked_accuracy, masked_loss
+from captioning.scenes import SCENE_KINDS
 from captioning.tokenizer import Tokenizer, standardize
 from training.config import TrainConfig, add_config_flags, build_models, config_from_args, load_records, parse_options
 from training.data import make_dataset, scene_targets
-from training.datasets.shapes import SCENE_KINDS
 from training.distribute import (
     STRATEGIES,
     cluster_size,
@@ -297,6 +298,13 @@ def fit(
     return history, timer
 
 
+def scene_head_of(trainer) -> SceneHead | None:
+    """The trained cell classifier of the scene loss, for the bundle (grounded decoding), or None."""
+    if trainer.scene_head is None:
+        return None
+    return SceneHead(trainer.scene_head.kernel.numpy(), trainer.scene_head.bias.numpy())
+
+
 def batches_per_epoch(config: TrainConfig, data: Data) -> int:
     return -(-len(data.train) // config.batch_size)
 
@@ -388,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
         name=config.name,
         version=time.strftime("%Y%m%d"),
         training=record,
+        scene_head=scene_head_of(trainer),
     )
     print(f"wrote {args.output} after {record['seconds']} s")
 

@@ -1,6 +1,6 @@
 """`python -m training evaluate-wild`: the default model's report card on images it was not drawn for.
 
-    python -m training evaluate-wild --artifacts model_artifacts/default/4 --per-variation 200 \\
+    python -m training evaluate-wild --artifacts model_artifacts/default/5 --per-variation 200 \\
         --output docs/default-model-wild.json
 
 For the standard test split and every wild variation of the wide shapes dataset
@@ -24,6 +24,7 @@ import numpy as np
 from captioning.calibration import expected_calibration_error
 from captioning.decoding import DecodeOptions
 from captioning.domain import IN_DOMAIN_SCORE
+from captioning.grounding import BEAM_SIZE as GROUNDED_BEAM_SIZE
 
 
 def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) -> dict:
@@ -60,7 +61,12 @@ def domain_accepted(captioner, images) -> np.ndarray | None:
 
 
 def evaluate_wild(
-    artifacts, per_variation: int, test_images: int, ood_per_group: int, mirror_view: bool = False
+    artifacts,
+    per_variation: int,
+    test_images: int,
+    ood_per_group: int,
+    mirror_view: bool = False,
+    grounded: bool = False,
 ) -> dict:
     from captioning.captioner import Captioner
     from training.datasets.shapes_wide import VARIATIONS, load_wide_split
@@ -72,10 +78,17 @@ def evaluate_wild(
         "artifacts": str(artifacts),
         "name": captioner.manifest.get("name"),
         "calibrated": captioner.calibration is not None,
-        "decoding": {"strategy": "greedy", "mirror_view": mirror_view},
         "variations": {},
     }
     options = DecodeOptions(mirror_view=mirror_view)
+    if grounded:  # the best of a beam search's candidates by the model's own reading of the scene
+        options = DecodeOptions(strategy="beam", beam_size=GROUNDED_BEAM_SIZE, grounded=True, mirror_view=mirror_view)
+    report["decoding"] = {
+        "strategy": options.strategy,
+        "beam_size": options.beam_size if grounded else None,
+        "mirror_view": mirror_view,
+        "grounded": grounded,
+    }
     all_correct, all_confidence = [], []
     report["test"], correct, confidence = score_records(captioner, load_wide_split("test", test_images), options)
     print(f"test: {report['test']['grounded_accuracy']}", flush=True)
@@ -121,12 +134,20 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="greedy with the mirror view (captioning.mirror) instead of plain greedy",
     )
+    p.add_argument(
+        "--grounded",
+        action="store_true",
+        help="grounded decoding (captioning.grounding: a beam of 3 reranked by the model's scene head) "
+        "instead of greedy; the bundle needs a scene head",
+    )
     p.add_argument("--output", metavar="FILE.json", help="write the report here")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    report = evaluate_wild(args.artifacts, args.per_variation, args.test_images, args.ood_per_group, args.mirror_view)
+    report = evaluate_wild(
+        args.artifacts, args.per_variation, args.test_images, args.ood_per_group, args.mirror_view, args.grounded
+    )
     text = json.dumps(report, indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -37,7 +37,7 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
     started = time.perf_counter()
     try:
         images = [view for request in requests for view in request_views(request)]
-        slots, domain_scores = runner.encode(np.stack(images))
+        slots, domain_scores, scene_cells = runner.encode(np.stack(images))
     except Exception as exc:
         logger.exception("encoding a batch of %d images failed", len(requests))
         return InferenceError(f"encoding the image failed: {exc}")
@@ -47,6 +47,8 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
         request.feature_slots = slots[first : first + request.views]
         if domain_scores is not None:  # the upload's own, not its mirror's
             request.domain_score = float(domain_scores[first])
+        if scene_cells is not None:
+            request.scene_cells = scene_cells[first]
         first += request.views
     return None
 

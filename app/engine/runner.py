@@ -139,11 +139,12 @@ class ModelRunner:
         (never with GREEDY_STEPS_PER_CALL=1: nothing is compiled then)."""
         return bucket_for(used) in self.greedy_buckets
 
-    def encode(self, images: np.ndarray) -> tuple[list[int], np.ndarray | None]:
+    def encode(self, images: np.ndarray) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
         """Encodes images [B, S, S, 3] in one batch into free feature slots; returns the slot of
-        each and, when the model has a domain check, each image's domain score from the same
-        features (no second encoder pass). Safe to call from another thread than the decoder's.
-        On failure the slots go back."""
+        each, when the model has a domain check each image's domain score, and when it has a scene
+        head each image's cell labels (captioning.grounding), all from the same features (no second
+        encoder pass). Safe to call from another thread than the decoder's. On failure the slots go
+        back."""
         slots = self.free_slots.take(len(images))
         try:
             if len(slots) < len(images):
@@ -151,12 +152,12 @@ class ModelRunner:
             statistics = (
                 None if self._statistics is None else self._statistics.submit(self.domain.image_statistics, images)
             )
-            pooled = self.features.encode(images, np.array(slots))
+            pooled, scene_cells = self.features.encode(images, np.array(slots))
             scores = None if statistics is None else self.domain.combined_scores(pooled, statistics.result())
         except BaseException:
             self.free_slots.give_back(slots)
             raise
-        return slots, scores
+        return slots, scores, scene_cells
 
     def place(self, start: int, slot_of_row: np.ndarray, start_tokens: np.ndarray) -> None:
         """Starts a search in rows [start, start + len(slot_of_row)), row start + i reading the

@@ -35,6 +35,7 @@ def describe_model(captioner) -> ModelInfo:
         max_caption_words=config.max_length - 2,  # max_length counts <start> and <end>
         feature_grid=tuple(captioner.grid_shape),
         mirror_view=captioner.mirror_permutation is not None,
+        grounded=captioner.scene_head is not None,
         dataset=DatasetInfo(**dataset) if isinstance(dataset, dict) else DatasetInfo(name=str(dataset)),
         metrics=manifest.get("metrics") or {},
         training_command=manifest.get("training_command") or training.get("command"),

@@ -23,6 +23,7 @@ const ui = {
   form: $("caption-form"), fileInput: $("file-input"), dropZone: $("drop-zone"),
   strategy: $("strategy"), beamSize: $("beam-size"), numCaptions: $("num-captions"),
   mirrorView: $("mirror-view"), mirrorViewField: $("mirror-view-field"),
+  grounded: $("grounded"), groundedField: $("grounded-field"),
   beamSizeField: $("beam-size-field"), numCaptionsField: $("num-captions-field"),
   captionButton: $("caption-button"), apiKeyRow: $("api-key-row"), apiKey: $("api-key"),
   modelInfo: $("model-info"), result: $("result"), stage: $("stage"), preview: $("preview"),
@@ -175,6 +176,12 @@ function captionItem(caption, rank) {
   fill.style.width = percent(caption.confidence);
   bar.append(fill);
   confidence.append(label, bar);
+  if (caption.agrees_with_scene === false) {
+    const note = document.createElement("span");
+    note.className = "disagrees";
+    note.textContent = "does not match the objects the model sees";
+    confidence.append(note);
+  }
 
   item.append(words, confidence);
   return item;
@@ -235,6 +242,8 @@ function requireApiKey() {
 function decodingParameters() {
   const strategy = ui.strategy.value;
   const params = new URLSearchParams({ strategy, attention: "true", mirror_view: String(ui.mirrorView.checked) });
+  // Grounded reranking needs candidates (not greedy) and a model with a scene head (/model says).
+  if (!ui.groundedField.hidden && ui.grounded.checked && strategy !== "greedy") params.set("grounded", "true");
   const count = clampInput(ui.numCaptions);
   if (strategy === "beam") {
     const beamSize = clampInput(ui.beamSize);
@@ -323,6 +332,7 @@ async function describeModel() {
       ui.mirrorView.checked = false;
       ui.mirrorViewField.hidden = true;
     }
+    ui.groundedField.hidden = !model.grounded;
     ui.modelInfo.textContent = `Model ${model.name} (version ${model.version}), ` +
       `attention over a ${model.feature_grid[0]}×${model.feature_grid[1]} grid.`;
   } catch (error) {

@@ -37,7 +37,7 @@ runner = ModelRunner(captioner, 8, greedy_steps=4)
 runner.warmup()
 size = captioner.config.image_size
 while runner.warmup_thread.is_alive():
-    slots, _ = runner.encode(np.zeros((1, size, size, 3), np.uint8))
+    slots, _, _ = runner.encode(np.zeros((1, size, size, 3), np.uint8))
     runner.place(0, np.array(slots), np.ones(1, np.int32))
     runner.step(1)
     runner.free(slots)

@@ -27,8 +27,8 @@ from PIL import Image
 from app.main import create_app
 from app.settings import Settings
 from captioning.decoding import DecodeOptions
+from captioning.scene_checker import check_caption
 from training.datasets.shapes import make_example
-from training.datasets.shapes_checker import check_caption
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -47,7 +47,7 @@ CHROMIUM_ARGS = [
 ]
 PAGE_DEFAULTS = DecodeOptions(
     strategy="beam", beam_size=3, num_captions=3, mirror_view=True
-)  # as app/static/index.html
+)  # as app/static/index.html; plus grounded=True where the model has a scene head (page_options)
 SCENES_TO_TRY = 20
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 375, "height": 740}
@@ -152,6 +152,11 @@ def browser(playwright_api, tmp_path_factory):
         context.close()
 
 
+def page_options(captioner) -> DecodeOptions:
+    """What the page asks for: its defaults, grounded where the model can (GET /model says)."""
+    return replace(PAGE_DEFAULTS, grounded=captioner.scene_head is not None)
+
+
 @pytest.fixture(scope="module")
 def scene(served_app, server_url, bundle, tmp_path_factory):
     """A shapes test scene saved as PNG, with the caption the page should show first: the first
@@ -159,7 +164,7 @@ def scene(served_app, server_url, bundle, tmp_path_factory):
     captioner = served_app.state.captioner
     for index in range(SCENES_TO_TRY):
         example = make_example("test", index)
-        best = captioner.caption([example.pixels], PAGE_DEFAULTS)[0][0]
+        best = captioner.caption([example.pixels], page_options(captioner))[0][0]
         if bundle != TRAINED_BUNDLE or check_caption(best.text, example.scene).correct:
             path = tmp_path_factory.mktemp("scene") / f"{example.image_id}.png"
             Image.fromarray(example.pixels).save(path)
@@ -180,6 +185,8 @@ def heatmap_pixels_drawn(page) -> int:
 
 def upload_and_wait(page, url, path):
     page.goto(url)
+    # The options the page offers depend on GET /model (mirror view, grounded): read it first.
+    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model ')")
     page.set_input_files("#file-input", str(path))
     page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
 
@@ -230,16 +237,29 @@ def test_upload_shows_captions_and_hovering_a_word_shows_its_heatmap(
     page.mouse.move(0, 0)  # leaving the word clears the overlay
     assert heatmap_pixels_drawn(page) == 0
 
-    # Without the mirror view the page asks for plain beam search, and shows its answer.
+    # Without the mirror view (nor the check against the scene) the page asks for plain beam search,
+    # and shows its answer.
+    captioner = served_app.state.captioner
+    grounded = captioner.scene_head is not None
+    assert page.locator("#grounded").is_visible() == grounded
     page.uncheck("#mirror-view")
+    if grounded:
+        page.uncheck("#grounded")
     with page.expect_response(lambda r: "/caption?" in r.url) as response:
         page.click("#caption-button")
-    assert "mirror_view=false" in response.value.url
+    assert "mirror_view=false" in response.value.url and "grounded" not in response.value.url
     page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
-    plain = served_app.state.captioner.caption(
-        [Image.open(path).convert("RGB")], replace(PAGE_DEFAULTS, mirror_view=False)
-    )
+    plain_options = replace(PAGE_DEFAULTS, mirror_view=False)
+    plain = captioner.caption([Image.open(path).convert("RGB")], plain_options)
     assert first_caption(page)[0] == plain[0][0].text
+    if grounded:  # and checked again, it asks for the grounded reranking
+        page.check("#grounded")
+        with page.expect_response(lambda r: "/caption?" in r.url) as response:
+            page.click("#caption-button")
+        assert "grounded=true" in response.value.url
+        page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
+        reranked = captioner.caption([Image.open(path).convert("RGB")], replace(plain_options, grounded=True))
+        assert first_caption(page)[0] == reranked[0][0].text
     page.close()
 
 
@@ -342,7 +362,7 @@ def test_a_sample_is_captioned_in_one_click_and_a_non_scene_is_flagged(browser, 
 
 
 def test_a_drawing_on_the_pad_is_captioned(browser, server_url, bundle):
-    from training.datasets.shapes import Scene, ShapeObject
+    from captioning.scenes import Scene, ShapeObject
 
     page = browser.new_page()
     page.set_viewport_size(DESKTOP)

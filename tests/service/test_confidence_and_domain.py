@@ -180,7 +180,7 @@ def test_the_engine_scores_the_domain_as_the_offline_check_does(extras_bundle, i
     captioner = Captioner.load(extras_bundle)
     noise = np.random.default_rng(1).integers(0, 256, (3, *in_domain_image.shape)).astype(np.uint8)
     images = np.concatenate([in_domain_image[None], noise])
-    pooled = captioner.feature_slots(8).encode(images, np.arange(len(images)))
+    pooled, _ = captioner.feature_slots(8).encode(images, np.arange(len(images)))
     np.testing.assert_allclose(pooled, pool_features(captioner.encode(images)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
         captioner.domain.combined_scores(pooled, captioner.domain.image_statistics(images)),
@@ -193,7 +193,7 @@ def test_the_engine_scores_the_domain_as_the_offline_check_does(extras_bundle, i
 
     runner = ModelRunner(captioner, 8)
     try:
-        slots, scores = runner.encode(images)
+        slots, scores, _ = runner.encode(images)
     finally:
         runner.close()
     assert len(set(slots)) == len(images)

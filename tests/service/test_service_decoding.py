@@ -233,6 +233,7 @@ def test_openapi_documents_the_parameters_and_the_batch_endpoint(client):
         "seed",
         "attention",
         "mirror_view",
+        "grounded",
     }
     assert {p["name"] for p in schema["paths"]["/captions"]["post"]["parameters"]} == caption_parameters
     assert "422" in schema["paths"]["/captions"]["post"]["responses"]

@@ -14,8 +14,8 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
+from captioning.scene_checker import check_caption
 from training.datasets.shapes import make_example
-from training.datasets.shapes_checker import check_caption
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
+from captioning.scenes import COLOURS, SHAPES, Scene, ShapeObject
 from training.__main__ import main
-from training.datasets.shapes import COLOURS, SHAPES, Scene, ShapeObject
 from training.probe import fit_probe, object_windows
 
 

@@ -8,11 +8,13 @@ import pytest
 import tensorflow as tf
 
 from captioning.config import ModelConfig
+from captioning.decoding import DecodeOptions
 from captioning.model import CaptionTrainingModel, build_decoder, build_encoder, masked_loss
+from captioning.scenes import SCENE_KINDS, Scene, ShapeObject, scene_cells
 from captioning.tokenizer import Tokenizer
 from training.__main__ import main
 from training.data import make_dataset, scene_targets
-from training.datasets.shapes import SCENE_KINDS, Scene, ShapeObject, load_split, scene_cells
+from training.datasets.shapes import load_split
 
 
 def test_scene_cells_label_the_cells_each_object_covers():
@@ -108,6 +110,14 @@ def test_a_training_run_with_the_scene_loss_logs_both_losses(tmp_path):
         history["loss"][0], history["masked_loss"][0] + 0.5 * history["scene_loss"][0], rtol=0.05
     )
     assert record["settings"]["scene_loss_weight"] == 0.5
+    # The trained cell classifier ships with the model, for grounded decoding.
+    from captioning.captioner import Captioner
+
+    captioner = Captioner.load(tmp_path / "bundle")
+    assert captioner.scene_head is not None and captioner.scene_head.feature_size == captioner.feature_size
+    options = DecodeOptions(strategy="beam", beam_size=2, grounded=True)
+    (caption,) = captioner.caption([np.zeros((64, 64, 3), np.uint8)], options)[0]
+    assert caption.agrees_with_scene in (True, False)
 
 
 def test_a_dataset_without_scenes_cannot_have_the_scene_loss(tmp_path):

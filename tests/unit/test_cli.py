@@ -81,11 +81,18 @@ def test_text_output_matches_the_library(tiny_bundle, tiny_captioner, images, ca
         ["--num-captions", "2"],
         ["--strategy", "beam", "--beam-size", "2", "--num-captions", "3"],
         ["--strategy", "sample", "--temperature", "0"],
+        ["--grounded"],  # greedy has no candidates to rerank
     ],
 )
 def test_invalid_options_exit_2_before_loading_anything(images, options, capsys):
     assert main(["caption", str(images[0]), "--artifacts", "/nonexistent", *options]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_grounded_decoding_needs_a_model_with_a_scene_head(tiny_bundle, images, capsys):
+    flags = ["--strategy", "beam", "--grounded"]
+    assert main(["caption", str(images[0]), "--artifacts", str(tiny_bundle), *flags]) == 2
+    assert "no scene head" in capsys.readouterr().err
 
 
 def test_missing_bundle_exits_2(images, capsys):

@@ -244,7 +244,7 @@ class SlotRunner:
         self.free_slots = FeatureSlotPool(free)
 
     def encode(self, images):
-        return self.free_slots.take(len(images)), None
+        return self.free_slots.take(len(images)), None, None
 
 
 def test_the_encoder_takes_a_plain_request_at_once_and_a_mirror_one_when_two_slots_are_free():

@@ -69,14 +69,18 @@ def test_finetune_command_keeps_the_best_held_out_weights(tmp_path):
     bundle written carries the weights of the best score (checked by scoring them again)."""
     from conftest import make_tiny_bundle
 
-    from captioning.artifacts import verify_bundle
+    from captioning.artifacts import add_files, verify_bundle
     from captioning.captioner import Captioner
+    from captioning.grounding import SceneHead
     from training.__main__ import main
     from training.datasets.shapes import load_split
     from training.scst import SelfCriticalTrainer, greedy_reward, make_reward
 
     captions = [c for record in load_split("train", size=40) for c in record.captions]
     start = make_tiny_bundle(tmp_path / "start", captions=captions, image_size=64, training={})
+    head = SceneHead(np.random.default_rng(0).normal(size=(32, 61)).astype(np.float32), np.zeros(61, np.float32))
+    head.save(start / "scene_head.npz")  # trained with the encoder, which SCST leaves alone: carried over
+    add_files(start, ("scene_head.npz",))
     output = tmp_path / "scst"
     flags = ["--dataset", "shapes", "--train-limit", "24", "--dev-images", "8", "--eval-every", "2"]
     status = main(["finetune-scst", "--artifacts", str(start), "--output", str(output), "--steps", "5", *flags,
@@ -88,6 +92,7 @@ def test_finetune_command_keeps_the_best_held_out_weights(tmp_path):
     assert held_out["best_step"] == best_step and held_out["improved"] == (best_step > 0)
 
     captioner = Captioner.load(output)
+    np.testing.assert_array_equal(captioner.scene_head.weights, head.weights)
     records = load_split("train", size=24)
     dev = records[16:]
     train_refs = [list(r.captions) for r in records[:16]]

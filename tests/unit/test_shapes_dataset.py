@@ -8,21 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.datasets.shapes import (
-    COLOURS,
-    SHAPES,
-    SIZES,
-    SPLIT_SIZES,
-    Scene,
-    ShapeObject,
-    generate_scene,
-    load_split,
-    make_example,
-    relation_holds,
-    render,
-    write_captions,
-)
-from training.datasets.shapes_checker import check_caption, grounded_accuracy, parse_caption
+from captioning.scene_checker import check_caption, grounded_accuracy, parse_caption
+from captioning.scenes import COLOURS, SHAPES, SIZES, Scene, ShapeObject, relation_holds
+from training.datasets.shapes import SPLIT_SIZES, generate_scene, load_split, make_example, render, write_captions
 
 SAMPLE = 300
 

@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from captioning.scene_checker import check_caption
+from captioning.scenes import Scene, ShapeObject, relation_holds
 from training.datasets.registry import load_dataset
-from training.datasets.shapes import RGB, Scene, ShapeObject, relation_holds
-from training.datasets.shapes_checker import check_caption
+from training.datasets.shapes import RGB
 from training.datasets.shapes_wide import (
     SMALL_CORNER,
     TRAINING,

@@ -1,7 +1,7 @@
 """The embedded synthetic "shapes" dataset: coloured shapes on plain backgrounds, with true captions.
 
 It exists so the captioner can be trained and *graded* without downloading anything: every image
-comes with its ground-truth `Scene`, and `shapes_checker` can tell whether any caption of the
+comes with its ground-truth `Scene`, and `captioning.scene_checker` can tell whether any caption of the
 grammar below is true and complete for that scene.
 
 Everything is deterministic. Example `index` of `split` is drawn from its own RNG, seeded by
@@ -21,18 +21,23 @@ whole group shares it. The two phrases of a relation each single out one object.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioning.scenes import (
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    plural,
+    relation_holds,
+)
 from training.datasets.base import CaptionedImage
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SIZES = ("small", "large")
 BACKGROUNDS = ("solid", "gradient", "noise")
-RELATIONS = ("to the left of", "to the right of", "above", "below")
 
 # Far apart in hue so a small net tells them apart at 64x64, and all bright against the
 # dark-to-mid grey backgrounds.
@@ -55,13 +60,6 @@ SPLIT_ID = {"train": 1, "val": 2, "test": 3}
 SPLIT_SIZES = {"train": 12000, "val": 500, "test": 1000}
 MAX_OBJECTS = 4
 
-# A relation is *written* only when it is obvious: the centres are at least 15% of the image apart
-# along the stated axis and that axis dominates. The checker *accepts* a relation on a plain
-# coordinate comparison with a ~2 px dead zone (as CLEVR does), so a model is not punished for a
-# true but less obvious statement.
-STRICT_RELATION_OFFSET = 0.15
-LENIENT_RELATION_OFFSET = 0.03
-
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 # Share of captions using the relation form, when a scene allows one. "is" takes all of that
 # share at one token while list wordings split theirs over several ("and", "a", "one", ...), so a
@@ -71,34 +69,6 @@ RELATION_PROBABILITY = 0.1
 SIZE_PROBABILITY = 0.3  # share of captions that mention sizes
 THERE_IS_PROBABILITY = 0.5
 ONE_PROBABILITY = 0.25  # "one red circle" instead of "a red circle"
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    shape: str
-    colour: str
-    size: str
-    cx: float  # pixel centre
-    cy: float
-    extent: float  # half-size: the object fits in the box centre +- extent
-
-    def describe(self) -> str:
-        return f"{self.size} {self.colour} {self.shape}"
-
-
-@dataclass(frozen=True)
-class Scene:
-    image_size: int
-    objects: tuple[ShapeObject, ...]
-    background: str
-    width: int | None = None  # a non-square scene (shapes_wide); None: image_size x image_size
-    height: int | None = None
-
-    @property
-    def frame(self) -> tuple[int, int]:
-        """(width, height) in pixels."""
-        return (self.width or self.image_size, self.height or self.image_size)
-
 
 # ---------------------------------------------------------------------------------------- scenes
 
@@ -143,25 +113,6 @@ def _apart(cx, cy, extent, other: ShapeObject, gap) -> bool:
     """Two boxes are separated by `gap` if they are along at least one axis."""
     reach = extent + other.extent + gap
     return abs(cx - other.cx) >= reach or abs(cy - other.cy) >= reach
-
-
-def relation_holds(
-    a: ShapeObject, b: ShapeObject, rel: str, image_size: int | tuple[int, int], strict: bool = True
-) -> bool:
-    """Whether "a is REL b" holds: strict for the caption writer, lenient for the checker.
-    `image_size`: the side of a square scene, or (width, height); offsets count in shares of the
-    axis they lie along, so a non-square image squeezed square keeps its relations."""
-    width, height = (image_size, image_size) if isinstance(image_size, (int, float)) else image_size
-    dx, dy = (b.cx - a.cx) / width, (b.cy - a.cy) / height  # positive when a is left of / above b
-    along, across = {
-        "to the left of": (dx, dy),
-        "to the right of": (-dx, dy),
-        "above": (dy, dx),
-        "below": (-dy, dx),
-    }[rel]
-    if strict:
-        return along >= STRICT_RELATION_OFFSET and along > abs(across)
-    return along >= LENIENT_RELATION_OFFSET
 
 
 # ---------------------------------------------------------------------------------------- pixels
@@ -221,35 +172,6 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, e: 
 # -------------------------------------------------------------------------------------- captions
 
 
-# The kinds of object a scene can hold, for scene_cells: (size, colour, shape); label 0 is "none".
-SCENE_KINDS = tuple((size, colour, shape) for size in SIZES for colour in COLOURS for shape in SHAPES)
-
-
-def centre_cell(obj: ShapeObject, frame: tuple[int, int], grid: int) -> tuple[int, int]:
-    """(row, column) of the cell of a grid x grid division of a width x height frame that holds
-    the object's centre."""
-    width, height = frame
-    return min(int(obj.cy / height * grid), grid - 1), min(int(obj.cx / width * grid), grid - 1)
-
-
-def scene_cells(scene: Scene, grid: int) -> np.ndarray:
-    """What each cell of a grid x grid division of the image shows, row by row: 1 + the index in
-    SCENE_KINDS of the object whose box holds the cell's centre, else 0 (background). An object
-    smaller than a cell still labels the cell of its own centre. The image is squeezed to a square
-    (as the model's input is), so the grid divides width and height alike: int32 [grid * grid]."""
-    width, height = scene.frame
-    centres = (np.arange(grid) + 0.5) / grid
-    xs, ys = centres * width, centres * height
-    labels = np.zeros((grid, grid), np.int32)
-    for obj in scene.objects:
-        label = 1 + SCENE_KINDS.index((obj.size, obj.colour, obj.shape))
-        rows = np.abs(ys - obj.cy) <= obj.extent
-        columns = np.abs(xs - obj.cx) <= obj.extent
-        labels[np.ix_(rows, columns)] = label
-        labels[centre_cell(obj, scene.frame, grid)] = label
-    return labels.ravel()
-
-
 def noun_phrase(count: int, colour: str, shape: str, size: str | None = None, one: bool = False) -> str:
     """ "a red circle", "an orange square", "one small blue cross", "two large red crosses"."""
     noun = plural(shape) if count > 1 else shape
@@ -261,10 +183,6 @@ def noun_phrase(count: int, colour: str, shape: str, size: str | None = None, on
     else:
         article = "an" if words[0][0] in "aeiou" else "a"
     return " ".join([article, *words])
-
-
-def plural(shape: str) -> str:
-    return shape + ("es" if shape.endswith("s") else "s")
 
 
 def join_list(phrases: list[str]) -> str:

@@ -1,6 +1,6 @@
 """The wide-domain shapes dataset: the shapes grammar and checker, drawn the way users' images look.
 
-Same objects, colours and caption grammar as `shapes.py` (so `shapes_checker` grades it), but each
+Same objects, colours and caption grammar as `shapes.py` (so `captioning.scene_checker` grades it), but each
 image draws its own:
 
   - size and shape: the long side log-uniform in 64-640 px, square or up to 1.6:1 either way;
@@ -32,18 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from captioning.preprocess import load_image_file, model_input
+from captioning.scenes import COLOURS, SHAPES, Scene, ShapeObject
 from training.datasets.base import CaptionedImage
-from training.datasets.shapes import (
-    COLOUR_JITTER,
-    COLOURS,
-    MAX_OBJECTS,
-    RGB,
-    SHAPES,
-    Scene,
-    ShapeObject,
-    _draw_shape,
-    write_captions,
-)
+from training.datasets.shapes import COLOUR_JITTER, MAX_OBJECTS, RGB, _draw_shape, write_captions
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A caption is *correct* when it parses, every fact it states is true and it names every object.
 It is read like the tokenizer reads it (lower case, punctuation gone), so a model's output and a
-reference caption are judged the same way. The grammar is the one `shapes.py` writes (see its
+reference caption are judged the same way. The grammar is the one `training/datasets/shapes.py` writes (see its
 docstring) and parsing is strict about it, agreement included ("there is two circles", "a orange
 square" and "a red circles" do not parse; "one" may open a relation's phrase and "and" may stand
 for every comma, which the writer never does); anything that does not parse counts as wrong.
@@ -18,8 +18,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from captioning.tokenizer import standardize  # the checker reads text as the model's tokenizer does
-from training.datasets.shapes import (
+from captioning.scenes import (
     COLOURS,
     RELATIONS,
     SHAPES,
@@ -29,6 +28,7 @@ from training.datasets.shapes import (
     plural,
     relation_holds,
 )
+from captioning.tokenizer import standardize  # the checker reads text as the model's tokenizer does
 
 COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 _RELATION_WORDS = {tuple(rel.split()): rel for rel in RELATIONS}

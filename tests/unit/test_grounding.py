@@ -1,0 +1,160 @@
+"""Grounded reranking: the scene a grid of cell labels shows, the order it puts captions in, the
+scene head as a verified bundle file, and the same answers offline and through the service."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import uploads
+from conftest import make_tiny_bundle
+
+from captioning.artifacts import ArtifactError, add_files
+from captioning.decoding import Caption, DecodeOptions
+from captioning.grounding import FILE, SceneHead, read_scene, rerank
+from captioning.scene_checker import check_caption
+from captioning.scenes import SCENE_KINDS
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
+
+def label(size: str, colour: str, shape: str) -> int:
+    return 1 + SCENE_KINDS.index((size, colour, shape))
+
+
+def test_each_touching_group_of_one_label_is_one_object_where_its_cells_are():
+    grid = np.zeros((6, 6), np.int32)
+    red_circle, blue_cross = label("small", "red", "circle"), label("large", "blue", "cross")
+    grid[0:2, 0:2] = red_circle  # top left
+    grid[4, 5] = red_circle  # a second red circle, bottom right: apart, so another object
+    grid[3:5, 1:3] = blue_cross
+    grid[3, 3] = blue_cross  # touches the cross's group: still one cross
+    grid[5, 0] = blue_cross  # touches it only at a corner: another cross (4-connected groups)
+    scene = read_scene(grid.ravel(), (6, 6))
+    kinds = sorted((o.size, o.colour, o.shape) for o in scene.objects)
+    assert kinds == sorted([("small", "red", "circle")] * 2 + [("large", "blue", "cross")] * 2)
+    assert check_caption("there are two small red circles and two large blue crosses", scene).correct
+    assert not check_caption("there are two red circles and a blue cross", scene).correct
+    first = next(o for o in scene.objects if o.shape == "circle" and o.cx < 3)
+    assert (first.cx, first.cy) == (1.0, 1.0)  # the group's mean cell, in cells from the top left corner
+    assert check_caption("a red circle is above a blue cross and there is a red circle and a blue cross", scene).correct
+    assert read_scene(np.zeros(36, np.int32), (6, 6)).objects == ()
+
+
+def test_reranking_puts_the_captions_the_scene_agrees_with_first_and_keeps_the_rest_in_order():
+    grid = np.zeros((4, 4), np.int32)
+    grid[0, 0] = label("small", "green", "diamond")
+    grid[3, 3] = label("small", "green", "triangle")
+    scene = read_scene(grid.ravel(), (4, 4))
+
+    def candidate(text, log_prob):
+        return Caption(text, text.split(), log_prob, 0.5)
+
+    candidates = [
+        candidate("a green diamond and a green diamond", -1.0),  # a second diamond, the triangle unnamed: 2
+        candidate("a green diamond", -1.5),  # the triangle unnamed: 1
+        candidate("green diamond green", -1.7),  # not the grammar
+        candidate("a green diamond and a green triangle", -2.0),  # what the cells show
+        candidate("there is a green triangle and a green diamond", -2.5),  # the same facts
+    ]
+    ordered = rerank(candidates, scene)
+    assert [c.text for c in ordered] == [candidates[i].text for i in (3, 4, 1, 0, 2)]
+    assert [c.agrees_with_scene for c in ordered] == [True, True, False, False, False]
+    assert [c.log_prob for c in ordered] == [-2.0, -2.5, -1.5, -1.0, -1.7]  # the captions' own scores kept
+    assert candidates[3].agrees_with_scene is None  # copies: the search's captions are not changed
+
+
+def test_the_scene_head_file_round_trips_and_refuses_another_grammar_or_shape(tmp_path):
+    rng = np.random.default_rng(0)
+    head = SceneHead(rng.normal(size=(8, 1 + len(SCENE_KINDS))).astype(np.float32), np.zeros(1 + len(SCENE_KINDS)))
+    head.save(tmp_path / FILE)
+    loaded = SceneHead.load(tmp_path / FILE)
+    np.testing.assert_array_equal(loaded.weights, head.weights)
+    assert loaded.feature_size == 8
+    with np.load(tmp_path / FILE, allow_pickle=False) as data:
+        arrays = dict(data)
+    np.savez(tmp_path / "other.npz", **{**arrays, "kinds": arrays["kinds"][::-1]})
+    with pytest.raises(ValueError, match="other object kinds"):
+        SceneHead.load(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="classes"):
+        SceneHead(np.zeros((8, 5), np.float32), np.zeros(5, np.float32))
+
+
+def bundle_with_scene_head(tmp_path, feature_size: int, seed: int = 3):
+    bundle = tmp_path / "grounded"
+    shutil.copytree(make_tiny_bundle(tmp_path / "tiny"), bundle)  # tiny_captioner's model
+    rng = np.random.default_rng(seed)
+    classes = 1 + len(SCENE_KINDS)
+    SceneHead(rng.normal(size=(feature_size, classes)).astype(np.float32), rng.normal(size=classes)).save(bundle / FILE)
+    add_files(bundle, (FILE,))
+    return bundle
+
+
+def test_grounded_decoding_reranks_the_beam_by_the_scene_heads_reading_of_the_features(tmp_path, tiny_captioner):
+    from captioning.captioner import Captioner
+
+    captioner = Captioner.load(bundle_with_scene_head(tmp_path, tiny_captioner.feature_size))
+    size = captioner.config.image_size
+    images = np.random.default_rng(1).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+    # The cells the encoder's compiled call reads are the head on the features, as numpy computes it.
+    _, cells = captioner.feature_slots(8).encode(images, np.arange(len(images)))
+    features = captioner.encode(images)
+    head = captioner.scene_head
+    np.testing.assert_array_equal(cells, (features @ head.weights + head.bias).argmax(-1))
+
+    beam = DecodeOptions(strategy="beam", beam_size=4, num_captions=4)
+    grounded = DecodeOptions(strategy="beam", beam_size=4, num_captions=2, grounded=True)
+    answers = zip(cells, captioner.caption(images, beam), captioner.caption(images, grounded))
+    for image_cells, plain, reranked in answers:
+        expected = rerank(plain, read_scene(image_cells, captioner.grid_shape))[:2]
+        assert [(c.text, c.agrees_with_scene) for c in reranked] == [(c.text, c.agrees_with_scene) for c in expected]
+        assert [c.log_prob for c in reranked] == pytest.approx([c.log_prob for c in expected], abs=1e-6)
+        assert all(c.agrees_with_scene is None for c in plain)
+
+    with pytest.raises(ValueError, match="strategy=beam"):
+        DecodeOptions(grounded=True).validate()
+    with pytest.raises(ValueError, match="no scene head"):
+        tiny_captioner.check(grounded)
+
+
+def test_a_scene_head_the_manifest_does_not_vouch_for_is_refused(tmp_path, tiny_captioner):
+    from captioning.captioner import Captioner
+
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    SceneHead(np.ones((tiny_captioner.feature_size, 1 + len(SCENE_KINDS)), np.float32), np.zeros(61)).save(
+        bundle / FILE
+    )
+    with pytest.raises(ArtifactError, match=FILE):
+        Captioner.load(bundle)
+    narrow = bundle_with_scene_head(tmp_path / "narrow", tiny_captioner.feature_size + 1)
+    with pytest.raises(ArtifactError, match="different models"):
+        Captioner.load(narrow)
+
+
+def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tmp_path, tiny_captioner):
+    from fastapi.testclient import TestClient
+
+    from app.images import decode_upload
+    from app.main import create_app
+    from app.settings import Settings
+
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    app = create_app(Settings(artifacts_dir=bundle, api_key="k", max_upload_bytes=200_000))
+    with TestClient(app, headers={"X-API-Key": "k"}) as client:
+        assert client.get("/model").json()["grounded"] is True
+        params = {"strategy": "beam", "beam_size": 3, "num_captions": 3, "grounded": "true"}
+        for data in (uploads.png(), uploads.png(colour=(20, 200, 40))):
+            response = client.post("/caption", params=params, files={"image": ("a.png", data, "image/png")})
+            assert response.status_code == 200, response.text
+            captioner = client.app.state.captioner
+            decoded = decode_upload(data, max_pixels=10**7, min_side=1, draft_size=captioner.config.image_size)
+            options = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
+            offline = captioner.caption([captioner.prepare(decoded.image)], options)[0]
+            answered = response.json()["captions"]
+            assert [c["text"] for c in answered] == [c.text for c in offline]
+            assert [c["agrees_with_scene"] for c in answered] == [c.agrees_with_scene for c in offline]
+        greedy = client.post("/caption", params={"grounded": "true"}, files={"image": ("a.png", uploads.png())})
+        assert greedy.status_code == 422 and "strategy=beam" in greedy.json()["error"]["message"]
+        plain = client.post("/caption", files={"image": ("a.png", uploads.png())}).json()
+        assert "agrees_with_scene" not in plain["captions"][0]  # only grounded answers say it

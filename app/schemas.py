@@ -62,7 +62,8 @@ class CaptionQuery(BaseModel):
         1,
         ge=1,
         le=MAX_CAPTIONS,
-        description="Captions returned, best first: at most beam_size (beam) or any (sample); greedy gives one.",
+        description="Captions returned, best first (with grounded, those that agree with the model's reading "
+        "of the image first): at most beam_size (beam) or any (sample); greedy gives one.",
     )
     max_length: int | None = Field(
         None,
@@ -99,11 +100,11 @@ class CaptionQuery(BaseModel):
     )
     grounded: bool = Field(
         False,
-        description="Rerank the candidates of a beam search (or of sampling) by the model's own reading of the "
+        description="Rerank the beam_size candidates of a beam search by the model's own reading of the "
         "image: a classifier on each cell of its feature grid names the object there, and captions that "
         "contradict that reading, or leave one of its objects out, go after those that do not. The default "
         "model's captions are right more often this way (docs/MODEL.md, 'Grounded reranking'); it needs "
-        "strategy=beam (or sample) and a model with a scene head (GET /model: grounded).",
+        "strategy=beam and a model with a scene head (GET /model: grounded).",
     )
 
 

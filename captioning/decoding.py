@@ -49,8 +49,8 @@ class DecodeOptions:
             raise ValueError("num_captions must be at least 1")
         if self.strategy == "greedy" and self.num_captions != 1:
             raise ValueError("greedy decoding gives one caption; use strategy=beam or sample for more")
-        if self.strategy == "greedy" and self.grounded:
-            raise ValueError("grounded reranks several candidates; use strategy=beam (or sample)")
+        if self.grounded and self.strategy != "beam":
+            raise ValueError("grounded reranks a beam search's candidates; use strategy=beam")
         if self.strategy == "beam":
             if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
                 raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")

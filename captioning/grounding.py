@@ -6,7 +6,7 @@ of every image: a linear classifier on each cell of the encoder's grid names the
 read with allow_pickle=False, verified by the manifest like every other file). The cells that name
 one kind and touch form one object, which gives a scene: which objects, how many, and where.
 
-With `DecodeOptions(grounded=True)` a beam search's (or sampler's) captions are then ordered by how
+With `DecodeOptions(grounded=True)` a beam search's captions (all beam_size of them) are then ordered by how
 many of their facts disagree with that scene (captioning/scene_checker.py: a false fact or an
 unnamed object each count one; a caption outside the grammar counts most), the search's own order
 breaking ties. The caption decoder and the cell classifier read the same features but make
@@ -28,13 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from captioning.scene_checker import check_caption
-from captioning.scenes import SCENE_KINDS, Scene, ShapeObject
+from captioning.scenes import MAX_OBJECTS, SCENE_KINDS, Scene, ShapeObject
 
 FILE = "scene_head.npz"
 # The beam the reports measure grounded decoding with: on the default model's test split and its
 # hardest wild variations, 3 candidates reranked did as well as 5 or 8 (docs/MODEL.md).
 BEAM_SIZE = 3
 UNPARSED = 100  # what a caption outside the grammar counts: more than any parsed one can disagree
+# A reading of a scene of the grammar (at most MAX_OBJECTS objects) can split an object in two, and
+# reranking still helps such readings; beyond six objects it is not a scene, and the checker's search,
+# exponential in the objects a caption's phrases match, is not run (at six: at most about 0.1 s for a
+# caption of four phrases that all match every object; milliseconds for a caption the model writes).
+MOST_OBJECTS_READ = MAX_OBJECTS + 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,12 @@ def disagreements(text: str, scene: Scene) -> int:
 
 def rerank(captions: Sequence, scene: Scene) -> list:
     """Captions (captioning.decoding.Caption) ordered by disagreements with the scene, ties kept in
-    their order; each marked with whether it agrees with the scene entirely."""
+    their order; each marked with whether it agrees with the scene entirely.
+
+    A reading of more than MOST_OBJECTS_READ objects (noise, a texture, a picture far from the
+    domain) is no scene any caption can agree with, and checking a caption against it would take
+    time exponential in the objects: the captions keep their order, none agreeing."""
+    if len(scene.objects) > MOST_OBJECTS_READ:
+        return [replace(caption, agrees_with_scene=False) for caption in captions]
     counted = [(disagreements(caption.text, scene), n, caption) for n, caption in enumerate(captions)]
     return [replace(caption, agrees_with_scene=count == 0) for count, _, caption in sorted(counted)]

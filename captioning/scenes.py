@@ -16,6 +16,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+MAX_OBJECTS = 4  # the most objects a scene holds (the grounded checker's search is exponential in them)
 
 # A relation is *written* only when it is obvious: the centres are at least 15% of the image apart
 # along the stated axis and that axis dominates. The checker *accepts* a relation on a plain

@@ -79,7 +79,7 @@ def image_source(records: list[CaptionedImage], image_size: int) -> tf.data.Data
 
 def scene_targets(records: list[CaptionedImage], grid: int) -> np.ndarray:
     """Each record's objects, cell by cell of the encoder's grid x grid feature map ([records,
-    grid * grid] labels, training.datasets.shapes.scene_cells): the targets of the training
+    grid * grid] labels, captioning.scenes.scene_cells): the targets of the training
     model's scene head. Only datasets that know their scenes have them."""
     if any(record.scene is None for record in records):
         raise ValueError("the scene loss needs a dataset that knows each image's objects (shapes, shapes_wide)")

@@ -73,6 +73,13 @@ def evaluate_wild(
     from training.ood_images import ood_groups
 
     captioner = Captioner.load(artifacts)
+    options = DecodeOptions(mirror_view=mirror_view)
+    if grounded:  # the best of a beam search's candidates by the model's own reading of the scene
+        options = DecodeOptions(strategy="beam", beam_size=GROUNDED_BEAM_SIZE, grounded=True, mirror_view=mirror_view)
+    try:  # a mirror view without its words, grounded without a scene head: say so before any work
+        captioner.check(options)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     started = time.perf_counter()
     report: dict = {
         "artifacts": str(artifacts),
@@ -80,9 +87,6 @@ def evaluate_wild(
         "calibrated": captioner.calibration is not None,
         "variations": {},
     }
-    options = DecodeOptions(mirror_view=mirror_view)
-    if grounded:  # the best of a beam search's candidates by the model's own reading of the scene
-        options = DecodeOptions(strategy="beam", beam_size=GROUNDED_BEAM_SIZE, grounded=True, mirror_view=mirror_view)
     report["decoding"] = {
         "strategy": options.strategy,
         "beam_size": options.beam_size if grounded else None,

@@ -242,8 +242,8 @@ function requireApiKey() {
 function decodingParameters() {
   const strategy = ui.strategy.value;
   const params = new URLSearchParams({ strategy, attention: "true", mirror_view: String(ui.mirrorView.checked) });
-  // Grounded reranking needs candidates (not greedy) and a model with a scene head (/model says).
-  if (!ui.groundedField.hidden && ui.grounded.checked && strategy !== "greedy") params.set("grounded", "true");
+  // Grounded reranking needs a beam's candidates and a model with a scene head (/model says).
+  if (!ui.groundedField.hidden && ui.grounded.checked && strategy === "beam") params.set("grounded", "true");
   const count = clampInput(ui.numCaptions);
   if (strategy === "beam") {
     const beamSize = clampInput(ui.beamSize);

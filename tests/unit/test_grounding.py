@@ -65,6 +65,26 @@ def test_reranking_puts_the_captions_the_scene_agrees_with_first_and_keeps_the_r
     assert candidates[3].agrees_with_scene is None  # copies: the search's captions are not changed
 
 
+def test_a_reading_of_more_objects_than_a_scene_holds_reranks_nothing_and_checks_nothing(monkeypatch):
+    """Noise or a texture can read as dozens of objects; checking a caption against them would take
+    time exponential in their number (on the decoder thread). No caption of the grammar can name
+    them all, so none agrees and the beam's order stands."""
+    grid = np.zeros((12, 12), np.int32)
+    grid[::2, ::2] = label("small", "red", "circle")  # 36 apart red circles
+    scene = read_scene(grid.ravel(), (12, 12))
+    assert len(scene.objects) == 36
+    candidates = [Caption(t, t.split(), -1.0, 0.5) for t in ("there are two red circles", "a red circle")]
+    import captioning.grounding
+
+    def exponential(*_):
+        raise AssertionError("a caption was checked against a scene no caption can describe")
+
+    monkeypatch.setattr(captioning.grounding, "check_caption", exponential)
+    ordered = rerank(candidates, scene)
+    assert [c.text for c in ordered] == [c.text for c in candidates]
+    assert [c.agrees_with_scene for c in ordered] == [False, False]
+
+
 def test_the_scene_head_file_round_trips_and_refuses_another_grammar_or_shape(tmp_path):
     rng = np.random.default_rng(0)
     head = SceneHead(rng.normal(size=(8, 1 + len(SCENE_KINDS))).astype(np.float32), np.zeros(1 + len(SCENE_KINDS)))
@@ -112,8 +132,9 @@ def test_grounded_decoding_reranks_the_beam_by_the_scene_heads_reading_of_the_fe
         assert [c.log_prob for c in reranked] == pytest.approx([c.log_prob for c in expected], abs=1e-6)
         assert all(c.agrees_with_scene is None for c in plain)
 
-    with pytest.raises(ValueError, match="strategy=beam"):
-        DecodeOptions(grounded=True).validate()
+    for strategy in ("greedy", "sample"):
+        with pytest.raises(ValueError, match="strategy=beam"):
+            DecodeOptions(strategy=strategy, grounded=True).validate()
     with pytest.raises(ValueError, match="no scene head"):
         tiny_captioner.check(grounded)
 

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from captioning.scenes import (
     COLOURS,
+    MAX_OBJECTS,
     RELATIONS,
     SHAPES,
     SIZES,
@@ -58,7 +59,6 @@ NOISE_SIGMA = 6.0
 
 SPLIT_ID = {"train": 1, "val": 2, "test": 3}
 SPLIT_SIZES = {"train": 12000, "val": 500, "test": 1000}
-MAX_OBJECTS = 4
 
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 # Share of captions using the relation form, when a scene allows one. "is" takes all of that

@@ -32,9 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from captioning.preprocess import load_image_file, model_input
-from captioning.scenes import COLOURS, SHAPES, Scene, ShapeObject
+from captioning.scenes import COLOURS, MAX_OBJECTS, SHAPES, Scene, ShapeObject
 from training.datasets.base import CaptionedImage
-from training.datasets.shapes import COLOUR_JITTER, MAX_OBJECTS, RGB, _draw_shape, write_captions
+from training.datasets.shapes import COLOUR_JITTER, RGB, _draw_shape, write_captions
 
 
 @dataclass(frozen=True)

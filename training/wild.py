@@ -85,13 +85,13 @@ def evaluate_wild(
         "artifacts": str(artifacts),
         "name": captioner.manifest.get("name"),
         "calibrated": captioner.calibration is not None,
+        "decoding": {
+            "strategy": options.strategy,
+            "beam_size": options.beam_size if grounded else None,
+            "mirror_view": mirror_view,
+            "grounded": grounded,
+        },
         "variations": {},
-    }
-    report["decoding"] = {
-        "strategy": options.strategy,
-        "beam_size": options.beam_size if grounded else None,
-        "mirror_view": mirror_view,
-        "grounded": grounded,
     }
     all_correct, all_confidence = [], []
     report["test"], correct, confidence = score_records(captioner, load_wide_split("test", test_images), options)

@@ -21,6 +21,8 @@ import platform
 from pathlib import Path
 
 from captioning import known_answer
+from captioning.grounding import FILE as SCENE_HEAD_FILE
+from captioning.grounding import SceneHead
 from captioning.known_answer import KEY as KNOWN_ANSWER
 
 FORMAT_VERSION = 1
@@ -28,7 +30,7 @@ MANIFEST = "manifest.json"
 BUNDLE_FILES = ("encoder.keras", "decoder.keras", "vocab.json", "config.json")
 # Written by later training stages when there is something to fit them on (training/calibrate.py,
 # training/fit_domain.py); checksummed like the rest when present.
-OPTIONAL_FILES = ("calibration.json", "domain.npz", "scene_head.npz")
+OPTIONAL_FILES = ("calibration.json", "domain.npz", SCENE_HEAD_FILE)
 
 
 class ArtifactError(RuntimeError):
@@ -167,19 +169,60 @@ def record_known_answer(bundle: str | Path) -> dict:
     if KNOWN_ANSWER in manifest:
         raise ArtifactError(f"{bundle}: the manifest has a known answer already; Captioner.load checks it")
     config, encoder, decoder = load_models(bundle)
+    scene_head = _load_scene_head(bundle) if SCENE_HEAD_FILE in manifest["files"] else None
     manifest[KNOWN_ANSWER] = known_answer.compute(
-        encoder, decoder, config.image_size, config.max_length, config.vocab_size
+        encoder, decoder, config.image_size, config.max_length, config.vocab_size, scene_head
     )
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def add_scene_head(bundle: str | Path, scene_head: SceneHead) -> dict:
+    """Adds a scene head trained with this bundle's encoder (one saved before `training train`
+    wrote heads itself) as scene_head.npz, with its part of the known answer; returns the manifest.
+    The bundle's models must first pass their own known answer, so the head is tied to the encoder
+    the manifest vouches for. A bundle that has a head is refused: replacing it would bless a new one."""
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle)
+    answer = manifest.get(KNOWN_ANSWER)
+    if answer is None:
+        raise ArtifactError(f"{bundle}: no known answer to add the head's to; run record_known_answer first")
+    if SCENE_HEAD_FILE in manifest["files"]:
+        raise ArtifactError(f"{bundle}: the bundle has a scene head already")
+    config, encoder, decoder = load_models(bundle)
+    if scene_head.feature_size != encoder.output.shape[-1]:
+        raise ArtifactError(
+            f"{bundle}: the head reads features of {scene_head.feature_size} values, the encoder gives "
+            f"{encoder.output.shape[-1]}"
+        )
+    try:
+        known_answer.check(encoder, decoder, config.image_size, answer)
+    except known_answer.KnownAnswerMismatch as exc:
+        raise ArtifactError(f"{bundle}: {exc}") from None
+    answer[known_answer.SCENE_HEAD] = known_answer.scene_head_answer(encoder, config.image_size, scene_head)
+    scene_head.save(bundle / SCENE_HEAD_FILE)
+    path = bundle / SCENE_HEAD_FILE
+    manifest["files"][SCENE_HEAD_FILE] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _load_scene_head(bundle: Path) -> SceneHead:
+    try:
+        return SceneHead.load(bundle / SCENE_HEAD_FILE)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
+
+
 def add_files(bundle: str | Path, names: tuple[str, ...]) -> dict:
-    """Adds (or re-checksums) optional files after verifying the rest; returns the manifest."""
+    """Adds (or re-checksums) optional files fitted after training (a calibration, a domain check)
+    after verifying the rest; returns the manifest. A scene head joins with add_scene_head."""
     manifest = verify_bundle(bundle, adding=names)
     for name in names:
         if name not in OPTIONAL_FILES:
             raise ValueError(f"{name!r} is not an optional bundle file {OPTIONAL_FILES}")
+        if name == SCENE_HEAD_FILE:
+            raise ValueError(f"{name} joins a bundle with add_scene_head, which records its known answer")
         path = Path(bundle) / name
         manifest["files"][name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -274,5 +317,5 @@ def save_bundle(
     config.save(bundle / "config.json")
     if scene_head is not None:
         scene_head.save(bundle / "scene_head.npz")
-    answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length, config.vocab_size)
+    answer = known_answer.compute(encoder, decoder, config.image_size, config.max_length, config.vocab_size, scene_head)
     return write_manifest(bundle, name=name, version=version, training=training, metrics=metrics, answer=answer)

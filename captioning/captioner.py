@@ -247,11 +247,11 @@ class Captioner:
         # After the rewrite, so the encoder that will serve is the one checked.
         if known_answer.KEY in manifest:
             try:
-                known_answer.check(encoder, decoder, size, manifest[known_answer.KEY])
+                known_answer.check(encoder, decoder, size, manifest[known_answer.KEY], scene_head)
             except known_answer.KnownAnswerMismatch as exc:
                 raise ArtifactError(
-                    f"{bundle}: {exc}: the encoder and decoder were not trained together, or a file was replaced "
-                    "and the manifest rewritten"
+                    f"{bundle}: {exc}: the encoder, decoder and scene head were not trained together, or a file "
+                    "was replaced and the manifest rewritten"
                 ) from None
         else:
             logger.warning(

@@ -11,8 +11,11 @@ is the image's base64 string; with the binary tensor data extension (binary_data
 Inference-Header-Content-Length header) the raw bytes follow the JSON, each element prefixed by
 its 4-byte little-endian length. Decoding options (the query parameters of /caption: strategy,
 beam_size, num_captions, ...) go in the request's `parameters`. Outputs: caption (BYTES [B]),
-captions (BYTES [B, n]), scores (FP32 [B, n], log-probabilities), confidence (FP32 [B, n]);
-each returned in binary when asked (output parameter binary_data, or binary_data_output).
+captions (BYTES [B, n]), scores (FP32 [B, n], log-probabilities), confidence (FP32 [B, n]); where
+the model has a domain check, in_domain (BOOL [B]) and domain_score (FP32 [B]); where it has a
+scene head and the request asks for grounded=true, agrees_with_scene (BOOL [B, n]). A request
+that names no outputs gets every one it can have; each is returned in binary when asked (output
+parameter binary_data, or binary_data_output).
 
 Every image goes through the service's own caption path (caption_image: the same decoding, limits,
 engine and deadline as /caption). Errors have the protocol's shape, {"error": "message"}, with the
@@ -57,7 +60,18 @@ from app.settings import Settings
 from captioning.decoding import DecodeOptions
 
 INPUT_NAME = "image"
-OUTPUTS = {"caption": "BYTES", "captions": "BYTES", "scores": "FP32", "confidence": "FP32"}
+# Every output, its datatype, and whether it has a value per image ([B]) or per caption ([B, n]).
+OUTPUTS = {
+    "caption": ("BYTES", "image"),
+    "captions": ("BYTES", "caption"),
+    "scores": ("FP32", "caption"),
+    "confidence": ("FP32", "caption"),
+    "in_domain": ("BOOL", "image"),  # models with a domain check
+    "domain_score": ("FP32", "image"),
+    "agrees_with_scene": ("BOOL", "caption"),  # models with a scene head, grounded=true
+}
+DOMAIN_OUTPUTS = ("in_domain", "domain_score")
+GROUNDED_OUTPUT = "agrees_with_scene"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIGITS = 18  # a version or a header length longer than this is refused (int() stops at 4300)
 
@@ -217,13 +231,27 @@ def model_metadata(model: ServedModel, models) -> ModelMetadata:
         versions=[str(v) for v in sorted(models.served)],
         platform="tensorflow_keras",
         inputs=[TensorMetadata(name=INPUT_NAME, datatype="BYTES", shape=[-1])],
-        outputs=[TensorMetadata(name="caption", datatype="BYTES", shape=[-1])]
-        + [
-            TensorMetadata(name=name, datatype=datatype, shape=[-1, -1])
-            for name, datatype in OUTPUTS.items()
-            if name != "caption"
+        outputs=[
+            TensorMetadata(name=name, datatype=OUTPUTS[name][0], shape=output_shape(name, -1, -1))
+            for name in model_outputs(model)
         ],
     )
+
+
+def output_shape(name: str, images: int, width: int) -> list[int]:
+    return [images] if OUTPUTS[name][1] == "image" else [images, width]
+
+
+def model_outputs(model: ServedModel) -> list[str]:
+    """The outputs this model can give: the domain's where it has a domain check, agreement where
+    it has a scene head (and the request asks for grounded decoding)."""
+    captioner = model.captioner
+    return [
+        name
+        for name in OUTPUTS
+        if (name not in DOMAIN_OUTPUTS or captioner.domain is not None)
+        and (name != GROUNDED_OUTPUT or captioner.scene_head is not None)
+    ]
 
 
 @router.get("/{model_name}", response_model=ModelMetadata, responses=METADATA_ERRORS, summary="Model metadata")
@@ -329,16 +357,27 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
         inference = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
         raise OipError(f"invalid inference request: {describe_problems(exc.errors())}") from None
-    names = [output.name for output in inference.outputs or ()]
-    unknown = sorted(set(names) - set(OUTPUTS))
-    if unknown:  # before any inference is spent on the request
-        raise OipError(f"unknown outputs {unknown[:5]}; this model has {list(OUTPUTS)}")
-    if len(set(names)) < len(names):  # each would be answered once more: a request could ask for 10 MB of copies
-        raise OipError(f"an output is requested more than once; this model has {list(OUTPUTS)}")
-    images = input_images(inference, binary, settings)
     options = decoding(inference.parameters)
+    requested = requested_outputs(inference, model, options)  # before any inference is spent on the request
+    images = input_images(inference, binary, settings)
     results = await caption_images(request, images, options, settings, model)
-    return inference_response(model, inference, results)
+    return inference_response(model, inference, requested, results)
+
+
+def requested_outputs(inference: InferenceRequest, model: ServedModel, options: DecodeOptions) -> list[RequestOutput]:
+    """The outputs to answer: those named, each one this model and these options can give, or all of those."""
+    available = [name for name in model_outputs(model) if name != GROUNDED_OUTPUT or options.grounded]
+    if inference.outputs is None:
+        return [RequestOutput(name=name) for name in available]
+    names = [output.name for output in inference.outputs]
+    if GROUNDED_OUTPUT in names and GROUNDED_OUTPUT in model_outputs(model) and not options.grounded:
+        raise OipError(f"{GROUNDED_OUTPUT} is answered for grounded decoding: add the parameter grounded=true")
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        raise OipError(f"unknown outputs {unknown[:5]}; this model has {available}")
+    if len(set(names)) < len(names):  # each would be answered once more: a request could ask for 10 MB of copies
+        raise OipError(f"an output is requested more than once; this model has {available}")
+    return inference.outputs
 
 
 async def caption_images(
@@ -421,28 +460,36 @@ def decoding(parameters: dict[str, Any]) -> DecodeOptions:
     return decode_options(query)
 
 
-def inference_response(model: ServedModel, inference: InferenceRequest, results: list[CaptionFields]) -> Response:
+def inference_response(
+    model: ServedModel, inference: InferenceRequest, requested: list[RequestOutput], results: list[CaptionFields]
+) -> Response:
     width = max(len(result.captions) for result in results)
     rows = [result.captions + [None] * (width - len(result.captions)) for result in results]
-    tensors = {
-        "caption": ([result.captions[0].text for result in results], [len(results)]),
-        "captions": ([c.text if c else "" for row in rows for c in row], [len(rows), width]),
-        "scores": ([c.log_prob if c else float("nan") for row in rows for c in row], [len(rows), width]),
-        "confidence": ([c.confidence if c else 0.0 for row in rows for c in row], [len(rows), width]),
+    values = {  # flattened; per caption padded where an image got fewer captions than the widest
+        "caption": [result.captions[0].text for result in results],
+        "in_domain": [bool(result.in_domain) for result in results],
+        "domain_score": [float("nan") if r.domain_score is None else r.domain_score for r in results],
+        "captions": [c.text if c else "" for row in rows for c in row],
+        "scores": [c.log_prob if c else float("nan") for row in rows for c in row],
+        "confidence": [c.confidence if c else 0.0 for row in rows for c in row],
+        "agrees_with_scene": [bool(c and c.agrees_with_scene) for row in rows for c in row],
     }
-    requested = inference.outputs if inference.outputs is not None else [RequestOutput(name=n) for n in OUTPUTS]
     all_binary = bool(inference.parameters.get("binary_data_output", False))
     outputs, chunks = [], []
     for output in requested:
-        data, shape = tensors[output.name]
-        datatype = OUTPUTS[output.name]
-        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
+        datatype = OUTPUTS[output.name][0]
+        data = values[output.name]
+        entry: dict[str, Any] = {
+            "name": output.name,
+            "datatype": datatype,
+            "shape": output_shape(output.name, len(rows), width),
+        }
         if output.parameters.get("binary_data", all_binary):
-            raw = serialize_bytes(data) if datatype == "BYTES" else np.asarray(data, "<f4").tobytes()
+            raw = binary_tensor(data, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = data if datatype == "BYTES" else [_json_float(x) for x in data]
+            entry["data"] = [_json_float(x) for x in data] if datatype == "FP32" else data
         outputs.append(entry)
     body: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
     if inference.id is not None:
@@ -453,6 +500,14 @@ def inference_response(model: ServedModel, inference: InferenceRequest, results:
     return Response(
         header + b"".join(chunks), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))}
     )
+
+
+def binary_tensor(data: list, datatype: str) -> bytes:
+    """An output tensor in the binary extension's layout: BYTES length-prefixed, FP32 little-endian,
+    BOOL one byte each."""
+    if datatype == "BYTES":
+        return serialize_bytes(data)
+    return np.asarray(data, "<f4" if datatype == "FP32" else np.bool_).tobytes()
 
 
 def serialize_bytes(elements: list[str | bytes]) -> bytes:

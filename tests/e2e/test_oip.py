@@ -44,10 +44,28 @@ def png(color, size=(40, 40)) -> bytes:
     return buffer.getvalue()
 
 
+def with_domain_and_scene_head(bundle: Path, feature_size: int) -> None:
+    """The tiny bundle gains what the default model has beyond it: a domain check (here wide open:
+    every image in the domain) and a scene head (random, tied to the encoder by the known answer)."""
+    from captioning.artifacts import add_files, add_scene_head
+    from captioning.domain import STATISTICS, DomainModel
+    from captioning.grounding import SceneHead
+    from captioning.scenes import SCENE_KINDS
+
+    wide_open = np.full(len(STATISTICS), 1e9)
+    pooled = 2 * feature_size
+    DomainModel(np.zeros(pooled), np.eye(pooled), 1e9, -wide_open, wide_open).save(bundle / "domain.npz")
+    add_files(bundle, ("domain.npz",))
+    rng = np.random.default_rng(0)
+    classes = 1 + len(SCENE_KINDS)
+    add_scene_head(bundle, SceneHead(rng.normal(size=(feature_size, classes)).astype(np.float32), np.zeros(classes)))
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_bundle):
+def server(tmp_path_factory, tiny_bundle, tiny_captioner):
     repository = tmp_path_factory.mktemp("repository")
     shutil.copytree(tiny_bundle, repository / "default" / "1")
+    with_domain_and_scene_head(repository / "default" / "1", tiny_captioner.feature_size)
     port = free_port()
     env = {
         **os.environ,
@@ -128,7 +146,11 @@ def test_health_and_metadata(client):
         "captions": "BYTES",
         "scores": "FP32",
         "confidence": "FP32",
+        "in_domain": "BOOL",
+        "domain_score": "FP32",
+        "agrees_with_scene": "BOOL",
     }
+    assert {o["name"]: o["shape"] for o in metadata["outputs"]}["in_domain"] == [-1]  # one per image
     assert client.get_model_metadata("default", "1", headers=auth())["name"] == "default"
     assert client.is_model_ready("default", headers=auth())
     assert client.is_model_ready("default", "1", headers=auth())
@@ -173,6 +195,32 @@ def test_versioned_path_and_default_outputs_in_binary(client):
     result = client.infer("default", [image_input([png((10, 200, 10))], True)], model_version="1", headers=auth())
     assert result.get_response()["model_version"] == "1"
     assert result.as_numpy("caption").shape == (1,) and result.as_numpy("captions").shape == (1, 1)
+    assert result.as_numpy("in_domain").dtype == np.bool_ and result.as_numpy("in_domain").tolist() == [True]
+    assert result.as_numpy("domain_score").shape == (1,)
+    assert result.as_numpy("agrees_with_scene") is None  # only grounded decoding has it
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_grounded_outputs_match_the_caption_route(server, client, binary):
+    images = [png((200, 40, 40)), png((30, 60, 220))]
+    decoding = {"strategy": "beam", "beam_size": 3, "num_captions": 3, "grounded": True}
+    names = ("captions", "agrees_with_scene", "in_domain", "domain_score")
+    outputs = [tritonclient_http.InferRequestedOutput(name, binary_data=binary) for name in names]
+    result = client.infer(
+        "default", [image_input(images, binary)], outputs=outputs, headers=auth(), parameters=decoding
+    )
+    agrees, captions = result.as_numpy("agrees_with_scene"), result.as_numpy("captions")
+    assert agrees.dtype == np.bool_ and agrees.shape == captions.shape == (2, 3)
+    for index, image in enumerate(images):
+        expected = caption_of(server, image, strategy="beam", beam_size=3, num_captions=3, grounded="true")
+        texts = [c.decode() if isinstance(c, bytes) else c for c in captions[index]]
+        assert texts == [c["text"] for c in expected["captions"]]
+        assert agrees[index].tolist() == [c["agrees_with_scene"] for c in expected["captions"]]
+        assert result.as_numpy("in_domain")[index] == expected["in_domain"]
+        assert result.as_numpy("domain_score")[index] == pytest.approx(expected["domain_score"], abs=1e-4)
+    # Agreement is a fact of grounded decoding: asked for without it, the request is refused unanswered.
+    with pytest.raises(InferenceServerException, match="grounded=true"):
+        client.infer("default", [image_input(images, binary)], outputs=outputs[:2], headers=auth())
 
 
 def test_errors_have_the_protocol_shape(server, client):

@@ -3,6 +3,7 @@ scene head as a verified bundle file, and the same answers offline and through t
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import uploads
 from conftest import make_tiny_bundle
 
-from captioning.artifacts import ArtifactError, add_files
+from captioning import known_answer
+from captioning.artifacts import ArtifactError, add_files, add_scene_head, drop_file
 from captioning.decoding import Caption, DecodeOptions
 from captioning.grounding import FILE, SceneHead, read_scene, rerank
 from captioning.scene_checker import check_caption
@@ -104,11 +106,14 @@ def test_the_scene_head_file_round_trips_and_refuses_another_grammar_or_shape(tm
 def bundle_with_scene_head(tmp_path, feature_size: int, seed: int = 3):
     bundle = tmp_path / "grounded"
     shutil.copytree(make_tiny_bundle(tmp_path / "tiny"), bundle)  # tiny_captioner's model
+    add_scene_head(bundle, random_head(feature_size, seed))
+    return bundle
+
+
+def random_head(feature_size: int, seed: int) -> SceneHead:
     rng = np.random.default_rng(seed)
     classes = 1 + len(SCENE_KINDS)
-    SceneHead(rng.normal(size=(feature_size, classes)).astype(np.float32), rng.normal(size=classes)).save(bundle / FILE)
-    add_files(bundle, (FILE,))
-    return bundle
+    return SceneHead(rng.normal(size=(feature_size, classes)).astype(np.float32), rng.normal(size=classes))
 
 
 def test_grounded_decoding_reranks_the_beam_by_the_scene_heads_reading_of_the_features(tmp_path, tiny_captioner):
@@ -148,9 +153,50 @@ def test_a_scene_head_the_manifest_does_not_vouch_for_is_refused(tmp_path, tiny_
     )
     with pytest.raises(ArtifactError, match=FILE):
         Captioner.load(bundle)
-    narrow = bundle_with_scene_head(tmp_path / "narrow", tiny_captioner.feature_size + 1)
-    with pytest.raises(ArtifactError, match="different models"):
-        Captioner.load(narrow)
+    with pytest.raises(ArtifactError, match="reads features of"):
+        bundle_with_scene_head(tmp_path / "narrow", tiny_captioner.feature_size + 1)
+
+
+def test_a_scene_head_from_another_model_is_refused_by_the_known_answer(tmp_path, tiny_captioner):
+    """The manifest's checksums vouch for files, not for which model they came from: a head from
+    another run, with the manifest rewritten over it, loads unless the known answer ties the head to
+    its encoder (captioning.known_answer)."""
+    from captioning.artifacts import sha256_of, verify_bundle, write_manifest
+    from captioning.captioner import Captioner
+
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    manifest = verify_bundle(bundle)
+    labels = manifest[known_answer.KEY][known_answer.SCENE_HEAD]["labels"]
+    rows, columns = tiny_captioner.grid_shape
+    assert np.shape(labels) == (rows * columns, 2)  # the two likeliest labels of each cell
+    assert Captioner.load(bundle).scene_head is not None
+    assert Captioner.load(bundle, encoder_precision="bfloat16").scene_head is not None  # as the service serves it
+
+    random_head(tiny_captioner.feature_size, seed=4).save(bundle / FILE)  # another run's head, same shape
+    write_manifest(bundle, name="swapped", version="1", training={})  # checksums rewritten, the answer kept
+    with pytest.raises(ArtifactError, match="scene head scores its recorded labels"):
+        Captioner.load(bundle)
+
+    # A head listed with no part in the answer is not tied to anything; add_files will not list one.
+    drop_file(bundle, FILE)
+    random_head(tiny_captioner.feature_size, seed=3).save(bundle / FILE)
+    with pytest.raises(ValueError, match="add_scene_head"):
+        add_files(bundle, (FILE,))
+    manifest = verify_bundle(bundle, adding=(FILE,))
+    manifest["files"][FILE] = {"sha256": sha256_of(bundle / FILE), "bytes": (bundle / FILE).stat().st_size}
+    del manifest[known_answer.KEY][known_answer.SCENE_HEAD]  # as a bundle of round 33 was written
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="no part for the scene head"):
+        Captioner.load(bundle)
+    # add_scene_head refuses a bundle with a head already (it would bless a new one), and adds one
+    # only once the bundle's own models pass their answer.
+    with pytest.raises(ArtifactError, match="has a scene head already"):
+        add_scene_head(bundle, random_head(tiny_captioner.feature_size, seed=3))
+    drop_file(bundle, FILE)
+    manifest = verify_bundle(bundle)
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, known_answer.KEY: None}))
+    with pytest.raises(ArtifactError, match="no known answer"):
+        add_scene_head(bundle, random_head(tiny_captioner.feature_size, seed=3))
 
 
 def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tmp_path, tiny_captioner):

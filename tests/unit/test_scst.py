@@ -69,7 +69,7 @@ def test_finetune_command_keeps_the_best_held_out_weights(tmp_path):
     bundle written carries the weights of the best score (checked by scoring them again)."""
     from conftest import make_tiny_bundle
 
-    from captioning.artifacts import add_files, verify_bundle
+    from captioning.artifacts import add_scene_head, verify_bundle
     from captioning.captioner import Captioner
     from captioning.grounding import SceneHead
     from training.__main__ import main
@@ -79,8 +79,7 @@ def test_finetune_command_keeps_the_best_held_out_weights(tmp_path):
     captions = [c for record in load_split("train", size=40) for c in record.captions]
     start = make_tiny_bundle(tmp_path / "start", captions=captions, image_size=64, training={})
     head = SceneHead(np.random.default_rng(0).normal(size=(32, 61)).astype(np.float32), np.zeros(61, np.float32))
-    head.save(start / "scene_head.npz")  # trained with the encoder, which SCST leaves alone: carried over
-    add_files(start, ("scene_head.npz",))
+    add_scene_head(start, head)  # trained with the encoder, which SCST leaves alone: carried over
     output = tmp_path / "scst"
     flags = ["--dataset", "shapes", "--train-limit", "24", "--dev-images", "8", "--eval-every", "2"]
     status = main(["finetune-scst", "--artifacts", str(start), "--output", str(output), "--steps", "5", *flags,

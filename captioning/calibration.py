@@ -11,10 +11,15 @@ that the caption is correct, fitted once on the validation split against the gro
 that is temperature scaling (1 / slope) with a bias, on the caption's mean token log-probability,
 fitted by logistic regression (Platt scaling). Both the offline Captioner and the service apply it.
 A second fit, on captions decoded with mirror_view, serves those (`Calibration.mirror_view`).
+Grounded decoding (captioning.grounding) knows more than the log-probability: whether the caption
+agrees with the scene head's reading of the image. A caption that agrees is right far more often
+than one with the same log-probability that does not, so grounded captions get two fits of their
+own, one per answer (`Calibration.agreeing`, `.disagreeing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -34,19 +39,29 @@ class Calibration:
     # Fitted on captions decoded with mirror_view (captioning.mirror), whose averaged log-probabilities
     # are a little less sure of right answers; None: this calibration serves both.
     mirror_view: Calibration | None = None
+    # Fitted on grounded beam captions that agree with the scene head's reading, and on those that
+    # do not; None (bundles calibrated before round 34, or without a head): the greedy fit serves them.
+    agreeing: Calibration | None = None
+    disagreeing: Calibration | None = None
 
     def apply(self, raw_confidence: float) -> float:
         mean_log_prob = math.log(max(raw_confidence, 1e-12))
         z = self.slope * mean_log_prob + self.bias
         return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
 
-    def for_decoding(self, mirror_view: bool) -> Calibration:
+    def for_decoding(self, mirror_view: bool, agrees_with_scene: bool | None = None) -> Calibration:
+        """The fit for a caption so decoded; agrees_with_scene: a grounded caption's answer (None
+        for any other caption). The grounded fits were made without the mirror view."""
+        grounded = {True: self.agreeing, False: self.disagreeing}.get(agrees_with_scene)
+        if grounded is not None:
+            return grounded
         return self.mirror_view if mirror_view and self.mirror_view is not None else self
 
     def save(self, path: str | Path) -> None:
         values = {"method": METHOD, **_parameters(self)}
-        if self.mirror_view is not None:
-            values["mirror_view"] = _parameters(self.mirror_view)
+        for name in VARIANTS:
+            if getattr(self, name) is not None:
+                values[name] = _parameters(getattr(self, name))
         Path(path).write_text(json.dumps(values, indent=2) + "\n")
 
     @classmethod
@@ -54,19 +69,22 @@ class Calibration:
         values = json.loads(Path(path).read_text())
         if values.get("method") != METHOD:
             raise ValueError(f"{path}: unknown calibration method {values.get('method')!r}")
-        mirror = values.get("mirror_view")
-        return _from_parameters(values, path, None if mirror is None else _from_parameters(mirror, path, None))
+        variants = {name: _from_parameters(values[name], path) for name in VARIANTS if values.get(name) is not None}
+        return dataclasses.replace(_from_parameters(values, path), **variants)
+
+
+VARIANTS = ("mirror_view", "agreeing", "disagreeing")  # the fits for other decodings, by field name
 
 
 def _parameters(calibration: Calibration) -> dict:
     return {"slope": calibration.slope, "bias": calibration.bias, "fitted_on": calibration.fitted_on}
 
 
-def _from_parameters(values: dict, path, mirror_view: Calibration | None) -> Calibration:
+def _from_parameters(values: dict, path) -> Calibration:
     slope, bias = float(values["slope"]), float(values["bias"])
     if not (math.isfinite(slope) and math.isfinite(bias)):
         raise ValueError(f"{path}: calibration parameters must be finite numbers")
-    return Calibration(slope, bias, str(values.get("fitted_on", "")), mirror_view)
+    return Calibration(slope, bias, str(values.get("fitted_on", "")))
 
 
 def fit_calibration(raw_confidences, correct, fitted_on: str = "", l2: float = 1e-3, steps: int = 50) -> Calibration:

@@ -295,8 +295,8 @@ class Captioner:
                 raise ValueError("grounded decoding needs the image's scene cells")
             captions = rerank(captions, read_scene(scene_cells, self.grid_shape))[: search.options.num_captions]
         if self.calibration is not None:
-            calibration = self.calibration.for_decoding(search.options.mirror_view)
             for caption in captions:
+                calibration = self.calibration.for_decoding(search.options.mirror_view, caption.agrees_with_scene)
                 caption.raw_confidence = caption.confidence
                 caption.confidence = calibration.apply(caption.confidence)
         return captions

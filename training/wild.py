@@ -28,10 +28,11 @@ from captioning.grounding import BEAM_SIZE as GROUNDED_BEAM_SIZE
 
 
 def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) -> dict:
-    from training.calibrate import caption_with_confidence, grade
+    from training.calibrate import best_captions, grade
     from training.evaluate import record_input
 
-    texts, _, confidence = caption_with_confidence(captioner, records, options)
+    captions = best_captions(captioner, records, options)
+    texts, confidence = [c.text for c in captions], np.array([c.confidence for c in captions])
     correct = grade(texts, records)
     result = {
         "images": len(records),

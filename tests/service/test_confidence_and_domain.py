@@ -47,6 +47,13 @@ def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
     assert Calibration.load(tmp_path / "both.json") == both
     assert both.for_decoding(mirror_view=True).slope == 3.0 and both.for_decoding(mirror_view=False).slope == 2.5
     assert Calibration(1.0, 0.0).for_decoding(mirror_view=True) == Calibration(1.0, 0.0)  # one fit serves both
+    grounded = Calibration(2.5, -0.5, "greedy", agreeing=Calibration(9.0, 5.0, "a"), disagreeing=Calibration(2.0, 0.0))
+    grounded.save(tmp_path / "grounded.json")
+    assert Calibration.load(tmp_path / "grounded.json") == grounded
+    assert grounded.for_decoding(False, agrees_with_scene=True).slope == 9.0
+    assert grounded.for_decoding(True, agrees_with_scene=False).slope == 2.0  # the grounded fit, mirror or not
+    assert grounded.for_decoding(False, agrees_with_scene=None).slope == 2.5  # not a grounded caption
+    assert both.for_decoding(False, agrees_with_scene=True) == both  # calibrated before grounded fits existed
     (tmp_path / "bad.json").write_text(json.dumps({"method": "magic", "slope": 1, "bias": 0}))
     with pytest.raises(ValueError, match="unknown calibration method"):
         Calibration.load(tmp_path / "bad.json")

@@ -225,3 +225,27 @@ def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tm
         assert greedy.status_code == 422 and "strategy=beam" in greedy.json()["error"]["message"]
         plain = client.post("/caption", files={"image": ("a.png", uploads.png())}).json()
         assert "agrees_with_scene" not in plain["captions"][0]  # only grounded answers say it
+
+
+def test_calibrate_fits_grounded_captions_by_their_agreement_with_the_scene(tmp_path, tiny_captioner):
+    """`training calibrate` on a bundle with a scene head adds a fit per answer of grounded beam
+    captions; the captioner then calibrates each grounded caption with the fit of its answer."""
+    from captioning.calibration import Calibration
+    from captioning.captioner import Captioner
+    from training.__main__ import main
+
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    assert main(["calibrate", "--artifacts", str(bundle), "--dataset", "shapes", "--limit", "16"]) == 0
+    calibration = Calibration.load(bundle / "calibration.json")
+    # The random head reads no scene any caption agrees with: one group, and its fit.
+    assert calibration.agreeing is None and calibration.disagreeing is not None
+    assert "not agreeing" in calibration.disagreeing.fitted_on and "16 images" in calibration.disagreeing.fitted_on
+    captioner = Captioner.load(bundle)
+    size = tiny_captioner.config.image_size
+    image = np.random.default_rng(2).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    options = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
+    for caption in captioner.caption(image, options)[0]:
+        assert caption.agrees_with_scene is False
+        assert caption.confidence == pytest.approx(calibration.disagreeing.apply(caption.raw_confidence))
+    greedy = captioner.caption(image)[0][0]
+    assert greedy.confidence == pytest.approx(calibration.apply(greedy.raw_confidence))

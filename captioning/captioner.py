@@ -248,6 +248,8 @@ class Captioner:
         if known_answer.KEY in manifest:
             try:
                 known_answer.check(encoder, decoder, size, manifest[known_answer.KEY], scene_head)
+            except known_answer.UnrecordedSceneHead as exc:
+                raise ArtifactError(f"{bundle}: {exc}") from None
             except known_answer.KnownAnswerMismatch as exc:
                 raise ArtifactError(
                     f"{bundle}: {exc}: the encoder, decoder and scene head were not trained together, or a file "
@@ -255,8 +257,8 @@ class Captioner:
                 ) from None
         else:
             logger.warning(
-                "%s: the manifest records no known answer, so its encoder and decoder are not checked against "
-                "each other (bundles written before round 23; captioning.known_answer)",
+                "%s: the manifest records no known answer, so its encoder, decoder and scene head (if any) are not "
+                "checked against each other (bundles written before round 23; captioning.known_answer)",
                 bundle,
             )
         return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain, encoder_precision, scene_head)

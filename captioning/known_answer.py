@@ -36,6 +36,10 @@ class KnownAnswerMismatch(ValueError):
     pass
 
 
+class UnrecordedSceneHead(KnownAnswerMismatch):
+    """The bundle has a scene head and the answer no part for it (bundles saved in round 33)."""
+
+
 def probe_image(size: int) -> np.ndarray:
     """A fixed uint8 [size, size, 3] picture (red and green ramps, a blue checkerboard), made
     with integer arithmetic only, so every platform draws the same pixels."""
@@ -116,9 +120,11 @@ def check(encoder, decoder, image_size: int, answer: dict, scene_head=None) -> N
         targets = [int(word) for word in answer["targets"]]
         recorded = np.asarray(answer["log_probs"], dtype=np.float64)
         features = _features(encoder, image_size)
+        if not len(targets) == len(tokens) + 1 == len(recorded):  # a position after <start> and each token
+            raise ValueError(f"{len(tokens)} tokens, {len(targets)} targets, {len(recorded)} log-probabilities")
         rows = _log_probs(decoder, features, tokens)
         got = rows[np.arange(len(targets)), targets]
-        distances = np.abs(got - recorded)  # inside: targets and log_probs of different lengths
+        distances = np.abs(got - recorded)
     except (ValueError, IndexError, KeyError, TypeError, tf.errors.InvalidArgumentError) as exc:
         # a malformed record, another feature grid, or ids beyond this decoder's vocabulary
         raise KnownAnswerMismatch(f"the models cannot score the recorded answer ({exc})") from None
@@ -136,13 +142,18 @@ def check(encoder, decoder, image_size: int, answer: dict, scene_head=None) -> N
 
 def _check_scene_head(features: np.ndarray, scene_head, answer: dict) -> None:
     if SCENE_HEAD not in answer:
-        raise KnownAnswerMismatch(
-            "the manifest's known answer has no part for the scene head, so the head is not tied to this encoder"
+        raise UnrecordedSceneHead(
+            "the manifest's known answer has no part for the scene head, so nothing ties the head to this "
+            "encoder; for a bundle saved before heads had one, captioning.artifacts.record_known_answer(bundle) "
+            "records it"
         )
     try:
         labels = np.asarray(answer[SCENE_HEAD]["labels"], dtype=np.int64)
         recorded = np.asarray(answer[SCENE_HEAD]["log_probs"], dtype=np.float64)
-        got = np.take_along_axis(_cell_log_probs(features, scene_head), labels, axis=-1)
+        cells = _cell_log_probs(features, scene_head)
+        if not labels.shape == recorded.shape == (len(cells), 2):
+            raise ValueError(f"labels {labels.shape} and log-probabilities {recorded.shape} for {len(cells)} cells")
+        got = np.take_along_axis(cells, labels, axis=-1)
         distances = np.abs(got - recorded)
     except (ValueError, IndexError, KeyError, TypeError) as exc:
         raise KnownAnswerMismatch(f"the scene head cannot score its recorded answer ({exc})") from None

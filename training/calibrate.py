@@ -17,8 +17,9 @@ import json
 
 import numpy as np
 
-from captioning.calibration import FILE, expected_calibration_error, fit_calibration
+from captioning.calibration import FILE, Calibration, expected_calibration_error, fit_calibration
 from captioning.decoding import DecodeOptions
+from captioning.grounding import BEAM_SIZE
 
 
 def best_captions(captioner, records, options: DecodeOptions = DecodeOptions(), batch_size: int = 32) -> list:
@@ -47,52 +48,81 @@ def grade(texts, records) -> np.ndarray:
     return np.array([check_caption(t, r.scene).correct for t, r in zip(texts, records)], dtype=np.float64)
 
 
+# A group of grounded captions smaller than this, or with fewer right or wrong captions, or whose
+# fit would give less confidence to a likelier caption, gets no fit of its own (the greedy fit
+# serves it): a Platt fit to one or three captions served every caption at 0.995, or backwards.
+MIN_GROUP_CAPTIONS = 30
+MIN_GROUP_OUTCOMES = 3
+
+
+def fit_group(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[Calibration, dict]:
+    """A Platt fit of `captions` (their raw confidences) to their correctness, and its summary."""
+    raw = np.array([raw_confidence(c) for c in captions])
+    fit = fit_calibration(raw, correct, fitted_on=fitted_on)
+    fitted = np.array([fit.apply(c) for c in raw])
+    return fit, {
+        "fitted_on": fit.fitted_on,
+        "slope": fit.slope,
+        "bias": fit.bias,
+        "captions": len(captions),
+        "accuracy": float(correct.mean()),
+        "ece_raw": expected_calibration_error(raw, correct),
+        "ece_calibrated_in_sample": expected_calibration_error(fitted, correct),
+    }
+
+
+def grounded_fits(captions: list, correct: np.ndarray, described: str) -> tuple[dict, dict]:
+    """Grounded captions' fits by their answer (Calibration.agreeing and .disagreeing), each where
+    its group is big and mixed enough; returns (fits by field, summary by group name)."""
+    fits, summary = {}, {}
+    for field, agrees in (("agreeing", True), ("disagreeing", False)):
+        name = f"grounded beam {BEAM_SIZE}, {'agreeing' if agrees else 'not agreeing'} with the scene"
+        chosen = np.array([c.agrees_with_scene is agrees for c in captions], bool)
+        right = int(correct[chosen].sum())
+        if chosen.sum() < MIN_GROUP_CAPTIONS or min(right, chosen.sum() - right) < MIN_GROUP_OUTCOMES:
+            summary[name] = {
+                "captions": int(chosen.sum()),
+                "right": right,
+                "not_fitted": f"under {MIN_GROUP_CAPTIONS} captions or under {MIN_GROUP_OUTCOMES} right or wrong; "
+                "the greedy fit serves these captions",
+            }
+            continue
+        fit, summary[name] = fit_group([c for c, keep in zip(captions, chosen) if keep], correct[chosen],
+                                       f"{described}, {name}")  # fmt: skip
+        if fit.slope <= 0:
+            summary[name]["not_fitted"] = "the fit gives less confidence to likelier captions; the greedy fit serves"
+            continue
+        fits[field] = fit
+    return fits, summary
+
+
 def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, options: dict | None = None) -> dict:
     """Fits the calibration of greedy captions; when the model can mirror, of greedy captions with
-    mirror_view; when it has a scene head, of grounded beam captions, apart for those that agree
-    with the head's reading and those that do not; all on the same images. Writes calibration.json;
-    returns a summary of each fit."""
+    mirror_view; when it has a scene head, of the best grounded beam caption of each image, apart
+    for those that agree with the head's reading and those that do not (grounded_fits); all on the
+    same images. Writes calibration.json; returns a summary of each fit."""
     import dataclasses
 
     from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
-    from captioning.grounding import BEAM_SIZE
     from training.datasets.registry import load_dataset
 
     captioner = Captioner.load(artifacts, fitted_stages=False)  # raw confidences: the old fit plays no part
     records = load_dataset(dataset, split, limit=limit, **(options or {}))
     described = f"{dataset}/{split}, {len(records)} images"
-    fits, summary = {}, {}
-
-    def fit(field: str, name: str, captions: list, correct: np.ndarray) -> None:
-        raw = np.array([raw_confidence(c) for c in captions])
-        fits[field] = fit_calibration(raw, correct, fitted_on=f"{described}, {name}")
-        fitted = np.array([fits[field].apply(c) for c in raw])
-        summary[name] = {
-            "fitted_on": fits[field].fitted_on,
-            "slope": fits[field].slope,
-            "bias": fits[field].bias,
-            "captions": len(captions),
-            "accuracy": float(correct.mean()),
-            "ece_raw": expected_calibration_error(raw, correct),
-            "ece_calibrated_in_sample": expected_calibration_error(fitted, correct),
-        }
-
     decodings = {"greedy": ("greedy", DecodeOptions())}
     if captioner.mirror_permutation is not None:
         decodings["mirror_view"] = ("greedy, mirror_view", DecodeOptions(mirror_view=True))
+    fits, summary = {}, {}
     for field, (name, decoding) in decodings.items():
         captions = best_captions(captioner, records, decoding)
-        fit(field, name, captions, grade([c.text for c in captions], records))
-    if captioner.scene_head is not None:
-        grounded = DecodeOptions(strategy="beam", beam_size=BEAM_SIZE, grounded=True)
-        captions = best_captions(captioner, records, grounded)
         correct = grade([c.text for c in captions], records)
-        for field, agrees in (("agreeing", True), ("disagreeing", False)):
-            chosen = [i for i, c in enumerate(captions) if c.agrees_with_scene is agrees]
-            if chosen:  # a model whose every caption agrees has no second group to fit
-                name = f"grounded beam {BEAM_SIZE}, {'agreeing' if agrees else 'not agreeing'} with the scene"
-                fit(field, name, [captions[i] for i in chosen], correct[chosen])
+        fits[field], summary[name] = fit_group(captions, correct, f"{described}, {name}")
+    if captioner.scene_head is not None:
+        captions = best_captions(captioner, records, DecodeOptions(strategy="beam", beam_size=BEAM_SIZE, grounded=True))
+        grounded, summary_grounded = grounded_fits(captions, grade([c.text for c in captions], records), described)
+        fits.update(grounded)
+        summary.update(summary_grounded)
     calibration = dataclasses.replace(fits.pop("greedy"), **fits)
     drop_file(artifacts, FILE)  # only now: a run that fails earlier leaves the bundle as it was
     calibration.save(f"{artifacts}/{FILE}")

@@ -219,8 +219,9 @@ def test_grounded_outputs_match_the_caption_route(server, client, binary):
         assert result.as_numpy("in_domain")[index] == expected["in_domain"]
         assert result.as_numpy("domain_score")[index] == pytest.approx(expected["domain_score"], abs=1e-4)
     # Agreement is a fact of grounded decoding: asked for without it, the request is refused unanswered.
-    with pytest.raises(InferenceServerException, match="grounded=true"):
+    with pytest.raises(InferenceServerException, match="grounded=true") as refused:
         client.infer("default", [image_input(images, binary)], outputs=outputs[:2], headers=auth())
+    assert refused.value.status() == "400"
 
 
 def test_errors_have_the_protocol_shape(server, client):

@@ -555,6 +555,64 @@ def test_inference_protocol_parameters_must_have_their_json_type(client):
     assert "finite" in assert_error(nan, 422, "validation_error")["error"]["message"]
 
 
+def test_inference_protocol_outputs_are_those_the_model_has(client):
+    """The tiny model has neither a domain check nor a scene head: its metadata lists the four
+    caption outputs, a request naming none gets those, and naming another is refused unanswered."""
+    import base64
+
+    outputs = client.get("/v2/models/default").json()["outputs"]
+    assert [o["name"] for o in outputs] == ["caption", "captions", "scores", "confidence"]
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(uploads.png()).decode()]}
+    answer = client.post("/v2/models/default/infer", json={"inputs": [image]}).json()
+    assert [o["name"] for o in answer["outputs"]] == ["caption", "captions", "scores", "confidence"]
+    for name in ("in_domain", "agrees_with_scene"):
+        refused = client.post("/v2/models/default/infer", json={"inputs": [image], "outputs": [{"name": name}]})
+        assert refused.status_code == 400 and "unknown outputs" in refused.json()["error"]
+
+
+def test_inference_protocol_tensors_of_images_with_fewer_captions_are_padded():
+    """Per-image and per-caption outputs side by side, for two images with 2 and 1 captions, in
+    JSON and in the binary layout (BOOL one byte per element)."""
+    import struct
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from app.routes.oip import HEADER_LENGTH, InferenceRequest, RequestOutput, inference_response, serialize_bytes
+    from captioning.decoding import Caption
+
+    def fields(captions, in_domain, score):
+        return SimpleNamespace(captions=captions, in_domain=in_domain, domain_score=score)
+
+    a = Caption("a", [], -1.0, 0.9, agrees_with_scene=True)
+    b = Caption("b", [], -2.0, 0.5, agrees_with_scene=False)
+    c = Caption("c", [], -0.5, 0.7, agrees_with_scene=True)
+    results = [fields([a, b], True, 0.8), fields([c], False, 0.2)]
+    model = SimpleNamespace(name="m", version=1)
+    names = ["caption", "agrees_with_scene", "in_domain", "domain_score", "scores"]
+    request = InferenceRequest(inputs=[], outputs=[RequestOutput(name=n) for n in names])
+    body = json.loads(inference_response(model, request, request.outputs, results).body)
+    tensors = {o["name"]: o for o in body["outputs"]}
+    assert tensors["caption"]["shape"] == [2] and tensors["caption"]["data"] == ["a", "c"]
+    assert tensors["agrees_with_scene"] == {"name": "agrees_with_scene", "datatype": "BOOL", "shape": [2, 2],
+                                            "data": [True, False, True, False]}  # fmt: skip
+    assert tensors["in_domain"]["data"] == [True, False] and tensors["in_domain"]["shape"] == [2]
+    assert tensors["domain_score"]["data"] == pytest.approx([0.8, 0.2])
+    assert tensors["scores"]["data"] == [-1.0, -2.0, -0.5, None]  # NaN padding is null in JSON
+
+    binary = InferenceRequest(inputs=[], outputs=request.outputs, parameters={"binary_data_output": True})
+    response = inference_response(model, binary, binary.outputs, results)
+    header_length = int(response.headers[HEADER_LENGTH])
+    header, data = json.loads(response.body[:header_length]), response.body[header_length:]
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    chunks = dict(zip(names, (data[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes)))))
+    assert chunks["caption"] == serialize_bytes(["a", "c"])
+    assert chunks["agrees_with_scene"] == bytes([1, 0, 1, 0]) and chunks["in_domain"] == bytes([1, 0])
+    assert struct.unpack("<2f", chunks["domain_score"]) == pytest.approx((0.8, 0.2))
+    scores = struct.unpack("<4f", chunks["scores"])
+    assert scores[:3] == (-1.0, -2.0, -0.5) and np.isnan(scores[3])
+
+
 def test_unknown_inference_protocol_paths_and_methods_have_its_error_shape(client):
     for response in (client.get("/v2/repository/index"), client.get("/v2/models/x/config"), client.put("/v2")):
         assert response.status_code in (404, 405)

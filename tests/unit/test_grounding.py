@@ -12,7 +12,7 @@ import uploads
 from conftest import make_tiny_bundle
 
 from captioning import known_answer
-from captioning.artifacts import ArtifactError, add_files, add_scene_head, drop_file
+from captioning.artifacts import ArtifactError, add_files, add_scene_head, drop_file, record_known_answer
 from captioning.decoding import Caption, DecodeOptions
 from captioning.grounding import FILE, SceneHead, read_scene, rerank
 from captioning.scene_checker import check_caption
@@ -145,6 +145,7 @@ def test_grounded_decoding_reranks_the_beam_by_the_scene_heads_reading_of_the_fe
 
 
 def test_a_scene_head_the_manifest_does_not_vouch_for_is_refused(tmp_path, tiny_captioner):
+    from captioning.artifacts import sha256_of
     from captioning.captioner import Captioner
 
     bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
@@ -155,6 +156,13 @@ def test_a_scene_head_the_manifest_does_not_vouch_for_is_refused(tmp_path, tiny_
         Captioner.load(bundle)
     with pytest.raises(ArtifactError, match="reads features of"):
         bundle_with_scene_head(tmp_path / "narrow", tiny_captioner.feature_size + 1)
+    # A narrow head listed by hand, past add_scene_head, is refused at load before anything reads it.
+    random_head(tiny_captioner.feature_size + 1, seed=3).save(bundle / FILE)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][FILE] = {"sha256": sha256_of(bundle / FILE), "bytes": (bundle / FILE).stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="different models"):
+        Captioner.load(bundle)
 
 
 def test_a_scene_head_from_another_model_is_refused_by_the_known_answer(tmp_path, tiny_captioner):
@@ -186,13 +194,38 @@ def test_a_scene_head_from_another_model_is_refused_by_the_known_answer(tmp_path
     manifest["files"][FILE] = {"sha256": sha256_of(bundle / FILE), "bytes": (bundle / FILE).stat().st_size}
     del manifest[known_answer.KEY][known_answer.SCENE_HEAD]  # as a bundle of round 33 was written
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="no part for the scene head"):
+    with pytest.raises(ArtifactError, match="no part for the scene head.*record_known_answer"):
         Captioner.load(bundle)
-    # add_scene_head refuses a bundle with a head already (it would bless a new one), and adds one
-    # only once the bundle's own models pass their answer.
+    # add_scene_head refuses a bundle with a head already (it would bless a new one);
+    # record_known_answer adds the missing part, once the bundle's own models pass theirs, and only once.
     with pytest.raises(ArtifactError, match="has a scene head already"):
         add_scene_head(bundle, random_head(tiny_captioner.feature_size, seed=3))
+    saved = verify_bundle(bundle)
+    broken = json.loads(json.dumps(saved))
+    broken[known_answer.KEY]["log_probs"][0] += 1.0  # the models no longer pass their own answer
+    (bundle / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="nats away"):
+        record_known_answer(bundle)
+    (bundle / "manifest.json").write_text(json.dumps(saved))
+    assert known_answer.SCENE_HEAD in record_known_answer(bundle)[known_answer.KEY]
+    assert Captioner.load(bundle).scene_head is not None
+    with pytest.raises(ArtifactError, match="has a known answer already"):
+        record_known_answer(bundle)
+
+    # A part of the wrong shape is not an answer (an empty one would compare nothing and pass).
+    for part in ({"labels": [[]], "log_probs": [[]]}, {"labels": [[1, 2]] * 3, "log_probs": [[0.0, 0.0]] * 3}):
+        manifest = verify_bundle(bundle)
+        manifest[known_answer.KEY][known_answer.SCENE_HEAD] = part
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ArtifactError, match="cannot score its recorded answer"):
+            Captioner.load(bundle)
+
+    # add_scene_head adds a head only once the bundle's own models pass their answer.
     drop_file(bundle, FILE)
+    (bundle / "manifest.json").write_text(json.dumps({**broken, "files": verify_bundle(bundle)["files"]}))
+    with pytest.raises(ArtifactError, match="nats away"):
+        add_scene_head(bundle, random_head(tiny_captioner.feature_size, seed=3))
+    assert not (bundle / FILE).exists()
     manifest = verify_bundle(bundle)
     (bundle / "manifest.json").write_text(json.dumps({**manifest, known_answer.KEY: None}))
     with pytest.raises(ArtifactError, match="no known answer"):
@@ -227,9 +260,13 @@ def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tm
         assert "agrees_with_scene" not in plain["captions"][0]  # only grounded answers say it
 
 
-def test_calibrate_fits_grounded_captions_by_their_agreement_with_the_scene(tmp_path, tiny_captioner):
-    """`training calibrate` on a bundle with a scene head adds a fit per answer of grounded beam
-    captions; the captioner then calibrates each grounded caption with the fit of its answer."""
+def test_grounded_captions_are_calibrated_by_their_answer(tmp_path, tiny_captioner):
+    """`training calibrate` on a bundle with a scene head fits grounded captions apart, where a
+    group is big and mixed enough (the tiny random model's are not: the greedy fit serves them);
+    a bundle whose calibration has the fits calibrates each grounded caption by its answer."""
+    import dataclasses
+
+    from captioning.artifacts import verify_bundle
     from captioning.calibration import Calibration
     from captioning.captioner import Captioner
     from training.__main__ import main
@@ -237,15 +274,49 @@ def test_calibrate_fits_grounded_captions_by_their_agreement_with_the_scene(tmp_
     bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
     assert main(["calibrate", "--artifacts", str(bundle), "--dataset", "shapes", "--limit", "16"]) == 0
     calibration = Calibration.load(bundle / "calibration.json")
-    # The random head reads no scene any caption agrees with: one group, and its fit.
-    assert calibration.agreeing is None and calibration.disagreeing is not None
-    assert "not agreeing" in calibration.disagreeing.fitted_on and "16 images" in calibration.disagreeing.fitted_on
-    captioner = Captioner.load(bundle)
+    assert calibration.agreeing is None and calibration.disagreeing is None
+    summary = verify_bundle(bundle)["stages"]["calibration"]
+    assert summary["grounded beam 3, not agreeing with the scene"]["captions"] == 16
+    assert "greedy fit serves" in summary["grounded beam 3, not agreeing with the scene"]["not_fitted"]
+
     size = tiny_captioner.config.image_size
     image = np.random.default_rng(2).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     options = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
+    for caption in Captioner.load(bundle).caption(image, options)[0]:  # no fit of their own: the greedy one
+        assert caption.confidence == pytest.approx(calibration.apply(caption.raw_confidence))
+
+    fitted = dataclasses.replace(calibration, disagreeing=Calibration(2.0, 1.0, "test"))
+    drop_file(bundle, "calibration.json")
+    fitted.save(bundle / "calibration.json")
+    add_files(bundle, ("calibration.json",))
+    captioner = Captioner.load(bundle)
     for caption in captioner.caption(image, options)[0]:
         assert caption.agrees_with_scene is False
-        assert caption.confidence == pytest.approx(calibration.disagreeing.apply(caption.raw_confidence))
+        assert caption.confidence == pytest.approx(Calibration(2.0, 1.0).apply(caption.raw_confidence))
     greedy = captioner.caption(image)[0][0]
     assert greedy.confidence == pytest.approx(calibration.apply(greedy.raw_confidence))
+
+
+def test_grounded_fits_need_a_big_mixed_group_and_a_rising_fit():
+    from training.calibrate import MIN_GROUP_CAPTIONS, grounded_fits
+
+    rng = np.random.default_rng(0)
+
+    def group(n, agrees, p_right):  # raw confidence rising with the chance of being right
+        raw = rng.uniform(0.5, 1.0, n)
+        right = rng.random(n) < p_right * raw
+        return [Caption("a red circle", [], 0.0, float(c), agrees_with_scene=agrees) for c in raw], right
+
+    agreeing, right_a = group(400, True, 1.0)
+    disagreeing, right_d = group(MIN_GROUP_CAPTIONS - 1, False, 0.8)  # one too few
+    fits, summary = grounded_fits(agreeing + disagreeing, np.concatenate([right_a, right_d]).astype(float), "test")
+    assert set(fits) == {"agreeing"} and fits["agreeing"].slope > 0
+    assert fits["agreeing"].fitted_on == "test, grounded beam 3, agreeing with the scene"
+    assert "not_fitted" in summary["grounded beam 3, not agreeing with the scene"]
+
+    every_one_right = np.ones(len(agreeing))  # one outcome only: nothing to fit
+    assert grounded_fits(agreeing, every_one_right, "test")[0] == {}
+    backwards = [Caption("a", [], 0.0, c.confidence, agrees_with_scene=True) for c in agreeing]
+    falling = np.array([c.confidence < 0.75 for c in backwards], float)  # likelier captions wrong
+    fits, summary = grounded_fits(backwards, falling, "test")
+    assert fits == {} and "less confidence" in summary["grounded beam 3, agreeing with the scene"]["not_fitted"]

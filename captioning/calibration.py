@@ -15,6 +15,13 @@ Grounded decoding (captioning.grounding) knows more than the log-probability: wh
 agrees with the scene head's reading of the image. A caption that agrees is right far more often
 than one with the same log-probability that does not, so grounded captions get two fits of their
 own, one per answer (`Calibration.agreeing`, `.disagreeing`).
+
+The captions of an n-best below the first are mostly other wordings of the same scene: their
+log-probability is lower because the model spread it over wordings, not because they are wrong
+(default/5's second beam caption: right 0.955 of the time, the greedy fit said 0.59). So they
+have fits of their own too (`*_lower`: beam, sample, and grounded by answer), fitted on the n-best
+below the first. `for_caption` picks the fit for a caption; a fit missing from the file (a bundle
+calibrated before it existed) falls back to the greedy one.
 """
 
 from __future__ import annotations
@@ -43,18 +50,32 @@ class Calibration:
     # do not; None (bundles calibrated before round 34, or without a head): the greedy fit serves them.
     agreeing: Calibration | None = None
     disagreeing: Calibration | None = None
+    # Fitted on the captions of an n-best below the first: of a beam search, of a sampler, and of a
+    # grounded beam by answer. None: the fit of the first caption's decoding serves them.
+    beam_lower: Calibration | None = None
+    sample_lower: Calibration | None = None
+    agreeing_lower: Calibration | None = None
+    disagreeing_lower: Calibration | None = None
 
     def apply(self, raw_confidence: float) -> float:
         mean_log_prob = math.log(max(raw_confidence, 1e-12))
         z = self.slope * mean_log_prob + self.bias
         return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
 
-    def for_decoding(self, mirror_view: bool, agrees_with_scene: bool | None = None) -> Calibration:
-        """The fit for a caption so decoded; agrees_with_scene: a grounded caption's answer (None
-        for any other caption). The grounded fits were made without the mirror view."""
-        grounded = {True: self.agreeing, False: self.disagreeing}.get(agrees_with_scene)
-        if grounded is not None:
-            return grounded
+    def for_caption(
+        self, strategy: str, mirror_view: bool, rank: int = 0, agrees_with_scene: bool | None = None
+    ) -> Calibration:
+        """The fit for a caption: the strategy that decoded it, its place in the n-best (0 the
+        first), and a grounded caption's answer (None for any other). The fits below the first
+        caption and the grounded ones were made without the mirror view, and serve it too."""
+        lower = rank > 0
+        if agrees_with_scene is not None:
+            fits = {True: (self.agreeing, self.agreeing_lower), False: (self.disagreeing, self.disagreeing_lower)}
+            fit = fits[agrees_with_scene][lower]
+        else:
+            fit = {"beam": self.beam_lower, "sample": self.sample_lower}.get(strategy) if lower else None
+        if fit is not None:
+            return fit
         return self.mirror_view if mirror_view and self.mirror_view is not None else self
 
     def save(self, path: str | Path) -> None:
@@ -73,7 +94,16 @@ class Calibration:
         return dataclasses.replace(_from_parameters(values, path), **variants)
 
 
-VARIANTS = ("mirror_view", "agreeing", "disagreeing")  # the fits for other decodings, by field name
+# The fits for other decodings, by field name.
+VARIANTS = (
+    "mirror_view",
+    "agreeing",
+    "disagreeing",
+    "beam_lower",
+    "sample_lower",
+    "agreeing_lower",
+    "disagreeing_lower",
+)
 
 
 def _parameters(calibration: Calibration) -> dict:

@@ -297,10 +297,11 @@ class Captioner:
                 raise ValueError("grounded decoding needs the image's scene cells")
             captions = rerank(captions, read_scene(scene_cells, self.grid_shape))[: search.options.num_captions]
         if self.calibration is not None:
-            for caption in captions:
-                calibration = self.calibration.for_decoding(search.options.mirror_view, caption.agrees_with_scene)
+            strategy, mirror_view = search.options.strategy, search.options.mirror_view
+            for rank, caption in enumerate(captions):
+                fit = self.calibration.for_caption(strategy, mirror_view, rank, caption.agrees_with_scene)
                 caption.raw_confidence = caption.confidence
-                caption.confidence = calibration.apply(caption.confidence)
+                caption.confidence = fit.apply(caption.confidence)
         return captions
 
     def domain_scores(self, images: np.ndarray) -> np.ndarray | None:

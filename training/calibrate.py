@@ -4,10 +4,11 @@
 
 Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
 complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)
-to those labels, does the same for greedy captions with mirror_view (captioning.mirror) and, for a
-model with a scene head, for grounded beam captions (one fit for those that agree with the head's
-reading, one for those that do not), writes them all into the bundle's calibration.json and adds it
-to the manifest. Fit it on the validation split, never on the split the evaluation reports.
+to those labels, does the same for greedy captions with mirror_view (captioning.mirror), for the
+captions below the first of a beam's and a sampler's n-best, and, for a model with a scene head,
+for grounded beam captions (by whether each agrees with the head's reading, the first caption and
+those below it apart), writes them all into the bundle's calibration.json and adds it to the
+manifest. Fit it on the validation split, never on the split the evaluation reports.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ from captioning.decoding import DecodeOptions
 from captioning.grounding import BEAM_SIZE
 
 
-def best_captions(captioner, records, options: DecodeOptions = DecodeOptions(), batch_size: int = 32) -> list:
-    """The best caption (captioning.decoding.Caption) of each of `records`, greedy by default."""
+def n_best_captions(captioner, records, options: DecodeOptions = DecodeOptions(), batch_size: int = 32) -> list:
+    """The captions (captioning.decoding.Caption, best first) of each of `records`, greedy by default."""
     from training.evaluate import record_input
 
     captions = []
     for start in range(0, len(records), batch_size):
         images = [record_input(captioner, r) for r in records[start : start + batch_size]]
-        captions += [best[0] for best in captioner.caption(images, options, batch_size)]
+        captions += captioner.caption(images, options, batch_size)
     return captions
+
+
+def best_captions(captioner, records, options: DecodeOptions = DecodeOptions(), batch_size: int = 32) -> list:
+    """The best caption of each of `records`."""
+    return [captions[0] for captions in n_best_captions(captioner, records, options, batch_size)]
 
 
 def raw_confidence(caption) -> float:
@@ -48,11 +54,14 @@ def grade(texts, records) -> np.ndarray:
     return np.array([check_caption(t, r.scene).correct for t, r in zip(texts, records)], dtype=np.float64)
 
 
-# A group of grounded captions smaller than this, or with fewer right or wrong captions, or whose
-# fit would give less confidence to a likelier caption, gets no fit of its own (the greedy fit
-# serves it): a Platt fit to one or three captions served every caption at 0.995, or backwards.
+# A group of captions smaller than this gets no fit of its own (the greedy fit serves it): a Platt
+# fit to one or three captions served every caption of its group at 0.995, or backwards. A bigger
+# group with fewer right or wrong captions than MIN_GROUP_OUTCOMES, or whose fit would give less
+# confidence to likelier captions, gets its own rate of right captions (add-one smoothed) instead.
 MIN_GROUP_CAPTIONS = 30
 MIN_GROUP_OUTCOMES = 3
+N_BEST = 3  # the n-best the fits below the first caption are made on (a beam of 3, 3 samples)
+SAMPLE_SEED = 0
 
 
 def fit_group(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[Calibration, dict]:
@@ -71,36 +80,77 @@ def fit_group(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[Cali
     }
 
 
-def grounded_fits(captions: list, correct: np.ndarray, described: str) -> tuple[dict, dict]:
-    """Grounded captions' fits by their answer (Calibration.agreeing and .disagreeing), each where
-    its group is big and mixed enough; returns (fits by field, summary by group name)."""
+def fit_subgroup(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[Calibration | None, dict]:
+    """fit_group for one of the groups a decoding splits into, within MIN_GROUP_CAPTIONS and
+    MIN_GROUP_OUTCOMES; None where the group is too small to fit."""
+    count, right = len(captions), int(correct.sum())
+    if count < MIN_GROUP_CAPTIONS:
+        return None, {
+            "captions": count,
+            "right": right,
+            "not_fitted": f"under {MIN_GROUP_CAPTIONS} captions; the greedy fit serves them",
+        }
+    why = f"under {MIN_GROUP_OUTCOMES} right or wrong captions"
+    if min(right, count - right) >= MIN_GROUP_OUTCOMES:
+        fit, summary = fit_group(captions, correct, fitted_on)
+        if fit.slope > 0:
+            return fit, summary
+        why = f"the fit fell with the log-probability (slope {fit.slope:.3f})"
+    rate = (right + 1) / (count + 2)
+    fit = Calibration(0.0, float(np.log(rate / (1 - rate))), f"{fitted_on}, its rate of right captions")
+    return fit, {"fitted_on": fit.fitted_on, "captions": count, "right": right, "rate": rate, "why_a_rate": why}
+
+
+# The groups an n-best's captions are fitted in, by Calibration field: what each holds.
+GROUPS = {
+    "beam_lower": f"beam {N_BEST}, captions below the first",
+    "sample_lower": f"{N_BEST} samples, captions below the first",
+    "agreeing": f"grounded beam {BEAM_SIZE}, first caption, agreeing with the scene",
+    "disagreeing": f"grounded beam {BEAM_SIZE}, first caption, not agreeing with the scene",
+    "agreeing_lower": f"grounded beam {BEAM_SIZE}, captions below the first, agreeing with the scene",
+    "disagreeing_lower": f"grounded beam {BEAM_SIZE}, captions below the first, not agreeing with the scene",
+}
+
+
+def below_first(field: str):
+    """The grouping of an n-best whose captions below the first form group `field`."""
+    return lambda rank, caption: field if rank > 0 else None
+
+
+def grounded_group(rank: int, caption) -> str:
+    answer = "agreeing" if caption.agrees_with_scene else "disagreeing"
+    return answer if rank == 0 else f"{answer}_lower"
+
+
+def group_fits(n_best: list, correct: list, group_of, fields: tuple, described: str) -> tuple[dict, dict]:
+    """Fits (fit_subgroup) for the `fields` of GROUPS that group_of(rank, caption) sorts an
+    n-best's captions into (None: in no group); correct[i][rank] grades n_best[i][rank].
+    Returns (fits by field, summary by group)."""
+    members = {field: ([], []) for field in fields}
+    for captions, right in zip(n_best, correct):
+        for rank, caption in enumerate(captions):
+            field = group_of(rank, caption)
+            if field is not None:
+                members[field][0].append(caption)
+                members[field][1].append(right[rank])
     fits, summary = {}, {}
-    for field, agrees in (("agreeing", True), ("disagreeing", False)):
-        name = f"grounded beam {BEAM_SIZE}, {'agreeing' if agrees else 'not agreeing'} with the scene"
-        chosen = np.array([c.agrees_with_scene is agrees for c in captions], bool)
-        right = int(correct[chosen].sum())
-        if chosen.sum() < MIN_GROUP_CAPTIONS or min(right, chosen.sum() - right) < MIN_GROUP_OUTCOMES:
-            summary[name] = {
-                "captions": int(chosen.sum()),
-                "right": right,
-                "not_fitted": f"under {MIN_GROUP_CAPTIONS} captions or under {MIN_GROUP_OUTCOMES} right or wrong; "
-                "the greedy fit serves these captions",
-            }
-            continue
-        fit, summary[name] = fit_group([c for c, keep in zip(captions, chosen) if keep], correct[chosen],
-                                       f"{described}, {name}")  # fmt: skip
-        if fit.slope <= 0:
-            summary[name]["not_fitted"] = "the fit gives less confidence to likelier captions; the greedy fit serves"
-            continue
-        fits[field] = fit
+    for field, (captions, right) in members.items():
+        name = GROUPS[field]
+        fit, summary[name] = fit_subgroup(captions, np.array(right, float), f"{described}, {name}")
+        if fit is not None:
+            fits[field] = fit
     return fits, summary
+
+
+def grade_n_best(n_best: list, records) -> list[np.ndarray]:
+    return [grade([c.text for c in captions], [record] * len(captions)) for captions, record in zip(n_best, records)]
 
 
 def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, options: dict | None = None) -> dict:
     """Fits the calibration of greedy captions; when the model can mirror, of greedy captions with
-    mirror_view; when it has a scene head, of the best grounded beam caption of each image, apart
-    for those that agree with the head's reading and those that do not (grounded_fits); all on the
-    same images. Writes calibration.json; returns a summary of each fit."""
+    mirror_view; of the captions below the first of a beam's and a sampler's n-best; when the model
+    has a scene head, of grounded beam captions by their answer, the first and those below apart;
+    all on the same images. Writes calibration.json; returns a summary of each fit."""
     import dataclasses
 
     from captioning.artifacts import add_files, drop_file
@@ -110,19 +160,28 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     captioner = Captioner.load(artifacts, fitted_stages=False)  # raw confidences: the old fit plays no part
     records = load_dataset(dataset, split, limit=limit, **(options or {}))
     described = f"{dataset}/{split}, {len(records)} images"
-    decodings = {"greedy": ("greedy", DecodeOptions())}
+    firsts = {"greedy": ("greedy", DecodeOptions())}
     if captioner.mirror_permutation is not None:
-        decodings["mirror_view"] = ("greedy, mirror_view", DecodeOptions(mirror_view=True))
+        firsts["mirror_view"] = ("greedy, mirror_view", DecodeOptions(mirror_view=True))
     fits, summary = {}, {}
-    for field, (name, decoding) in decodings.items():
+    for field, (name, decoding) in firsts.items():
         captions = best_captions(captioner, records, decoding)
         correct = grade([c.text for c in captions], records)
         fits[field], summary[name] = fit_group(captions, correct, f"{described}, {name}")
+    beam = DecodeOptions(strategy="beam", beam_size=N_BEST, num_captions=N_BEST)
+    sample = DecodeOptions(strategy="sample", num_captions=N_BEST, seed=SAMPLE_SEED)
+    n_bests = [
+        (beam, below_first("beam_lower"), ("beam_lower",)),
+        (sample, below_first("sample_lower"), ("sample_lower",)),
+    ]
     if captioner.scene_head is not None:
-        captions = best_captions(captioner, records, DecodeOptions(strategy="beam", beam_size=BEAM_SIZE, grounded=True))
-        grounded, summary_grounded = grounded_fits(captions, grade([c.text for c in captions], records), described)
-        fits.update(grounded)
-        summary.update(summary_grounded)
+        grounded = DecodeOptions(strategy="beam", beam_size=BEAM_SIZE, num_captions=BEAM_SIZE, grounded=True)
+        n_bests.append((grounded, grounded_group, ("agreeing", "disagreeing", "agreeing_lower", "disagreeing_lower")))
+    for decoding, group_of, fields in n_bests:
+        n_best = n_best_captions(captioner, records, decoding)
+        group, group_summary = group_fits(n_best, grade_n_best(n_best, records), group_of, fields, described)
+        fits.update(group)
+        summary.update(group_summary)
     calibration = dataclasses.replace(fits.pop("greedy"), **fits)
     drop_file(artifacts, FILE)  # only now: a run that fails earlier leaves the bundle as it was
     calibration.save(f"{artifacts}/{FILE}")

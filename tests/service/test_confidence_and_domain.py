@@ -45,15 +45,35 @@ def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
     both = Calibration(2.5, -0.5, "greedy", mirror_view=Calibration(3.0, 0.25, "mirror"))
     both.save(tmp_path / "both.json")
     assert Calibration.load(tmp_path / "both.json") == both
-    assert both.for_decoding(mirror_view=True).slope == 3.0 and both.for_decoding(mirror_view=False).slope == 2.5
-    assert Calibration(1.0, 0.0).for_decoding(mirror_view=True) == Calibration(1.0, 0.0)  # one fit serves both
-    grounded = Calibration(2.5, -0.5, "greedy", agreeing=Calibration(9.0, 5.0, "a"), disagreeing=Calibration(2.0, 0.0))
-    grounded.save(tmp_path / "grounded.json")
-    assert Calibration.load(tmp_path / "grounded.json") == grounded
-    assert grounded.for_decoding(False, agrees_with_scene=True).slope == 9.0
-    assert grounded.for_decoding(True, agrees_with_scene=False).slope == 2.0  # the grounded fit, mirror or not
-    assert grounded.for_decoding(False, agrees_with_scene=None).slope == 2.5  # not a grounded caption
-    assert both.for_decoding(False, agrees_with_scene=True) == both  # calibrated before grounded fits existed
+    assert both.for_caption("greedy", mirror_view=True).slope == 3.0
+    assert both.for_caption("greedy", mirror_view=False).slope == 2.5
+    assert Calibration(1.0, 0.0).for_caption("greedy", mirror_view=True) == Calibration(1.0, 0.0)  # one fit serves both
+    every = Calibration(
+        2.5, -0.5, "greedy",
+        agreeing=Calibration(9.0, 5.0), disagreeing=Calibration(2.0, 0.0),
+        beam_lower=Calibration(1.0, 3.0), sample_lower=Calibration(1.5, 2.0),
+        agreeing_lower=Calibration(0.0, 5.5), disagreeing_lower=Calibration(3.0, -1.0),
+    )  # fmt: skip
+    every.save(tmp_path / "every.json")
+    assert Calibration.load(tmp_path / "every.json") == every
+    picked = {
+        ("beam", 0, None): 2.5,  # the first caption of any n-best: the greedy fit
+        ("beam", 1, None): 1.0,
+        ("beam", 2, None): 1.0,
+        ("sample", 0, None): 2.5,
+        ("sample", 1, None): 1.5,
+        ("greedy", 0, None): 2.5,
+        ("beam", 0, True): 9.0,
+        ("beam", 0, False): 2.0,
+        ("beam", 1, True): 0.0,
+        ("beam", 2, False): 3.0,
+    }
+    for (strategy, rank, agrees), slope in picked.items():
+        assert every.for_caption(strategy, False, rank, agrees).slope == slope, (strategy, rank, agrees)
+    assert every.for_caption("beam", True, 1, False).slope == 3.0  # the grounded fits serve the mirror view too
+    # Calibrated before these fits existed: the greedy (or mirror) fit serves every caption.
+    assert both.for_caption("beam", False, 2, True) == both
+    assert both.for_caption("sample", True, 1).slope == 3.0
     (tmp_path / "bad.json").write_text(json.dumps({"method": "magic", "slope": 1, "bias": 0}))
     with pytest.raises(ValueError, match="unknown calibration method"):
         Calibration.load(tmp_path / "bad.json")

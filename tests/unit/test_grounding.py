@@ -260,10 +260,11 @@ def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tm
         assert "agrees_with_scene" not in plain["captions"][0]  # only grounded answers say it
 
 
-def test_grounded_captions_are_calibrated_by_their_answer(tmp_path, tiny_captioner):
-    """`training calibrate` on a bundle with a scene head fits grounded captions apart, where a
-    group is big and mixed enough (the tiny random model's are not: the greedy fit serves them);
-    a bundle whose calibration has the fits calibrates each grounded caption by its answer."""
+def test_grounded_captions_are_calibrated_by_their_answer_and_rank(tmp_path, tiny_captioner):
+    """`training calibrate` on a bundle with a scene head fits grounded captions by their answer,
+    the first caption and those below apart, where a group is big enough: of the tiny random
+    model's 16 images, the first captions are too few (the greedy fit serves them), and the 32
+    below them, all wrong, get their rate. The captioner calibrates each caption by its fit."""
     import dataclasses
 
     from captioning.artifacts import verify_bundle
@@ -274,49 +275,56 @@ def test_grounded_captions_are_calibrated_by_their_answer(tmp_path, tiny_caption
     bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
     assert main(["calibrate", "--artifacts", str(bundle), "--dataset", "shapes", "--limit", "16"]) == 0
     calibration = Calibration.load(bundle / "calibration.json")
-    assert calibration.agreeing is None and calibration.disagreeing is None
     summary = verify_bundle(bundle)["stages"]["calibration"]
-    assert summary["grounded beam 3, not agreeing with the scene"]["captions"] == 16
-    assert "greedy fit serves" in summary["grounded beam 3, not agreeing with the scene"]["not_fitted"]
+    first = summary["grounded beam 3, first caption, not agreeing with the scene"]
+    assert calibration.disagreeing is None and first["captions"] == 16 and "greedy fit serves" in first["not_fitted"]
+    lower = summary["grounded beam 3, captions below the first, not agreeing with the scene"]
+    assert lower["captions"] == 32 and lower["right"] == 0 and lower["rate"] == pytest.approx(1 / 34)
+    assert calibration.disagreeing_lower == Calibration(0.0, float(np.log(1 / 33)), lower["fitted_on"])
+    assert calibration.beam_lower is not None and calibration.sample_lower is not None  # the same, ungrounded
 
     size = tiny_captioner.config.image_size
     image = np.random.default_rng(2).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     options = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
-    for caption in Captioner.load(bundle).caption(image, options)[0]:  # no fit of their own: the greedy one
-        assert caption.confidence == pytest.approx(calibration.apply(caption.raw_confidence))
+    first, *below = Captioner.load(bundle).caption(image, options)[0]
+    assert first.confidence == pytest.approx(calibration.apply(first.raw_confidence))
+    assert [c.confidence for c in below] == pytest.approx([1 / 34] * 2)
 
     fitted = dataclasses.replace(calibration, disagreeing=Calibration(2.0, 1.0, "test"))
     drop_file(bundle, "calibration.json")
     fitted.save(bundle / "calibration.json")
     add_files(bundle, ("calibration.json",))
-    captioner = Captioner.load(bundle)
-    for caption in captioner.caption(image, options)[0]:
-        assert caption.agrees_with_scene is False
-        assert caption.confidence == pytest.approx(Calibration(2.0, 1.0).apply(caption.raw_confidence))
-    greedy = captioner.caption(image)[0][0]
-    assert greedy.confidence == pytest.approx(calibration.apply(greedy.raw_confidence))
+    first = Captioner.load(bundle).caption(image, options)[0][0]
+    assert first.agrees_with_scene is False
+    assert first.confidence == pytest.approx(Calibration(2.0, 1.0).apply(first.raw_confidence))
 
 
-def test_grounded_fits_need_a_big_mixed_group_and_a_rising_fit():
-    from training.calibrate import MIN_GROUP_CAPTIONS, grounded_fits
+def test_a_group_too_small_is_not_fitted_and_one_too_pure_or_backwards_gets_its_rate():
+    from training.calibrate import MIN_GROUP_CAPTIONS, fit_subgroup, grounded_group, group_fits
 
     rng = np.random.default_rng(0)
+    raw = rng.uniform(0.5, 1.0, 400)
+    captions = [Caption("a red circle", [], 0.0, float(c)) for c in raw]
+    rising = (rng.random(400) < raw).astype(float)  # likelier captions right more often
+    fit, summary = fit_subgroup(captions, rising, "test")
+    assert fit.slope > 0 and summary["captions"] == 400
+    assert fit_subgroup(captions[: MIN_GROUP_CAPTIONS - 1], rising[: MIN_GROUP_CAPTIONS - 1], "test")[0] is None
+    almost_all_right = np.ones(400)
+    almost_all_right[:2] = 0
+    fit, summary = fit_subgroup(captions, almost_all_right, "test")
+    assert fit.slope == 0 and fit.apply(0.5) == pytest.approx(399 / 402) and "under 3" in summary["why_a_rate"]
+    falling = (raw < 0.75).astype(float)  # likelier captions wrong
+    fit, summary = fit_subgroup(captions, falling, "test")
+    assert fit.slope == 0 and "fell" in summary["why_a_rate"]
 
-    def group(n, agrees, p_right):  # raw confidence rising with the chance of being right
-        raw = rng.uniform(0.5, 1.0, n)
-        right = rng.random(n) < p_right * raw
-        return [Caption("a red circle", [], 0.0, float(c), agrees_with_scene=agrees) for c in raw], right
-
-    agreeing, right_a = group(400, True, 1.0)
-    disagreeing, right_d = group(MIN_GROUP_CAPTIONS - 1, False, 0.8)  # one too few
-    fits, summary = grounded_fits(agreeing + disagreeing, np.concatenate([right_a, right_d]).astype(float), "test")
-    assert set(fits) == {"agreeing"} and fits["agreeing"].slope > 0
-    assert fits["agreeing"].fitted_on == "test, grounded beam 3, agreeing with the scene"
-    assert "not_fitted" in summary["grounded beam 3, not agreeing with the scene"]
-
-    every_one_right = np.ones(len(agreeing))  # one outcome only: nothing to fit
-    assert grounded_fits(agreeing, every_one_right, "test")[0] == {}
-    backwards = [Caption("a", [], 0.0, c.confidence, agrees_with_scene=True) for c in agreeing]
-    falling = np.array([c.confidence < 0.75 for c in backwards], float)  # likelier captions wrong
-    fits, summary = grounded_fits(backwards, falling, "test")
-    assert fits == {} and "less confidence" in summary["grounded beam 3, agreeing with the scene"]["not_fitted"]
+    # group_fits sorts each n-best's captions into its groups by rank and answer.
+    n_best = [
+        [Caption("a", [], 0.0, float(c), agrees_with_scene=bool(i % 2)) for c in (c0, c0 * 0.9, c0 * 0.8)]
+        for i, c0 in enumerate(raw[:100])
+    ]
+    correct = [np.array([1.0, 1.0, 0.0]) if i % 3 else np.array([0.0, 1.0, 1.0]) for i in range(100)]
+    fields = ("agreeing", "disagreeing", "agreeing_lower", "disagreeing_lower")
+    fits, summary = group_fits(n_best, correct, grounded_group, fields, "test")
+    assert set(fits) == set(fields)
+    counts = {name: group["captions"] for name, group in summary.items()}
+    assert sorted(counts.values()) == [50, 50, 100, 100]

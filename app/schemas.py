@@ -128,8 +128,8 @@ class CaptionCandidate(BaseModel):
         le=1.0,
         description="Estimated probability that the caption is right: the "
         "geometric-mean token probability, calibrated on held-out images when the model "
-        "bundle has a calibration (docs/MODEL.md): by fits for the first caption and for those below it, "
-        "and with grounded=true for captions that agree with the model's reading of the scene and those that do not.",
+        "bundle has a calibration (docs/MODEL.md): in an n-best of 3, by a fit for each rank, and with "
+        "grounded=true for captions that agree with the model's reading of the scene and those that do not.",
     )
     log_prob: float = Field(
         description="Summed log-probability of the generated tokens (<= 0); with mirror_view, of the two views' "

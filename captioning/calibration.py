@@ -13,15 +13,18 @@ fitted by logistic regression (Platt scaling). Both the offline Captioner and th
 A second fit, on captions decoded with mirror_view, serves those (`Calibration.mirror_view`).
 Grounded decoding (captioning.grounding) knows more than the log-probability: whether the caption
 agrees with the scene head's reading of the image. A caption that agrees is right far more often
-than one with the same log-probability that does not, so grounded captions get two fits of their
-own, one per answer (`Calibration.agreeing`, `.disagreeing`).
+than one with the same log-probability that does not, so grounded captions get fits of their own
+by answer.
 
 The captions of an n-best below the first are mostly other wordings of the same scene: their
 log-probability is lower because the model spread it over wordings, not because they are wrong
-(default/5's second beam caption: right 0.955 of the time, the greedy fit said 0.59). So they
-have fits of their own too (`*_lower`: beam, sample, and grounded by answer), fitted on the n-best
-below the first. `for_caption` picks the fit for a caption; a fit missing from the file (a bundle
-calibrated before it existed) falls back to the greedy one.
+(default/5's second beam caption: right 0.955 of the time, the greedy fit said 0.59), and how
+often they are right depends on their rank and on how many candidates there were (the third of
+three grounded captions that disagrees is right 0.20 of the time, the third of ten 0.78). So an
+n-best of the width the fits were made on (`Calibration.ranked_width`, 3: the default beam) has
+fits by rank (`Calibration.ranks`): a beam's, a sampler's, and a grounded beam's by answer.
+`for_caption` picks the fit for a caption; any other width, and a bundle calibrated before
+these fits existed, gets the greedy (or mirror) fit, as every caption did before.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +49,11 @@ class Calibration:
     # Fitted on captions decoded with mirror_view (captioning.mirror), whose averaged log-probabilities
     # are a little less sure of right answers; None: this calibration serves both.
     mirror_view: Calibration | None = None
-    # Fitted on grounded beam captions that agree with the scene head's reading, and on those that
-    # do not; None (bundles calibrated before round 34, or without a head): the greedy fit serves them.
-    agreeing: Calibration | None = None
-    disagreeing: Calibration | None = None
-    # Fitted on the captions of an n-best below the first: of a beam search, of a sampler, and of a
-    # grounded beam by answer. None: the fit of the first caption's decoding serves them.
-    beam_lower: Calibration | None = None
-    sample_lower: Calibration | None = None
-    agreeing_lower: Calibration | None = None
-    disagreeing_lower: Calibration | None = None
+    # The fits of the captions of an n-best of ranked_width candidates (a beam's width, a sampler's
+    # samples) by rank (0 the first; None where a rank had too few captions to fit), for each kind
+    # in RANKED_KINDS; a kind absent, or another width: the greedy (or mirror) fit serves it.
+    ranks: dict[str, tuple[Calibration | None, ...]] = field(default_factory=dict)
+    ranked_width: int = 0
 
     def apply(self, raw_confidence: float) -> float:
         mean_log_prob = math.log(max(raw_confidence, 1e-12))
@@ -63,26 +61,36 @@ class Calibration:
         return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
 
     def for_caption(
-        self, strategy: str, mirror_view: bool, rank: int = 0, agrees_with_scene: bool | None = None
+        self,
+        strategy: str,
+        mirror_view: bool,
+        width: int = 1,
+        rank: int = 0,
+        agrees_with_scene: bool | None = None,
     ) -> Calibration:
-        """The fit for a caption: the strategy that decoded it, its place in the n-best (0 the
-        first), and a grounded caption's answer (None for any other). The fits below the first
-        caption and the grounded ones were made without the mirror view, and serve it too."""
-        lower = rank > 0
-        if agrees_with_scene is not None:
-            fits = {True: (self.agreeing, self.agreeing_lower), False: (self.disagreeing, self.disagreeing_lower)}
-            fit = fits[agrees_with_scene][lower]
-        else:
-            fit = {"beam": self.beam_lower, "sample": self.sample_lower}.get(strategy) if lower else None
-        if fit is not None:
-            return fit
+        """The fit for a caption: the strategy that decoded it, its n-best's width (candidates per
+        image: beam_size, or num_captions samples) and its place in it (0 the first), and a
+        grounded caption's answer (None for any other). A rank without a fit of its own takes the
+        nearest one before it. The first caption of a mirror-view n-best takes the mirror fit; the
+        other rank fits were made without the mirror view and serve it too."""
+        kind = {True: "grounded_agreeing", False: "grounded_disagreeing"}.get(agrees_with_scene, strategy)
+        fits = self.ranks.get(kind, ()) if width == self.ranked_width else ()
+        if mirror_view and agrees_with_scene is None and rank == 0:
+            fits = ()
+        for fit in reversed(fits[: rank + 1]):
+            if fit is not None:
+                return fit
         return self.mirror_view if mirror_view and self.mirror_view is not None else self
 
     def save(self, path: str | Path) -> None:
         values = {"method": METHOD, **_parameters(self)}
-        for name in VARIANTS:
-            if getattr(self, name) is not None:
-                values[name] = _parameters(getattr(self, name))
+        if self.mirror_view is not None:
+            values["mirror_view"] = _parameters(self.mirror_view)
+        if self.ranks:
+            values["ranked_width"] = self.ranked_width
+            values["ranks"] = {
+                kind: [None if fit is None else _parameters(fit) for fit in fits] for kind, fits in self.ranks.items()
+            }
         Path(path).write_text(json.dumps(values, indent=2) + "\n")
 
     @classmethod
@@ -90,20 +98,22 @@ class Calibration:
         values = json.loads(Path(path).read_text())
         if values.get("method") != METHOD:
             raise ValueError(f"{path}: unknown calibration method {values.get('method')!r}")
-        variants = {name: _from_parameters(values[name], path) for name in VARIANTS if values.get(name) is not None}
-        return dataclasses.replace(_from_parameters(values, path), **variants)
+        mirror = values.get("mirror_view")
+        ranks = values.get("ranks") or {}
+        if not set(ranks) <= set(RANKED_KINDS):
+            raise ValueError(f"{path}: unknown n-best kinds {sorted(set(ranks) - set(RANKED_KINDS))}")
+        return dataclasses.replace(
+            _from_parameters(values, path),
+            mirror_view=None if mirror is None else _from_parameters(mirror, path),
+            ranks={
+                kind: tuple(None if fit is None else _from_parameters(fit, path) for fit in fits)
+                for kind, fits in ranks.items()
+            },
+            ranked_width=int(values.get("ranked_width", 0)),
+        )
 
 
-# The fits for other decodings, by field name.
-VARIANTS = (
-    "mirror_view",
-    "agreeing",
-    "disagreeing",
-    "beam_lower",
-    "sample_lower",
-    "agreeing_lower",
-    "disagreeing_lower",
-)
+RANKED_KINDS = ("beam", "sample", "grounded_agreeing", "grounded_disagreeing")  # Calibration.ranks' keys
 
 
 def _parameters(calibration: Calibration) -> dict:

@@ -297,9 +297,12 @@ class Captioner:
                 raise ValueError("grounded decoding needs the image's scene cells")
             captions = rerank(captions, read_scene(scene_cells, self.grid_shape))[: search.options.num_captions]
         if self.calibration is not None:
-            strategy, mirror_view = search.options.strategy, search.options.mirror_view
+            options = search.options
+            width = options.width // options.views  # candidates per image
             for rank, caption in enumerate(captions):
-                fit = self.calibration.for_caption(strategy, mirror_view, rank, caption.agrees_with_scene)
+                fit = self.calibration.for_caption(
+                    options.strategy, options.mirror_view, width, rank, caption.agrees_with_scene
+                )
                 caption.raw_confidence = caption.confidence
                 caption.confidence = fit.apply(caption.confidence)
         return captions

@@ -4,16 +4,17 @@
 
 Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
 complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)
-to those labels, does the same for greedy captions with mirror_view (captioning.mirror), for the
-captions below the first of a beam's and a sampler's n-best, and, for a model with a scene head,
-for grounded beam captions (by whether each agrees with the head's reading, the first caption and
-those below it apart), writes them all into the bundle's calibration.json and adds it to the
-manifest. Fit it on the validation split, never on the split the evaluation reports.
+to those labels, does the same for greedy captions with mirror_view (captioning.mirror) and for
+the captions of an n-best of 3 by rank: a beam's, a sampler's and, for a model with a scene head,
+a grounded beam's by whether each caption agrees with the head's reading. Writes them all into
+the bundle's calibration.json and adds it to the manifest. Fit it on the validation split, never on
+the split the evaluation reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -54,14 +55,17 @@ def grade(texts, records) -> np.ndarray:
     return np.array([check_caption(t, r.scene).correct for t, r in zip(texts, records)], dtype=np.float64)
 
 
-# A group of captions smaller than this gets no fit of its own (the greedy fit serves it): a Platt
+# A group of captions smaller than this gets no fit of its own (the rank before it serves it; for
+# the first, the greedy fit): a Platt
 # fit to one or three captions served every caption of its group at 0.995, or backwards. A bigger
 # group with fewer right or wrong captions than MIN_GROUP_OUTCOMES, or whose fit would give less
 # confidence to likelier captions, gets its own rate of right captions (add-one smoothed) instead.
 MIN_GROUP_CAPTIONS = 30
 MIN_GROUP_OUTCOMES = 3
-N_BEST = 3  # the n-best the fits below the first caption are made on (a beam of 3, 3 samples)
-SAMPLE_SEED = 0
+# The n-best the rank fits are made on (Calibration.ranked_width): the default beam, and the grounded
+# beam the reports use. How often a caption of a given rank is right depends on the width too.
+N_BEST = BEAM_SIZE
+SAMPLE_SEED = 0  # image i is sampled with seed SAMPLE_SEED + i: repeatable, and no two images alike
 
 
 def fit_group(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[Calibration, dict]:
@@ -88,7 +92,7 @@ def fit_subgroup(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[C
         return None, {
             "captions": count,
             "right": right,
-            "not_fitted": f"under {MIN_GROUP_CAPTIONS} captions; the greedy fit serves them",
+            "not_fitted": f"under {MIN_GROUP_CAPTIONS} captions; the fit of the rank before serves them",
         }
     why = f"under {MIN_GROUP_OUTCOMES} right or wrong captions"
     if min(right, count - right) >= MIN_GROUP_OUTCOMES:
@@ -101,45 +105,36 @@ def fit_subgroup(captions: list, correct: np.ndarray, fitted_on: str) -> tuple[C
     return fit, {"fitted_on": fit.fitted_on, "captions": count, "right": right, "rate": rate, "why_a_rate": why}
 
 
-# The groups an n-best's captions are fitted in, by Calibration field: what each holds.
-GROUPS = {
-    "beam_lower": f"beam {N_BEST}, captions below the first",
-    "sample_lower": f"{N_BEST} samples, captions below the first",
-    "agreeing": f"grounded beam {BEAM_SIZE}, first caption, agreeing with the scene",
-    "disagreeing": f"grounded beam {BEAM_SIZE}, first caption, not agreeing with the scene",
-    "agreeing_lower": f"grounded beam {BEAM_SIZE}, captions below the first, agreeing with the scene",
-    "disagreeing_lower": f"grounded beam {BEAM_SIZE}, captions below the first, not agreeing with the scene",
-}
+def sampled_n_best(captioner, records, options: DecodeOptions) -> list:
+    """n_best_captions for a sampler, each image with a seed of its own (one seed for all would
+    draw one random stream for every image: the fits moved with the seed)."""
+    from training.evaluate import record_input
+
+    return [
+        captioner.caption([record_input(captioner, record)], dataclasses.replace(options, seed=SAMPLE_SEED + i))[0]
+        for i, record in enumerate(records)
+    ]
 
 
-def below_first(field: str):
-    """The grouping of an n-best whose captions below the first form group `field`."""
-    return lambda rank, caption: field if rank > 0 else None
-
-
-def grounded_group(rank: int, caption) -> str:
-    answer = "agreeing" if caption.agrees_with_scene else "disagreeing"
-    return answer if rank == 0 else f"{answer}_lower"
-
-
-def group_fits(n_best: list, correct: list, group_of, fields: tuple, described: str) -> tuple[dict, dict]:
-    """Fits (fit_subgroup) for the `fields` of GROUPS that group_of(rank, caption) sorts an
-    n-best's captions into (None: in no group); correct[i][rank] grades n_best[i][rank].
-    Returns (fits by field, summary by group)."""
-    members = {field: ([], []) for field in fields}
+def rank_fits(n_best: list, correct: list, kind_of, described: str, name: str) -> tuple[dict, dict]:
+    """Fits (fit_subgroup) of an n-best's captions by kind and rank: kind_of(caption) names the
+    Calibration.ranks kind a caption belongs to; correct[i][rank] grades n_best[i][rank].
+    Returns ({kind: (fit or None by rank)}, summary by group name)."""
+    groups: dict[tuple[str, int], tuple[list, list]] = {}
     for captions, right in zip(n_best, correct):
         for rank, caption in enumerate(captions):
-            field = group_of(rank, caption)
-            if field is not None:
-                members[field][0].append(caption)
-                members[field][1].append(right[rank])
-    fits, summary = {}, {}
-    for field, (captions, right) in members.items():
-        name = GROUPS[field]
-        fit, summary[name] = fit_subgroup(captions, np.array(right, float), f"{described}, {name}")
-        if fit is not None:
-            fits[field] = fit
-    return fits, summary
+            members = groups.setdefault((kind_of(caption), rank), ([], []))
+            members[0].append(caption)
+            members[1].append(right[rank])
+    fits: dict[str, list] = {}
+    summary = {}
+    for (kind, rank), (captions, right) in sorted(groups.items()):
+        group = f"{name}, {kind.replace('_', ' ')}, rank {rank + 1}"
+        fit, summary[group] = fit_subgroup(captions, np.array(right, float), f"{described}, {group}")
+        ranked = fits.setdefault(kind, [])
+        ranked += [None] * (rank + 1 - len(ranked))
+        ranked[rank] = fit
+    return {kind: tuple(ranked) for kind, ranked in fits.items()}, summary
 
 
 def grade_n_best(n_best: list, records) -> list[np.ndarray]:
@@ -148,11 +143,9 @@ def grade_n_best(n_best: list, records) -> list[np.ndarray]:
 
 def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, options: dict | None = None) -> dict:
     """Fits the calibration of greedy captions; when the model can mirror, of greedy captions with
-    mirror_view; of the captions below the first of a beam's and a sampler's n-best; when the model
-    has a scene head, of grounded beam captions by their answer, the first and those below apart;
-    all on the same images. Writes calibration.json; returns a summary of each fit."""
-    import dataclasses
-
+    mirror_view; of an n-best's captions by rank, for a beam, a sampler and (when the model has a
+    scene head) a grounded beam by answer; all on the same images. Writes calibration.json; returns
+    a summary of each fit."""
     from captioning.artifacts import add_files, drop_file
     from captioning.captioner import Captioner
     from training.datasets.registry import load_dataset
@@ -168,21 +161,24 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
         captions = best_captions(captioner, records, decoding)
         correct = grade([c.text for c in captions], records)
         fits[field], summary[name] = fit_group(captions, correct, f"{described}, {name}")
+    ranks = {}
     beam = DecodeOptions(strategy="beam", beam_size=N_BEST, num_captions=N_BEST)
-    sample = DecodeOptions(strategy="sample", num_captions=N_BEST, seed=SAMPLE_SEED)
+    sample = DecodeOptions(strategy="sample", num_captions=N_BEST)
     n_bests = [
-        (beam, below_first("beam_lower"), ("beam_lower",)),
-        (sample, below_first("sample_lower"), ("sample_lower",)),
+        (f"beam {N_BEST}", n_best_captions(captioner, records, beam), lambda caption: "beam"),
+        (f"{N_BEST} samples", sampled_n_best(captioner, records, sample), lambda caption: "sample"),
     ]
     if captioner.scene_head is not None:
-        grounded = DecodeOptions(strategy="beam", beam_size=BEAM_SIZE, num_captions=BEAM_SIZE, grounded=True)
-        n_bests.append((grounded, grounded_group, ("agreeing", "disagreeing", "agreeing_lower", "disagreeing_lower")))
-    for decoding, group_of, fields in n_bests:
-        n_best = n_best_captions(captioner, records, decoding)
-        group, group_summary = group_fits(n_best, grade_n_best(n_best, records), group_of, fields, described)
-        fits.update(group)
-        summary.update(group_summary)
-    calibration = dataclasses.replace(fits.pop("greedy"), **fits)
+        grounded = dataclasses.replace(beam, grounded=True)
+        answer = lambda caption: "grounded_agreeing" if caption.agrees_with_scene else "grounded_disagreeing"  # noqa: E731
+        n_bests.append((f"grounded beam {N_BEST}", n_best_captions(captioner, records, grounded), answer))
+    for name, n_best, kind_of in n_bests:
+        by_kind, rank_summary = rank_fits(n_best, grade_n_best(n_best, records), kind_of, described, name)
+        ranks.update(by_kind)
+        summary.update(rank_summary)
+    calibration = dataclasses.replace(
+        fits["greedy"], mirror_view=fits.get("mirror_view"), ranks=ranks, ranked_width=N_BEST
+    )
     drop_file(artifacts, FILE)  # only now: a run that fails earlier leaves the bundle as it was
     calibration.save(f"{artifacts}/{FILE}")
     record_stage(add_files(artifacts, (FILE,)), artifacts, "calibration", summary)

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from captioning.artifacts import ArtifactError, add_files
-from captioning.calibration import Calibration, expected_calibration_error, fit_calibration
+from captioning.calibration import METHOD, Calibration, expected_calibration_error, fit_calibration
 from captioning.decoding import DecodeOptions
 from captioning.domain import STATISTICS, DomainModel, fit_domain, image_statistics, pool_features
 
@@ -48,32 +48,46 @@ def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
     assert both.for_caption("greedy", mirror_view=True).slope == 3.0
     assert both.for_caption("greedy", mirror_view=False).slope == 2.5
     assert Calibration(1.0, 0.0).for_caption("greedy", mirror_view=True) == Calibration(1.0, 0.0)  # one fit serves both
+    fit = {slope: Calibration(slope, 0.0) for slope in (1.0, 1.5, 2.0, 3.0, 4.0, 9.0)}
     every = Calibration(
-        2.5, -0.5, "greedy",
-        agreeing=Calibration(9.0, 5.0), disagreeing=Calibration(2.0, 0.0),
-        beam_lower=Calibration(1.0, 3.0), sample_lower=Calibration(1.5, 2.0),
-        agreeing_lower=Calibration(0.0, 5.5), disagreeing_lower=Calibration(3.0, -1.0),
-    )  # fmt: skip
+        2.5,
+        -0.5,
+        "greedy",
+        mirror_view=Calibration(3.5, 0.25),
+        ranks={
+            "beam": (fit[4.0], fit[1.0], None),  # too few third captions to fit: the second's serves them
+            "sample": (fit[4.0], fit[1.5]),
+            "grounded_agreeing": (fit[9.0],),
+            "grounded_disagreeing": (fit[2.0], fit[3.0]),
+        },
+        ranked_width=3,
+    )
     every.save(tmp_path / "every.json")
     assert Calibration.load(tmp_path / "every.json") == every
-    picked = {
-        ("beam", 0, None): 2.5,  # the first caption of any n-best: the greedy fit
-        ("beam", 1, None): 1.0,
-        ("beam", 2, None): 1.0,
-        ("sample", 0, None): 2.5,
-        ("sample", 1, None): 1.5,
-        ("greedy", 0, None): 2.5,
-        ("beam", 0, True): 9.0,
-        ("beam", 0, False): 2.0,
-        ("beam", 1, True): 0.0,
-        ("beam", 2, False): 3.0,
+    picked = {  # (strategy, mirror_view, width, rank, agrees_with_scene): the fit's slope
+        ("greedy", False, 1, 0, None): 2.5,
+        ("greedy", True, 1, 0, None): 3.5,
+        ("beam", False, 3, 0, None): 4.0,
+        ("beam", False, 3, 1, None): 1.0,
+        ("beam", False, 3, 2, None): 1.0,
+        ("beam", True, 3, 0, None): 3.5,  # a mirrored first caption: the mirror fit
+        ("beam", True, 3, 1, None): 1.0,
+        ("beam", False, 5, 1, None): 2.5,  # another width: no rank fits
+        ("beam", True, 5, 1, None): 3.5,
+        ("sample", False, 3, 2, None): 1.5,
+        ("beam", False, 3, 0, True): 9.0,
+        ("beam", False, 3, 2, True): 9.0,
+        ("beam", True, 3, 1, False): 3.0,  # grounded fits serve the mirror view too
+        ("beam", False, 4, 1, False): 2.5,
     }
-    for (strategy, rank, agrees), slope in picked.items():
-        assert every.for_caption(strategy, False, rank, agrees).slope == slope, (strategy, rank, agrees)
-    assert every.for_caption("beam", True, 1, False).slope == 3.0  # the grounded fits serve the mirror view too
+    for (strategy, mirror, width, rank, agrees), slope in picked.items():
+        assert every.for_caption(strategy, mirror, width, rank, agrees).slope == slope, (strategy, mirror, width, rank)
     # Calibrated before these fits existed: the greedy (or mirror) fit serves every caption.
-    assert both.for_caption("beam", False, 2, True) == both
-    assert both.for_caption("sample", True, 1).slope == 3.0
+    assert both.for_caption("beam", False, 3, 2, True) == both
+    assert both.for_caption("sample", True, 3, 1).slope == 3.0
+    with pytest.raises(ValueError, match="unknown n-best kinds"):
+        (tmp_path / "odd.json").write_text(json.dumps({"method": METHOD, "slope": 1, "bias": 0, "ranks": {"x": []}}))
+        Calibration.load(tmp_path / "odd.json")
     (tmp_path / "bad.json").write_text(json.dumps({"method": "magic", "slope": 1, "bias": 0}))
     with pytest.raises(ValueError, match="unknown calibration method"):
         Calibration.load(tmp_path / "bad.json")

@@ -260,11 +260,11 @@ def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tm
         assert "agrees_with_scene" not in plain["captions"][0]  # only grounded answers say it
 
 
-def test_grounded_captions_are_calibrated_by_their_answer_and_rank(tmp_path, tiny_captioner):
-    """`training calibrate` on a bundle with a scene head fits grounded captions by their answer,
-    the first caption and those below apart, where a group is big enough: of the tiny random
-    model's 16 images, the first captions are too few (the greedy fit serves them), and the 32
-    below them, all wrong, get their rate. The captioner calibrates each caption by its fit."""
+def test_calibrate_fits_an_n_best_by_rank_and_grounded_captions_by_answer(tmp_path, tiny_captioner):
+    """`training calibrate` on a bundle with a scene head fits the captions of a beam's, a
+    sampler's and a grounded beam's n-best of 3 by rank, the grounded ones by answer, where a group
+    is big enough: of the tiny random model's 40 images every caption is wrong and disagrees, so
+    each rank gets its rate. The captioner calibrates each caption by its fit."""
     import dataclasses
 
     from captioning.artifacts import verify_bundle
@@ -273,34 +273,36 @@ def test_grounded_captions_are_calibrated_by_their_answer_and_rank(tmp_path, tin
     from training.__main__ import main
 
     bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
-    assert main(["calibrate", "--artifacts", str(bundle), "--dataset", "shapes", "--limit", "16"]) == 0
+    assert main(["calibrate", "--artifacts", str(bundle), "--dataset", "shapes", "--limit", "40"]) == 0
     calibration = Calibration.load(bundle / "calibration.json")
+    assert calibration.ranked_width == 3 and set(calibration.ranks) == {"beam", "sample", "grounded_disagreeing"}
     summary = verify_bundle(bundle)["stages"]["calibration"]
-    first = summary["grounded beam 3, first caption, not agreeing with the scene"]
-    assert calibration.disagreeing is None and first["captions"] == 16 and "greedy fit serves" in first["not_fitted"]
-    lower = summary["grounded beam 3, captions below the first, not agreeing with the scene"]
-    assert lower["captions"] == 32 and lower["right"] == 0 and lower["rate"] == pytest.approx(1 / 34)
-    assert calibration.disagreeing_lower == Calibration(0.0, float(np.log(1 / 33)), lower["fitted_on"])
-    assert calibration.beam_lower is not None and calibration.sample_lower is not None  # the same, ungrounded
+    third = summary["grounded beam 3, grounded disagreeing, rank 3"]
+    assert third["captions"] == 40 and third["right"] == 0 and third["rate"] == pytest.approx(1 / 42)
+    rate = Calibration(0.0, float(np.log(1 / 41)))
+    assert [(f.slope, f.bias) for f in calibration.ranks["grounded_disagreeing"]] == [(rate.slope, rate.bias)] * 3
 
     size = tiny_captioner.config.image_size
     image = np.random.default_rng(2).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    options = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
-    first, *below = Captioner.load(bundle).caption(image, options)[0]
-    assert first.confidence == pytest.approx(calibration.apply(first.raw_confidence))
-    assert [c.confidence for c in below] == pytest.approx([1 / 34] * 2)
+    captioner = Captioner.load(bundle)
+    grounded = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
+    assert [c.confidence for c in captioner.caption(image, grounded)[0]] == pytest.approx([1 / 42] * 3)
+    beam = captioner.caption(image, DecodeOptions(strategy="beam", beam_size=3, num_captions=2))[0]
+    assert [c.confidence for c in beam] == pytest.approx([1 / 42] * 2)  # the beam's own rank fits
+    wider = captioner.caption(image, DecodeOptions(strategy="beam", beam_size=4, num_captions=2))[0]
+    assert [c.confidence for c in wider] == pytest.approx([calibration.apply(c.raw_confidence) for c in wider])
 
-    fitted = dataclasses.replace(calibration, disagreeing=Calibration(2.0, 1.0, "test"))
+    fitted = dataclasses.replace(calibration, ranks={"grounded_disagreeing": (Calibration(2.0, 1.0, "test"),)})
     drop_file(bundle, "calibration.json")
     fitted.save(bundle / "calibration.json")
     add_files(bundle, ("calibration.json",))
-    first = Captioner.load(bundle).caption(image, options)[0][0]
-    assert first.agrees_with_scene is False
-    assert first.confidence == pytest.approx(Calibration(2.0, 1.0).apply(first.raw_confidence))
+    for caption in Captioner.load(bundle).caption(image, grounded)[0]:  # the first rank's fit serves all three
+        assert caption.agrees_with_scene is False
+        assert caption.confidence == pytest.approx(Calibration(2.0, 1.0).apply(caption.raw_confidence))
 
 
 def test_a_group_too_small_is_not_fitted_and_one_too_pure_or_backwards_gets_its_rate():
-    from training.calibrate import MIN_GROUP_CAPTIONS, fit_subgroup, grounded_group, group_fits
+    from training.calibrate import MIN_GROUP_CAPTIONS, fit_subgroup, rank_fits
 
     rng = np.random.default_rng(0)
     raw = rng.uniform(0.5, 1.0, 400)
@@ -308,23 +310,33 @@ def test_a_group_too_small_is_not_fitted_and_one_too_pure_or_backwards_gets_its_
     rising = (rng.random(400) < raw).astype(float)  # likelier captions right more often
     fit, summary = fit_subgroup(captions, rising, "test")
     assert fit.slope > 0 and summary["captions"] == 400
+    assert fit_subgroup(captions[:MIN_GROUP_CAPTIONS], rising[:MIN_GROUP_CAPTIONS], "test")[0] is not None
     assert fit_subgroup(captions[: MIN_GROUP_CAPTIONS - 1], rising[: MIN_GROUP_CAPTIONS - 1], "test")[0] is None
     almost_all_right = np.ones(400)
     almost_all_right[:2] = 0
     fit, summary = fit_subgroup(captions, almost_all_right, "test")
     assert fit.slope == 0 and fit.apply(0.5) == pytest.approx(399 / 402) and "under 3" in summary["why_a_rate"]
+    assert fit_subgroup(captions, np.zeros(400), "test")[0].apply(0.9) == pytest.approx(1 / 402)
     falling = (raw < 0.75).astype(float)  # likelier captions wrong
     fit, summary = fit_subgroup(captions, falling, "test")
     assert fit.slope == 0 and "fell" in summary["why_a_rate"]
 
-    # group_fits sorts each n-best's captions into its groups by rank and answer.
-    n_best = [
-        [Caption("a", [], 0.0, float(c), agrees_with_scene=bool(i % 2)) for c in (c0, c0 * 0.9, c0 * 0.8)]
-        for i, c0 in enumerate(raw[:100])
-    ]
-    correct = [np.array([1.0, 1.0, 0.0]) if i % 3 else np.array([0.0, 1.0, 1.0]) for i in range(100)]
-    fields = ("agreeing", "disagreeing", "agreeing_lower", "disagreeing_lower")
-    fits, summary = group_fits(n_best, correct, grounded_group, fields, "test")
-    assert set(fits) == set(fields)
-    counts = {name: group["captions"] for name, group in summary.items()}
-    assert sorted(counts.values()) == [50, 50, 100, 100]
+    # rank_fits sorts each n-best's captions by kind and rank: here the first caption of 60 images
+    # agrees and is right, the second disagrees and is wrong; of 20 more, the reverse.
+    n_best, correct = [], []
+    for i, c0 in enumerate(raw[:80]):
+        first_agrees = i < 60
+        n_best.append([Caption("a", [], 0.0, float(c0), agrees_with_scene=first_agrees),
+                       Caption("b", [], 0.0, float(c0) * 0.9, agrees_with_scene=not first_agrees)])  # fmt: skip
+        correct.append(np.array([1.0, 0.0]) if first_agrees else np.array([0.0, 1.0]))
+    answer = lambda caption: "grounded_agreeing" if caption.agrees_with_scene else "grounded_disagreeing"  # noqa: E731
+    fits, summary = rank_fits(n_best, correct, answer, "test", "grounded")
+    assert {name: (group["captions"], group["right"]) for name, group in summary.items()} == {
+        "grounded, grounded agreeing, rank 1": (60, 60),
+        "grounded, grounded agreeing, rank 2": (20, 20),  # under 30: no fit, the first rank's serves
+        "grounded, grounded disagreeing, rank 1": (20, 0),
+        "grounded, grounded disagreeing, rank 2": (60, 0),
+    }
+    assert fits["grounded_agreeing"][1] is None and fits["grounded_disagreeing"][0] is None
+    assert fits["grounded_agreeing"][0].apply(0.7) == pytest.approx(61 / 62)
+    assert fits["grounded_disagreeing"][1].apply(0.7) == pytest.approx(1 / 62)

@@ -52,7 +52,7 @@ class Calibration:
     # The fits of the captions of an n-best of ranked_width candidates (a beam's width, a sampler's
     # samples) by rank (0 the first; None where a rank had too few captions to fit), for each kind
     # in RANKED_KINDS; a kind absent, or another width: the greedy (or mirror) fit serves it.
-    ranks: dict[str, tuple[Calibration | None, ...]] = field(default_factory=dict)
+    ranks: dict[str, tuple[Calibration | None, ...]] = field(default_factory=dict, hash=False)
     ranked_width: int = 0
 
     def apply(self, raw_confidence: float) -> float:
@@ -71,10 +71,14 @@ class Calibration:
         """The fit for a caption: the strategy that decoded it, its n-best's width (candidates per
         image: beam_size, or num_captions samples) and its place in it (0 the first), and a
         grounded caption's answer (None for any other). A rank without a fit of its own takes the
-        nearest one before it. The first caption of a mirror-view n-best takes the mirror fit; the
-        other rank fits were made without the mirror view and serve it too."""
+        nearest one before it. An n-best of another width than ranked_width has no rank fits, but
+        for a grounded first caption, whose answer's fit serves any width. The first caption of a
+        mirror-view n-best takes the mirror fit (a grounded one: its answer's); the other rank fits
+        were made without the mirror view and serve it too."""
         kind = {True: "grounded_agreeing", False: "grounded_disagreeing"}.get(agrees_with_scene, strategy)
-        fits = self.ranks.get(kind, ()) if width == self.ranked_width else ()
+        fits = self.ranks.get(kind, ())
+        if width != self.ranked_width:
+            fits = fits[:1] if agrees_with_scene is not None and rank == 0 else ()
         if mirror_view and agrees_with_scene is None and rank == 0:
             fits = ()
         for fit in reversed(fits[: rank + 1]):

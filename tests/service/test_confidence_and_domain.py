@@ -3,6 +3,7 @@ every other file), and the API fields and setting, on the tiny random bundle."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -78,13 +79,19 @@ def test_calibration_file_round_trip_and_refuses_junk(tmp_path):
         ("beam", False, 3, 0, True): 9.0,
         ("beam", False, 3, 2, True): 9.0,
         ("beam", True, 3, 1, False): 3.0,  # grounded fits serve the mirror view too
-        ("beam", False, 4, 1, False): 2.5,
+        ("beam", True, 3, 0, True): 9.0,  # a grounded first caption: its answer's fit, mirror or not
+        ("beam", False, 5, 0, True): 9.0,  # ... and at any width
+        ("beam", False, 4, 1, False): 2.5,  # below it, another width: no rank fits
+        ("sample", False, 1, 0, None): 2.5,  # one sample: not an n-best of 3
     }
     for (strategy, mirror, width, rank, agrees), slope in picked.items():
         assert every.for_caption(strategy, mirror, width, rank, agrees).slope == slope, (strategy, mirror, width, rank)
     # Calibrated before these fits existed: the greedy (or mirror) fit serves every caption.
     assert both.for_caption("beam", False, 3, 2, True) == both
     assert both.for_caption("sample", True, 3, 1).slope == 3.0
+    leading_gap = dataclasses.replace(every, ranks={"beam": (None, fit[1.0])})
+    assert leading_gap.for_caption("beam", False, 3, 0).slope == 2.5  # no first-rank fit: the greedy one
+    hash(every)  # a frozen fit stays hashable
     with pytest.raises(ValueError, match="unknown n-best kinds"):
         (tmp_path / "odd.json").write_text(json.dumps({"method": METHOD, "slope": 1, "bias": 0, "ranks": {"x": []}}))
         Calibration.load(tmp_path / "odd.json")

@@ -168,18 +168,19 @@ def record_known_answer(bundle: str | Path) -> dict:
     recorded answer first, and the head's part is added."""
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    config, encoder, decoder = load_models(bundle)
-    scene_head = _load_scene_head(bundle) if SCENE_HEAD_FILE in manifest["files"] else None
     answer = manifest.get(KNOWN_ANSWER)
+    has_head = SCENE_HEAD_FILE in manifest["files"]
+    if answer is not None and not (has_head and known_answer.SCENE_HEAD not in answer):
+        raise ArtifactError(f"{bundle}: the manifest has a known answer already; Captioner.load checks it")
+    config, encoder, decoder = load_models(bundle)  # only once the bundle is known to need an answer
+    scene_head = _load_scene_head(bundle) if has_head else None
     if answer is None:
         answer = known_answer.compute(
             encoder, decoder, config.image_size, config.max_length, config.vocab_size, scene_head
         )
-    elif scene_head is not None and known_answer.SCENE_HEAD not in answer:
+    else:
         _check_models(bundle, encoder, decoder, config, answer)
         answer[known_answer.SCENE_HEAD] = known_answer.scene_head_answer(encoder, config.image_size, scene_head)
-    else:
-        raise ArtifactError(f"{bundle}: the manifest has a known answer already; Captioner.load checks it")
     manifest[KNOWN_ANSWER] = answer
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

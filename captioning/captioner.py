@@ -298,10 +298,9 @@ class Captioner:
             captions = rerank(captions, read_scene(scene_cells, self.grid_shape))[: search.options.num_captions]
         if self.calibration is not None:
             options = search.options
-            width = options.width // options.views  # candidates per image
             for rank, caption in enumerate(captions):
                 fit = self.calibration.for_caption(
-                    options.strategy, options.mirror_view, width, rank, caption.agrees_with_scene
+                    options.strategy, options.mirror_view, options.candidates, rank, caption.agrees_with_scene
                 )
                 caption.raw_confidence = caption.confidence
                 caption.confidence = fit.apply(caption.confidence)

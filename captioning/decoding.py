@@ -71,9 +71,14 @@ class DecodeOptions:
         return 2 if self.mirror_view else 1
 
     @property
+    def candidates(self) -> int:
+        """Captions one image's search holds: 1 greedy, beam_size beams, or num_captions samples."""
+        return {"greedy": 1, "beam": self.beam_size, "sample": self.num_captions}[self.strategy]
+
+    @property
     def width(self) -> int:
         """Decoder rows one image occupies: the strategy's decode slots, once per view."""
-        return {"greedy": 1, "beam": self.beam_size, "sample": self.num_captions}[self.strategy] * self.views
+        return self.candidates * self.views
 
 
 @dataclass

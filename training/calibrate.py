@@ -56,10 +56,10 @@ def grade(texts, records) -> np.ndarray:
 
 
 # A group of captions smaller than this gets no fit of its own (the rank before it serves it; for
-# the first, the greedy fit): a Platt
-# fit to one or three captions served every caption of its group at 0.995, or backwards. A bigger
-# group with fewer right or wrong captions than MIN_GROUP_OUTCOMES, or whose fit would give less
-# confidence to likelier captions, gets its own rate of right captions (add-one smoothed) instead.
+# the first, the greedy fit): a Platt fit to one or three captions served every caption of its
+# group at 0.995, or backwards. A bigger group with fewer right or wrong captions than
+# MIN_GROUP_OUTCOMES, or whose fit would give less confidence to likelier captions, gets its own
+# rate of right captions (add-one smoothed) instead.
 MIN_GROUP_CAPTIONS = 30
 MIN_GROUP_OUTCOMES = 3
 # The n-best the rank fits are made on (Calibration.ranked_width): the default beam, and the grounded

@@ -366,11 +366,12 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
 
 def requested_outputs(inference: InferenceRequest, model: ServedModel, options: DecodeOptions) -> list[RequestOutput]:
     """The outputs to answer: those named, each one this model and these options can give, or all of those."""
-    available = [name for name in model_outputs(model) if name != GROUNDED_OUTPUT or options.grounded]
+    outputs = model_outputs(model)
+    available = [name for name in outputs if name != GROUNDED_OUTPUT or options.grounded]
     if inference.outputs is None:
         return [RequestOutput(name=name) for name in available]
     names = [output.name for output in inference.outputs]
-    if GROUNDED_OUTPUT in names and GROUNDED_OUTPUT in model_outputs(model) and not options.grounded:
+    if GROUNDED_OUTPUT in names and GROUNDED_OUTPUT in outputs and not options.grounded:
         raise OipError(f"{GROUNDED_OUTPUT} is answered for grounded decoding: add the parameter grounded=true")
     unknown = sorted(set(names) - set(available))
     if unknown:

@@ -21,6 +21,13 @@ _RECORD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | 
 _DROPPED_EXTRAS = {"color_message"}
 # Set on an exception whose traceback the app logged with the request's ID (app.errors).
 LOGGED_WITH_REQUEST_ID = "_logged_with_request_id"
+# The exception the lifespan raises after logging, as one CRITICAL record, why the service cannot
+# start (app.main.StartupError, named here so that this module does not import TensorFlow).
+# Starlette hands uvicorn its traceback as text, with no exception attached.
+LOGGED_STARTUP_ERROR = "app.main.StartupError"
+# How a text traceback joins a chained exception to the one before it (traceback module).
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,13 +47,30 @@ class JsonFormatter(logging.Formatter):
 
 
 class DropRepeatedTraceback(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" record for an exception the app's handler
-    already logged with the request's ID (app.errors): one traceback per failure, the one that can
-    be joined to the access record. Any other exception uvicorn reports is kept."""
+    """Drops what uvicorn repeats of a failure the app has already logged: its "Exception in ASGI
+    application" record for an exception the app's handler logged with the request's ID
+    (app.errors; one traceback per failure, the one that can be joined to the access record), and
+    the traceback text of a failed start-up whose reason the lifespan logged. Any other exception
+    uvicorn reports is kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not getattr(exc, LOGGED_WITH_REQUEST_ID, False)
+        if getattr(exc, LOGGED_WITH_REQUEST_ID, False):
+            return False
+        return not is_logged_startup_traceback(record.getMessage())
+
+
+def is_logged_startup_traceback(message: str) -> bool:
+    """A traceback as text whose exception is the lifespan's StartupError: in its last part (a
+    chained exception comes last), the first line that is neither the header nor a frame reads
+    "app.main.StartupError: ..." (its message may run on over more lines)."""
+    header = "Traceback (most recent call last):"
+    if not message.startswith(header):
+        return False
+    for separator in (_CAUSE, _CONTEXT):
+        message = message.rsplit(separator, 1)[-1]
+    lines = (line for line in message.splitlines() if line and line != header and not line[0].isspace())
+    return next(lines, "").split(":", 1)[0] == LOGGED_STARTUP_ERROR
 
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:

@@ -386,6 +386,29 @@ def test_broken_bundle_exits_non_zero_with_a_clear_message(bundle, tmp_path):
     assert re.search(r"decoder.keras has \d+ bytes, the manifest says \d+", line["message"])
 
 
+def test_a_bundle_refused_at_load_is_one_critical_record_without_a_traceback(bundle, tmp_path):
+    """Checksums pass, so the lifespan loads the models and refuses them (the known answer is
+    another model's): exit code 3 and one CRITICAL record saying why, not also uvicorn's traceback."""
+    mismatched = shutil.copytree(bundle, tmp_path / "mismatched")
+    manifest = json.loads((mismatched / "manifest.json").read_text())
+    manifest["known_answer"]["log_probs"][0] -= 5.0  # the manifest is not among the files it hashes
+    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=server_env(mismatched, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    records = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
+    (critical,) = [record for record in records if record["level"] == "CRITICAL"]
+    assert "known answer" in critical["message"]
+    assert "Traceback" not in result.stderr
+    assert records[-1]["message"] == "Application startup failed. Exiting."
+
+
 def test_a_port_in_use_is_reported_before_the_model_is_loaded(bundle):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -8,12 +8,14 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.errors import install_exception_handlers
-from app.logging_config import DropRepeatedTraceback, logging_config
+from app.logging_config import LOGGED_STARTUP_ERROR, DropRepeatedTraceback, logging_config
+from app.main import StartupError
 from app.middleware import RequestContextMiddleware
 
 
@@ -61,6 +63,40 @@ def test_an_exception_the_app_did_not_log_keeps_uvicorns_traceback():
             "uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI application", (), sys.exc_info()
         )
     assert DropRepeatedTraceback().filter(record)
+
+
+def text_traceback(exc: BaseException) -> str:
+    """What Starlette hands uvicorn when the lifespan fails: the traceback as text."""
+    return "".join(traceback.format_exception(exc))
+
+
+def uvicorn_says(message: str) -> logging.LogRecord:
+    return logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, message, (), None)
+
+
+def test_a_failed_startup_the_lifespan_logged_is_not_repeated_as_a_traceback():
+    assert f"{StartupError.__module__}.{StartupError.__qualname__}" == LOGGED_STARTUP_ERROR
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise StartupError("cannot load the model bundle: a: b\nsecond line") from inner
+    except StartupError as exc:
+        chained = text_traceback(exc)
+    assert "During handling" not in chained and "direct cause" in chained  # the chained form
+    assert not DropRepeatedTraceback().filter(uvicorn_says(chained))
+    # uvicorn's own line after it stays, and so does the traceback of any other start-up failure:
+    assert DropRepeatedTraceback().filter(uvicorn_says("Application startup failed. Exiting."))
+    try:
+        try:
+            raise StartupError("cannot start") from None
+        except StartupError as exc:
+            assert not DropRepeatedTraceback().filter(uvicorn_says(text_traceback(exc)))
+            raise RuntimeError("a bug while handling it")  # noqa: B904 (the implicit chain is the case)
+    except RuntimeError as exc:
+        assert "During handling" in text_traceback(exc)
+        assert DropRepeatedTraceback().filter(uvicorn_says(text_traceback(exc)))
+    assert DropRepeatedTraceback().filter(uvicorn_says(text_traceback(ValueError("app.main.StartupError: no"))))
 
 
 def test_invalid_configuration_is_one_json_record_naming_each_variable():

@@ -244,6 +244,11 @@ class ModelInfo(BaseModel):
     grounded: bool = Field(
         description="Whether the model can decode with grounded=true (its bundle has a scene head, scene_head.npz)."
     )
+    object_reader: bool = Field(
+        False,
+        description="Whether grounded decoding reads each object's shape again from the picture (its bundle has "
+        "an object reader, object_reader.keras).",
+    )
     dataset: DatasetInfo
     metrics: dict[str, Any] = Field(description="Evaluation results recorded in the manifest.")
     training_command: str | None = None

@@ -29,8 +29,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BUNDLE_FILES = ("encoder.keras", "decoder.keras", "vocab.json", "config.json")
 # Written by later training stages when there is something to fit them on (training/calibrate.py,
-# training/fit_domain.py); checksummed like the rest when present.
-OPTIONAL_FILES = ("calibration.json", "domain.npz", SCENE_HEAD_FILE)
+# training/fit_domain.py, training/fit_object_reader.py); checksummed like the rest when present.
+OBJECT_READER_FILE = "object_reader.keras"  # captioning.object_reader, which imports TensorFlow
+OPTIONAL_FILES = ("calibration.json", "domain.npz", SCENE_HEAD_FILE, OBJECT_READER_FILE)
 
 
 class ArtifactError(RuntimeError):

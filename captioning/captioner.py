@@ -1,6 +1,6 @@
 """The library API: load a bundle, caption images, and the encode/step pieces a scheduler needs.
 
-    captioner = Captioner.load("model_artifacts/default/5")
+    captioner = Captioner.load("model_artifacts/default/6")
     captioner.caption(images)                  # offline: n-best captions per image
     slots = captioner.feature_slots(64)        # for a scheduler: encode into slots, step rows
 
@@ -38,7 +38,10 @@ from captioning.grounding import SceneHead, read_scene, rerank
 from captioning.inference import inference_encoder
 from captioning.mirror import MirrorSearch, mirror_permutation, mirrored  # noqa: E402
 from captioning.model import DecoderStep  # noqa: E402
+from captioning.object_reader import FILE as OBJECT_READER_FILE
+from captioning.object_reader import ObjectReader
 from captioning.preprocess import model_input  # noqa: E402
+from captioning.scenes import Scene
 from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E402
 
 # Greedy decoder steps per compiled call (FeatureSlots.greedy_steps): the host's bookkeeping and
@@ -54,6 +57,15 @@ def inference_device() -> str:
     """Where the models run: "GPU:0" when TensorFlow sees a GPU (it places the work there), else "CPU"."""
     gpus = tf.config.list_logical_devices("GPU")
     return gpus[0].name.split("device:")[-1] if gpus else "CPU"
+
+
+def _load_object_reader(bundle: Path) -> ObjectReader:
+    """The bundle's object reader (verified with the rest), loaded in Keras's safe mode."""
+    try:
+        model = keras.saving.load_model(bundle / OBJECT_READER_FILE, compile=False, safe_mode=True)
+        return ObjectReader(model)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise ArtifactError(f"{bundle}: could not load {OBJECT_READER_FILE}: {exc}") from exc
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
@@ -140,6 +152,7 @@ class Captioner:
         domain: DomainModel | None = None,
         encoder_precision: str | None = None,
         scene_head: SceneHead | None = None,
+        object_reader: ObjectReader | None = None,
     ):
         self.encoder = encoder
         self.encoder_precision = encoder_precision  # None: the encoder as trained (captioning.inference)
@@ -150,6 +163,7 @@ class Captioner:
         self.calibration = calibration  # maps raw confidence to P(correct); None: raw
         self.domain = domain  # out-of-domain detector; None: not fitted for this bundle
         self.scene_head = scene_head  # the cell classifier of grounded decoding; None: the bundle has none
+        self.object_reader = object_reader  # grounded decoding's second look at each object's shape; None: none
         self.decoder_programs = DecoderPrograms.shared(decoder, config.vocab_size)
         # The weights as the programs take them: the runtime's variables, in the programs' order.
         self.decoder_weights = [variable.value for variable in decoder.variables]
@@ -215,6 +229,11 @@ class Captioner:
             scene_head = SceneHead.load(bundle / SCENE_HEAD_FILE) if SCENE_HEAD_FILE in manifest["files"] else None
         except (ValueError, OSError, KeyError) as exc:
             raise ArtifactError(f"{bundle}: could not load the bundle: {exc}") from exc
+        object_reader = _load_object_reader(bundle) if OBJECT_READER_FILE in manifest["files"] else None
+        if object_reader is not None and scene_head is None:
+            raise ArtifactError(
+                f"{bundle}: {OBJECT_READER_FILE} re-reads the scene head's objects, and there is no scene head"
+            )
         if scene_head is not None and scene_head.feature_size != encoder.output.shape[-1]:
             raise ArtifactError(
                 f"{bundle}: {SCENE_HEAD_FILE} reads features of {scene_head.feature_size} values, the encoder "
@@ -261,7 +280,18 @@ class Captioner:
                 "checked against each other (bundles written before round 23; captioning.known_answer)",
                 bundle,
             )
-        return cls(encoder, decoder, tokenizer, config, manifest, calibration, domain, encoder_precision, scene_head)
+        return cls(
+            encoder,
+            decoder,
+            tokenizer,
+            config,
+            manifest,
+            calibration,
+            domain,
+            encoder_precision,
+            scene_head,
+            object_reader,
+        )
 
     # --- the pieces a scheduler drives -------------------------------------------------------
 
@@ -287,15 +317,23 @@ class Captioner:
             [self._encode_graph(_pad_rows(chunk, bucket_for(len(chunk)))).numpy()[: len(chunk)] for chunk in chunks]
         )
 
-    def results(self, search: Search, scene_cells: np.ndarray | None = None) -> list[Caption]:
+    def read_scenes(self, images: np.ndarray, cells: np.ndarray) -> list[Scene]:
+        """What grounded decoding reranks by, for uint8 images [B, S, S, 3] and their scene head's
+        cell labels [B, N] (FeatureSlots.encode): the scene the cells show (captioning.grounding),
+        each object's shape read again from the pixels when the bundle has an object reader."""
+        scenes = [read_scene(labels, self.grid_shape) for labels in cells]
+        if self.object_reader is None:
+            return scenes
+        return self.object_reader.refine(images, scenes, self.grid_shape)
+
+    def results(self, search: Search, scene: Scene | None = None) -> list[Caption]:
         """A finished search's captions, their confidence calibrated when the bundle says how; with
-        grounded decoding, reranked by the scene its cells show (scene_cells: FeatureSlots.encode's
-        labels of the image, captioning.grounding)."""
+        grounded decoding, reranked by the image's scene (read_scenes)."""
         captions = search.results(self.tokenizer)
         if search.options.grounded:
-            if scene_cells is None:
-                raise ValueError("grounded decoding needs the image's scene cells")
-            captions = rerank(captions, read_scene(scene_cells, self.grid_shape))[: search.options.num_captions]
+            if scene is None:
+                raise ValueError("grounded decoding needs the image's scene")
+            captions = rerank(captions, scene)[: search.options.num_captions]
         if self.calibration is not None:
             options = search.options
             for rank, caption in enumerate(captions):
@@ -396,7 +434,8 @@ class Captioner:
                 survivors = (np.arange(width) + np.array(kept, dtype=np.int64)[:, None] * width).ravel()
                 slot_of_row, tokens, state = slot_of_row[survivors], tokens[survivors], state[survivors]
                 active = [active[n] for n in kept]
-        return [self.results(search, None if cells is None else cells[i]) for i, search in enumerate(searches)]
+        scenes = self.read_scenes(images[:count], cells[:count]) if options.grounded else [None] * count
+        return [self.results(search, scenes[i]) for i, search in enumerate(searches)]
 
     def _greedy_batch(self, slots: FeatureSlots, searches: list[GreedySearch]) -> list[list[Caption]]:
         """_caption_batch for greedy searches: GREEDY_STEPS steps per call (FeatureSlots.greedy_steps)."""

@@ -1,7 +1,7 @@
 """python -m training COMMAND --help
 
-Commands: train, extract-features, evaluate, calibrate, fit-domain, evaluate-wild, probe-features,
-finetune-scst, export, demo-samples."""
+Commands: train, extract-features, evaluate, calibrate, fit-domain, fit-object-reader, evaluate-wild,
+probe-features, finetune-scst, export, demo-samples."""
 
 import argparse
 import os
@@ -12,8 +12,8 @@ import sys
 # main(["train", ...]) gets whatever its host chose). oneDNN's kernels make a training step 1.8x faster
 # on this project's 2-core CPU with the default preset's small_cnn_fullres, 1.25x with small_cnn
 # (docs/TRAINING.md); evaluate-wild was slower with them (22 s against 18 s), and the other commands
-# were not measured, so they keep them off.
-ONEDNN_COMMANDS = ("train",)
+# were not measured, so they keep them off. fit-object-reader trains a small CNN too.
+ONEDNN_COMMANDS = ("train", "fit-object-reader")
 
 
 def onednn_setting(argv: list[str]) -> str:
@@ -26,11 +26,35 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-    from training import calibrate, demo_samples, evaluate, export, features, fit_domain, probe, scst, train, wild
+    from training import (
+        calibrate,
+        demo_samples,
+        evaluate,
+        export,
+        features,
+        fit_domain,
+        fit_object_reader,
+        probe,
+        scst,
+        train,
+        wild,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     subparsers = parser.add_subparsers(required=True, dest="command")
-    for command in (train, features, evaluate, calibrate, fit_domain, wild, probe, scst, demo_samples, export):
+    for command in (
+        train,
+        features,
+        evaluate,
+        calibrate,
+        fit_domain,
+        fit_object_reader,
+        wild,
+        probe,
+        scst,
+        demo_samples,
+        export,
+    ):
         command.add_parser(subparsers)
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded in the bundle's manifest

@@ -1,6 +1,6 @@
 """`python -m training calibrate`: fit the bundle's confidence calibration on a split with scenes.
 
-    python -m training calibrate --artifacts model_artifacts/default/5 --dataset shapes_wide --split val
+    python -m training calibrate --artifacts model_artifacts/default/6 --dataset shapes_wide --split val
 
 Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
 complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)

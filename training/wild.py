@@ -1,6 +1,6 @@
 """`python -m training evaluate-wild`: the default model's report card on images it was not drawn for.
 
-    python -m training evaluate-wild --artifacts model_artifacts/default/5 --per-variation 200 \\
+    python -m training evaluate-wild --artifacts model_artifacts/default/6 --per-variation 200 \\
         --output docs/default-model-wild.json
 
 For the standard test split and every wild variation of the wide shapes dataset
@@ -91,6 +91,7 @@ def evaluate_wild(
             "beam_size": options.beam_size if grounded else None,
             "mirror_view": mirror_view,
             "grounded": grounded,
+            "object_reader": grounded and captioner.object_reader is not None,
         },
         "variations": {},
     }
@@ -142,7 +143,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--grounded",
         action="store_true",
-        help="grounded decoding (captioning.grounding: a beam of 3 reranked by the model's scene head) "
+        help="grounded decoding (captioning.grounding: a beam of 3 reranked by the model's scene head, its "
+        "shapes read again by the bundle's object reader when it has one) "
         "instead of greedy; the bundle needs a scene head",
     )
     p.add_argument("--output", metavar="FILE.json", help="write the report here")

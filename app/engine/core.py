@@ -296,7 +296,7 @@ class EngineCore:
                 continue  # dropped, with its rows, at the next iteration
             try:
                 if advance(block):
-                    self._finish(request, self.captioner.results(request.search, request.scene_cells))
+                    self._finish(request, self.captioner.results(request.search, request.scene))
                     retired.append(request)
             except Exception as exc:
                 logger.exception("decoding failed for one request")

@@ -41,15 +41,23 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
     except Exception as exc:
         logger.exception("encoding a batch of %d images failed", len(requests))
         return InferenceError(f"encoding the image failed: {exc}")
+    firsts = np.cumsum([0] + [request.views for request in requests[:-1]])
+    grounded = [n for n, request in enumerate(requests) if request.options.grounded]
+    if grounded:  # what grounded decoding reranks by: the upload's reading, not its mirror's
+        rows = firsts[grounded]
+        try:  # a failure fails the batch, as an encode failure does (the reader passed a probe at load)
+            scenes = runner.read_scenes(np.stack([images[row] for row in rows]), scene_cells[rows])
+            for n, scene in zip(grounded, scenes, strict=True):
+                requests[n].scene = scene
+        except Exception as exc:
+            runner.free(slots)
+            logger.exception("reading the scenes of %d images failed", len(grounded))
+            return InferenceError(f"reading the image's scene failed: {exc}")
     metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
-    first = 0
-    for request in requests:
+    for request, first in zip(requests, firsts, strict=True):
         request.feature_slots = slots[first : first + request.views]
         if domain_scores is not None:  # the upload's own, not its mirror's
             request.domain_score = float(domain_scores[first])
-        if scene_cells is not None:
-            request.scene_cells = scene_cells[first]
-        first += request.views
     return None
 
 

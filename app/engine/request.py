@@ -31,7 +31,7 @@ class Request:
         "deadline_timer",
         "feature_slots",
         "domain_score",
-        "scene_cells",
+        "scene",
     )
 
     def __init__(self, image, options, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
@@ -48,7 +48,7 @@ class Request:
         self.deadline_timer = None
         self.feature_slots: list[int] = []  # where each view's features are, once encoded
         self.domain_score: float | None = None  # captioning.domain, from the encoder's features
-        self.scene_cells = None  # captioning.grounding: the scene head's label of each grid cell
+        self.scene = None  # grounded decoding: the image's scene as the model reads it (Captioner.read_scenes)
 
 
 def deliver(outcomes: list[tuple[Request, object]]) -> None:

@@ -159,6 +159,11 @@ class ModelRunner:
             raise
         return slots, scores, scene_cells
 
+    def read_scenes(self, images: np.ndarray, scene_cells: np.ndarray) -> list:
+        """Grounded decoding's reading of encoded images [B, S, S, 3] from their scene cells
+        (encode's): Captioner.read_scenes, with the bundle's object reader when it has one."""
+        return self.features.captioner.read_scenes(images, scene_cells)
+
     def place(self, start: int, slot_of_row: np.ndarray, start_tokens: np.ndarray) -> None:
         """Starts a search in rows [start, start + len(slot_of_row)), row start + i reading the
         features in slot_of_row[i] (the rows of one view share its slot)."""

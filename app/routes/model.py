@@ -36,6 +36,7 @@ def describe_model(captioner) -> ModelInfo:
         feature_grid=tuple(captioner.grid_shape),
         mirror_view=captioner.mirror_permutation is not None,
         grounded=captioner.scene_head is not None,
+        object_reader=captioner.object_reader is not None,
         dataset=DatasetInfo(**dataset) if isinstance(dataset, dict) else DatasetInfo(name=str(dataset)),
         metrics=manifest.get("metrics") or {},
         training_command=manifest.get("training_command") or training.get("command"),

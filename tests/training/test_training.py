@@ -80,10 +80,11 @@ def test_max_steps_stops_early(tmp_path):
     assert history["epochs_run"] == 1
 
 
-def test_only_the_train_command_turns_onednn_on():
+def test_only_the_commands_that_train_a_cnn_turn_onednn_on():
     # It must be chosen before TensorFlow is imported: a training step is 1.25-1.8x faster with
     # oneDNN on this project's CPU, the inference-sized calls of the other commands slower.
     assert onednn_setting(["train", "--preset", "default", "--output", "b"]) == "1"
+    assert onednn_setting(["fit-object-reader", "--artifacts", "b"]) == "1"
     for argv in (["evaluate-wild", "--artifacts", "b"], ["finetune-scst"], ["--help"], []):
         assert onednn_setting(argv) == "0", argv
 

@@ -242,7 +242,8 @@ def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tm
     bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
     app = create_app(Settings(artifacts_dir=bundle, api_key="k", max_upload_bytes=200_000))
     with TestClient(app, headers={"X-API-Key": "k"}) as client:
-        assert client.get("/model").json()["grounded"] is True
+        model = client.get("/model").json()
+        assert model["grounded"] is True and model["object_reader"] is False
         params = {"strategy": "beam", "beam_size": 3, "num_captions": 3, "grounded": "true"}
         for data in (uploads.png(), uploads.png(colour=(20, 200, 40))):
             response = client.post("/caption", params=params, files={"image": ("a.png", data, "image/png")})

@@ -56,11 +56,16 @@ def build_reader() -> tf.keras.Model:
     return keras.Model(crops, layers.Dense(len(SHAPES), name="shape")(x), name="object_reader")
 
 
-def window_boxes(centres: np.ndarray, sizes: Sequence[str], side: int) -> np.ndarray:
+def window_boxes(
+    centres: np.ndarray, sizes: Sequence[str], side: int, scales: Sequence[float] | None = None
+) -> np.ndarray:
     """Object centres [K, 2] as (x, y) in input pixels (0 at the picture's edge, so pixel i spans
     [i, i + 1)) and their size words -> boxes [K, 4] as tf.image.crop_and_resize takes them:
-    (y1, x1, y2, x2), where 0 and 1 are the centres of the first and the last pixel."""
+    (y1, x1, y2, x2), where 0 and 1 are the centres of the first and the last pixel. `scales`
+    (training's jitter) multiply each window's side; serving cuts them as WINDOW says."""
     half = np.array([WINDOW[size] * side / 2 for size in sizes], np.float32)
+    if scales is not None:
+        half *= np.asarray(scales, np.float32)
     centre = np.asarray(centres, np.float32).reshape(-1, 2) - 0.5  # a pixel's index at its centre
     x, y, scale = centre[:, 0], centre[:, 1], side - 1
     return np.stack([(y - half) / scale, (x - half) / scale, (y + half) / scale, (x + half) / scale], axis=1)
@@ -89,7 +94,6 @@ class ObjectReader:
                 f"an object reader maps {CROP}x{CROP} crops to {len(SHAPES)} shapes; this model takes "
                 f"{inputs} and gives {outputs}"
             )
-        self.model = model
         self._shapes = tf.function(
             lambda crops: tf.argmax(model(crops, training=False), axis=-1, output_type=tf.int32),
             input_signature=[tf.TensorSpec([None, CROP, CROP, 3], tf.float32)],

@@ -46,9 +46,7 @@ def object_windows(records, side: int, rng: np.random.Generator | None, copies: 
                 sizes.append(obj.size)
                 image_of_box.append(index)
                 shapes.append(SHAPES.index(obj.shape))
-    boxes = window_boxes(np.array(centres), sizes, side)
-    middle, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2 * np.array(scales)[:, None]
-    boxes = np.concatenate([middle - half, middle + half], axis=1).astype(np.float32)
+    boxes = window_boxes(np.array(centres), sizes, side, scales)
     return np.stack(images), boxes, np.array(image_of_box, np.int32), np.array(shapes, np.int32)
 
 

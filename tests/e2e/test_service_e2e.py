@@ -368,20 +368,26 @@ def test_schemathesis_finds_no_failures(server, tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
+def start_and_fail(bundle: Path, port: int, timeout: float) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`python -m app` run to its exit (the start-ups that must fail), and its JSON log records."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=server_env(bundle, port),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return result, [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
+
+
 def test_broken_bundle_exits_non_zero_with_a_clear_message(bundle, tmp_path):
     tampered = shutil.copytree(bundle, tmp_path / "tampered")
     with open(tampered / "decoder.keras", "ab") as decoder:
         decoder.write(b"tampered")
-    result = subprocess.run(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        env=server_env(tampered, free_port()),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result, records = start_and_fail(tampered, free_port(), timeout=60)
     assert result.returncode != 0
-    (line,) = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
+    (line,) = records
     assert line["level"] == "CRITICAL"
     assert re.search(r"decoder.keras has \d+ bytes, the manifest says \d+", line["message"])
 
@@ -393,16 +399,8 @@ def test_a_bundle_refused_at_load_is_one_critical_record_without_a_traceback(bun
     manifest = json.loads((mismatched / "manifest.json").read_text())
     manifest["known_answer"]["log_probs"][0] -= 5.0  # the manifest is not among the files it hashes
     (mismatched / "manifest.json").write_text(json.dumps(manifest))
-    result = subprocess.run(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        env=server_env(mismatched, free_port()),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result, records = start_and_fail(mismatched, free_port(), timeout=120)
     assert result.returncode == 3, result.stderr[-2000:]
-    records = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
     (critical,) = [record for record in records if record["level"] == "CRITICAL"]
     assert "known answer" in critical["message"]
     assert "Traceback" not in result.stderr
@@ -414,16 +412,9 @@ def test_a_port_in_use_is_reported_before_the_model_is_loaded(bundle):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "app"],
-            cwd=ROOT,
-            env=server_env(bundle, taken.getsockname()[1]),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result, records = start_and_fail(bundle, taken.getsockname()[1], timeout=60)
     assert result.returncode == 3
-    (line,) = [json.loads(raw) for raw in result.stderr.splitlines() if raw.startswith("{")]
+    (line,) = records
     assert line["level"] == "CRITICAL" and "cannot be bound" in line["message"]
     assert time.monotonic() - started < 15  # no TensorFlow import, no warm-up
 

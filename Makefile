@@ -53,13 +53,14 @@ lint: $(VENV)/.dev
 # Reproduces the committed default model (docs/MODEL.md): teacher-forced training on the wide-domain
 # shapes data, self-critical fine-tuning, confidence calibration and the out-of-domain detector,
 # then the evaluation. DEFAULT_BUNDLE is the one place the Makefile names it.
-DEFAULT_BUNDLE ?= model_artifacts/default/6
+DEFAULT_BUNDLE ?= model_artifacts/default/7
 train-default: $(VENV)/.dev
 	$(BIN)/python -m training train --preset default --data small_corner=0.5 --output runs/default/trained \
 		--run-dir runs/default --fresh
 	$(BIN)/python -m training finetune-scst --artifacts runs/default/trained --output $(DEFAULT_BUNDLE) \
 		--dataset shapes_wide --train-limit 8000 --grounded-weight 1.0 --data small_corner=0.5
-	$(BIN)/python -m training fit-object-reader --artifacts $(DEFAULT_BUNDLE) --data small_corner=0.5
+	$(BIN)/python -m training fit-object-reader --artifacts $(DEFAULT_BUNDLE) --data small_corner=0.5 \
+		--data jpeg_quality=15-95
 	$(BIN)/python -m training calibrate --artifacts $(DEFAULT_BUNDLE) --dataset shapes_wide --split val
 	$(BIN)/python -m training fit-domain --artifacts $(DEFAULT_BUNDLE) --dataset shapes_wide
 	$(MAKE) evaluate-default

@@ -131,9 +131,11 @@ class CaptionCandidate(BaseModel):
         "bundle has a calibration (docs/MODEL.md): in an n-best of 3, by a fit for each rank, and with "
         "grounded=true for captions that agree with the model's reading of the scene and those that do not.",
     )
-    log_prob: float = Field(
+    log_prob: float | None = Field(
+        None,
         description="Summed log-probability of the generated tokens (<= 0); with mirror_view, of the two views' "
-        "average, the distribution the words were chosen from."
+        "average, the distribution the words were chosen from. Absent only for a caption written from the scene "
+        "(written_from_scene): the decoder did not generate it.",
     )
     words: list[WordAttention] | None = Field(
         None, description="Only with attention=true: each word of `text` with its attention weights."
@@ -142,6 +144,14 @@ class CaptionCandidate(BaseModel):
         None,
         description="Only with grounded=true: whether nothing in the caption contradicts the model's own reading "
         "of the image's objects, and it names all of them.",
+    )
+    written_from_scene: bool | None = Field(
+        None,
+        description="Only with grounded=true: true for a caption the service wrote from the model's reading of "
+        "the scene rather than the decoder: when no candidate agreed with the reading, but the best one named "
+        'the same objects by colour (docs/MODEL.md, "Reading the cells, and captions written from the reading"). '
+        "It has no log_prob and no attention, and its confidence is calibrated as a first caption none of whose "
+        "candidates agreed with the reading.",
     )
 
 

@@ -299,6 +299,7 @@ def _candidate(caption) -> CaptionCandidate:
         log_prob=caption.log_prob,
         words=words,
         agrees_with_scene=caption.agrees_with_scene,
+        written_from_scene=caption.written_from_scene if caption.agrees_with_scene is not None else None,
     )
 
 

@@ -1,6 +1,6 @@
 """Shapes scenes drawn by ANOTHER program, sent through the real service: is the model right?
 
-    python -m bench.crosscheck --artifacts model_artifacts/default/6 --per-variation 60 \\
+    python -m bench.crosscheck --artifacts model_artifacts/default/7 --per-variation 60 \\
         --output docs/crosscheck-other-renderer.json
 
 The training data comes from training/datasets/shapes_wide.py; grading the model only on that

@@ -1,7 +1,7 @@
 """The floor of the serving stack: what FastAPI + uvicorn cost per caption request with no model.
 
     python -m bench.http_floor                      # ~2 minutes; prints a table
-    python -m bench.http_floor --artifacts model_artifacts/default/6 --rounds 3
+    python -m bench.http_floor --artifacts model_artifacts/default/7 --rounds 3
 
 Engine targets are ratios to in-process figures (1-client p50 <= 1.2x the in-process single-image
 time, server CPU <= 1.25x the offline CPU per caption, event-loop CPU <= 0.5 ms per caption). Part of

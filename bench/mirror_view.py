@@ -1,6 +1,6 @@
 """What the mirror view costs and buys: greedy decoding with and without it, in process.
 
-    python -m bench.mirror_view [--artifacts model_artifacts/default/6] [--images 512] [--rounds 3]
+    python -m bench.mirror_view [--artifacts model_artifacts/default/7] [--images 512] [--rounds 3]
 
 `Captioner.caption` with the service's encoder (ENCODER_PRECISION resolved as the service resolves
 it) on the same shapes test images at batch 32, the two settings taking turns for

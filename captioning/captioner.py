@@ -1,6 +1,6 @@
 """The library API: load a bundle, caption images, and the encode/step pieces a scheduler needs.
 
-    captioner = Captioner.load("model_artifacts/default/6")
+    captioner = Captioner.load("model_artifacts/default/7")
     captioner.caption(images)                  # offline: n-best captions per image
     slots = captioner.feature_slots(64)        # for a scheduler: encode into slots, step rows
 
@@ -328,17 +328,21 @@ class Captioner:
 
     def results(self, search: Search, scene: Scene | None = None) -> list[Caption]:
         """A finished search's captions, their confidence calibrated when the bundle says how; with
-        grounded decoding, reranked by the image's scene (read_scenes)."""
+        grounded decoding, reranked by the image's scene (read_scenes), a caption written from it
+        first where captioning.grounding.written_caption says so."""
         captions = search.results(self.tokenizer)
         if search.options.grounded:
             if scene is None:
                 raise ValueError("grounded decoding needs the image's scene")
-            captions = rerank(captions, scene)[: search.options.num_captions]
+            words = (search.options.min_length, self.max_steps(search.options))
+            captions = rerank(captions, scene, words)[: search.options.num_captions]
         if self.calibration is not None:
             options = search.options
             for rank, caption in enumerate(captions):
+                # a written caption is calibrated as the first of candidates none of which agreed
+                agrees = False if caption.written_from_scene else caption.agrees_with_scene
                 fit = self.calibration.for_caption(
-                    options.strategy, options.mirror_view, options.candidates, rank, caption.agrees_with_scene
+                    options.strategy, options.mirror_view, options.candidates, rank, agrees
                 )
                 caption.raw_confidence = caption.confidence
                 caption.confidence = fit.apply(caption.confidence)

@@ -85,11 +85,12 @@ class DecodeOptions:
 class Caption:
     text: str
     tokens: list[str]
-    log_prob: float  # summed over the generated tokens, <end> included when produced
+    log_prob: float | None  # summed over the generated tokens, <end> included when produced; None: not decoded
     confidence: float  # geometric-mean token probability, in [0, 1]; calibrated by Captioner.results
     attention: list[list[float]] | None = None  # per word: weights over the feature grid
     raw_confidence: float | None = None  # the geometric mean, kept when `confidence` is calibrated
     agrees_with_scene: bool | None = None  # grounded decoding: nothing in it contradicts the model's reading
+    written_from_scene: bool = False  # grounded decoding: written from the reading, not by the decoder
 
 
 _NOT_WORDS = (PAD_ID, START_ID, END_ID)

@@ -103,3 +103,35 @@ def scene_cells(scene: Scene, grid: int) -> np.ndarray:
 
 def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
+
+
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+
+
+def noun_phrase(count: int, colour: str, shape: str, size: str | None = None, one: bool = False) -> str:
+    """ "a red circle", "an orange square", "one small blue cross", "two large red crosses"."""
+    noun = plural(shape) if count > 1 else shape
+    words = [size, colour, noun] if size else [colour, noun]
+    if count > 1:
+        article = NUMBER_WORDS[count]
+    elif one:
+        article = "one"
+    else:
+        article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
+
+
+def list_scene(scene: Scene) -> str:
+    """The plainest caption of a scene of the grammar: a phrase per colour and shape, in the order
+    their first objects come, no sizes and no relations, written as the model writes (lower case,
+    no commas): "there is a red circle and two blue crosses"."""
+    counts: dict[tuple[str, str], int] = {}
+    for obj in scene.objects:
+        counts[(obj.colour, obj.shape)] = counts.get((obj.colour, obj.shape), 0) + 1
+    if not counts or max(counts.values()) > max(NUMBER_WORDS):
+        raise ValueError(
+            f"a scene of 1 to {MAX_OBJECTS} objects of a kind is listed; this one has {len(scene.objects)}"
+        )
+    phrases = [noun_phrase(count, colour, shape) for (colour, shape), count in counts.items()]
+    listed = phrases[0] if len(phrases) == 1 else " ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"there {'is' if next(iter(counts.values())) == 1 else 'are'} {listed}"

@@ -1,6 +1,6 @@
 """`python -m training calibrate`: fit the bundle's confidence calibration on a split with scenes.
 
-    python -m training calibrate --artifacts model_artifacts/default/6 --dataset shapes_wide --split val
+    python -m training calibrate --artifacts model_artifacts/default/7 --dataset shapes_wide --split val
 
 Captions the split greedily, grades each caption with the shapes checker (right = entirely true and
 complete), fits captioning.calibration.Calibration (Platt scaling of the mean token log-probability)
@@ -170,7 +170,12 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     ]
     if captioner.scene_head is not None:
         grounded = dataclasses.replace(beam, grounded=True)
-        answer = lambda caption: "grounded_agreeing" if caption.agrees_with_scene else "grounded_disagreeing"  # noqa: E731
+        # a caption written from the reading is fitted with the first captions none of whose candidates agreed
+        answer = lambda caption: (  # noqa: E731
+            "grounded_agreeing"
+            if caption.agrees_with_scene and not caption.written_from_scene
+            else "grounded_disagreeing"
+        )
         n_bests.append((f"grounded beam {N_BEST}", n_best_captions(captioner, records, grounded), answer))
     for name, n_best, kind_of in n_bests:
         by_kind, rank_summary = rank_fits(n_best, grade_n_best(n_best, records), kind_of, described, name)
@@ -181,7 +186,10 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     )
     drop_file(artifacts, FILE)  # only now: a run that fails earlier leaves the bundle as it was
     calibration.save(f"{artifacts}/{FILE}")
-    record_stage(add_files(artifacts, (FILE,)), artifacts, "calibration", summary)
+    manifest = add_files(artifacts, (FILE,))
+    for stage in manifest.get("stages", {}).values():  # a stage's "calibrate anew" is done now
+        stage.pop("calibration", None)
+    record_stage(manifest, artifacts, "calibration", summary)
     return summary
 
 

@@ -1,6 +1,6 @@
 """`python -m training fit-domain`: fit the bundle's out-of-domain detector on its training data.
 
-    python -m training fit-domain --artifacts model_artifacts/default/6 --dataset shapes_wide
+    python -m training fit-domain --artifacts model_artifacts/default/7 --dataset shapes_wide
 
 Encodes training images (the distribution the model learnt) and held-out validation images with the
 bundle's own encoder, fits captioning.domain.DomainModel (a Gaussian on pooled encoder features,

@@ -1,6 +1,7 @@
 """`python -m training fit-object-reader`: fit grounded decoding's object reader for a bundle.
 
-    python -m training fit-object-reader --artifacts model_artifacts/default/6 --data small_corner=0.5
+    python -m training fit-object-reader --artifacts model_artifacts/default/7 --data small_corner=0.5 \
+        --data jpeg_quality=15-95
 
 Draws training scenes of a generated dataset (shapes_wide) as the model sees them (its
 input side, by the service's path), cuts a window around every object with captioning.object_reader's

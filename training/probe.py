@@ -1,6 +1,6 @@
 """`python -m training probe-features`: do a bundle's image features still say what each object is?
 
-    python -m training probe-features --artifacts model_artifacts/default/6 --train 12000 \\
+    python -m training probe-features --artifacts model_artifacts/default/7 --train 12000 \\
         --per-variation 600 --output probe.json
 
 When captions name the wrong shape, this tells whether the shape was lost in the encoder or in the

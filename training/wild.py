@@ -1,6 +1,6 @@
 """`python -m training evaluate-wild`: the default model's report card on images it was not drawn for.
 
-    python -m training evaluate-wild --artifacts model_artifacts/default/6 --per-variation 200 \\
+    python -m training evaluate-wild --artifacts model_artifacts/default/7 --per-variation 200 \\
         --output docs/default-model-wild.json
 
 For the standard test split and every wild variation of the wide shapes dataset
@@ -40,6 +40,8 @@ def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) 
         "ece": round(expected_calibration_error(confidence, correct), 4),
         "mean_confidence": round(float(confidence.mean()), 4),
     }
+    if options.grounded:  # captions written from the model's reading, not by its decoder
+        result["written_from_scene"] = sum(c.written_from_scene for c in captions)
     accepted = domain_accepted(captioner, [record_input(captioner, r) for r in records])
     if accepted is not None:
         result["accepted_in_domain"] = round(float(accepted.mean()), 4)

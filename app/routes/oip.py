@@ -11,7 +11,8 @@ is the image's base64 string; with the binary tensor data extension (binary_data
 Inference-Header-Content-Length header) the raw bytes follow the JSON, each element prefixed by
 its 4-byte little-endian length. Decoding options (the query parameters of /caption: strategy,
 beam_size, num_captions, ...) go in the request's `parameters`. Outputs: caption (BYTES [B]),
-captions (BYTES [B, n]), scores (FP32 [B, n], log-probabilities), confidence (FP32 [B, n]); where
+captions (BYTES [B, n]), scores (FP32 [B, n], log-probabilities; NaN for a caption grounded
+decoding wrote from the scene), confidence (FP32 [B, n]); where
 the model has a domain check, in_domain (BOOL [B]) and domain_score (FP32 [B]); where it has a
 scene head and the request asks for grounded=true, agrees_with_scene (BOOL [B, n]). A request
 that names no outputs gets every one it can have; each is returned in binary when asked (output
@@ -471,7 +472,8 @@ def inference_response(
         "in_domain": [bool(result.in_domain) for result in results],
         "domain_score": [float("nan") if r.domain_score is None else r.domain_score for r in results],
         "captions": [c.text if c else "" for row in rows for c in row],
-        "scores": [c.log_prob if c else float("nan") for row in rows for c in row],
+        # NaN: no caption at that rank, or one written from the scene (no decoder score)
+        "scores": [c.log_prob if c and c.log_prob is not None else float("nan") for row in rows for c in row],
         "confidence": [c.confidence if c else 0.0 for row in rows for c in row],
         "agrees_with_scene": [bool(c and c.agrees_with_scene) for row in rows for c in row],
     }

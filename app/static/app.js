@@ -168,7 +168,9 @@ function captionItem(caption, rank) {
   const label = document.createElement("span");
   label.className = "confidence-value";
   label.textContent = `${percent(caption.confidence)} confidence`;
-  label.title = `estimated chance that this caption is right; log-probability ${caption.log_prob.toFixed(3)}`;
+  label.title = caption.log_prob == null
+    ? "estimated chance that this caption is right; written from the objects the model sees, not by its decoder"
+    : `estimated chance that this caption is right; log-probability ${caption.log_prob.toFixed(3)}`;
   const bar = document.createElement("span");
   bar.className = "confidence-bar";
   bar.setAttribute("aria-hidden", "true");
@@ -176,10 +178,12 @@ function captionItem(caption, rank) {
   fill.style.width = percent(caption.confidence);
   bar.append(fill);
   confidence.append(label, bar);
-  if (caption.agrees_with_scene === false) {
+  if (caption.agrees_with_scene === false || caption.written_from_scene) {
     const note = document.createElement("span");
-    note.className = "disagrees";
-    note.textContent = "does not match the objects the model sees";
+    note.className = caption.written_from_scene ? "written" : "disagrees";
+    note.textContent = caption.written_from_scene
+      ? "written from the objects the model sees: no caption of its decoder matched them"
+      : "does not match the objects the model sees";
     confidence.append(note);
   }
 

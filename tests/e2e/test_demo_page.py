@@ -165,7 +165,8 @@ def scene(served_app, server_url, bundle, tmp_path_factory):
     for index in range(SCENES_TO_TRY):
         example = make_example("test", index)
         best = captioner.caption([example.pixels], page_options(captioner))[0][0]
-        if bundle != TRAINED_BUNDLE or check_caption(best.text, example.scene).correct:
+        right = check_caption(best.text, example.scene).correct and not best.written_from_scene  # one with words
+        if bundle != TRAINED_BUNDLE or right:
             path = tmp_path_factory.mktemp("scene") / f"{example.image_id}.png"
             Image.fromarray(example.pixels).save(path)
             return path, example.scene, best.text
@@ -274,6 +275,39 @@ def test_on_a_phone_a_tap_pins_the_heatmap_and_nothing_overflows(browser, server
     assert heatmap_pixels_drawn(page) > 0
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     save_screenshot(page, tmp_path, "demo-phone.png")
+    page.close()
+
+
+def test_a_caption_written_from_the_scene_is_shown_and_marked(browser, server_url, scene):
+    """Grounded decoding can put a caption written from the model's reading first: it has no
+    log_prob and no words with attention. The page shows it, says where it came from, and still
+    shows the decoder's captions after it with their words. The service's answer is edited on its
+    way to the page, since which pictures get one depends on the model."""
+    written = {
+        "text": "there is a red cross",
+        "confidence": 0.61,
+        "agrees_with_scene": True,
+        "written_from_scene": True,
+    }
+
+    def add_written(route):  # the page's own request, sent again from here (route.fetch drops a form's file)
+        with open(scene[0], "rb") as image:
+            answer = httpx.post(route.request.url, files={"image": ("scene.png", image, "image/png")}, timeout=60)
+        body = answer.json()
+        body["captions"] = [written] + body["captions"][:-1]
+        route.fulfill(json=body)
+
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.route("**/caption?**", add_written)
+    upload_and_wait(page, server_url, scene[0])
+    first = page.locator("#captions li").first
+    assert first.locator(".caption-text").inner_text() == "there is a red cross"
+    assert "written from the objects the model sees" in first.inner_text()
+    assert "written from" in first.locator(".confidence-value").get_attribute("title")
+    assert page.locator("#captions li").nth(1).locator(".word").count() > 0
+    assert errors == []
     page.close()
 
 

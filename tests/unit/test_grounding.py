@@ -3,8 +3,10 @@ scene head as a verified bundle file, and the same answers offline and through t
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,9 +16,9 @@ from conftest import make_tiny_bundle
 from captioning import known_answer
 from captioning.artifacts import ArtifactError, add_files, add_scene_head, drop_file, record_known_answer
 from captioning.decoding import Caption, DecodeOptions
-from captioning.grounding import FILE, SceneHead, read_scene, rerank
+from captioning.grounding import FILE, MOST_OBJECTS_READ, SceneHead, read_scene, rerank
 from captioning.scene_checker import check_caption
-from captioning.scenes import SCENE_KINDS
+from captioning.scenes import MAX_OBJECTS, SCENE_KINDS, list_scene
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -44,6 +46,22 @@ def test_each_touching_group_of_one_label_is_one_object_where_its_cells_are():
     assert read_scene(np.zeros(36, np.int32), (6, 6)).objects == ()
 
 
+def test_touching_cells_of_one_size_and_colour_are_one_object_of_the_shape_most_of_them_name():
+    """The cells of one small object in a JPEG often disagree on its shape: one object, not three."""
+    grid = np.zeros((6, 6), np.int32)
+    grid[1, 1:3] = label("small", "red", "diamond")
+    grid[2, 1] = label("small", "red", "triangle")
+    grid[2, 2] = label("small", "red", "diamond")  # three diamond cells, one triangle cell
+    grid[2, 3] = label("large", "red", "triangle")  # touches them, but another size: another object
+    grid[4, 4] = label("small", "blue", "cross")
+    grid[4, 5] = label("small", "blue", "circle")  # a tie: the first cell read (row by row) names it
+    scene = read_scene(grid.ravel(), (6, 6))
+    kinds = sorted((o.size, o.colour, o.shape) for o in scene.objects)
+    assert kinds == [("large", "red", "triangle"), ("small", "blue", "cross"), ("small", "red", "diamond")]
+    diamond = next(o for o in scene.objects if o.shape == "diamond")
+    assert (diamond.cx, diamond.cy) == (2.0, 2.0)  # the mean of all four of its cells
+
+
 def test_reranking_puts_the_captions_the_scene_agrees_with_first_and_keeps_the_rest_in_order():
     grid = np.zeros((4, 4), np.int32)
     grid[0, 0] = label("small", "green", "diamond")
@@ -65,6 +83,48 @@ def test_reranking_puts_the_captions_the_scene_agrees_with_first_and_keeps_the_r
     assert [c.agrees_with_scene for c in ordered] == [True, True, False, False, False]
     assert [c.log_prob for c in ordered] == [-2.0, -2.5, -1.5, -1.0, -1.7]  # the captions' own scores kept
     assert candidates[3].agrees_with_scene is None  # copies: the search's captions are not changed
+
+
+def test_a_caption_is_written_from_the_scene_only_when_the_best_candidate_names_the_same_objects():
+    """No candidate agrees: where the best names as many objects of each colour as the reading, they
+    differ on a shape and the reading's caption goes first; where they differ on which objects there
+    are, nothing is written."""
+    grid = np.zeros((6, 6), np.int32)
+    grid[0, 0] = label("small", "orange", "cross")
+    grid[5, 5] = label("large", "blue", "square")
+    grid[5, 0] = label("small", "blue", "square")
+    scene = read_scene(grid.ravel(), (6, 6))
+
+    def candidate(text, log_prob=-1.0, confidence=0.6):
+        return Caption(text, text.split(), log_prob, confidence)
+
+    misnamed = [candidate("there is an orange circle and two blue squares", -1.2, 0.7), candidate("an orange circle")]
+    ordered = rerank(misnamed, scene)
+    written = ordered[0]
+    assert written.text == "there is an orange cross and two blue squares"
+    assert written.written_from_scene and written.agrees_with_scene
+    assert written.log_prob is None and written.attention is None and written.confidence == 0.7  # the best's
+    assert check_caption(written.text, scene).correct
+    assert [c.text for c in ordered[1:]] == [c.text for c in misnamed] and not any(
+        c.written_from_scene for c in ordered[1:]
+    )
+
+    assert rerank(misnamed, scene, words=(1, 8))[0].text == misnamed[0].text  # 9 words: longer than allowed
+    assert rerank(misnamed, scene, words=(10, 20))[0].text == misnamed[0].text  # shorter than asked
+    for other_objects in ("there is an orange circle and a blue square", "there is a red circle and two blue squares"):
+        assert not any(c.written_from_scene for c in rerank([candidate(other_objects)], scene))
+    assert not any(c.written_from_scene for c in rerank([candidate("orange orange")], scene))  # not the grammar
+    agreeing = [candidate("there is an orange cross and two blue squares")]
+    assert [c.written_from_scene for c in rerank(agreeing, scene)] == [False]  # a candidate agrees: none written
+    six = np.zeros((6, 6), np.int32)
+    six[0, ::2] = label("small", "red", "circle")
+    six[2, ::2] = label("small", "red", "square")
+    six = read_scene(six.ravel(), (6, 6))  # 3 + 3 reds: more objects than a scene of the grammar holds
+    assert MAX_OBJECTS < len(six.objects) <= MOST_OBJECTS_READ  # reranked, but nothing written
+    as_many_reds = candidate("there are four red circles and two red triangles")
+    assert [c.written_from_scene for c in rerank([as_many_reds], six)] == [False]
+    with pytest.raises(ValueError, match="1 to 4"):
+        list_scene(replace(six, objects=six.objects[:1] * 5))
 
 
 def test_a_reading_of_more_objects_than_a_scene_holds_reranks_nothing_and_checks_nothing(monkeypatch):
@@ -261,6 +321,65 @@ def test_the_service_answers_a_grounded_request_as_the_offline_captioner_does(tm
         assert "agrees_with_scene" not in plain["captions"][0]  # only grounded answers say it
 
 
+def test_the_service_says_which_caption_was_written_from_the_scene(tmp_path, tiny_captioner, monkeypatch):
+    """The tiny random model's captions are not the grammar's, so the writing is forced here: the
+    answer marks the written caption, gives it no log_prob (none was decoded), and the protocol
+    route scores it NaN."""
+    from fastapi.testclient import TestClient
+
+    import captioning.grounding
+    from app.main import create_app
+    from app.settings import Settings
+
+    def always_written(best, scene, words=None):
+        return Caption("there is a red cross", ["there", "is", "a", "red", "cross"], None, best.confidence,
+                       agrees_with_scene=True, written_from_scene=True)  # fmt: skip
+
+    monkeypatch.setattr(captioning.grounding, "written_caption", always_written)
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    app = create_app(Settings(artifacts_dir=bundle, api_key="k", max_upload_bytes=200_000))
+    with TestClient(app, headers={"X-API-Key": "k"}) as client:
+        params = {"strategy": "beam", "beam_size": 3, "num_captions": 2, "grounded": "true"}
+        response = client.post("/caption", params=params, files={"image": ("a.png", uploads.png(), "image/png")})
+        assert response.status_code == 200, response.text
+        written, decoded = response.json()["captions"]
+        assert (
+            decoded["agrees_with_scene"] is False
+        )  # the random model's caption: a candidate that agreed stops the writing
+        assert written["text"] == "there is a red cross" and written["written_from_scene"] is True
+        assert "log_prob" not in written and 0.0 <= written["confidence"] <= 1.0
+        assert decoded["written_from_scene"] is False and decoded["log_prob"] <= 0.0
+        image = base64.b64encode(uploads.png()).decode()
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}],
+                "parameters": params | {"grounded": True, "beam_size": 3, "num_captions": 2}}  # fmt: skip
+        scores = client.post("/v2/models/default/infer", json=body)
+        assert scores.status_code == 200, scores.text
+        outputs = {o["name"]: o["data"] for o in scores.json()["outputs"]}
+        assert outputs["captions"][0] == "there is a red cross" and outputs["agrees_with_scene"][0] is True
+        assert outputs["scores"][0] is None  # NaN, which JSON writes as null
+
+
+def test_the_grounded_wild_report_counts_the_captions_written_from_the_scene(tmp_path, tiny_captioner, monkeypatch):
+    """evaluate-wild --grounded says, for the test split and every variation, how many of its first
+    captions were written from the reading; a greedy report has no such count."""
+    import captioning.grounding
+    from training.datasets.shapes_wide import VARIATIONS
+    from training.wild import evaluate_wild
+
+    def always_written(best, scene, words=None):
+        return Caption("there is a red cross", ["there", "is", "a", "red", "cross"], None, best.confidence,
+                       agrees_with_scene=True, written_from_scene=True)  # fmt: skip
+
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    monkeypatch.setattr(captioning.grounding, "written_caption", always_written)
+    report = evaluate_wild(bundle, per_variation=2, test_images=3, ood_per_group=1, grounded=True)
+    assert report["decoding"]["grounded"] is True
+    assert report["test"]["written_from_scene"] == 3  # the random model's captions never agree with its reading
+    assert {name: r["written_from_scene"] for name, r in report["variations"].items()} == dict.fromkeys(VARIATIONS, 2)
+    greedy = evaluate_wild(bundle, per_variation=1, test_images=1, ood_per_group=1)
+    assert "written_from_scene" not in greedy["test"]
+
+
 def test_calibrate_fits_an_n_best_by_rank_and_grounded_captions_by_answer(tmp_path, tiny_captioner):
     """`training calibrate` on a bundle with a scene head fits the captions of a beam's, a
     sampler's and a grounded beam's n-best of 3 by rank, the grounded ones by answer, where a group
@@ -300,6 +419,42 @@ def test_calibrate_fits_an_n_best_by_rank_and_grounded_captions_by_answer(tmp_pa
     for caption in Captioner.load(bundle).caption(image, grounded)[0]:  # the first rank's fit serves all three
         assert caption.agrees_with_scene is False
         assert caption.confidence == pytest.approx(Calibration(2.0, 1.0).apply(caption.raw_confidence))
+
+
+def test_a_written_caption_is_calibrated_as_the_first_of_candidates_none_of_which_agreed(monkeypatch, tiny_captioner):
+    """Its confidence is the displaced best candidate's, mapped by the grounded-disagreeing fit of
+    its rank; the decoder's captions after it keep theirs, by their ranks and answers."""
+    from types import SimpleNamespace
+
+    from captioning.calibration import Calibration
+
+    agreeing = Calibration(1.0, 2.0, "agreeing")
+    by_rank = [Calibration(3.0, -1.0, "rank 1"), Calibration(2.0, 0.5, "rank 2"), Calibration(1.0, 1.0, "rank 3")]
+    ranks = {"grounded_agreeing": (agreeing,) * 3, "grounded_disagreeing": tuple(by_rank)}
+    fits = Calibration(1.0, 0.0, ranks=ranks, ranked_width=3)
+    monkeypatch.setattr(tiny_captioner, "calibration", fits)
+    grid = np.zeros((4, 4), np.int32)
+    grid[0, 0] = label("small", "red", "cross")
+    scene = read_scene(grid.ravel(), (4, 4))
+    decoded = [
+        Caption("a red circle", ["a", "red", "circle"], -1.0, 0.8),
+        Caption("a blue cross", ["a", "blue", "cross"], -2.0, 0.5),
+    ]
+    options = DecodeOptions(strategy="beam", beam_size=3, num_captions=3, grounded=True)
+    search = SimpleNamespace(options=options, results=lambda tokenizer: decoded)
+    captions = tiny_captioner.results(search, scene)
+    assert [c.text for c in captions] == ["there is a red cross", "a red circle", "a blue cross"]
+    assert [c.written_from_scene for c in captions] == [True, False, False]
+    assert [c.raw_confidence for c in captions] == [0.8, 0.8, 0.5]
+    # the written caption is rank 1 of the answer; the decoder's move down a rank and take those fits
+    assert [c.confidence for c in captions] == pytest.approx([fit.apply(c) for fit, c in zip(by_rank, (0.8, 0.8, 0.5))])
+
+    short = replace(options, max_length=4)  # "there is a red cross" has 5 words: not written
+    search = SimpleNamespace(options=short, results=lambda tokenizer: decoded)
+    assert not any(c.written_from_scene for c in tiny_captioner.results(search, scene))
+    longer = replace(options, min_length=6)
+    search = SimpleNamespace(options=longer, results=lambda tokenizer: decoded)
+    assert not any(c.written_from_scene for c in tiny_captioner.results(search, scene))
 
 
 def test_a_group_too_small_is_not_fitted_and_one_too_pure_or_backwards_gets_its_rate():

@@ -168,5 +168,20 @@ def test_small_corner_draws_its_share_of_training_images_from_the_corner_and_lea
         load_dataset("shapes_wide", "train", limit=1, small_corner="1.5")
 
 
+def test_jpeg_quality_recompresses_the_same_scenes_at_other_qualities():
+    """The object reader's fit draws JPEGs down to quality 15 (Makefile); nothing else changes."""
+    plain = load_dataset("shapes_wide", "train", limit=12)
+    heavy = load_dataset("shapes_wide", "train", limit=12, jpeg_quality="15-15")
+    assert [r.scene for r in heavy] == [r.scene for r in plain]
+    assert [r.encoded is None for r in heavy] == [r.encoded is None for r in plain]
+    compressed = [(p, h) for p, h in zip(plain, heavy) if p.encoded is not None]
+    assert compressed, "some of the first 12 training images are JPEG files"
+    for before, after in compressed:  # quality 15 keeps less of the same picture: a smaller file
+        assert len(after.encoded) < len(before.encoded)
+    for bad in ("95-15", "0-40", "15", "low-high"):
+        with pytest.raises(ValueError, match="jpeg_quality"):
+            load_dataset("shapes_wide", "train", limit=1, jpeg_quality=bad)
+
+
 def test_settings_are_plain_ranges():
     assert isinstance(VARIATIONS["jpeg"], WideSettings) and VARIATIONS["standard"] is TRAINING

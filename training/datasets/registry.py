@@ -24,7 +24,8 @@ Names and the options each loader takes (besides `split` and `limit`):
                                   `variation=NAME` gives a wild evaluation set; `first=N`
                                   starts at example N (past 24000: images no run trained on);
                                   `small_corner=SHARE` draws that share of the train split
-                                  from the small-object corner (validation and test: never)
+                                  from the small-object corner (validation and test: never);
+                                  `jpeg_quality=LOW-HIGH` draws JPEG qualities from that range
     "list"      list_file         a .jsonl/.ndjson or .csv caption list; without a split column
                                   the whole file is `split`
 
@@ -72,8 +73,16 @@ def load_shapes_wide(
     resize_to: int | str | None = None,
     first: int | str = 0,
     small_corner: float | str = 0.0,
+    jpeg_quality: str | tuple[int, int] | None = None,
 ) -> list[CaptionedImage]:
-    """The wide-domain shapes dataset; training passes resize_to=<model input size> itself."""
+    """The wide-domain shapes dataset; training passes resize_to=<model input size> itself.
+    `jpeg_quality` comes as "LOW-HIGH" from the command line."""
+    if isinstance(jpeg_quality, str):
+        try:
+            low, high = (int(part) for part in jpeg_quality.split("-"))
+        except ValueError:
+            raise DatasetOptionError(f"jpeg_quality is LOW-HIGH (e.g. 15-95), not {jpeg_quality!r}") from None
+        jpeg_quality = (low, high)
     return load_wide_split(
         split,
         size=limit,
@@ -82,6 +91,7 @@ def load_shapes_wide(
         resize_to=int(resize_to) if resize_to else None,
         first=int(first),
         small_corner=float(small_corner),
+        jpeg_quality=jpeg_quality,
     )
 
 

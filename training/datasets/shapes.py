@@ -33,7 +33,7 @@ from captioning.scenes import (
     SIZES,
     Scene,
     ShapeObject,
-    plural,
+    noun_phrase,
     relation_holds,
 )
 from training.datasets.base import CaptionedImage
@@ -60,7 +60,6 @@ NOISE_SIGMA = 6.0
 SPLIT_ID = {"train": 1, "val": 2, "test": 3}
 SPLIT_SIZES = {"train": 12000, "val": 500, "test": 1000}
 
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 # Share of captions using the relation form, when a scene allows one. "is" takes all of that
 # share at one token while list wordings split theirs over several ("and", "a", "one", ...), so a
 # larger share makes the relation the single most likely continuation and greedy decoding states
@@ -170,19 +169,6 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, e: 
 
 
 # -------------------------------------------------------------------------------------- captions
-
-
-def noun_phrase(count: int, colour: str, shape: str, size: str | None = None, one: bool = False) -> str:
-    """ "a red circle", "an orange square", "one small blue cross", "two large red crosses"."""
-    noun = plural(shape) if count > 1 else shape
-    words = [size, colour, noun] if size else [colour, noun]
-    if count > 1:
-        article = NUMBER_WORDS[count]
-    elif one:
-        article = "one"
-    else:
-        article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article, *words])
 
 
 def join_list(phrases: list[str]) -> str:

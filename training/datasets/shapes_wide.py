@@ -244,6 +244,13 @@ def resize_for_model(pixels: np.ndarray, encoded: bytes | None, size: int) -> np
     return model_input(Image.fromarray(pixels), size)
 
 
+def check_options(small_corner: float, jpeg_quality: tuple[int, int] | None) -> None:
+    if not 0.0 <= small_corner <= 1.0:
+        raise ValueError(f"small_corner is a share in [0, 1], not {small_corner}")
+    if jpeg_quality is not None and not 1 <= jpeg_quality[0] <= jpeg_quality[1] <= 95:
+        raise ValueError(f"jpeg_quality is a range of qualities within 1-95, not {jpeg_quality}")
+
+
 def make_wide_example(
     split: str,
     index: int,
@@ -251,11 +258,13 @@ def make_wide_example(
     max_objects: int = 3,
     resize_to: int | None = None,
     small_corner: float = 0.0,
+    jpeg_quality: tuple[int, int] | None = None,
 ) -> CaptionedImage:
     """Example `index` of `split`, or of wild variation `variation` (split then only names it);
-    `small_corner` is the chance that a training example is drawn from SMALL_CORNER."""
-    if not 0.0 <= small_corner <= 1.0:
-        raise ValueError(f"small_corner is a share in [0, 1], not {small_corner}")
+    `small_corner` is the chance that a training example is drawn from SMALL_CORNER;
+    `jpeg_quality` (lowest, highest) replaces the range a JPEG-compressed example's quality is
+    drawn from (the same scenes and the same examples compressed, at other qualities)."""
+    check_options(small_corner, jpeg_quality)
     if variation is not None:
         if variation not in VARIATIONS:
             raise ValueError(f"unknown variation {variation!r}; expected one of {tuple(VARIATIONS)}")
@@ -268,6 +277,8 @@ def make_wide_example(
         settings, seed, image_id = TRAINING, [SPLIT_ID[split], index], f"shapes-wide-{split}-{index:06d}"
         if split == "train" and small_corner and np.random.default_rng([CORNER_ID, index]).random() < small_corner:
             settings, image_id = SMALL_CORNER, f"shapes-wide-{split}-small-{index:06d}"
+    if jpeg_quality is not None:
+        settings = dataclasses.replace(settings, jpeg_quality=tuple(jpeg_quality))
     scene_rng, pixel_rng, caption_rng = np.random.default_rng(seed).spawn(3)
     scene = generate_wide_scene(scene_rng, settings, max_objects)
     pixels, encoded = render_wide(scene, pixel_rng, settings)
@@ -291,12 +302,14 @@ def load_wide_split(
     resize_to: int | None = None,
     first: int = 0,
     small_corner: float = 0.0,
+    jpeg_quality: tuple[int, int] | None = None,
 ) -> list[CaptionedImage]:
     """`size` examples (default: SPLIT_SIZES[split]) from index `first` on; `resize_to` stores them
     at the model's input size (training holds thousands in memory), else at their drawn size.
     Every index is its own seed, so `first` past a run's training images draws ones it never saw."""
+    check_options(small_corner, jpeg_quality)  # before drawing: a bad option fails even with size 0
     count = SPLIT_SIZES.get(split, 1000) if size is None else size
     return [
-        make_wide_example(split, i, variation, max_objects, resize_to, small_corner)
+        make_wide_example(split, i, variation, max_objects, resize_to, small_corner, jpeg_quality)
         for i in range(first, first + count)
     ]

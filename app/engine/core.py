@@ -265,9 +265,11 @@ class EngineCore:
         requests = [r for r in self.queue.take(admission.count) if not r.abandoned]
         if not requests:
             return 0, None
-        failure = encode_requests(self.runner, requests, now)
-        if failure is not None:
-            self.finished.extend(each_failed(requests, failure))
+        failed = encode_requests(self.runner, requests, now)
+        self.finished.extend(failed)
+        lost = {id(request) for request, _ in failed}
+        requests = [request for request in requests if id(request) not in lost]
+        if not requests:
             return 0, None
         self._start_searches(requests)
         return len(requests), None

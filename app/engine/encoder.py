@@ -28,9 +28,11 @@ logger = logging.getLogger("app.engine")
 IDLE_POLL_S = 0.5  # an idle thread re-checks for shutdown at least this often (wake-ups are not lost)
 
 
-def encode_requests(runner, requests: list[Request], now: float) -> InferenceError | None:
-    """Encodes the requests' images into feature slots; on failure returns the error that fails
-    them all (and only them)."""
+def encode_requests(runner, requests: list[Request], now: float) -> list[tuple[Request, Exception]]:
+    """Encodes the requests' images into feature slots. Returns the outcomes of those that failed
+    (each_failed; empty when none did): all of them when the encode call fails; only the grounded
+    ones when reading their scenes fails, since the others do not need the reading. A failed
+    request holds no feature slot; every other request has its slots."""
     for request in requests:
         request.admitted = now
         metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
@@ -40,25 +42,31 @@ def encode_requests(runner, requests: list[Request], now: float) -> InferenceErr
         slots, domain_scores, scene_cells = runner.encode(np.stack(images))
     except Exception as exc:
         logger.exception("encoding a batch of %d images failed", len(requests))
-        return InferenceError(f"encoding the image failed: {exc}")
+        return each_failed(requests, InferenceError(f"encoding the image failed: {exc}"))
     firsts = np.cumsum([0] + [request.views for request in requests[:-1]])
+    failed: list[tuple[Request, Exception]] = []
     grounded = [n for n, request in enumerate(requests) if request.options.grounded]
     if grounded:  # what grounded decoding reranks by: the upload's reading, not its mirror's
         rows = firsts[grounded]
-        try:  # a failure fails the batch, as an encode failure does (the reader passed a probe at load)
+        try:  # (the reader passed a probe call when it was loaded)
             scenes = runner.read_scenes(np.stack([images[row] for row in rows]), scene_cells[rows])
             for n, scene in zip(grounded, scenes, strict=True):
                 requests[n].scene = scene
         except Exception as exc:
-            runner.free(slots)
             logger.exception("reading the scenes of %d images failed", len(grounded))
-            return InferenceError(f"reading the image's scene failed: {exc}")
+            failed = each_failed(
+                [requests[n] for n in grounded], InferenceError(f"reading the image's scene failed: {exc}")
+            )
     metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
+    lost = {id(request) for request, _ in failed}
     for request, first in zip(requests, firsts, strict=True):
+        if id(request) in lost:
+            runner.free(slots[first : first + request.views])
+            continue
         request.feature_slots = slots[first : first + request.views]
         if domain_scores is not None:  # the upload's own, not its mirror's
             request.domain_score = float(domain_scores[first])
-    return None
+    return failed
 
 
 def request_views(request: Request) -> list[np.ndarray]:
@@ -120,15 +128,16 @@ class EncoderStage:
                 self.queue.wait(IDLE_POLL_S)
                 continue
             try:
-                failure = encode_requests(self.runner, batch, time.monotonic())
+                failed = encode_requests(self.runner, batch, time.monotonic())
             except Exception:  # a bug: fail this batch, keep the thread alive
                 logger.exception("the encoder thread failed")
-                failure = InferenceError("the inference engine failed")
+                failed = each_failed(batch, InferenceError("the inference engine failed"))
+            lost = {id(request) for request, _ in failed}
             with self.handoff:
                 self.in_flight = []
-                if failure is None:
-                    for request in batch:
+                for request in batch:
+                    if id(request) not in lost:
                         self.encoded.put_nowait(request)
-            if failure is not None:
-                self.post(each_failed(batch, failure))
+            if failed:
+                self.post(failed)
         logger.info("encoder thread stopped")

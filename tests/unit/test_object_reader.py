@@ -203,23 +203,39 @@ def test_the_encoder_stage_reads_the_grounded_requests_of_a_mixed_batch_from_the
     ]
     runner = ModelRunner(captioner, capacity=16)
     requests = [Request(image, options, None, None) for image, options in zip(images, kinds, strict=True)]
-    assert encode_requests(runner, requests, 0.0) is None
+    assert encode_requests(runner, requests, 0.0) == []
     assert [len(r.feature_slots) for r in requests] == [1, 2, 2, 1, 1]
     _, cells = captioner.feature_slots(8).encode(images, np.arange(len(images)))
     expected = captioner.read_scenes(images, cells)
     for n, request in enumerate(requests):
         assert request.scene == (expected[n] if request.options.grounded else None), n
 
-    # A failing reading fails the batch and gives every feature slot back.
+    # A failing reading fails the grounded requests only, and gives their feature slots back; the
+    # plain requests of the batch, which do not need it, keep theirs and go on.
     def fails(images, cells):
         raise RuntimeError("reader out of memory")
 
     runner.free([slot for request in requests for slot in request.feature_slots])
     runner.read_scenes = fails
     again = [Request(image, options, None, None) for image, options in zip(images, kinds, strict=True)]
-    failure = encode_requests(runner, again, 0.0)
-    assert isinstance(failure, InferenceError) and "scene" in str(failure)
-    assert len(runner.free_slots) == 16 and all(not r.feature_slots for r in again)
+    failed = encode_requests(runner, again, 0.0)
+    assert [again.index(request) for request, _ in failed] == [1, 3, 4]  # the grounded ones
+    assert all(isinstance(error, InferenceError) and "scene" in str(error) for _, error in failed)
+    assert len({id(error) for _, error in failed}) == 3  # an exception object each
+    assert [len(r.feature_slots) for r in again] == [1, 0, 2, 0, 0]
+    assert len(runner.free_slots) == 16 - 3  # the plain requests' 1 + 2 slots only
+
+    # A failing encode fails every request of the batch and takes no slot.
+    runner.free([slot for request in again for slot in request.feature_slots])
+
+    def encode_fails(images):
+        raise RuntimeError("encoder out of memory")
+
+    runner.encode = encode_fails
+    third = [Request(image, options, None, None) for image, options in zip(images, kinds, strict=True)]
+    failed = encode_requests(runner, third, 0.0)
+    assert [request for request, _ in failed] == third and "encoding" in str(failed[0][1])
+    assert len(runner.free_slots) == 16 and all(not r.feature_slots for r in third)
 
 
 def test_fit_object_reader_adds_a_reader_the_captioner_loads_and_removes_a_stale_calibration(

@@ -75,7 +75,7 @@ class Calibration:
         for a grounded first caption, whose answer's fit serves any width. The first caption of a
         mirror-view n-best takes the mirror fit (a grounded one: its answer's); the other rank fits
         were made without the mirror view and serve it too."""
-        kind = {True: "grounded_agreeing", False: "grounded_disagreeing"}.get(agrees_with_scene, strategy)
+        kind = ANSWER_KINDS.get(agrees_with_scene, strategy)
         fits = self.ranks.get(kind, ())
         if width != self.ranked_width:
             fits = fits[:1] if agrees_with_scene is not None and rank == 0 else ()
@@ -118,6 +118,16 @@ class Calibration:
 
 
 RANKED_KINDS = ("beam", "sample", "grounded_agreeing", "grounded_disagreeing")  # Calibration.ranks' keys
+ANSWER_KINDS = {True: "grounded_agreeing", False: "grounded_disagreeing"}  # a grounded caption's, by its answer
+
+
+def calibrated_answer(caption) -> bool | None:
+    """The answer a caption (captioning.decoding.Caption) is calibrated by, in fitting and in
+    serving alike: whether a grounded caption agrees with the model's reading; None for any other.
+    A caption written from the reading counts as disagreeing: it stands first where none of the
+    decoder's candidates agreed, and its confidence is the displaced candidate's, so it is fitted
+    and served with those first captions (captioning.grounding.written_caption)."""
+    return False if caption.written_from_scene else caption.agrees_with_scene
 
 
 def _parameters(calibration: Calibration) -> dict:

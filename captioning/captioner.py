@@ -28,7 +28,7 @@ from captioning import known_answer  # noqa: E402
 from captioning.artifacts import ArtifactError, load_models, verify_bundle  # noqa: E402
 from captioning.buckets import BATCH_BUCKETS, bucket_for  # noqa: E402
 from captioning.calibration import FILE as CALIBRATION_FILE  # noqa: E402
-from captioning.calibration import Calibration
+from captioning.calibration import Calibration, calibrated_answer
 from captioning.config import ModelConfig  # noqa: E402
 from captioning.decoding import Caption, DecodeOptions, GreedySearch, Search, new_search  # noqa: E402
 from captioning.domain import FILE as DOMAIN_FILE  # noqa: E402
@@ -339,10 +339,8 @@ class Captioner:
         if self.calibration is not None:
             options = search.options
             for rank, caption in enumerate(captions):
-                # a written caption is calibrated as the first of candidates none of which agreed
-                agrees = False if caption.written_from_scene else caption.agrees_with_scene
                 fit = self.calibration.for_caption(
-                    options.strategy, options.mirror_view, options.candidates, rank, agrees
+                    options.strategy, options.mirror_view, options.candidates, rank, calibrated_answer(caption)
                 )
                 caption.raw_confidence = caption.confidence
                 caption.confidence = fit.apply(caption.confidence)

@@ -86,12 +86,13 @@ class SceneHead:
 def read_scene(cells: np.ndarray, grid_shape: tuple[int, int]) -> Scene:
     """Cell labels [rows * columns] (SceneHead) -> the scene they show: each 4-connected group of
     cells naming one size and colour is one object, of the shape most of its cells name (a tie goes
-    to the shape met first in the group's search), centred on the group's mean cell, in a frame of one unit per cell
-    (relations compare shares of the frame, so its size does not matter).
+    to the shape met first in the group's search), centred on the group's mean cell, in a frame of
+    one unit per cell (relations compare shares of the frame, so its size does not matter).
 
     Grouping by size and colour, not by the whole label: the cells of one small object in a
     compressed or low-resolution picture often disagree on its shape, and a group per label read
-    such an object as two or three (docs/MODEL.md, "Reading the cells")."""
+    such an object as two or three (docs/MODEL.md, "Reading the cells, and captions written from
+    the reading")."""
     rows, columns = grid_shape
     labels = np.asarray(cells).reshape(rows, columns)
     kinds = [None] + list(SCENE_KINDS)
@@ -172,7 +173,8 @@ def written_caption(best, scene: Scene, words: tuple[int, int] | None = None):
     if colours != Counter(obj.colour for obj in scene.objects):
         return None
     text = list_scene(scene)  # at most MAX_OBJECTS objects: the grammar counts them all
+    tokens = text.split()
     fewest, most = words or (0, None)
-    if len(text.split()) < fewest or (most is not None and len(text.split()) > most):
+    if len(tokens) < fewest or (most is not None and len(tokens) > most):
         return None
-    return Caption(text, text.split(), None, best.confidence, agrees_with_scene=True, written_from_scene=True)
+    return Caption(text, tokens, None, best.confidence, agrees_with_scene=True, written_from_scene=True)

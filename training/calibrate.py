@@ -19,7 +19,14 @@ import json
 
 import numpy as np
 
-from captioning.calibration import FILE, Calibration, expected_calibration_error, fit_calibration
+from captioning.calibration import (
+    ANSWER_KINDS,
+    FILE,
+    Calibration,
+    calibrated_answer,
+    expected_calibration_error,
+    fit_calibration,
+)
 from captioning.decoding import DecodeOptions
 from captioning.grounding import BEAM_SIZE
 
@@ -170,12 +177,7 @@ def calibrate_bundle(artifacts, dataset: str, split: str, limit: int | None, opt
     ]
     if captioner.scene_head is not None:
         grounded = dataclasses.replace(beam, grounded=True)
-        # a caption written from the reading is fitted with the first captions none of whose candidates agreed
-        answer = lambda caption: (  # noqa: E731
-            "grounded_agreeing"
-            if caption.agrees_with_scene and not caption.written_from_scene
-            else "grounded_disagreeing"
-        )
+        answer = lambda caption: ANSWER_KINDS[calibrated_answer(caption)]  # noqa: E731
         n_bests.append((f"grounded beam {N_BEST}", n_best_captions(captioner, records, grounded), answer))
     for name, n_best, kind_of in n_bests:
         by_kind, rank_summary = rank_fits(n_best, grade_n_best(n_best, records), kind_of, described, name)

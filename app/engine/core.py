@@ -265,14 +265,12 @@ class EngineCore:
         requests = [r for r in self.queue.take(admission.count) if not r.abandoned]
         if not requests:
             return 0, None
-        failed = encode_requests(self.runner, requests, now)
+        encoded, failed = encode_requests(self.runner, requests, now)
         self.finished.extend(failed)
-        lost = {id(request) for request, _ in failed}
-        requests = [request for request in requests if id(request) not in lost]
-        if not requests:
+        if not encoded:
             return 0, None
-        self._start_searches(requests)
-        return len(requests), None
+        self._start_searches(encoded)
+        return len(encoded), None
 
     def _step(self) -> None:
         """One decoder call over every active row, then each search takes its tokens; finished

@@ -28,11 +28,13 @@ logger = logging.getLogger("app.engine")
 IDLE_POLL_S = 0.5  # an idle thread re-checks for shutdown at least this often (wake-ups are not lost)
 
 
-def encode_requests(runner, requests: list[Request], now: float) -> list[tuple[Request, Exception]]:
-    """Encodes the requests' images into feature slots. Returns the outcomes of those that failed
-    (each_failed; empty when none did): all of them when the encode call fails; only the grounded
-    ones when reading their scenes fails, since the others do not need the reading. A failed
-    request holds no feature slot; every other request has its slots."""
+def encode_requests(
+    runner, requests: list[Request], now: float
+) -> tuple[list[Request], list[tuple[Request, Exception]]]:
+    """Encodes the requests' images into feature slots. Returns (the requests encoded, which hold
+    their slots; the outcomes of those that failed, each_failed, which hold none): all fail when the
+    encode call fails; only the grounded ones when reading their scenes fails, since the others do
+    not need the reading."""
     for request in requests:
         request.admitted = now
         metrics.QUEUE_WAIT_SECONDS.observe(now - request.submitted)
@@ -42,9 +44,9 @@ def encode_requests(runner, requests: list[Request], now: float) -> list[tuple[R
         slots, domain_scores, scene_cells = runner.encode(np.stack(images))
     except Exception as exc:
         logger.exception("encoding a batch of %d images failed", len(requests))
-        return each_failed(requests, InferenceError(f"encoding the image failed: {exc}"))
+        return [], each_failed(requests, InferenceError(f"encoding the image failed: {exc}"))
     firsts = np.cumsum([0] + [request.views for request in requests[:-1]])
-    failed: list[tuple[Request, Exception]] = []
+    unread: list[int] = []  # the requests whose reading failed
     grounded = [n for n, request in enumerate(requests) if request.options.grounded]
     if grounded:  # what grounded decoding reranks by: the upload's reading, not its mirror's
         rows = firsts[grounded]
@@ -54,19 +56,18 @@ def encode_requests(runner, requests: list[Request], now: float) -> list[tuple[R
                 requests[n].scene = scene
         except Exception as exc:
             logger.exception("reading the scenes of %d images failed", len(grounded))
-            failed = each_failed(
-                [requests[n] for n in grounded], InferenceError(f"reading the image's scene failed: {exc}")
-            )
+            unread, error = grounded, InferenceError(f"reading the image's scene failed: {exc}")
     metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
-    lost = {id(request) for request, _ in failed}
-    for request, first in zip(requests, firsts, strict=True):
-        if id(request) in lost:
+    encoded = []
+    for n, (request, first) in enumerate(zip(requests, firsts, strict=True)):
+        if n in unread:
             runner.free(slots[first : first + request.views])
             continue
         request.feature_slots = slots[first : first + request.views]
         if domain_scores is not None:  # the upload's own, not its mirror's
             request.domain_score = float(domain_scores[first])
-    return failed
+        encoded.append(request)
+    return encoded, each_failed([requests[n] for n in unread], error) if unread else []
 
 
 def request_views(request: Request) -> list[np.ndarray]:
@@ -128,16 +129,14 @@ class EncoderStage:
                 self.queue.wait(IDLE_POLL_S)
                 continue
             try:
-                failed = encode_requests(self.runner, batch, time.monotonic())
+                encoded, failed = encode_requests(self.runner, batch, time.monotonic())
             except Exception:  # a bug: fail this batch, keep the thread alive
                 logger.exception("the encoder thread failed")
-                failed = each_failed(batch, InferenceError("the inference engine failed"))
-            lost = {id(request) for request, _ in failed}
+                encoded, failed = [], each_failed(batch, InferenceError("the inference engine failed"))
             with self.handoff:
                 self.in_flight = []
-                for request in batch:
-                    if id(request) not in lost:
-                        self.encoded.put_nowait(request)
+                for request in encoded:
+                    self.encoded.put_nowait(request)
             if failed:
                 self.post(failed)
         logger.info("encoder thread stopped")

@@ -203,7 +203,7 @@ def test_the_encoder_stage_reads_the_grounded_requests_of_a_mixed_batch_from_the
     ]
     runner = ModelRunner(captioner, capacity=16)
     requests = [Request(image, options, None, None) for image, options in zip(images, kinds, strict=True)]
-    assert encode_requests(runner, requests, 0.0) == []
+    assert encode_requests(runner, requests, 0.0) == (requests, [])
     assert [len(r.feature_slots) for r in requests] == [1, 2, 2, 1, 1]
     _, cells = captioner.feature_slots(8).encode(images, np.arange(len(images)))
     expected = captioner.read_scenes(images, cells)
@@ -218,8 +218,9 @@ def test_the_encoder_stage_reads_the_grounded_requests_of_a_mixed_batch_from_the
     runner.free([slot for request in requests for slot in request.feature_slots])
     runner.read_scenes = fails
     again = [Request(image, options, None, None) for image, options in zip(images, kinds, strict=True)]
-    failed = encode_requests(runner, again, 0.0)
+    encoded, failed = encode_requests(runner, again, 0.0)
     assert [again.index(request) for request, _ in failed] == [1, 3, 4]  # the grounded ones
+    assert encoded == [again[0], again[2]]
     assert all(isinstance(error, InferenceError) and "scene" in str(error) for _, error in failed)
     assert len({id(error) for _, error in failed}) == 3  # an exception object each
     assert [len(r.feature_slots) for r in again] == [1, 0, 2, 0, 0]
@@ -233,8 +234,8 @@ def test_the_encoder_stage_reads_the_grounded_requests_of_a_mixed_batch_from_the
 
     runner.encode = encode_fails
     third = [Request(image, options, None, None) for image, options in zip(images, kinds, strict=True)]
-    failed = encode_requests(runner, third, 0.0)
-    assert [request for request, _ in failed] == third and "encoding" in str(failed[0][1])
+    encoded, failed = encode_requests(runner, third, 0.0)
+    assert encoded == [] and [request for request, _ in failed] == third and "encoding" in str(failed[0][1])
     assert len(runner.free_slots) == 16 and all(not r.feature_slots for r in third)
 
 

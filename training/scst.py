@@ -8,7 +8,7 @@ batch of images the model samples `--samples` captions per image and decodes one
 sample's reward is its CIDEr-D against the image's references (document frequencies from the
 training references, training/cider_d.py), plus `--grounded-weight` x 1 when the shapes checker
 finds it entirely true and complete (datasets with scenes only). The greedy caption's reward is the
-baseline, so only samples that beat the model's own test-time output are reinforced:
+baseline: samples that beat the model's own test-time output are reinforced, the rest pushed down:
 
     loss = - mean_i (r(w_i) - r(w_greedy)) * sum_t log p(w_i,t | w_i,<t, image)
 

@@ -12,11 +12,11 @@ Inference-Header-Content-Length header) the raw bytes follow the JSON, each elem
 its 4-byte little-endian length. Decoding options (the query parameters of /caption: strategy,
 beam_size, num_captions, ...) go in the request's `parameters`. Outputs: caption (BYTES [B]),
 captions (BYTES [B, n]), scores (FP32 [B, n], log-probabilities; NaN for a caption grounded
-decoding wrote from the scene), confidence (FP32 [B, n]); where
-the model has a domain check, in_domain (BOOL [B]) and domain_score (FP32 [B]); where it has a
-scene head and the request asks for grounded=true, agrees_with_scene (BOOL [B, n]). A request
-that names no outputs gets every one it can have; each is returned in binary when asked (output
-parameter binary_data, or binary_data_output).
+decoding wrote from the scene), confidence (FP32 [B, n]); where the model has a domain check,
+in_domain (BOOL [B]) and domain_score (FP32 [B]); where it has a scene head and the request asks
+for grounded=true, agrees_with_scene and written_from_scene (BOOL [B, n]). A request that names no
+outputs gets every one it can have; each is returned in binary when asked (output parameter
+binary_data, or binary_data_output).
 
 Every image goes through the service's own caption path (caption_image: the same decoding, limits,
 engine and deadline as /caption). Errors have the protocol's shape, {"error": "message"}, with the
@@ -70,9 +70,10 @@ OUTPUTS = {
     "in_domain": ("BOOL", "image"),  # models with a domain check
     "domain_score": ("FP32", "image"),
     "agrees_with_scene": ("BOOL", "caption"),  # models with a scene head, grounded=true
+    "written_from_scene": ("BOOL", "caption"),  # likewise
 }
 DOMAIN_OUTPUTS = ("in_domain", "domain_score")
-GROUNDED_OUTPUT = "agrees_with_scene"
+GROUNDED_OUTPUTS = ("agrees_with_scene", "written_from_scene")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIGITS = 18  # a version or a header length longer than this is refused (int() stops at 4300)
 
@@ -244,14 +245,14 @@ def output_shape(name: str, images: int, width: int) -> list[int]:
 
 
 def model_outputs(model: ServedModel) -> list[str]:
-    """The outputs this model can give: the domain's where it has a domain check, agreement where
-    it has a scene head (and the request asks for grounded decoding)."""
+    """The outputs this model can give: the domain's where it has a domain check, the grounded ones
+    where it has a scene head (and the request asks for grounded decoding)."""
     captioner = model.captioner
     return [
         name
         for name in OUTPUTS
         if (name not in DOMAIN_OUTPUTS or captioner.domain is not None)
-        and (name != GROUNDED_OUTPUT or captioner.scene_head is not None)
+        and (name not in GROUNDED_OUTPUTS or captioner.scene_head is not None)
     ]
 
 
@@ -368,12 +369,16 @@ async def run_inference(request: Request, model: ServedModel, settings: Settings
 def requested_outputs(inference: InferenceRequest, model: ServedModel, options: DecodeOptions) -> list[RequestOutput]:
     """The outputs to answer: those named, each one this model and these options can give, or all of those."""
     outputs = model_outputs(model)
-    available = [name for name in outputs if name != GROUNDED_OUTPUT or options.grounded]
+    available = [name for name in outputs if name not in GROUNDED_OUTPUTS or options.grounded]
     if inference.outputs is None:
         return [RequestOutput(name=name) for name in available]
     names = [output.name for output in inference.outputs]
-    if GROUNDED_OUTPUT in names and GROUNDED_OUTPUT in outputs and not options.grounded:
-        raise OipError(f"{GROUNDED_OUTPUT} is answered for grounded decoding: add the parameter grounded=true")
+    grounded_named = [name for name in GROUNDED_OUTPUTS if name in names and name in outputs]
+    if grounded_named and not options.grounded:
+        verb = "is" if len(grounded_named) == 1 else "are"
+        raise OipError(
+            f"{', '.join(grounded_named)} {verb} answered for grounded decoding: add the parameter grounded=true"
+        )
     unknown = sorted(set(names) - set(available))
     if unknown:
         raise OipError(f"unknown outputs {unknown[:5]}; this model has {available}")
@@ -476,6 +481,7 @@ def inference_response(
         "scores": [c.log_prob if c and c.log_prob is not None else float("nan") for row in rows for c in row],
         "confidence": [c.confidence if c else 0.0 for row in rows for c in row],
         "agrees_with_scene": [bool(c and c.agrees_with_scene) for row in rows for c in row],
+        "written_from_scene": [bool(c and c.written_from_scene) for row in rows for c in row],
     }
     all_binary = bool(inference.parameters.get("binary_data_output", False))
     outputs, chunks = [], []

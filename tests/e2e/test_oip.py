@@ -149,6 +149,7 @@ def test_health_and_metadata(client):
         "in_domain": "BOOL",
         "domain_score": "FP32",
         "agrees_with_scene": "BOOL",
+        "written_from_scene": "BOOL",
     }
     assert {o["name"]: o["shape"] for o in metadata["outputs"]}["in_domain"] == [-1]  # one per image
     assert client.get_model_metadata("default", "1", headers=auth())["name"] == "default"
@@ -197,14 +198,15 @@ def test_versioned_path_and_default_outputs_in_binary(client):
     assert result.as_numpy("caption").shape == (1,) and result.as_numpy("captions").shape == (1, 1)
     assert result.as_numpy("in_domain").dtype == np.bool_ and result.as_numpy("in_domain").tolist() == [True]
     assert result.as_numpy("domain_score").shape == (1,)
-    assert result.as_numpy("agrees_with_scene") is None  # only grounded decoding has it
+    assert result.as_numpy("agrees_with_scene") is None  # only grounded decoding has them
+    assert result.as_numpy("written_from_scene") is None
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_grounded_outputs_match_the_caption_route(server, client, binary):
     images = [png((200, 40, 40)), png((30, 60, 220))]
     decoding = {"strategy": "beam", "beam_size": 3, "num_captions": 3, "grounded": True}
-    names = ("captions", "agrees_with_scene", "in_domain", "domain_score")
+    names = ("captions", "agrees_with_scene", "in_domain", "domain_score", "written_from_scene")
     outputs = [tritonclient_http.InferRequestedOutput(name, binary_data=binary) for name in names]
     result = client.infer(
         "default", [image_input(images, binary)], outputs=outputs, headers=auth(), parameters=decoding
@@ -216,11 +218,16 @@ def test_grounded_outputs_match_the_caption_route(server, client, binary):
         texts = [c.decode() if isinstance(c, bytes) else c for c in captions[index]]
         assert texts == [c["text"] for c in expected["captions"]]
         assert agrees[index].tolist() == [c["agrees_with_scene"] for c in expected["captions"]]
+        written = result.as_numpy("written_from_scene")[index].tolist()
+        assert written == [c["written_from_scene"] for c in expected["captions"]]
         assert result.as_numpy("in_domain")[index] == expected["in_domain"]
         assert result.as_numpy("domain_score")[index] == pytest.approx(expected["domain_score"], abs=1e-4)
     # Agreement is a fact of grounded decoding: asked for without it, the request is refused unanswered.
     with pytest.raises(InferenceServerException, match="grounded=true") as refused:
         client.infer("default", [image_input(images, binary)], outputs=outputs[:2], headers=auth())
+    assert refused.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="written_from_scene is answered") as refused:
+        client.infer("default", [image_input(images, binary)], outputs=outputs[4:], headers=auth())
     assert refused.value.status() == "400"
 
 

@@ -565,7 +565,7 @@ def test_inference_protocol_outputs_are_those_the_model_has(client):
     image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(uploads.png()).decode()]}
     answer = client.post("/v2/models/default/infer", json={"inputs": [image]}).json()
     assert [o["name"] for o in answer["outputs"]] == ["caption", "captions", "scores", "confidence"]
-    for name in ("in_domain", "agrees_with_scene"):
+    for name in ("in_domain", "agrees_with_scene", "written_from_scene"):
         refused = client.post("/v2/models/default/infer", json={"inputs": [image], "outputs": [{"name": name}]})
         assert refused.status_code == 400 and "unknown outputs" in refused.json()["error"]
 
@@ -586,10 +586,10 @@ def test_inference_protocol_tensors_of_images_with_fewer_captions_are_padded():
 
     a = Caption("a", [], -1.0, 0.9, agrees_with_scene=True)
     b = Caption("b", [], -2.0, 0.5, agrees_with_scene=False)
-    c = Caption("c", [], -0.5, 0.7, agrees_with_scene=True)
+    c = Caption("c", [], None, 0.7, agrees_with_scene=True, written_from_scene=True)
     results = [fields([a, b], True, 0.8), fields([c], False, 0.2)]
     model = SimpleNamespace(name="m", version=1)
-    names = ["caption", "agrees_with_scene", "in_domain", "domain_score", "scores"]
+    names = ["caption", "agrees_with_scene", "in_domain", "domain_score", "scores", "written_from_scene"]
     request = InferenceRequest(inputs=[], outputs=[RequestOutput(name=n) for n in names])
     body = json.loads(inference_response(model, request, request.outputs, results).body)
     tensors = {o["name"]: o for o in body["outputs"]}
@@ -598,7 +598,8 @@ def test_inference_protocol_tensors_of_images_with_fewer_captions_are_padded():
                                             "data": [True, False, True, False]}  # fmt: skip
     assert tensors["in_domain"]["data"] == [True, False] and tensors["in_domain"]["shape"] == [2]
     assert tensors["domain_score"]["data"] == pytest.approx([0.8, 0.2])
-    assert tensors["scores"]["data"] == [-1.0, -2.0, -0.5, None]  # NaN padding is null in JSON
+    assert tensors["scores"]["data"] == [-1.0, -2.0, None, None]  # written, then padding: NaN, null in JSON
+    assert tensors["written_from_scene"]["data"] == [False, False, True, False]  # tells the two apart
 
     binary = InferenceRequest(inputs=[], outputs=request.outputs, parameters={"binary_data_output": True})
     response = inference_response(model, binary, binary.outputs, results)
@@ -608,9 +609,10 @@ def test_inference_protocol_tensors_of_images_with_fewer_captions_are_padded():
     chunks = dict(zip(names, (data[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes)))))
     assert chunks["caption"] == serialize_bytes(["a", "c"])
     assert chunks["agrees_with_scene"] == bytes([1, 0, 1, 0]) and chunks["in_domain"] == bytes([1, 0])
+    assert chunks["written_from_scene"] == bytes([0, 0, 1, 0])
     assert struct.unpack("<2f", chunks["domain_score"]) == pytest.approx((0.8, 0.2))
     scores = struct.unpack("<4f", chunks["scores"])
-    assert scores[:3] == (-1.0, -2.0, -0.5) and np.isnan(scores[3])
+    assert scores[:2] == (-1.0, -2.0) and np.isnan(scores[2]) and np.isnan(scores[3])
 
 
 def test_unknown_inference_protocol_paths_and_methods_have_its_error_shape(client):

@@ -357,6 +357,7 @@ def test_the_service_says_which_caption_was_written_from_the_scene(tmp_path, tin
         outputs = {o["name"]: o["data"] for o in scores.json()["outputs"]}
         assert outputs["captions"][0] == "there is a red cross" and outputs["agrees_with_scene"][0] is True
         assert outputs["scores"][0] is None  # NaN, which JSON writes as null
+        assert outputs["written_from_scene"] == [True, False]
 
 
 def test_the_grounded_wild_report_counts_the_captions_written_from_the_scene(tmp_path, tiny_captioner, monkeypatch):

@@ -12,6 +12,12 @@ baseline: samples that beat the model's own test-time output are reinforced, the
 
     loss = - mean_i (r(w_i) - r(w_greedy)) * sum_t log p(w_i,t | w_i,<t, image)
 
+With `--only-better` the advantages below zero are set to zero: only samples that beat the greedy
+caption move the model. Pushing every worse sample down is what lets the policy settle on one
+phrasing for every image (on ShapeWorld, a short one-object statement even where the references
+state relations; docs/MODEL.md section 5); without those pushes the greedy captions keep the forms
+that win on some images.
+
 The encoder is kept frozen (its features are computed once per batch, so the domain check fitted
 on them stays valid and is carried over); the decoder is trained with Adam at a small learning rate.
 Confidence calibration is NOT carried over (the confidences move): run `calibrate` again.
@@ -41,6 +47,7 @@ HYPER_PARAMETERS = dict(
     steps=400,
     batch_size=16,
     samples=5,
+    only_better=False,
     learning_rate=5e-5,
     grounded_weight=0.0,
     clipnorm=1.0,
@@ -112,9 +119,17 @@ def cut_at_end(sequences: np.ndarray) -> np.ndarray:
 
 
 def scst_batch(
-    trainer: SelfCriticalTrainer, encoder, tokenizer, images: np.ndarray, reward_fn, samples: int, seed: int
+    trainer: SelfCriticalTrainer,
+    encoder,
+    tokenizer,
+    images: np.ndarray,
+    reward_fn,
+    samples: int,
+    seed: int,
+    only_better: bool = False,
 ) -> dict:
-    """One self-critical update on a batch of images; reward_fn(i, text) -> float for image i."""
+    """One self-critical update on a batch of images; reward_fn(i, text) -> float for image i.
+    `only_better`: samples worse than the greedy caption get advantage 0 instead of a negative one."""
     features = encoder(tf.cast(images, tf.float32), training=False).numpy()
     greedy = trainer.generate(features, greedy=True)
     repeated = np.repeat(features, samples, axis=0)
@@ -123,6 +138,8 @@ def scst_batch(
     baseline = np.array([reward_fn(i, text(ids)) for i, ids in enumerate(greedy)])
     rewards = np.array([reward_fn(j // samples, text(ids)) for j, ids in enumerate(sampled)])
     advantages = rewards - np.repeat(baseline, samples)
+    if only_better:
+        advantages = np.maximum(advantages, 0.0)
     loss = trainer.step(repeated, sampled, advantages)
     return {"loss": loss, "reward": float(rewards.mean()), "greedy_reward": float(baseline.mean())}
 
@@ -212,6 +229,7 @@ def finetune(args) -> dict:
             lambda i, text, batch=batch: reward(int(batch[i]), text),
             args.samples,
             seed=args.seed + step,
+            only_better=args.only_better,
         )
         log.append(result)
         if (step + 1) % max(1, args.steps // 20) == 0 or step == args.steps - 1:
@@ -289,6 +307,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=HYPER_PARAMETERS["steps"])
     p.add_argument("--batch-size", type=int, default=HYPER_PARAMETERS["batch_size"], help="images per step")
     p.add_argument("--samples", type=int, default=HYPER_PARAMETERS["samples"], help="sampled captions per image")
+    p.add_argument(
+        "--only-better",
+        action="store_true",
+        default=HYPER_PARAMETERS["only_better"],
+        help="reinforce only the samples that beat the greedy caption; worse ones are not pushed down",
+    )
     p.add_argument("--learning-rate", type=float, default=HYPER_PARAMETERS["learning_rate"])
     p.add_argument(
         "--grounded-weight",

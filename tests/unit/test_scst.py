@@ -56,6 +56,50 @@ def test_a_self_critical_update_raises_the_expected_reward(tiny_bundle, input_fe
     assert after > before + 0.2, (before, after)
 
 
+def test_only_better_leaves_the_model_alone_when_no_sample_beats_the_greedy_caption(tiny_bundle):
+    """`--only-better`: samples worse than the greedy caption are not pushed down. With a reward that
+    only the greedy caption earns, every advantage is clipped to 0 and the update (a fresh Adam: no
+    momentum yet) changes no weight; the plain update, on the same batch, does change them."""
+    from captioning.captioner import Captioner
+    from training.scst import SelfCriticalTrainer, scst_batch
+
+    captioner = Captioner.load(tiny_bundle)
+    size = captioner.config.image_size
+    images = np.random.default_rng(1).integers(0, 256, (4, size, size, 3)).astype(np.uint8)
+    trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, learning_rate=3e-2)
+    features = captioner.encoder(images.astype(np.float32)).numpy()
+    greedy = [" ".join(captioner.tokenizer.decode(ids)) for ids in trainer.generate(features, greedy=True)]
+    only_greedy = lambda i, text: float(text == greedy[i])  # noqa: E731
+    before = [w.copy() for w in captioner.decoder.get_weights()]
+
+    result = scst_batch(trainer, captioner.encoder, captioner.tokenizer, images, only_greedy, 4, 0, only_better=True)
+    assert result["greedy_reward"] == 1.0 and result["reward"] < 1.0  # some samples are worse
+    assert all(np.array_equal(a, b) for a, b in zip(before, captioner.decoder.get_weights()))
+
+    scst_batch(trainer, captioner.encoder, captioner.tokenizer, images, only_greedy, 4, 0)
+    assert not all(np.array_equal(a, b) for a, b in zip(before, captioner.decoder.get_weights()))
+
+
+def test_only_better_keeps_the_positive_advantages(tiny_bundle):
+    """The clip takes away only the negative part: on the same samples, the advantages passed to the
+    update are the plain ones with those below zero set to zero, and some are left above zero."""
+    from captioning.captioner import Captioner
+    from training.scst import SelfCriticalTrainer, scst_batch
+
+    captioner = Captioner.load(tiny_bundle)
+    size = captioner.config.image_size
+    images = np.random.default_rng(2).integers(0, 256, (4, size, size, 3)).astype(np.uint8)
+    trainer = SelfCriticalTrainer(captioner.decoder, captioner.config.max_length, learning_rate=3e-2)
+    passed = []
+    trainer.step = lambda features, sequences, advantages: passed.append(advantages.copy()) or 0.0
+    length = lambda i, text: float(len(text.split()))  # noqa: E731  samples longer than greedy beat it
+    scst_batch(trainer, captioner.encoder, captioner.tokenizer, images, length, 8, 0)
+    scst_batch(trainer, captioner.encoder, captioner.tokenizer, images, length, 8, 0, only_better=True)
+    plain, clipped = passed
+    assert (plain < 0).any() and (plain > 0).any()
+    np.testing.assert_array_equal(clipped, np.maximum(plain, 0.0))
+
+
 def test_sampled_sequences_stop_at_end():
     from captioning.tokenizer import END_ID, PAD_ID
     from training.scst import cut_at_end
@@ -83,8 +127,9 @@ def test_finetune_command_keeps_the_best_held_out_weights(tmp_path):
     output = tmp_path / "scst"
     flags = ["--dataset", "shapes", "--train-limit", "24", "--dev-images", "8", "--eval-every", "2"]
     status = main(["finetune-scst", "--artifacts", str(start), "--output", str(output), "--steps", "5", *flags,
-                   "--batch-size", "4", "--samples", "2", "--learning-rate", "3e-2"])  # fmt: skip
+                   "--batch-size", "4", "--samples", "2", "--learning-rate", "3e-2", "--only-better"])  # fmt: skip
     assert status == 0
+    assert verify_bundle(output)["training"]["scst"]["hyper_parameters"]["only_better"] is True
     held_out = verify_bundle(output)["training"]["scst"]["held_out"]
     assert held_out["images"] == 8 and [step for step, _ in held_out["curve"]] == [0, 2, 4, 5]
     best_step, best = max(held_out["curve"], key=lambda point: point[1])

@@ -46,7 +46,8 @@ def encode_requests(
         logger.exception("encoding a batch of %d images failed", len(requests))
         return [], each_failed(requests, InferenceError(f"encoding the image failed: {exc}"))
     firsts = np.cumsum([0] + [request.views for request in requests[:-1]])
-    unread: list[int] = []  # the requests whose reading failed
+    unread: set[int] = set()  # the requests whose reading failed
+    failed: list[tuple[Request, Exception]] = []
     grounded = [n for n, request in enumerate(requests) if request.options.grounded]
     if grounded:  # what grounded decoding reranks by: the upload's reading, not its mirror's
         rows = firsts[grounded]
@@ -56,7 +57,10 @@ def encode_requests(
                 requests[n].scene = scene
         except Exception as exc:
             logger.exception("reading the scenes of %d images failed", len(grounded))
-            unread, error = grounded, InferenceError(f"reading the image's scene failed: {exc}")
+            unread = set(grounded)
+            failed = each_failed(
+                [requests[n] for n in grounded], InferenceError(f"reading the image's scene failed: {exc}")
+            )
     metrics.ENCODE_SECONDS.observe(time.perf_counter() - started)
     encoded = []
     for n, (request, first) in enumerate(zip(requests, firsts, strict=True)):
@@ -67,7 +71,7 @@ def encode_requests(
         if domain_scores is not None:  # the upload's own, not its mirror's
             request.domain_score = float(domain_scores[first])
         encoded.append(request)
-    return encoded, each_failed([requests[n] for n in unread], error) if unread else []
+    return encoded, failed
 
 
 def request_views(request: Request) -> list[np.ndarray]:

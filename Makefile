@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-dev serve test test-fast lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack bench-peers container-test lock clean
+.PHONY: install install-dev serve test test-fast lint train-default evaluate-default train-shapeworld scst-shapeworld bench bench-attack bench-soak bench-peers container-test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -103,6 +103,11 @@ lock: $(VENV)/.dev
 # Hostile clients against the real server (docs/HARDENING.md); writes bench/ATTACK.md.
 bench-attack: $(VENV)/.dev
 	$(BIN)/python -m bench.attack --write bench/ATTACK.md
+
+# A long run of mixed traffic (users, bad requests, vanishing clients): memory, descriptors,
+# answers (docs/HARDENING.md); writes bench/SOAK.md.
+bench-soak: $(VENV)/.dev
+	$(BIN)/python -m bench.soak --minutes 15 --write bench/SOAK.md
 
 # This service against LitServe and PyTriton (optional; their own virtualenv, as PyTriton 0.7.0
 # needs numpy<2). Writes bench/PEERS.md.

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.harness import multipart_form, open_descriptors
+
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "attack-bench-key"
 GIB = 2**30
@@ -96,16 +98,7 @@ def small_png() -> bytes:
 
 
 def multipart(field_name: str, files: list[bytes]) -> tuple[bytes, str]:
-    boundary = "attackbenchboundary"
-    parts = []
-    for index, data in enumerate(files):
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{index}.png"\r\n'
-            f"Content-Type: image/png\r\n\r\n".encode()
-            + data
-            + b"\r\n"
-        )
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+    return multipart_form(field_name, [(data, "image/png") for data in files])
 
 
 async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, bool | None, int]:
@@ -287,10 +280,6 @@ async def slowloris_phase(server: Server, log: Log, slow_clients: int, seconds: 
         "keyless_statuses": sorted({a.status for a in keyless}),
         "keyless_p95": sorted(a.seconds for a in keyless)[int(0.95 * (len(keyless) - 1))],
     }
-
-
-def open_descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 HOLD_KINDS = {  # how each connection of the idle phase tries to stay open without a request the server must answer

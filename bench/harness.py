@@ -32,16 +32,28 @@ SERVER_START_TIMEOUT_S = 300
 # ------------------------------------------------------------------------------- HTTP client
 
 
-def multipart_body(png: bytes) -> bytes:
-    """A multipart form holding `png` as the field `image` (boundary BOUNDARY)."""
-    return (
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
-            f"Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + png
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
+def multipart_form(field_name: str, files: list[tuple[bytes, str]]) -> tuple[bytes, str]:
+    """A multipart form holding each (bytes, content type) of `files` under `field_name`, and the
+    form's Content-Type (boundary BOUNDARY)."""
+    parts = b"".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{field_name}{index}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for index, (data, content_type) in enumerate(files)
     )
+    return parts + f"--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart_body(png: bytes) -> bytes:
+    """A multipart form holding `png` as the field `image`."""
+    return multipart_form("image", [(png, "image/png")])[0]
+
+
+def post_request(path: str, body: bytes, content_type: str) -> bytes:
+    """A complete keep-alive POST of `body` to `path`."""
+    head = f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
 
 
 def caption_request(png: bytes, upload: str = "multipart") -> bytes:
@@ -50,13 +62,8 @@ def caption_request(png: bytes, upload: str = "multipart") -> bytes:
     if upload not in ("multipart", "raw"):
         raise ValueError(f"upload is 'multipart' or 'raw', not {upload!r}")
     if upload == "raw":
-        content_type, body = "image/png", png
-    else:
-        content_type, body = f"multipart/form-data; boundary={BOUNDARY}", multipart_body(png)
-    head = (
-        f"POST /caption HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
+        return post_request("/caption", png, "image/png")
+    return post_request("/caption", *multipart_form("image", [(png, "image/png")]))
 
 
 class Connection:
@@ -267,6 +274,15 @@ def cpu_seconds(pid: int) -> float:
 def rss_mib(pid: int) -> float:
     match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024 if match else math.nan
+
+
+def thread_count(pid: int) -> int:
+    match = re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) if match else -1
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 ENGINE_SERIES = (

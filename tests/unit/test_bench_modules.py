@@ -12,7 +12,8 @@ MODULES = sorted(info.name for info in pkgutil.iter_modules(bench.__path__))
 
 
 def test_the_benchmarks_are_all_found():
-    assert {"load_test", "attack", "harness", "model_swap", "peers", "cpu_profile", "http_floor"} <= set(MODULES)
+    expected = {"load_test", "attack", "harness", "model_swap", "peers", "cpu_profile", "http_floor", "soak"}
+    assert expected <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -184,3 +185,76 @@ def test_http_floor_asks_for_the_references_as_load_test_defines_them(monkeypatc
     )
     http_floor.in_process_references(Path("bundle"), [])
     assert bound["encoder_precision"] == "float32" and bound["threads"] == 0
+
+
+def soak_pool():
+    import io
+
+    from PIL import Image
+
+    pool = []
+    for fmt, content_type in (("JPEG", "image/jpeg"), ("PNG", "image/png")):
+        buffer = io.BytesIO()
+        Image.new("RGB", (80, 64), (200, 40, 40)).save(buffer, fmt)
+        pool.append((buffer.getvalue(), content_type))
+    return pool
+
+
+def test_each_soak_request_asks_what_its_kind_expects():
+    """bench.soak's requests: framed with their body's length; the decoding options of every /caption
+    kind accepted except the contradictory one (422); the bad bodies refused as undecodable (400),
+    never named as another format (415), whatever the random bytes."""
+    import random
+    from urllib.parse import parse_qsl, urlsplit
+
+    from app.errors import InvalidImage, InvalidParameters
+    from app.images import open_upload
+    from app.schemas import CaptionQuery
+    from app.service import decode_options
+    from bench.soak import EXPECTED, build_request
+
+    pool = soak_pool()
+    for kind in EXPECTED:
+        head, body = build_request(kind, random.Random(1), pool).split(b"\r\n\r\n", 1)
+        assert f"Content-Length: {len(body)}".encode() in head, kind
+        target = urlsplit(head.split()[1].decode())
+        if target.path == "/caption":
+            query = CaptionQuery(**dict(parse_qsl(target.query)))
+            if EXPECTED[kind] == 422:
+                with pytest.raises(InvalidParameters):
+                    decode_options(query)
+            else:
+                decode_options(query)
+    for seed in range(300):
+        _, body = build_request("not_an_image", random.Random(seed), pool).split(b"\r\n\r\n", 1)
+        with pytest.raises(InvalidImage):
+            open_upload(body, max_pixels=10**8, min_side=1)
+
+
+def test_the_soak_verdicts_catch_what_they_guard():
+    """bench.soak's report fails a run with a wrong status, an answer that is not JSON, a failed image,
+    a client error, a 5xx the server counted, memory growth past the target (from the first window,
+    not from idle) or a descriptor left open."""
+    from argparse import Namespace
+    from collections import Counter
+
+    from bench.soak import SOAK_RSS_GROWTH_MIB, Window, report
+
+    def passes(answers=None, rss_end=950.0, fds_after=16, alive=True, server_statuses=None, **last_window):
+        first = Window(60, 900, 20, 30, Counter({("greedy", 200): 5}), [0.1] * 5)
+        last = Window(120, rss_end, 20, 30, Counter(answers or {("greedy", 200): 1}), [0.1], **last_window)
+        after = {"fds": fds_after, "ready": 200, "caption": 200, "server_statuses": Counter(server_statuses or {})}
+        args = Namespace(minutes=2, clients=1, pictures=2)
+        return report([first, last], alive, {"rss": 880, "fds": 16}, after, args)[1]
+
+    assert passes(answers={("greedy", 200): 1, ("bad_options", 422): 1}, server_statuses={200: 7, 422: 1, 499: 3})
+    assert passes(rss_end=900 + SOAK_RSS_GROWTH_MIB)  # more than the target above idle, not above the first window
+    assert not passes(rss_end=900 + SOAK_RSS_GROWTH_MIB + 1)
+    assert not passes(answers={("bad_options", 200): 1})  # a contradictory request captioned
+    assert not passes(answers={("greedy", 500): 1})
+    assert not passes(server_statuses={200: 6, 500: 1})  # a 5xx to a client that had gone
+    assert not passes(not_json=1)
+    assert not passes(images_failed=1)
+    assert not passes(client_errors=1)
+    assert not passes(fds_after=19)
+    assert not passes(alive=False)

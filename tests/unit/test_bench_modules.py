@@ -233,8 +233,8 @@ def test_each_soak_request_asks_what_its_kind_expects():
 
 def test_the_soak_verdicts_catch_what_they_guard():
     """bench.soak's report fails a run with a wrong status, an answer that is not JSON, a failed image,
-    a client error, a 5xx the server counted, memory growth past the target (from the first window,
-    not from idle) or a descriptor left open."""
+    a client error, a 5xx the server counted (or a count of the server's that was not read), memory
+    growth past the target (from the first window, not from idle) or a descriptor left open."""
     from argparse import Namespace
     from collections import Counter
 
@@ -243,7 +243,8 @@ def test_the_soak_verdicts_catch_what_they_guard():
     def passes(answers=None, rss_end=950.0, fds_after=16, alive=True, server_statuses=None, **last_window):
         first = Window(60, 900, 20, 30, Counter({("greedy", 200): 5}), [0.1] * 5)
         last = Window(120, rss_end, 20, 30, Counter(answers or {("greedy", 200): 1}), [0.1], **last_window)
-        after = {"fds": fds_after, "ready": 200, "caption": 200, "server_statuses": Counter(server_statuses or {})}
+        server_statuses = Counter(server_statuses if server_statuses is not None else {200: 100})
+        after = {"fds": fds_after, "ready": 200, "caption": 200, "server_statuses": server_statuses}
         args = Namespace(minutes=2, clients=1, pictures=2)
         return report([first, last], alive, {"rss": 880, "fds": 16}, after, args)[1]
 
@@ -258,3 +259,5 @@ def test_the_soak_verdicts_catch_what_they_guard():
     assert not passes(client_errors=1)
     assert not passes(fds_after=19)
     assert not passes(alive=False)
+    assert not passes(server_statuses={})  # the server's count was not read: its "no 5xx" says nothing
+    assert not passes(server_statuses={200: 2})  # it counted fewer answers than the bench got

@@ -94,9 +94,10 @@ class CaptionQuery(BaseModel):
     mirror_view: bool = Field(
         False,
         description="Decode the image together with its left-right mirror: each word is chosen from the two "
-        "views' averaged probabilities ('left' and 'right' swapped for the mirror), with any strategy. Fewer "
-        "errors on small and degraded objects for twice the compute (docs/MODEL.md); for models whose "
-        "scenes mean the same mirrored, as the default model's do.",
+        "views' averaged probabilities ('left' and 'right' swapped for the mirror), with any strategy, for twice "
+        "the compute. It fixed errors on small and degraded objects for earlier default models; on the "
+        "current one it changes accuracy little (docs/MODEL.md). For models whose scenes mean the same "
+        "mirrored, as the default model's do.",
     )
     grounded: bool = Field(
         False,

@@ -67,11 +67,11 @@ def _small_cnn(image_size: int, weights: str | None, deep: bool = False, full_re
 
     `deep` (the `small_cnn_deep` backbone) adds a second 3x3 conv to the last two stages: about
     1.5x the multiply-adds and 1.17x the training step. Three runs of the default recipe with it
-    scored within the spread of `small_cnn`'s, so it did not replace it (docs/MODEL.md).
+    scored within the spread of `small_cnn`'s, so it did not replace it (docs/MODEL-EXPERIMENTS.md).
 
     `full_res_stem` (the `small_cnn_fullres` backbone, the default preset's) puts a 16-channel 3x3
     conv at the input's resolution before the first stride-2 one, so a 10 px object is seen whole
-    before it is subsampled: docs/MODEL.md ("Why default/4") for what it changes."""
+    before it is subsampled: docs/MODEL-EXPERIMENTS.md ("Why default/4") for what it changes."""
     name = "small_cnn_deep" if deep else "small_cnn_fullres" if full_res_stem else "small_cnn"
     if weights == "imagenet":
         raise ValueError(f"{name} has no ImageNet weights; use weights=None or a local weights file")

@@ -38,7 +38,7 @@ from captioning.scenes import MAX_OBJECTS, SCENE_KINDS, Scene, ShapeObject, list
 
 FILE = "scene_head.npz"
 # The beam the reports measure grounded decoding with: on the default model's test split and its
-# hardest wild variations, 3 candidates reranked did as well as 5 or 8 (docs/MODEL.md).
+# hardest wild variations, 3 candidates reranked did as well as 5 or 8 (docs/MODEL-EXPERIMENTS.md).
 BEAM_SIZE = 3
 UNPARSED = 100  # what a caption outside the grammar counts: more than any parsed one can disagree
 # A reading of a scene of the grammar (at most MAX_OBJECTS objects) can split an object in two, and

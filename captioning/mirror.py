@@ -6,8 +6,9 @@ encoded into two feature slots, and every decode slot of the search runs as two 
 per view. Each step the mirror's next-word log-probabilities (its words swapped back by
 MIRRORED_WORDS) are averaged with the image's, the strategy (greedy, beam, sample) chooses from the
 average, and both rows are fed the choice, the mirror row in its own words. It costs two encoder
-images and twice the decoder rows; on the default model it fixes errors on small and degraded
-objects (docs/MODEL.md, section 3). Training's flip augmentation swaps the same words.
+images and twice the decoder rows. On default/3 and default/4 it fixed errors on small and degraded
+objects (docs/MODEL-EXPERIMENTS.md, section 3); on default/7, greedy, it moves the wild split by
+about a picture in a thousand (docs/MODEL.md, section 3). Training's flip augmentation swaps the same words.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ a small CNN at 64x64 trained from scratch, attention dim 256); command-line flag
 PRESETS: dict[str, dict] = {
     # The committed default model: the wide-domain shapes dataset (training/datasets/shapes_wide.py),
     # a small CNN trained from scratch at 96x96 (docs/MODEL.md: 64x64 was too coarse for tiny objects),
-    # with a convolution at full resolution first (ahead of small_cnn in three runs, docs/MODEL.md), and
+    # with a convolution at full resolution first (ahead of small_cnn in three runs, docs/MODEL-EXPERIMENTS.md), and
     # the scene loss, whose cell classifier ships in the bundle for grounded decoding (captioning/grounding.py).
     # `make train-default` adds --data small_corner=0.5 (training/datasets/shapes_wide.py).
     "default": dict(dataset="shapes_wide", backbone="small_cnn_fullres", image_size=96, epochs=8, train_limit=24000,

@@ -9,7 +9,7 @@ decoder attends to: the window of the encoder's grid around the object's centre,
 layer to a shape head and a colour head. It trains on training-split scenes, the encoder frozen,
 then scores the test split and chosen wild variations beside the bundle's own greedy captions of
 the same inputs. Where the captioner and the probe miss the same scenes, the features are the
-limit; a probe is a lower bound on what features hold (docs/MODEL.md, "What the encoder's features
+limit; a probe is a lower bound on what features hold (docs/MODEL-EXPERIMENTS.md, "What the encoder's features
 hold").
 """
 

@@ -15,8 +15,8 @@ baseline: samples that beat the model's own test-time output are reinforced, the
 With `--only-better` the advantages below zero are set to zero: only samples that beat the greedy
 caption move the model. Pushing every worse sample down is what lets the policy settle on one
 phrasing for every image (on ShapeWorld, a short one-object statement even where the references
-state relations; docs/MODEL.md section 5); without those pushes the greedy captions keep the forms
-that win on some images.
+state relations; docs/MODEL.md section 5, the runs in docs/MODEL-EXPERIMENTS.md); without those
+pushes the greedy captions keep the forms that win on some images.
 
 The encoder is kept frozen (its features are computed once per batch, so the domain check fitted
 on them stays valid and is carried over); the decoder is trained with Adam at a small learning rate.

@@ -81,7 +81,7 @@ VARIATIONS: dict[str, WideSettings] = {
 }
 
 # The same ranges' hardest corner for a 96 px model: the smallest objects, in pictures whose objects
-# were 6-30 px when drawn (docs/MODEL.md, "The three variations under 0.95, by the picture's size").
+# were 6-30 px when drawn (docs/MODEL-EXPERIMENTS.md, "The three variations under 0.95, by the picture's size").
 SMALL_CORNER = dataclasses.replace(TRAINING, small_fraction=(0.10, 0.12), long_side=(64, 256))
 
 SPLIT_ID = {"train": 11, "val": 12, "test": 13}  # apart from shapes.py's 1-3

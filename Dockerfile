@@ -5,7 +5,8 @@
 #   (run it with --gpus all). Sizes, layers, the stop timeout and Kubernetes: docs/DEPLOY.md.
 #
 # Layers, largest and least often rebuilt first: tini, the pinned dependencies (rebuilt only when
-# deploy/requirements-serve.txt or a build argument changes), the model bundles, then the code
+# deploy/requirements-serve.txt or a build argument changes), the model bundles (the newest two
+# versions of each model: --build-arg MODEL_VERSIONS=all for every one), then the code
 # (captioning/ and app/ only, a few hundred KB): a code change rebuilds and ships in seconds.
 
 ARG PYTHON_VERSION=3.11
@@ -38,6 +39,15 @@ RUN python -m venv --without-pip /opt/venv \
     && find "${site}" -type f -name '*.so*' -not -path '*.libs/*' -not -path "${site}/nvidia/*" \
        -exec strip --strip-unneeded {} +
 
+# The model repository as the image carries it: the newest MODEL_VERSIONS versions of each model
+# (the one served and the one before it, to roll back to by a pin), not every version committed;
+# "all" keeps them all. A repository mounted over /srv/model_artifacts (compose does) replaces it.
+FROM python:${PYTHON_VERSION}-slim AS models
+ARG MODEL_VERSIONS=2
+COPY model_artifacts /models
+COPY deploy/keep_newest_versions.sh /usr/local/bin/keep_newest_versions.sh
+RUN keep_newest_versions.sh /models "${MODEL_VERSIONS}"
+
 FROM python:${PYTHON_VERSION}-slim AS runtime
 # No TF_ENABLE_ONEDNN_OPTS: `python -m app` sets it from ENCODER_PRECISION (oneDNN for bfloat16).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -61,7 +71,7 @@ RUN groupadd --system --gid 10001 captioner \
 COPY --from=deps /usr/bin/tini-static /usr/bin/tini
 COPY --from=deps /opt/venv /opt/venv
 # Owned by root and read-only to the service: a compromised process cannot alter the model or code.
-COPY model_artifacts /srv/model_artifacts
+COPY --from=models /models /srv/model_artifacts
 COPY captioning /srv/captioning
 COPY app /srv/app
 WORKDIR /srv

@@ -134,6 +134,16 @@ report_image() {
   echo "size: $((bytes / 1000000)) MB (budget ${MAX_IMAGE_MB} MB)"
   podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-150
   ((bytes / 1000000 <= MAX_IMAGE_MB)) || fail "image is $((bytes / 1000000)) MB, over ${MAX_IMAGE_MB} MB"
+  # The repository as the image carries it: the newest two versions of each model (MODEL_VERSIONS).
+  local model expected held
+  for model in model_artifacts/*/; do
+    model=$(basename "$model")
+    expected=$(find "model_artifacts/$model" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' \
+      | grep -E '^[0-9]+$' | sort -n | tail -n 2 | tr '\n' ' ')
+    held=$(podman run --rm --entrypoint /bin/sh "$IMAGE" -c "ls /srv/model_artifacts/$model" | sort -n | tr '\n' ' ')
+    echo "model_artifacts/$model in the image: $held(the repository's newest two: $expected)"
+    [[ "$held" == "$expected" ]] || fail "the image holds versions $held of $model, not $expected"
+  done
   for path in /srv/training /srv/tests /srv/bench /opt/venv/bin/pip; do
     podman run --rm --entrypoint /bin/sh "$IMAGE" -c "test ! -e $path" || fail "$path is in the image"
   done
@@ -149,7 +159,7 @@ check_code_only_rebuild() {
   local ctx="$WORK/context" start
   mkdir -p "$ctx/deploy"
   cp -a Dockerfile .dockerignore app captioning model_artifacts "$ctx/"
-  cp deploy/requirements-serve.txt "$ctx/deploy/"
+  cp deploy/requirements-serve.txt deploy/keep_newest_versions.sh "$ctx/deploy/"
   echo "# code-only change $(date +%s)" >> "$ctx/app/__init__.py"
   start=$SECONDS
   podman build --format docker --pull=never -t "$IMAGE-code-change" "$ctx" >"$WORK/rebuild.log" 2>&1 \

@@ -71,12 +71,13 @@ def test_dependencies_come_from_the_lock_file_in_their_own_layer_before_the_code
     assert "ARG TF_PACKAGE=tensorflow-cpu" in DOCKERFILE  # CPU build by default
     runtime = copies[next(i for i, copy in enumerate(copies) if "--from=deps /opt/venv" in copy) :]
     # The venv, then the model bundles, then the code: a code edit reuses the dependency layer.
-    assert [copy.split()[-2] if not copy.startswith("--from") else "venv" for copy in runtime] == [
-        "venv",
-        "model_artifacts",
-        "captioning",
-        "app",
+    assert [copy.split()[-1] for copy in runtime] == [
+        "/opt/venv",
+        "/srv/model_artifacts",
+        "/srv/captioning",
+        "/srv/app",
     ]
+    assert runtime[1] == "--from=models /models /srv/model_artifacts"
     assert "training" not in " ".join(copies)  # serving never imports the training module
 
 
@@ -133,7 +134,13 @@ def test_dockerignore_allows_only_what_the_image_needs():
     ]
     assert lines[0] == "*"  # an allow-list: .git, .venv, runs/, tests/ ... never reach the context
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"app", "captioning", "model_artifacts", "deploy/requirements-serve.txt"}
+    assert allowed == {
+        "app",
+        "captioning",
+        "model_artifacts",
+        "deploy/requirements-serve.txt",
+        "deploy/keep_newest_versions.sh",
+    }
 
 
 def test_compose_config_is_valid_with_service_essentials():
@@ -182,3 +189,43 @@ def test_compose_monitoring_profile_mounts_the_project_config():
     assert all(port["host_ip"] == "127.0.0.1" for service in (prometheus, grafana) for port in service["ports"])
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     assert scrape[0]["static_configs"][0]["targets"] == ["captioner:8000"]  # the compose service name
+
+
+KEEP_NEWEST = ROOT / "deploy" / "keep_newest_versions.sh"
+
+
+def test_image_carries_the_newest_two_versions_of_each_model():
+    assert "ARG MODEL_VERSIONS=2" in DOCKERFILE
+    assert 'RUN keep_newest_versions.sh /models "${MODEL_VERSIONS}"' in DOCKERFILE
+
+
+def keep_newest(repository: Path, keep: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(KEEP_NEWEST), str(repository), keep], capture_output=True, text=True, timeout=30)
+
+
+def listing(repository: Path) -> dict[str, list[str]]:
+    return {model.name: sorted(entry.name for entry in model.iterdir()) for model in sorted(repository.iterdir())}
+
+
+def test_keep_newest_versions_deletes_older_versions_by_number_and_nothing_else(tmp_path):
+    for model, names in {"default": ["1", "2", "9", "10", ".tmp-11"], "shapeworld": ["3"]}.items():
+        for name in names:
+            (tmp_path / model / name).mkdir(parents=True)
+            (tmp_path / model / name / "manifest.json").write_text("{}")
+    (tmp_path / "default" / "README").write_text("not a version")
+
+    assert keep_newest(tmp_path, "2").returncode == 0
+    # 10 is newer than 9 (numbers, not names); a staging directory and a file are not versions
+    assert listing(tmp_path) == {"default": [".tmp-11", "10", "9", "README"], "shapeworld": ["3"]}
+
+    assert keep_newest(tmp_path, "all").returncode == 0
+    assert keep_newest(tmp_path, "1").returncode == 0
+    assert listing(tmp_path) == {"default": [".tmp-11", "10", "README"], "shapeworld": ["3"]}
+
+
+@pytest.mark.parametrize("keep", ["0", "", "two", "-1", "02"])
+def test_keep_newest_versions_refuses_a_count_that_would_delete_everything_or_is_not_one(tmp_path, keep):
+    (tmp_path / "default" / "1").mkdir(parents=True)
+    result = keep_newest(tmp_path, keep)
+    assert result.returncode == 2 and "positive integer" in result.stderr
+    assert listing(tmp_path) == {"default": ["1"]}

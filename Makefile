@@ -109,7 +109,7 @@ bench-attack: $(VENV)/.dev
 bench-soak: $(VENV)/.dev
 	$(BIN)/python -m bench.soak --minutes 15 --write bench/SOAK.md
 
-# This service against LitServe and PyTriton (optional; their own virtualenv, as PyTriton 0.7.0
+# This service against LitServe, PyTriton and Ray Serve (optional; their own virtualenv, as PyTriton 0.7.0
 # needs numpy<2). Writes bench/PEERS.md.
 PEERS_VENV := bench/.peers-venv
 $(PEERS_VENV)/.installed: bench/peers-requirements.txt

@@ -2,6 +2,7 @@
 
 UploadGuard, on every request to a route that takes a body (POST), before a byte of it is read:
   1. the API key, from the headers (401), so a keyless client never holds a queue place or a reader;
+     then a Content-Encoding other than identity (415), which this service does not decode;
   2. the engine's door check (503 overloaded / not_ready), so a full queue refuses before parsing;
   3. an upload slot: at most MAX_CONCURRENT_UPLOADS bodies are read at once, the excess gets 503 +
      Retry-After at once; the slot is held until the body is complete;

@@ -6,8 +6,8 @@ Runs the real service (app.__main__.main) under a wrapper that records which OS 
 Python thread, drives it like bench.load_test's closed loop, and splits the server's CPU time
 (from /proc/PID/task/*/stat) into: the event loop (HTTP, multipart, JSON, small-image decoding),
 the decoder thread (engine bookkeeping, searches, and the TensorFlow ops it runs inline), the
-encoder thread, the domain check's statistics thread, AnyIO worker threads (large-image decoding)
-and TensorFlow's own native threads.
+encoder thread, the domain check's statistics thread, the decode pool's threads (large-image
+decoding, app/decode_pool.py) and TensorFlow's own native threads.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def thread_group(name: str | None) -> str:
         return "domain statistics thread"
     if name.startswith("inference"):
         return "decoder thread"
-    if "AnyIO" in name or name.startswith("ThreadPoolExecutor") or name.startswith("asyncio"):
-        return "worker threads (large-image decoding)"
+    if name.startswith("decode") or "AnyIO" in name or name.startswith(("ThreadPoolExecutor", "asyncio")):
+        return "decode pool and worker threads (large-image decoding)"
     return "other"
 
 

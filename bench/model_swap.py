@@ -2,7 +2,7 @@
 
     python -m bench.model_swap [--clients 4] [--phase-s 12] [--cycles 3]
 
-Serves a temporary repository (version 1: the committed default bundle) with `python -m app`
+Serves a temporary repository (version 1: `--v1`, model_artifacts/default/1 unless given) with `python -m app`
 polling it every second, and keeps `--clients` closed-loop clients posting /caption throughout,
 each response recording its status, latency and the model version that answered. Then:
 

@@ -261,3 +261,18 @@ def test_the_soak_verdicts_catch_what_they_guard():
     assert not passes(alive=False)
     assert not passes(server_statuses={})  # the server's count was not read: its "no 5xx" says nothing
     assert not passes(server_statuses={200: 2})  # it counted fewer answers than the bench got
+
+
+def test_cpu_profile_counts_the_decode_pool_as_decoding_not_other():
+    import threading
+
+    from app.decode_pool import DecodePool
+    from bench.cpu_profile import thread_group
+
+    pool = DecodePool(threads=1, budget_bytes=1 << 20)  # its executor's threads, as the server names them
+    name = pool._executor.submit(lambda: threading.current_thread().name).result()
+    pool._executor.shutdown()
+    assert name.startswith("decode")
+    assert thread_group(name) == "decode pool and worker threads (large-image decoding)"
+    assert thread_group("inference-encoder") == "encoder thread (continuous)"
+    assert thread_group("some-other-thread") == "other"

@@ -45,8 +45,8 @@ RUN python -m venv --without-pip /opt/venv \
 FROM python:${PYTHON_VERSION}-slim AS models
 ARG MODEL_VERSIONS=2
 COPY model_artifacts /models
-COPY deploy/keep_newest_versions.sh /usr/local/bin/keep_newest_versions.sh
-RUN keep_newest_versions.sh /models "${MODEL_VERSIONS}"
+COPY deploy/keep_newest_versions.py /tmp/keep_newest_versions.py
+RUN python /tmp/keep_newest_versions.py /models "${MODEL_VERSIONS}"
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 # No TF_ENABLE_ONEDNN_OPTS: `python -m app` sets it from ENCODER_PRECISION (oneDNN for bfloat16).

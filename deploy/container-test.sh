@@ -4,7 +4,8 @@
 # On a fresh Debian machine, as root: installs podman, runc, debootstrap (Debian) and podman-compose
 # (PyPI; Debian's 1.0.3 cannot run this compose file), builds a local stand-in for the Dockerfile's
 # base image (base images cannot be pulled here; the Dockerfile stays the one users build from the
-# real python:3.11-slim), builds the image, and checks it: size budget, a code-only rebuild, health
+# real python:3.11-slim), builds the image, and checks it: size budget, the model versions it holds,
+# a code-only rebuild, health
 # through the image's HEALTHCHECK, readiness, a real POST /caption, non-root, JSON-only logs, and
 # `podman stop` both while serving and during start-up; then the same through podman-compose with
 # the project's docker-compose.yml. Everything it starts is removed on exit.
@@ -134,16 +135,24 @@ report_image() {
   echo "size: $((bytes / 1000000)) MB (budget ${MAX_IMAGE_MB} MB)"
   podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-150
   ((bytes / 1000000 <= MAX_IMAGE_MB)) || fail "image is $((bytes / 1000000)) MB, over ${MAX_IMAGE_MB} MB"
-  # The repository as the image carries it: the newest two versions of each model (MODEL_VERSIONS).
-  local model expected held
-  for model in model_artifacts/*/; do
-    model=$(basename "$model")
-    expected=$(find "model_artifacts/$model" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' \
-      | grep -E '^[0-9]+$' | sort -n | tail -n 2 | tr '\n' ' ')
-    held=$(podman run --rm --entrypoint /bin/sh "$IMAGE" -c "ls /srv/model_artifacts/$model" | sort -n | tr '\n' ' ')
-    echo "model_artifacts/$model in the image: $held(the repository's newest two: $expected)"
-    [[ "$held" == "$expected" ]] || fail "the image holds versions $held of $model, not $expected"
-  done
+  # The repository as the image carries it: the newest MODEL_VERSIONS (the Dockerfile's default) of
+  # each model, both sides read by the service's own scan_versions, in the image, the repository
+  # mounted beside its copy.
+  local keep
+  keep=$(sed -n 's/^ARG MODEL_VERSIONS=//p' Dockerfile)
+  podman run --rm --entrypoint python -v "$PWD/model_artifacts:/repository:ro" "$IMAGE" -c '
+import sys
+from pathlib import Path
+from captioning.artifacts import scan_versions
+keep, wrong = sys.argv[1], []
+for model in sorted(path for path in Path("/repository").iterdir() if path.is_dir()):
+    numbers = sorted(scan_versions(model))
+    expected = numbers if keep == "all" else numbers[-int(keep):]
+    held = sorted(scan_versions(Path("/srv/model_artifacts") / model.name))
+    print(f"model_artifacts/{model.name}: the image holds versions {held}, the newest {keep} are {expected}")
+    wrong += [model.name] if held != expected else []
+sys.exit(f"the image holds other versions of {wrong}" if wrong else 0)' "$keep" \
+    || fail "the image does not hold the newest $keep versions of each model"
   for path in /srv/training /srv/tests /srv/bench /opt/venv/bin/pip; do
     podman run --rm --entrypoint /bin/sh "$IMAGE" -c "test ! -e $path" || fail "$path is in the image"
   done
@@ -159,7 +168,7 @@ check_code_only_rebuild() {
   local ctx="$WORK/context" start
   mkdir -p "$ctx/deploy"
   cp -a Dockerfile .dockerignore app captioning model_artifacts "$ctx/"
-  cp deploy/requirements-serve.txt deploy/keep_newest_versions.sh "$ctx/deploy/"
+  cp deploy/requirements-serve.txt deploy/keep_newest_versions.py "$ctx/deploy/"
   echo "# code-only change $(date +%s)" >> "$ctx/app/__init__.py"
   start=$SECONDS
   podman build --format docker --pull=never -t "$IMAGE-code-change" "$ctx" >"$WORK/rebuild.log" 2>&1 \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def test_dockerignore_allows_only_what_the_image_needs():
         "captioning",
         "model_artifacts",
         "deploy/requirements-serve.txt",
-        "deploy/keep_newest_versions.sh",
+        "deploy/keep_newest_versions.py",
     }
 
 
@@ -191,41 +192,76 @@ def test_compose_monitoring_profile_mounts_the_project_config():
     assert scrape[0]["static_configs"][0]["targets"] == ["captioner:8000"]  # the compose service name
 
 
-KEEP_NEWEST = ROOT / "deploy" / "keep_newest_versions.sh"
+KEEP_NEWEST = ROOT / "deploy" / "keep_newest_versions.py"
 
 
 def test_image_carries_the_newest_two_versions_of_each_model():
-    assert "ARG MODEL_VERSIONS=2" in DOCKERFILE
-    assert 'RUN keep_newest_versions.sh /models "${MODEL_VERSIONS}"' in DOCKERFILE
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.MULTILINE)
+    (models,) = [stage for stage in stages if stage.startswith("python:${PYTHON_VERSION}-slim AS models")]
+    assert "ARG MODEL_VERSIONS=2" in models
+    assert "COPY model_artifacts /models" in models
+    assert "COPY deploy/keep_newest_versions.py /tmp/keep_newest_versions.py" in models
+    assert 'RUN python /tmp/keep_newest_versions.py /models "${MODEL_VERSIONS}"' in models
 
 
 def keep_newest(repository: Path, keep: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(KEEP_NEWEST), str(repository), keep], capture_output=True, text=True, timeout=30)
+    command = [sys.executable, str(KEEP_NEWEST), str(repository), keep]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
 
 
 def listing(repository: Path) -> dict[str, list[str]]:
     return {model.name: sorted(entry.name for entry in model.iterdir()) for model in sorted(repository.iterdir())}
 
 
-def test_keep_newest_versions_deletes_older_versions_by_number_and_nothing_else(tmp_path):
-    for model, names in {"default": ["1", "2", "9", "10", ".tmp-11"], "shapeworld": ["3"]}.items():
+def make_repository(root: Path, models: dict[str, list[str]]) -> Path:
+    for model, names in models.items():
+        (root / model).mkdir(parents=True)
         for name in names:
-            (tmp_path / model / name).mkdir(parents=True)
-            (tmp_path / model / name / "manifest.json").write_text("{}")
-    (tmp_path / "default" / "README").write_text("not a version")
-
-    assert keep_newest(tmp_path, "2").returncode == 0
-    # 10 is newer than 9 (numbers, not names); a staging directory and a file are not versions
-    assert listing(tmp_path) == {"default": [".tmp-11", "10", "9", "README"], "shapeworld": ["3"]}
-
-    assert keep_newest(tmp_path, "all").returncode == 0
-    assert keep_newest(tmp_path, "1").returncode == 0
-    assert listing(tmp_path) == {"default": [".tmp-11", "10", "README"], "shapeworld": ["3"]}
+            (root / model / name).mkdir()
+            (root / model / name / "manifest.json").write_text("{}")
+    return root
 
 
-@pytest.mark.parametrize("keep", ["0", "", "two", "-1", "02"])
-def test_keep_newest_versions_refuses_a_count_that_would_delete_everything_or_is_not_one(tmp_path, keep):
-    (tmp_path / "default" / "1").mkdir(parents=True)
-    result = keep_newest(tmp_path, keep)
+def test_keep_newest_versions_reads_versions_as_the_service_does(tmp_path):
+    from captioning.artifacts import is_version_name, scan_versions
+
+    names = ["1", "2", "9", "10", "007", "7", "0", "12345678901234567890", "11.tmp", ".tmp-12", "3a", "\u00b3"]
+    repository = make_repository(
+        tmp_path, {"default": names, "shapeworld": ["3"], "empty": [], "dup": ["6", "007", "7"]}
+    )
+    (repository / "default" / "README").write_text("not a version")
+    before = {model.name: sorted(scan_versions(model)) for model in repository.iterdir()}
+    assert before["default"] == [1, 2, 7, 9, 10]  # "007" is 7; 0, 20 digits and the rest are no versions
+
+    result = keep_newest(repository, "2")
+    assert result.returncode == 0, result.stderr
+    after = {model.name: sorted(scan_versions(model)) for model in repository.iterdir()}
+    # by number: 10 after 9, and "007" and "7" one version, so the newest two of "dup" are 6 and 7
+    assert after == {"default": [9, 10], "shapeworld": [3], "empty": [], "dup": [6, 7]}
+    left = set(listing(repository)["default"])
+    assert {"007", "7", "1", "2"}.isdisjoint(left)  # both names of version 7 went
+    assert {"0", "12345678901234567890", "11.tmp", ".tmp-12", "3a", "\u00b3", "README"} <= left  # not versions
+
+    build_stage_rule = runpy.run_path(str(KEEP_NEWEST))["is_version_name"]  # its copy of the service's rule
+    assert [build_stage_rule(name) for name in names] == [is_version_name(name) for name in names]
+
+
+def test_keep_newest_versions_all_keeps_everything_and_one_keeps_the_newest(tmp_path):
+    repository = make_repository(tmp_path, {"default": ["1", "2", "3"]})
+    assert keep_newest(repository, "all").returncode == 0
+    assert listing(repository) == {"default": ["1", "2", "3"]}
+    assert keep_newest(repository, "1").returncode == 0
+    assert listing(repository) == {"default": ["3"]}
+
+
+@pytest.mark.parametrize("keep", ["0", "", "two", "-1", "02", "1.5"])
+def test_keep_newest_versions_refuses_a_count_that_is_not_a_positive_integer(tmp_path, keep):
+    repository = make_repository(tmp_path, {"default": ["1", "2"]})
+    result = keep_newest(repository, keep)
     assert result.returncode == 2 and "positive integer" in result.stderr
-    assert listing(tmp_path) == {"default": ["1"]}
+    assert listing(repository) == {"default": ["1", "2"]}
+
+
+def test_keep_newest_versions_refuses_a_repository_that_is_not_there(tmp_path):
+    result = keep_newest(tmp_path / "missing", "2")
+    assert result.returncode == 2 and "not a directory" in result.stderr

@@ -45,11 +45,11 @@ def main(argv: list[str]) -> int:
     for model in sorted(path for path in repository.iterdir() if path.is_dir()):
         versions = version_dirs(model)
         numbers = sorted(versions)
-        kept = numbers if keep == "all" else numbers[-int(keep) :]
-        for number in numbers[: len(numbers) - len(kept)]:
+        cut = 0 if keep == "all" else max(len(numbers) - int(keep), 0)
+        for number in numbers[:cut]:
             for path in versions[number]:
                 shutil.rmtree(path)
-        print(f"{model.name}: kept {kept}, deleted {numbers[: len(numbers) - len(kept)]}")
+        print(f"{model.name}: kept {numbers[cut:]}, deleted {numbers[:cut]}")
     return 0
 
 

@@ -300,29 +300,35 @@ ENGINE_SERIES = (
 REFUSAL_SERIES = ("server_503", "server_503_within_50ms")
 
 
+def metric_samples(text: str | bytes, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of series `name` in a /metrics page whose labels include `labels`, as (all their
+    labels, value). Read with prometheus_client's own parser, which the service's exporter is
+    written for: label values may hold braces, commas or quotes (/v2/models/{model_name}/infer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = text.decode() if isinstance(text, bytes) else text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def metric_sum(text: str | bytes, name: str, **labels: str) -> float:
+    """The sum of those samples: 0 when there are none."""
+    return sum(value for _, value in metric_samples(text, name, **labels))
+
+
 async def engine_counters(port: int) -> dict[str, float]:
     """The engine's cumulative timings and the server's 503 timings from /metrics, to profile each
     phase from the inside."""
-    _, body = await http_get(port, "/metrics")
-    text = body.decode()
-    counters = {}
-    for name in ENGINE_SERIES:
-        match = re.search(rf"^captioning_engine_{name} ([0-9.e+-]+)$", text, re.MULTILINE)
-        counters[name] = float(match.group(1)) if match else 0.0
-    refused = r'method="POST",route="[^"]*",status="503"'
-    counters["server_503"] = sum(
-        float(v)
-        for v in re.findall(
-            rf"^captioning_http_request_duration_seconds_count{{{refused}}} ([0-9.e+-]+)$", text, re.MULTILINE
-        )
-    )
-    counters["server_503_within_50ms"] = sum(
-        float(v)
-        for v in re.findall(
-            rf'^captioning_http_request_duration_seconds_bucket{{le="0.05",{refused}}} ([0-9.e+-]+)$',
-            text,
-            re.MULTILINE,
-        )
+    _, text = await http_get(port, "/metrics")
+    counters = {name: metric_sum(text, f"captioning_engine_{name}") for name in ENGINE_SERIES}
+    refused = {"method": "POST", "status": "503"}
+    counters["server_503"] = metric_sum(text, "captioning_http_request_duration_seconds_count", **refused)
+    counters["server_503_within_50ms"] = metric_sum(
+        text, "captioning_http_request_duration_seconds_bucket", le="0.05", **refused
     )
     return counters
 
@@ -398,9 +404,8 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the {self.mode} server exited with code {self.process.returncode}")
             status, body = await http_get(self.port, "/metrics")
-            match = re.search(rb"^captioning_engine_programs_compiling ([0-9.e+-]+)$", body, re.MULTILINE)
-            # 404: no /metrics at all (bench.http_floor's model-less servers); None: nothing compiles.
-            if status == 404 or (status == 200 and (match is None or float(match.group(1)) == 0)):
+            # 404: no /metrics at all (bench.http_floor's model-less servers); no series: nothing compiles.
+            if status == 404 or (status == 200 and metric_sum(body, "captioning_engine_programs_compiling") == 0):
                 return time.perf_counter() - started
             await asyncio.sleep(0.25)
         raise RuntimeError(f"the {self.mode} server was still compiling after {SERVER_START_TIMEOUT_S} s")

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +42,7 @@ from bench.harness import (
     free_port,
     http_get,
     load_images,
+    metric_samples,
     percentile,
     rss_mib,
 )
@@ -104,10 +104,11 @@ async def post_json(port: int, path: str, payload: dict) -> tuple[int, dict]:
 
 
 async def metric_values(port: int, name: str) -> dict[str, float]:
-    _, body = await http_get(port, "/metrics")
+    """Each sample of captioning_<name>, keyed by its labels as the exposition writes them."""
+    _, text = await http_get(port, "/metrics")
     return {
-        labels: float(value)
-        for labels, value in re.findall(rf"^captioning_{name}{{([^}}]*)}} ([0-9.e+-]+)$", body.decode(), re.MULTILINE)
+        ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())): value
+        for labels, value in metric_samples(text, f"captioning_{name}")
     }
 
 

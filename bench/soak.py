@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from bench.harness import (
     Connection,
     Server,
     http_get,
+    metric_samples,
     multipart_form,
     open_descriptors,
     percentile,
@@ -232,11 +232,8 @@ async def after_the_run(server: Server, pool) -> dict:
             await asyncio.wait_for(connection.request(build_request("greedy", random.Random(0), pool)), 30)
         )[0]
         _, metrics = await asyncio.wait_for(http_get(server.port, "/metrics"), 10)
-        # Whole lines: a route label holds braces of its own (/v2/models/{model_name}/infer).
-        for status, count in re.findall(
-            rb'^captioning_http_requests_total\{.*status="(\d+)".*\} (\S+)$', metrics, re.M
-        ):
-            after["server_statuses"][int(status)] += int(float(count))
+        for labels, count in metric_samples(metrics, "captioning_http_requests_total"):
+            after["server_statuses"][int(labels["status"])] += int(count)
     except CLIENT_ERRORS:
         pass  # a server that does not answer leaves the zeros, which fail the checks
     finally:

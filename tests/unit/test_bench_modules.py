@@ -276,3 +276,28 @@ def test_cpu_profile_counts_the_decode_pool_as_decoding_not_other():
     assert thread_group(name) == "decode pool and worker threads (large-image decoding)"
     assert thread_group("inference-encoder") == "encoder thread (continuous)"
     assert thread_group("some-other-thread") == "other"
+
+
+def test_metric_samples_read_the_exposition_as_prometheus_writes_it():
+    """The benchmarks read /metrics through one parser: a route label with braces and commas of its
+    own, a histogram's buckets and a counter's _total series come back whole."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from bench.harness import metric_samples, metric_sum
+
+    registry = CollectorRegistry()
+    labels = ("route", "method", "status")
+    requests = Counter("http_requests", "", labels, namespace="captioning", registry=registry)
+    seconds = Histogram("http_request_duration_seconds", "", labels, namespace="captioning", registry=registry)
+    odd_route = '/v2/models/{model_name}/infer,"x"'
+    for route, status, took in [(odd_route, "503", 0.01), ("/caption", "503", 0.2), ("/caption", "200", 0.01)]:
+        requests.labels(route, "POST", status).inc()
+        seconds.labels(route, "POST", status).observe(took)
+    page = generate_latest(registry)
+
+    by_status = {(s["route"], s["status"]): v for s, v in metric_samples(page, "captioning_http_requests_total")}
+    assert by_status == {(odd_route, "503"): 1.0, ("/caption", "503"): 1.0, ("/caption", "200"): 1.0}
+    refused = {"method": "POST", "status": "503"}
+    assert metric_sum(page, "captioning_http_request_duration_seconds_count", **refused) == 2
+    assert metric_sum(page, "captioning_http_request_duration_seconds_bucket", le="0.05", **refused) == 1
+    assert metric_sum(page.decode(), "captioning_engine_programs_compiling") == 0  # no such series

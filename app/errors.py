@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -139,6 +140,15 @@ class TooManyUploads(_RetryLater):
     code = "too_many_uploads"
 
 
+class TooManyClientUploads(ApiError):
+    """One client address has MAX_UPLOADS_PER_CLIENT bodies being read already."""
+
+    status_code, code = 429, "too_many_uploads"
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message, headers=retry_after(retry_after_s))
+
+
 class ClientDisconnected(ApiError):
     # Nobody reads this response; the status only appears in the access log and metrics.
     status_code, code = 499, "client_closed_request"
@@ -184,8 +194,20 @@ class UploadTooLarge(StarletteHTTPException):
 class BodyTimeout(StarletteHTTPException):
     """Raised from inside the request body stream (see app.guards.UploadGuard), like UploadTooLarge."""
 
+    code = "body_timeout"
+
     def __init__(self, message: str):
         super().__init__(408, message)
+
+
+class UploadMemoryFull(StarletteHTTPException):
+    """Raised from inside the request body stream when the bodies held would pass UPLOAD_MEMORY_MB
+    (app.guards.UploadGuard): answered 503 too_many_uploads, as at the door."""
+
+    code = TooManyUploads.code
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(503, message, headers=retry_after(retry_after_s))
 
 
 # Codes for errors FastAPI/Starlette raise themselves.
@@ -256,13 +278,14 @@ FILE_PART_HINT = (
 _FORM_PROBLEMS = {
     "Missing boundary in multipart.": "the multipart Content-Type has no boundary: let the HTTP library set "
     "the Content-Type of a form, which adds it (with fetch or axios and FormData, set no Content-Type)",
-    "Invalid multipart data.": "the multipart body is not valid: its lines must end with CRLF (\\r\\n) and "
-    "its parts start with --BOUNDARY, as the Content-Type's boundary says",
+    "Invalid multipart data.": "the multipart body is not valid: its lines must end with CRLF (\\r\\n), its "
+    "parts start with --BOUNDARY, as the Content-Type's boundary says, and each part has at most "
+    f"{DEFAULT_MAX_HEADER_COUNT} header lines of at most {DEFAULT_MAX_HEADER_SIZE} bytes",
 }
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     cause = exc.__cause__
     if isinstance(cause, ClientDisconnect):
@@ -281,6 +304,20 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
         message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
     elif exc.status_code == 400 and message in _FORM_PROBLEMS:
         message = _FORM_PROBLEMS[message]
+    elif exc.status_code == 400 and message.startswith(("Too many files.", "Too many fields.")):
+        # The parser's counts (app.main's form_limits): a form carries image files and nothing else.
+        most = request.app.state.settings.max_images_per_request
+        if message.startswith("Too many files."):
+            return api_error_response(
+                request,
+                TooManyImages(f"the form has more than {most} files; the limit is {most} (MAX_IMAGES_PER_REQUEST)"),
+            )
+        return error_response(
+            request,
+            400,
+            "bad_request",
+            f"the form has more than {most} text fields (MAX_IMAGES_PER_REQUEST); it needs none: {FILE_PART_HINT}",
+        )
     elif exc.status_code == 400 and message.startswith("Part exceeded maximum size"):
         # A part without a filename is a text field, which Starlette caps at 1 MB: here, an image
         # sent without a filename (as requests' (None, data) and form-data's append(name, buffer) do).
@@ -390,10 +427,14 @@ _ERROR_DESCRIPTIONS = {
     "Content-Type is neither multipart/form-data nor an image type (`unsupported_media_type`), or the body is "
     "compressed (`unsupported_content_encoding`: send it without Content-Encoding).",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
-    "range, a JPEG with more than MAX_JPEG_SCANS scans (`image_too_complex`), or no caption for the image "
-    "(`no_caption`).",
+    "range, a JPEG with more than MAX_JPEG_SCANS scans, a TIFF with more than MAX_TIFF_STRIPS strips or tiles, "
+    "or a PNG whose text chunks inflate past MAX_PNG_TEXT_BYTES (`image_too_complex`), or no caption for the "
+    "image (`no_caption`).",
+    429: "This client address has MAX_UPLOADS_PER_CLIENT request bodies being read already; retry after "
+    "Retry-After seconds.",
     500: "Unexpected server error.",
-    503: "Not ready yet, shutting down, overloaded, or too many uploads being read; retry after Retry-After seconds.",
+    503: "Not ready yet, shutting down, overloaded, or too many uploads (MAX_CONCURRENT_UPLOADS bodies being read, "
+    "or UPLOAD_MEMORY_MB of bodies held); retry after Retry-After seconds.",
     504: "The request's deadline (REQUEST_TIMEOUT_S) passed; with Retry-After when it passed in the queue.",
     507: "No room in the temporary directory for the upload (form files over 1 MB are spooled there).",
 }

@@ -5,10 +5,16 @@ UploadGuard, on every request to a route that takes a body (POST), before a byte
      then a Content-Encoding other than identity (415), which this service does not decode;
   2. the engine's door check (503 overloaded / not_ready), so a full queue refuses before parsing;
   3. an upload slot: at most MAX_CONCURRENT_UPLOADS bodies are read at once, the excess gets 503 +
-     Retry-After at once; the slot is held until the body is complete;
+     Retry-After at once, and at most MAX_UPLOADS_PER_CLIENT of them from one client address (429),
+     so that one client's idle uploads cannot hold every slot; a slot is held until the body is complete;
   4. a body deadline: BODY_TIMEOUT_S plus the bytes received so far at MIN_UPLOAD_BYTES_PER_S
      (like Apache's mod_reqtimeout), answered 408. Once the body is complete, receive() is the
-     server's own again: the disconnect watcher that keeps calling it is never timed out.
+     server's own again: the disconnect watcher that keeps calling it is never timed out;
+  5. a memory budget for bodies: the bytes received are held until the answer is sent (the body
+     waits for decode memory and for the model), and all requests together hold at most
+     UPLOAD_MEMORY_MB. Past it a POST is refused at the door, or while its body arrives, with 503
+     too_many_uploads; one request alone may hold more (MAX_UPLOAD_BYTES bounds it). Counting the
+     bytes that arrived, not the declared length, means an idle upload holds no memory.
 
 ShutdownGuard: requests still running when the shutdown grace ends get a 503 JSON answer with
 Retry-After (the server's own would be a plain-text 500); see Shutdown and app.__main__.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from starlette.datastructures import Headers
@@ -29,9 +36,11 @@ from app.errors import (
     NOT_READY_RETRY_AFTER_S,
     BodyTimeout,
     NotReady,
+    TooManyClientUploads,
     TooManyUploads,
     Unauthorized,
     UnsupportedContentEncoding,
+    UploadMemoryFull,
     api_error_response,
     as_api_error,
     error_response,
@@ -59,6 +68,8 @@ class UploadGuard:
         self.engine_of = engine_of
         self.key_accepted = key_accepted
         self.uploads = 0  # bodies being read now (event loop only)
+        self.uploads_by_client: Counter[str] = Counter()  # the same, by client address
+        self.body_bytes = 0  # body bytes received by requests not yet answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = matched_route(scope) if scope["type"] == "http" and scope["method"] in BODY_METHODS else None
@@ -70,7 +81,9 @@ class UploadGuard:
             # In the route family's own shape (app.errors.error_response: OIP's under /v2).
             await api_error_response(Request(scope), refusal)(scope, receive, send)
             return
+        client = client_address(scope)
         self.uploads += 1
+        self.uploads_by_client[client] += 1
         holding = True
 
         def done_reading() -> None:
@@ -78,10 +91,14 @@ class UploadGuard:
             if holding:
                 holding = False
                 self.uploads -= 1
+                self.uploads_by_client[client] -= 1
+                if not self.uploads_by_client[client]:
+                    del self.uploads_by_client[client]
 
         settings = self.settings
+        budget = settings.upload_memory_mb * 2**20
         started = time.monotonic()
-        received = 0
+        received = 0  # this request's body bytes, counted in self.body_bytes until it is answered
 
         async def timed_receive() -> Message:
             nonlocal received
@@ -100,7 +117,13 @@ class UploadGuard:
                     f"{settings.body_timeout_s:g} s plus {settings.min_upload_bytes_per_s} bytes/s)"
                 ) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                arrived = len(message.get("body", b""))
+                others = self.body_bytes - received
+                if others and self.body_bytes + arrived > budget:
+                    done_reading()
+                    raise UploadMemoryFull(self._memory_full(), UPLOADS_RETRY_AFTER_S)
+                received += arrived
+                self.body_bytes += arrived
                 if not message.get("more_body", False):
                     done_reading()
             else:  # http.disconnect
@@ -108,17 +131,20 @@ class UploadGuard:
             return message
 
         try:
-            # Normally the app's handlers answer BodyTimeout; this is for reads outside a route.
+            # Normally the app's handlers answer these; this is for reads outside a route.
             await call_answering(
                 self.app,
                 scope,
                 timed_receive,
                 send,
-                BodyTimeout,
-                lambda exc: error_response(Request(scope), 408, "body_timeout", str(exc.detail)),
+                (BodyTimeout, UploadMemoryFull),
+                lambda exc: error_response(
+                    Request(scope), exc.status_code, exc.code, str(exc.detail), dict(exc.headers or {})
+                ),
             )
         finally:
             done_reading()
+            self.body_bytes -= received
 
     def _refusal(self, scope: Scope):
         headers = Headers(scope=scope)
@@ -143,7 +169,30 @@ class UploadGuard:
             return TooManyUploads(
                 f"{self.uploads} uploads are being read, the limit; retry shortly", UPLOADS_RETRY_AFTER_S
             )
+        per_client = self.settings.max_uploads_per_client
+        client = client_address(scope)
+        if per_client and client and self.uploads_by_client[client] >= per_client:
+            return TooManyClientUploads(
+                f"this client has {per_client} uploads being read, the limit per client "
+                "(MAX_UPLOADS_PER_CLIENT); retry when one is complete",
+                UPLOADS_RETRY_AFTER_S,
+            )
+        if self.body_bytes >= self.settings.upload_memory_mb * 2**20:
+            return TooManyUploads(self._memory_full(), UPLOADS_RETRY_AFTER_S)
         return None
+
+    def _memory_full(self) -> str:
+        return (
+            f"requests being served hold {self.body_bytes / 2**20:.0f} MiB of uploads, the limit "
+            f"(UPLOAD_MEMORY_MB={self.settings.upload_memory_mb}); retry shortly"
+        )
+
+
+def client_address(scope: Scope) -> str:
+    """The client's address as uvicorn gives it: the peer's, or the one a trusted proxy forwarded
+    (FORWARDED_ALLOW_IPS). Empty when the server knows none (a Unix socket)."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 class Shutdown:

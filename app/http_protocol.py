@@ -155,6 +155,21 @@ CHUNK_FRAMING_TOO_LARGE = Refusal(
 )
 
 
+class _ClosedAfterBody:
+    """A request's view of the connection's transport (uvicorn's RequestResponseCycle writes and
+    closes through it): close() goes through the protocol, which lets the rest of a body answered
+    early come in first (HardenedProtocol.close_after_body)."""
+
+    def __init__(self, transport, protocol, cycle):
+        self._transport, self._protocol, self._cycle = transport, protocol, cycle
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_after_body(self._cycle)
+
+
 def _headers_too_large(limit: int) -> Refusal:
     return Refusal(431, "headers_too_large", f"the request line and headers exceed {limit} bytes")
 
@@ -188,6 +203,7 @@ class HardenedProtocol(HttpToolsProtocol):
     _requests_seen = 0  # so that a read spanning two requests is not counted as one body's framing
     _read_no_more = False  # a request was refused in its turn: answered, then closed
     _offer_head: bytes | None = None  # an upgrade offer's head without the offer, for the next parser
+    _close_after_body = False  # a closing request answered before its body came: close once it has
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -318,6 +334,7 @@ class HardenedProtocol(HttpToolsProtocol):
                 self._offer_head = self._head_without_upgrade()
                 return
             super().on_headers_complete()
+            self.cycle.transport = _ClosedAfterBody(self.transport, self, self.cycle)
             self._requests_seen += 1
             self._chunked_body = any(name == b"transfer-encoding" for name, _ in self.headers)
             self._body_bytes = self._framing_bytes = 0
@@ -368,6 +385,9 @@ class HardenedProtocol(HttpToolsProtocol):
             super().on_message_complete()
         if self._drain_timer is not None:  # the answered request's body is in: a keep-alive connection again
             self._cancel_drain()
+            if self._close_after_body:  # ...unless the request asked for the connection to close
+                self.transport.close()
+                return
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -424,6 +444,21 @@ class HardenedProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+
+    def close_after_body(self, cycle) -> None:
+        """What closing the connection is, once `cycle`'s answer is complete (uvicorn's cycle closes
+        the transport itself after answering a request that does not keep the connection:
+        `Connection: close`, HTTP/1.0)."""
+        if cycle is self._running and cycle.more_body and not self.transport.is_closing():
+            # Answered before its body came in whole (a 401, a 413, a 503). Closing now would leave
+            # the body's bytes unread, and the kernel answers those with a reset that discards the
+            # answer from the client's receive buffer before it reads it: an upload with
+            # Connection: close got a connection reset instead of its JSON error. As nginx's
+            # lingering close: the rest is read and dropped (within header_timeout_s, armed by
+            # on_response_complete), then the connection closes.
+            self._close_after_body = True
+            return
+        self.transport.close()
 
     def _cancel_drain(self) -> None:
         if self._drain_timer is not None:

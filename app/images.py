@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
 from captioning.preprocess import DECODE_ERRORS, PILLOW_FORMATS, UnsupportedPixelMode, upright_rgb
@@ -85,27 +86,50 @@ class DecodedImage:
 
 
 def decode_upload(
-    data: bytes, *, max_pixels: int, min_side: int, draft_size: int | None = None, max_jpeg_scans: int | None = None
+    data: bytes,
+    *,
+    max_pixels: int,
+    min_side: int,
+    draft_size: int | None = None,
+    max_jpeg_scans: int | None = None,
+    max_tiff_strips: int | None = None,
 ) -> DecodedImage:
     """Validates and decodes an uploaded image; raises an ApiError subclass on bad input.
 
     draft_size: lets JPEG decode at a reduced scale (1/2 .. 1/8) that still covers
     draft_size x draft_size, which is all the model needs and far cheaper for large photos.
     """
-    image = open_upload(data, max_pixels=max_pixels, min_side=min_side, max_jpeg_scans=max_jpeg_scans)
+    image = open_upload(
+        data, max_pixels=max_pixels, min_side=min_side, max_jpeg_scans=max_jpeg_scans, max_tiff_strips=max_tiff_strips
+    )
     return decode_opened(image, draft_size)
 
 
-def open_upload(data: bytes, *, max_pixels: int, min_side: int, max_jpeg_scans: int | None = None) -> Image.Image:
+def open_upload(
+    data: bytes,
+    *,
+    max_pixels: int,
+    min_side: int,
+    max_jpeg_scans: int | None = None,
+    max_tiff_strips: int | None = None,
+) -> Image.Image:
     """Identifies the format and checks the dimensions from the header alone: no pixel is decoded
     yet (Image.open is lazy), so this is cheap, and bombs are refused before they cost memory.
 
     max_jpeg_scans: a JPEG with more scans is refused. A progressive JPEG's decoder walks every
     block of the image once per scan, and libjpeg only warns about scans that carry no data, so
     a few MB of 12-byte scan headers cost minutes of CPU (libjpeg-turbo's TurboJPEG API has a scan
-    limit for this; encoders write about ten)."""
+    limit for this; encoders write about ten).
+
+    max_tiff_strips: a TIFF with more strips or tiles is refused before Pillow opens it, since
+    opening builds a Python object for each (and decoding walks them all): a million one-row strips
+    fit in 4 MB. A PNG's text chunks are bounded by limit_png_text, once for the process."""
     if not data:
         raise InvalidImage("the uploaded file is empty")
+    if max_tiff_strips is not None:
+        strips = tiff_strips(data)
+        if strips > max_tiff_strips:
+            raise ImageTooComplex(f"the TIFF has {strips} strips or tiles; the limit is {max_tiff_strips}")
     image = _open(data, max_pixels)
     # Pixel count and shortest side do not change under rotation, so the header size decides.
     _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
@@ -163,6 +187,49 @@ def jpeg_layout(data: bytes, first_only: bool = False) -> tuple[int, int]:
     return scans, first_components
 
 
+def tiff_strips(data: bytes) -> int:
+    """The strips or tiles of a TIFF's first image, as its first directory (IFD) counts its
+    StripOffsets or TileOffsets, read from the header (classic TIFF and BigTIFF); 0 for anything
+    else or a header cut short, which Pillow then judges."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 16:
+        return 0
+    magic = struct.unpack_from(order + "H", data, 2)[0]
+    if magic == 42:  # classic: 4-byte offsets, a 2-byte entry count, entries of tag, type, count, value
+        count_format, entry_format, first = "H", "HHII", struct.unpack_from(order + "I", data, 4)[0]
+    elif magic == 43:  # BigTIFF: 8-byte offsets, counts and values
+        count_format, entry_format, first = "Q", "HHQQ", struct.unpack_from(order + "Q", data, 8)[0]
+    else:
+        return 0
+    position = first + struct.calcsize(order + count_format)
+    if position > len(data):
+        return 0
+    entry_size = struct.calcsize(order + entry_format)
+    entries = min(struct.unpack_from(order + count_format, data, first)[0], (len(data) - position) // entry_size)
+    table = memoryview(data)[position : position + entries * entry_size]
+    counts = [count for tag, _, count, _ in struct.iter_unpack(order + entry_format, table) if tag in (273, 324)]
+    return max(counts, default=0)  # StripOffsets (273) or TileOffsets (324)
+
+
+def limit_png_text(max_bytes: int) -> None:
+    """Bounds what a PNG's text chunks may inflate to, each and together (Pillow's defaults: 1 MB a
+    chunk, 64 MB in all, every one inflated and held from the moment the file is opened). Pillow
+    reads these bounds from its module, so they hold for the whole process; past them the file is
+    refused (image_too_complex)."""
+    PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = max_bytes
+
+
+def _text_too_large(exc: BaseException) -> ImageTooComplex | None:
+    """Pillow's refusal of a PNG's text chunks (its message names the bound it passed, MAX_TEXT_CHUNK
+    or MAX_TEXT_MEMORY) as the client's error."""
+    if isinstance(exc, ValueError) and "MAX_TEXT_" in str(exc):
+        return ImageTooComplex(
+            f"the PNG's text chunks (metadata) inflate to more than {PngImagePlugin.MAX_TEXT_MEMORY} bytes, the "
+            "limit (MAX_PNG_TEXT_BYTES)"
+        )
+    return None
+
+
 def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedImage:
     """Decodes an image from open_upload into the upright RGB picture the model sees
     (captioning.preprocess.upright_rgb, the path training and evaluation share), or raises the
@@ -176,8 +243,10 @@ def decode_opened(image: Image.Image, draft_size: int | None = None) -> DecodedI
         raise ImageTooLarge(str(exc)) from None
     except UnsupportedPixelMode as exc:
         raise UnsupportedImageFormat(str(exc)) from None
-    except DECODE_ERRORS as exc:
-        raise InvalidImage(f"the {format_name} image could not be decoded: {_reason(exc)}") from None
+    except DECODE_ERRORS as exc:  # text chunks after the pixels are inflated here
+        raise _text_too_large(exc) or InvalidImage(
+            f"the {format_name} image could not be decoded: {_reason(exc)}"
+        ) from None
     return DecodedImage(rgb, width, height, format_name)
 
 
@@ -236,7 +305,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             ) from None
         raise InvalidImage(f"the upload is not a recognisable image ({ALLOWED_FORMAT_NAMES})") from None
     except DECODE_ERRORS as exc:  # a known signature with a broken header
-        raise InvalidImage(f"the image header could not be read: {_reason(exc)}") from None
+        raise _text_too_large(exc) or InvalidImage(f"the image header could not be read: {_reason(exc)}") from None
 
 
 def sniff_other_image_format(data: bytes) -> str | None:

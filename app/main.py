@@ -21,14 +21,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
-from starlette.middleware.cors import CORSMiddleware
 
 from app import resources
 from app.decode_pool import DecodePool, limit_malloc_arenas
 from app.dependencies import api_key_accepted, require_api_key
 from app.errors import error_responses, install_exception_handlers
 from app.guards import Shutdown, ShutdownGuard, UploadGuard
-from app.middleware import RequestContextMiddleware, UploadLimitMiddleware
+from app.images import limit_png_text
+from app.middleware import JsonCORSMiddleware, RequestContextMiddleware, UploadLimitMiddleware
 from app.model_repository import ModelManager
 from app.routes import admin, caption, demo, health, metrics, model, oip
 from app.routes.oip import HEADER_LENGTH
@@ -102,6 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_inference_threads(settings.inference_threads)
     configure_compile_cache(settings.compile_cache_dir)
     limit_malloc_arenas(settings.malloc_arenas)
+    limit_png_text(settings.max_png_text_bytes)
     shutdown: Shutdown = app.state.shutdown
     shutdown.attach()
     shutdown.on_begin.append(lambda: setattr(app.state, "stopping", True))  # readiness fails from the signal on
@@ -232,6 +233,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A path with a trailing slash is a 404 JSON like any unknown path, not an empty 307 whose
         # Location is built from the client's Host header.
         redirect_slashes=False,
+        # The multipart parser's counts, before it spools a part to disk: a form holds image files only.
+        form_limits={"max_files": settings.max_images_per_request, "max_fields": settings.max_images_per_request},
     )
     app.state.settings = settings
     app.state.captioner = None
@@ -268,17 +271,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         key_accepted=lambda headers: api_key_accepted(headers, settings),
     )
     app.add_middleware(ShutdownGuard, shutdown_of=lambda app: app.state.shutdown)
-    app.add_middleware(RequestContextMiddleware)
     origins = [origin.strip() for origin in (settings.cors_origins or "").split(",") if origin.strip()]
     if origins:
-        # Outermost: a preflight is answered before any guard, and every answer (refusals included)
-        # carries the headers a browser needs to show it to the page.
+        # Outside the guards: a preflight is answered before any of them, and every answer (refusals
+        # included) carries the headers a browser needs to show it to the page. Inside the request
+        # context, so preflights are logged and counted too.
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "HEAD"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", HEADER_LENGTH],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
+    app.add_middleware(RequestContextMiddleware)
     return app

@@ -12,6 +12,7 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -175,7 +176,12 @@ class UploadLimitMiddleware:
 
 
 async def call_answering(
-    app: ASGIApp, scope: Scope, receive: Receive, send: Send, error: type[Exception], answer
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    error: type[Exception] | tuple[type[Exception], ...],
+    answer,
 ) -> None:
     """Runs `app`; an `error` it raises before starting a response is answered with `answer(exc)`
     (a Starlette response), one raised after that is re-raised (the response cannot change)."""
@@ -200,3 +206,34 @@ def _content_length(scope: Scope) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered as every other error is: a JSON
+    body with its code and request ID (Starlette's is plain text), still with the CORS headers it
+    computed. The preflight is answered here, before any guard; added inside RequestContextMiddleware,
+    it is logged and counted like any request."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if (
+            headers is None
+            or scope["method"] != "OPTIONS"
+            or "origin" not in headers
+            or "access-control-request-method" not in headers
+        ):
+            await super().__call__(scope, receive, send)
+            return
+        response = self.preflight_response(request_headers=headers)
+        if response.status_code >= 400:
+            refused = response.body.decode().removeprefix("Disallowed CORS ")
+            kept = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+            response = error_response(
+                Request(scope),
+                response.status_code,
+                "cors_refused",
+                f"CORS preflight refused ({refused} not allowed): the origins allowed are those in CORS_ORIGINS, "
+                "the methods GET, POST and HEAD",
+                kept,
+            )
+        await response(scope, receive, send)

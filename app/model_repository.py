@@ -34,6 +34,7 @@ import ctypes.util
 import functools
 import gc
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from app import metrics
 from app.engine import DeadlineExceeded, EngineStopped, Overloaded
 from app.errors import NotReady
 from app.resources import encoder_precision
+from app.settings import VERSION_POLICY_PATTERN
 from captioning.artifacts import MANIFEST, ArtifactError, bundle_digest, is_bundle, scan_versions, verify_bundle
 
 logger = logging.getLogger("app.models")
@@ -68,6 +70,8 @@ class VersionPolicy:
         """ "latest:2", "specific:1,3", "all" -> a policy; anything else raises ValueError."""
         kind, _, arguments = text.strip().partition(":")
         try:
+            if not re.fullmatch(VERSION_POLICY_PATTERN, text):
+                raise ValueError
             if kind == "latest" and int(arguments) >= 1:
                 return cls("latest", count=int(arguments))
             if kind == "specific":
@@ -454,7 +458,8 @@ class ModelManager:
         if captioner.calibration is None:
             logger.warning(
                 "this model version's confidence is not calibrated: it is the raw geometric-mean token "
-                "probability (python -m training calibrate fits one)",
+                "probability (python -m training calibrate fits one for a model of the shapes domain, whose "
+                "captions the scene checker can grade)",
                 extra=labels,
             )
         training_warnings = (captioner.manifest.get("training") or {}).get("warnings") or []

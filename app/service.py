@@ -137,6 +137,7 @@ class CaptionService:
                 max_pixels=settings.max_image_pixels,
                 min_side=settings.min_image_side,
                 max_jpeg_scans=settings.max_jpeg_scans,
+                max_tiff_strips=settings.max_tiff_strips,
             )
 
         def decode(image) -> tuple[DecodedImage, np.ndarray]:

@@ -15,6 +15,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# A version policy as MODEL_VERSION_POLICY and POST /admin/reload take it (ASCII digits only: int()
+# would take '٧' too).
+VERSION_POLICY_PATTERN = r"^\s*(latest:\s*[1-9][0-9]*|specific:\s*[1-9][0-9]*(\s*,\s*[1-9][0-9]*)*|all)\s*$"
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 BatchingMode = Literal["continuous", "static", "none"]
 
@@ -31,7 +35,7 @@ class Settings(BaseSettings):
     )
     model_version_policy: str = Field(
         "latest:1",
-        pattern=r"^\s*(latest:\s*[1-9][0-9]*|specific:\s*[1-9][0-9]*(\s*,\s*[1-9][0-9]*)*|all)\s*$",
+        pattern=VERSION_POLICY_PATTERN,
         description="Versions served: latest:N, specific:V1,V2 (a pin) or all; unversioned requests go to the highest.",
     )
     model_poll_interval_s: float = Field(
@@ -60,6 +64,19 @@ class Settings(BaseSettings):
     min_image_side: int = Field(8, ge=1, description="Smallest accepted width and height.")
     max_jpeg_scans: int = Field(
         100, ge=1, description="Most scans in a JPEG (a progressive decode walks the image once per scan)."
+    )
+    max_tiff_strips: int = Field(
+        16_384,
+        ge=1,
+        description="Most strips or tiles in a TIFF, read from its header before the file is opened (Pillow builds "
+        "an entry for each when it opens the file and walks them all to decode: a 4 MB file of a million one-row "
+        "strips took seconds and 300 MB). 16384 covers a 40-megapixel picture in the 8 KB strips libtiff writes.",
+    )
+    max_png_text_bytes: int = Field(
+        2 * 2**20,
+        ge=1024,
+        description="Most bytes a PNG's text chunks (metadata: tEXt, zTXt, iTXt) may take once inflated; Pillow "
+        "inflates them all when it opens the file (a 186 kB file carried 63 MB). Applies to the whole process.",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per /caption request, queueing included.")
     decode_concurrency: int = Field(4, ge=1, description="Worker threads decoding uploads (a bounded pool).")
@@ -96,6 +113,22 @@ class Settings(BaseSettings):
         64,
         ge=1,
         description="Request bodies being read at once; past it a POST gets 503 + Retry-After at once.",
+    )
+    max_uploads_per_client: int = Field(
+        16,
+        ge=0,
+        description="Request bodies one client address may have being read at once; past it a POST gets 429 + "
+        "Retry-After, so one client's idle uploads cannot hold every MAX_CONCURRENT_UPLOADS slot. The address is "
+        "the one uvicorn gives: behind a proxy, list the proxy in FORWARDED_ALLOW_IPS so that it is the client's, "
+        "not the proxy's (every client would share the proxy's). 0: no limit per client.",
+    )
+    upload_memory_mb: int = Field(
+        128,
+        ge=1,
+        description="Request body bytes held at once, all requests together, counted as they arrive and held "
+        "until the answer is sent (a body waits for decode memory and the model); past it a POST gets 503 + "
+        "Retry-After, at the door or while its body arrives. One request alone may hold more (up to "
+        "MAX_UPLOAD_BYTES). The process holds up to about twice this while bodies are joined and read.",
     )
     body_timeout_s: float = Field(
         10.0,

@@ -16,6 +16,14 @@ Phases, each against the same server (model_artifacts/default, API_KEY set):
              after), the keyed client's success
   framing    a Content-Length of 50 MB (413 before the body), a Content-Length larger than the
              body sent (408 once the body deadline passes)
+  crafted    4 TIFFs of a million one-row strips (4 MB each) and 16 PNGs whose 63 text chunks
+             inflate to 63 MB (186 KB each), at once, beside a keyed client captioning in a loop:
+             their answers, peak RSS against idle, the keyed client's p95
+  lockout    64 keyed connections from one address that send a POST's headers and then nothing,
+             reconnecting whenever answered, beside a keyed client from another address captioning
+             in a loop: its success
+  bodies     100 clients, each from its own address, each uploading a 9 MB PNG (a small picture
+             and a 9 MB private chunk) at once: the answers, peak RSS against idle
   sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
              answer after it, and the exit code
 Every answer of every phase is checked for a JSON body; the non-JSON ones are listed.
@@ -97,6 +105,52 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
+def many_strips_tiff(strips: int, width: int = 8) -> bytes:
+    """A valid grey TIFF of `strips` one-row strips, offsets and byte counts as 2-byte values: 4
+    bytes a strip, so a million fit in 4 MB (Pillow builds an object per strip when it opens one)."""
+    import struct
+
+    entries = [(256, 3, 1, width), (257, 4, 1, strips), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1)]
+    entries += [(273, 3, strips, None), (277, 3, 1, 1), (278, 3, 1, 1), (279, 3, strips, None)]
+    tables_at = 8 + 2 + 12 * len(entries) + 4
+    table, directory = b"", b""
+    for tag, kind, count, value in entries:
+        if value is None:  # offsets: every strip reads the header's first bytes; counts: a row each
+            directory += struct.pack("<HHII", tag, kind, count, tables_at + len(table))
+            table += struct.pack("<H", 8 if tag == 273 else width) * count
+        elif kind == 3:
+            directory += struct.pack("<HHIHH", tag, kind, count, value, 0)
+        else:
+            directory += struct.pack("<HHII", tag, kind, count, value)
+    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)) + directory + b"\0\0\0\0" + table
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def with_chunks(png: bytes, chunks: bytes, before: bytes = b"IDAT") -> bytes:
+    """`png` with `chunks` inserted before its first `before` chunk (IDAT: where programs write
+    metadata; IEND: after the pixels)."""
+    at = png.index(before) - 4
+    return png[:at] + chunks + png[at:]
+
+
+def text_bomb_png(chunks: int = 63, inflated: int = 2**20, side: int = 6000) -> bytes:
+    """A white side x side PNG with `chunks` zTXt chunks, each inflating to `inflated` zeros."""
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), "white").save(buffer, "PNG")
+    text = b"".join(png_chunk(b"zTXt", b"note%d\0\0" % i + zlib.compress(bytes(inflated), 9)) for i in range(chunks))
+    return with_chunks(buffer.getvalue(), text)
+
+
 def multipart(field_name: str, files: list[bytes]) -> tuple[bytes, str]:
     return multipart_form(field_name, [(data, "image/png") for data in files])
 
@@ -137,12 +191,14 @@ async def request(
     declared_length: int | None = None,
     trickle_bps: float | None = None,
     stall_after: int | None = None,
+    source: str | None = None,
 ) -> Answer:
     """One POST over its own connection. trickle_bps: send the body at this rate; stall_after: send
-    that many body bytes, then nothing more (the answer is awaited meanwhile)."""
+    that many body bytes, then nothing more (the answer is awaited meanwhile); source: the client's
+    address (another loopback address is another client to the server)."""
     started = time.perf_counter()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0) if source else None)
     except OSError:
         return log.add(Answer(0, False, time.perf_counter() - started, where))
     head = (
@@ -392,6 +448,130 @@ async def framing_phase(server: Server, log: Log) -> dict:
     return {"huge": huge, "short": short, "keyless_held": keyless_held}
 
 
+async def keyed_loop(server: Server, log: Log, stop: asyncio.Event, where: str, source: str) -> list[Answer]:
+    """A keyed client from `source` captioning a small PNG in a loop until `stop`."""
+    body, content_type = multipart("image", [small_png()])
+    answers = []
+    while not stop.is_set():
+        answers.append(
+            await request(
+                server.port, "/caption", body, content_type, key=True, where=where, log=log, timeout=30, source=source
+            )
+        )
+    return answers
+
+
+def p95(answers: list[Answer]) -> float:
+    latencies = sorted(a.seconds for a in answers)
+    return latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
+
+
+async def crafted_phase(server: Server, log: Log) -> dict:
+    """Small files whose header step cost seconds and hundreds of MB before MAX_TIFF_STRIPS and
+    MAX_PNG_TEXT_BYTES (docs/HARDENING.md, round 41)."""
+    tiff, png = many_strips_tiff(1_000_000), text_bomb_png()
+    idle = rss_bytes(server.process.pid)
+    stop = asyncio.Event()
+    sampler = asyncio.ensure_future(sample_peak(server.process.pid, stop))
+    loop = asyncio.ensure_future(keyed_loop(server, log, stop, "crafted: keyed", "127.0.0.2"))
+    await asyncio.sleep(1)
+    crafted = await asyncio.gather(
+        *(  # each from an address of its own: MAX_UPLOADS_PER_CLIENT is not what is measured here
+            request(
+                server.port,
+                "/caption",
+                data,
+                kind,
+                key=True,
+                where=f"crafted {kind}",
+                log=log,
+                timeout=120,
+                source=f"127.0.3.{1 + i}",
+            )
+            for i, (data, kind) in enumerate([(tiff, "image/tiff")] * 4 + [(png, "image/png")] * 16)
+        )
+    )
+    await asyncio.sleep(1)
+    stop.set()
+    keyed, peak = await loop, await sampler
+    return {
+        "statuses": sorted({(a.where.split()[1], a.status) for a in crafted}),
+        "slowest": max(a.seconds for a in crafted),
+        "idle": idle,
+        "peak": peak,
+        "keyed": len(keyed),
+        "keyed_ok": sum(a.status == 200 for a in keyed),
+        "keyed_p95": p95(keyed),
+    }
+
+
+async def lockout_phase(server: Server, log: Log, connections: int, seconds: float) -> dict:
+    """Idle uploads from one address, renewed as soon as they are answered (a 408 after
+    BODY_TIMEOUT_S, or at once when refused), beside a keyed client from another address."""
+    body, content_type = multipart("image", [small_png()])
+    stop = asyncio.Event()
+    opened = [0]
+
+    async def hold() -> None:
+        stopped = asyncio.ensure_future(stop.wait())
+        while not stop.is_set():
+            opened[0] += 1
+            answer = asyncio.ensure_future(
+                request(
+                    server.port,
+                    "/caption",
+                    body,
+                    content_type,
+                    key=True,
+                    where="lockout: idle upload",
+                    log=log,
+                    declared_length=2**20,
+                    stall_after=0,
+                    timeout=seconds + 15,
+                )
+            )
+            await asyncio.wait({answer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                answer.cancel()
+
+    holders = [asyncio.ensure_future(hold()) for _ in range(connections)]
+    await asyncio.sleep(1)
+    loop = asyncio.ensure_future(keyed_loop(server, log, stop, "lockout: keyed", "127.0.0.2"))
+    await asyncio.sleep(seconds)
+    stop.set()
+    keyed = await loop
+    await asyncio.gather(*holders, return_exceptions=True)
+    return {"keyed": len(keyed), "keyed_ok": sum(a.status == 200 for a in keyed), "opened": opened[0]}
+
+
+async def bodies_phase(server: Server, log: Log, clients: int, megabytes: int) -> dict:
+    """Many large bodies at once, each client from its own loopback address."""
+    padded = with_chunks(small_png(), png_chunk(b"prVt", bytes(megabytes * 2**20)))
+    idle = rss_bytes(server.process.pid)
+    stop = asyncio.Event()
+    sampler = asyncio.ensure_future(sample_peak(server.process.pid, stop))
+    answers = await asyncio.gather(
+        *(
+            request(
+                server.port,
+                "/caption",
+                padded,
+                "image/png",
+                key=True,
+                where="bodies",
+                log=log,
+                timeout=120,
+                source=f"127.0.{1 + i // 250}.{1 + i % 250}",
+            )
+            for i in range(clients)
+        )
+    )
+    await asyncio.sleep(1)
+    stop.set()
+    statuses = [a.status for a in answers]
+    return {"idle": idle, "peak": await sampler, "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}}
+
+
 async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
     body, content_type = multipart("image", [small_png()])
     stop = asyncio.Event()
@@ -435,7 +615,7 @@ async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
 
 def table(results: dict, log: Log, args) -> str:
     memory, slow, framing, term = results["memory"], results["slowloris"], results["framing"], results["sigterm"]
-    idle = results["idle"]
+    idle, crafted, lockout, bodies = results["idle"], results["crafted"], results["lockout"], results["bodies"]
     idle_after = idle["closed_after"]
     gib = lambda value: f"{value / GIB:.2f} GiB"  # noqa: E731
     rate = slow["keyed_ok"] / max(slow["keyed"], 1)
@@ -479,6 +659,37 @@ def table(results: dict, log: Log, args) -> str:
             "back to before",
         ),
         ("keyed success beside them", f"{idle['keyed_ok']}/{idle['keyed']}", "all"),
+        (
+            "4 TIFFs of a million strips and 16 PNGs of 63 MB of text, at once: answers, slowest",
+            ", ".join(f"{kind} {status}" for kind, status in crafted["statuses"]) + f"; {crafted['slowest']:.2f} s",
+            "422 image_too_complex, at once",
+        ),
+        (
+            "RSS: idle / peak during them",
+            f"{gib(crafted['idle'])} / {gib(crafted['peak'])}",
+            "peak <= idle + 0.25 GiB",
+        ),
+        (
+            "keyed client beside them (another address): success, p95",
+            f"{crafted['keyed_ok']}/{crafted['keyed']}, {crafted['keyed_p95']:.2f} s",
+            "all, <= 1 s",
+        ),
+        (
+            f"keyed success beside {args.lockout} idle uploads from one address, renewed when answered "
+            f"({lockout['opened']} opened in {args.lockout_seconds:g} s)",
+            f"{lockout['keyed_ok']}/{lockout['keyed']}",
+            ">= 95%",
+        ),
+        (
+            f"{args.bodies} uploads of {args.body_mb} MB at once, each from its own address: answers",
+            ", ".join(f"{status} x{count}" for status, count in bodies["statuses"].items()),
+            "200, or 503 once UPLOAD_MEMORY_MB is held",
+        ),
+        (
+            "RSS: idle / peak during them",
+            f"{gib(bodies['idle'])} / {gib(bodies['peak'])}",
+            "peak <= idle + 0.5 GiB (twice UPLOAD_MEMORY_MB's 128 MB, and decoding)",
+        ),
         (
             "keyless, 9 MiB declared, body held back",
             f"{framing['keyless_held'].status} in {framing['keyless_held'].seconds:.2f} s",
@@ -529,6 +740,9 @@ async def main_async(args) -> str:
         results = {"memory": await memory_phase(server, log, args.clients, args.images, args.settle)}
         results["slowloris"] = await slowloris_phase(server, log, args.slow, args.seconds)
         results["idle"] = await idle_connections_phase(server, log, args.idle, args.header_timeout)
+        results["crafted"] = await crafted_phase(server, log)
+        results["lockout"] = await lockout_phase(server, log, args.lockout, args.lockout_seconds)
+        results["bodies"] = await bodies_phase(server, log, args.bodies, args.body_mb)
         results["framing"] = await framing_phase(server, log)
         results["sigterm"] = await sigterm_phase(server, log, 8)
     finally:
@@ -549,6 +763,10 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=3.0, help="SHUTDOWN_GRACE_S of the server")
     parser.add_argument("--idle", type=int, default=200, help="idle phase: connections of each HOLD_KINDS kind")
     parser.add_argument("--header-timeout", type=float, default=10.0, help="HEADER_TIMEOUT_S of the server")
+    parser.add_argument("--lockout", type=int, default=64, help="lockout phase: idle uploads from one address")
+    parser.add_argument("--lockout-seconds", type=float, default=25.0, help="lockout phase: the keyed client's run")
+    parser.add_argument("--bodies", type=int, default=100, help="bodies phase: clients, each from its own address")
+    parser.add_argument("--body-mb", type=int, default=9, help="bodies phase: megabytes per upload")
     parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

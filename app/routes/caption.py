@@ -41,7 +41,7 @@ PARAMETERS_NOTE = (
     "/caption",
     response_model=CaptionResponse,
     response_model_exclude_none=True,  # the attention fields appear only when asked for
-    responses=error_responses(400, 408, 413, 415, 422, 500, 503, 504),
+    responses=error_responses(400, 408, 413, 415, 422, 429, 500, 503, 504),
     summary="Caption an image",
     description=(
         "Upload one image: as the multipart field `image` (exactly one), or as the whole body with an image "
@@ -78,7 +78,7 @@ async def create_caption(
     "/captions",
     response_model=BatchCaptionResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 408, 413, 415, 422, 503, 504),
+    responses=error_responses(400, 408, 413, 415, 422, 429, 503, 504),
     summary="Caption several images",
     description="Upload images as the repeated multipart field `images` (at least one, at most "
     "MAX_IMAGES_PER_REQUEST). MAX_UPLOAD_BYTES applies to each file and, with 16 KiB for the multipart framing, "

@@ -1,12 +1,15 @@
 """The demo page at / and its two static files: plain HTML, CSS and JavaScript, no build step and
-nothing fetched from elsewhere, so the page works on a service without internet access."""
+nothing fetched from elsewhere, so the page works on a service without internet access.
+
+The files are small and sent whole: a Range header is ignored (RFC 9110 allows it), since
+Starlette's FileResponse answers a malformed or unsatisfiable one in plain text."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from app.errors import ApiError
 
@@ -37,22 +40,24 @@ class AssetNotFound(ApiError):
     status_code, code = 404, "not_found"
 
 
+def whole_file(path: Path, media_type: str, headers: dict[str, str]) -> Response:
+    return Response(path.read_bytes(), media_type=media_type, headers=headers)
+
+
 @router.get("/")
-async def demo_page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+async def demo_page() -> Response:
+    return whole_file(STATIC_DIR / "index.html", "text/html; charset=utf-8", PAGE_HEADERS)
 
 
 @router.get("/static/samples/{name}")
-async def demo_sample(name: str) -> FileResponse:
+async def demo_sample(name: str) -> Response:
     if name not in SAMPLES:
         raise AssetNotFound(f"no sample named {name!r}")
-    return FileResponse(
-        STATIC_DIR / "samples" / name, media_type=SAMPLES[name], headers={"Cache-Control": "max-age=3600"}
-    )
+    return whole_file(STATIC_DIR / "samples" / name, SAMPLES[name], {"Cache-Control": "max-age=3600"})
 
 
 @router.get("/static/{name}")
-async def demo_asset(name: str) -> FileResponse:
+async def demo_asset(name: str) -> Response:
     if name not in ASSETS:
         raise AssetNotFound(f"no static file named {name!r}")
-    return FileResponse(STATIC_DIR / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+    return whole_file(STATIC_DIR / name, ASSETS[name], {"Cache-Control": "no-cache"})

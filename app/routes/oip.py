@@ -224,7 +224,7 @@ LeasedVersion = Annotated[ServedModel, Depends(leased_version)]
 
 
 METADATA_ERRORS = oip_errors(400, 401, 404, 422, 503)  # (422 replaces FastAPI's default entry)
-INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503, 504)
+INFER_ERRORS = oip_errors(400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
 
 
 def model_metadata(model: ServedModel, models) -> ModelMetadata:

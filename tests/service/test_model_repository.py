@@ -29,7 +29,8 @@ def test_version_policy_parses_and_selects_like_tf_serving():
     assert VersionPolicy.parse("specific:5").select([1, 2]) == []
     assert VersionPolicy.parse("all").select([2, 1]) == [2, 1]
     assert str(VersionPolicy.parse(" specific:3,1 ")) == "specific:1,3"
-    for bad in ("latest:0", "latest", "specific:", "specific:a", "newest:1", "all:2"):
+    # Not ASCII digits: int() takes '\u0667' (an Arabic-Indic 7) and '+7', MODEL_VERSION_POLICY did not.
+    for bad in ("latest:0", "latest", "specific:", "specific:a", "newest:1", "all:2", "specific:\u0667", "latest:+7"):
         with pytest.raises(ValueError):
             VersionPolicy.parse(bad)
 

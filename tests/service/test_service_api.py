@@ -143,6 +143,48 @@ def test_form_mistakes_of_real_clients_get_messages_that_say_what_to_change(clie
     assert "CRLF" in assert_error(lf, 400, "bad_request")["error"]["message"]
 
 
+def test_the_form_parsers_own_limits_are_named_in_their_errors(client):
+    """Limits of the multipart parser that were neither settings nor explained: a form of more
+    files than MAX_IMAGES_PER_REQUEST stops at the parser (not after spooling a thousand files),
+    text fields past that count are named as such, and a part with too many header lines no longer
+    gets the advice to fix line ends that were right."""
+    most = client.app.state.settings.max_images_per_request
+    png = uploads.png()
+
+    def form(parts: list[bytes]) -> bytes:
+        return b"".join(parts) + b"--XyZ--\r\n"
+
+    def part(name: str, data: bytes, filename: str | None = "a.png", extra: bytes = b"") -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--XyZ\r\nContent-Disposition: {disposition}\r\n".encode() + extra + b"\r\n" + data + b"\r\n"
+
+    headers = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    files = client.post("/captions", content=form([part("images", png)] * (most + 1)), headers=headers)
+    assert f"more than {most} files" in assert_error(files, 422, "too_many_images")["error"]["message"]
+    fields = form([part(f"note{i}", b"x", None) for i in range(most + 1)] + [part("image", png)])
+    message = assert_error(client.post("/caption", content=fields, headers=headers), 400, "bad_request")
+    assert f"more than {most} text fields" in message["error"]["message"]
+    nine_headers = form([part("image", png, extra=b"X-Note: a\r\n" * 8)])
+    message = assert_error(client.post("/caption", content=nine_headers, headers=headers), 400, "bad_request")
+    assert "at most 8 header lines" in message["error"]["message"]
+    assert (
+        client.post(
+            "/caption", content=form([part("image", png, extra=b"X-Note: a\r\n" * 6)]), headers=headers
+        ).status_code
+        == 200
+    )
+
+
+def test_the_demo_files_are_sent_whole_whatever_the_range_header_says(client):
+    """Starlette's FileResponse answered a malformed or unsatisfiable Range in plain text (400, 416)."""
+    page = client.get("/").content
+    for path, whole in (("/", page), ("/static/app.js", None), ("/static/samples/dark.png", None)):
+        whole = whole if whole is not None else client.get(path).content
+        for value in ("bytes=x", "bytes=5-1", "items=0-1", "bytes=99999999-", "bytes=0-9"):
+            answer = client.get(path, headers={"Range": value})
+            assert answer.status_code == 200 and answer.content == whole, (path, value)
+
+
 def test_a_form_cut_before_its_closing_boundary_is_named_as_such(client):
     part = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + uploads.png()
     headers = {"Content-Type": "multipart/form-data; boundary=XyZ", "X-API-Key": API_KEY}
@@ -898,7 +940,15 @@ def test_cors_is_off_by_default_and_answers_the_origins_it_is_given(settings):
         assert (
             refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example.com"
         )
-        assert (
-            "access-control-allow-origin"
-            not in client.options("/caption", headers={**preflight, "Origin": "https://evil.example"}).headers
-        )
+        evil = client.options("/caption", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in evil.headers
+        # Refused in the service's JSON shape (Starlette's own is plain text), with a request ID, and counted.
+        error = assert_error(evil, 400, "cors_refused")["error"]
+        assert "origin not allowed" in error["message"] and evil.headers["x-request-id"] == evil.json()["request_id"]
+        put = client.options("/caption", headers={**preflight, "Access-Control-Request-Method": "PUT"})
+        assert "method not allowed" in assert_error(put, 400, "cors_refused")["error"]["message"]
+        from app.metrics import REGISTRY
+        from app.middleware import UNMATCHED_ROUTE  # no route takes OPTIONS
+
+        labels = {"route": UNMATCHED_ROUTE, "code": "cors_refused"}
+        assert REGISTRY.get_sample_value("captioning_http_errors_total", labels) >= 2

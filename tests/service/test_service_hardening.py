@@ -224,12 +224,27 @@ def run_call(app, scope_headers, messages, **kwargs):
 KEYED = [(b"x-api-key", API_KEY.encode())]
 
 
-async def answer_start(app, messages) -> dict:
-    """The http.response.start message of one keyed request with scripted body messages."""
+async def answer_start(app, messages, client: str | None = None) -> dict:
+    """The http.response.start message of one keyed request with scripted body messages, from the
+    client address `client` (none: the server knows no address)."""
     sent, _, scope, receive, send = call(app, messages)
     scope["headers"] = KEYED
+    if client is not None:
+        scope["client"] = (client, 50000)
     await app(scope, receive, send)
     return next(m for m in sent if m["type"] == "http.response.start")
+
+
+async def answer(app, messages, client: str | None = None) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of one keyed request with scripted body messages."""
+    sent, calls, scope, receive, send = call(app, messages)
+    scope["headers"] = KEYED
+    if client is not None:
+        scope["client"] = (client, 50000)
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    return start["status"], body, {k.decode(): v.decode() for k, v in start["headers"]}
 
 
 def test_a_keyless_upload_is_refused_before_its_body_is_read():
@@ -286,6 +301,69 @@ def test_uploads_past_the_limit_are_refused_at_once_with_retry_after():
         return results
 
     assert asyncio.run(scenario()) == [(503, b"1"), (200, None), (200, None)]
+
+
+def test_one_client_cannot_hold_every_upload_slot():
+    """64 connections that sent a POST's headers and then nothing, reconnecting at each 408, held
+    every slot: everyone else got 503 for as long as they kept at it. One address now holds at
+    most MAX_UPLOADS_PER_CLIENT slots (429); other clients still get theirs."""
+    settings = Settings(max_concurrent_uploads=4, max_uploads_per_client=2, body_timeout_s=5)
+    app = guarded_app([], settings=settings)
+
+    async def scenario():
+        idle = [asyncio.create_task(answer(app, [(0.4, b"x", False)], client="10.0.0.9")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        third = await answer(app, [(0, b"x", False)], client="10.0.0.9")
+        other = await answer(app, [(0, b"x", False)], client="10.0.0.7")
+        unknown = await answer(app, [(0, b"x", False)])  # no address known (a Unix socket): no per-client count
+        held = [await task for task in idle]
+        again = await answer(app, [(0, b"x", False)], client="10.0.0.9")  # its slots are back
+        return third, other, unknown, held, again
+
+    third, other, unknown, held, again = asyncio.run(scenario())
+    assert third[0] == 429 and third[1]["error"]["code"] == "too_many_uploads" and third[2]["retry-after"] == "1"
+    assert "MAX_UPLOADS_PER_CLIENT" in third[1]["error"]["message"]
+    assert other[0] == unknown[0] == again[0] == 200 and [status for status, *_ in held] == [200, 200]
+
+
+def test_bodies_are_held_against_the_upload_memory_budget_until_answered():
+    """Bodies read and waiting (for decode memory, for the model) used to be bounded by nothing:
+    a hundred 9 MB uploads took the server from 0.85 to 2.8 GB. UPLOAD_MEMORY_MB counts each
+    body's bytes as they arrive until its answer is sent; past it a POST is refused at the door or
+    while its body arrives (503 too_many_uploads); an idle upload holds nothing, and one request
+    alone may pass the budget."""
+    mb = 2**20
+    reads = []
+    app = guarded_app(reads, settings=Settings(upload_memory_mb=1, body_timeout_s=5), handler_delay_s=0.3)
+
+    async def scenario():
+        results = {}
+        idle = asyncio.create_task(answer(app, [(0.2, b"x", False)]))  # sends its byte 0.2 s in
+        first = asyncio.create_task(answer(app, [(0, b"x" * (mb * 6 // 10), False)]))  # held 0.3 s once read
+        await asyncio.sleep(0.05)
+        results["mid_body"] = await answer(app, [(0, b"x" * (mb // 2), True), (0, b"x", False)])  # 0.6 + 0.5 MB
+        results["idle"], results["first"] = await idle, await first
+        alone = asyncio.create_task(answer(app, [(0, b"x" * (mb * 3 // 2), False)]))  # 1.5 MB, nothing else held
+        await asyncio.sleep(0.05)
+        results["at_door"] = await answer(app, [(0, b"x", False)])
+        results["alone"] = await alone
+        results["after"] = await answer(app, [(0, b"x", False)])  # every byte given back
+        return results
+
+    results = asyncio.run(scenario())
+    assert {name: status for name, (status, *_) in results.items()} == {
+        "mid_body": 503,
+        "idle": 200,
+        "first": 200,
+        "at_door": 503,
+        "alone": 200,
+        "after": 200,
+    }
+    for name in ("mid_body", "at_door"):
+        _, body, headers = results[name]
+        assert body["error"]["code"] == "too_many_uploads" and "UPLOAD_MEMORY_MB=1" in body["error"]["message"]
+        assert headers["retry-after"] == "1", name
+    assert sorted(reads) == [1, 1, mb * 6 // 10, mb * 3 // 2]  # the refused bodies never reached the route
 
 
 def test_uploads_being_read_count_against_the_room_left_in_the_queue():

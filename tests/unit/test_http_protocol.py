@@ -239,6 +239,23 @@ def test_a_body_answered_early_that_comes_in_whole_leaves_the_connection_usable(
         assert read_answer(connection).startswith(b"HTTP/1.1 200")
 
 
+def test_an_early_answer_to_a_closing_request_reaches_the_client_before_the_close(served):
+    """A request with Connection: close answered before its body came (a 401, a 413, a 503): the
+    connection was closed at once with the body's bytes unread, and the kernel's reset to them
+    discarded the answer from the client's receive buffer: an upload got "connection reset" in
+    place of its JSON error. The rest of the body is read and dropped first now, then it closes."""
+    _, port, _ = served
+    body = b"x" * (4 * 2**20)
+    for version in (b"HTTP/1.1", b"HTTP/1.0"):  # HTTP/1.0 closes without being asked
+        with connect(port) as connection:
+            head = b"POST /refuse %s\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+            connection.sendall(head % (version, len(body)))
+            time.sleep(0.2)  # answered by now, before any of its body
+            connection.sendall(body)
+            answer, _ = read_until_closed(connection)
+        assert answer.startswith(b"HTTP/1.1 401") and json_body(answer) == {"error": "no key"}, version
+
+
 def test_headers_over_the_limit_get_431_json_and_a_closed_connection(served):
     _, port, _ = served
     with connect(port) as connection:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import uploads
@@ -9,6 +11,7 @@ from PIL import Image
 
 from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
 from app.images import decode_upload, sniff_other_image_format
+from bench.attack import many_strips_tiff, png_chunk, with_chunks
 from captioning.preprocess import to_rgb
 
 LIMITS = {"max_pixels": 40_000_000, "min_side": 8}
@@ -190,3 +193,87 @@ def test_ordinary_progressive_and_baseline_jpegs_are_within_the_scan_limit():
 def test_pillows_own_bomb_limit_is_answered_with_the_services_limit():
     with pytest.raises(ImageTooLarge, match="limit of 40000000"):
         decode(uploads.png_header_only(60000, 60000))
+
+
+def tiff_by_tifffile(shape=(64, 48), **options) -> bytes:
+    """A TIFF as another program writes it (tifffile, not Pillow)."""
+    import io
+
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.arange(np.prod(shape), dtype=np.uint8).reshape(shape), **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("options", "strips"),
+    [
+        ({"rowsperstrip": 1}, 64),
+        ({"rowsperstrip": 1, "byteorder": ">"}, 64),
+        ({"rowsperstrip": 1, "bigtiff": True}, 64),
+        ({"tile": (16, 16)}, 12),  # 64 rows x 48 columns: 4 x 3 tiles
+        ({}, 1),
+    ],
+    ids=["strips", "big-endian", "bigtiff", "tiles", "one-strip"],
+)
+def test_a_tiffs_strips_and_tiles_are_counted_from_its_header(options, strips):
+    from app.images import tiff_strips
+
+    data = tiff_by_tifffile(**options)
+    assert tiff_strips(data) == strips
+    assert pixels_of(decode(data, max_tiff_strips=strips)).shape == (64, 48, 3)
+    if strips > 1:
+        with pytest.raises(ImageTooComplex, match=f"{strips} strips or tiles; the limit is {strips - 1}"):
+            decode(data, max_tiff_strips=strips - 1)
+
+
+def test_tiff_strips_is_zero_for_anything_but_a_whole_tiff_header():
+    from app.images import tiff_strips
+
+    whole = many_strips_tiff(100)
+    assert tiff_strips(whole) == 100
+    for data in (uploads.png(), b"II*\x00", whole[:12], b"MM\x00*" + b"\xff" * 12, b""):
+        assert tiff_strips(data) == 0
+
+
+def test_a_tiff_of_a_million_strips_is_refused_before_pillow_opens_it(monkeypatch):
+    """4 MB declaring a million one-row strips: opening it took Pillow 2.6 s and 320 MB (a Python
+    object a strip), outside the decode memory budget; it is now refused from its header."""
+    import time
+
+    bomb = many_strips_tiff(1_000_000)
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("Pillow opened the file"))
+    started = time.perf_counter()
+    with pytest.raises(ImageTooComplex, match="1000000 strips or tiles; the limit is 16384"):
+        decode(bomb, max_tiff_strips=16384)
+    assert time.perf_counter() - started < 1.0
+
+
+def png_with_text(chunks: int, inflated_bytes: int, where: str) -> bytes:
+    """A 16x16 PNG with `chunks` zTXt chunks, each inflating to `inflated_bytes` zeros, written
+    before its pixels (as most programs do) or after them."""
+    text = b"".join(
+        png_chunk(b"zTXt", b"note%d\0\0" % i + zlib.compress(bytes(inflated_bytes), 9)) for i in range(chunks)
+    )
+    return with_chunks(uploads.png(size=(16, 16)), text, b"IDAT" if where == "before" else b"IEND")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_pngs_text_chunks_are_bounded(where):
+    """A 186 kB PNG carried 63 zTXt chunks of a megabyte each: Pillow inflated and held all of them
+    from the moment it opened the file (its own bound is 64 MB). limit_png_text (the service's
+    MAX_PNG_TEXT_BYTES) bounds them; an ordinary amount of metadata decodes."""
+    from PIL import PngImagePlugin
+
+    from app.images import limit_png_text
+
+    saved = PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY
+    limit_png_text(2**20)
+    try:
+        assert pixels_of(decode(png_with_text(3, 200_000, where))).shape == (16, 16, 3)
+        for chunks, size in ((3, 600_000), (1, 2**20 + 1)):
+            with pytest.raises(ImageTooComplex, match="more than 1048576 bytes, the limit \\(MAX_PNG_TEXT_BYTES\\)"):
+                decode(png_with_text(chunks, size, where))
+    finally:
+        PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = saved

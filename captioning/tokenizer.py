@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +24,14 @@ _PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]")
 
 
 def standardize(text: str) -> str:
-    text = _PUNCTUATION.sub(" ", text.lower())
+    """Lower case, punctuation and symbols turned into spaces, whitespace collapsed. Beyond ASCII,
+    every character Unicode calls punctuation or a symbol counts (curly quotes and apostrophes,
+    dashes, ellipses, guillemets, CJK punctuation, emoji), so that text from word processors gives
+    the words the same text typed in ASCII does; letters and marks of every script stay."""
+    text = text.lower()
+    if not text.isascii():
+        text = "".join(" " if unicodedata.category(char)[0] in "PS" else char for char in text)
+    text = _PUNCTUATION.sub(" ", text)
     return " ".join(text.split())
 
 

@@ -32,6 +32,7 @@ from captioning.scenes import SCENE_KINDS
 from captioning.tokenizer import Tokenizer, standardize
 from training.config import TrainConfig, add_config_flags, build_models, config_from_args, load_records, parse_options
 from training.data import make_dataset, scene_targets
+from training.datasets.errors import DatasetOptionError
 from training.distribute import (
     STRATEGIES,
     cluster_size,
@@ -165,7 +166,27 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
             "loss, early stopping and --evaluate-split val measure the training set: give the validation "
             "file with --val-data (e.g. --val-data annotations_file=captions_val2014.json)"
         )
+    if args.evaluate_split == "test":
+        check_test_split(config, trained_on, {**train_options, **parse_options(args.evaluate_data)})
     return Data(train_records, val_records, tokenizer, train_options, val_options, warnings)
+
+
+def check_test_split(config: TrainConfig, trained_on: set, options: dict) -> None:
+    """Refuses, before training, an --evaluate-split test that would score training images: a COCO
+    file, or a list without a split column, is whatever split is asked for, so without a test file
+    in --evaluate-data the "test" figures recorded in the manifest would be the training set's."""
+    from training.datasets.registry import GENERATED_LOADERS
+
+    if config.dataset in GENERATED_LOADERS:
+        return
+    test_records = load_records(config, "test", options)
+    seen = sum((r.path or r.image_id) in trained_on for r in test_records)
+    if seen:
+        raise DatasetOptionError(
+            f"--evaluate-split test: {seen} of the {len(test_records)} test images are training images, so the "
+            "test figures would measure the training set: give the test file with --evaluate-data (e.g. "
+            "--evaluate-data annotations_file=captions_test.json), or evaluate later with python -m training evaluate"
+        )
 
 
 def cached_features(config: TrainConfig, model_config, encoder, data: Data, args: argparse.Namespace) -> dict:
@@ -272,6 +293,7 @@ def fit(
     backup_dir = run_dir / ("backup-features" if features else "backup")
     if args.fresh and backup_dir.exists():
         shutil.rmtree(backup_dir)
+    check_backup_matches(backup_dir, model_config, data.tokenizer)
     timer = EpochTimer()
     callbacks = [
         timer,
@@ -343,6 +365,25 @@ def run_record(
     }
 
 
+def check_backup_matches(backup_dir: Path, model_config, tokenizer: Tokenizer) -> None:
+    """A run resumes from its backup (BackupAndRestore) only with the model it was saved from: with
+    another vocabulary (the data changed) or other model settings Keras fails deep in the restore
+    with a traceback. The backup's model is recorded beside it; a mismatch is refused in one line."""
+    import hashlib
+
+    described = {
+        "model": model_config.to_dict(),
+        "vocabulary_sha256": hashlib.sha256("\n".join(tokenizer.words).encode()).hexdigest(),
+    }
+    record = backup_dir.parent / f"{backup_dir.name}.model.json"
+    if backup_dir.exists() and record.exists() and json.loads(record.read_text()) != described:
+        raise SystemExit(
+            f"error: {backup_dir} holds an interrupted run of another model (its vocabulary or model settings "
+            "differ from this run's, e.g. the captions changed): pass --fresh to start over, or another --run-dir"
+        )
+    record.write_text(json.dumps(described, indent=1) + "\n")  # each worker has a run directory of its own
+
+
 def run_dir_for(config: TrainConfig, args: argparse.Namespace) -> Path:
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     if not is_chief():  # other workers keep their checkpoints apart from the chief's
@@ -359,6 +400,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --ema-momentum must be in [0, 1) (0: off), not {config.ema_momentum}")
     if config.flip and config.scene_loss_weight > 0:
         raise SystemExit("error: --flip and --scene-loss-weight cannot be combined (the scene labels are not mirrored)")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        # Found only when the bundle is written, after the whole training run.
+        raise SystemExit(f"error: --output {args.output} is a file; it names the bundle's directory")
     # First, before TensorFlow does anything: multiworker sets up collective ops at start-up.
     strategy = make_strategy(args.strategy, args.devices.split(",") if args.devices else None)
     keras.utils.set_random_seed(config.seed)

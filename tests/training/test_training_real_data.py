@@ -350,3 +350,38 @@ def test_what_training_warned_about_its_data_is_kept_in_the_manifest_and_served(
         assert f"({split}): skipped 1 of 5 images whose image file is missing" in warning and "gone.png" in warning
     assert warnings[2].startswith("4 of the 4 validation images are training images")
     assert describe_model(Captioner.load(bundle)).training_warnings == warnings
+
+
+def test_mistakes_found_only_after_training_are_refused_before_it(tmp_path, capsys):
+    """Three mistakes a user made with their own data: each came after the whole run, or in the
+    middle of Keras's restore, as a traceback or as wrong figures in the manifest; each is now
+    one line, before any training step.
+    - `--evaluate-split test` on a list without a split column (or a COCO file) scored the
+      training images and recorded them as the test split's figures;
+    - `--output` naming an existing file failed when the bundle was written;
+    - resuming an interrupted run whose captions changed (another vocabulary) failed in Keras's
+      BackupAndRestore with a traceback."""
+    good = make_example("train", 0).pixels
+    for name in ("0", "1", "2", "3"):
+        Image.fromarray(good).save(tmp_path / f"{name}.png")
+    list_file = tmp_path / "list.jsonl"
+    list_file.write_text("".join(f'{{"image": "{i}.png", "caption": "a red circle"}}\n' for i in range(4)))
+    common = ["train", "--preset", "tiny", "--dataset", "list", "--data", f"list_file={list_file}", *SMALL_MODEL]
+    common += ["--max-steps", "1", "--run-dir", str(tmp_path / "run")]
+
+    assert main([*common, "--output", str(tmp_path / "out"), "--evaluate-split", "test"]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "4 of the 4 test images are training images" in error and "--evaluate-data" in error
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="--output .*a-file is a file"):
+        main([*common, "--output", str(tmp_path / "a-file")])
+
+    assert main([*common, "--output", str(tmp_path / "out")]) == 0
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(exist_ok=True)  # an interrupted run leaves its backup (a finished one removes it)
+    list_file.write_text(list_file.read_text().replace("red", "crimson"))  # another vocabulary
+    with pytest.raises(SystemExit, match="interrupted run of another model.*--fresh"):
+        main([*common, "--output", str(tmp_path / "out2")])
+    assert main([*common, "--output", str(tmp_path / "out2"), "--fresh"]) == 0

@@ -64,6 +64,8 @@ def coco(tmp_path: Path) -> tuple[Path, Path]:
                 {"image_id": 10, "id": 4, "caption": "Second for a."},
                 {"image_id": 40, "id": 5, "caption": "   "},
                 {"image_id": 10, "id": 6, "caption": ""},
+                {"image_id": 40, "id": 7, "caption": "..."},  # no word either: image 40 has no caption
+                {"image_id": 20, "id": 8, "caption": " “?!” "},  # dropped, the other kept
             ],
         },
     )
@@ -88,7 +90,7 @@ def test_coco_skips_missing_images_and_imageless_captions_with_warnings(coco, ca
     warnings = skip_warnings(caplog)
     assert len(warnings) == 2
     no_captions, missing = warnings
-    assert "skipped 2 of 5 images with no captions" in no_captions
+    assert "skipped 2 of 5 images with no caption that has a word in it" in no_captions
     assert "40" in no_captions and "50" in no_captions
     assert "skipped 1 of 5 images whose image file is missing" in missing
     assert "c.jpg" in missing and "captions_val2014.json" in missing
@@ -478,6 +480,40 @@ def test_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(flickr8k, t
     coco.write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [
         {"image_id": 1, "id": 1, "caption": "An x."}]}).encode())  # fmt: skip
     assert len(load_coco(coco, tmp_path, "train")) == 1
+
+
+def test_text_files_in_another_encoding_are_named_not_a_traceback(flickr8k, tmp_path):
+    """A Latin-1 token file, a Latin-1 JSONL list, a CSV saved by Excel as 'Unicode Text'
+    (UTF-16): each was a UnicodeDecodeError traceback."""
+    text_dir, images_dir = flickr8k
+    token_file = text_dir / "Flickr8k.token.txt"
+    token_file.write_bytes(token_file.read_bytes() + "9_z.jpg#0\tUn caf\u00e9 .\n".encode("latin-1"))
+    with pytest.raises(DatasetFormatError, match=r"Flickr8k\.token\.txt: not UTF-8 text \(perhaps Latin-1"):
+        load_flickr8k(text_dir, images_dir, "train")
+    write_image(tmp_path / "x.jpg")
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_bytes(json.dumps({"image": "x.jpg", "caption": "Un caf\u00e9."}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(DatasetFormatError, match=r"list\.jsonl: not UTF-8 text"):
+        load_caption_list(jsonl, "train")
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_bytes("image,caption\nx.jpg,An x.\n".encode("utf-16"))
+    with pytest.raises(DatasetFormatError, match=r"list\.csv: UTF-16 text .*save it as UTF-8"):
+        load_caption_list(csv_file, "train")
+
+
+def test_one_file_under_two_image_ids_is_kept_and_named(tmp_path, caplog):
+    write_image(tmp_path / "x.jpg")
+    coco = write_json(
+        tmp_path / "captions.json",
+        {
+            "images": [{"id": 1, "file_name": "x.jpg"}, {"id": 2, "file_name": "x.jpg"}],
+            "annotations": [{"image_id": 1, "id": 1, "caption": "An x."}, {"image_id": 2, "id": 2, "caption": "X."}],
+        },
+    )
+    with caplog.at_level(logging.WARNING):
+        assert [r.image_id for r in load_coco(coco, tmp_path, "train")] == ["1", "2"]
+    (warning,) = [r.getMessage() for r in caplog.records if "uses too" in r.getMessage()]
+    assert "1 images use a file an earlier image of this split uses too" in warning and "2 (" in warning
 
 
 def test_csv_headers_as_spreadsheets_write_them(tmp_path):

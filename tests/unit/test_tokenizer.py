@@ -9,6 +9,16 @@ def test_standardize_lowercases_and_strips_punctuation():
     assert standardize("  There is a Red circle, and a blue-square!  ") == "there is a red circle and a blue square"
 
 
+def test_standardize_strips_punctuation_beyond_ascii_and_keeps_every_scripts_letters():
+    """Captions from word processors and other tools: curly quotes and apostrophes, ellipses and
+    dashes had become words of their own ('“red”', 'circle…', '—'), apart from the plain ones."""
+    assert standardize("“Red” circle… — nice!") == "red circle nice"
+    assert standardize("A dog’s toy") == standardize("A dog's toy") == "a dog s toy"
+    assert standardize("A «blue» square 🙂, ¡sí!") == "a blue square sí"
+    assert standardize("Ein großes Café。日本語、テスト") == "ein großes café 日本語 テスト"
+    assert standardize("नमस्ते दुनिया") == "नमस्ते दुनिया"  # vowel signs are marks, not punctuation
+
+
 def test_build_caps_size_and_min_count_deterministically():
     captions = ["a red circle", "a red square", "a blue circle", "a green cross"]
     tok = Tokenizer.build(captions, max_size=7, min_count=1)

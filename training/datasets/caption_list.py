@@ -38,6 +38,7 @@ from training.datasets.errors import (
     ImageCandidate,
     check_limit,
     check_split,
+    text_file,
     usable_records,
 )
 
@@ -117,7 +118,7 @@ def _merge_by_image(list_file: Path, entries: Iterator[_ListEntry], split: str) 
 
 
 def _read_jsonl(path: Path) -> Iterator[_ListEntry]:
-    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as PowerShell writes
+    with text_file(path) as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -165,8 +166,7 @@ def _jsonl_split(record: dict, where: str) -> str | None:
 
 
 def _read_csv(path: Path) -> Iterator[_ListEntry]:
-    # utf-8-sig: spreadsheet programs often start CSV files with a byte-order mark.
-    with open(path, encoding="utf-8-sig", newline="") as file:
+    with text_file(path, newline="") as file:
         reader = csv.DictReader(file)
         if reader.fieldnames is None:
             raise DatasetFormatError(f"{path}:1: empty file, expected a header row")

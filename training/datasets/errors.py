@@ -14,16 +14,18 @@ problem, with the count and a few examples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from PIL import Image
 
 from captioning.preprocess import DECODE_ERRORS, PILLOW_FORMATS
+from captioning.tokenizer import standardize
 from training.datasets.base import SPLITS, CaptionedImage
 
 logger = logging.getLogger("training.datasets")
@@ -52,6 +54,25 @@ def check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be None or >= 0, got {limit}")
 
 
+@contextlib.contextmanager
+def text_file(path: Path, **options) -> Iterator[TextIO]:
+    """A dataset's text file opened as UTF-8 (a byte-order mark, as Notepad, PowerShell and
+    spreadsheets write, is skipped); text in another encoding is a DatasetFormatError naming the file."""
+    with open(path, encoding="utf-8-sig", **options) as file:
+        try:
+            yield file
+        except UnicodeDecodeError:
+            raise DatasetFormatError(f"{path}: {_not_utf8(path)}") from None
+
+
+def _not_utf8(path: Path) -> str:
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16 text (what Excel saves as 'Unicode Text'): save it as UTF-8"
+    return "not UTF-8 text (perhaps Latin-1 or Windows-1252): save it as UTF-8"
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning decode errors into `DatasetFormatError` with the line number."""
     try:
@@ -59,8 +80,8 @@ def read_json(path: Path) -> Any:
             return json.load(file)
     except json.JSONDecodeError as error:
         raise DatasetFormatError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
-    except UnicodeDecodeError as error:
-        raise DatasetFormatError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except UnicodeDecodeError:
+        raise DatasetFormatError(f"{path}: {_not_utf8(path)}") from None
 
 
 def json_field(
@@ -107,14 +128,17 @@ def usable_records(
 ) -> list[CaptionedImage]:
     """Turn candidates into records, in order, stopping once `limit` records are collected.
 
-    Captions are stripped and blank ones dropped; a candidate left with no caption, whose image
-    file does not exist, or whose file is not an image Pillow can open (from its header: an empty
-    file, a text file, a format Pillow lacks, more pixels than Pillow's decompression-bomb limit)
-    is skipped. Each kind of skip is logged as one warning naming `source`. A file whose header
-    reads but whose pixels do not (cut short) stops training with its name when it is decoded.
-    With a limit, only the candidates looked at before reaching it are checked and counted.
+    Captions are stripped, and blank ones or ones without a word (only punctuation) dropped; a
+    candidate left with no caption, whose image file does not exist, or whose file is not an image
+    Pillow can open (from its header: an empty file, a text file, a format Pillow lacks, more pixels
+    than Pillow's decompression-bomb limit) is skipped. Each kind of skip is logged as one warning
+    naming `source`, as are images whose file an earlier one uses (kept). A file whose header reads
+    but whose pixels do not (cut short) stops training with its name when it is decoded. With a
+    limit, only the candidates looked at before reaching it are checked and counted.
     """
     records: list[CaptionedImage] = []
+    paths_seen: set[Path] = set()
+    repeated_files: list[str] = []
     without_captions: list[str] = []
     missing_images: list[str] = []
     unreadable_images: list[str] = []
@@ -123,7 +147,8 @@ def usable_records(
         if limit is not None and len(records) >= limit:
             break
         examined += 1
-        captions = [caption.strip() for caption in candidate.captions if caption.strip()]
+        # A caption of punctuation alone ('...', '?!') has no word: the model would learn <end>.
+        captions = [caption.strip() for caption in candidate.captions if standardize(caption)]
         if not captions:
             without_captions.append(candidate.image_id)
         elif not candidate.path.is_file():
@@ -131,6 +156,9 @@ def usable_records(
         elif (problem := image_header_problem(candidate.path)) is not None:
             unreadable_images.append(f"{candidate.path} ({problem})")
         else:
+            if candidate.path in paths_seen:
+                repeated_files.append(f"{candidate.image_id} ({candidate.path})")
+            paths_seen.add(candidate.path)
             records.append(
                 CaptionedImage(
                     image_id=candidate.image_id,
@@ -139,9 +167,18 @@ def usable_records(
                     path=str(candidate.path),
                 )
             )
-    _warn_skipped(source, split, examined, "with no captions", without_captions)
+    _warn_skipped(source, split, examined, "with no caption that has a word in it", without_captions)
     _warn_skipped(source, split, examined, "whose image file is missing", missing_images)
     _warn_skipped(source, split, examined, "whose file is not a readable image", unreadable_images)
+    if repeated_files:  # kept, since a dataset may mean it, but a split counts each such file twice
+        logger.warning(
+            "%s (%s): %d images use a file an earlier image of this split uses too (kept, each trained on as "
+            "an image of its own), e.g. %s",
+            source,
+            split,
+            len(repeated_files),
+            ", ".join(repeated_files[:EXAMPLES_PER_WARNING]),
+        )
     return records
 
 

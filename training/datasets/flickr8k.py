@@ -26,6 +26,7 @@ from training.datasets.errors import (
     ImageCandidate,
     check_limit,
     check_split,
+    text_file,
     usable_records,
 )
 
@@ -67,7 +68,7 @@ def load_flickr8k(
 
 def _read_captions(path: Path) -> dict[str, list[str]]:
     captions_by_image: dict[str, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as Notepad writes
+    with text_file(path) as file:
         for line_number, line in enumerate(file, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -85,7 +86,7 @@ def _read_captions(path: Path) -> dict[str, list[str]]:
 def _read_split_list(path: Path) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark, as Notepad writes
+    with text_file(path) as file:
         for line_number, line in enumerate(file, start=1):
             name = line.strip()
             if not name:

@@ -97,6 +97,8 @@ def load_shapes_wide(
 
 # Loaders that can store images at the model's input size; `train` asks them to (resize_to).
 RESIZING_LOADERS = ("shapes_wide",)
+# Loaders that draw their images, each split from its own seeds: their splits never share an image.
+GENERATED_LOADERS = ("shapes", "shapes_wide")
 
 LOADERS: dict[str, DatasetLoader] = {
     "shapes": load_shapes,

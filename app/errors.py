@@ -308,9 +308,15 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
         # The parser's counts (app.main's form_limits): a form carries image files and nothing else.
         most = request.app.state.settings.max_images_per_request
         if message.startswith("Too many files."):
+            one = request.url.path == "/caption"  # its form holds one image; /captions takes many
             return api_error_response(
                 request,
-                TooManyImages(f"the form has more than {most} files; the limit is {most} (MAX_IMAGES_PER_REQUEST)"),
+                TooManyImages(
+                    f"the form has more than {most} files; POST /caption takes one image (POST /captions up to "
+                    f"{most}, MAX_IMAGES_PER_REQUEST)"
+                    if one
+                    else f"the form has more than {most} files; the limit is {most} (MAX_IMAGES_PER_REQUEST)"
+                ),
             )
         return error_response(
             request,
@@ -427,9 +433,9 @@ _ERROR_DESCRIPTIONS = {
     "Content-Type is neither multipart/form-data nor an image type (`unsupported_media_type`), or the body is "
     "compressed (`unsupported_content_encoding`: send it without Content-Encoding).",
     422: "Missing or repeated field, invalid parameter or combination, too many images, image dimensions out of "
-    "range, a JPEG with more than MAX_JPEG_SCANS scans, a TIFF with more than MAX_TIFF_STRIPS strips or tiles, "
-    "or a PNG whose text chunks inflate past MAX_PNG_TEXT_BYTES (`image_too_complex`), or no caption for the "
-    "image (`no_caption`).",
+    "range, a JPEG with more than MAX_JPEG_SCANS scans, a TIFF with more than MAX_TIFF_STRIPS strips or tiles "
+    "or MAX_TIFF_TAGS directory entries, or a PNG whose text chunks inflate past MAX_PNG_TEXT_BYTES "
+    "(`image_too_complex`), or no caption for the image (`no_caption`).",
     429: "This client address has MAX_UPLOADS_PER_CLIENT request bodies being read already; retry after "
     "Retry-After seconds.",
     500: "Unexpected server error.",

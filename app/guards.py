@@ -23,6 +23,8 @@ Retry-After (the server's own would be a plain-text 500); see Shutdown and app._
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -190,9 +192,16 @@ class UploadGuard:
 
 def client_address(scope: Scope) -> str:
     """The client's address as uvicorn gives it: the peer's, or the one a trusted proxy forwarded
-    (FORWARDED_ALLOW_IPS). Empty when the server knows none (a Unix socket)."""
+    (FORWARDED_ALLOW_IPS); for IPv6 its /64, which one host (one subscriber) holds whole. Empty
+    when the server knows none (a Unix socket)."""
     client = scope.get("client")
-    return str(client[0]) if client else ""
+    if not client:
+        return ""
+    address = str(client[0])
+    if ":" in address:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return address
 
 
 class Shutdown:

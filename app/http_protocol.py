@@ -204,6 +204,7 @@ class HardenedProtocol(HttpToolsProtocol):
     _read_no_more = False  # a request was refused in its turn: answered, then closed
     _offer_head: bytes | None = None  # an upgrade offer's head without the offer, for the next parser
     _close_after_body = False  # a closing request answered before its body came: close once it has
+    _stopping = False  # the server is shutting down (shutdown() was called)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -449,7 +450,11 @@ class HardenedProtocol(HttpToolsProtocol):
         """What closing the connection is, once `cycle`'s answer is complete (uvicorn's cycle closes
         the transport itself after answering a request that does not keep the connection:
         `Connection: close`, HTTP/1.0)."""
-        if cycle is self._running and cycle.more_body and not self.transport.is_closing():
+        # Only for an answer given whole: one cut off by the app failing midway closes at once, as
+        # before (on_response_complete, which bounds the wait, never runs for it). Not while the
+        # server stops: the grace is not spent on a body nobody reads.
+        answered = cycle.response_complete and not self._stopping
+        if answered and cycle is self._running and cycle.more_body and not self.transport.is_closing():
             # Answered before its body came in whole (a 401, a 413, a 503). Closing now would leave
             # the body's bytes unread, and the kernel answers those with a reset that discards the
             # answer from the client's receive buffer before it reads it: an upload with
@@ -459,6 +464,14 @@ class HardenedProtocol(HttpToolsProtocol):
             self._close_after_body = True
             return
         self.transport.close()
+
+    def shutdown(self) -> None:
+        """The server stops: a connection dropping the rest of an answered body closes now."""
+        self._stopping = True
+        if self._close_after_body or self._drain_timer is not None:
+            self.transport.close()
+            return
+        super().shutdown()
 
     def _cancel_drain(self) -> None:
         if self._drain_timer is not None:

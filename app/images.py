@@ -93,6 +93,7 @@ def decode_upload(
     draft_size: int | None = None,
     max_jpeg_scans: int | None = None,
     max_tiff_strips: int | None = None,
+    max_tiff_tags: int = 1024,
 ) -> DecodedImage:
     """Validates and decodes an uploaded image; raises an ApiError subclass on bad input.
 
@@ -100,7 +101,12 @@ def decode_upload(
     draft_size x draft_size, which is all the model needs and far cheaper for large photos.
     """
     image = open_upload(
-        data, max_pixels=max_pixels, min_side=min_side, max_jpeg_scans=max_jpeg_scans, max_tiff_strips=max_tiff_strips
+        data,
+        max_pixels=max_pixels,
+        min_side=min_side,
+        max_jpeg_scans=max_jpeg_scans,
+        max_tiff_strips=max_tiff_strips,
+        max_tiff_tags=max_tiff_tags,
     )
     return decode_opened(image, draft_size)
 
@@ -112,6 +118,7 @@ def open_upload(
     min_side: int,
     max_jpeg_scans: int | None = None,
     max_tiff_strips: int | None = None,
+    max_tiff_tags: int = 1024,
 ) -> Image.Image:
     """Identifies the format and checks the dimensions from the header alone: no pixel is decoded
     yet (Image.open is lazy), so this is cheap, and bombs are refused before they cost memory.
@@ -121,15 +128,18 @@ def open_upload(
     a few MB of 12-byte scan headers cost minutes of CPU (libjpeg-turbo's TurboJPEG API has a scan
     limit for this; encoders write about ten).
 
-    max_tiff_strips: a TIFF with more strips or tiles is refused before Pillow opens it, since
-    opening builds a Python object for each (and decoding walks them all): a million one-row strips
-    fit in 4 MB. A PNG's text chunks are bounded by limit_png_text, once for the process."""
+    max_tiff_strips, max_tiff_tags: a TIFF with more strips or tiles (beyond one per STRIP_PIXELS
+    pixels), or more entries in its first directory, is refused before Pillow opens it, since
+    opening reads every entry and builds a Python object for each strip (and decoding walks them
+    all): a million one-row strips fit in 4 MB, and 21,000 junk entries in 254 kB. A PNG's text
+    chunks are bounded by limit_png_text, once for the process."""
     if not data:
         raise InvalidImage("the uploaded file is empty")
-    if max_tiff_strips is not None:
-        strips = tiff_strips(data)
-        if strips > max_tiff_strips:
-            raise ImageTooComplex(f"the TIFF has {strips} strips or tiles; the limit is {max_tiff_strips}")
+    directory = tiff_directory(data) if max_tiff_strips is not None else None
+    if directory is not None:
+        problem = directory.too_complex(max_tiff_strips, max_tiff_tags)
+        if problem:
+            raise ImageTooComplex(problem)
     image = _open(data, max_pixels)
     # Pixel count and shortest side do not change under rotation, so the header size decides.
     _check_dimensions(*image.size, max_pixels=max_pixels, min_side=min_side)
@@ -187,35 +197,70 @@ def jpeg_layout(data: bytes, first_only: bool = False) -> tuple[int, int]:
     return scans, first_components
 
 
-def tiff_strips(data: bytes) -> int:
-    """The strips or tiles of a TIFF's first image, as its first directory (IFD) counts its
-    StripOffsets or TileOffsets, read from the header (classic TIFF and BigTIFF); 0 for anything
-    else or a header cut short, which Pillow then judges."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or len(data) < 16:
-        return 0
-    magic = struct.unpack_from(order + "H", data, 2)[0]
-    if magic == 42:  # classic: 4-byte offsets, a 2-byte entry count, entries of tag, type, count, value
-        count_format, entry_format, first = "H", "HHII", struct.unpack_from(order + "I", data, 4)[0]
-    elif magic == 43:  # BigTIFF: 8-byte offsets, counts and values
-        count_format, entry_format, first = "Q", "HHQQ", struct.unpack_from(order + "Q", data, 8)[0]
-    else:
-        return 0
+@dataclass(frozen=True)
+class TiffDirectory:
+    """What opening a TIFF costs Pillow, from its first directory (IFD): Pillow reads every entry
+    of it in Python, and builds an object for each strip or tile of the image."""
+
+    entries: int
+    strips: int  # StripOffsets' or TileOffsets' count
+    pixels: int  # width x height, 0 when the directory does not say
+
+    def too_complex(self, max_strips: int, max_entries: int) -> str | None:
+        """Why the file is refused, or None. A strip holds at least a row, so a tall picture has many
+        honestly (libtiff writes a row a strip once a row is 4 KB): each strip may cover as few as
+        STRIP_PIXELS pixels before the count beyond max_strips is refused."""
+        if self.entries > max_entries:
+            return f"the TIFF's first directory has {self.entries} entries; the limit is {max_entries}"
+        allowed = max(max_strips, self.pixels // STRIP_PIXELS)
+        if self.strips > allowed:
+            return f"the TIFF has {self.strips} strips or tiles; the limit is {allowed}"
+        return None
+
+
+STRIP_PIXELS = 1024
+_TIFF_INTEGER = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the types a width or height takes
+
+
+def tiff_directory(data: bytes) -> TiffDirectory | None:
+    """The first directory of a TIFF (classic or BigTIFF, either byte order), read as Pillow reads
+    it, header variants included (TiffImagePlugin.PREFIXES: the byte order from the first two
+    bytes, BigTIFF when the third is 43); None for anything else or a header cut short, which
+    Pillow then judges."""
+    from PIL import TiffImagePlugin
+
+    if data[:4] not in TiffImagePlugin.PREFIXES or len(data) < 16:
+        return None
+    order = "<" if data[:2] == b"II" else ">"
+    if data[2] == 43:  # BigTIFF: 8-byte offsets, counts and values
+        count_format, entry_format, first = "Q", "HHQ8s", struct.unpack_from(order + "Q", data, 8)[0]
+    else:  # classic: 4-byte offsets, a 2-byte entry count, entries of tag, type, count, value
+        count_format, entry_format, first = "H", "HHI4s", struct.unpack_from(order + "I", data, 4)[0]
     position = first + struct.calcsize(order + count_format)
     if position > len(data):
-        return 0
+        return None
     entry_size = struct.calcsize(order + entry_format)
-    entries = min(struct.unpack_from(order + count_format, data, first)[0], (len(data) - position) // entry_size)
-    table = memoryview(data)[position : position + entries * entry_size]
-    counts = [count for tag, _, count, _ in struct.iter_unpack(order + entry_format, table) if tag in (273, 324)]
-    return max(counts, default=0)  # StripOffsets (273) or TileOffsets (324)
+    entries = struct.unpack_from(order + count_format, data, first)[0]
+    readable = min(entries, (len(data) - position) // entry_size)
+    strips, sides = 0, {}
+    for tag, kind, count, value in struct.iter_unpack(
+        order + entry_format, memoryview(data)[position : position + readable * entry_size]
+    ):
+        if tag in (273, 324):  # StripOffsets, TileOffsets
+            strips = max(strips, count)
+        elif tag in (256, 257) and count == 1 and kind in _TIFF_INTEGER:  # ImageWidth, ImageLength
+            size = struct.calcsize(_TIFF_INTEGER[kind])
+            if size <= len(value):
+                sides[tag] = struct.unpack(order + _TIFF_INTEGER[kind], value[:size])[0]
+    return TiffDirectory(entries, strips, sides.get(256, 0) * sides.get(257, 0))
 
 
 def limit_png_text(max_bytes: int) -> None:
     """Bounds what a PNG's text chunks may inflate to, each and together (Pillow's defaults: 1 MB a
-    chunk, 64 MB in all, every one inflated and held from the moment the file is opened). Pillow
-    reads these bounds from its module, so they hold for the whole process; past them the file is
-    refused (image_too_complex)."""
+    chunk, 64 MB in all, every one inflated and held from the moment the file is opened); the
+    bound for one chunk also applies to a colour profile (iCCP). Pillow reads these bounds from
+    its module, so they hold for the whole process; past them the file is refused
+    (image_too_complex)."""
     PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = max_bytes
 
 
@@ -224,8 +269,8 @@ def _text_too_large(exc: BaseException) -> ImageTooComplex | None:
     or MAX_TEXT_MEMORY) as the client's error."""
     if isinstance(exc, ValueError) and "MAX_TEXT_" in str(exc):
         return ImageTooComplex(
-            f"the PNG's text chunks (metadata) inflate to more than {PngImagePlugin.MAX_TEXT_MEMORY} bytes, the "
-            "limit (MAX_PNG_TEXT_BYTES)"
+            f"the PNG's text chunks (metadata), or its colour profile, inflate to more than "
+            f"{PngImagePlugin.MAX_TEXT_MEMORY} bytes, the limit (MAX_PNG_TEXT_BYTES)"
         )
     return None
 

@@ -138,6 +138,7 @@ class CaptionService:
                 min_side=settings.min_image_side,
                 max_jpeg_scans=settings.max_jpeg_scans,
                 max_tiff_strips=settings.max_tiff_strips,
+                max_tiff_tags=settings.max_tiff_tags,
             )
 
         def decode(image) -> tuple[DecodedImage, np.ndarray]:

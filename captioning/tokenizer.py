@@ -30,9 +30,21 @@ def standardize(text: str) -> str:
     the words the same text typed in ASCII does; letters and marks of every script stay."""
     text = text.lower()
     if not text.isascii():
-        text = "".join(" " if unicodedata.category(char)[0] in "PS" else char for char in text)
+        text = "".join(" " if _separates(char) else char for char in text)
     text = _PUNCTUATION.sub(" ", text)
     return " ".join(text.split())
+
+
+def _separates(char: str) -> bool:
+    """Punctuation, symbols, and what travels with emoji: format characters (the zero-width joiner),
+    enclosing marks (a keycap) and variation selectors, which would otherwise be left as words."""
+    category = unicodedata.category(char)
+    return (
+        category[0] in "PS"
+        or category in ("Cf", "Me")
+        or "\ufe00" <= char <= "\ufe0f"
+        or "\U000e0100" <= char <= "\U000e01ef"
+    )
 
 
 class Tokenizer:

@@ -167,26 +167,31 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
             "file with --val-data (e.g. --val-data annotations_file=captions_val2014.json)"
         )
     if args.evaluate_split == "test":
-        check_test_split(config, trained_on, {**train_options, **parse_options(args.evaluate_data)})
+        options = {**train_options, **parse_options(args.evaluate_data)}
+        check_test_split(config, trained_on, options, args.evaluate_limit, warn)
     return Data(train_records, val_records, tokenizer, train_options, val_options, warnings)
 
 
-def check_test_split(config: TrainConfig, trained_on: set, options: dict) -> None:
-    """Refuses, before training, an --evaluate-split test that would score training images: a COCO
-    file, or a list without a split column, is whatever split is asked for, so without a test file
-    in --evaluate-data the "test" figures recorded in the manifest would be the training set's."""
-    from training.datasets.registry import GENERATED_LOADERS
+def check_test_split(config: TrainConfig, trained_on: set, options: dict, limit: int | None, warn) -> None:
+    """Before training, the images --evaluate-split test will score: a COCO file, or a list without
+    a split column, is whatever split is asked for, so without a test file in --evaluate-data the
+    "test" figures recorded in the manifest would be the training set's. Mostly training images:
+    refused; a few: warned about, as for validation."""
+    from training.datasets.registry import GENERATED_LOADERS, load_dataset
 
-    if config.dataset in GENERATED_LOADERS:
+    if config.dataset in GENERATED_LOADERS:  # each split drawn from its own seeds
         return
-    test_records = load_records(config, "test", options)
+    test_records = load_dataset(config.dataset, "test", limit=limit, **options)
     seen = sum((r.path or r.image_id) in trained_on for r in test_records)
-    if seen:
+    message = f"{seen} of the {len(test_records)} test images are training images"
+    if test_records and seen * 2 > len(test_records):
         raise DatasetOptionError(
-            f"--evaluate-split test: {seen} of the {len(test_records)} test images are training images, so the "
-            "test figures would measure the training set: give the test file with --evaluate-data (e.g. "
-            "--evaluate-data annotations_file=captions_test.json), or evaluate later with python -m training evaluate"
+            f"--evaluate-split test: {message}, so the test figures would measure the training set: give the test "
+            "file with --evaluate-data (e.g. --evaluate-data annotations_file=captions_test.json), or evaluate "
+            "later with python -m training evaluate"
         )
+    if seen:
+        warn(f"{message}: the test figures are not wholly of unseen images")
 
 
 def cached_features(config: TrainConfig, model_config, encoder, data: Data, args: argparse.Namespace) -> dict:
@@ -293,7 +298,7 @@ def fit(
     backup_dir = run_dir / ("backup-features" if features else "backup")
     if args.fresh and backup_dir.exists():
         shutil.rmtree(backup_dir)
-    check_backup_matches(backup_dir, model_config, data.tokenizer)
+    check_backup_matches(backup_dir, config, model_config, data.tokenizer)
     timer = EpochTimer()
     callbacks = [
         timer,
@@ -365,15 +370,19 @@ def run_record(
     }
 
 
-def check_backup_matches(backup_dir: Path, model_config, tokenizer: Tokenizer) -> None:
+def check_backup_matches(backup_dir: Path, config: TrainConfig, model_config, tokenizer: Tokenizer) -> None:
     """A run resumes from its backup (BackupAndRestore) only with the model it was saved from: with
-    another vocabulary (the data changed) or other model settings Keras fails deep in the restore
-    with a traceback. The backup's model is recorded beside it; a mismatch is refused in one line."""
+    another vocabulary (the data changed), other model settings, or other trained parts (the scene
+    head, the weights' average) Keras fails deep in the restore with a traceback. The backup's model
+    is recorded beside it; a mismatch is refused in one line, before the first step. (A backup from
+    before this record is not checked.)"""
     import hashlib
 
     described = {
         "model": model_config.to_dict(),
         "vocabulary_sha256": hashlib.sha256("\n".join(tokenizer.words).encode()).hexdigest(),
+        "scene_head": config.scene_loss_weight > 0,
+        "weight_average": config.ema_momentum > 0,
     }
     record = backup_dir.parent / f"{backup_dir.name}.model.json"
     if backup_dir.exists() and record.exists() and json.loads(record.read_text()) != described:

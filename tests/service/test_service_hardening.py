@@ -326,6 +326,17 @@ def test_one_client_cannot_hold_every_upload_slot():
     assert other[0] == unknown[0] == again[0] == 200 and [status for status, *_ in held] == [200, 200]
 
 
+def test_an_ipv6_client_is_counted_by_its_64():
+    """One host holds a whole IPv6 /64 and can take any address in it."""
+    from app.guards import client_address
+
+    def of(address):
+        return client_address({"client": (address, 50000)})
+
+    assert of("2001:db8::1") == of("2001:db8::ffff:1") == "2001:db8::/64" != of("2001:db8:0:1::1")
+    assert of("10.0.0.9") == "10.0.0.9" and client_address({}) == ""
+
+
 def test_bodies_are_held_against_the_upload_memory_budget_until_answered():
     """Bodies read and waiting (for decode memory, for the model) used to be bounded by nothing:
     a hundred 9 MB uploads took the server from 0.85 to 2.8 GB. UPLOAD_MEMORY_MB counts each

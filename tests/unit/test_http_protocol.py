@@ -55,6 +55,10 @@ class App:
             await send({"type": "http.response.body", "body": b"a" * BIG_ANSWER})
         elif path == "/refuse":
             await self.answer(send, 401, {"error": "no key"})
+        elif path == "/break":  # fails midway through its answer, its body unread
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+            await send({"type": "http.response.body", "body": b"0123456789", "more_body": True})
+            raise RuntimeError("the app failed midway through its answer")
         elif path == "/sleep":  # longer than the header deadline and the keep-alive timeout below
             self.calls.append(path)
             await asyncio.sleep(1.2)
@@ -254,6 +258,18 @@ def test_an_early_answer_to_a_closing_request_reaches_the_client_before_the_clos
             connection.sendall(body)
             answer, _ = read_until_closed(connection)
         assert answer.startswith(b"HTTP/1.1 401") and json_body(answer) == {"error": "no key"}, version
+
+
+def test_an_answer_cut_off_by_the_app_closes_the_connection_at_once_whatever_its_body(served):
+    """The lingering close is for answers given whole: a cut-off one (the app failed midway) has
+    no on_response_complete to bound the wait, and its connection had stayed open for ever."""
+    _, port, errors = served
+    for closing in (b"Connection: close\r\n", b""):
+        with connect(port) as connection:
+            connection.sendall(b"POST /break HTTP/1.1\r\nHost: x\r\n%sContent-Length: 1000000\r\n\r\nxx" % closing)
+            answer, took = read_until_closed(connection, 5)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"0123456789") and took < 2, closing
+    errors.records.clear()  # the app's failure is logged, as it should be
 
 
 def test_headers_over_the_limit_get_431_json_and_a_closed_connection(served):

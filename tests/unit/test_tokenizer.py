@@ -17,6 +17,11 @@ def test_standardize_strips_punctuation_beyond_ascii_and_keeps_every_scripts_let
     assert standardize("A «blue» square 🙂, ¡sí!") == "a blue square sí"
     assert standardize("Ein großes Café。日本語、テスト") == "ein großes café 日本語 テスト"
     assert standardize("नमस्ते दुनिया") == "नमस्ते दुनिया"  # vowel signs are marks, not punctuation
+    # What travels with emoji: a variation selector, zero-width joiners, a keycap mark.
+    assert standardize(
+        "a red heart \u2764\ufe0f, a family \U0001f468\u200d\U0001f469\u200d\U0001f467, 1\ufe0f\u20e3"
+    ) == ("a red heart a family 1")
+    assert standardize("\u2764\ufe0f") == ""
 
 
 def test_build_caps_size_and_min_count_deterministically():

@@ -183,6 +183,10 @@ def test_the_demo_files_are_sent_whole_whatever_the_range_header_says(client):
         for value in ("bytes=x", "bytes=5-1", "items=0-1", "bytes=99999999-", "bytes=0-9"):
             answer = client.get(path, headers={"Range": value})
             assert answer.status_code == 200 and answer.content == whole, (path, value)
+        # A browser revalidating what it holds gets 304 (FileResponse's validators, kept by an ETag).
+        tag = client.get(path).headers["etag"]
+        assert client.get(path, headers={"If-None-Match": f'W/"x", {tag}'}).status_code == 304
+        assert client.get(path, headers={"If-None-Match": '"other"'}).content == whole
 
 
 def test_a_form_cut_before_its_closing_boundary_is_named_as_such(client):

@@ -308,16 +308,10 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
         # The parser's counts (app.main's form_limits): a form carries image files and nothing else.
         most = request.app.state.settings.max_images_per_request
         if message.startswith("Too many files."):
-            one = request.url.path == "/caption"  # its form holds one image; /captions takes many
-            return api_error_response(
-                request,
-                TooManyImages(
-                    f"the form has more than {most} files; POST /caption takes one image (POST /captions up to "
-                    f"{most}, MAX_IMAGES_PER_REQUEST)"
-                    if one
-                    else f"the form has more than {most} files; the limit is {most} (MAX_IMAGES_PER_REQUEST)"
-                ),
-            )
+            limit = f"the limit is {most} (MAX_IMAGES_PER_REQUEST)"
+            if request.url.path == "/caption":  # its form holds one image; /captions takes many
+                limit = f"POST /caption takes one image (POST /captions up to {most}, MAX_IMAGES_PER_REQUEST)"
+            return api_error_response(request, TooManyImages(f"the form has more than {most} files; {limit}"))
         return error_response(
             request,
             400,

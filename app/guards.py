@@ -72,18 +72,19 @@ class UploadGuard:
         self.uploads = 0  # bodies being read now (event loop only)
         self.uploads_by_client: Counter[str] = Counter()  # the same, by client address
         self.body_bytes = 0  # body bytes received by requests not yet answered
+        self.body_budget = settings.upload_memory_mb * 2**20  # UPLOAD_MEMORY_MB, for all of them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = matched_route(scope) if scope["type"] == "http" and scope["method"] in BODY_METHODS else None
         if route is None:
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(scope)
+        client = client_address(scope)
+        refusal = self._refusal(scope, client)
         if refusal is not None:
             # In the route family's own shape (app.errors.error_response: OIP's under /v2).
             await api_error_response(Request(scope), refusal)(scope, receive, send)
             return
-        client = client_address(scope)
         self.uploads += 1
         self.uploads_by_client[client] += 1
         holding = True
@@ -98,7 +99,6 @@ class UploadGuard:
                     del self.uploads_by_client[client]
 
         settings = self.settings
-        budget = settings.upload_memory_mb * 2**20
         started = time.monotonic()
         received = 0  # this request's body bytes, counted in self.body_bytes until it is answered
 
@@ -121,7 +121,7 @@ class UploadGuard:
             if message["type"] == "http.request":
                 arrived = len(message.get("body", b""))
                 others = self.body_bytes - received
-                if others and self.body_bytes + arrived > budget:
+                if others and self.body_bytes + arrived > self.body_budget:
                     done_reading()
                     raise UploadMemoryFull(self._memory_full(), UPLOADS_RETRY_AFTER_S)
                 received += arrived
@@ -148,7 +148,7 @@ class UploadGuard:
             done_reading()
             self.body_bytes -= received
 
-    def _refusal(self, scope: Scope):
+    def _refusal(self, scope: Scope, client: str):
         headers = Headers(scope=scope)
         if not self.key_accepted(headers):
             return Unauthorized()
@@ -172,14 +172,13 @@ class UploadGuard:
                 f"{self.uploads} uploads are being read, the limit; retry shortly", UPLOADS_RETRY_AFTER_S
             )
         per_client = self.settings.max_uploads_per_client
-        client = client_address(scope)
         if per_client and client and self.uploads_by_client[client] >= per_client:
             return TooManyClientUploads(
                 f"this client has {per_client} uploads being read, the limit per client "
                 "(MAX_UPLOADS_PER_CLIENT); retry when one is complete",
                 UPLOADS_RETRY_AFTER_S,
             )
-        if self.body_bytes >= self.settings.upload_memory_mb * 2**20:
+        if self.body_bytes >= self.body_budget:
             return TooManyUploads(self._memory_full(), UPLOADS_RETRY_AFTER_S)
         return None
 

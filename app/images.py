@@ -85,30 +85,14 @@ class DecodedImage:
     format: str
 
 
-def decode_upload(
-    data: bytes,
-    *,
-    max_pixels: int,
-    min_side: int,
-    draft_size: int | None = None,
-    max_jpeg_scans: int | None = None,
-    max_tiff_strips: int | None = None,
-    max_tiff_tags: int = 1024,
-) -> DecodedImage:
+def decode_upload(data: bytes, *, draft_size: int | None = None, **limits) -> DecodedImage:
     """Validates and decodes an uploaded image; raises an ApiError subclass on bad input.
 
     draft_size: lets JPEG decode at a reduced scale (1/2 .. 1/8) that still covers
     draft_size x draft_size, which is all the model needs and far cheaper for large photos.
+    `limits`: open_upload's (max_pixels, min_side, and the optional ones).
     """
-    image = open_upload(
-        data,
-        max_pixels=max_pixels,
-        min_side=min_side,
-        max_jpeg_scans=max_jpeg_scans,
-        max_tiff_strips=max_tiff_strips,
-        max_tiff_tags=max_tiff_tags,
-    )
-    return decode_opened(image, draft_size)
+    return decode_opened(open_upload(data, **limits), draft_size)
 
 
 def open_upload(
@@ -118,7 +102,7 @@ def open_upload(
     min_side: int,
     max_jpeg_scans: int | None = None,
     max_tiff_strips: int | None = None,
-    max_tiff_tags: int = 1024,
+    max_tiff_tags: int | None = None,
 ) -> Image.Image:
     """Identifies the format and checks the dimensions from the header alone: no pixel is decoded
     yet (Image.open is lazy), so this is cheap, and bombs are refused before they cost memory.
@@ -135,7 +119,7 @@ def open_upload(
     chunks are bounded by limit_png_text, once for the process."""
     if not data:
         raise InvalidImage("the uploaded file is empty")
-    directory = tiff_directory(data) if max_tiff_strips is not None else None
+    directory = tiff_directory(data) if (max_tiff_strips, max_tiff_tags) != (None, None) else None
     if directory is not None:
         problem = directory.too_complex(max_tiff_strips, max_tiff_tags)
         if problem:
@@ -206,14 +190,14 @@ class TiffDirectory:
     strips: int  # StripOffsets' or TileOffsets' count
     pixels: int  # width x height, 0 when the directory does not say
 
-    def too_complex(self, max_strips: int, max_entries: int) -> str | None:
-        """Why the file is refused, or None. A strip holds at least a row, so a tall picture has many
-        honestly (libtiff writes a row a strip once a row is 4 KB): each strip may cover as few as
-        STRIP_PIXELS pixels before the count beyond max_strips is refused."""
-        if self.entries > max_entries:
+    def too_complex(self, max_strips: int | None, max_entries: int | None) -> str | None:
+        """Why the file is refused, or None (a bound of None: not checked). A strip holds at least a
+        row, so a tall picture has many honestly (libtiff writes a row a strip once a row is 4 KB):
+        each strip may cover as few as STRIP_PIXELS pixels before the count beyond max_strips is refused."""
+        if max_entries is not None and self.entries > max_entries:
             return f"the TIFF's first directory has {self.entries} entries; the limit is {max_entries}"
-        allowed = max(max_strips, self.pixels // STRIP_PIXELS)
-        if self.strips > allowed:
+        allowed = None if max_strips is None else max(max_strips, self.pixels // STRIP_PIXELS)
+        if allowed is not None and self.strips > allowed:
             return f"the TIFF has {self.strips} strips or tiles; the limit is {allowed}"
         return None
 

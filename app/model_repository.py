@@ -67,22 +67,16 @@ class VersionPolicy:
 
     @classmethod
     def parse(cls, text: str) -> VersionPolicy:
-        """ "latest:2", "specific:1,3", "all" -> a policy; anything else raises ValueError."""
+        """ "latest:2", "specific:1,3", "all" -> a policy; anything else raises ValueError. The
+        pattern is MODEL_VERSION_POLICY's, so the API takes exactly what the setting takes."""
+        if not re.fullmatch(VERSION_POLICY_PATTERN, text):
+            raise ValueError(f"invalid version policy {text!r}: expected latest:N, specific:V[,V...] or all")
         kind, _, arguments = text.strip().partition(":")
-        try:
-            if not re.fullmatch(VERSION_POLICY_PATTERN, text):
-                raise ValueError
-            if kind == "latest" and int(arguments) >= 1:
-                return cls("latest", count=int(arguments))
-            if kind == "specific":
-                versions = tuple(sorted({int(v) for v in arguments.split(",")}))
-                if versions and versions[0] >= 1:
-                    return cls("specific", versions=versions)
-            if kind == "all" and not arguments:
-                return cls("all")
-        except ValueError:
-            pass
-        raise ValueError(f"invalid version policy {text!r}: expected latest:N, specific:V[,V...] or all")
+        if kind == "latest":
+            return cls("latest", count=int(arguments))
+        if kind == "specific":
+            return cls("specific", versions=tuple(sorted({int(v) for v in arguments.split(",")})))
+        return cls("all")
 
     def select(self, available: list[int]) -> list[int]:
         """The versions to serve among `available` (the loadable ones), highest first."""

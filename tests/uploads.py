@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.attack import png_chunk
+
 RED, BLUE, WHITE = (220, 30, 30), (30, 60, 230), (255, 255, 255)
 
 
@@ -124,19 +126,15 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but whose pixel data is a few bytes: what a
     decompression bomb looks like to a header check (the pixels are never read)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + _png_chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + png_chunk(b"IEND", b"")
     )
 
 

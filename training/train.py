@@ -156,8 +156,8 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
             f"{cut} training captions are longer than {longest} words and are cut to that "
             "(--max-length sets the limit, in tokens with <start> and <end>)"
         )
-    trained_on = {r.path or r.image_id for r in train_records}
-    seen = sum((r.path or r.image_id) in trained_on for r in val_records)
+    trained_on = {image_of(r) for r in train_records}
+    seen = sum(image_of(r) in trained_on for r in val_records)
     if seen:
         # A COCO file is one split, and a list without a split column is whatever split is asked:
         # without --val-data both splits are the same file, and "validation" measures memory.
@@ -172,6 +172,11 @@ def load_data(config: TrainConfig, args: argparse.Namespace) -> Data:
     return Data(train_records, val_records, tokenizer, train_options, val_options, warnings)
 
 
+def image_of(record) -> str:
+    """What makes two records one image, for telling a split's images from the training ones."""
+    return record.path or record.image_id
+
+
 def check_test_split(config: TrainConfig, trained_on: set, options: dict, limit: int | None, warn) -> None:
     """Before training, the images --evaluate-split test will score: a COCO file, or a list without
     a split column, is whatever split is asked for, so without a test file in --evaluate-data the
@@ -182,7 +187,7 @@ def check_test_split(config: TrainConfig, trained_on: set, options: dict, limit:
     if config.dataset in GENERATED_LOADERS:  # each split drawn from its own seeds
         return
     test_records = load_dataset(config.dataset, "test", limit=limit, **options)
-    seen = sum((r.path or r.image_id) in trained_on for r in test_records)
+    seen = sum(image_of(r) in trained_on for r in test_records)
     message = f"{seen} of the {len(test_records)} test images are training images"
     if test_records and seen * 2 > len(test_records):
         raise DatasetOptionError(

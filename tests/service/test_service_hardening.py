@@ -224,24 +224,25 @@ def run_call(app, scope_headers, messages, **kwargs):
 KEYED = [(b"x-api-key", API_KEY.encode())]
 
 
-async def answer_start(app, messages, client: str | None = None) -> dict:
-    """The http.response.start message of one keyed request with scripted body messages, from the
-    client address `client` (none: the server knows no address)."""
+async def sent_messages(app, messages, client: str | None = None) -> list[dict]:
+    """What the app sent for one keyed request with scripted body messages, from the client address
+    `client` (none: the server knows no address)."""
     sent, _, scope, receive, send = call(app, messages)
     scope["headers"] = KEYED
     if client is not None:
         scope["client"] = (client, 50000)
     await app(scope, receive, send)
-    return next(m for m in sent if m["type"] == "http.response.start")
+    return sent
+
+
+async def answer_start(app, messages, client: str | None = None) -> dict:
+    """The http.response.start message of one such request."""
+    return next(m for m in await sent_messages(app, messages, client) if m["type"] == "http.response.start")
 
 
 async def answer(app, messages, client: str | None = None) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) of one keyed request with scripted body messages."""
-    sent, calls, scope, receive, send = call(app, messages)
-    scope["headers"] = KEYED
-    if client is not None:
-        scope["client"] = (client, 50000)
-    await app(scope, receive, send)
+    """(status, JSON body, headers) of one such request."""
+    sent = await sent_messages(app, messages, client)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     return start["status"], body, {k.decode(): v.decode() for k, v in start["headers"]}

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.harness import multipart_form, open_descriptors, percentile
+from bench.harness import multipart_form, open_descriptors, percentile, write_latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "attack-bench-key"
@@ -769,8 +769,8 @@ def main() -> None:
     if args.write:
         command = "python -m bench.attack " + " ".join(sys.argv[1:])
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        header = f"# Attack bench\n\nCommand: `{command}` ({when}, {os.cpu_count()} CPUs)\n\n"
-        Path(args.write).write_text(header + result + "\n")
+        section = f"Command: `{command}` ({when}, {os.cpu_count()} CPUs)\n\n{result}\n"
+        write_latest_run(Path(args.write), "# Attack bench\n", section)
 
 
 if __name__ == "__main__":

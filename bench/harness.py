@@ -320,6 +320,26 @@ def metric_sum(text: str | bytes, name: str, **labels: str) -> float:
     return sum(value for _, value in metric_samples(text, name, **labels))
 
 
+LATEST_RUN_BEGIN = "<!-- latest run: written by the bench, everything outside these markers is kept -->"
+LATEST_RUN_END = "<!-- end of latest run -->"
+
+
+def write_latest_run(path: Path, title: str, section: str) -> None:
+    """Put a bench's report between the file's latest-run markers, keeping the notes and earlier
+    runs around them (a curated report is not overwritten); a file without markers is created
+    as `title` plus the section."""
+    block = f"{LATEST_RUN_BEGIN}\n{section.rstrip()}\n{LATEST_RUN_END}"
+    text = path.read_text() if path.exists() else ""
+    if LATEST_RUN_BEGIN in text and LATEST_RUN_END in text:
+        before, rest = text.split(LATEST_RUN_BEGIN, 1)
+        after = rest.split(LATEST_RUN_END, 1)[1]
+        path.write_text(before + block + after)
+    elif text:
+        path.write_text(text.rstrip() + "\n\n## Latest run\n\n" + block + "\n")
+    else:
+        path.write_text(f"{title.rstrip()}\n\n{block}\n")
+
+
 async def engine_counters(port: int) -> dict[str, float]:
     """The engine's cumulative timings and the server's 503 timings from /metrics, to profile each
     phase from the inside."""

@@ -49,6 +49,7 @@ from bench.harness import (
     post_request,
     rss_mib,
     thread_count,
+    write_latest_run,
 )
 
 SOAK_RSS_GROWTH_MIB = 100  # the memory target: growth allowed after the first window
@@ -344,7 +345,7 @@ async def main_async(args) -> int:
     text += f"\nServer exit code after SIGTERM: {code} (uvicorn re-raises the signal after a clean shutdown).\n"
     print(text)
     if args.write:
-        Path(args.write).write_text("# Soak bench\n\n" + text)
+        write_latest_run(Path(args.write), "# Soak bench", text)
     return 0 if ok else 1
 
 

@@ -28,7 +28,9 @@ class ReloadRefused(ApiError):
 class ReloadRequest(BaseModel):
     version_policy: str | None = Field(
         None,
-        description="Replaces MODEL_VERSION_POLICY until the next restart: latest:N, specific:V[,V...] or all.",
+        max_length=1024,
+        description="Replaces MODEL_VERSION_POLICY until the next restart: latest:N, specific:V[,V...] or all "
+        "(at most 1024 characters: the policy is echoed in the answer and in the log).",
         examples=["specific:1"],
     )
 

@@ -284,6 +284,9 @@ def test_service_polls_in_a_new_version_names_it_and_rolls_back_by_pin(tmp_path,
         refused = client.post("/admin/reload", json={"version_policy": "specific:7"}, headers=key)
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "reload_refused"
         assert client.post("/admin/reload", json={"version_policy": "newest"}, headers=key).status_code == 409
+        huge = "specific:" + ",".join(map(str, range(1, 200_000)))  # would be echoed whole in the answer and log
+        too_long = client.post("/admin/reload", json={"version_policy": huge}, headers=key)
+        assert too_long.status_code == 422 and len(too_long.content) < 2000, too_long.text[:300]
 
     no_key = TestClient(create_app(Settings(model_repository=repository)))  # lifespan not run: no model needed
     assert no_key.post("/admin/reload").json()["error"]["code"] == "admin_disabled"

@@ -301,3 +301,19 @@ def test_metric_samples_read_the_exposition_as_prometheus_writes_it():
     assert metric_sum(page, "captioning_http_request_duration_seconds_count", **refused) == 2
     assert metric_sum(page, "captioning_http_request_duration_seconds_bucket", le="0.05", **refused) == 1
     assert metric_sum(page.decode(), "captioning_engine_programs_compiling") == 0  # no such series
+
+
+def test_a_bench_report_replaces_only_its_latest_run_and_keeps_the_notes_around_it(tmp_path):
+    from bench.harness import write_latest_run
+
+    report = tmp_path / "ATTACK.md"
+    report.write_text("# Attack bench\n\nnotes before\n")
+    write_latest_run(report, "# Attack bench", "first run\n")
+    report.write_text(report.read_text() + "\n## Before and after\n\ncurated history\n")
+    write_latest_run(report, "# Attack bench", "second run")
+    text = report.read_text()
+    assert "second run" in text and "first run" not in text
+    assert text.index("notes before") < text.index("second run") < text.index("curated history")
+    fresh = tmp_path / "new.md"
+    write_latest_run(fresh, "# Soak bench", "only run")
+    assert fresh.read_text().startswith("# Soak bench\n") and "only run" in fresh.read_text()

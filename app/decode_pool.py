@@ -1,7 +1,7 @@
 """Decoding uploads under a memory budget, in a bounded pool of worker threads.
 
     pool = DecodePool(threads=4, budget_bytes=512 * 2**20)
-    result = await pool.run(cost_bytes, decode, image)    # waits for budget, runs in a worker
+    result = await pool.run(cost_bytes, decode, image, owner=client)  # waits its turn and budget, runs in a worker
 
 An image's cost is the peak memory its decode takes, known from its header (app.images.decode_bytes),
 so the budget is weighted by pixels and bit depth, not a count of images: a 40-megapixel 16-bit
@@ -60,31 +60,38 @@ def release_free_memory() -> None:
 
 
 class MemoryBudget:
-    """A weighted, first-come-first-served async semaphore: acquire(n) waits until n more bytes fit.
-    A request larger than the whole budget runs alone rather than never. Event-loop only."""
+    """A weighted async semaphore, fair between owners: acquire(n, owner) waits until n more bytes
+    fit. Waiters are served one owner at a time in turn (first come first served within an owner),
+    so one client's queue of costly decodes cannot hold every other client's decode behind it. The
+    owner whose turn it is waits for its request to fit rather than being skipped, so a large request
+    is never starved by small ones; one larger than the whole budget runs alone. Event-loop only."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.in_use = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        # owner -> its waiters in arrival order; the dict's order is the turn (dicts keep insertion order)
+        self._waiters: dict[str, collections.deque[tuple[int, asyncio.Future]]] = {}
 
     def _fits(self, amount: int) -> bool:
         return self.in_use == 0 or self.in_use + amount <= self.capacity
 
-    async def acquire(self, amount: int) -> None:
+    async def acquire(self, amount: int, owner: str = "") -> None:
         if not self._waiters and self._fits(amount):
             self.in_use += amount
             return
         waiter = asyncio.get_running_loop().create_future()
         entry = (amount, waiter)
-        self._waiters.append(entry)
+        self._waiters.setdefault(owner, collections.deque()).append(entry)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # granted just as we were cancelled
                 self.release(amount)
             else:
-                self._waiters.remove(entry)
+                queue = self._waiters[owner]
+                queue.remove(entry)
+                if not queue:
+                    del self._waiters[owner]
                 self._wake()
             raise
 
@@ -93,8 +100,15 @@ class MemoryBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            amount, waiter = self._waiters.popleft()
+        while self._waiters:
+            owner, queue = next(iter(self._waiters.items()))
+            amount, waiter = queue[0]
+            if not self._fits(amount):
+                return
+            queue.popleft()
+            del self._waiters[owner]
+            if queue:  # the owner's next waiter goes to the back of the turn
+                self._waiters[owner] = queue
             self.in_use += amount
             waiter.set_result(None)
 
@@ -107,10 +121,11 @@ class DecodePool:
         self._since_trim = 0
         self._lock = threading.Lock()
 
-    async def run(self, cost_bytes: int, function: Callable[..., T], *args) -> T:
-        """function(*args) in a worker thread, once cost_bytes of the budget are free."""
+    async def run(self, cost_bytes: int, function: Callable[..., T], *args, owner: str = "") -> T:
+        """function(*args) in a worker thread, once cost_bytes of the budget are free; `owner` (the
+        client's address) takes its turn with the other owners waiting."""
         loop = asyncio.get_running_loop()
-        await self.budget.acquire(cost_bytes)
+        await self.budget.acquire(cost_bytes, owner)
         try:
             future = self._executor.submit(self._call, cost_bytes, function, *args)
         except BaseException:

@@ -126,9 +126,10 @@ class CaptionService:
 
     # --- the steps ------------------------------------------------------------------------------
 
-    async def prepare(self, data: bytes) -> Prepared:
+    async def prepare(self, data: bytes, client: str = "") -> Prepared:
         """Validates, decodes and resizes image bytes (ApiError on bad input). The header decides
-        the cost; the pixels are decoded under the memory budget, in a worker unless tiny."""
+        the cost; the pixels are decoded under the memory budget, in a worker unless tiny, taking
+        turns with other clients' decodes (`client`: the address app.guards.client_address gives)."""
         started = time.perf_counter()
         settings, size = self.settings, self.captioner.config.image_size
 
@@ -163,7 +164,7 @@ class CaptionService:
                     f"than the decode memory budget of {budget // 2**20} MiB (DECODE_MEMORY_MB, lower under a "
                     "container memory limit): send a smaller image"
                 )
-            decoded, pixels = await self.decoder.run(cost, decode, image)
+            decoded, pixels = await self.decoder.run(cost, decode, image, owner=client)
         return Prepared(decoded, pixels, (time.perf_counter() - started) * 1000)
 
     async def infer(self, prepared: Prepared, options: DecodeOptions, *, started_at: float) -> CaptionFields:
@@ -186,12 +187,18 @@ class CaptionService:
     # --- whole requests ------------------------------------------------------------------------
 
     async def caption(
-        self, data: bytes, options: DecodeOptions, *, started_at: float | None = None, receive: Receive | None = None
+        self,
+        data: bytes,
+        options: DecodeOptions,
+        *,
+        started_at: float | None = None,
+        receive: Receive | None = None,
+        client: str = "",
     ) -> CaptionFields:
         """One image; raises its error. Gives up when the client disconnects (`receive`)."""
         started_at = time.perf_counter() if started_at is None else started_at
         self._check_model_supports(options)
-        (outcome,) = await self._run_all([self._caption_one(data, options, started_at)], started_at, receive)
+        (outcome,) = await self._run_all([self._caption_one(data, options, started_at, client)], started_at, receive)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -203,6 +210,7 @@ class CaptionService:
         *,
         started_at: float | None = None,
         receive: Receive | None = None,
+        client: str = "",
     ) -> list[CaptionFields | ApiError]:
         """Several images, each decoded and submitted on its own (the engine batches them with each
         other and with other requests), each with its own outcome, in order. When the deadline
@@ -212,7 +220,7 @@ class CaptionService:
         started_at = time.perf_counter() if started_at is None else started_at
         self._check_model_supports(options)
         outcomes = await self._run_all(
-            [self._caption_one(data, options, started_at) for data in images], started_at, receive
+            [self._caption_one(data, options, started_at, client) for data in images], started_at, receive
         )
         refused = [o for o in outcomes if isinstance(o, (Overloaded, EngineStopped))]
         if outcomes and len(refused) == len(outcomes):
@@ -234,8 +242,8 @@ class CaptionService:
         except ValueError as exc:
             raise InvalidParameters(str(exc)) from None
 
-    async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float) -> CaptionFields:
-        return await self.infer(await self.prepare(data), options, started_at=started_at)
+    async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float, client: str) -> CaptionFields:
+        return await self.infer(await self.prepare(data, client), options, started_at=started_at)
 
     async def _run_all(
         self, works: list[Awaitable[CaptionFields]], started_at: float, receive: Receive | None

@@ -22,6 +22,9 @@ Phases, each against the same server (model_artifacts/default, API_KEY set):
   lockout    64 keyed connections from one address that send a POST's headers and then nothing,
              reconnecting whenever answered, beside a keyed client from another address captioning
              in a loop: its success
+  decodes    8 /captions of 16 40 MP PNGs kept in flight from one address (valid, costly decodes)
+             while a keyed client from another address sends a 12 MP JPEG photo at a time: the
+             photo's latency alone and beside them
   bodies     100 clients, each from its own address, each uploading a 9 MB PNG (a small picture
              and a 9 MB private chunk) at once: the answers, peak RSS against idle
   sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
@@ -539,6 +542,62 @@ async def lockout_phase(server: Server, log: Log, connections: int, seconds: flo
     return {"keyed": len(keyed), "keyed_ok": sum(a.status == 200 for a in keyed), "opened": opened[0]}
 
 
+def photo_jpeg(width: int = 4000, height: int = 3000) -> bytes:
+    """A 12 MP JPEG like a phone's: too large to decode on the event loop, so it takes the pool."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((height, width, 3)) * 40 + np.linspace(0, 200, width)[None, :, None]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+async def decodes_phase(server: Server, log: Log, requests: int, seconds: float) -> dict:
+    """One address keeps `requests` /captions of 16 40 MP PNGs in flight (valid images, each a
+    costly decode) while a keyed client from another address sends a 12 MP photo at a time: the
+    photo's latency alone, then beside them."""
+    photo, flood_body = photo_jpeg(), multipart("images", [grey16_png()] * 16)
+
+    async def photos(stop: asyncio.Event, where: str) -> list[Answer]:
+        answers = []
+        while not stop.is_set():
+            answers.append(
+                await request(
+                    server.port, "/caption", photo, "image/jpeg", key=True, where=where, log=log, source="127.0.0.2"
+                )
+            )
+        return answers
+
+    async def flood(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await request(
+                server.port, "/captions", flood_body[0], flood_body[1], key=True, where="decodes: flood", log=log,
+                timeout=120, source="127.0.4.1",
+            )  # fmt: skip
+
+    def summary(answers: list[Answer]) -> dict:
+        ok = [a.seconds for a in answers if a.status == 200]
+        return {"answers": len(answers), "ok": len(ok), "p50": percentile(ok, 50), "p95": percentile(ok, 95)}
+
+    stop = asyncio.Event()
+    alone = asyncio.ensure_future(photos(stop, "decodes: photo alone"))
+    await asyncio.sleep(seconds / 3)
+    stop.set()
+    result = {"alone": summary(await alone)}
+    stop = asyncio.Event()
+    flooders = [asyncio.ensure_future(flood(stop)) for _ in range(requests)]
+    await asyncio.sleep(1)
+    beside = asyncio.ensure_future(photos(stop, "decodes: photo"))
+    await asyncio.sleep(seconds)
+    stop.set()
+    result["beside"] = summary(await beside)
+    await asyncio.gather(*flooders)
+    result["flood_ok"] = sum(a.status == 200 and a.where == "decodes: flood" for a in log.answers)
+    return result
+
+
 async def bodies_phase(server: Server, log: Log, clients: int, megabytes: int) -> dict:
     """Many large bodies at once, each client from its own loopback address."""
     padded = with_chunks(small_png(), png_chunk(b"prVt", bytes(megabytes * 2**20)))
@@ -611,6 +670,7 @@ async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
 def table(results: dict, log: Log, args) -> str:
     memory, slow, framing, term = results["memory"], results["slowloris"], results["framing"], results["sigterm"]
     idle, crafted, lockout, bodies = results["idle"], results["crafted"], results["lockout"], results["bodies"]
+    decodes = results["decodes"]
     idle_after = idle["closed_after"]
     gib = lambda value: f"{value / GIB:.2f} GiB"  # noqa: E731
     rate = slow["keyed_ok"] / max(slow["keyed"], 1)
@@ -676,6 +736,19 @@ def table(results: dict, log: Log, args) -> str:
             ">= 95%",
         ),
         (
+            "a 12 MP JPEG photo at a time, alone: answers, p50 / p95",
+            f"{decodes['alone']['ok']}/{decodes['alone']['answers']}, "
+            f"{decodes['alone']['p50']:.2f} / {decodes['alone']['p95']:.2f} s",
+            "",
+        ),
+        (
+            f"the same beside {args.flood} /captions of 16 40 MP PNGs kept in flight from one address "
+            f"({decodes['flood_ok']} of those answered 200)",
+            f"{decodes['beside']['ok']}/{decodes['beside']['answers']}, "
+            f"{decodes['beside']['p50']:.2f} / {decodes['beside']['p95']:.2f} s",
+            "all, p95 <= 1 s (clients take turns for the decode budget)",
+        ),
+        (
             f"{args.bodies} uploads of {args.body_mb} MB at once, each from its own address: answers",
             ", ".join(f"{status} x{count}" for status, count in bodies["statuses"].items()),
             "200, or 503 once UPLOAD_MEMORY_MB is held",
@@ -737,6 +810,7 @@ async def main_async(args) -> str:
         results["idle"] = await idle_connections_phase(server, log, args.idle, args.header_timeout)
         results["crafted"] = await crafted_phase(server, log)
         results["lockout"] = await lockout_phase(server, log, args.lockout, args.lockout_seconds)
+        results["decodes"] = await decodes_phase(server, log, args.flood, args.flood_seconds)
         results["bodies"] = await bodies_phase(server, log, args.bodies, args.body_mb)
         results["framing"] = await framing_phase(server, log)
         results["sigterm"] = await sigterm_phase(server, log, 8)
@@ -760,6 +834,8 @@ def main() -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0, help="HEADER_TIMEOUT_S of the server")
     parser.add_argument("--lockout", type=int, default=64, help="lockout phase: idle uploads from one address")
     parser.add_argument("--lockout-seconds", type=float, default=25.0, help="lockout phase: the keyed client's run")
+    parser.add_argument("--flood", type=int, default=8, help="decodes phase: /captions in flight from one address")
+    parser.add_argument("--flood-seconds", type=float, default=30.0, help="decodes phase: the photo client's run")
     parser.add_argument("--bodies", type=int, default=100, help="bodies phase: clients, each from its own address")
     parser.add_argument("--body-mb", type=int, default=9, help="bodies phase: megabytes per upload")
     parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")

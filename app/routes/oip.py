@@ -54,6 +54,7 @@ from app.errors import (
     UploadTooLarge,
     error_response,
 )
+from app.guards import client_address
 from app.model_repository import ServedModel
 from app.schemas import CaptionFields, CaptionQuery
 from app.service import decode_options
@@ -397,7 +398,13 @@ async def caption_images(
         if len(data) > settings.max_upload_bytes:
             raise UploadTooLarge(settings.max_upload_bytes)
     service = service_for(request, model)
-    outcomes = await service.caption_many(images, options, started_at=request.state.started_at, receive=request.receive)
+    outcomes = await service.caption_many(
+        images,
+        options,
+        started_at=request.state.started_at,
+        receive=request.receive,
+        client=client_address(request.scope),
+    )
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
             raise outcome

@@ -507,6 +507,50 @@ def test_a_decode_keeps_its_budget_until_its_thread_finishes_even_when_cancelled
     pool.shutdown()
 
 
+def test_clients_take_turns_for_the_decode_budget_and_a_large_decode_is_not_skipped():
+    """One address with a queue of costly decodes used to hold every other client's decode behind
+    all of them (first come first served): a 12 MP photo waited 20 s behind 8 requests of 16 40-MP
+    PNGs from one address, against 0.05 s alone. Waiters are now served one client at a time; the
+    client whose turn it is waits for its decode to fit, and no smaller one passes it."""
+    from app.decode_pool import MemoryBudget
+
+    async def scenario():
+        budget, granted, amounts = MemoryBudget(100), [], {}
+
+        def wait(owner, name, amount=100):
+            async def waiter():
+                await budget.acquire(amount, owner)
+                granted.append(name)
+
+            amounts[name] = amount
+            return asyncio.create_task(waiter())
+
+        async def finish(name):  # the decode granted as `name` ends
+            budget.release(amounts[name])
+            await asyncio.sleep(0)
+
+        await budget.acquire(100, "flood")
+        amounts["running"] = 100
+        tasks = [wait("flood", f"flood {i}") for i in range(3)] + [wait("user", "user"), wait("other", "other", 60)]
+        leaving = wait("flood", "gave up")
+        await asyncio.sleep(0)
+        leaving.cancel()  # a waiter that gives up leaves its owner's queue, and the turn goes on
+        for name in ("running", "flood 0", "user"):
+            await finish(name)
+        assert granted == ["flood 0", "user", "other"]  # flood 1 (100) does not fit beside other's 60
+        tasks.append(wait("late", "late", 30))  # would fit now, but it is flood's turn
+        await asyncio.sleep(0)
+        assert granted[-1] == "other"
+        await finish("other")
+        assert granted[-1] == "flood 1"
+        for name in ("flood 1", "late"):
+            await finish(name)
+        await asyncio.gather(*tasks)
+        return granted
+
+    assert asyncio.run(scenario()) == ["flood 0", "user", "other", "flood 1", "late", "flood 2"]
+
+
 def test_a_jpeg_with_a_scan_per_component_is_charged_its_whole_image_coefficients():
     """A review found the hole the progressive rows closed open for this layout too: a flat
     6000x6000 file of three scans took 209 MB to decode, charged 2 MB."""

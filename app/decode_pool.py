@@ -5,11 +5,13 @@
 
 An image's cost is the peak memory its decode takes, known from its header (app.images.decode_bytes),
 so the budget is weighted by pixels and bit depth, not a count of images: a 40-megapixel 16-bit
-picture holds the budget that many small photos would share. A decode's share is given back only
-when its worker thread has really finished: cancelling the caller (a deadline, a disconnect) does not
-stop Pillow, so releasing on cancellation would let the next decodes start on top of the one still
-running. When the pool falls idle after a big decode, freed memory is handed back to the system
-(glibc keeps it in per-thread arenas otherwise); MALLOC_ARENAS can also cap the arena count.
+picture holds the budget that many small photos would share. Waiting decodes take turns by client
+(MemoryBudget), and no more are granted than there are threads, so the turns are the only queue.
+A decode's share is given back only when its worker thread has really finished: cancelling the
+caller (a deadline, a disconnect) does not stop Pillow, so releasing on cancellation would let the
+next decodes start on top of the one still running. When the pool falls idle after a big decode,
+freed memory is handed back to the system (glibc keeps it in per-thread arenas otherwise);
+MALLOC_ARENAS can also cap the arena count.
 """
 
 from __future__ import annotations
@@ -61,23 +63,26 @@ def release_free_memory() -> None:
 
 class MemoryBudget:
     """A weighted async semaphore, fair between owners: acquire(n, owner) waits until n more bytes
-    fit. Waiters are served one owner at a time in turn (first come first served within an owner),
-    so one client's queue of costly decodes cannot hold every other client's decode behind it. The
-    owner whose turn it is waits for its request to fit rather than being skipped, so a large request
-    is never starved by small ones; one larger than the whole budget runs alone. Event-loop only."""
+    fit and fewer than `holders` grants are out. Waiters are served one owner at a time in turn
+    (first come first served within an owner), so one client's queue of costly decodes cannot hold
+    every other client's decode behind it. The owner whose turn it is waits for its request to fit
+    rather than being skipped, so a large request is never starved by small ones; one larger than
+    the whole budget runs alone. Event-loop only."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, holders: int):
         self.capacity = capacity
         self.in_use = 0
+        self.holders = holders  # the pool's threads: a grant is a thread too, so no work queues behind the turns
+        self.granted = 0
         # owner -> its waiters in arrival order; the dict's order is the turn (dicts keep insertion order)
         self._waiters: dict[str, collections.deque[tuple[int, asyncio.Future]]] = {}
 
     def _fits(self, amount: int) -> bool:
-        return self.in_use == 0 or self.in_use + amount <= self.capacity
+        return self.granted < self.holders and (self.in_use == 0 or self.in_use + amount <= self.capacity)
 
     async def acquire(self, amount: int, owner: str = "") -> None:
         if not self._waiters and self._fits(amount):
-            self.in_use += amount
+            self._grant(amount)
             return
         waiter = asyncio.get_running_loop().create_future()
         entry = (amount, waiter)
@@ -88,34 +93,45 @@ class MemoryBudget:
             if waiter.done() and not waiter.cancelled():  # granted just as we were cancelled
                 self.release(amount)
             else:
-                queue = self._waiters[owner]
-                queue.remove(entry)
-                if not queue:
-                    del self._waiters[owner]
+                queue = self._waiters.get(owner)
+                if queue is not None and entry in queue:  # else _wake has already dropped it
+                    queue.remove(entry)
+                    if not queue:
+                        del self._waiters[owner]
                 self._wake()
             raise
 
     def release(self, amount: int) -> None:
         self.in_use -= amount
+        self.granted -= 1
         self._wake()
+
+    def _grant(self, amount: int) -> None:
+        self.in_use += amount
+        self.granted += 1
 
     def _wake(self) -> None:
         while self._waiters:
             owner, queue = next(iter(self._waiters.items()))
             amount, waiter = queue[0]
+            if waiter.done():  # cancelled, its task not yet unwound (a request's images are cancelled together)
+                queue.popleft()
+                if not queue:
+                    del self._waiters[owner]
+                continue
             if not self._fits(amount):
                 return
             queue.popleft()
             del self._waiters[owner]
             if queue:  # the owner's next waiter goes to the back of the turn
                 self._waiters[owner] = queue
-            self.in_use += amount
+            self._grant(amount)
             waiter.set_result(None)
 
 
 class DecodePool:
     def __init__(self, threads: int, budget_bytes: int):
-        self.budget = MemoryBudget(budget_bytes)
+        self.budget = MemoryBudget(budget_bytes, holders=threads)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._running = 0
         self._since_trim = 0

@@ -25,8 +25,9 @@ from app.errors import (
     UploadTooLarge,
     body_media_type,
 )
+from app.guards import client_address
 from app.model_repository import ServedModel
-from app.service import CaptionService, read_upload
+from app.service import Caller, CaptionService, read_upload
 from app.settings import Settings
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def`
@@ -42,6 +43,11 @@ def service_ready(request: Request) -> bool:
     state = request.app.state
     engine = getattr(state, "engine", None)
     return bool(engine is not None and engine.ready and not state.stopping)
+
+
+def caller_of(request: Request) -> Caller:
+    """What the caption service needs to know of the request it serves (app.service.Caller)."""
+    return Caller(request.state.started_at, request.receive, client_address(request.scope))
 
 
 @asynccontextmanager

@@ -1,8 +1,8 @@
 """What happens to an upload: its bytes read (`read_upload`), then in one object: validate -> decode -> submit -> shape.
 
     service = CaptionService(settings, captioner, engine, DecodePool(...))   # built by the lifespan
-    fields = await service.caption(data, options, started_at=t0, receive=request.receive)
-    results = await service.caption_many([data, ...], options, started_at=t0, receive=request.receive)
+    fields = await service.caption(data, options, caller_of(request))       # app.dependencies.caller_of
+    results = await service.caption_many([data, ...], options, caller_of(request))
 
 Routes get it through `app.dependencies.Service` and stay thin; any route family (multipart
 uploads here, raw bytes from another protocol) hands it image bytes and DecodeOptions. It raises
@@ -65,6 +65,17 @@ INLINE_DECODE_MAX_PIXELS = 256 * 256
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 Receive = Callable[[], Awaitable[dict]]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, for the service's bookkeeping: when the request began (its deadline counts from
+    then), its ASGI receive channel (to notice the client leaving) and the client's address (its
+    turn for the decode budget, app.decode_pool)."""
+
+    started_at: float
+    receive: Receive | None = None
+    client: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,19 +197,11 @@ class CaptionService:
 
     # --- whole requests ------------------------------------------------------------------------
 
-    async def caption(
-        self,
-        data: bytes,
-        options: DecodeOptions,
-        *,
-        started_at: float | None = None,
-        receive: Receive | None = None,
-        client: str = "",
-    ) -> CaptionFields:
-        """One image; raises its error. Gives up when the client disconnects (`receive`)."""
-        started_at = time.perf_counter() if started_at is None else started_at
+    async def caption(self, data: bytes, options: DecodeOptions, caller: Caller | None = None) -> CaptionFields:
+        """One image; raises its error. Gives up when the client disconnects (`caller.receive`)."""
+        caller = caller or Caller(time.perf_counter())
         self._check_model_supports(options)
-        (outcome,) = await self._run_all([self._caption_one(data, options, started_at, client)], started_at, receive)
+        (outcome,) = await self._run_all([self._caption_one(data, options, caller)], caller)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -207,21 +210,16 @@ class CaptionService:
         self,
         images: list[bytes],
         options: DecodeOptions,
-        *,
-        started_at: float | None = None,
-        receive: Receive | None = None,
-        client: str = "",
+        caller: Caller | None = None,
     ) -> list[CaptionFields | ApiError]:
         """Several images, each decoded and submitted on its own (the engine batches them with each
         other and with other requests), each with its own outcome, in order. When the deadline
         passes, the captions already finished are kept and the rest are `deadline_exceeded`. If
         every image was refused for load or shutdown, that refusal is raised for the whole request;
         if none was captioned and each was refused or ran out of time, the deadline is."""
-        started_at = time.perf_counter() if started_at is None else started_at
+        caller = caller or Caller(time.perf_counter())
         self._check_model_supports(options)
-        outcomes = await self._run_all(
-            [self._caption_one(data, options, started_at, client) for data in images], started_at, receive
-        )
+        outcomes = await self._run_all([self._caption_one(data, options, caller) for data in images], caller)
         refused = [o for o in outcomes if isinstance(o, (Overloaded, EngineStopped))]
         if outcomes and len(refused) == len(outcomes):
             raise refused[0]
@@ -242,20 +240,21 @@ class CaptionService:
         except ValueError as exc:
             raise InvalidParameters(str(exc)) from None
 
-    async def _caption_one(self, data: bytes, options: DecodeOptions, started_at: float, client: str) -> CaptionFields:
-        return await self.infer(await self.prepare(data, client), options, started_at=started_at)
+    async def _caption_one(self, data: bytes, options: DecodeOptions, caller: Caller) -> CaptionFields:
+        return await self.infer(await self.prepare(data, caller.client), options, started_at=caller.started_at)
 
     async def _run_all(
-        self, works: list[Awaitable[CaptionFields]], started_at: float, receive: Receive | None
+        self, works: list[Awaitable[CaptionFields]], caller: Caller
     ) -> list[CaptionFields | BaseException]:
         """Runs the works concurrently until all finish, the deadline (plus the engine's grace)
         passes, or the client disconnects. Unfinished works are cancelled and waited for (which
         frees their engine slots); each outcome is retrieved, so none is logged as unhandled."""
         tasks = [asyncio.ensure_future(work) for work in works]
+        receive = caller.receive
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive)) if receive else None
         try:
             pending = set(tasks)
-            give_up_at = started_at + self.settings.request_timeout_s + ENGINE_GRACE_S
+            give_up_at = caller.started_at + self.settings.request_timeout_s + ENGINE_GRACE_S
             while pending:
                 timeout = give_up_at - time.perf_counter()
                 if timeout <= 0:

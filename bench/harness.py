@@ -326,18 +326,22 @@ LATEST_RUN_END = "<!-- end of latest run -->"
 
 def write_latest_run(path: Path, title: str, section: str) -> None:
     """Put a bench's report between the file's latest-run markers, keeping the notes and earlier
-    runs around them (a curated report is not overwritten); a file without markers is created
-    as `title` plus the section."""
+    runs around them (a curated report is not overwritten); a file without markers in order gets
+    the section appended, a missing one is created as `title` plus the section. Written to a
+    temporary file first, so a failure never leaves half a report."""
     block = f"{LATEST_RUN_BEGIN}\n{section.rstrip()}\n{LATEST_RUN_END}"
     text = path.read_text() if path.exists() else ""
-    if LATEST_RUN_BEGIN in text and LATEST_RUN_END in text:
-        before, rest = text.split(LATEST_RUN_BEGIN, 1)
-        after = rest.split(LATEST_RUN_END, 1)[1]
-        path.write_text(before + block + after)
+    begin = text.find(LATEST_RUN_BEGIN)
+    end = text.find(LATEST_RUN_END, begin + len(LATEST_RUN_BEGIN)) if begin >= 0 else -1
+    if end >= 0:
+        text = text[:begin] + block + text[end + len(LATEST_RUN_END) :]
     elif text:
-        path.write_text(text.rstrip() + "\n\n## Latest run\n\n" + block + "\n")
+        text = text.rstrip() + "\n\n## Latest run\n\n" + block + "\n"
     else:
-        path.write_text(f"{title.rstrip()}\n\n{block}\n")
+        text = f"{title.rstrip()}\n\n{block}\n"
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 async def engine_counters(port: int) -> dict[str, float]:

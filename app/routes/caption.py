@@ -9,9 +9,8 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
-from app.dependencies import ImageBytes, Service
+from app.dependencies import ImageBytes, Service, caller_of
 from app.errors import ApiError, InvalidParameters, TooManyImages, error_responses
-from app.guards import client_address
 from app.schemas import BatchCaptionResponse, CaptionQuery, CaptionResponse, ErrorDetail, ImageCaptioned, ImageFailed
 from app.service import decode_options, read_upload
 
@@ -71,13 +70,7 @@ async def create_caption(
 ) -> CaptionResponse:
     check_once_each(request)
     options = decode_options(query)
-    fields = await service.caption(
-        data,
-        options,
-        started_at=request.state.started_at,
-        receive=request.receive,
-        client=client_address(request.scope),
-    )
+    fields = await service.caption(data, options, caller_of(request))
     return CaptionResponse(**dict(fields), request_id=request.state.request_id)
 
 
@@ -108,13 +101,7 @@ async def create_captions(
     if len(images) > limit:
         raise TooManyImages(f"{len(images)} images sent; the limit is {limit} per request")
     data = [await read_upload(upload, service.settings.max_upload_bytes) for upload in images]
-    outcomes = await service.caption_many(
-        data,
-        options,
-        started_at=request.state.started_at,
-        receive=request.receive,
-        client=client_address(request.scope),
-    )
+    outcomes = await service.caption_many(data, options, caller_of(request))
     results = [
         _image_result(index, part_filename(upload), outcome)
         for index, (upload, outcome) in enumerate(zip(images, outcomes, strict=True))

@@ -43,7 +43,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
-from app.dependencies import get_settings, note_version, service_for, service_ready
+from app.dependencies import caller_of, get_settings, note_version, service_for, service_ready
 from app.errors import (
     OIP_PREFIX,
     ApiError,
@@ -54,7 +54,6 @@ from app.errors import (
     UploadTooLarge,
     error_response,
 )
-from app.guards import client_address
 from app.model_repository import ServedModel
 from app.schemas import CaptionFields, CaptionQuery
 from app.service import decode_options
@@ -398,13 +397,7 @@ async def caption_images(
         if len(data) > settings.max_upload_bytes:
             raise UploadTooLarge(settings.max_upload_bytes)
     service = service_for(request, model)
-    outcomes = await service.caption_many(
-        images,
-        options,
-        started_at=request.state.started_at,
-        receive=request.receive,
-        client=client_address(request.scope),
-    )
+    outcomes = await service.caption_many(images, options, caller_of(request))
     for outcome in outcomes:
         if isinstance(outcome, ApiError):
             raise outcome

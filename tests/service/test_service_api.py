@@ -21,6 +21,7 @@ from app.engine import Overloaded as EngineOverloaded
 from app.errors import ClientDisconnected
 from app.logging_config import JsonFormatter
 from app.main import StartupError, create_app
+from app.service import Caller
 from app.settings import Settings
 
 pytestmark = [
@@ -717,7 +718,7 @@ def test_client_disconnect_cancels_the_engine_call():
     async def scenario():
         service = service_with(engine=None)
         with pytest.raises(ClientDisconnected):
-            await service._run_all([slow_work()], time.perf_counter(), receive)
+            await service._run_all([slow_work()], Caller(time.perf_counter(), receive))
         assert cancelled.is_set()
 
     asyncio.run(scenario())
@@ -737,7 +738,7 @@ def test_work_that_misses_its_deadline_is_abandoned_and_marked():
     async def scenario():
         service = service_with(engine=None, request_timeout_s=0.01)
         started = time.perf_counter()
-        outcomes = await service._run_all([quick(), stuck()], started, never_disconnects)
+        outcomes = await service._run_all([quick(), stuck()], Caller(started, never_disconnects))
         assert time.perf_counter() - started < 3  # the deadline plus the engine's grace
         return outcomes
 

@@ -509,13 +509,13 @@ def test_a_decode_keeps_its_budget_until_its_thread_finishes_even_when_cancelled
 
 def test_clients_take_turns_for_the_decode_budget_and_a_large_decode_is_not_skipped():
     """One address with a queue of costly decodes used to hold every other client's decode behind
-    all of them (first come first served): a 12 MP photo waited 20 s behind 8 requests of 16 40-MP
-    PNGs from one address, against 0.05 s alone. Waiters are now served one client at a time; the
-    client whose turn it is waits for its decode to fit, and no smaller one passes it."""
+    all of them (first come first served): a 12 MP photo waited 10.5 s behind 8 requests of 16
+    40-MP PNGs from one address, against 0.04 s alone. Waiters are now served one client at a time;
+    the client whose turn it is waits for its decode to fit, and no smaller one passes it."""
     from app.decode_pool import MemoryBudget
 
     async def scenario():
-        budget, granted, amounts = MemoryBudget(100), [], {}
+        budget, granted, amounts = MemoryBudget(100, holders=8), [], {}
 
         def wait(owner, name, amount=100):
             async def waiter():
@@ -549,6 +549,56 @@ def test_clients_take_turns_for_the_decode_budget_and_a_large_decode_is_not_skip
         return granted
 
     assert asyncio.run(scenario()) == ["flood 0", "user", "other", "flood 1", "late", "flood 2"]
+
+
+def test_a_requests_waiting_decodes_cancelled_together_leave_nothing_held():
+    """A deadline or a disconnect cancels a request's images at once. A review found the budget
+    granting the second, already cancelled, waiter while the first unwound: its bytes were never
+    given back and every later decode that needed the whole budget waited for ever."""
+
+    async def scenario():
+        pool = DecodePool(threads=2, budget_bytes=100)
+        other = asyncio.ensure_future(pool.run(60, time.sleep, 0.2, owner="10.0.0.9"))
+        await asyncio.sleep(0.01)
+        images = [asyncio.ensure_future(pool.run(cost, time.sleep, 0.01, owner="10.0.0.1")) for cost in (50, 30)]
+        await asyncio.sleep(0.01)
+        for image in images:
+            image.cancel()
+        outcomes = await asyncio.gather(*images, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+        await other
+        await asyncio.sleep(0.05)
+        assert pool.budget.in_use == 0 and pool.budget.granted == 0
+        await asyncio.wait_for(pool.run(100, time.sleep, 0, owner="10.0.0.2"), 5)
+        pool.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_no_more_decodes_are_granted_than_the_pool_has_threads():
+    """Decodes that fit the budget had been granted at once and then queued first come first served
+    in the thread pool, behind the turns: 400 cheap decodes from one owner put another's 10 ms
+    decode 0.98 s back. A grant is a thread now, so the turns are the only queue."""
+
+    started = []
+
+    def decode(name):
+        started.append(name)
+        time.sleep(0.005)
+
+    async def scenario():
+        pool = DecodePool(threads=2, budget_bytes=2**30)
+        flood = [asyncio.ensure_future(pool.run(1, decode, "flood", owner="flood")) for _ in range(200)]
+        await asyncio.sleep(0.02)
+        assert pool.budget.granted == 2  # the rest wait for their turn, not in the thread pool's queue
+        before = len(started)
+        await pool.run(1, decode, "user", owner="user")
+        return before
+        await asyncio.gather(*flood)
+        pool.shutdown()
+
+    before = asyncio.run(scenario())
+    assert started.index("user") <= before + 3  # after those running and one flood turn, not 190 more
 
 
 def test_a_jpeg_with_a_scan_per_component_is_charged_its_whole_image_coefficients():

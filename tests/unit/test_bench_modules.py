@@ -304,7 +304,7 @@ def test_metric_samples_read_the_exposition_as_prometheus_writes_it():
 
 
 def test_a_bench_report_replaces_only_its_latest_run_and_keeps_the_notes_around_it(tmp_path):
-    from bench.harness import write_latest_run
+    from bench.harness import LATEST_RUN_BEGIN, LATEST_RUN_END, write_latest_run
 
     report = tmp_path / "ATTACK.md"
     report.write_text("# Attack bench\n\nnotes before\n")
@@ -314,6 +314,10 @@ def test_a_bench_report_replaces_only_its_latest_run_and_keeps_the_notes_around_
     text = report.read_text()
     assert "second run" in text and "first run" not in text
     assert text.index("notes before") < text.index("second run") < text.index("curated history")
+    backwards = tmp_path / "backwards.md"  # an end marker before the begin marker: appended, not an error
+    backwards.write_text(f"# B\n\n{LATEST_RUN_END}\nnotes\n{LATEST_RUN_BEGIN}\n")
+    write_latest_run(backwards, "# B", "a run")
+    assert backwards.read_text().startswith(f"# B\n\n{LATEST_RUN_END}\nnotes") and "a run" in backwards.read_text()
     fresh = tmp_path / "new.md"
     write_latest_run(fresh, "# Soak bench", "only run")
     assert fresh.read_text().startswith("# Soak bench\n") and "only run" in fresh.read_text()

@@ -27,30 +27,49 @@ from captioning.domain import IN_DOMAIN_SCORE
 from captioning.grounding import BEAM_SIZE as GROUNDED_BEAM_SIZE
 
 
-def score_records(captioner, records, options: DecodeOptions = DecodeOptions()) -> dict:
+def score_records(captioner, chunks, options: DecodeOptions = DecodeOptions()) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Scores records given as a list, or as an iterator of lists (chunks: a large variation is
+    drawn and decoded a chunk at a time, so its pictures are never all in memory)."""
     from training.calibrate import best_captions, grade
     from training.evaluate import record_input
 
-    captions = best_captions(captioner, records, options)
-    texts, confidence = [c.text for c in captions], np.array([c.confidence for c in captions])
-    correct = grade(texts, records)
+    chunks = [chunks] if isinstance(chunks, list) else chunks
+    correct, confidence, accepted, written, wrong = [], [], [], 0, []
+    for records in chunks:
+        captions = best_captions(captioner, records, options)
+        texts = [c.text for c in captions]
+        correct.append(grade(texts, records))
+        confidence.append(np.array([c.confidence for c in captions]))
+        written += sum(c.written_from_scene for c in captions)
+        chunk_accepted = domain_accepted(captioner, [record_input(captioner, r) for r in records])
+        if chunk_accepted is not None:
+            accepted.append(chunk_accepted)
+        wrong += [
+            {"image_id": r.image_id, "caption": t, "references": r.captions[:1]}
+            for r, t, ok in zip(records, texts, correct[-1])
+            if not ok
+        ][: 3 - len(wrong)]
+    correct, confidence = np.concatenate(correct), np.concatenate(confidence)
     result = {
-        "images": len(records),
+        "images": len(correct),
         "grounded_accuracy": round(float(correct.mean()), 4),
         "ece": round(expected_calibration_error(confidence, correct), 4),
         "mean_confidence": round(float(confidence.mean()), 4),
     }
     if options.grounded:  # captions written from the model's reading, not by its decoder
-        result["written_from_scene"] = sum(c.written_from_scene for c in captions)
-    accepted = domain_accepted(captioner, [record_input(captioner, r) for r in records])
-    if accepted is not None:
-        result["accepted_in_domain"] = round(float(accepted.mean()), 4)
-    result["wrong_examples"] = [
-        {"image_id": r.image_id, "caption": t, "references": r.captions[:1]}
-        for r, t, ok in zip(records, texts, correct)
-        if not ok
-    ][:3]
+        result["written_from_scene"] = written
+    if accepted:
+        result["accepted_in_domain"] = round(float(np.concatenate(accepted).mean()), 4)
+    result["wrong_examples"] = wrong
     return result, correct, confidence
+
+
+def wild_chunks(variation: str, count: int, first: int, chunk: int = 1000):
+    """`count` pictures of a wild variation from index `first` on, `chunk` at a time."""
+    from training.datasets.shapes_wide import load_wide_split
+
+    for start in range(first, first + count, chunk):
+        yield load_wide_split("test", min(chunk, first + count - start), variation=variation, first=start)
 
 
 def domain_accepted(captioner, images) -> np.ndarray | None:
@@ -70,6 +89,7 @@ def evaluate_wild(
     ood_per_group: int,
     mirror_view: bool = False,
     grounded: bool = False,
+    first: int = 0,
 ) -> dict:
     from captioning.captioner import Captioner
     from training.datasets.shapes_wide import VARIATIONS, load_wide_split
@@ -95,14 +115,15 @@ def evaluate_wild(
             "grounded": grounded,
             "object_reader": grounded and captioner.object_reader is not None,
         },
+        "first_picture": first,
         "variations": {},
     }
     all_correct, all_confidence = [], []
     report["test"], correct, confidence = score_records(captioner, load_wide_split("test", test_images), options)
     print(f"test: {report['test']['grounded_accuracy']}", flush=True)
     for name in VARIATIONS:
-        records = load_wide_split("test", per_variation, variation=name)
-        report["variations"][name], correct, confidence = score_records(captioner, records, options)
+        chunks = wild_chunks(name, per_variation, first)
+        report["variations"][name], correct, confidence = score_records(captioner, chunks, options)
         all_correct.append(correct)
         all_confidence.append(confidence)
         print(f"{name}: {report['variations'][name]['grounded_accuracy']}", flush=True)
@@ -135,6 +156,14 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--artifacts", required=True, help="artifact bundle directory")
     p.add_argument("--per-variation", type=int, default=200, help="images per wild variation")
+    p.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="index of each wild variation's first picture (every index is its own draw: a run from 10000 "
+        "scores pictures no report, fit or choice up to round 42 has seen); the test split is always its "
+        "first --test-images pictures",
+    )
     p.add_argument("--test-images", type=int, default=1000, help="images of the standard test split")
     p.add_argument("--ood-per-group", type=int, default=40, help="generated images per non-shapes group")
     p.add_argument(
@@ -154,8 +183,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.first < 0 or args.per_variation < 1:
+        raise SystemExit("error: --first must be at least 0 and --per-variation at least 1")
     report = evaluate_wild(
-        args.artifacts, args.per_variation, args.test_images, args.ood_per_group, args.mirror_view, args.grounded
+        args.artifacts,
+        args.per_variation,
+        args.test_images,
+        args.ood_per_group,
+        args.mirror_view,
+        args.grounded,
+        args.first,
     )
     text = json.dumps(report, indent=2) + "\n"
     if args.output:

@@ -381,6 +381,28 @@ def test_the_grounded_wild_report_counts_the_captions_written_from_the_scene(tmp
     assert "written_from_scene" not in greedy["test"]
 
 
+def test_a_large_wild_report_is_drawn_a_chunk_at_a_time_from_any_first_picture(tmp_path, tiny_captioner):
+    """evaluate-wild --first N --per-variation M scores pictures N..N+M-1 of each variation, drawn and
+    decoded a chunk at a time; the chunks are the same pictures, and the same scores, as one list."""
+    from training.datasets.shapes_wide import load_wide_split
+    from training.wild import evaluate_wild, score_records, wild_chunks
+
+    whole = load_wide_split("test", 5, variation="jpeg", first=10)
+    chunks = list(wild_chunks("jpeg", 5, 10, chunk=2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert [r.image_id for c in chunks for r in c] == [r.image_id for r in whole]
+    assert [r.encoded for c in chunks for r in c] == [r.encoded for r in whole]
+    at_once, correct, confidence = score_records(tiny_captioner, whole)
+    chunked, correct_chunked, confidence_chunked = score_records(tiny_captioner, iter(chunks))
+    assert at_once == chunked and np.array_equal(correct, correct_chunked)
+    assert np.allclose(confidence, confidence_chunked)
+
+    bundle = bundle_with_scene_head(tmp_path, tiny_captioner.feature_size)
+    report = evaluate_wild(bundle, per_variation=2, test_images=1, ood_per_group=1, first=10_000)
+    assert report["first_picture"] == 10_000
+    assert all(r["images"] == 2 for r in report["variations"].values())
+
+
 def test_calibrate_fits_an_n_best_by_rank_and_grounded_captions_by_answer(tmp_path, tiny_captioner):
     """`training calibrate` on a bundle with a scene head fits the captions of a beam's, a
     sampler's and a grounded beam's n-best of 3 by rank, the grounded ones by answer, where a group

@@ -203,7 +203,7 @@ class Settings(BaseSettings):
         32, ge=1, description="Continuous batching: most images per encoder call (capped at MAX_BATCH_SIZE)."
     )
     greedy_steps_per_call: int = Field(
-        8,  # as captioning.captioner.GREEDY_STEPS, the offline path's (docs/ENGINE.md, round 20)
+        8,  # as captioning.captioner.GREEDY_STEPS, the offline path's (docs/ENGINE-HISTORY.md, round 20)
         ge=1,
         le=8,
         description="Greedy decoding: decoder steps per compiled call while every active row is greedy (multi-step "

@@ -47,7 +47,7 @@ from captioning.tokenizer import END_ID, PAD_ID, START_ID, Tokenizer  # noqa: E4
 # Greedy decoder steps per compiled call (FeatureSlots.greedy_steps): the host's bookkeeping and
 # call overhead, not the arithmetic, dominate a step at these batch sizes, so several steps per
 # call cost less per token; a row that ends mid-call wastes at most GREEDY_STEPS - 1 steps. 8 since
-# the encoder got cheaper (docs/ENGINE.md, round 20): 4 had beaten 1 and 2 before that.
+# the encoder got cheaper (docs/ENGINE-HISTORY.md, round 20): 4 had beaten 1 and 2 before that.
 GREEDY_STEPS = 8
 
 logger = logging.getLogger(__name__)

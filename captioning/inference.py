@@ -15,7 +15,7 @@
   app.resources.encoder_precision). TensorFlow runs them through oneDNN only with
   TF_ENABLE_ONEDNN_OPTS on, which `python -m app` sets for bfloat16.
 
-Measured on default/3 (docs/ENGINE.md, round 20): the whole encoder 2.6 ms an image as trained
+Measured on default/3 (docs/ENGINE-HISTORY.md, round 20): the whole encoder 2.6 ms an image as trained
 (float32, oneDNN off) against 1.1-1.2 folded in bfloat16, at batches of 8-32; greedy captions of the
 test and wild splits: 3 of 3800 verdicts changed, the domain check's decisions none.
 

@@ -27,7 +27,7 @@ logger = logging.getLogger("app.engine")
 
 WARMUP_NICE = 19  # the background compilation of the multi-step programs
 # The domain statistics' thread runs below the event loop: at nice 0 it took CPU and the GIL from the
-# loop under overload (503s answered in seconds, not milliseconds: docs/ENGINE.md, round 5). Under
+# loop under overload (503s answered in seconds, not milliseconds: docs/ENGINE-HISTORY.md, round 5). Under
 # full load the encoder then waits for this starved thread, which also leaves the loop the CPU it
 # needs to refuse requests. Round 22 measured three other placements, none kept: the decoder waiting
 # instead (slower), the encoding thread (worse in overload beside a CPU-bound neighbour) and the

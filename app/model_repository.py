@@ -212,11 +212,11 @@ class VersionedEngine:
     def __getattr__(self, attribute):
         return getattr(self._engine, attribute)
 
-    async def submit(self, image, options, deadline_s: float | None = None):
+    async def submit(self, image, options, deadline_s: float | None = None, client: str = ""):
         started = time.perf_counter()
         outcome = "error"  # the model or engine failed: what a version's error ratio should count
         try:
-            result = await self._engine.submit(image, options, deadline_s=deadline_s)
+            result = await self._engine.submit(image, options, deadline_s=deadline_s, client=client)
             outcome = "ok"
             return result
         except asyncio.CancelledError:

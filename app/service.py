@@ -178,19 +178,19 @@ class CaptionService:
             decoded, pixels = await self.decoder.run(cost, decode, image, owner=client)
         return Prepared(decoded, pixels, (time.perf_counter() - started) * 1000)
 
-    async def infer(self, prepared: Prepared, options: DecodeOptions, *, started_at: float) -> CaptionFields:
+    async def infer(self, prepared: Prepared, options: DecodeOptions, caller: Caller) -> CaptionFields:
         """Submits a prepared image to the engine within the request's deadline and shapes the answer."""
-        remaining_s = started_at + self.settings.request_timeout_s - time.perf_counter()
+        remaining_s = caller.started_at + self.settings.request_timeout_s - time.perf_counter()
         if remaining_s <= 0:
             raise DeadlineExceeded("the request deadline passed before inference could start")
-        result = await self.engine.submit(prepared.pixels, options, deadline_s=remaining_s)
+        result = await self.engine.submit(prepared.pixels, options, deadline_s=remaining_s, client=caller.client)
         score = result.domain_score  # from the engine's own encoder pass
         if score is not None and score < IN_DOMAIN_SCORE and self.settings.out_of_domain == "reject":
             raise OutOfDomain(
                 f"the image does not look like what this model was trained on (domain_score {score:.3f} < "
                 f"{IN_DOMAIN_SCORE}); OUT_OF_DOMAIN=caption captions it anyway"
             )
-        fields = self._shape(result, prepared, options, started_at)
+        fields = self._shape(result, prepared, options, caller.started_at)
         if not fields.caption:
             raise NoCaption("the model produced no words for this image")
         return fields
@@ -241,7 +241,7 @@ class CaptionService:
             raise InvalidParameters(str(exc)) from None
 
     async def _caption_one(self, data: bytes, options: DecodeOptions, caller: Caller) -> CaptionFields:
-        return await self.infer(await self.prepare(data, caller.client), options, started_at=caller.started_at)
+        return await self.infer(await self.prepare(data, caller.client), options, caller)
 
     async def _run_all(
         self, works: list[Awaitable[CaptionFields]], caller: Caller

@@ -25,6 +25,9 @@ Phases, each against the same server (model_artifacts/default, API_KEY set):
   decodes    8 /captions of 16 40 MP PNGs kept in flight from one address (valid, costly decodes)
              while a keyed client from another address sends a 12 MP JPEG photo at a time: the
              photo's latency alone and beside them
+  burst      16 /captions of 16 small PNGs kept in flight from one address (256 queue places)
+             while a keyed client from another address captions a small PNG at a time: its
+             latency alone and beside them
   bodies     100 clients, each from its own address, each uploading a 9 MB PNG (a small picture
              and a 9 MB private chunk) at once: the answers, peak RSS against idle
   sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
@@ -554,11 +557,46 @@ def photo_jpeg(width: int = 4000, height: int = 3000) -> bytes:
     return buffer.getvalue()
 
 
+def latency(answers: list[Answer]) -> dict:
+    ok = [a.seconds for a in answers if a.status == 200]
+    return {"answers": len(answers), "ok": len(ok), "p50": percentile(ok, 50), "p95": percentile(ok, 95)}
+
+
+async def beside_a_flood(
+    server: Server, log: Log, victim, flood_images: list[bytes], requests: int, seconds: float, phase: str
+) -> dict:
+    """`victim(stop, where)`, a client from 127.0.0.2 in a loop, alone for a third of `seconds`, then
+    for `seconds` beside `requests` /captions of `flood_images` kept in flight from one other address."""
+    flood_body, content_type = multipart("images", flood_images)
+
+    async def flood(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await request(
+                server.port, "/captions", flood_body, content_type, key=True, where=f"{phase}: flood", log=log,
+                timeout=120, source="127.0.4.1",
+            )  # fmt: skip
+
+    stop = asyncio.Event()
+    alone = asyncio.ensure_future(victim(stop, f"{phase}: alone"))
+    await asyncio.sleep(seconds / 3)
+    stop.set()
+    result = {"alone": latency(await alone)}
+    stop = asyncio.Event()
+    flooders = [asyncio.ensure_future(flood(stop)) for _ in range(requests)]
+    await asyncio.sleep(1)
+    beside = asyncio.ensure_future(victim(stop, f"{phase}: beside the flood"))
+    await asyncio.sleep(seconds)
+    stop.set()
+    result["beside"] = latency(await beside)
+    await asyncio.gather(*flooders)
+    result["flood_ok"] = sum(a.status == 200 and a.where == f"{phase}: flood" for a in log.answers)
+    return result
+
+
 async def decodes_phase(server: Server, log: Log, requests: int, seconds: float) -> dict:
     """One address keeps `requests` /captions of 16 40 MP PNGs in flight (valid images, each a
-    costly decode) while a keyed client from another address sends a 12 MP photo at a time: the
-    photo's latency alone, then beside them."""
-    photo, flood_body = photo_jpeg(), multipart("images", [grey16_png()] * 16)
+    costly decode) while a keyed client from another address sends a 12 MP photo at a time."""
+    photo = photo_jpeg()
 
     async def photos(stop: asyncio.Event, where: str) -> list[Answer]:
         answers = []
@@ -570,32 +608,18 @@ async def decodes_phase(server: Server, log: Log, requests: int, seconds: float)
             )
         return answers
 
-    async def flood(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await request(
-                server.port, "/captions", flood_body[0], flood_body[1], key=True, where="decodes: flood", log=log,
-                timeout=120, source="127.0.4.1",
-            )  # fmt: skip
+    return await beside_a_flood(server, log, photos, [grey16_png()] * 16, requests, seconds, "decodes")
 
-    def summary(answers: list[Answer]) -> dict:
-        ok = [a.seconds for a in answers if a.status == 200]
-        return {"answers": len(answers), "ok": len(ok), "p50": percentile(ok, 50), "p95": percentile(ok, 95)}
 
-    stop = asyncio.Event()
-    alone = asyncio.ensure_future(photos(stop, "decodes: photo alone"))
-    await asyncio.sleep(seconds / 3)
-    stop.set()
-    result = {"alone": summary(await alone)}
-    stop = asyncio.Event()
-    flooders = [asyncio.ensure_future(flood(stop)) for _ in range(requests)]
-    await asyncio.sleep(1)
-    beside = asyncio.ensure_future(photos(stop, "decodes: photo"))
-    await asyncio.sleep(seconds)
-    stop.set()
-    result["beside"] = summary(await beside)
-    await asyncio.gather(*flooders)
-    result["flood_ok"] = sum(a.status == 200 and a.where == "decodes: flood" for a in log.answers)
-    return result
+async def burst_phase(server: Server, log: Log, requests: int, seconds: float) -> dict:
+    """One address keeps `requests` /captions of 16 small PNGs in flight (every image a cheap decode
+    and a queue place in the engine) while a keyed client from another address captions a small PNG
+    at a time."""
+
+    async def small(stop: asyncio.Event, where: str) -> list[Answer]:
+        return await keyed_loop(server, log, stop, where, "127.0.0.2")
+
+    return await beside_a_flood(server, log, small, [small_png()] * 16, requests, seconds, "burst")
 
 
 async def bodies_phase(server: Server, log: Log, clients: int, megabytes: int) -> dict:
@@ -670,7 +694,7 @@ async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
 def table(results: dict, log: Log, args) -> str:
     memory, slow, framing, term = results["memory"], results["slowloris"], results["framing"], results["sigterm"]
     idle, crafted, lockout, bodies = results["idle"], results["crafted"], results["lockout"], results["bodies"]
-    decodes = results["decodes"]
+    decodes, burst = results["decodes"], results["burst"]
     idle_after = idle["closed_after"]
     gib = lambda value: f"{value / GIB:.2f} GiB"  # noqa: E731
     rate = slow["keyed_ok"] / max(slow["keyed"], 1)
@@ -749,6 +773,19 @@ def table(results: dict, log: Log, args) -> str:
             "all, p95 <= 1 s (clients take turns for the decode budget)",
         ),
         (
+            "a small PNG at a time, alone: answers, p50 / p95",
+            f"{burst['alone']['ok']}/{burst['alone']['answers']}, "
+            f"{burst['alone']['p50']:.3f} / {burst['alone']['p95']:.3f} s",
+            "",
+        ),
+        (
+            f"the same beside {args.burst} /captions of 16 small PNGs kept in flight from one address "
+            f"({burst['flood_ok']} of those answered 200)",
+            f"{burst['beside']['ok']}/{burst['beside']['answers']}, "
+            f"{burst['beside']['p50']:.3f} / {burst['beside']['p95']:.3f} s",
+            "all, p95 <= 0.5 s (clients take turns in the engine's queue)",
+        ),
+        (
             f"{args.bodies} uploads of {args.body_mb} MB at once, each from its own address: answers",
             ", ".join(f"{status} x{count}" for status, count in bodies["statuses"].items()),
             "200, or 503 once UPLOAD_MEMORY_MB is held",
@@ -811,6 +848,7 @@ async def main_async(args) -> str:
         results["crafted"] = await crafted_phase(server, log)
         results["lockout"] = await lockout_phase(server, log, args.lockout, args.lockout_seconds)
         results["decodes"] = await decodes_phase(server, log, args.flood, args.flood_seconds)
+        results["burst"] = await burst_phase(server, log, args.burst, args.flood_seconds)
         results["bodies"] = await bodies_phase(server, log, args.bodies, args.body_mb)
         results["framing"] = await framing_phase(server, log)
         results["sigterm"] = await sigterm_phase(server, log, 8)
@@ -835,7 +873,12 @@ def main() -> None:
     parser.add_argument("--lockout", type=int, default=64, help="lockout phase: idle uploads from one address")
     parser.add_argument("--lockout-seconds", type=float, default=25.0, help="lockout phase: the keyed client's run")
     parser.add_argument("--flood", type=int, default=8, help="decodes phase: /captions in flight from one address")
-    parser.add_argument("--flood-seconds", type=float, default=30.0, help="decodes phase: the photo client's run")
+    parser.add_argument(
+        "--flood-seconds", type=float, default=30.0, help="decodes and burst phases: the other client's run"
+    )
+    parser.add_argument(
+        "--burst", type=int, default=16, help="burst phase: /captions of 16 small PNGs from one address"
+    )
     parser.add_argument("--bodies", type=int, default=100, help="bodies phase: clients, each from its own address")
     parser.add_argument("--body-mb", type=int, default=9, help="bodies phase: megabytes per upload")
     parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")

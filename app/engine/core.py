@@ -247,7 +247,8 @@ class EngineCore:
         head = encoded.head(MAX_ROWS)
         if not head:
             return 0
-        admission = self.policy.admit([r.width for r in head], now - head[0].submitted, self.slots.used)
+        oldest = min(r.submitted for r in head)  # clients take turns: the head need not be the oldest
+        admission = self.policy.admit([r.width for r in head], now - oldest, self.slots.used)
         taken = encoded.take(admission.count)
         self._free_slots([r for r in taken if r.abandoned])
         requests = [r for r in taken if not r.abandoned]
@@ -259,7 +260,8 @@ class EngineCore:
         head = self.queue.head(MAX_ROWS)
         if not head:
             return 0, None
-        admission = self.policy.admit([r.width for r in head], now - head[0].submitted, self.slots.used)
+        oldest = min(r.submitted for r in head)  # clients take turns: the head need not be the oldest
+        admission = self.policy.admit([r.width for r in head], now - oldest, self.slots.used)
         if not admission.count:
             return 0, admission.wait_s
         requests = [r for r in self.queue.take(admission.count) if not r.abandoned]

@@ -111,7 +111,8 @@ class EncoderStage:
         self.slots_freed.set()
 
     def _head_needs_more_than(self, free: int) -> bool:
-        """Whether the oldest waiting request needs more feature slots (one per view) than are free."""
+        """Whether the request at the head of the queue (clients take turns) needs more feature slots
+        (one per view) than are free."""
         head = self.queue.head(1)
         return bool(head) and head[0].views > free
 

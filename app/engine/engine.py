@@ -125,13 +125,14 @@ class EngineClient:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
 
-    async def submit(self, image: np.ndarray, options, deadline_s: float | None = None) -> Result:
+    async def submit(self, image: np.ndarray, options, deadline_s: float | None = None, client: str = "") -> Result:
         """Captions one prepared image (uint8 [S, S, 3]).
 
         deadline_s: seconds from now the request may take, queueing included (default:
-        request_timeout_s). Raises Overloaded at once when the queue is full, DeadlineExceeded,
-        EngineStopped, InferenceError, or ValueError for an invalid image or options. Cancelling
-        the awaiting task cancels the request (its rows and feature slots are freed).
+        request_timeout_s). client: who asked (the address): clients take turns in the queue.
+        Raises Overloaded at once when the queue is full, DeadlineExceeded, EngineStopped,
+        InferenceError, or ValueError for an invalid image or options. Cancelling the awaiting
+        task cancels the request (its rows and feature slots are freed).
         """
         if self.core.stopping or not self._started:
             metrics.REJECTIONS.labels(reason="stopped").inc()
@@ -145,7 +146,7 @@ class EngineClient:
         try:
             if self.core.waiting() >= self._queue.maxsize:
                 raise QueueFull
-            self._queue.put_nowait(request)
+            self._queue.put_nowait(request, client)
         except QueueFull:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s()) from None

@@ -248,27 +248,49 @@ Item = TypeVar("Item")
 
 @dataclass
 class AdmissionQueue(Generic[Item]):
-    """Bounded FIFO between the event loop (producer) and the inference thread (consumer).
+    """Bounded queue between the event loop (producer) and the inference thread (consumer), fair
+    between owners (the client's address): an item is placed by its owner's turn, so one client's
+    burst is interleaved with other clients' items instead of queued whole ahead of them. Items of
+    one owner (and of owner "", everything the engine queues on its own) keep their order.
 
-    Unlike queue.Queue, the consumer can look at the head without taking it, because whether a
-    request fits depends on its width.
+    Each item gets a turn, one past its owner's previous item's and at least one past the turn of
+    the last item taken; the queue is kept sorted by turn, arrival order breaking ties (start-time
+    fair queueing with one unit per item). Unlike queue.Queue, the consumer can look at the head
+    without taking it, because whether a request fits depends on its width.
     """
 
     maxsize: int
     _items: collections.deque = field(default_factory=collections.deque)
+    _turns: collections.deque = field(default_factory=collections.deque)  # (turn, owner) of each item, in step
+    _last_turn: dict = field(default_factory=dict)  # owner -> the turn of its last item queued
+    _turn: int = 0  # the turn of the last item taken
     _condition: threading.Condition = field(default_factory=threading.Condition)
     _woken: bool = False  # a wake() not yet consumed by wait(), so a wake-up is never lost
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put_nowait(self, item: Item) -> None:
-        """Appends, or raises QueueFull."""
+    def put_nowait(self, item: Item, owner: str = "") -> None:
+        """Places the item by its owner's turn, or raises QueueFull."""
         with self._condition:
             if len(self._items) >= self.maxsize:
                 raise QueueFull
-            self._items.append(item)
+            turn = max(self._last_turn.get(owner, 0), self._turn) + 1
+            self._last_turn[owner] = turn
+            if len(self._last_turn) > 4 * self.maxsize:
+                # An owner whose turns have all come needs no entry (max(its turn, _turn) is _turn); the
+                # others have items queued (remove_if keeps that so), so at most maxsize entries stay.
+                self._last_turn = {o: t for o, t in self._last_turn.items() if t > self._turn}
+            index = len(self._turns)
+            while index and self._turns[index - 1][0] > turn:  # from the back: most items go there
+                index -= 1
+            self._items.insert(index, item)
+            self._turns.insert(index, (turn, owner))
             self._condition.notify()
+
+    def _pop(self) -> Item:
+        self._turn = max(self._turn, self._turns.popleft()[0])
+        return self._items.popleft()
 
     def head(self, count: int) -> list[Item]:
         with self._condition:
@@ -276,7 +298,7 @@ class AdmissionQueue(Generic[Item]):
 
     def take(self, count: int) -> list[Item]:
         with self._condition:
-            return [self._items.popleft() for _ in range(min(count, len(self._items)))]
+            return [self._pop() for _ in range(min(count, len(self._items)))]
 
     def take_within(self, budget: int, cost, most: int) -> list[Item]:
         """Takes head items, in order, while at most `most` of them cost (cost(item)) at most `budget` in all."""
@@ -284,23 +306,37 @@ class AdmissionQueue(Generic[Item]):
         with self._condition:
             while self._items and len(taken) < most and spent + cost(self._items[0]) <= budget:
                 spent += cost(self._items[0])
-                taken.append(self._items.popleft())
+                taken.append(self._pop())
         return taken
 
     def remove_if(self, predicate) -> list[Item]:
-        """Removes and returns the items for which predicate(item) is true."""
+        """Removes and returns the items for which predicate(item) is true. Their owners' turns go
+        back to their last item still queued: a client whose requests expired in the queue is not
+        put further back for them."""
         with self._condition:
-            kept, removed = collections.deque(), []
-            for item in self._items:
-                (removed if predicate(item) else kept).append(item)
+            kept, kept_turns, removed, owners = collections.deque(), collections.deque(), [], set()
+            for item, (turn, owner) in zip(self._items, self._turns):
+                if predicate(item):
+                    removed.append(item)
+                    owners.add(owner)
+                else:
+                    kept.append(item)
+                    kept_turns.append((turn, owner))
             if removed:
-                self._items = kept
+                self._items, self._turns = kept, kept_turns
+                for owner in owners:
+                    self._last_turn.pop(owner, None)
+                for turn, owner in kept_turns:
+                    if owner in owners:
+                        self._last_turn[owner] = turn  # ascending: the last one written is the highest
             return removed
 
     def drain(self) -> list[Item]:
         with self._condition:
             items = list(self._items)
             self._items.clear()
+            self._turns.clear()
+            self._last_turn.clear()
             return items
 
     def wait(self, timeout: float | None) -> None:

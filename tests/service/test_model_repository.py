@@ -417,7 +417,7 @@ def test_a_version_counts_clients_leaving_and_refusals_apart_from_its_errors():
         def __init__(self, error):
             self.error = error
 
-        async def submit(self, image, options, deadline_s=None):
+        async def submit(self, image, options, deadline_s=None, client=""):
             raise self.error
 
     def count(outcome):

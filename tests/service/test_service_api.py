@@ -504,11 +504,13 @@ class StandInEngine:
 
     def __init__(self, error: Exception):
         self.error = error
+        self.clients: list[str] = []
 
     def check_admission(self, arriving=0):
         pass
 
-    async def submit(self, image, options, deadline_s):
+    async def submit(self, image, options, deadline_s, client=""):
+        self.clients.append(client)
         raise self.error
 
 
@@ -544,6 +546,20 @@ def test_engine_errors_on_the_inference_protocol_have_its_error_shape(client, er
         response = client.post(f"/v2/models/{name}/infer", json={"inputs": [image]})
     assert response.status_code == status, response.json()
     assert isinstance(response.json()["error"], str) and set(response.json()) == {"error"}
+
+
+def test_every_route_hands_the_engine_the_clients_address_for_its_turn(client):
+    """The engine's queue and the decode budget take turns by client address: /caption, /captions
+    and the inference protocol all say whose request it is (TestClient's address is "testclient")."""
+    import base64
+
+    engine = StandInEngine(EngineOverloaded(1.0))
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(uploads.png()).decode()]}
+    with stand_in_engine(client.app, engine):
+        post_image(client, uploads.png())
+        client.post("/captions", files=[("images", ("a.png", uploads.png(), "image/png"))])
+        client.post("/v2/models/default/infer", json={"inputs": [image]})
+    assert engine.clients == ["testclient"] * 3
 
 
 def test_a_compressed_body_is_415_naming_the_coding_in_each_routes_shape(client):

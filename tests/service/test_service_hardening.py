@@ -93,7 +93,7 @@ class ScriptedEngine:
     def check_admission(self, arriving=0):
         pass
 
-    async def submit(self, image, options, deadline_s):
+    async def submit(self, image, options, deadline_s, client=""):
         answer = self.answers.pop(0)
         if answer == "hang":
             await asyncio.sleep(60)

@@ -109,6 +109,43 @@ def test_make_policy_rejects_unknown_modes_and_sizes():
         make_policy("static", **{**args, "max_slots": MAX_ROWS + 1})
 
 
+def test_clients_take_turns_in_the_admission_queue_and_each_keeps_its_order():
+    """One address's burst (16 requests of 16 images: 256 at once) had queued whole ahead of another
+    client's single image, first come first served: 0.229 s p50 for a caption that takes 0.005 s
+    alone (bench.attack's burst phase). Each item now goes in by its owner's turn; an owner's own
+    items keep their order."""
+    queue = AdmissionQueue(100)
+    for i in range(6):
+        queue.put_nowait(f"flood {i}", "10.0.0.1")
+    queue.put_nowait("user 0", "10.0.0.2")
+    queue.put_nowait("user 1", "10.0.0.2")
+    assert queue.head(8) == ["flood 0", "user 0", "flood 1", "user 1", "flood 2", "flood 3", "flood 4", "flood 5"]
+    assert queue.take(3) == ["flood 0", "user 0", "flood 1"]
+    queue.put_nowait("late 0", "10.0.0.3")  # its turn starts after what was taken, not at the back
+    assert queue.head(3) == ["user 1", "flood 2", "late 0"]  # flood 2 has the same turn and came first
+    assert queue.remove_if(lambda item: item == "late 0") == ["late 0"]
+    assert queue.take_within(10, cost=lambda item: 1, most=10) == ["user 1", "flood 2", "flood 3", "flood 4", "flood 5"]
+    for i in range(3):  # without owners (or with one) it is first come first served
+        queue.put_nowait(i)
+    assert queue.drain() == [0, 1, 2] and len(queue) == 0
+
+
+def test_a_client_whose_queued_requests_expired_is_not_put_further_back_for_them():
+    """A review found that requests removed from the queue (deadline, cancellation) still counted
+    as turns their client had used: after 100 removed, its next request went behind 100 others."""
+    queue = AdmissionQueue(300)
+    for i in range(100):
+        queue.put_nowait(f"victim {i}", "10.0.0.2")
+    assert len(queue.remove_if(lambda item: item.startswith("victim"))) == 100
+    for i in range(150):
+        queue.put_nowait(f"flood {i}", "10.0.0.1")
+    queue.put_nowait("retry", "10.0.0.2")
+    assert queue.head(3) == ["flood 0", "retry", "flood 1"]
+    queue.put_nowait("victim again", "10.0.0.2")
+    queue.remove_if(lambda item: item == "retry")  # its turn goes back to its last request still queued
+    assert queue.head(3) == ["flood 0", "flood 1", "victim again"]
+
+
 def test_admission_queue_is_bounded_and_lets_the_consumer_peek():
     queue = AdmissionQueue(2)
     queue.put_nowait("a")

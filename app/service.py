@@ -71,7 +71,7 @@ Receive = Callable[[], Awaitable[dict]]
 class Caller:
     """Who asked, for the service's bookkeeping: when the request began (its deadline counts from
     then), its ASGI receive channel (to notice the client leaving) and the client's address (its
-    turn for the decode budget, app.decode_pool)."""
+    turn for the decode budget, app.decode_pool, and in the engine's queue)."""
 
     started_at: float
     receive: Receive | None = None

@@ -241,14 +241,19 @@ class EngineCore:
             slot_of_row = np.asarray(request.feature_slots)[request.search.view_of_row()]
             self.runner.place(start, slot_of_row, request.search.start_tokens())
 
+    def _policy_admits(self, head: list[Request], now: float):
+        """The policy's answer for the requests at the head of a queue; their wait is the oldest's
+        (clients take turns, so the first request need not be the oldest)."""
+        oldest = min(r.submitted for r in head)
+        return self.policy.admit([r.width for r in head], now - oldest, self.slots.used)
+
     def _place_encoded(self, now: float) -> int:
         """Continuous: the encoded requests that fit join the decode batch now."""
         encoded = self.encoder.encoded
         head = encoded.head(MAX_ROWS)
         if not head:
             return 0
-        oldest = min(r.submitted for r in head)  # clients take turns: the head need not be the oldest
-        admission = self.policy.admit([r.width for r in head], now - oldest, self.slots.used)
+        admission = self._policy_admits(head, now)
         taken = encoded.take(admission.count)
         self._free_slots([r for r in taken if r.abandoned])
         requests = [r for r in taken if not r.abandoned]
@@ -260,8 +265,7 @@ class EngineCore:
         head = self.queue.head(MAX_ROWS)
         if not head:
             return 0, None
-        oldest = min(r.submitted for r in head)  # clients take turns: the head need not be the oldest
-        admission = self.policy.admit([r.width for r in head], now - oldest, self.slots.used)
+        admission = self._policy_admits(head, now)
         if not admission.count:
             return 0, admission.wait_s
         requests = [r for r in self.queue.take(admission.count) if not r.abandoned]

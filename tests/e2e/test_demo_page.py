@@ -10,6 +10,7 @@ test's tmp_path, and also to DEMO_SCREENSHOTS_DIR when that is set (for CI artif
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -187,7 +188,10 @@ def heatmap_pixels_drawn(page) -> int:
 def upload_and_wait(page, url, path):
     page.goto(url)
     # The options the page offers depend on GET /model (mirror view, grounded): read it first.
-    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model ')")
+    # A locator, not wait_for_function: Playwright may evaluate a string predicate with eval() in the
+    # page, which its Content-Security-Policy refuses (one fresh-clone CI run failed with that EvalError
+    # here; not reproduced on demand). A locator's text filter runs in Playwright's own script.
+    page.locator("#model-info").filter(has_text=re.compile(r"^Model ")).wait_for()
     page.set_input_files("#file-input", str(path))
     page.wait_for_selector("#captions li .word", timeout=CAPTION_TIMEOUT_MS)
 
@@ -334,7 +338,7 @@ def test_a_service_that_never_answers_is_given_up_on_after_60_s(browser, server_
     page.route("**/caption?**", lambda route: held.append(route))  # neither fulfilled nor continued: it hangs
     page.goto(server_url)
     page.set_input_files("#file-input", str(scene[0]))
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Captioning')")
+    page.locator("#status").filter(has_text=re.compile(r"^Captioning")).wait_for()  # a locator: see upload_and_wait
     assert held, "the page sent no caption request"
     page.clock.run_for(59_000)
     assert page.locator("#error").is_hidden()

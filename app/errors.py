@@ -25,7 +25,7 @@ from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEA
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.engine import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.engine import ClientOverloaded, DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
 from app.logging_config import LOGGED_WITH_REQUEST_ID
 from app.schemas import ErrorResponse
 
@@ -159,6 +159,14 @@ def as_api_error(exc: BaseException) -> ApiError:
     else (a bug) as a 500."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientOverloaded):  # before Overloaded, its base
+        return ApiError(
+            f"this client has {exc.limit} images waiting or being captioned, its share of the inference queue "
+            "(CLIENT_QUEUE_SHARE); retry when some are answered",
+            status_code=429,
+            code="too_many_queued",
+            headers=retry_after(exc.retry_after_s),
+        )
     if isinstance(exc, Overloaded):
         return ApiError(
             "the inference queue is full; retry shortly",
@@ -430,8 +438,9 @@ _ERROR_DESCRIPTIONS = {
     "range, a JPEG with more than MAX_JPEG_SCANS scans, a TIFF with more than MAX_TIFF_STRIPS strips or tiles "
     "or MAX_TIFF_TAGS directory entries, or a PNG whose text chunks inflate past MAX_PNG_TEXT_BYTES "
     "(`image_too_complex`), or no caption for the image (`no_caption`).",
-    429: "This client address has MAX_UPLOADS_PER_CLIENT request bodies being read already; retry after "
-    "Retry-After seconds.",
+    429: "This client address has MAX_UPLOADS_PER_CLIENT request bodies being read already "
+    "(`too_many_uploads`), or images in the engine up to its share of the queue (`too_many_queued`, "
+    "CLIENT_QUEUE_SHARE); retry after Retry-After seconds.",
     500: "Unexpected server error.",
     503: "Not ready yet, shutting down, overloaded, or too many uploads (MAX_CONCURRENT_UPLOADS bodies being read, "
     "or UPLOAD_MEMORY_MB of bodies held); retry after Retry-After seconds.",

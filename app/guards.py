@@ -4,6 +4,9 @@ UploadGuard, on every request to a route that takes a body (POST), before a byte
   1. the API key, from the headers (401), so a keyless client never holds a queue place or a reader;
      then a Content-Encoding other than identity (415), which this service does not decode;
   2. the engine's door check (503 overloaded / not_ready), so a full queue refuses before parsing;
+     then, for a client whose images hold its share of the queue (CLIENT_QUEUE_SHARE), a wait of up
+     to CLIENT_ROOM_WAIT_S for one of them to be answered, else 429 too_many_queued (the admin
+     routes, which never reach the model, skip both, so a reload works while the queue is full);
   3. an upload slot: at most MAX_CONCURRENT_UPLOADS bodies are read at once, the excess gets 503 +
      Retry-After at once, and at most MAX_UPLOADS_PER_CLIENT of them from one client address (429),
      so that one client's idle uploads cannot hold every slot; a slot is held until the body is complete;
@@ -54,6 +57,10 @@ logger = logging.getLogger("app.guards")
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 # Retry-After for an upload refused because MAX_CONCURRENT_UPLOADS bodies are being read.
 UPLOADS_RETRY_AFTER_S = 1
+# How long a client holding its share of the queue waits at the door for room before its 429: a
+# client that resends at once is answered once a second a connection, not hundreds of times (the
+# event loop's time, taken from every other client), and room that comes back soon lets it in.
+CLIENT_ROOM_WAIT_S = 1.0
 
 
 class UploadGuard:
@@ -80,7 +87,15 @@ class UploadGuard:
             await self.app(scope, receive, send)
             return
         client = client_address(scope)
-        refusal = self._refusal(scope, client)
+        # The admin routes never reach the model: a reload must work while the queue is full.
+        engine = None if "admin" in getattr(route, "tags", ()) else self.engine_of(scope["app"])
+        refusal = self._refusal(scope, client, engine)
+        if refusal is None and engine is not None:
+            try:
+                if await engine.wait_for_client_room(client, CLIENT_ROOM_WAIT_S):
+                    refusal = self._refusal(scope, client, engine)  # time passed: ask again
+            except Exception as exc:  # the engine's ClientOverloaded
+                refusal = as_api_error(exc)
         if refusal is not None:
             # In the route family's own shape (app.errors.error_response: OIP's under /v2).
             await api_error_response(Request(scope), refusal)(scope, receive, send)
@@ -148,7 +163,7 @@ class UploadGuard:
             done_reading()
             self.body_bytes -= received
 
-    def _refusal(self, scope: Scope, client: str):
+    def _refusal(self, scope: Scope, client: str, engine):
         headers = Headers(scope=scope)
         if not self.key_accepted(headers):
             return Unauthorized()
@@ -159,7 +174,6 @@ class UploadGuard:
                 f"Content-Encoding {coding} is not decoded by this service: send the body uncompressed "
                 "(RFC 9110 section 15.5.16)"
             )
-        engine = self.engine_of(scope["app"])
         if engine is not None:
             try:
                 # Approximate by design: a /captions upload counts once but may take several places,

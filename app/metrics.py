@@ -128,7 +128,7 @@ QUEUE_WAIT_SECONDS = Histogram(
 
 REJECTIONS = Counter(
     "engine_rejections",
-    "Requests the engine refused or dropped, by reason (e.g. overloaded, deadline, stopped, cancelled).",
+    "Requests the engine refused or dropped, by reason (overloaded, client_share, deadline, stopped, cancelled).",
     labelnames=("reason",),
     namespace=_NAMESPACE,
     registry=REGISTRY,

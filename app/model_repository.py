@@ -43,7 +43,7 @@ from types import MappingProxyType
 import anyio
 
 from app import metrics
-from app.engine import DeadlineExceeded, EngineStopped, Overloaded
+from app.engine import ClientShares, DeadlineExceeded, EngineStopped, Overloaded
 from app.errors import NotReady
 from app.resources import encoder_precision
 from app.settings import VERSION_POLICY_PATTERN
@@ -257,6 +257,11 @@ class ModelManager:
         )
         self.state = state  # app.state: its captioner / engine name the default version
         self._engine_factory = engine_factory
+        # Each client's places, one set for every version: a client flooding version 2 is held at
+        # the door too, which asks the default version's engine.
+        self.client_shares = ClientShares.for_queue(
+            settings.client_queue_share, settings.max_queue_size, settings.max_batch_size
+        )
         self._served: MappingProxyType[int, ServedModel] = MappingProxyType({})
         self._refused: dict[int, tuple[tuple, str]] = {}  # version -> (fingerprint, reason)
         self._lock = asyncio.Lock()
@@ -480,7 +485,7 @@ class ModelManager:
             return self._engine_factory(captioner, self.settings)
         from app.engine import create_engine
 
-        return create_engine(captioner, self.settings)
+        return create_engine(captioner, self.settings, self.client_shares)
 
     def _swap(self, current: dict[int, ServedModel]) -> None:
         """One assignment on the event loop: every request from here on sees the new set."""

@@ -192,6 +192,19 @@ class Settings(BaseSettings):
         description="Admitted requests not yet decoding (queued, being encoded or encoded ahead), per served "
         "model version; beyond it 503 + Retry-After.",
     )
+    client_queue_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Part of MAX_QUEUE_SIZE one client address may hold with its images waiting in the engine, "
+        "so that one client's flood cannot fill the queue for everyone; counted as places, an image queued or "
+        "being captioned, of which it holds at most this share of MAX_QUEUE_SIZE plus MAX_BATCH_SIZE (a lone client "
+        "still fills a batch). Past it, that client's "
+        "next request waits at the door up to 1 s for one of its images to be answered, then gets 429 "
+        "too_many_queued + Retry-After; images of requests already let in wait for a place (within the request's "
+        "deadline) instead of being refused. The address is as for MAX_UPLOADS_PER_CLIENT (behind a proxy, list it "
+        "in FORWARDED_ALLOW_IPS); requests with no address are not limited. 1: no limit per client.",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish in-flight requests on SIGTERM.")
     inference_threads: int = Field(
         0,

@@ -28,6 +28,8 @@ Phases, each against the same server (model_artifacts/default, API_KEY set):
   burst      16 /captions of 16 small PNGs kept in flight from one address (256 queue places)
              while a keyed client from another address captions a small PNG at a time: its
              latency alone and beside them
+  fill       the same with 32 /captions (512 images, twice the queue): the other client's answers
+             (one address holds at most CLIENT_QUEUE_SHARE of the queue) and the flood's
   bodies     100 clients, each from its own address, each uploading a 9 MB PNG (a small picture
              and a 9 MB private chunk) at once: the answers, peak RSS against idle
   sigterm    keyed clients in a loop plus keyed uploads stalled mid-body, then SIGTERM: every
@@ -597,7 +599,11 @@ async def beside_a_flood(
     stop.set()
     result["beside"] = latency(await beside)
     await asyncio.gather(*flooders)
-    result["flood_ok"] = sum(a.status == 200 and a.where == f"{phase}: flood" for a in log.answers)
+    flood = [a.status for a in log.answers if a.where == f"{phase}: flood"]
+    result["flood_ok"] = flood.count(200)
+    result["flood_statuses"] = ", ".join(
+        f"{status} x{count}" for status, count in sorted(collections.Counter(flood).items())
+    )
     return result
 
 
@@ -628,6 +634,15 @@ async def burst_phase(server: Server, log: Log, requests: int, seconds: float) -
         return await keyed_loop(server, log, stop, where, "127.0.0.2")
 
     return await beside_a_flood(server, log, small, [small_png()] * 16, requests, seconds, "burst")
+
+
+async def fill_phase(server: Server, log: Log, requests: int, seconds: float) -> dict:
+    """The burst phase with more /captions in flight than the engine's queue has places."""
+
+    async def small(stop: asyncio.Event, where: str) -> list[Answer]:
+        return await keyed_loop(server, log, stop, where, "127.0.0.2")
+
+    return await beside_a_flood(server, log, small, [small_png()] * 16, requests, seconds, "fill")
 
 
 async def bodies_phase(server: Server, log: Log, clients: int, megabytes: int) -> dict:
@@ -702,7 +717,7 @@ async def sigterm_phase(server: Server, log: Log, clients: int) -> dict:
 def table(results: dict, log: Log, args) -> str:
     memory, slow, framing, term = results["memory"], results["slowloris"], results["framing"], results["sigterm"]
     idle, crafted, lockout, bodies = results["idle"], results["crafted"], results["lockout"], results["bodies"]
-    decodes, burst = results["decodes"], results["burst"]
+    decodes, burst, fill = results["decodes"], results["burst"], results["fill"]
     idle_after = idle["closed_after"]
     gib = lambda value: f"{value / GIB:.2f} GiB"  # noqa: E731
     rate = slow["keyed_ok"] / max(slow["keyed"], 1)
@@ -794,6 +809,13 @@ def table(results: dict, log: Log, args) -> str:
             "all, p95 <= 0.5 s (clients take turns in the engine's queue)",
         ),
         (
+            f"the same beside {args.fill} /captions of 16 small PNGs kept in flight from one address, more images "
+            f"than the queue's places (the flood's answers: {fill['flood_statuses']})",
+            f"{fill['beside']['ok']}/{fill['beside']['answers']}{fill['beside']['others']}, "
+            f"{fill['beside']['p50']:.3f} / {fill['beside']['p95']:.3f} s",
+            "all, p95 <= 0.5 s (one address holds at most CLIENT_QUEUE_SHARE of the queue)",
+        ),
+        (
             f"{args.bodies} uploads of {args.body_mb} MB at once, each from its own address: answers",
             ", ".join(f"{status} x{count}" for status, count in bodies["statuses"].items()),
             "200, or 503 once UPLOAD_MEMORY_MB is held",
@@ -857,6 +879,7 @@ async def main_async(args) -> str:
         results["lockout"] = await lockout_phase(server, log, args.lockout, args.lockout_seconds)
         results["decodes"] = await decodes_phase(server, log, args.flood, args.flood_seconds)
         results["burst"] = await burst_phase(server, log, args.burst, args.flood_seconds)
+        results["fill"] = await fill_phase(server, log, args.fill, args.flood_seconds)
         results["bodies"] = await bodies_phase(server, log, args.bodies, args.body_mb)
         results["framing"] = await framing_phase(server, log)
         results["sigterm"] = await sigterm_phase(server, log, 8)
@@ -882,11 +905,12 @@ def main() -> None:
     parser.add_argument("--lockout-seconds", type=float, default=25.0, help="lockout phase: the keyed client's run")
     parser.add_argument("--flood", type=int, default=8, help="decodes phase: /captions in flight from one address")
     parser.add_argument(
-        "--flood-seconds", type=float, default=30.0, help="decodes and burst phases: the other client's run"
+        "--flood-seconds", type=float, default=30.0, help="decodes, burst and fill phases: the other client's run"
     )
     parser.add_argument(
         "--burst", type=int, default=16, help="burst phase: /captions of 16 small PNGs from one address"
     )
+    parser.add_argument("--fill", type=int, default=32, help="fill phase: /captions of 16 small PNGs from one address")
     parser.add_argument("--bodies", type=int, default=100, help="bodies phase: clients, each from its own address")
     parser.add_argument("--body-mb", type=int, default=9, help="bodies phase: megabytes per upload")
     parser.add_argument("--write", help="also write the table (with the command) to this Markdown file")

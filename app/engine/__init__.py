@@ -6,6 +6,7 @@
     await engine.stop(grace_s)                 # admission stops; in-flight requests finish
 
     engine.check_admission()                   # raises what submit() would (full queue, stopped), cheaply
+    await engine.wait_for_client_room(address, timeout_s)  # or ClientOverloaded: the client holds its share
 
 Split as vLLM's V1 engine is: the client (app.engine.engine.EngineClient, the only object the
 service touches), the core loop that owns the decode rows (app.engine.core), the encoder stage
@@ -16,13 +17,23 @@ runner (app.engine.runner), process tuning (app.engine.os_tuning) and the except
 
 from __future__ import annotations
 
+from app.engine.client_share import ClientShares
 from app.engine.engine import Engine, EngineClient
-from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.engine.errors import (
+    ClientOverloaded,
+    DeadlineExceeded,
+    EngineError,
+    EngineStopped,
+    InferenceError,
+    Overloaded,
+)
 from app.engine.request import Result
 from app.engine.scheduler import make_policy
 
 __all__ = [
     "create_engine",
+    "ClientShares",
+    "ClientOverloaded",
     "DeadlineExceeded",
     "Engine",
     "EngineClient",
@@ -34,11 +45,12 @@ __all__ = [
 ]
 
 
-def create_engine(captioner, settings) -> Engine:
+def create_engine(captioner, settings, shares: ClientShares | None = None) -> Engine:
     """An engine for `settings.batching_mode` ("continuous", "static" or "none").
 
     `settings` is app.settings.Settings, the one place with defaults (see its fields for
-    max_encode_batch, encode_ahead, inference_nice and freeze_gc).
+    max_encode_batch, encode_ahead, inference_nice and freeze_gc). `shares`: the clients' places,
+    when several engines share them (every version of a model); else the engine has its own.
     """
     policy = make_policy(
         settings.batching_mode,
@@ -51,6 +63,8 @@ def create_engine(captioner, settings) -> Engine:
         captioner,
         policy,
         max_queue_size=settings.max_queue_size,
+        client_queue_share=settings.client_queue_share,
+        shares=shares,
         request_timeout_s=settings.request_timeout_s,
         shutdown_grace_s=settings.shutdown_grace_s,
         inference_nice=settings.inference_nice,

@@ -26,8 +26,16 @@ import numpy as np
 
 from app import metrics
 from app.engine import os_tuning
+from app.engine.client_share import ClientShares
 from app.engine.core import EngineCore
-from app.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceError, Overloaded
+from app.engine.errors import (
+    ClientOverloaded,
+    DeadlineExceeded,
+    EngineError,
+    EngineStopped,
+    InferenceError,
+    Overloaded,
+)
 from app.engine.request import Request, Result
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import MAX_ROWS, AdmissionQueue, BatchingPolicy, QueueFull
@@ -47,6 +55,8 @@ class EngineClient:
         policy: BatchingPolicy,
         *,
         max_queue_size: int = 256,
+        client_queue_share: float = 1.0,
+        shares: ClientShares | None = None,
         request_timeout_s: float = 30.0,
         shutdown_grace_s: float = 10.0,
         inference_nice: int = 0,
@@ -62,8 +72,12 @@ class EngineClient:
         self.runner = runner or ModelRunner(captioner, MAX_ROWS, greedy_steps=greedy_steps, nice=inference_nice)
         self._image_shape = (captioner.config.image_size, captioner.config.image_size, 3)
         self._queue: AdmissionQueue[Request] = AdmissionQueue(max_queue_size)
+        # The places each client holds (a place: one of its requests queued or being captioned);
+        # the model repository hands every version of a model the same one.
+        self.shares = shares or ClientShares.for_queue(client_queue_share, max_queue_size, policy.max_slots)
         self.core = EngineCore(captioner, policy, self.runner, self._queue, inference_nice=inference_nice)
         self._started = False
+        self._stopped: asyncio.Future | None = None  # done once stop() is called
         self._ready = False
 
     @property
@@ -88,6 +102,7 @@ class EngineClient:
             raise RuntimeError("the engine was already started")
         self._started = True
         loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
         warmed_up = loop.create_future()
         self.core.start(loop, warmed_up)
         await warmed_up
@@ -125,11 +140,24 @@ class EngineClient:
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s())
 
+    async def wait_for_client_room(self, client: str, timeout_s: float) -> bool:
+        """Returns once `client` holds less than its share of the engine (client_share): at once
+        (False) or after waiting for one of its images to be answered (True); raises
+        ClientOverloaded if none is within `timeout_s`. The door asks this before a body is read."""
+        try:
+            return await self.shares.wait_for_room(client, timeout_s)
+        except TimeoutError:
+            if self.core.stopping:
+                raise EngineStopped("the inference engine is not running") from None
+            metrics.REJECTIONS.labels(reason="client_share").inc()
+            raise ClientOverloaded(self._retry_after_s(), self.shares.limit) from None
+
     async def submit(self, image: np.ndarray, options, deadline_s: float | None = None, client: str = "") -> Result:
         """Captions one prepared image (uint8 [S, S, 3]).
 
         deadline_s: seconds from now the request may take, queueing included (default:
-        request_timeout_s). client: who asked (the address): clients take turns in the queue.
+        request_timeout_s). client: who asked (the address): clients take turns in the queue, and
+        an image of a client holding its share (self.shares) waits for one of its places first.
         Raises Overloaded at once when the queue is full, DeadlineExceeded, EngineStopped,
         InferenceError, or ValueError for an invalid image or options. Cancelling the awaiting
         task cancels the request (its rows and feature slots are freed).
@@ -142,23 +170,41 @@ class EngineClient:
         if image.shape != self._image_shape or image.dtype != np.uint8:
             raise ValueError(f"expected a uint8 image of shape {self._image_shape}, got {image.dtype} {image.shape}")
         loop = asyncio.get_running_loop()
+        timeout = self.request_timeout_s if deadline_s is None else deadline_s
+        give_up_at = loop.time() + timeout
+        try:
+            await self.shares.take(client, timeout, until=self._stopped)  # at once, unless it holds its share
+        except TimeoutError:
+            if self.core.stopping:
+                raise EngineStopped("the inference engine stopped") from None
+            metrics.REJECTIONS.labels(reason="deadline").inc()
+            raise DeadlineExceeded(
+                "the request's deadline passed while it waited for a place in its client's share of the queue "
+                "(CLIENT_QUEUE_SHARE)",
+                self._retry_after_s(),
+            ) from None
+        if self.core.stopping:
+            self.shares.give_back(client)
+            raise EngineStopped("the inference engine is not running")
         request = Request(image, options, loop, loop.create_future())
         try:
             if self.core.waiting() >= self._queue.maxsize:
                 raise QueueFull
             self._queue.put_nowait(request, client)
         except QueueFull:
+            self.shares.give_back(client)
             metrics.REJECTIONS.labels(reason="overloaded").inc()
             raise Overloaded(self._retry_after_s()) from None
-        timeout = self.request_timeout_s if deadline_s is None else deadline_s
-        request.deadline_timer = loop.call_later(max(timeout, 0.0), self._expire, request)
-        request.future.add_done_callback(lambda future: self._on_done(request))
+        request.deadline_timer = loop.call_later(max(give_up_at - loop.time(), 0.0), self._expire, request)
+        request.future.add_done_callback(lambda future: self._on_done(request, client))
         return await request.future
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops admission at once; in-flight requests get `grace_s` to finish, then EngineStopped."""
         self._ready = False
         self.core.request_stop(self.shutdown_grace_s if grace_s is None else grace_s)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)  # its images waiting for a place get EngineStopped now
         self.runner.cancel_warmup()
         for thread in [*self.core.threads(), self.runner.warmup_thread]:
             if thread is not None and thread.is_alive():
@@ -180,8 +226,9 @@ class EngineClient:
                 )
             request.future.set_exception(late)
 
-    def _on_done(self, request: Request) -> None:
+    def _on_done(self, request: Request, client: str) -> None:
         request.deadline_timer.cancel()
+        self.shares.give_back(client)
         cancelled = request.future.cancelled()
         if cancelled:
             metrics.REJECTIONS.labels(reason="cancelled").inc()

@@ -1,8 +1,8 @@
 """What the engine raises: one class per condition, defined here only.
 
-The service maps each to its HTTP answer (Overloaded: 503 + Retry-After, DeadlineExceeded: 504,
-EngineStopped: 503, InferenceError: 500-class error JSON); ValueError means an invalid image or
-options (the caller's fault)."""
+The service maps each to its HTTP answer (Overloaded: 503 + Retry-After, ClientOverloaded: 429 +
+Retry-After, DeadlineExceeded: 504, EngineStopped: 503, InferenceError: 500-class error JSON);
+ValueError means an invalid image or options (the caller's fault)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ class Overloaded(EngineError):
     def __init__(self, retry_after_s: float):
         super().__init__(f"the inference queue is full; retry in {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
+
+
+class ClientOverloaded(Overloaded):
+    """This client's images already hold its share of the queue (by the client's address:
+    app.engine.client_share); retry after `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: float, limit: int):
+        EngineError.__init__(
+            self,
+            f"this client has {limit} images in the engine, its share of the queue; retry in {retry_after_s:.1f} s",
+        )
+        self.retry_after_s = retry_after_s
+        self.limit = limit
 
 
 class DeadlineExceeded(EngineError):

@@ -189,6 +189,8 @@ def test_hot_reload_swaps_refuses_rolls_back_and_unloads(tmp_path, tiny_bundle):
         report = await models.reload()
         assert report.loaded == [2] and report.unloaded == [1] and list(models.served) == [2]
         assert models.default.version == 2 and served_gauge(2) == 1.0 and served_gauge(1) is None
+        # Both versions count each client's places together: no share per version.
+        assert in_flight.engine.shares is models.default.engine.shares is models.client_shares
         # ... and finishes on version 1, whose engine waits for it.
         result = await in_flight.engine.submit(image, DecodeOptions(), deadline_s=10)
         assert result.captions and in_flight.engine.ready

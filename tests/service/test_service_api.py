@@ -15,8 +15,8 @@ import pytest
 import uploads
 from fastapi.testclient import TestClient
 
+from app.engine import ClientOverloaded, EngineStopped, InferenceError
 from app.engine import DeadlineExceeded as EngineDeadlineExceeded
-from app.engine import EngineStopped, InferenceError
 from app.engine import Overloaded as EngineOverloaded
 from app.errors import ClientDisconnected
 from app.logging_config import JsonFormatter
@@ -509,6 +509,9 @@ class StandInEngine:
     def check_admission(self, arriving=0):
         pass
 
+    async def wait_for_client_room(self, client, timeout_s):
+        return False
+
     async def submit(self, image, options, deadline_s, client=""):
         self.clients.append(client)
         raise self.error
@@ -518,6 +521,7 @@ class StandInEngine:
     ("error", "status", "code", "retry_after"),
     [
         (EngineOverloaded(2.2), 503, "overloaded", "3"),  # whole seconds, rounded up
+        (ClientOverloaded(2.2, 128), 429, "too_many_queued", "3"),  # this client's share of the queue
         (EngineDeadlineExceeded("late"), 504, "deadline_exceeded", None),
         (EngineDeadlineExceeded("late, in the queue", 4.1), 504, "deadline_exceeded", "5"),
         (EngineStopped("stopping"), 503, "not_ready", "5"),
@@ -533,7 +537,12 @@ def test_engine_errors_map_to_statuses(client, error, status, code, retry_after)
 
 @pytest.mark.parametrize(
     ("error", "status"),
-    [(EngineOverloaded(2.2), 503), (EngineDeadlineExceeded("late"), 504), (InferenceError("boom"), 500)],
+    [
+        (EngineOverloaded(2.2), 503),
+        (ClientOverloaded(2.2, 8), 429),
+        (EngineDeadlineExceeded("late"), 504),
+        (InferenceError("boom"), 500),
+    ],
 )
 def test_engine_errors_on_the_inference_protocol_have_its_error_shape(client, error, status):
     """tritonclient shows the protocol's {"error": "message"} string; the engine's errors escaped the
@@ -691,6 +700,9 @@ def test_a_full_queue_is_refused_at_the_door_with_the_service_error_shape(client
     class FullEngine(StandInEngine):
         def check_admission(self, arriving=0):
             raise EngineOverloaded(1.5)
+
+        async def wait_for_client_room(self, client, timeout_s):
+            return False
 
     engine = FullEngine(AssertionError("submit must not be reached"))
     with stand_in_engine(client.app, engine):

@@ -93,6 +93,9 @@ class ScriptedEngine:
     def check_admission(self, arriving=0):
         pass
 
+    async def wait_for_client_room(self, client, timeout_s):
+        return False
+
     async def submit(self, image, options, deadline_s, client=""):
         answer = self.answers.pop(0)
         if answer == "hang":
@@ -389,6 +392,9 @@ def test_uploads_being_read_count_against_the_room_left_in_the_queue():
             if arriving >= 1:
                 raise Overloaded(1.0)
 
+        async def wait_for_client_room(self, client, timeout_s):
+            return False
+
     app = guarded_app([], settings=Settings(body_timeout_s=5))
     app.state.engine = OnePlaceLeft()
 
@@ -405,6 +411,48 @@ def test_uploads_being_read_count_against_the_room_left_in_the_queue():
         return results
 
     assert asyncio.run(scenario()) == [503, 200]
+
+
+def test_a_client_holding_its_share_of_the_queue_waits_at_the_door_then_gets_429():
+    """The door asks the engine with the client's address and a wait of CLIENT_ROOM_WAIT_S, before
+    the body is read: a client whose images still hold its CLIENT_QUEUE_SHARE then gets 429, one
+    whose room came back is let in (and asked the door's other questions again), another is let in.
+    The admin routes never reach the model: the door asks the engine nothing for them."""
+    from app.engine import ClientOverloaded
+    from app.guards import CLIENT_ROOM_WAIT_S
+
+    class Shares:  # what EngineClient.wait_for_client_room answers, by client
+        def __init__(self):
+            self.asked, self.admission_checks = [], 0
+
+        def check_admission(self, arriving=0):
+            self.admission_checks += 1
+
+        async def wait_for_client_room(self, client, timeout_s):
+            self.asked.append((client, timeout_s))
+            if client == "10.0.0.9":
+                raise ClientOverloaded(2.2, 128)
+            return client == "10.0.0.8"  # waited, and its room came back
+
+    reads = []
+    app = guarded_app(reads, settings=Settings(body_timeout_s=5))
+    app.state.engine = engine = Shares()
+
+    async def scenario():
+        addresses = ("10.0.0.9", "10.0.0.8", "10.0.0.7")
+        return [await answer(app, [(0, b"x", False)], client=address) for address in addresses]
+
+    (status, body, headers), (waited, _, _), (other, _, _) = asyncio.run(scenario())
+    assert (status, body["error"]["code"], headers["retry-after"]) == (429, "too_many_queued", "3")
+    assert "CLIENT_QUEUE_SHARE" in body["error"]["message"]
+    assert waited == other == 200 and reads == [1, 1]  # the refused client's body was never read
+    assert [timeout for _, timeout in engine.asked] == [CLIENT_ROOM_WAIT_S] * 3
+    assert engine.admission_checks == 4  # once each, and again for the client that waited
+    admin = guarded_app([], settings=Settings(body_timeout_s=5))
+    admin.router.routes[0].tags = ["admin"]  # as the service's admin router tags its routes
+    admin.state.engine = untouched = Shares()
+    reload, _, _ = asyncio.run(answer(admin, [(0, b"x", False)], client="10.0.0.9"))
+    assert reload == 200 and untouched.asked == [] and untouched.admission_checks == 0  # a reload never waits
 
 
 def test_requests_running_past_the_shutdown_grace_get_503_json():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine import DeadlineExceeded, EngineStopped, InferenceError, Overloaded, create_engine
+from app.engine import ClientOverloaded, DeadlineExceeded, EngineStopped, InferenceError, Overloaded, create_engine
 from app.engine.scheduler import (
     MAX_ROWS,
     AdmissionQueue,
@@ -378,6 +378,103 @@ def test_a_full_queue_rejects_at_once_with_retry_after(tiny_captioner):
         return results
 
     assert len(run(scenario())) == 3
+
+
+def test_one_client_holds_at_most_its_share_of_the_queue_its_other_images_wait_outside_it(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = await started_engine(controlled, settings(max_queue_size=6, max_batch_size=1, client_queue_share=0.5))
+        assert engine.shares.limit == 4  # half the queue, and a batch being decoded
+        controlled.gate.clear()
+        flood = [asyncio.create_task(engine.submit(p, DecodeOptions(), client="10.0.0.9")) for p in images(6)]
+        await asyncio.sleep(0.05)
+        # Four places held, two images waiting outside the queue (accepted work is not refused).
+        assert engine.shares.held("10.0.0.9") == 4 and engine.core.waiting() <= 4
+        started = time.perf_counter()
+        with pytest.raises(ClientOverloaded) as refused:  # at the door, before another upload is read
+            await engine.wait_for_client_room("10.0.0.9", 0.2)
+        assert 0.2 <= time.perf_counter() - started < 1 and refused.value.retry_after_s >= 1
+        assert await engine.wait_for_client_room("10.0.0.7", 0.2) is False  # the rest is the others'
+        other = asyncio.create_task(engine.submit(images(1, seed=6)[0], DecodeOptions(), client="10.0.0.7"))
+        unnamed = asyncio.create_task(engine.submit(images(1, seed=7)[0], DecodeOptions()))  # no address: no share
+        await asyncio.sleep(0.05)
+        assert engine.shares.held("10.0.0.7") == 1 and engine.shares.held("") == 0
+        door = asyncio.create_task(engine.wait_for_client_room("10.0.0.9", 10))
+        await asyncio.sleep(0.05)
+        assert not door.done()
+        controlled.gate.set()
+        results = await asyncio.gather(*flood, other, unnamed)
+        assert await door is True  # let in once its images were answered, without a retry
+        held = engine.shares.held("10.0.0.9")
+        await engine.stop()
+        return results, held
+
+    results, held = run(scenario())
+    assert len(results) == 8 and all(result.captions for result in results)
+    assert held == 0
+
+
+def test_an_image_waiting_for_its_clients_share_gives_up_at_its_deadline_or_when_cancelled(tiny_captioner):
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = await started_engine(controlled, settings(max_queue_size=2, max_batch_size=1, client_queue_share=0.5))
+        assert engine.shares.limit == 2
+        controlled.gate.clear()
+        first = asyncio.create_task(engine.submit(images(1, seed=1)[0], DecodeOptions(), client="10.0.0.9"))
+        held = asyncio.create_task(engine.submit(images(1)[0], DecodeOptions(), client="10.0.0.9"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded) as late:
+            await engine.submit(images(1, seed=2)[0], DecodeOptions(), deadline_s=0.1, client="10.0.0.9")
+        assert late.value.retry_after_s >= 1 and "CLIENT_QUEUE_SHARE" in str(late.value)
+        left = asyncio.create_task(engine.submit(images(1, seed=3)[0], DecodeOptions(), client="10.0.0.9"))
+        last = asyncio.create_task(engine.submit(images(1, seed=4)[0], DecodeOptions(), client="10.0.0.9"))
+        await asyncio.sleep(0.05)
+        left.cancel()  # the client went away while its image waited: the place passes to the next
+        controlled.gate.set()
+        results = await asyncio.gather(first, held, last)
+        assert left.cancelled() and engine.shares.held("10.0.0.9") == 0
+        await engine.stop()
+        return results
+
+    assert all(result.captions for result in run(scenario()))
+
+
+def test_stopping_ends_the_waits_for_a_clients_share_at_once(tiny_captioner):
+    """Images waiting for one of their client's places, and a request waiting for room at the door,
+    get EngineStopped (503 not_ready) when the engine stops, not a deadline or a 429 later."""
+    controlled = ControlledCaptioner(tiny_captioner)
+
+    async def scenario():
+        engine = await started_engine(controlled, settings(max_queue_size=2, max_batch_size=1, client_queue_share=0.5))
+        controlled.gate.clear()
+        holding = [asyncio.create_task(engine.submit(p, DecodeOptions(), client="10.0.0.9")) for p in images(2)]
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(engine.submit(images(1, seed=3)[0], DecodeOptions(), client="10.0.0.9"))
+        door = asyncio.create_task(engine.wait_for_client_room("10.0.0.9", 0.5))
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(engine.stop(grace_s=2))
+        started = time.perf_counter()
+        with pytest.raises(EngineStopped):
+            await waiting
+        waited_s = time.perf_counter() - started
+        with pytest.raises(EngineStopped):
+            await door
+        controlled.gate.set()
+        await asyncio.gather(*holding, return_exceptions=True)
+        await stopping
+        return waited_s, engine.shares.held("10.0.0.9")
+
+    waited_s, held = run(scenario())
+    assert waited_s < 0.5 and held == 0
+
+
+def test_a_share_of_one_puts_no_limit_on_a_client(tiny_captioner):
+    engine = create_engine(ControlledCaptioner(tiny_captioner), settings(client_queue_share=1.0))
+    assert engine.shares.limit is None
+    with pytest.raises(ValueError):
+        Settings(client_queue_share=0)
 
 
 def test_deadline_fails_waiting_and_active_requests_and_frees_their_slots(tiny_captioner):

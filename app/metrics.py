@@ -86,6 +86,14 @@ ACTIVE_SLOTS = Gauge(
     registry=REGISTRY,
 )
 
+CLIENT_SHARE_WAITING = Gauge(
+    "engine_client_share_waiting",
+    "Images of requests already let in that wait outside the queue for one of their client's places "
+    "(CLIENT_QUEUE_SHARE): a client address holds its share.",
+    namespace=_NAMESPACE,
+    registry=REGISTRY,
+)
+
 PROGRAMS_COMPILING = Gauge(
     "engine_programs_compiling",
     "Engines still compiling their multi-step decode programs in the background after readiness "

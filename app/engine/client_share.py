@@ -25,9 +25,15 @@ import collections
 import functools
 import logging
 import math
+import weakref
 from collections import Counter
 
+from app import metrics
+
 logger = logging.getLogger("app.engine")
+# Every ClientShares in the process (one per model), read when Prometheus scrapes (GET /metrics).
+_ALL: weakref.WeakSet = weakref.WeakSet()
+metrics.CLIENT_SHARE_WAITING.set_function(lambda: sum(shares.waiting() for shares in list(_ALL)))
 
 
 class ClientShares:
@@ -39,6 +45,7 @@ class ClientShares:
         self._places: Counter[str] = Counter()  # client -> places held
         self._takers: dict[str, collections.deque[asyncio.Future]] = {}  # client -> images waiting in take()
         self._at_door: dict[str, list[asyncio.Future]] = {}  # client -> requests waiting at the door for room
+        _ALL.add(self)
 
     @classmethod
     def for_queue(cls, share: float, max_queue_size: int, max_batch_size: int) -> ClientShares:
@@ -69,6 +76,10 @@ class ClientShares:
 
     def held(self, client: str) -> int:
         return self._places[client]
+
+    def waiting(self) -> int:
+        """Images waiting in take(), every client together."""
+        return sum(len(takers) for takers in list(self._takers.values()))
 
     async def wait_for_room(self, client: str, timeout_s: float) -> bool:
         """True once there is room after waiting, False if there was room at once; TimeoutError

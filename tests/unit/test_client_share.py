@@ -135,3 +135,25 @@ def test_the_limit_is_the_share_of_the_queue_plus_a_batch_and_a_setting_that_cov
     with caplog.at_level("WARNING", logger="app.engine"):
         assert ClientShares.for_queue(0.5, 64, 32).limit == 64
     assert "MAX_QUEUE_SIZE above MAX_BATCH_SIZE / (1 - CLIENT_QUEUE_SHARE)" in caplog.text
+
+
+def test_the_images_waiting_for_a_place_are_a_gauge():
+    from app import metrics
+
+    def gauge():
+        return metrics.REGISTRY.get_sample_value("captioning_engine_client_share_waiting")
+
+    async def scenario():
+        shares = ClientShares(1)
+        before = gauge()
+        await shares.take("a", 1)
+        waiting = [asyncio.create_task(shares.take("a", 5)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        during = gauge()
+        shares.give_back("a")
+        shares.give_back("a")
+        await asyncio.gather(*waiting)
+        return before, during, gauge()
+
+    before, during, after = asyncio.run(scenario())
+    assert during == before + 2 and after == before

@@ -43,7 +43,7 @@ from types import MappingProxyType
 import anyio
 
 from app import metrics
-from app.engine import ClientShares, DeadlineExceeded, EngineStopped, Overloaded
+from app.engine import DeadlineExceeded, EngineStopped, Overloaded, client_shares
 from app.errors import NotReady
 from app.resources import encoder_precision
 from app.settings import VERSION_POLICY_PATTERN
@@ -259,9 +259,7 @@ class ModelManager:
         self._engine_factory = engine_factory
         # Each client's places, one set for every version: a client flooding version 2 is held at
         # the door too, which asks the default version's engine.
-        self.client_shares = ClientShares.for_queue(
-            settings.client_queue_share, settings.max_queue_size, settings.max_batch_size
-        )
+        self.client_shares = client_shares(settings)
         self._served: MappingProxyType[int, ServedModel] = MappingProxyType({})
         self._refused: dict[int, tuple[tuple, str]] = {}  # version -> (fingerprint, reason)
         self._lock = asyncio.Lock()

@@ -32,6 +32,7 @@ from app.engine.scheduler import make_policy
 
 __all__ = [
     "create_engine",
+    "client_shares",
     "ClientShares",
     "ClientOverloaded",
     "DeadlineExceeded",
@@ -63,11 +64,15 @@ def create_engine(captioner, settings, shares: ClientShares | None = None) -> En
         captioner,
         policy,
         max_queue_size=settings.max_queue_size,
-        client_queue_share=settings.client_queue_share,
-        shares=shares,
+        shares=shares or client_shares(settings),
         request_timeout_s=settings.request_timeout_s,
         shutdown_grace_s=settings.shutdown_grace_s,
         inference_nice=settings.inference_nice,
         freeze_gc=settings.freeze_gc,
         greedy_steps=settings.greedy_steps_per_call,
     )
+
+
+def client_shares(settings) -> ClientShares:
+    """Each client's places under `settings` (CLIENT_QUEUE_SHARE of MAX_QUEUE_SIZE, plus MAX_BATCH_SIZE)."""
+    return ClientShares.for_queue(settings.client_queue_share, settings.max_queue_size, settings.max_batch_size)

@@ -55,7 +55,6 @@ class EngineClient:
         policy: BatchingPolicy,
         *,
         max_queue_size: int = 256,
-        client_queue_share: float = 1.0,
         shares: ClientShares | None = None,
         request_timeout_s: float = 30.0,
         shutdown_grace_s: float = 10.0,
@@ -73,8 +72,8 @@ class EngineClient:
         self._image_shape = (captioner.config.image_size, captioner.config.image_size, 3)
         self._queue: AdmissionQueue[Request] = AdmissionQueue(max_queue_size)
         # The places each client holds (a place: one of its requests queued or being captioned);
-        # the model repository hands every version of a model the same one.
-        self.shares = shares or ClientShares.for_queue(client_queue_share, max_queue_size, policy.max_slots)
+        # the model repository hands every version of a model the same one. None: no limit.
+        self.shares = shares or ClientShares(None)
         self.core = EngineCore(captioner, policy, self.runner, self._queue, inference_nice=inference_nice)
         self._started = False
         self._stopped: asyncio.Future | None = None  # done once stop() is called

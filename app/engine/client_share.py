@@ -81,24 +81,29 @@ class ClientShares:
         """Images waiting in take(), every client together."""
         return sum(len(takers) for takers in list(self._takers.values()))
 
-    async def wait_for_room(self, client: str, timeout_s: float) -> bool:
+    async def wait_for_room(self, client: str, timeout_s: float, until: asyncio.Future | None = None) -> bool:
         """True once there is room after waiting, False if there was room at once; TimeoutError
-        if none came within `timeout_s`."""
+        if none came within `timeout_s`, or once `until` is done (the engine has stopped)."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + timeout_s
         waited = False
         while not self.has_room(client):
             remaining = give_up_at - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or (until is not None and until.done()):
                 raise TimeoutError
             waited = True
             woken = loop.create_future()
             self._at_door.setdefault(client, []).append(woken)
             timer = loop.call_later(remaining, _settle, woken)
+            stop = functools.partial(_stop_waiting, woken)
+            if until is not None:
+                until.add_done_callback(stop)
             try:
                 await woken  # woken by _wake_door, or by the timer: then has_room() decides
             finally:
                 timer.cancel()
+                if until is not None:
+                    until.remove_done_callback(stop)
                 door = self._at_door.get(client)
                 if door is not None and woken in door:
                     door.remove(woken)

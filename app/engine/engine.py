@@ -144,7 +144,7 @@ class EngineClient:
         (False) or after waiting for one of its images to be answered (True); raises
         ClientOverloaded if none is within `timeout_s`. The door asks this before a body is read."""
         try:
-            return await self.shares.wait_for_room(client, timeout_s)
+            return await self.shares.wait_for_room(client, timeout_s, until=self._stopped)
         except TimeoutError:
             if self.core.stopping:
                 raise EngineStopped("the inference engine is not running") from None

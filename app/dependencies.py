@@ -25,7 +25,7 @@ from app.errors import (
     UploadTooLarge,
     body_media_type,
 )
-from app.guards import client_address
+from app.middleware import client_address
 from app.model_repository import ServedModel
 from app.service import Caller, CaptionService, read_upload
 from app.settings import Settings

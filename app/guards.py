@@ -26,8 +26,6 @@ Retry-After (the server's own would be a plain-text 500); see Shutdown and app._
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import time
 from collections import Counter
@@ -50,7 +48,7 @@ from app.errors import (
     as_api_error,
     error_response,
 )
-from app.middleware import call_answering, matched_route
+from app.middleware import call_answering, client_address, matched_route
 
 logger = logging.getLogger("app.guards")
 
@@ -201,20 +199,6 @@ class UploadGuard:
             f"requests being served hold {self.body_bytes / 2**20:.0f} MiB of uploads, the limit "
             f"(UPLOAD_MEMORY_MB={self.settings.upload_memory_mb}); retry shortly"
         )
-
-
-def client_address(scope: Scope) -> str:
-    """The client's address as uvicorn gives it: the peer's, or the one a trusted proxy forwarded
-    (FORWARDED_ALLOW_IPS); for IPv6 its /64, which one host (one subscriber) holds whole. Empty
-    when the server knows none (a Unix socket)."""
-    client = scope.get("client")
-    if not client:
-        return ""
-    address = str(client[0])
-    if ":" in address:
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return address
 
 
 class Shutdown:

@@ -6,6 +6,8 @@ UploadLimitMiddleware: refuses oversized bodies from Content-Length or while str
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import re
 import time
@@ -72,6 +74,20 @@ def _routes(router):
             yield route
 
 
+def client_address(scope: Scope) -> str:
+    """The client's address as uvicorn gives it: the peer's, or the one a trusted proxy forwarded
+    (FORWARDED_ALLOW_IPS); for IPv6 its /64, which one host (one subscriber) holds whole. Empty
+    when the server knows none (a Unix socket)."""
+    client = scope.get("client")
+    if not client:
+        return ""
+    address = str(client[0])
+    if ":" in address:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return address
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -121,6 +137,9 @@ class RequestContextMiddleware:
                 "latency_ms": round(elapsed * 1000, 2),
                 "request_id": request_id,
             }
+            client = client_address(scope)
+            if client:  # who sent it, as the per-client limits see it (behind a proxy: FORWARDED_ALLOW_IPS)
+                fields["client"] = client
             for key in ("model_version", "image_errors"):  # set by the routes (app.dependencies, /captions)
                 if key in state:
                     fields[key] = state[key]

@@ -140,7 +140,7 @@ class CaptionService:
     async def prepare(self, data: bytes, client: str = "") -> Prepared:
         """Validates, decodes and resizes image bytes (ApiError on bad input). The header decides
         the cost; the pixels are decoded under the memory budget, in a worker unless tiny, taking
-        turns with other clients' decodes (`client`: the address app.guards.client_address gives)."""
+        turns with other clients' decodes (`client`: the address app.middleware.client_address gives)."""
         started = time.perf_counter()
         settings, size = self.settings, self.captioner.config.image_size
 

@@ -311,10 +311,15 @@ def test_the_encoder_precision_is_chosen_for_this_cpu_and_named(server):
 def test_each_request_logs_one_json_line(server, client):
     response = client.get("/health/live", headers={"X-Request-ID": "e2e-log-line"})
     assert response.headers["x-request-id"] == "e2e-log-line"
+    # From a proxy uvicorn trusts (FORWARDED_ALLOW_IPS, 127.0.0.1 by default): the client it names
+    client.get("/health/live", headers={"X-Request-ID": "e2e-forwarded", "X-Forwarded-For": "203.0.113.7"})
     time.sleep(0.2)
     lines = [line for line in server.log_lines() if line.get("request_id") == "e2e-log-line"]
     assert len(lines) == 1
     assert lines[0]["route"] == "/health/live" and lines[0]["status"] == 200 and lines[0]["latency_ms"] >= 0
+    assert lines[0]["client"] == "127.0.0.1"
+    (forwarded,) = [line for line in server.log_lines() if line.get("request_id") == "e2e-forwarded"]
+    assert forwarded["client"] == "203.0.113.7"
 
 
 SCHEMATHESIS_CONFIG = """

@@ -332,7 +332,7 @@ def test_one_client_cannot_hold_every_upload_slot():
 
 def test_an_ipv6_client_is_counted_by_its_64():
     """One host holds a whole IPv6 /64 and can take any address in it."""
-    from app.guards import client_address
+    from app.middleware import client_address
 
     def of(address):
         return client_address({"client": (address, 50000)})

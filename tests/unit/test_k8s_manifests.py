@@ -3,12 +3,14 @@ version (strict: unknown fields fail), and the manifests agree with each other a
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.metrics import REGISTRY
 
@@ -186,3 +188,37 @@ def test_tmp_holds_every_upload_the_service_admits_at_once():
         (tmp,) = [volume for volume in pod["volumes"] if volume["name"] == "tmp"]
         size = tmp["emptyDir"]["sizeLimit"]
         assert int(size[:-2]) * units[size[-2:]] >= settings.max_concurrent_uploads * settings.max_upload_bytes
+
+
+def client_seen(trusted: str, peer: str, forwarded_for: str | None) -> str:
+    """The client address the app gets from uvicorn's own proxy-header handling."""
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen["client"] = scope["client"][0]
+
+    headers = [] if forwarded_for is None else [(b"x-forwarded-for", forwarded_for.encode())]
+    scope = {"type": "http", "client": (peer, 40000), "headers": headers, "scheme": "http"}
+    asyncio.run(ProxyHeadersMiddleware(app, trusted_hosts=trusted)(scope, None, None))
+    return seen["client"]
+
+
+def test_behind_the_ingress_or_knative_each_client_keeps_its_own_address():
+    """The limits per client address need the client's address, not a proxy's: through an ingress
+    controller (a pod address) or Knative's gateway, activator and queue-proxy, each appending the
+    address it received from, the app must see the address the first proxy received from."""
+    trusted = env(CONTAINER)["FORWARDED_ALLOW_IPS"]
+    (predictor,) = INFERENCE_SERVICE["spec"]["predictor"]["containers"]
+    assert env(predictor)["FORWARDED_ALLOW_IPS"] == trusted
+    # ingress-nginx at 10.8.3.3 sets X-Forwarded-For to the address it received from
+    assert client_seen(trusted, "10.8.3.3", "198.51.100.2") == "198.51.100.2"
+    # Knative: the gateway appends the client, the activator the gateway's address (10.8.1.4), and
+    # queue-proxy (the peer, 127.0.0.1) the activator's (10.8.2.9)
+    assert client_seen(trusted, "127.0.0.1", "203.0.113.7, 10.8.1.4, 10.8.2.9") == "203.0.113.7"
+    # a client's own X-Forwarded-For is kept in front, and is not believed
+    assert client_seen(trusted, "127.0.0.1", "192.0.2.1, 203.0.113.7, 10.8.1.4") == "203.0.113.7"
+    # a client reaching the pod directly from outside the pod networks cannot claim another address
+    assert client_seen(trusted, "203.0.113.9", "192.0.2.1") == "203.0.113.9"
+    assert client_seen(trusted, "fd12::5", "2001:db8::7, fd12::9") == "2001:db8::7"
+    # uvicorn's default (127.0.0.1 only) would give every client the activator's address
+    assert client_seen("127.0.0.1", "127.0.0.1", "203.0.113.7, 10.8.1.4, 10.8.2.9") == "10.8.2.9"

@@ -30,18 +30,19 @@ from captioning.grounding import BEAM_SIZE as GROUNDED_BEAM_SIZE
 def score_records(captioner, chunks, options: DecodeOptions = DecodeOptions()) -> tuple[dict, np.ndarray, np.ndarray]:
     """Scores records given as a list, or as an iterator of lists (chunks: a large variation is
     drawn and decoded a chunk at a time, so its pictures are never all in memory)."""
-    from training.calibrate import best_captions, grade
+    from training.calibrate import grade
     from training.evaluate import record_input
 
     chunks = [chunks] if isinstance(chunks, list) else chunks
     correct, confidence, accepted, written, wrong = [], [], [], 0, []
     for records in chunks:
-        captions = best_captions(captioner, records, options)
+        images = [record_input(captioner, r) for r in records]  # read once, for the captions and the domain check
+        captions = [n_best[0] for n_best in captioner.caption(images, options)]
         texts = [c.text for c in captions]
         correct.append(grade(texts, records))
         confidence.append(np.array([c.confidence for c in captions]))
         written += sum(c.written_from_scene for c in captions)
-        chunk_accepted = domain_accepted(captioner, [record_input(captioner, r) for r in records])
+        chunk_accepted = domain_accepted(captioner, images)
         if chunk_accepted is not None:
             accepted.append(chunk_accepted)
         wrong += [

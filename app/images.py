@@ -70,11 +70,27 @@ _HEIF_BRANDS = {
 
 # Bytes per pixel held at the peak of decode_opened for each mode (Pillow stores 1, L and P in one
 # byte, I;16 in two, every other mode in four); modes that captioning.preprocess.reduce_towards
-# converts first count both copies.
-_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "PA": 8, "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6, "I": 4, "F": 4}
-_PEAK_BYTES_PER_PIXEL.update(
-    dict.fromkeys(("LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"), 4)
-)
+# converts first count both copies, and Image.reduce makes a premultiplied copy (RGBa, La) of a mode
+# with alpha before it averages: P is its frame, an RGBA copy and that (9; measured 9.0 for PNG,
+# GIF, BMP and TIFF at 4000x4000), RGBA and LA their frame and that (8; measured 8.0).
+_PEAK_BYTES_PER_PIXEL = {
+    "1": 2,
+    "L": 1,
+    "P": 9,
+    "PA": 12,
+    "I;16": 6,
+    "I;16L": 6,
+    "I;16B": 6,
+    "I;16N": 6,
+    "I": 4,
+    "F": 4,
+}
+_PEAK_BYTES_PER_PIXEL.update(dict.fromkeys(("La", "RGB", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"), 4))
+_PEAK_BYTES_PER_PIXEL.update(dict.fromkeys(("LA", "RGBA"), 8))
+# Formats whose decoder holds more than the frame, whatever the mode: Pillow decodes a WebP through
+# libwebp's RGBA canvas and a bytes copy of it before the frame exists (measured 16.0-16.1 bytes a
+# pixel, lossy and lossless, with and without alpha).
+_PEAK_BYTES_PER_PIXEL_OF_FORMAT = {"WEBP": 16}
 
 
 @dataclass(frozen=True)
@@ -162,8 +178,8 @@ def jpeg_layout(data: bytes, first_only: bool = False) -> tuple[int, int]:
             position += 2 + length
             continue
         scans += 1
-        if scans == 1:
-            first_components = data[position + 4]
+        if scans == 1:  # a file cut off after the scan header's length: components unknown, as 0
+            first_components = data[position + 4] if position + 4 < end else 0
             if first_only:
                 break
         position += 2 + length
@@ -283,7 +299,8 @@ def decode_bytes(image: Image.Image, data: bytes, draft_size: int | None = None)
     """Peak bytes decode_opened(image, draft_size) holds, from the header alone (`image` as
     open_upload(data) gave it; a JPEG's scan layout is read from `data`): the decoded
     frame, plus the full-size converted copy for modes that cannot be reduced as they are (a
-    keyed transparent colour makes any mode an RGBA copy first), plus, for a progressive JPEG or
+    keyed transparent colour makes any mode an RGBA copy first) and the premultiplied copy a mode
+    with alpha is reduced from (a WebP decoder's own copies, at least), plus, for a progressive JPEG or
     one with a scan per component, the decoder's coefficients of the whole image at full size (draft
     mode scales the output, not them: 2 bytes per coefficient, 64 per block of each component)."""
     width, height = image.size
@@ -295,7 +312,10 @@ def decode_bytes(image: Image.Image, data: bytes, draft_size: int | None = None)
         scale = min(width // draft_size, height // draft_size)  # as JpegImageFile.draft picks it
         scale = next((s for s in (8, 4, 2) if scale >= s), 1)
         width, height = -(-width // scale), -(-height // scale)
-    per_pixel = _PEAK_BYTES_PER_PIXEL.get(image.mode, 8)
+    per_pixel = max(
+        _PEAK_BYTES_PER_PIXEL.get(image.mode, 8),
+        _PEAK_BYTES_PER_PIXEL_OF_FORMAT.get(ALLOWED_FORMATS.get(image.format), 0),
+    )
     if "transparency" in image.info and image.mode not in ("P", "PA"):  # P's entry counts its RGBA copy
         per_pixel += 5  # the RGBA copy and a one-byte mask (measured: 5.8 bytes a pixel for L, 9.2 for RGB)
     return width * height * per_pixel + coefficients

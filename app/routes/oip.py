@@ -416,6 +416,27 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
+def elements_up_to(shape: list[int], most: int) -> int:
+    """A tensor's element count, or most + 1 once it is known to pass `most`: the product of a
+    client's dimensions is never formed whole (one of 4300 digits or more cannot even be printed)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > most:
+            return most + 1
+    return count
+
+
+def shape_text(shape: list[int], most_chars: int = 80) -> str:
+    """A client's shape for an error message, cut short: each dimension may have thousands of digits."""
+    text = str(shape) if len(shape) <= 16 and all(dim.bit_length() < 64 for dim in shape) else ""
+    if text and len(text) <= most_chars:
+        return text
+    return f"[{len(shape)} dimensions, too long to show]"
+
+
 def input_images(inference: InferenceRequest, binary: bytes, settings: Settings) -> list[bytes]:
     """The encoded images of the `image` input, from JSON (base64) or the binary section."""
     names = [tensor.name for tensor in inference.inputs]
@@ -424,13 +445,15 @@ def input_images(inference: InferenceRequest, binary: bytes, settings: Settings)
     tensor = inference.inputs[0]
     if tensor.datatype != "BYTES":
         raise OipError(f"input '{INPUT_NAME}' must have datatype BYTES, got {tensor.datatype}")
+    shape = shape_text(tensor.shape)
     if any(dim < 0 for dim in tensor.shape):
-        raise OipError(f"input '{INPUT_NAME}' has an invalid shape {tensor.shape}")
-    count = math.prod(tensor.shape)
+        raise OipError(f"input '{INPUT_NAME}' has an invalid shape {shape}")
+    most = settings.max_images_per_request
+    count = elements_up_to(tensor.shape, most)
     if count < 1:
-        raise OipError(f"input '{INPUT_NAME}' holds no image (shape {tensor.shape})")
-    if count > settings.max_images_per_request:
-        raise TooManyImages(f"{count} images sent; the limit is {settings.max_images_per_request} per request")
+        raise OipError(f"input '{INPUT_NAME}' holds no image (shape {shape})")
+    if count > most:
+        raise TooManyImages(f"more than {most} images sent (shape {shape}); the limit is {most} per request")
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size != len(binary):  # not isinstance: True is an int too
@@ -443,7 +466,7 @@ def input_images(inference: InferenceRequest, binary: bytes, settings: Settings)
     else:
         elements = [_from_base64(element) for element in _flatten(tensor.data)]
     if len(elements) != count:
-        raise OipError(f"input '{INPUT_NAME}' has shape {tensor.shape} but holds {len(elements)} elements")
+        raise OipError(f"input '{INPUT_NAME}' has shape {shape} but holds {len(elements)} elements")
     return elements
 
 

@@ -557,6 +557,21 @@ def test_engine_errors_on_the_inference_protocol_have_its_error_shape(client, er
     assert isinstance(response.json()["error"], str) and set(response.json()) == {"error"}
 
 
+def test_a_shape_of_huge_dimensions_is_refused_with_a_short_message(client):
+    """The product of three 2000-digit dimensions has more digits than Python prints (a 500 before);
+    the count stops once it passes the limit, and the message shows no such number."""
+    import base64
+
+    data = [base64.b64encode(uploads.png()).decode()]
+    huge = int("9" * 2000)
+    for shape, status in (([huge, huge, huge], 422), ([2**62, 2**62], 422), ([2] * 500, 422), ([3, 0, huge], 400)):
+        image = {"name": "image", "shape": shape, "datatype": "BYTES", "data": data}
+        response = client.post("/v2/models/default/infer", json={"inputs": [image]})
+        assert response.status_code == status, response.json()
+        message = response.json()["error"]
+        assert len(message) < 200 and "999" not in message, message
+
+
 def test_every_route_hands_the_engine_the_clients_address_for_its_turn(client):
     """The engine's queue and the decode budget take turns by client address: /caption, /captions
     and the inference protocol all say whose request it is (TestClient's address is "testclient")."""

@@ -506,6 +506,23 @@ def test_decode_cost_is_known_from_the_header_and_weighted_by_bit_depth():
     assert decode_bytes(jpeg, baseline, 32) == 250 * 188 * 4  # draft mode decodes at 1/8
 
 
+def test_decode_cost_counts_the_copies_alpha_palettes_and_webp_make():
+    """Measured by a review, each decode alone at 6000x6000 (/work/scratch/s44/peak.py repeats it at
+    4000x4000 for every format and mode): a WebP took 16 bytes a pixel (libwebp's canvas and
+    Pillow's copy of it), LA and RGBA 8 (Image.reduce's premultiplied copy), a palette 9 (its RGBA
+    copy too), where 4, 4 and 5 were charged; four 81 kB WebPs at once took the server +1.6 GB."""
+
+    def charged(image: Image.Image, format: str, **options) -> int:
+        data = uploads.encode(image, format, **options)
+        return decode_bytes(open_upload(data, max_pixels=10**8, min_side=1), data, 32) // (2000 * 1500)
+
+    rgb = Image.new("RGB", (2000, 1500), (30, 120, 200))
+    assert charged(rgb, "PNG") == 4
+    assert charged(rgb.convert("RGBA"), "PNG") == charged(rgb.convert("LA"), "PNG") == 8
+    assert charged(rgb.convert("P"), "PNG") == charged(rgb.convert("P"), "GIF") == 9
+    assert charged(rgb, "WEBP") == charged(rgb.convert("RGBA"), "WEBP", lossless=True) == 16
+
+
 def test_decode_cost_counts_a_keyed_transparent_colour_and_progressive_coefficients():
     """Measured by an audit, 4 at once: a 38 kB grey PNG with tRNS at 6300x6300 took 232 MB each
     (charged 38 MB before), a 482 kB progressive 4:4:4 JPEG at 6000x6000 about 210 MB (2 MB)."""

@@ -10,7 +10,7 @@ import uploads
 from PIL import Image
 
 from app.errors import ImageTooComplex, ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
-from app.images import decode_upload, sniff_other_image_format
+from app.images import decode_bytes, decode_opened, decode_upload, open_upload, sniff_other_image_format
 from bench.attack import many_strips_tiff, png_chunk, with_chunks
 from captioning.preprocess import to_rgb
 
@@ -151,6 +151,25 @@ def test_a_jpeg_with_data_after_its_picture_is_not_counted_as_scans():
     data = uploads.jpeg(size=(64, 48)) + np.random.default_rng(0).integers(0, 256, 2_000_000, np.uint8).tobytes()
     assert data.count(b"\xff\xda") > 20
     assert pixels_of(decode(data, max_jpeg_scans=20)).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("scan_headers_in_a_comment", [0, 101])
+def test_a_jpeg_cut_off_after_its_scan_headers_length_is_undecodable_not_a_crash(scan_headers_in_a_comment):
+    """FF DA 00 02 and the end of the file: the layout walk read one byte past the end (IndexError,
+    a 500), from the memory charge of a large picture (decode_bytes) or from the scan count of a
+    file with many FF DA bytes (open_upload; here in a comment segment, which the walk skips)."""
+    data = bytearray(uploads.jpeg(size=(64, 64)))
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = (1024).to_bytes(2, "big") * 2  # a large picture, by its header
+    data = bytes(data[: data.index(b"\xff\xda")])
+    comment = b"\xff\xda" * scan_headers_in_a_comment
+    if comment:
+        data = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+    data += b"\xff\xda\x00\x02"
+    image = open_upload(data, **LIMITS, max_jpeg_scans=100)
+    assert decode_bytes(image, data, 96) > 0
+    with pytest.raises(InvalidImage, match="could not be decoded"):
+        decode_opened(image, 96)
 
 
 def test_decompression_bomb_is_refused_from_the_header(monkeypatch):

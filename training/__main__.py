@@ -63,6 +63,11 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # train resumes from its last finished epoch (its run directory's backup); the others start over
+        resume = " (train: run the same command again to resume from the last finished epoch)"
+        print(f"interrupted{resume if args.command == 'train' else ''}", file=sys.stderr)
+        return 130
     except (ArtifactError, DatasetFormatError, DatasetOptionError, FileNotFoundError) as error:
         # a missing or tampered bundle, a malformed dataset file, a misspelt option: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)

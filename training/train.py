@@ -307,7 +307,7 @@ def fit(
     timer = EpochTimer()
     callbacks = [
         timer,
-        keras.callbacks.BackupAndRestore(str(backup_dir)),
+        ResumableBackup(str(backup_dir)),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
         ),
@@ -375,6 +375,36 @@ def run_record(
     }
 
 
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore, written so that an interruption at any moment leaves a backup the
+    next run can resume from: each file is written beside its final name and then renamed over it
+    (Keras writes in place, and a run stopped while it wrote, a large share of a short epoch, left a
+    cut-off weights file that failed the resume with a traceback). The weights go first, so at
+    worst the record names the epoch before them and one epoch is trained again. A backup that
+    still cannot be read (one written before this) is refused in one line."""
+
+    def _save_model(self):
+        backup = Path(self.backup_dir)
+        backup.mkdir(parents=True, exist_ok=True)
+        weights, record = Path(self._weights_path), Path(self._training_metadata_path)
+        partial = backup / "partial.weights.h5"  # save_weights needs the .weights.h5 suffix
+        self.model.save_weights(filepath=str(partial), overwrite=True)
+        os.replace(partial, weights)
+        partial = record.with_suffix(".partial")
+        partial.write_text(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+        os.replace(partial, record)
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError) as error:
+            raise SystemExit(
+                f"error: the backup in {self.backup_dir} cannot be read ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:120]}); it was probably cut off while being written: pass "
+                "--fresh to start over"
+            ) from None
+
+
 def check_backup_matches(backup_dir: Path, config: TrainConfig, model_config, tokenizer: Tokenizer) -> None:
     """A run resumes from its backup (BackupAndRestore) only with the model it was saved from: with
     another vocabulary (the data changed), other model settings, or other trained parts (the scene
@@ -408,6 +438,8 @@ def run_dir_for(config: TrainConfig, args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"error: --max-steps must be at least 1, not {args.max_steps}")
     if config.flip and args.features_cache:
         raise SystemExit("error: --flip needs the images; cached features cannot be mirrored (drop one of them)")
     if not 0 <= config.ema_momentum < 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from captioning.backbones import get_backbone
 from captioning.config import ModelConfig
 from captioning.model import build_decoder, build_encoder
+from captioning.tokenizer import SPECIAL_TOKENS
 from training.datasets.registry import LOADERS, RESIZING_LOADERS, load_dataset, read_boolean
 from training.presets import PRESETS
 
@@ -52,6 +53,45 @@ class TrainConfig:
     val_limit: int | None = None
     seed: int = 1234
     name: str = "captioner"
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Values no run can use, named as their flags: each used to fail deep in Keras with a
+        traceback (--epochs 0, --batch-size 0) or to train nonsense quietly (--learning-rate -1,
+        --vocab-size 2: every word <unk>)."""
+        at_least = {
+            "epochs": 1, "batch_size": 1, "captions_per_image": 1, "attention_dim": 1, "embedding_dim": 1,
+            "min_count": 1, "patience": 0, "image_size": 8, "max_length": 3,  # <start>, a word, <end>
+            "vocab_size": len(SPECIAL_TOKENS) + 1,  # the special tokens and a word
+        }  # fmt: skip
+        problems = [
+            f"--{name.replace('_', '-')} must be at least {least}, not {getattr(self, name)}"
+            for name, least in at_least.items()
+            if getattr(self, name) < least
+        ]
+        problems += [
+            f"--{name.replace('_', '-')} must be at least 0, not {getattr(self, name)}"
+            for name in ("train_limit", "val_limit")
+            if getattr(self, name) is not None and getattr(self, name) < 0
+        ]
+        for name in ("learning_rate", "clipnorm"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name.replace('_', '-')} must be above 0, not {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout must be in [0, 1), not {self.dropout}")
+        if not self.scene_loss_weight >= 0:
+            problems.append(f"--scene-loss-weight must be at least 0, not {self.scene_loss_weight}")
+        if self.attention not in ("luong", "bahdanau"):
+            problems.append(f"--attention must be luong or bahdanau, not {self.attention!r}")
+        try:
+            get_backbone(self.backbone)
+        except ValueError as error:
+            problems.append(f"--backbone: {error}")
+        return problems
 
     def limit(self, split: str) -> int | None:
         return {"train": self.train_limit, "val": self.val_limit}.get(split)
@@ -148,7 +188,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit("--freeze-backbone and --train-backbone contradict each other")
     if args.freeze_backbone or args.train_backbone:
         values["trainable_backbone"] = bool(args.train_backbone)
-    config = TrainConfig(**values)
+    try:
+        config = TrainConfig(**values)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     if config.trainable_backbone is None:  # pretrained: freeze by default
         config = dataclasses.replace(config, trainable_backbone=config.weights is None)
     if not config.dataset:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,3 +100,29 @@ def test_python_m_training_train_sets_onednn_before_tensorflow_loads(tmp_path):
             [sys.executable, "-c", probe, command], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
         )
         assert result.stdout.split("\n")[0] == expected, result
+
+
+def test_values_no_run_can_use_are_refused_in_one_line_before_any_work(capsys):
+    """Each failed deep in Keras or TensorFlow with a traceback, or trained nonsense and wrote a bundle
+    (--learning-rate -1 trained by gradient ascent; --vocab-size 2 made every word <unk>)."""
+    import pytest
+
+    common = ["train", "--preset", "tiny", "--output", "never-written"]
+    for flags, named in (
+        (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--train-limit", "-1"], "--train-limit must be at least 0"),
+        (["--max-length", "1"], "--max-length must be at least 3"),
+        (["--image-size", "0"], "--image-size must be at least 8"),
+        (["--captions-per-image", "0"], "--captions-per-image must be at least 1"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--learning-rate", "-1"], "--learning-rate must be above 0"),
+        (["--vocab-size", "2"], "--vocab-size must be at least 5"),
+        (["--patience", "-1"], "--patience must be at least 0"),
+        (["--backbone", "nope"], "--backbone: unknown backbone 'nope'"),
+        (["--max-steps", "0"], "--max-steps must be at least 1"),
+        (["--epochs", "0", "--dropout", "2"], "--epochs must be at least 1, not 0; --dropout must be in [0, 1)"),
+    ):
+        with pytest.raises(SystemExit, match=f"^error: .*{re.escape(named)}"):
+            main([*common, *flags])
+    assert not os.path.exists("never-written")

@@ -25,12 +25,17 @@ _PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]")
 
 def standardize(text: str) -> str:
     """Lower case, punctuation and symbols turned into spaces, whitespace collapsed. Beyond ASCII,
-    every character Unicode calls punctuation or a symbol counts (curly quotes and apostrophes,
-    dashes, ellipses, guillemets, CJK punctuation, emoji), so that text from word processors gives
-    the words the same text typed in ASCII does; letters and marks of every script stay."""
-    text = text.lower()
+    the text is first brought to Unicode's NFKC form, so that one word is one entry however it was
+    typed (an accent composed or as a combining mark, as macOS and some exporters write it; full-width
+    letters; ligatures such as "ﬁ"), and every character Unicode calls punctuation or a symbol counts
+    (curly quotes and apostrophes, dashes, ellipses, guillemets, CJK punctuation, emoji), so that text
+    from word processors gives the words the same text typed in ASCII does; letters and marks of every
+    script stay."""
     if not text.isascii():
+        text = unicodedata.normalize("NFKC", text).lower()
         text = "".join(" " if _separates(char) else char for char in text)
+    else:
+        text = text.lower()
     text = _PUNCTUATION.sub(" ", text)
     return " ".join(text.split())
 

@@ -15,6 +15,10 @@ def test_standardize_strips_punctuation_beyond_ascii_and_keeps_every_scripts_let
     assert standardize("“Red” circle… — nice!") == "red circle nice"
     assert standardize("A dog’s toy") == standardize("A dog's toy") == "a dog s toy"
     assert standardize("A «blue» square 🙂, ¡sí!") == "a blue square sí"
+    # One word, one entry, however it was typed: a combining accent, full-width letters, a ligature
+    assert standardize("Cafe\u0301 CRE\u0300ME") == standardize("café crème") == "café crème"
+    assert standardize("ＡＢＣ ﬁsh") == "abc fish"
+    assert Tokenizer.build(["Café crème", "cafe\u0301 cre\u0300me"]).words[4:] == ["café", "crème"]
     assert standardize("Ein großes Café。日本語、テスト") == "ein großes café 日本語 テスト"
     assert standardize("नमस्ते दुनिया") == "नमस्ते दुनिया"  # vowel signs are marks, not punctuation
     # What travels with emoji: a variation selector, zero-width joiners, a keycap mark.

@@ -34,20 +34,23 @@ def caption_matrix(records: list[CaptionedImage], tokenizer: Tokenizer, max_leng
     return tokens, counts
 
 
-def _choose_captions(tokens, count, captions_per_image: int):
+# The random choices of an example are drawn from seeds it carries (stateless ops), not from the
+# op's own generator: the examples are made in parallel, and which of them took which draw depended
+# on the threads' timing, so two runs of one command chose different captions.
+def _choose_captions(tokens, count, captions_per_image: int, seed):
     """K distinct captions when the image has at least K, else all of them and random repeats."""
-    distinct = tf.random.shuffle(tf.range(count))
-    repeats = tf.random.uniform([captions_per_image], 0, count, dtype=tf.int32)
+    distinct = tf.random.experimental.stateless_shuffle(tf.range(count), seed=seed)
+    repeats = tf.random.stateless_uniform([captions_per_image], seed + [0, 1], 0, count, dtype=tf.int32)
     chosen = tf.gather(tokens, tf.concat([distinct, repeats], 0)[:captions_per_image])
     return chosen[:, :-1], chosen[:, 1:]
 
 
-def _maybe_mirror(image, caption_tokens, pairs: tuple[tuple[int, int], ...]):
+def _maybe_mirror(image, caption_tokens, pairs: tuple[tuple[int, int], ...], seed):
     """With probability 1/2: the image flipped left-right and each pair's words swapped."""
     swapped = caption_tokens
     for a, b in pairs:
         swapped = tf.where(caption_tokens == a, b, tf.where(caption_tokens == b, a, swapped))
-    mirror = tf.random.uniform([]) < 0.5
+    mirror = tf.random.stateless_uniform([], seed + [0, 2]) < 0.5
     return (
         tf.cond(mirror, lambda: tf.image.flip_left_right(image), lambda: image),
         tf.cond(mirror, lambda: swapped, lambda: caption_tokens),
@@ -130,13 +133,17 @@ def make_dataset(
         if features is None and records[0].path is not None and decoded_bytes <= IMAGE_CACHE_BYTES:
             ds = ds.cache()
         ds = ds.shuffle(min(len(records), 10000), seed=seed, reshuffle_each_iteration=True)
+    # A seed for each example, in order: the same sequence for the same `seed`, another each epoch.
+    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
 
-    def to_example(source_item, caption_data):
+    def to_example(item, example_seed):
+        source_item, caption_data = item
         inputs = source_item if load is None else load(source_item)
         caption_tokens, count, *scene = caption_data
+        example_seed = tf.stack([example_seed, tf.constant(0, tf.int64)])
         if flip:
-            inputs, caption_tokens = _maybe_mirror(inputs, caption_tokens, pairs)
-        caption_in, caption_out = _choose_captions(caption_tokens, count, captions_per_image)
+            inputs, caption_tokens = _maybe_mirror(inputs, caption_tokens, pairs, example_seed)
+        caption_in, caption_out = _choose_captions(caption_tokens, count, captions_per_image, example_seed)
         return (inputs, caption_in, *scene), caption_out
 
     ds = ds.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=True)

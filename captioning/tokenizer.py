@@ -25,15 +25,18 @@ _PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]")
 
 def standardize(text: str) -> str:
     """Lower case, punctuation and symbols turned into spaces, whitespace collapsed. Beyond ASCII,
-    the text is first brought to Unicode's NFKC form, so that one word is one entry however it was
-    typed (an accent composed or as a combining mark, as macOS and some exporters write it; full-width
-    letters; ligatures such as "ﬁ"), and every character Unicode calls punctuation or a symbol counts
-    (curly quotes and apostrophes, dashes, ellipses, guillemets, CJK punctuation, emoji), so that text
-    from word processors gives the words the same text typed in ASCII does; letters and marks of every
-    script stay."""
+    every character Unicode calls punctuation or a symbol counts (curly quotes and apostrophes,
+    dashes, ellipses, guillemets, CJK punctuation, emoji), so that text from word processors gives
+    the words the same text typed in ASCII does; letters and marks of every script stay. The rest is
+    then brought to Unicode's NFKC form, so that one word is one entry however it was typed (an
+    accent composed or as a combining mark, as macOS and some exporters write it; full-width
+    letters; ligatures such as "ﬁ")."""
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text).lower()
+        # Symbols part words before NFKC, which would turn some into letters ("™" into "tm", "№" into "no")
         text = "".join(" " if _separates(char) else char for char in text)
+        text = unicodedata.normalize("NFKC", text).lower()
+        if not text.isascii():
+            text = "".join(" " if _separates(char) else char for char in text)
     else:
         text = text.lower()
     text = _PUNCTUATION.sub(" ", text)

@@ -18,6 +18,8 @@ def test_standardize_strips_punctuation_beyond_ascii_and_keeps_every_scripts_let
     # One word, one entry, however it was typed: a combining accent, full-width letters, a ligature
     assert standardize("Cafe\u0301 CRE\u0300ME") == standardize("café crème") == "café crème"
     assert standardize("ＡＢＣ ﬁsh") == "abc fish"
+    # and symbols still part words, before NFKC could make letters of them
+    assert standardize("Acme™ logo, 30℃, room №5") == "acme logo 30 room 5"
     assert Tokenizer.build(["Café crème", "cafe\u0301 cre\u0300me"]).words[4:] == ["café", "crème"]
     assert standardize("Ein großes Café。日本語、テスト") == "ein großes café 日本語 テスト"
     assert standardize("नमस्ते दुनिया") == "नमस्ते दुनिया"  # vowel signs are marks, not punctuation

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from captioning.backbones import get_backbone
 from captioning.config import ModelConfig
@@ -25,7 +26,9 @@ class TrainConfig:
 
     dataset: str | None = None
     backbone: str = "small_cnn"
-    weights: str | None = None  # None: random initialisation; "imagenet" or a weights file path
+    # None: random initialisation; "imagenet", a weights file, or a model bundle of this project
+    # (model_artifacts/<name>/<version>): its verified encoder's backbone, the same backbone at the same size
+    weights: str | None = None
     trainable_backbone: bool | None = None  # None: train it exactly when it starts from random weights
     image_size: int = 64
     attention_dim: int = 256
@@ -222,10 +225,44 @@ def load_records(config: TrainConfig, split: str, options: dict):
     return records
 
 
+def backbone_layer(encoder):
+    """The backbone inside an encoder of captioning.model.build_encoder: its one nested model but the head."""
+    (backbone,) = [layer for layer in encoder.layers if hasattr(layer, "layers") and layer.name != "encoder_head"]
+    return backbone
+
+
+def backbone_of_bundle(bundle: Path, model_config) -> list:
+    """The backbone weights of another model of this project, to start a run from (transfer): the
+    bundle is verified first, and its backbone must be this run's, at this run's image size."""
+    from captioning.artifacts import ArtifactError, load_models, verify_bundle
+
+    try:
+        verify_bundle(bundle)
+        source, encoder, _ = load_models(bundle)
+    except ArtifactError as error:
+        raise SystemExit(f"error: --weights {bundle}: {error}") from None
+    if (source.backbone, source.image_size) != (model_config.backbone, model_config.image_size):
+        raise SystemExit(
+            f"error: --weights {bundle} holds a {source.backbone} at {source.image_size} px; this run builds a "
+            f"{model_config.backbone} at {model_config.image_size} px (--backbone, --image-size)"
+        )
+    return backbone_layer(encoder).get_weights()
+
+
 def build_models(config: TrainConfig, vocab_size: int):
     """(ModelConfig, encoder, decoder) for a run; exits with advice when ImageNet weights cannot be had."""
     model_config = config.model_config(vocab_size)
     get_backbone(model_config.backbone)  # fail early on a bad name
+    if model_config.weights not in (None, "imagenet") and not Path(model_config.weights).exists():
+        raise SystemExit(
+            f"error: --weights {model_config.weights}: no such weights file or model bundle (a relative path is "
+            f"from the current directory, {Path.cwd()}; a preset's, such as shapeworld's, from the repository's root)"
+        )
+    if model_config.weights is not None and Path(model_config.weights).is_dir():
+        transferred = backbone_of_bundle(Path(model_config.weights), model_config)
+        encoder = build_encoder(dataclasses.replace(model_config, weights=None))
+        backbone_layer(encoder).set_weights(transferred)
+        return model_config, encoder, build_decoder(model_config, encoder.output.shape[1])
     try:
         encoder = build_encoder(model_config)
     except Exception as error:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -126,3 +127,34 @@ def test_values_no_run_can_use_are_refused_in_one_line_before_any_work(capsys):
         with pytest.raises(SystemExit, match=f"^error: .*{re.escape(named)}"):
             main([*common, *flags])
     assert not os.path.exists("never-written")
+
+
+def test_a_run_starts_its_backbone_from_another_bundle_of_the_same_design(tiny_bundle, tmp_path):
+    """--weights model_artifacts/<name>/<version> (the ShapeWorld preset starts from the default
+    model's): the verified bundle's trained backbone, not a random one; the source is recorded."""
+    import dataclasses
+
+    import pytest
+
+    from captioning.artifacts import load_models
+    from captioning.config import ModelConfig
+    from training.config import TrainConfig, backbone_layer, build_models
+
+    source = ModelConfig.load(tiny_bundle / "config.json")
+    settings = {f.name: getattr(source, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(source, f.name)}
+    settings.pop("vocab_size")
+    config = TrainConfig(**{**settings, "weights": str(tiny_bundle), "trainable_backbone": True})
+    model_config, encoder, _ = build_models(config, 30)
+    _, trained, _ = load_models(tiny_bundle)
+    for started, saved in zip(backbone_layer(encoder).get_weights(), backbone_layer(trained).get_weights()):
+        np.testing.assert_array_equal(started, saved)
+    assert model_config.weights == str(tiny_bundle)  # into the new bundle's config.json
+    with pytest.raises(SystemExit, match="holds a .* at 32 px; this run builds a .* at 96 px"):
+        build_models(dataclasses.replace(config, image_size=96), 30)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    (tampered / "encoder.keras").write_bytes((tampered / "encoder.keras").read_bytes()[:-10])
+    with pytest.raises(SystemExit, match="--weights .*tampered"):
+        build_models(dataclasses.replace(config, weights=str(tampered)), 30)
+    with pytest.raises(SystemExit, match="--weights .*nowhere: no such weights file or model bundle"):
+        build_models(dataclasses.replace(config, weights=str(tmp_path / "nowhere")), 30)

@@ -84,14 +84,14 @@ train-shapeworld: $(VENV)/.dev
 	$(BIN)/python -m training train --preset shapeworld --dataset coco \
 		--data annotations_file=$(SHAPEWORLD)/train/captions_train.json --data images_dir=$(SHAPEWORLD)/train/images \
 		--val-data annotations_file=$(SHAPEWORLD)/val/captions_val.json --val-data images_dir=$(SHAPEWORLD)/val/images \
-		--output model_artifacts/shapeworld/5 --run-dir runs/shapeworld --evaluate-split val
+		--output model_artifacts/shapeworld/7 --run-dir runs/shapeworld --evaluate-split val
 
 # Self-critical fine-tuning of the ShapeWorld bundle for CIDEr-D (docs/MODEL.md), then its evaluation.
 scst-shapeworld: $(VENV)/.dev
-	$(BIN)/python -m training finetune-scst --artifacts model_artifacts/shapeworld/5 --output model_artifacts/shapeworld/6 \
+	$(BIN)/python -m training finetune-scst --artifacts model_artifacts/shapeworld/7 --output model_artifacts/shapeworld/8 \
 		--dataset coco --data annotations_file=$(SHAPEWORLD)/train/captions_train.json \
 		--data images_dir=$(SHAPEWORLD)/train/images --steps 600 --batch-size 32 --learning-rate 5e-5 --only-better
-	$(BIN)/python -m training evaluate --artifacts model_artifacts/shapeworld/6 --dataset coco --split val \
+	$(BIN)/python -m training evaluate --artifacts model_artifacts/shapeworld/8 --dataset coco --split val \
 		--annotations-file $(SHAPEWORLD)/val/captions_val.json --images-dir $(SHAPEWORLD)/val/images \
 		--output runs/shapeworld-scst-val.json --update-manifest
 

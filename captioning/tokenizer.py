@@ -33,14 +33,18 @@ def standardize(text: str) -> str:
     letters; ligatures such as "ﬁ")."""
     if not text.isascii():
         # Symbols part words before NFKC, which would turn some into letters ("™" into "tm", "№" into "no")
-        text = "".join(" " if _separates(char) else char for char in text)
-        text = unicodedata.normalize("NFKC", text).lower()
-        if not text.isascii():
-            text = "".join(" " if _separates(char) else char for char in text)
+        text = unicodedata.normalize("NFKC", _parted(text)).lower()
+        if not text.isascii():  # NFKC can make separators of other characters ("¼" has a fraction slash)
+            text = _parted(text)
     else:
         text = text.lower()
     text = _PUNCTUATION.sub(" ", text)
     return " ".join(text.split())
+
+
+def _parted(text: str) -> str:
+    """The text with every separating character (_separates) a space."""
+    return "".join(" " if _separates(char) else char for char in text)
 
 
 def _separates(char: str) -> bool:

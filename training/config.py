@@ -86,6 +86,8 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be above 0, not {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             problems.append(f"--dropout must be in [0, 1), not {self.dropout}")
+        if not 0 <= self.ema_momentum < 1:
+            problems.append(f"--ema-momentum must be in [0, 1) (0: off), not {self.ema_momentum}")
         if not self.scene_loss_weight >= 0:
             problems.append(f"--scene-loss-weight must be at least 0, not {self.scene_loss_weight}")
         if self.attention not in ("luong", "bahdanau"):
@@ -251,8 +253,7 @@ def backbone_of_bundle(bundle: Path, model_config) -> list:
 
 def build_models(config: TrainConfig, vocab_size: int):
     """(ModelConfig, encoder, decoder) for a run; exits with advice when ImageNet weights cannot be had."""
-    model_config = config.model_config(vocab_size)
-    get_backbone(model_config.backbone)  # fail early on a bad name
+    model_config = config.model_config(vocab_size)  # the backbone's name was checked by TrainConfig
     if model_config.weights not in (None, "imagenet") and not Path(model_config.weights).exists():
         raise SystemExit(
             f"error: --weights {model_config.weights}: no such weights file or model bundle (a relative path is "
@@ -262,16 +263,16 @@ def build_models(config: TrainConfig, vocab_size: int):
         transferred = backbone_of_bundle(Path(model_config.weights), model_config)
         encoder = build_encoder(dataclasses.replace(model_config, weights=None))
         backbone_layer(encoder).set_weights(transferred)
-        return model_config, encoder, build_decoder(model_config, encoder.output.shape[1])
-    try:
-        encoder = build_encoder(model_config)
-    except Exception as error:
-        if model_config.weights != "imagenet":
-            raise
-        raise SystemExit(
-            f"could not get the ImageNet weights of {model_config.backbone} ({error}). Keras downloads them once "
-            "into ~/.keras/models/; on an offline machine copy that file there from one that is online, or pass "
-            "--weights PATH to a weights file"
-        ) from error
+    else:
+        try:
+            encoder = build_encoder(model_config)
+        except Exception as error:
+            if model_config.weights != "imagenet":
+                raise
+            raise SystemExit(
+                f"could not get the ImageNet weights of {model_config.backbone} ({error}). Keras downloads them "
+                "once into ~/.keras/models/; on an offline machine copy that file there from one that is online, "
+                "or pass --weights PATH to a weights file"
+            ) from error
     decoder = build_decoder(model_config, encoder.output.shape[1])
     return model_config, encoder, decoder

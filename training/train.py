@@ -442,8 +442,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --max-steps must be at least 1, not {args.max_steps}")
     if config.flip and args.features_cache:
         raise SystemExit("error: --flip needs the images; cached features cannot be mirrored (drop one of them)")
-    if not 0 <= config.ema_momentum < 1:
-        raise SystemExit(f"error: --ema-momentum must be in [0, 1) (0: off), not {config.ema_momentum}")
     if config.flip and config.scene_loss_weight > 0:
         raise SystemExit("error: --flip and --scene-loss-weight cannot be combined (the scene labels are not mirrored)")
     if Path(args.output).exists() and not Path(args.output).is_dir():

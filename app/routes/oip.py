@@ -431,9 +431,8 @@ def elements_up_to(shape: list[int], most: int) -> int:
 
 def shape_text(shape: list[int], most_chars: int = 80) -> str:
     """A client's shape for an error message, cut short: each dimension may have thousands of digits."""
-    text = str(shape) if len(shape) <= 16 and all(dim.bit_length() < 64 for dim in shape) else ""
-    if text and len(text) <= most_chars:
-        return text
+    if len(shape) <= 16 and all(dim.bit_length() < 64 for dim in shape) and len(str(shape)) <= most_chars:
+        return str(shape)
     return f"[{len(shape)} dimensions, too long to show]"
 
 
